@@ -1,0 +1,31 @@
+#include "api/system_info.h"
+
+#include <nlohmann/json.hpp>
+#include <thread>
+
+namespace dsrt {
+
+#if defined(DSRT_WITH_CUDA)
+nlohmann::json cuda_devices_json();  // runtime/backend/cuda/device_query.cu
+#endif
+
+std::string system_info_json() {
+  nlohmann::json j;
+  j["cpu_threads"] = std::thread::hardware_concurrency();
+#if defined(DSRT_WITH_CUDA)
+  j["cuda_built"] = true;
+  j["cuda"] = cuda_devices_json();
+#else
+  j["cuda_built"] = false;
+#endif
+  return j.dump();
+}
+
+#if !defined(DSRT_WITH_CUDA)
+int cuda_device_count(std::string *why) {
+  if (why) *why = "this build of dsrt has no CUDA support (configured with DSRT_CUDA=OFF or without nvcc)";
+  return 0;
+}
+#endif
+
+}  // namespace dsrt

@@ -1,0 +1,124 @@
+// The ops the forward pass needs, at kernel granularity (design.md §2). The CPU backend is the readable
+// fp32 reference; a GPU backend implements the same ops and is checked against it.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "model/weights.h"
+
+namespace dsrt {
+
+// A 2-D activation in a backend's memory: row-major [rows, cols], fp32 unless stated (routing ids: I32).
+struct Tensor {
+  void *data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0;
+
+  float *f32() const { return static_cast<float *>(data); }
+  int32_t *i32() const { return static_cast<int32_t *>(data); }
+  Tensor rows_view(int64_t r0, int64_t n) const {
+    return {static_cast<char *>(data) + size_t(r0 * cols) * dtype_size(dtype), dtype, n, cols};
+  }
+};
+
+// One sequence's share of a forward step. Its new tokens are batch rows row0 .. row0+n_new-1 at positions
+// n_past .. n_past+n_new-1; the cache already holds positions 0 .. n_past-1.
+struct SeqSlice {
+  int32_t row0 = 0, n_new = 0, n_past = 0;
+  const int32_t *pages = nullptr;  // page k holds positions 64k .. 64k+63
+  int32_t n_pages = 0;
+};
+
+// The batch of sequences one forward step processes (design.md §2).
+struct Batch {
+  std::vector<int32_t> tokens;     // [T]
+  std::vector<int32_t> positions;  // [T]
+  std::vector<SeqSlice> seqs;
+  int64_t n_tokens() const { return int64_t(tokens.size()); }
+};
+
+constexpr int64_t kPageTokens = 64;
+
+// The paged latent cache: per page, per cache layer (main layers, then MTP layers), 64 tokens x width
+// values, width = kv_lora_rank + qk_rope_head_dim: c_kv after its norm, k_pe after RoPE.
+struct KvCacheSpec {
+  int64_t n_layers = 0;
+  int64_t width = 0;
+  int64_t max_pages = 0;
+};
+
+struct RopeTable {
+  std::vector<float> inv_freq;  // qk_rope_head_dim / 2 frequencies (YaRN applied)
+  float attn_factor = 1.0f;     // multiplies cos and sin
+};
+
+struct MlaDims {
+  int64_t n_heads, nope, rope, v, latent;  // nh, dn, dr, dv, dc
+  float softmax_scale;
+};
+
+enum class AttnForm { Naive, Absorbed };
+
+struct RouterParams {
+  int64_t n_experts, top_k, n_group, topk_group;
+  ScoringFunc scoring;
+  TopkMethod method;
+  bool norm_topk_prob;
+  float routed_scaling_factor;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char *name() const = 0;
+
+  // Scratch tensors live until the next begin_step(), or until scratch_release() of a mark taken before them.
+  virtual void begin_step() = 0;
+  virtual Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) = 0;
+  virtual uint64_t scratch_mark() = 0;
+  virtual void scratch_release(uint64_t mark) = 0;
+  virtual void kv_init(const KvCacheSpec &spec) = 0;
+  // Copies one page's contents (all layers) to another page: used when a session forks or keeps a prefix.
+  virtual void kv_copy_page(int32_t src, int32_t dst) = 0;
+
+  // out[t] = table[tokens[t]]
+  virtual void embed(const Weight &table, const Batch &b, Tensor out) = 0;
+  // out = x / sqrt(mean(x^2) + eps) * w, per row (out may alias x)
+  virtual void rms_norm(Tensor x, const Weight &w, float eps, Tensor out) = 0;
+  // out = x W^T, W [out, in] FP8 (block scales) / BF16 / F16 / F32
+  virtual void linear(Tensor x, const Weight &w, Tensor out) = 0;
+  // x += y
+  virtual void add(Tensor x, Tensor y) = 0;
+  // out = silu(gate) * up
+  virtual void silu_mul(Tensor gate, Tensor up, Tensor out) = 0;
+  // Interleaved RoPE in place on columns [h*head_dim + rope_off, + rope_dim) of each of n_heads heads.
+  virtual void rope(Tensor x, int64_t n_heads, int64_t head_dim, int64_t rope_off, const RopeTable &rt,
+                    const Batch &b) = 0;
+  // kv [T, dc+dr] (kv_a output): normalises c_kv, rotates k_pe and writes both into cache layer `layer`.
+  virtual void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
+                               const Batch &b) = 0;
+  // q [T, nh*(dn+dr)] with RoPE applied; attends causally over cache layer `layer` (which already holds the
+  // step's tokens); out [T, nh*dv]. kv_b [nh*(dn+dv), dc] supplies W_UK / W_UV.
+  virtual void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b,
+                             AttnForm form, Tensor out) = 0;
+  // Router (spec §4): ids [T, K] (I32) and weights [T, K].
+  virtual void moe_route(Tensor x, const Weight &gate, const Weight &bias, const RouterParams &p, Tensor ids,
+                         Tensor weights) = 0;
+  // out = sum_k weights[t,k] * Expert_{ids[t,k]}(x[t])
+  virtual void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights,
+                           Tensor out) = 0;
+  // out[i] = x[rows[i]]
+  virtual void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) = 0;
+  virtual void to_host(Tensor t, float *dst) = 0;
+};
+
+struct BackendOptions {
+  int n_threads = 0;  // CPU threads, 0 = all
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const BackendOptions &opt);
+
+}  // namespace dsrt

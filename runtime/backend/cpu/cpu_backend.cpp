@@ -1,0 +1,419 @@
+// CPU reference backend: every op in fp32 (activations, latent cache, accumulation). FP8 and BF16 weights
+// are read in place from the mapped checkpoint and dequantised row by row inside the compute loops; the
+// model is never copied in dequantised form. Work is split over a thread pool by output rows or heads.
+// Every output element is computed in an order that does not depend on the batch or the thread count, so
+// a sequence's results are bitwise the same alone or batched.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/backend.h"
+#include "core/memory.h"
+#include "core/status.h"
+#include "core/thread_pool.h"
+
+namespace dsrt {
+namespace {
+
+// Dot product with 8 independent partial sums (vectorisable without reassociation flags).
+inline float dot(const float *a, const float *b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; u++) s[u] += a[j + u] * b[j + u];
+  float tail = 0.0f;
+  for (; j < n; j++) tail += a[j] * b[j];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
+}
+
+inline void axpy(float a, const float *x, float *y, int64_t n) {
+  for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+// Scratch that grows per thread and is reused.
+float *thread_scratch(size_t n, int slot = 0) {
+  thread_local HostVec<float> bufs[3];
+  HostVec<float> &b = bufs[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(const BackendOptions &opt) : pool_(opt.n_threads) {}
+  ~CpuBackend() override {
+    for (float *p : pages_) mi_free(p);
+    for (char *p : arena_) mi_free(p);
+  }
+  const char *name() const override { return "cpu"; }
+
+  void begin_step() override {
+    arena_block_ = 0;
+    arena_used_ = 0;
+  }
+
+  Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
+    size_t bytes = size_t(rows * cols) * dtype_size(dtype);
+    bytes = (bytes + 63) & ~size_t(63);
+    // Blocks are never moved once handed out; a step that outgrows them gets another block.
+    while (arena_block_ < arena_.size() && arena_used_ + bytes > arena_sizes_[arena_block_]) {
+      arena_block_++;
+      arena_used_ = 0;
+    }
+    if (arena_block_ == arena_.size()) {
+      size_t sz = std::max<size_t>(bytes, size_t(64) << 20);
+      void *p = mi_malloc_aligned(sz, 64);
+      if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate " + std::to_string(sz) + " bytes of scratch");
+      arena_.push_back(static_cast<char *>(p));
+      arena_sizes_.push_back(sz);
+      arena_used_ = 0;
+    }
+    Tensor t{arena_[arena_block_] + arena_used_, dtype, rows, cols};
+    arena_used_ += bytes;
+    return t;
+  }
+
+  uint64_t scratch_mark() override { return uint64_t(arena_block_) << 40 | arena_used_; }
+  void scratch_release(uint64_t mark) override {
+    arena_block_ = size_t(mark >> 40);
+    arena_used_ = size_t(mark & ((uint64_t(1) << 40) - 1));
+  }
+
+  void kv_init(const KvCacheSpec &spec) override {
+    kv_ = spec;
+    for (float *p : pages_) mi_free(p);
+    pages_.assign(size_t(spec.max_pages), nullptr);
+  }
+
+  // Pages are allocated on first use, so a large pool costs only what the sessions touch. Called only from
+  // the thread running the step (the engine runs one step at a time), never from pool workers.
+  float *page(int32_t idx) {
+    if (idx < 0 || size_t(idx) >= pages_.size()) failf(DSRT_ERR_INTERNAL, "KV page ", idx, " out of range");
+    float *&p = pages_[size_t(idx)];
+    if (!p) {
+      p = static_cast<float *>(mi_zalloc_aligned(page_floats() * sizeof(float), 64));
+      if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate a KV page");
+    }
+    return p;
+  }
+  size_t page_floats() const { return size_t(kv_.n_layers * kPageTokens * kv_.width); }
+  // The cache entry of position pos of a sequence in cache layer `layer`.
+  float *kv_slot(const SeqSlice &s, int64_t layer, int64_t pos) {
+    int64_t pg = pos / kPageTokens;
+    if (pg >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the sequence's page table");
+    return page(s.pages[pg]) + (layer * kPageTokens + pos % kPageTokens) * kv_.width;
+  }
+
+  void kv_copy_page(int32_t src, int32_t dst) override {
+    std::memcpy(page(dst), page(src), page_floats() * sizeof(float));
+  }
+
+  void embed(const Weight &table, const Batch &b, Tensor out) override {
+    pool_.parallel_for(b.n_tokens(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) table.dequant_row(b.tokens[size_t(t)], 0, out.cols, out.f32() + t * out.cols);
+    });
+  }
+
+  void rms_norm(Tensor x, const Weight &w, float eps, Tensor out) override {
+    const int64_t n = x.cols;
+    pool_.parallel_for(x.rows, 4, [&](int64_t r0, int64_t r1) {
+      float *wv = thread_scratch(size_t(n));
+      for (int64_t i = 0; i < n; i++) wv[i] = w.at(i);
+      for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x.f32() + r * n;
+        float *yr = out.f32() + r * n;
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; i++) ss += double(xr[i]) * double(xr[i]);
+        const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
+        for (int64_t i = 0; i < n; i++) yr[i] = xr[i] * inv * wv[i];
+      }
+    });
+  }
+
+  // out[t, n] = sum_k x[t, k] W[n, k]. Rows of W are dequantised in tiles of kTile and each tile is dotted with
+  // every token row, so x is streamed once per tile rather than once per row.
+  void linear(Tensor x, const Weight &w, Tensor out) override {
+    if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
+      failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shapes x[", x.rows, ",", x.cols, "] W[", w.rows, ",", w.cols,
+            "] out[", out.rows, ",", out.cols, "]");
+    constexpr int64_t kTile = 8;
+    const int64_t K = w.cols, N = w.rows, T = x.rows;
+    const int64_t n_tiles = (N + kTile - 1) / kTile;
+    pool_.parallel_for(n_tiles, 1, [&](int64_t b0, int64_t b1) {
+      float *buf = thread_scratch(size_t(kTile * K));
+      for (int64_t tile = b0; tile < b1; tile++) {
+        const int64_t n0 = tile * kTile, nn = std::min(kTile, N - n0);
+        for (int64_t i = 0; i < nn; i++) w.dequant_row(n0 + i, 0, K, buf + i * K);
+        for (int64_t t = 0; t < T; t++) {
+          const float *xr = x.f32() + t * K;
+          float *yr = out.f32() + t * N + n0;
+          for (int64_t i = 0; i < nn; i++) yr[i] = dot(buf + i * K, xr, K);
+        }
+      }
+    });
+  }
+
+  void add(Tensor x, Tensor y) override {
+    const int64_t n = x.rows * x.cols;
+    pool_.parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; i++) x.f32()[i] += y.f32()[i];
+    });
+  }
+
+  void silu_mul(Tensor gate, Tensor up, Tensor out) override {
+    const int64_t n = gate.rows * gate.cols;
+    pool_.parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; i++) {
+        float g = gate.f32()[i];
+        out.f32()[i] = g / (1.0f + std::exp(-g)) * up.f32()[i];
+      }
+    });
+  }
+
+  static void rope_vec(float *v, int64_t pos, const RopeTable &rt) {
+    const int64_t half = int64_t(rt.inv_freq.size());
+    for (int64_t i = 0; i < half; i++) {
+      // The angle is formed in fp32 as the references do; cos/sin in double, rounded once.
+      const float angle = float(pos) * rt.inv_freq[size_t(i)];
+      const float c = float(std::cos(double(angle))) * rt.attn_factor;
+      const float s = float(std::sin(double(angle))) * rt.attn_factor;
+      const float x0 = v[2 * i], x1 = v[2 * i + 1];
+      v[2 * i] = x0 * c - x1 * s;
+      v[2 * i + 1] = x0 * s + x1 * c;
+    }
+  }
+
+  void rope(Tensor x, int64_t n_heads, int64_t head_dim, int64_t rope_off, const RopeTable &rt,
+            const Batch &b) override {
+    pool_.parallel_for(x.rows, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++)
+        for (int64_t h = 0; h < n_heads; h++)
+          rope_vec(x.f32() + t * x.cols + h * head_dim + rope_off, b.positions[size_t(t)], rt);
+    });
+  }
+
+  void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
+                       const Batch &b) override {
+    const int64_t dc = kv_norm.rows, dr = kv.cols - dc;
+    for (const SeqSlice &s : b.seqs) {
+      for (int32_t i = 0; i < s.n_new; i++) {
+        const float *src = kv.f32() + int64_t(s.row0 + i) * kv.cols;
+        float *dst = kv_slot(s, layer, s.n_past + i);
+        double ss = 0.0;
+        for (int64_t j = 0; j < dc; j++) ss += double(src[j]) * double(src[j]);
+        const float inv = float(1.0 / std::sqrt(ss / double(dc) + double(eps)));
+        for (int64_t j = 0; j < dc; j++) dst[j] = src[j] * inv * kv_norm.at(j);
+        std::memcpy(dst + dc, src + dc, size_t(dr) * sizeof(float));
+        rope_vec(dst + dc, s.n_past + i, rt);
+      }
+    }
+  }
+
+  void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, AttnForm form,
+                     Tensor out) override {
+    for (const SeqSlice &s : b.seqs) {
+      if (form == AttnForm::Naive)
+        attention_naive(layer, q, kv_b, d, s, out);
+      else
+        attention_absorbed(layer, q, kv_b, d, s, out);
+    }
+  }
+
+  // Spec §3.8: decompress every cached c_kv through kv_b into per-head k_nope and v, then MHA.
+  void attention_naive(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const SeqSlice &s, Tensor out) {
+    const int64_t n_ctx = s.n_past + s.n_new, qk = d.nope + d.rope, kvw = d.nope + d.v;
+    Tensor lat = alloc(n_ctx, d.latent), kpe = alloc(n_ctx, d.rope), kvd = alloc(n_ctx, d.n_heads * kvw);
+    for (int64_t j = 0; j < n_ctx; j++) {
+      const float *e = kv_slot(s, layer, j);
+      std::memcpy(lat.f32() + j * d.latent, e, size_t(d.latent) * sizeof(float));
+      std::memcpy(kpe.f32() + j * d.rope, e + d.latent, size_t(d.rope) * sizeof(float));
+    }
+    linear(lat, kv_b, kvd);  // [n_ctx, nh*(dn+dv)]: head h = [k_nope (dn) ; v (dv)]
+    pool_.parallel_for(int64_t(s.n_new) * d.n_heads, 1, [&](int64_t a, int64_t bnd) {
+      float *p = thread_scratch(size_t(n_ctx), 1);
+      for (int64_t w = a; w < bnd; w++) {
+        const int64_t i = w / d.n_heads, h = w % d.n_heads, row = s.row0 + i, pos = s.n_past + i;
+        const float *qh = q.f32() + row * q.cols + h * qk;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j <= pos; j++) {
+          const float *kh = kvd.f32() + j * kvd.cols + h * kvw;
+          float sc = dot(qh, kh, d.nope) + dot(qh + d.nope, kpe.f32() + j * d.rope, d.rope);
+          p[j] = sc * d.softmax_scale;
+          mx = std::max(mx, p[j]);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j <= pos; j++) sum += (p[j] = std::exp(p[j] - mx));
+        const float inv = float(1.0 / sum);
+        float *o = out.f32() + row * out.cols + h * d.v;
+        std::fill(o, o + d.v, 0.0f);
+        for (int64_t j = 0; j <= pos; j++) axpy(p[j] * inv, kvd.f32() + j * kvd.cols + h * kvw + d.nope, o, d.v);
+      }
+    });
+  }
+
+  // Spec §3.9: W_UK folded into the query, W_UV applied after the weighted sum of latents.
+  void attention_absorbed(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const SeqSlice &s,
+                          Tensor out) {
+    const int64_t n_ctx = s.n_past + s.n_new, qk = d.nope + d.rope, kvw = d.nope + d.v;
+    std::vector<const float *> ent(static_cast<size_t>(n_ctx));
+    for (int64_t j = 0; j < n_ctx; j++) ent[size_t(j)] = kv_slot(s, layer, j);
+    pool_.parallel_for(int64_t(s.n_new) * d.n_heads, 1, [&](int64_t a, int64_t bnd) {
+      float *p = thread_scratch(size_t(n_ctx), 1);
+      float *work = thread_scratch(size_t(3 * d.latent), 2);
+      float *qlat = work, *olat = work + d.latent, *row = work + 2 * d.latent;
+      for (int64_t w = a; w < bnd; w++) {
+        const int64_t i = w / d.n_heads, h = w % d.n_heads, r = s.row0 + i, pos = s.n_past + i;
+        const float *qh = q.f32() + r * q.cols + h * qk;
+        std::fill(qlat, qlat + d.latent, 0.0f);
+        for (int64_t k = 0; k < d.nope; k++) {  // q_lat = W_UK[h]^T q_nope
+          kv_b.dequant_row(h * kvw + k, 0, d.latent, row);
+          axpy(qh[k], row, qlat, d.latent);
+        }
+        float mx = -INFINITY;
+        for (int64_t j = 0; j <= pos; j++) {
+          const float *e = ent[size_t(j)];
+          p[j] = (dot(qlat, e, d.latent) + dot(qh + d.nope, e + d.latent, d.rope)) * d.softmax_scale;
+          mx = std::max(mx, p[j]);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j <= pos; j++) sum += (p[j] = std::exp(p[j] - mx));
+        const float inv = float(1.0 / sum);
+        std::fill(olat, olat + d.latent, 0.0f);
+        for (int64_t j = 0; j <= pos; j++) axpy(p[j] * inv, ent[size_t(j)], olat, d.latent);
+        float *o = out.f32() + r * out.cols + h * d.v;
+        for (int64_t k = 0; k < d.v; k++) {  // o = W_UV[h] o_lat
+          kv_b.dequant_row(h * kvw + d.nope + k, 0, d.latent, row);
+          o[k] = dot(row, olat, d.latent);
+        }
+      }
+    });
+  }
+
+  void moe_route(Tensor x, const Weight &gate, const Weight &bias, const RouterParams &p, Tensor ids,
+                 Tensor weights) override {
+    const int64_t E = p.n_experts, T = x.rows;
+    Tensor logits = alloc(T, E);
+    linear(x, gate, logits);  // fp32 router logits
+    pool_.parallel_for(T, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> s(static_cast<size_t>(E)), u(static_cast<size_t>(E));
+      for (int64_t t = t0; t < t1; t++) {
+        route_one(logits.f32() + t * E, bias, p, s.data(), u.data(), ids.i32() + t * p.top_k,
+                  weights.f32() + t * p.top_k);
+      }
+    });
+  }
+
+  // Spec §4 for one token. s: scores, u: selection scores (scratch of E floats each).
+  static void route_one(const float *logit, const Weight &bias, const RouterParams &p, float *s, float *u,
+                        int32_t *ids, float *w) {
+    const int64_t E = p.n_experts;
+    if (p.scoring == ScoringFunc::Sigmoid) {
+      for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + std::exp(-logit[e]));
+    } else {
+      float mx = -INFINITY;
+      for (int64_t e = 0; e < E; e++) mx = std::max(mx, logit[e]);
+      double sum = 0.0;
+      for (int64_t e = 0; e < E; e++) sum += (s[e] = std::exp(logit[e] - mx));
+      for (int64_t e = 0; e < E; e++) s[e] = float(s[e] / sum);
+    }
+    for (int64_t e = 0; e < E; e++) u[e] = s[e] + (bias ? bias.at(e) : 0.0f);
+    if (p.n_group > 1 && p.method != TopkMethod::Greedy) {
+      const int64_t per = E / p.n_group;
+      std::vector<std::pair<float, int64_t>> gs(size_t(p.n_group));
+      for (int64_t g = 0; g < p.n_group; g++) {
+        const float *ug = u + g * per;
+        float score;
+        if (p.method == TopkMethod::NoauxTc) {  // sum of the two largest biased scores
+          float a = -INFINITY, b2 = -INFINITY;
+          for (int64_t e = 0; e < per; e++) {
+            if (ug[e] > a) {
+              b2 = a;
+              a = ug[e];
+            } else if (ug[e] > b2) {
+              b2 = ug[e];
+            }
+          }
+          score = per >= 2 ? a + b2 : a;
+        } else {  // group_limited_greedy: the group's best score
+          score = *std::max_element(ug, ug + per);
+        }
+        gs[size_t(g)] = {score, g};
+      }
+      // Keep topk_group groups: highest score first, ties to the lower group index.
+      std::stable_sort(gs.begin(), gs.end(), [](auto &a, auto &b) { return a.first > b.first; });
+      for (int64_t r = p.topk_group; r < p.n_group; r++) {
+        float *ug = u + gs[size_t(r)].second * per;
+        std::fill(ug, ug + per, -INFINITY);
+      }
+    }
+    // Top-k over u, ties to the lower expert index.
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; e++) order[size_t(e)] = int32_t(e);
+    std::partial_sort(order.begin(), order.begin() + p.top_k, order.end(), [&](int32_t a, int32_t b) {
+      return u[a] > u[b] || (u[a] == u[b] && a < b);
+    });
+    double sum = 0.0;
+    for (int64_t k = 0; k < p.top_k; k++) {
+      ids[k] = order[size_t(k)];
+      w[k] = s[order[size_t(k)]];  // unbiased score
+      sum += w[k];
+    }
+    for (int64_t k = 0; k < p.top_k; k++) {
+      float v = w[k];
+      if (p.norm_topk_prob) v = float(v / (sum + 1e-20));
+      w[k] = v * p.routed_scaling_factor;
+    }
+  }
+
+  // Tokens are grouped by expert; each expert's SwiGLU runs once over its tokens (weights read once), and a
+  // token's output adds its experts in ascending expert order, independent of the batch.
+  void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights,
+                   Tensor out) override {
+    const int64_t T = x.rows, K = ids.cols, H = x.cols;
+    std::vector<std::vector<std::pair<int32_t, float>>> by_expert(experts.size());
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t k = 0; k < K; k++) {
+        int32_t e = ids.i32()[t * K + k];
+        if (e < 0 || size_t(e) >= experts.size()) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
+        by_expert[size_t(e)].push_back({int32_t(t), weights.f32()[t * K + k]});
+      }
+    std::fill(out.f32(), out.f32() + T * H, 0.0f);
+    for (size_t e = 0; e < experts.size(); e++) {
+      auto &toks = by_expert[e];
+      if (toks.empty()) continue;
+      const int64_t n = int64_t(toks.size()), inter = experts[e].gate.rows;
+      Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
+      for (int64_t i = 0; i < n; i++)
+        std::memcpy(xe.f32() + i * H, x.f32() + int64_t(toks[size_t(i)].first) * H, size_t(H) * sizeof(float));
+      linear(xe, experts[e].gate, g);
+      linear(xe, experts[e].up, u);
+      silu_mul(g, u, g);
+      linear(g, experts[e].down, y);
+      for (int64_t i = 0; i < n; i++)
+        axpy(toks[size_t(i)].second, y.f32() + i * H, out.f32() + int64_t(toks[size_t(i)].first) * H, H);
+    }
+  }
+
+  void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
+    for (size_t i = 0; i < rows.size(); i++)
+      std::memcpy(out.f32() + int64_t(i) * out.cols, x.f32() + int64_t(rows[i]) * x.cols, size_t(x.cols) * sizeof(float));
+  }
+
+  void to_host(Tensor t, float *dst) override {
+    std::memcpy(dst, t.data, size_t(t.rows * t.cols) * dtype_size(t.dtype));
+  }
+
+ private:
+  ThreadPool pool_;
+  std::vector<char *> arena_;
+  std::vector<size_t> arena_sizes_;
+  size_t arena_block_ = 0, arena_used_ = 0;
+  KvCacheSpec kv_;
+  std::vector<float *> pages_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const BackendOptions &opt) { return std::make_unique<CpuBackend>(opt); }
+
+}  // namespace dsrt

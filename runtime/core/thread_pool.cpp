@@ -1,0 +1,72 @@
+#include "core/thread_pool.h"
+
+#include <algorithm>
+
+namespace dsrt {
+
+ThreadPool::ThreadPool(int n_threads) {
+  if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads_ = n_threads;
+  for (int i = 1; i < n_threads_; i++) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+  }
+  cv_work_.notify_all();
+  for (auto &t : workers_) t.join();
+}
+
+void ThreadPool::worker_loop(int) {
+  uint64_t seen = 0;
+  for (;;) {
+    std::unique_lock lk(mu_);
+    cv_work_.wait(lk, [&] { return stop_ || generation_ != seen; });
+    if (stop_) return;
+    seen = generation_;
+    while (next_chunk_ < n_chunks_) {
+      int64_t c = next_chunk_++;
+      auto *fn = job_;
+      int64_t b = c * job_chunk_, e = std::min(job_n_, b + job_chunk_);
+      lk.unlock();
+      (*fn)(b, e);
+      lk.lock();
+      if (++chunks_done_ == n_chunks_) cv_done_.notify_all();
+    }
+  }
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)> &fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  if (n_threads_ == 1 || n <= grain) {
+    fn(0, n);
+    return;
+  }
+  std::lock_guard run(run_mu_);
+  // A few chunks per thread balances uneven work without much scheduling overhead.
+  int64_t chunk = std::max(grain, (n + 4 * n_threads_ - 1) / (4 * n_threads_));
+  std::unique_lock lk(mu_);
+  job_ = &fn;
+  job_n_ = n;
+  job_chunk_ = chunk;
+  n_chunks_ = (n + chunk - 1) / chunk;
+  next_chunk_ = 0;
+  chunks_done_ = 0;
+  generation_++;
+  cv_work_.notify_all();
+  while (next_chunk_ < n_chunks_) {
+    int64_t c = next_chunk_++;
+    int64_t b = c * chunk, e = std::min(n, b + chunk);
+    lk.unlock();
+    fn(b, e);
+    lk.lock();
+    ++chunks_done_;
+  }
+  cv_done_.wait(lk, [&] { return chunks_done_ == n_chunks_; });
+  job_ = nullptr;
+}
+
+}  // namespace dsrt

@@ -1,0 +1,90 @@
+// The whole model math in one place. Shapes per token: H hidden, nh heads, dn/dr/dv head dims, dc latent.
+#include "model/deepseek_v3.h"
+
+namespace dsrt {
+namespace {
+
+Tensor linear(Backend &be, Tensor x, const Weight &w) {
+  Tensor y = be.alloc(x.rows, w.rows);
+  be.linear(x, w, y);
+  return y;
+}
+
+// SwiGLU: down(silu(gate x) * up x)
+Tensor ffn(Backend &be, Tensor x, const FfnWeights &f) {
+  Tensor g = linear(be, x, f.gate), u = linear(be, x, f.up);
+  be.silu_mul(g, u, g);
+  return linear(be, g, f.down);
+}
+
+// MLA (spec §3.3-3.9): queries from q_a/q_b (or q_proj), the latent c_kv + k_pe of the new tokens into the
+// paged cache, attention over the cache, o_proj.
+Tensor attention(const Model &m, Backend &be, const LayerWeights &L, Tensor x, const Batch &b,
+                 AttentionPolicy policy) {
+  const ModelConfig &c = m.cfg;
+  const int64_t nh = c.num_attention_heads, qk = c.qk_head_dim();
+  Tensor q;
+  if (L.q_a) {
+    Tensor cq = linear(be, x, L.q_a);
+    be.rms_norm(cq, L.q_a_norm, c.rms_norm_eps, cq);
+    q = linear(be, cq, L.q_b);
+  } else {
+    q = linear(be, x, L.q);
+  }
+  be.rope(q, nh, qk, c.qk_nope_head_dim, m.rope, b);
+  Tensor kv = linear(be, x, L.kv_a);
+  be.mla_cache_write(L.index, kv, L.kv_a_norm, c.rms_norm_eps, m.rope, b);
+
+  Tensor o = be.alloc(x.rows, nh * c.v_head_dim);
+  if (policy == AttentionPolicy::Auto) {
+    // Prefill chunks decompress the latents (fewer FLOPs per key); single tokens use the absorbed form.
+    Batch naive = b, absorbed = b;
+    naive.seqs.clear();
+    absorbed.seqs.clear();
+    for (const SeqSlice &s : b.seqs) (s.n_new > 1 ? naive : absorbed).seqs.push_back(s);
+    if (!naive.seqs.empty()) be.mla_attention(L.index, q, L.kv_b, m.mla, naive, AttnForm::Naive, o);
+    if (!absorbed.seqs.empty()) be.mla_attention(L.index, q, L.kv_b, m.mla, absorbed, AttnForm::Absorbed, o);
+  } else {
+    be.mla_attention(L.index, q, L.kv_b, m.mla, b,
+                     policy == AttentionPolicy::Naive ? AttnForm::Naive : AttnForm::Absorbed, o);
+  }
+  return linear(be, o, L.o);
+}
+
+// DeepSeekMoE (spec §4): routed experts weighted by the router, plus the shared experts.
+Tensor moe(const Model &m, Backend &be, const LayerWeights &L, Tensor x) {
+  const int64_t K = m.cfg.num_experts_per_tok;
+  Tensor ids = be.alloc(x.rows, K, DType::I32), wts = be.alloc(x.rows, K);
+  be.moe_route(x, L.router, L.router_bias, m.router, ids, wts);
+  Tensor y = be.alloc(x.rows, x.cols);
+  be.moe_experts(x, L.experts, ids, wts, y);
+  if (L.shared.gate) be.add(y, ffn(be, x, L.shared));
+  return y;
+}
+
+}  // namespace
+
+void forward(const Model &m, Backend &be, const Batch &b, const std::vector<int32_t> &logit_rows,
+             AttentionPolicy policy, float *logits_out) {
+  const ModelConfig &c = m.cfg;
+  be.begin_step();
+  Tensor h = be.alloc(b.n_tokens(), c.hidden_size);
+  be.embed(m.w.embed, b, h);
+  Tensor xn = be.alloc(b.n_tokens(), c.hidden_size);
+  for (const LayerWeights &L : m.w.layers) {
+    const uint64_t mark = be.scratch_mark();  // a layer's temporaries die with it
+    be.rms_norm(h, L.input_norm, c.rms_norm_eps, xn);
+    be.add(h, attention(m, be, L, xn, b, policy));
+    be.rms_norm(h, L.post_norm, c.rms_norm_eps, xn);
+    be.add(h, L.moe ? moe(m, be, L, xn) : ffn(be, xn, L.dense));
+    be.scratch_release(mark);
+  }
+  if (logit_rows.empty()) return;
+  Tensor sel = be.alloc(int64_t(logit_rows.size()), c.hidden_size);
+  be.gather_rows(h, logit_rows, sel);
+  be.rms_norm(sel, m.w.norm, c.rms_norm_eps, sel);
+  Tensor logits = linear(be, sel, m.w.head);
+  be.to_host(logits, logits_out);
+}
+
+}  // namespace dsrt

@@ -1,0 +1,79 @@
+// The weight table: every tensor the config implies, bound to its bytes in the mapped shards and checked
+// for presence, dtype and shape (and FP8 block scales) before anything runs.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+
+namespace dsrt {
+
+// One tensor as the forward uses it: a matrix [rows, cols] (vectors have cols = 1), stored in place.
+struct Weight {
+  const TensorInfo *info = nullptr;  // null: absent
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0;
+  const uint8_t *data = nullptr;
+  const float *scale = nullptr;  // FP8: block scales [ceil(rows/128), ceil(cols/128)], multiplied
+  int64_t scale_cols = 0;
+  int32_t id = -1;  // index in ModelWeights::all, for backends that keep their own copies
+
+  explicit operator bool() const { return data != nullptr; }
+  const std::string &name() const { return info->name; }
+  // out[0..n) = W[r, c0 .. c0+n) in fp32, block scale applied.
+  void dequant_row(int64_t r, int64_t c0, int64_t n, float *out) const;
+  float at(int64_t i) const;  // element i of a vector
+};
+
+struct FfnWeights {
+  Weight gate, up, down;  // SwiGLU: down(silu(gate x) * up x)
+};
+
+struct LayerWeights {
+  int64_t index = 0;
+  Weight input_norm, post_norm;
+  Weight q_a, q_a_norm, q_b;  // q_lora_rank > 0
+  Weight q;                   // q_lora_rank == 0
+  Weight kv_a, kv_a_norm, kv_b, o;
+  bool moe = false;
+  FfnWeights dense;              // !moe
+  Weight router, router_bias;    // moe; bias only for noaux_tc
+  std::vector<FfnWeights> experts;
+  FfnWeights shared;             // moe with n_shared_experts > 0
+  // MTP module extras (spec §6).
+  bool is_mtp = false;
+  Weight mtp_embed, enorm, hnorm, eh_proj, head_norm, head;
+};
+
+struct ModelWeights {
+  Weight embed, norm, head;
+  std::vector<LayerWeights> layers;  // num_hidden_layers
+  std::vector<LayerWeights> mtp;     // loaded MTP layers
+  std::vector<Weight *> all;         // every bound weight (pointers into this object; do not copy it)
+  std::vector<std::string> unknown;  // checkpoint tensors the config does not explain
+  bool fp8 = false;                  // any FP8 weight present
+  uint64_t bytes = 0;                // bytes of all bound tensors (scales included)
+
+  ModelWeights() = default;
+  ModelWeights(const ModelWeights &) = delete;
+  ModelWeights &operator=(const ModelWeights &) = delete;
+};
+
+struct BindOptions {
+  bool load_mtp = true;
+  bool validate_scales = true;
+  // Called per tensor checked; returns false to cancel.
+  bool (*progress)(uint64_t done, uint64_t total, void *user) = nullptr;
+  void *user = nullptr;
+};
+
+// Binds and validates. Throws DSRT_ERR_FORMAT naming the file and tensor on any problem.
+void bind_weights(const ModelConfig &cfg, const Checkpoint &ckpt, const BindOptions &opt, ModelWeights &out);
+
+// Names of the expert tensors "model.layers.L.mlp.experts.E.gate_proj.weight" etc. as bound.
+std::string layer_prefix(const ModelConfig &cfg, int64_t layer);
+
+}  // namespace dsrt

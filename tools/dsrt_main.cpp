@@ -1,0 +1,438 @@
+// The `dsrt` command: generate, eval, inspect, bench, make-tiny, info. The forms
+//   dsrt eval --model DIR --tokens 5,17,42 --logits-out FILE
+//   dsrt generate --model DIR --tokens 5,17,42 -n 24 --temperature 0 --print-ids
+// are a public contract: other tools script against them. Errors: non-zero exit, one line on stderr.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "dsrt.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
+#include "tiny_model.h"
+
+namespace {
+
+struct Fail {
+  std::string msg;
+};
+
+struct Args {
+  std::map<std::string, std::string> kv;
+  std::vector<std::string> flags;
+  bool has(const std::string &k) const { return kv.count(k) || std::count(flags.begin(), flags.end(), k); }
+  std::string get(const std::string &k, const std::string &def = "") const {
+    auto it = kv.find(k);
+    return it == kv.end() ? def : it->second;
+  }
+  long long num(const std::string &k, long long def) const {
+    if (!kv.count(k)) return def;
+    const std::string &s = kv.at(k);
+    char *end = nullptr;
+    long long v = std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end) throw Fail{"option " + k + " expects an integer, got \"" + s + "\""};
+    return v;
+  }
+  double real(const std::string &k, double def) const {
+    if (!kv.count(k)) return def;
+    const std::string &s = kv.at(k);
+    char *end = nullptr;
+    double v = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end) throw Fail{"option " + k + " expects a number, got \"" + s + "\""};
+    return v;
+  }
+};
+
+// Options that take a value; everything else starting with '-' is a flag.
+const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--temperature", "--threads", "--backend",
+                         "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
+                         "--attention", "--ctx"};
+
+Args parse(int argc, char **argv, int first) {
+  Args a;
+  for (int i = first; i < argc; i++) {
+    std::string s = argv[i];
+    if (s.rfind("-", 0) != 0) throw Fail{"unexpected argument \"" + s + "\""};
+    bool valued = std::any_of(std::begin(kValued), std::end(kValued), [&](const char *v) { return s == v; });
+    if (valued) {
+      if (i + 1 >= argc) throw Fail{"option " + s + " needs a value"};
+      a.kv[s] = argv[++i];
+    } else {
+      a.flags.push_back(s);
+    }
+  }
+  return a;
+}
+
+void check(dsrt_status st) {
+  if (st != DSRT_OK) throw Fail{std::string(dsrt_status_string(st)) + ": " + dsrt_last_error()};
+}
+
+std::vector<int32_t> parse_tokens(const std::string &s) {
+  std::vector<int32_t> out;
+  size_t i = 0;
+  while (i < s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    std::string t = s.substr(i, j - i);
+    char *end = nullptr;
+    long v = std::strtol(t.c_str(), &end, 10);
+    if (t.empty() || *end || v < 0 || v > INT32_MAX) throw Fail{"--tokens: \"" + t + "\" is not a token id"};
+    out.push_back(int32_t(v));
+    i = j + 1;
+  }
+  if (out.empty()) throw Fail{"--tokens is empty"};
+  return out;
+}
+
+int backend_of(const Args &a) {
+  std::string b = a.get("--backend", "auto");
+  if (b == "auto") return DSRT_BACKEND_AUTO;
+  if (b == "cpu") return DSRT_BACKEND_CPU;
+  if (b == "cuda") return DSRT_BACKEND_CUDA;
+  throw Fail{"--backend must be auto, cpu or cuda, not \"" + b + "\""};
+}
+
+std::string need(const Args &a, const std::string &k) {
+  if (!a.kv.count(k)) throw Fail{"missing " + k};
+  return a.kv.at(k);
+}
+
+struct Loaded {
+  dsrt_model *model = nullptr;
+  dsrt_engine *engine = nullptr;
+  ~Loaded() {
+    dsrt_engine_free(engine);
+    dsrt_model_free(model);
+  }
+};
+
+void load(const Args &a, Loaded &l, int max_tokens = 0) {
+  dsrt_model_params mp;
+  dsrt_model_params_init(&mp, sizeof mp);
+  mp.backend = backend_of(a);
+  mp.n_threads = int32_t(a.num("--threads", 0));
+  check(dsrt_model_load(need(a, "--model").c_str(), &mp, &l.model));
+  dsrt_engine_params ep;
+  dsrt_engine_params_init(&ep, sizeof ep);
+  ep.max_tokens = max_tokens;
+  ep.max_batch_tokens = int32_t(a.num("--max-batch-tokens", 512));
+  std::string att = a.get("--attention", "auto");
+  ep.attention = att == "naive" ? DSRT_ATTENTION_NAIVE : att == "absorbed" ? DSRT_ATTENTION_ABSORBED : DSRT_ATTENTION_AUTO;
+  if (att != "auto" && att != "naive" && att != "absorbed") throw Fail{"--attention must be auto, naive or absorbed"};
+  check(dsrt_engine_create(l.model, &ep, &l.engine));
+}
+
+const char *kCommonHelp =
+    "  --model DIR          checkpoint directory (config.json, safetensors index + shards)\n"
+    "  --threads N          CPU threads (default: all)\n"
+    "  --backend B          auto | cpu | cuda (default auto)\n";
+
+// ---- generate
+int cmd_generate(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt generate --model DIR --tokens 5,17,42 [-n 24] [--temperature 0] [--seed S] [--print-ids]\n"
+                "Appends the prompt tokens, then samples -n tokens; prints the generated ids comma-separated on one\n"
+                "line of stdout (text output arrives with the tokenizer).\n%s",
+                kCommonHelp);
+    return 0;
+  }
+  std::vector<int32_t> prompt = parse_tokens(need(a, "--tokens"));
+  const long long n = a.num("-n", 16);
+  if (n < 0) throw Fail{"-n must be >= 0"};
+  Loaded l;
+  load(a, l, int(prompt.size() + size_t(n)));
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  sp.seed = uint64_t(a.num("--seed", 0));
+  dsrt_session *s = nullptr;
+  check(dsrt_session_create(l.engine, &sp, &s));
+  std::unique_ptr<dsrt_session, void (*)(dsrt_session *)> guard(s, dsrt_session_free);
+  dsrt_sampling_params smp;
+  dsrt_sampling_params_init(&smp, sizeof smp);
+  smp.temperature = float(a.real("--temperature", 0.0));
+  check(dsrt_session_append_tokens(s, prompt.data(), prompt.size()));
+  std::string line;
+  for (long long i = 0; i < n; i++) {
+    check(dsrt_session_eval(s, nullptr));
+    int32_t tok;
+    check(dsrt_session_sample(s, &smp, &tok));
+    line += (i ? "," : "") + std::to_string(tok);
+    if (i + 1 < n) check(dsrt_session_append_tokens(s, &tok, 1));
+  }
+  std::printf("%s\n", line.c_str());
+  return 0;
+}
+
+// ---- eval
+int cmd_eval(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt eval --model DIR --tokens 5,17,42 --logits-out FILE\n"
+                "Writes the logits of every position as float32 little-endian, row-major [T, vocab], into FILE.\n%s",
+                kCommonHelp);
+    return 0;
+  }
+  std::vector<int32_t> toks = parse_tokens(need(a, "--tokens"));
+  const std::string out = need(a, "--logits-out");
+  Loaded l;
+  load(a, l, int(toks.size()));
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  sp.logits_all = 1;
+  dsrt_session *s = nullptr;
+  check(dsrt_session_create(l.engine, &sp, &s));
+  std::unique_ptr<dsrt_session, void (*)(dsrt_session *)> guard(s, dsrt_session_free);
+  check(dsrt_session_append_tokens(s, toks.data(), toks.size()));
+  check(dsrt_session_eval(s, nullptr));
+  const float *logits;
+  size_t rows, vocab;
+  check(dsrt_session_logits(s, &logits, &rows, &vocab));
+  if (rows != toks.size()) throw Fail{"internal: expected logits for every position"};
+  std::ofstream f(out, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char *>(logits), std::streamsize(rows * vocab * sizeof(float)));
+  if (!f) throw Fail{out + ": write failed"};
+  std::fprintf(stderr, "wrote logits [%zu, %zu] to %s\n", rows, vocab, out.c_str());
+  return 0;
+}
+
+// ---- inspect
+std::string human(double b) {
+  const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int i = 0;
+  while (b >= 1024 && i < 4) {
+    b /= 1024;
+    i++;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f %s", b, u[i]);
+  return buf;
+}
+
+int cmd_inspect(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt inspect --model DIR\n"
+                "Config summary, tensor count by dtype, bytes by part, unknown tensors, validation result.\n");
+    return 0;
+  }
+  using namespace dsrt;
+  const std::string dir = need(a, "--model");
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir + "/config.json");
+  std::printf("config      %s/config.json (model_type %s)\n", dir.c_str(), c.model_type.c_str());
+  std::printf("  layers %lld (dense %lld, MoE %lld), MTP %lld, hidden %lld, heads %lld, vocab %lld\n",
+              (long long)c.num_hidden_layers, (long long)std::min(c.first_k_dense_replace, c.num_hidden_layers),
+              (long long)(c.n_routed_experts ? c.num_hidden_layers - std::min(c.first_k_dense_replace, c.num_hidden_layers) : 0),
+              (long long)c.num_nextn_predict_layers, (long long)c.hidden_size, (long long)c.num_attention_heads,
+              (long long)c.vocab_size);
+  std::printf("  MLA: q_lora %lld, kv_lora %lld, nope %lld, rope %lld, v %lld; softmax scale %.8f\n",
+              (long long)c.q_lora_rank, (long long)c.kv_lora_rank, (long long)c.qk_nope_head_dim,
+              (long long)c.qk_rope_head_dim, (long long)c.v_head_dim, c.softmax_scale());
+  if (c.n_routed_experts)
+    std::printf("  MoE: %lld experts (%lld per token, %lld groups pick %lld), %lld shared, inter %lld, scale %.3f, %s%s\n",
+                (long long)c.n_routed_experts, (long long)c.num_experts_per_tok, (long long)c.n_group,
+                (long long)c.topk_group, (long long)c.n_shared_experts, (long long)c.moe_intermediate_size,
+                c.routed_scaling_factor, c.scoring_func == ScoringFunc::Sigmoid ? "sigmoid" : "softmax",
+                c.norm_topk_prob ? ", normalised" : "");
+  std::printf("  RoPE: theta %g%s", c.rope.theta, c.rope.yarn ? ", YaRN" : "\n");
+  if (c.rope.yarn)
+    std::printf(" factor %g over %lld, beta %g/%g, mscale %g/%g\n", c.rope.factor, (long long)c.rope.original_max_position,
+                c.rope.beta_fast, c.rope.beta_slow, c.rope.mscale, c.rope.mscale_all_dim);
+  std::printf("  weights: %s\n", c.fp8 ? "FP8 e4m3, 128x128 block scales" : "unquantised");
+  Checkpoint ck(dir);
+  std::map<std::string, std::pair<uint64_t, uint64_t>> by_dtype;  // count, bytes
+  std::map<std::string, uint64_t> by_part;
+  for (auto &[name, t] : ck.all()) {
+    auto &d = by_dtype[dtype_name(t->dtype)];
+    d.first++;
+    d.second += t->nbytes;
+    std::string part = "other";
+    long long layer = -1;
+    size_t lp = name.find("model.layers.");
+    if (lp != std::string::npos) layer = std::atoll(name.c_str() + lp + 13);
+    if (layer >= c.num_hidden_layers)
+      part = "MTP";
+    else if (name.find(".mlp.experts.") != std::string::npos)
+      part = "routed experts";
+    else if (name.find(".mlp.shared_experts.") != std::string::npos)
+      part = "shared experts";
+    else if (name.find(".mlp.gate.") != std::string::npos)
+      part = "router";
+    else if (name.find(".mlp.") != std::string::npos)
+      part = "dense FFN";
+    else if (name.find(".self_attn.") != std::string::npos || name.find("layernorm") != std::string::npos)
+      part = "attention + norms";
+    else if (name.find("embed_tokens") != std::string::npos || name.find("lm_head") != std::string::npos ||
+             name.find("model.norm") != std::string::npos)
+      part = "embeddings/head";
+    by_part[part] += t->nbytes;
+  }
+  std::printf("checkpoint  %zu shards, %zu tensors, %s\n", ck.n_shards(), ck.all().size(), human(double(ck.total_bytes())).c_str());
+  for (auto &[d, v] : by_dtype) std::printf("  %-8s %8llu tensors  %s\n", d.c_str(), (unsigned long long)v.first, human(double(v.second)).c_str());
+  std::printf("bytes by part\n");
+  for (auto &[p, b] : by_part) std::printf("  %-18s %s\n", p.c_str(), human(double(b)).c_str());
+  ModelWeights w;
+  BindOptions bo;
+  try {
+    bind_weights(c, ck, bo, w);
+  } catch (const Error &e) {
+    std::printf("validation  FAILED: %s\n", e.what());
+    return 1;
+  }
+  for (auto &u : w.unknown) std::printf("unknown     %s\n", u.c_str());
+  std::printf("validation  OK: %zu tensors bound (%zu MTP layers), %zu unknown\n", w.all.size(), w.mtp.size(), w.unknown.size());
+  return 0;
+}
+
+// ---- bench
+double copy_bandwidth() {  // bytes read + written per second for a large memcpy on one thread
+  const size_t n = size_t(256) << 20;
+  std::vector<char> a(n, 1), b(n, 0);
+  double best = 0;
+  for (int r = 0; r < 3; r++) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::memcpy(b.data(), a.data(), n);
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(n) / s);
+  }
+  return best;
+}
+
+int cmd_bench(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt bench --model DIR [--prompt 64] [--gen 16] [--batch 1]\n"
+                "Prefill and decode tokens/s, each beside its roofline (bytes per step over measured copy bandwidth).\n%s",
+                kCommonHelp);
+    return 0;
+  }
+  using namespace dsrt;
+  const int prompt = int(a.num("--prompt", 64)), gen = int(a.num("--gen", 16)), batch = int(a.num("--batch", 1));
+  if (prompt < 1 || gen < 1 || batch < 1) throw Fail{"--prompt, --gen and --batch must be >= 1"};
+  Loaded l;
+  load(a, l, batch * (prompt + gen));
+  dsrt_model_info info;
+  info.struct_size = sizeof info;
+  check(dsrt_model_info_get(l.model, &info));
+  // Bytes a decode step must read: every weight except the routed experts, plus K/E of those, per token row.
+  const std::string dir = need(a, "--model");
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir);
+  Checkpoint ck(dir);
+  uint64_t dense_bytes = 0, expert_bytes = 0;
+  for (auto &[name, t] : ck.all()) {
+    long long layer = -1;
+    size_t lp = name.find("model.layers.");
+    if (lp != std::string::npos) layer = std::atoll(name.c_str() + lp + 13);
+    if (layer >= c.num_hidden_layers) continue;  // MTP is not run by decode
+    if (name.find("embed_tokens") != std::string::npos) continue;  // one row per token
+    (name.find(".mlp.experts.") != std::string::npos ? expert_bytes : dense_bytes) += t->nbytes;
+  }
+  const double frac = c.n_routed_experts ? std::min(1.0, double(batch * c.num_experts_per_tok) / double(c.n_routed_experts)) : 0.0;
+  const double step_bytes = double(dense_bytes) + frac * double(expert_bytes);
+  const double bw = copy_bandwidth();
+
+  std::vector<dsrt_session *> ss(static_cast<size_t>(batch));
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  for (auto &s : ss) check(dsrt_session_create(l.engine, &sp, &s));
+  std::vector<int32_t> toks(static_cast<size_t>(prompt));
+  for (int i = 0; i < prompt; i++) toks[size_t(i)] = int32_t((i * 7919 + 13) % info.n_vocab);
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto t0 = now();
+  for (auto *s : ss) check(dsrt_session_append_tokens(s, toks.data(), toks.size()));
+  for (auto *s : ss) check(dsrt_session_eval(s, nullptr));
+  double t_prefill = std::chrono::duration<double>(now() - t0).count();
+  t0 = now();
+  for (int g = 0; g < gen; g++) {
+    for (auto *s : ss) {
+      int32_t tok;
+      check(dsrt_session_sample(s, nullptr, &tok));
+      check(dsrt_session_append_tokens(s, &tok, 1));
+    }
+    int32_t n;
+    check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
+  }
+  double t_decode = std::chrono::duration<double>(now() - t0).count();
+  for (auto *s : ss) dsrt_session_free(s);
+  const double dec_tps = double(gen * batch) / t_decode, roof_steps = bw / step_bytes;
+  std::printf("model %s: %s weights, backend cpu, threads %lld\n", dir.c_str(), info.weights_format ? "FP8" : "BF16",
+              a.num("--threads", 0));
+  std::printf("copy bandwidth (1 thread memcpy, read+write): %.2f GB/s\n", bw / 1e9);
+  std::printf("prefill: %d x %d tokens in %.3f s = %.1f tokens/s\n", batch, prompt, t_prefill, double(batch * prompt) / t_prefill);
+  std::printf("decode:  batch %d, %d steps in %.3f s = %.2f tokens/s (%.2f steps/s)\n", batch, gen, t_decode, dec_tps,
+              double(gen) / t_decode);
+  std::printf("decode roofline: %.2f MB of weights per step / %.2f GB/s = %.1f steps/s; measured %.1f%% of it\n",
+              step_bytes / 1e6, bw / 1e9, roof_steps, 100.0 * (double(gen) / t_decode) / roof_steps);
+  return 0;
+}
+
+// ---- make-tiny
+int cmd_make_tiny(const Args &a) {
+  if (a.has("--help") || a.has("--list")) {
+    std::printf("usage: dsrt make-tiny --preset NAME --out DIR [--seed S]\nWrites a random checkpoint in the published layout. Presets:\n");
+    for (auto &p : dsrt::tools::tiny_presets()) std::printf("  %-14s %s\n", p.name.c_str(), p.description.c_str());
+    return 0;
+  }
+  const std::string name = need(a, "--preset");
+  const auto *p = dsrt::tools::find_tiny_preset(name);
+  if (!p) throw Fail{"unknown preset \"" + name + "\" (dsrt make-tiny --list)"};
+  dsrt::tools::make_tiny_model(*p, need(a, "--out"), uint64_t(a.num("--seed", 1)));
+  std::fprintf(stderr, "wrote %s to %s\n", name.c_str(), need(a, "--out").c_str());
+  return 0;
+}
+
+int cmd_info(const Args &) {
+  char *json = nullptr;
+  check(dsrt_system_info(&json));
+  std::printf("dsrt %s\n%s\n", dsrt_version_string(), json);
+  dsrt_free(json);
+  return 0;
+}
+
+void usage(FILE *f) {
+  std::fprintf(f,
+               "usage: dsrt COMMAND [options]   (dsrt COMMAND --help for each)\n"
+               "  generate   sample tokens after a prompt of token ids\n"
+               "  eval       write the logits of every position to a file\n"
+               "  inspect    describe and validate a checkpoint\n"
+               "  bench      prefill and decode speed beside the roofline\n"
+               "  make-tiny  write a random tiny checkpoint in the published layout\n"
+               "  info       version, build and devices\n");
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    usage(stdout);
+    return 0;
+  }
+  std::map<std::string, std::function<int(const Args &)>> cmds = {
+      {"generate", cmd_generate}, {"eval", cmd_eval},           {"inspect", cmd_inspect},
+      {"bench", cmd_bench},       {"make-tiny", cmd_make_tiny}, {"info", cmd_info}};
+  auto it = cmds.find(cmd);
+  if (it == cmds.end()) {
+    std::fprintf(stderr, "dsrt: unknown command \"%s\" (dsrt --help)\n", cmd.c_str());
+    return 2;
+  }
+  try {
+    return it->second(parse(argc, argv, 2));
+  } catch (const Fail &f) {
+    std::fprintf(stderr, "dsrt %s: %s\n", cmd.c_str(), f.msg.c_str());
+  } catch (const dsrt::Error &e) {
+    std::fprintf(stderr, "dsrt %s: %s: %s\n", cmd.c_str(), dsrt_status_string(e.code()), e.what());
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "dsrt %s: %s\n", cmd.c_str(), e.what());
+  }
+  return 1;
+}

@@ -1,0 +1,364 @@
+#include "tiny_model.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "core/dtype.h"
+#include "core/status.h"
+#include "engine/sampler.h"
+#include "safetensors_writer.h"
+
+namespace dsrt::tools {
+
+using ojson = nlohmann::ordered_json;
+
+namespace {
+
+ojson base_config() {
+  ojson c;
+  c["architectures"] = {"DeepseekV3ForCausalLM"};
+  c["model_type"] = "deepseek_v3";
+  c["attention_bias"] = false;
+  c["attention_dropout"] = 0.0;
+  c["bos_token_id"] = 0;
+  c["eos_token_id"] = 1;
+  c["hidden_act"] = "silu";
+  c["initializer_range"] = 0.02;
+  c["tie_word_embeddings"] = false;
+  c["torch_dtype"] = "bfloat16";
+  c["use_cache"] = true;
+  c["scoring_func"] = "sigmoid";
+  c["topk_method"] = "noaux_tc";
+  c["norm_topk_prob"] = true;
+  c["moe_layer_freq"] = 1;
+  c["aux_loss_alpha"] = 0.001;
+  c["seq_aux"] = true;
+  c["ep_size"] = 1;
+  c["pretraining_tp"] = 1;
+  return c;
+}
+
+ojson fp8_quant() {
+  return {{"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
+}
+
+std::vector<TinyPreset> build_presets() {
+  std::vector<TinyPreset> v;
+  {  // Partial scale blocks everywhere (hidden 320 = 2.5 blocks, kv_a 192 rows, q_lora 192), YaRN, MTP.
+    TinyPreset p{"partial-yarn", "dims not multiples of 128 (partial FP8 blocks), q_lora, 4 groups pick 2, YaRN x4", {}, true};
+    ojson c = base_config();
+    c["vocab_size"] = 1000;
+    c["hidden_size"] = 320;
+    c["intermediate_size"] = 400;
+    c["moe_intermediate_size"] = 208;
+    c["num_hidden_layers"] = 3;
+    c["num_nextn_predict_layers"] = 1;
+    c["num_attention_heads"] = 4;
+    c["num_key_value_heads"] = 4;
+    c["q_lora_rank"] = 192;
+    c["kv_lora_rank"] = 160;
+    c["qk_nope_head_dim"] = 48;
+    c["qk_rope_head_dim"] = 32;
+    c["v_head_dim"] = 40;
+    c["n_routed_experts"] = 16;
+    c["n_shared_experts"] = 1;
+    c["num_experts_per_tok"] = 4;
+    c["n_group"] = 4;
+    c["topk_group"] = 2;
+    c["routed_scaling_factor"] = 2.5;
+    c["first_k_dense_replace"] = 1;
+    c["rms_norm_eps"] = 1e-6;
+    c["rope_theta"] = 10000.0;
+    c["max_position_embeddings"] = 1024;
+    c["rope_scaling"] = {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 256},
+                         {"beta_fast", 32}, {"beta_slow", 1}, {"mscale", 0.707}, {"mscale_all_dim", 0.707}};
+    c["quantization_config"] = fp8_quant();
+    p.config = c;
+    v.push_back(p);
+  }
+  {  // Moonlight-like: no q_lora (q_proj), one routing group, two shared experts, no rope scaling.
+    TinyPreset p{"no-qlora", "q_proj instead of q_lora, a single routing group, two shared experts, plain RoPE", {}, true};
+    ojson c = base_config();
+    c["vocab_size"] = 512;
+    c["hidden_size"] = 256;
+    c["intermediate_size"] = 512;
+    c["moe_intermediate_size"] = 128;
+    c["num_hidden_layers"] = 3;
+    c["num_nextn_predict_layers"] = 0;
+    c["num_attention_heads"] = 4;
+    c["num_key_value_heads"] = 4;
+    c["q_lora_rank"] = nullptr;
+    c["kv_lora_rank"] = 128;
+    c["qk_nope_head_dim"] = 32;
+    c["qk_rope_head_dim"] = 16;
+    c["v_head_dim"] = 32;
+    c["n_routed_experts"] = 8;
+    c["n_shared_experts"] = 2;
+    c["num_experts_per_tok"] = 2;
+    c["n_group"] = 1;
+    c["topk_group"] = 1;
+    c["routed_scaling_factor"] = 2.446;
+    c["first_k_dense_replace"] = 1;
+    c["rms_norm_eps"] = 1e-5;
+    c["rope_theta"] = 50000.0;
+    c["max_position_embeddings"] = 2048;
+    c["rope_scaling"] = nullptr;
+    c["quantization_config"] = fp8_quant();
+    p.config = c;
+    v.push_back(p);
+  }
+  {  // DeepSeek-V3 proportions: 8 groups pick 4, top-8 of 32, two dense layers, YaRN factor 40 over 4096.
+    TinyPreset p{"v3-mini", "DeepSeek-V3 proportions: 8 groups pick 4, top-8 of 32, 2 dense layers, YaRN x40, MTP", {}, true};
+    ojson c = base_config();
+    c["vocab_size"] = 2048;
+    c["hidden_size"] = 512;
+    c["intermediate_size"] = 1024;
+    c["moe_intermediate_size"] = 128;
+    c["num_hidden_layers"] = 4;
+    c["num_nextn_predict_layers"] = 1;
+    c["num_attention_heads"] = 8;
+    c["num_key_value_heads"] = 8;
+    c["q_lora_rank"] = 192;
+    c["kv_lora_rank"] = 128;
+    c["qk_nope_head_dim"] = 64;
+    c["qk_rope_head_dim"] = 32;
+    c["v_head_dim"] = 64;
+    c["n_routed_experts"] = 32;
+    c["n_shared_experts"] = 1;
+    c["num_experts_per_tok"] = 8;
+    c["n_group"] = 8;
+    c["topk_group"] = 4;
+    c["routed_scaling_factor"] = 2.5;
+    c["first_k_dense_replace"] = 2;
+    c["rms_norm_eps"] = 1e-6;
+    c["rope_theta"] = 10000.0;
+    c["max_position_embeddings"] = 163840;
+    c["rope_scaling"] = {{"type", "yarn"}, {"factor", 40}, {"original_max_position_embeddings", 4096},
+                         {"beta_fast", 32}, {"beta_slow", 1}, {"mscale", 1.0}, {"mscale_all_dim", 1.0}};
+    c["quantization_config"] = fp8_quant();
+    p.config = c;
+    v.push_back(p);
+  }
+  {  // A plain BF16 checkpoint (as Moonlight and V2-Lite are published): no quantization_config, no scales.
+    TinyPreset p{"bf16", "BF16 weights without quantization_config (V2-Lite/Moonlight style), YaRN with mscale 0.707", {}, false};
+    ojson c = base_config();
+    c["vocab_size"] = 768;
+    c["hidden_size"] = 256;
+    c["intermediate_size"] = 384;
+    c["moe_intermediate_size"] = 96;
+    c["num_hidden_layers"] = 2;
+    c["num_nextn_predict_layers"] = 0;
+    c["num_attention_heads"] = 2;
+    c["num_key_value_heads"] = 2;
+    c["q_lora_rank"] = nullptr;
+    c["kv_lora_rank"] = 64;
+    c["qk_nope_head_dim"] = 32;
+    c["qk_rope_head_dim"] = 16;
+    c["v_head_dim"] = 32;
+    c["n_routed_experts"] = 8;
+    c["n_shared_experts"] = 1;
+    c["num_experts_per_tok"] = 3;
+    c["n_group"] = 2;
+    c["topk_group"] = 1;
+    c["routed_scaling_factor"] = 1.5;
+    c["first_k_dense_replace"] = 1;
+    c["rms_norm_eps"] = 1e-6;
+    c["rope_theta"] = 10000.0;
+    c["max_position_embeddings"] = 4096;
+    c["rope_scaling"] = {{"type", "yarn"}, {"factor", 16}, {"original_max_position_embeddings", 256},
+                         {"beta_fast", 32}, {"beta_slow", 1}, {"mscale", 0.707}, {"mscale_all_dim", 0.707}};
+    p.config = c;
+    v.push_back(p);
+  }
+  return v;
+}
+
+struct Gen {
+  Rng rng;
+  bool have_spare = false;
+  double spare = 0.0;
+  explicit Gen(uint64_t seed) : rng(seed) {}
+  double normal() {  // Box-Muller
+    if (have_spare) {
+      have_spare = false;
+      return spare;
+    }
+    double u1 = std::max(rng.uniform(), 1e-300), u2 = rng.uniform();
+    double r = std::sqrt(-2.0 * std::log(u1));
+    spare = r * std::sin(2.0 * M_PI * u2);
+    have_spare = true;
+    return r * std::cos(2.0 * M_PI * u2);
+  }
+};
+
+class Writer {
+ public:
+  Writer(Gen &g, bool fp8) : g_(g), fp8_(fp8) {}
+  std::map<std::string, TensorData> tensors;
+
+  // A linear weight [out, in] with std = gain / sqrt(in); FP8 + block scales when `quantise`.
+  void linear(const std::string &name, int64_t out, int64_t in, double gain, bool quantise) {
+    std::vector<float> w(static_cast<size_t>(out * in));
+    const double sd = gain / std::sqrt(double(in));
+    for (auto &x : w) x = float(g_.normal() * sd);
+    if (quantise && fp8_) {
+      const int64_t sr = (out + 127) / 128, sc = (in + 127) / 128;
+      std::vector<float> scale(static_cast<size_t>(sr * sc));
+      for (int64_t br = 0; br < sr; br++)
+        for (int64_t bc = 0; bc < sc; bc++) {
+          float amax = 0.0f;
+          for (int64_t r = br * 128; r < std::min(out, br * 128 + 128); r++)
+            for (int64_t c = bc * 128; c < std::min(in, bc * 128 + 128); c++) amax = std::max(amax, std::fabs(w[size_t(r * in + c)]));
+          scale[size_t(br * sc + bc)] = std::max(amax, 1e-12f) / kFp8E4m3Max;
+        }
+      TensorData q{name, DType::F8_E4M3, {out, in}, std::vector<uint8_t>(size_t(out * in))};
+      for (int64_t r = 0; r < out; r++)
+        for (int64_t c = 0; c < in; c++)
+          q.bytes[size_t(r * in + c)] = f32_to_fp8_e4m3(w[size_t(r * in + c)] / scale[size_t((r / 128) * sc + c / 128)]);
+      tensors[name] = std::move(q);
+      put_f32(name + "_scale_inv", {sr, sc}, scale);
+    } else {
+      put_bf16(name, {out, in}, w);
+    }
+  }
+  void norm(const std::string &name, int64_t n) {
+    std::vector<float> w(static_cast<size_t>(n));
+    for (auto &x : w) x = float(1.0 + 0.1 * g_.normal());
+    put_bf16(name, {n}, w);
+  }
+  void table(const std::string &name, int64_t rows, int64_t cols, double sd) {
+    std::vector<float> w(static_cast<size_t>(rows * cols));
+    for (auto &x : w) x = float(g_.normal() * sd);
+    put_bf16(name, {rows, cols}, w);
+  }
+  void put_bf16(const std::string &name, std::vector<int64_t> shape, const std::vector<float> &v) {
+    TensorData t{name, DType::BF16, std::move(shape), std::vector<uint8_t>(v.size() * 2)};
+    for (size_t i = 0; i < v.size(); i++) {
+      uint16_t b = f32_to_bf16(v[i]);
+      std::memcpy(&t.bytes[2 * i], &b, 2);
+    }
+    tensors[name] = std::move(t);
+  }
+  void put_f32(const std::string &name, std::vector<int64_t> shape, const std::vector<float> &v) {
+    TensorData t{name, DType::F32, std::move(shape), std::vector<uint8_t>(v.size() * 4)};
+    std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+    tensors[name] = std::move(t);
+  }
+  Gen &gen() { return g_; }
+
+ private:
+  Gen &g_;
+  bool fp8_;
+};
+
+int64_t geti(const ojson &c, const char *k) { return c[k].is_null() ? 0 : c[k].get<int64_t>(); }
+
+void write_layer(Writer &w, const ojson &c, int64_t L, bool mtp) {
+  const int64_t H = geti(c, "hidden_size"), nh = geti(c, "num_attention_heads"), qlr = geti(c, "q_lora_rank");
+  const int64_t dn = geti(c, "qk_nope_head_dim"), dr = geti(c, "qk_rope_head_dim"), dv = geti(c, "v_head_dim");
+  const int64_t dc = geti(c, "kv_lora_rank"), E = geti(c, "n_routed_experts");
+  const std::string p = "model.layers." + std::to_string(L) + ".";
+  w.norm(p + "input_layernorm.weight", H);
+  w.norm(p + "post_attention_layernorm.weight", H);
+  const std::string a = p + "self_attn.";
+  if (qlr > 0) {
+    w.linear(a + "q_a_proj.weight", qlr, H, 1.0, true);
+    w.norm(a + "q_a_layernorm.weight", qlr);
+    w.linear(a + "q_b_proj.weight", nh * (dn + dr), qlr, 1.0, true);
+  } else {
+    w.linear(a + "q_proj.weight", nh * (dn + dr), H, 1.0, true);
+  }
+  w.linear(a + "kv_a_proj_with_mqa.weight", dc + dr, H, 1.0, true);
+  w.norm(a + "kv_a_layernorm.weight", dc);
+  w.linear(a + "kv_b_proj.weight", nh * (dn + dv), dc, 1.0, true);
+  w.linear(a + "o_proj.weight", H, nh * dv, 0.5, true);
+  const std::string m = p + "mlp.";
+  auto ffn = [&](const std::string &q, int64_t inter, double down_gain) {
+    w.linear(q + "gate_proj.weight", inter, H, 1.0, true);
+    w.linear(q + "up_proj.weight", inter, H, 1.0, true);
+    w.linear(q + "down_proj.weight", H, inter, down_gain, true);
+  };
+  const bool moe = E > 0 && L >= geti(c, "first_k_dense_replace") && L % geti(c, "moe_layer_freq") == 0;
+  if (moe) {
+    const int64_t mi = geti(c, "moe_intermediate_size");
+    w.linear(m + "gate.weight", E, H, 2.0, false);  // BF16 router
+    std::vector<float> bias(static_cast<size_t>(E));
+    // Positive biases of unequal size, like the released checkpoints' (about +2 there): they move selections.
+    for (auto &b : bias) b = float(0.5 + 0.5 * w.gen().rng.uniform());
+    w.put_f32(m + "gate.e_score_correction_bias", {E}, bias);
+    for (int64_t e = 0; e < E; e++) ffn(m + "experts." + std::to_string(e) + ".", mi, 0.5);
+    if (geti(c, "n_shared_experts") > 0) ffn(m + "shared_experts.", mi * geti(c, "n_shared_experts"), 0.5);
+  } else {
+    ffn(m, geti(c, "intermediate_size"), 0.5);
+  }
+  if (mtp) {
+    const int64_t V = geti(c, "vocab_size");
+    w.table(p + "embed_tokens.weight", V, H, 1.0);
+    w.norm(p + "enorm.weight", H);
+    w.norm(p + "hnorm.weight", H);
+    w.linear(p + "eh_proj.weight", H, 2 * H, 1.0, false);
+    w.norm(p + "shared_head.norm.weight", H);
+    w.table(p + "shared_head.head.weight", V, H, 4.0 / std::sqrt(double(H)));
+  }
+}
+
+void write_text(const std::string &path, const std::string &text) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f << text;
+  if (!f) failf(DSRT_ERR_IO, path, ": write failed");
+}
+
+}  // namespace
+
+const std::vector<TinyPreset> &tiny_presets() {
+  static const std::vector<TinyPreset> v = build_presets();
+  return v;
+}
+
+const TinyPreset *find_tiny_preset(const std::string &name) {
+  for (auto &p : tiny_presets())
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t seed) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || !std::filesystem::is_directory(dir)) failf(DSRT_ERR_IO, dir, ": cannot create directory (", ec.message(), ")");
+  const ojson &c = preset.config;
+  Gen g(seed);
+  Writer w(g, preset.fp8);
+  const int64_t V = geti(c, "vocab_size"), H = geti(c, "hidden_size"), L = geti(c, "num_hidden_layers");
+  w.table("model.embed_tokens.weight", V, H, 1.0);
+  for (int64_t l = 0; l < L; l++) write_layer(w, c, l, false);
+  for (int64_t j = 0; j < geti(c, "num_nextn_predict_layers"); j++) write_layer(w, c, L + j, true);
+  w.norm("model.norm.weight", H);
+  w.table("lm_head.weight", V, H, 4.0 / std::sqrt(double(H)));
+
+  // Two shards, split irregularly as the published ones are: the first half of the layers with the embedding
+  // and lm_head in shard 1; the final norm, the later layers and the MTP layer in shard 2.
+  const std::string names[2] = {"model-00001-of-000002.safetensors", "model-00002-of-000002.safetensors"};
+  std::vector<const TensorData *> shard[2];
+  ojson index;
+  uint64_t total = 0;
+  for (auto &[name, t] : w.tensors) {
+    int s = 1;
+    if (name == "model.embed_tokens.weight" || name == "lm_head.weight") s = 0;
+    if (name.rfind("model.layers.", 0) == 0 && std::stoll(name.substr(13)) < L / 2) s = 0;
+    shard[s].push_back(&t);
+    index["weight_map"][name] = names[s];
+    total += t.bytes.size();
+  }
+  index["metadata"] = {{"total_size", total}};
+  for (int s = 0; s < 2; s++) write_safetensors(dir + "/" + names[s], shard[s]);
+  write_text(dir + "/model.safetensors.index.json", index.dump(2));
+  write_text(dir + "/config.json", c.dump(2));
+  ojson gen = {{"_from_model_config", true}, {"bos_token_id", c["bos_token_id"]}, {"eos_token_id", c["eos_token_id"]},
+               {"do_sample", true}, {"temperature", 0.6}, {"top_p", 0.95}};
+  write_text(dir + "/generation_config.json", gen.dump(2));
+}
+
+}  // namespace dsrt::tools
