@@ -40,6 +40,11 @@ void Weight::dequant_row(int64_t r, int64_t c0, int64_t n, float *out) const {
   }
 }
 
+const std::string &Weight::name() const {
+  static const std::string unnamed = "(unnamed)";
+  return info ? info->name : unnamed;
+}
+
 float Weight::at(int64_t i) const {
   float v;
   dequant_row(0, i, 1, &v);

@@ -22,7 +22,7 @@ struct Weight {
   int32_t id = -1;  // index in ModelWeights::all, for backends that keep their own copies
 
   explicit operator bool() const { return data != nullptr; }
-  const std::string &name() const { return info->name; }
+  const std::string &name() const;  // "(unnamed)" for weights made outside a checkpoint (tests)
   // out[0..n) = W[r, c0 .. c0+n) in fp32, block scale applied.
   void dequant_row(int64_t r, int64_t c0, int64_t n, float *out) const;
   float at(int64_t i) const;  // element i of a vector

@@ -1,0 +1,140 @@
+// Shared test helpers: temporary directories, tiny checkpoints made once per process, C API wrappers.
+#pragma once
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "dsrt.h"
+#include "tiny_model.h"
+
+namespace testing {
+
+namespace fs = std::filesystem;
+
+// A directory under the system temp dir, removed at exit.
+inline fs::path temp_root() {
+  static struct Root {
+    fs::path p;
+    Root() {
+      std::string tmpl = (fs::temp_directory_path() / "dsrt-test-XXXXXX").string();
+      p = mkdtemp(tmpl.data());
+    }
+    ~Root() {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  } root;
+  return root.p;
+}
+
+inline fs::path fresh_dir(const std::string &name) {
+  static int n = 0;
+  fs::path d = temp_root() / (name + "-" + std::to_string(n++));
+  fs::create_directories(d);
+  return d;
+}
+
+// The preset's checkpoint with seed 1 (the seed the reference data was made with), written once.
+inline std::string tiny(const std::string &preset) {
+  static std::map<std::string, std::string> made;
+  auto it = made.find(preset);
+  if (it != made.end()) return it->second;
+  const auto *p = dsrt::tools::find_tiny_preset(preset);
+  REQUIRE(p != nullptr);
+  fs::path d = temp_root() / ("tiny-" + preset);
+  dsrt::tools::make_tiny_model(*p, d.string(), 1);
+  return made[preset] = d.string();
+}
+
+inline std::vector<std::string> preset_names() {
+  std::vector<std::string> v;
+  for (auto &p : dsrt::tools::tiny_presets()) v.push_back(p.name);
+  return v;
+}
+
+#define CHECK_OK(expr)                                                                    \
+  do {                                                                                    \
+    dsrt_status _s = (expr);                                                              \
+    INFO(#expr, " -> ", dsrt_status_string(_s), ": ", dsrt_last_error());                 \
+    REQUIRE(_s == DSRT_OK);                                                               \
+  } while (0)
+
+struct Model {
+  dsrt_model *m = nullptr;
+  explicit Model(const std::string &dir, int threads = 2) {
+    dsrt_model_params p;
+    dsrt_model_params_init(&p, sizeof p);
+    p.n_threads = threads;
+    CHECK_OK(dsrt_model_load(dir.c_str(), &p, &m));
+  }
+  ~Model() { dsrt_model_free(m); }
+  int32_t vocab() const {
+    dsrt_model_info i;
+    i.struct_size = sizeof i;
+    dsrt_model_info_get(m, &i);
+    return i.n_vocab;
+  }
+};
+
+struct Engine {
+  dsrt_engine *e = nullptr;
+  Engine(Model &m, int32_t attention = DSRT_ATTENTION_AUTO, int32_t max_batch = 512, int32_t max_tokens = 0) {
+    dsrt_engine_params p;
+    dsrt_engine_params_init(&p, sizeof p);
+    p.attention = attention;
+    p.max_batch_tokens = max_batch;
+    p.max_tokens = max_tokens;
+    CHECK_OK(dsrt_engine_create(m.m, &p, &e));
+  }
+  ~Engine() { dsrt_engine_free(e); }
+};
+
+struct Session {
+  dsrt_session *s = nullptr;
+  explicit Session(Engine &e, bool logits_all = false, uint64_t seed = 0, int32_t max_ctx = 0) {
+    dsrt_session_params p;
+    dsrt_session_params_init(&p, sizeof p);
+    p.logits_all = logits_all ? 1 : 0;
+    p.seed = seed;
+    p.max_ctx = max_ctx;
+    CHECK_OK(dsrt_session_create(e.e, &p, &s));
+  }
+  ~Session() { dsrt_session_free(s); }
+  void append(const std::vector<int32_t> &t) { CHECK_OK(dsrt_session_append_tokens(s, t.data(), t.size())); }
+  void eval() { CHECK_OK(dsrt_session_eval(s, nullptr)); }
+  std::vector<float> logits(size_t *rows = nullptr) {
+    const float *l;
+    size_t r, v;
+    CHECK_OK(dsrt_session_logits(s, &l, &r, &v));
+    if (rows) *rows = r;
+    return std::vector<float>(l, l + r * v);
+  }
+  int32_t greedy() {
+    int32_t t;
+    CHECK_OK(dsrt_session_sample(s, nullptr, &t));
+    return t;
+  }
+};
+
+inline std::vector<int32_t> prompt_tokens(int32_t vocab, int n) {
+  // The reference script's prompt (tools/reference/hf_reference.py).
+  std::vector<int32_t> t{0};
+  for (int i = 1; i < n; i++) t.push_back(int32_t((int64_t(i) * 7919 + 13) % vocab));
+  return t;
+}
+
+inline double rel_l2(const float *a, const float *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+}  // namespace testing

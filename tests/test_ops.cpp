@@ -1,0 +1,495 @@
+// Every CPU op against a direct formula on random inputs; the router against brute force; absorbed == naive.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <random>
+
+#include "backend/backend.h"
+#include "core/dtype.h"
+#include "model/config.h"
+
+using namespace dsrt;
+
+namespace {
+
+// A weight held in test memory, FP8 with block scales or BF16 / F32.
+struct OwnedWeight {
+  std::vector<uint8_t> bytes;
+  std::vector<float> scale;
+  Weight w;
+  std::vector<double> real;  // the exact value of each element, in double
+
+  OwnedWeight(int64_t rows, int64_t cols, DType dt, std::mt19937 &rng, double sd = 1.0) {
+    std::normal_distribution<float> nd(0.0f, float(sd));
+    real.resize(size_t(rows * cols));
+    w.dtype = dt;
+    w.rows = rows;
+    w.cols = cols;
+    if (dt == DType::F8_E4M3) {
+      const int64_t sr = (rows + 127) / 128, sc = (cols + 127) / 128;
+      scale.resize(size_t(sr * sc));
+      std::uniform_real_distribution<float> ud(0.001f, 0.01f);
+      for (auto &s : scale) s = ud(rng);
+      bytes.resize(size_t(rows * cols));
+      for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+          uint8_t q = f32_to_fp8_e4m3(nd(rng) * 100.0f);
+          bytes[size_t(r * cols + c)] = q;
+          real[size_t(r * cols + c)] = double(fp8_e4m3_to_f32(q)) * scale[size_t((r / 128) * sc + c / 128)];
+        }
+      w.scale = scale.data();
+      w.scale_cols = sc;
+    } else if (dt == DType::BF16) {
+      bytes.resize(size_t(rows * cols) * 2);
+      for (size_t i = 0; i < real.size(); i++) {
+        uint16_t b = f32_to_bf16(nd(rng));
+        std::memcpy(&bytes[2 * i], &b, 2);
+        real[i] = bf16_to_f32(b);
+      }
+    } else {
+      bytes.resize(size_t(rows * cols) * 4);
+      for (size_t i = 0; i < real.size(); i++) {
+        float f = nd(rng);
+        std::memcpy(&bytes[4 * i], &f, 4);
+        real[i] = f;
+      }
+    }
+    w.data = bytes.data();
+  }
+};
+
+void fill(Tensor t, std::mt19937 &rng, float sd = 1.0f) {
+  std::normal_distribution<float> nd(0.0f, sd);
+  for (int64_t i = 0; i < t.rows * t.cols; i++) t.f32()[i] = nd(rng);
+}
+
+std::unique_ptr<Backend> backend(int threads = 3) {
+  BackendOptions o;
+  o.n_threads = threads;
+  return make_cpu_backend(o);
+}
+
+}  // namespace
+
+TEST_CASE("linear: FP8 with partial blocks, BF16 and F32 equal the dequantised matrix product") {
+  std::mt19937 rng(1);
+  auto be = backend();
+  for (DType dt : {DType::F8_E4M3, DType::BF16, DType::F32}) {
+    for (auto [N, K, T] : {std::tuple{200, 300, 5}, std::tuple{576, 256, 1}, std::tuple{129, 130, 9}}) {
+      CAPTURE(dtype_name(dt));
+      CAPTURE(N);
+      CAPTURE(K);
+      OwnedWeight ow(N, K, dt, rng);
+      be->begin_step();
+      Tensor x = be->alloc(T, K), y = be->alloc(T, N);
+      fill(x, rng);
+      be->linear(x, ow.w, y);
+      double max_rel = 0;
+      for (int t = 0; t < T; t++)
+        for (int n = 0; n < N; n++) {
+          double ref = 0, mag = 0;
+          for (int k = 0; k < K; k++) {
+            ref += double(x.f32()[t * K + k]) * ow.real[size_t(n * K + k)];
+            mag += std::fabs(double(x.f32()[t * K + k]) * ow.real[size_t(n * K + k)]);
+          }
+          max_rel = std::max(max_rel, std::fabs(y.f32()[t * N + n] - ref) / mag);
+        }
+      CHECK(max_rel < 1e-6);
+    }
+  }
+}
+
+TEST_CASE("results do not depend on the thread count") {
+  std::mt19937 rng(2);
+  OwnedWeight ow(300, 256, DType::F8_E4M3, rng);
+  std::vector<float> x(7 * 256);
+  for (auto &v : x) v = std::normal_distribution<float>()(rng);
+  std::vector<float> ref;
+  for (int threads : {1, 2, 5}) {
+    auto be = backend(threads);
+    be->begin_step();
+    Tensor tx = be->alloc(7, 256), ty = be->alloc(7, 300);
+    std::copy(x.begin(), x.end(), tx.f32());
+    be->linear(tx, ow.w, ty);
+    std::vector<float> y(ty.f32(), ty.f32() + 7 * 300);
+    if (ref.empty())
+      ref = y;
+    else
+      CHECK(y == ref);
+  }
+}
+
+TEST_CASE("rms_norm, silu_mul, add and embed equal their formulas") {
+  std::mt19937 rng(3);
+  auto be = backend();
+  be->begin_step();
+  const int T = 4, H = 200;
+  OwnedWeight w(H, 1, DType::BF16, rng);
+  Tensor x = be->alloc(T, H), y = be->alloc(T, H);
+  fill(x, rng, 3.0f);
+  be->rms_norm(x, w.w, 1e-6f, y);
+  for (int t = 0; t < T; t++) {
+    double ss = 0;
+    for (int i = 0; i < H; i++) ss += double(x.f32()[t * H + i]) * x.f32()[t * H + i];
+    double inv = 1.0 / std::sqrt(ss / H + 1e-6);
+    for (int i = 0; i < H; i++) CHECK(y.f32()[t * H + i] == doctest::Approx(x.f32()[t * H + i] * inv * w.real[size_t(i)]).epsilon(1e-5));
+  }
+  Tensor g = be->alloc(T, H), u = be->alloc(T, H), o = be->alloc(T, H);
+  fill(g, rng, 4.0f);
+  fill(u, rng);
+  be->silu_mul(g, u, o);
+  for (int i = 0; i < T * H; i++) {
+    double gv = g.f32()[i];
+    CHECK(o.f32()[i] == doctest::Approx(gv / (1 + std::exp(-gv)) * u.f32()[i]).epsilon(1e-5));
+  }
+  std::vector<float> before(x.f32(), x.f32() + T * H);
+  be->add(x, y);
+  for (int i = 0; i < T * H; i++) CHECK(x.f32()[i] == before[size_t(i)] + y.f32()[i]);
+  OwnedWeight table(50, H, DType::BF16, rng);
+  Batch b;
+  b.tokens = {7, 0, 49, 7};
+  b.positions = {0, 1, 2, 3};
+  Tensor e = be->alloc(4, H);
+  be->embed(table.w, b, e);
+  for (int t = 0; t < 4; t++)
+    for (int i = 0; i < H; i++) CHECK(e.f32()[t * H + i] == float(table.real[size_t(b.tokens[size_t(t)] * H + i)]));
+}
+
+TEST_CASE("interleaved RoPE equals the rotation formula and de-interleave + NeoX on dot products") {
+  std::mt19937 rng(4);
+  auto be = backend();
+  be->begin_step();
+  RopeTable rt;
+  for (int i = 0; i < 32; i++) rt.inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / 64)));
+  const int dr = 64;
+  Batch b;
+  b.positions = {0, 5, 1000, 70000};
+  b.tokens = {0, 0, 0, 0};
+  Tensor q = be->alloc(4, 2 * (16 + dr)), k = be->alloc(4, dr);
+  fill(q, rng);
+  fill(k, rng);
+  std::vector<float> q0(q.f32(), q.f32() + q.rows * q.cols), k0(k.f32(), k.f32() + k.rows * k.cols);
+  be->rope(q, 2, 16 + dr, 16, rt, b);
+  be->rope(k, 1, dr, 0, rt, b);
+  for (int t = 0; t < 4; t++) {
+    // nope columns untouched
+    for (int j = 0; j < 16; j++) CHECK(q.f32()[t * q.cols + j] == q0[size_t(t * q.cols + j)]);
+    for (int i = 0; i < 32; i++) {
+      float ang = float(b.positions[size_t(t)]) * rt.inv_freq[size_t(i)];
+      double c = std::cos(double(ang)), s = std::sin(double(ang));
+      double x0 = k0[size_t(t * dr + 2 * i)], x1 = k0[size_t(t * dr + 2 * i + 1)];
+      CHECK(k.f32()[t * dr + 2 * i] == doctest::Approx(x0 * c - x1 * s).epsilon(1e-5));
+      CHECK(k.f32()[t * dr + 2 * i + 1] == doctest::Approx(x0 * s + x1 * c).epsilon(1e-5));
+    }
+  }
+  // Spec §3.5: NeoX rotate-half after de-interleaving gives the same q.k (the HF formulation).
+  auto neox = [&](const float *x, int pos, std::vector<double> &out) {
+    std::vector<double> d(dr);
+    for (int i = 0; i < 32; i++) {
+      d[size_t(i)] = x[2 * i];
+      d[size_t(32 + i)] = x[2 * i + 1];
+    }
+    out.resize(dr);
+    for (int i = 0; i < 32; i++) {
+      double a = double(float(pos) * rt.inv_freq[size_t(i)]);
+      out[size_t(i)] = d[size_t(i)] * std::cos(a) - d[size_t(32 + i)] * std::sin(a);
+      out[size_t(32 + i)] = d[size_t(32 + i)] * std::cos(a) + d[size_t(i)] * std::sin(a);
+    }
+  };
+  for (int t = 0; t < 4; t++) {
+    std::vector<double> qn, kn;
+    neox(q0.data() + t * q.cols + 16, b.positions[size_t(t)], qn);
+    neox(k0.data() + ((t + 1) % 4) * dr, b.positions[size_t((t + 1) % 4)], kn);
+    double want = 0, got = 0;
+    for (int i = 0; i < dr; i++) {
+      want += qn[size_t(i)] * kn[size_t(i)];
+      got += double(q.f32()[t * q.cols + 16 + i]) * k.f32()[((t + 1) % 4) * dr + i];
+    }
+    CHECK(got == doctest::Approx(want).epsilon(1e-4));
+  }
+}
+
+// ---- router
+namespace {
+
+struct RouteResult {
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+};
+
+// Brute force: the group set maximising the summed group score, then the expert set maximising summed u.
+RouteResult brute_route(const std::vector<float> &logit, const std::vector<float> &bias, const RouterParams &p) {
+  const int E = int(p.n_experts), per = E / int(p.n_group);
+  std::vector<double> s(static_cast<size_t>(E)), u(static_cast<size_t>(E));
+  for (int e = 0; e < E; e++) {
+    s[size_t(e)] = 1.0 / (1.0 + std::exp(-double(logit[size_t(e)])));
+    u[size_t(e)] = s[size_t(e)] + bias[size_t(e)];
+  }
+  std::vector<double> gscore(static_cast<size_t>(p.n_group));
+  for (int g = 0; g < p.n_group; g++) {
+    std::vector<double> v(u.begin() + g * per, u.begin() + (g + 1) * per);
+    std::sort(v.rbegin(), v.rend());
+    gscore[size_t(g)] = v[0] + v[1];
+  }
+  double best = -1e300;
+  unsigned best_mask = 0;
+  for (unsigned m = 0; m < (1u << p.n_group); m++) {
+    if (__builtin_popcount(m) != p.topk_group) continue;
+    double sum = 0;
+    for (int g = 0; g < p.n_group; g++)
+      if (m >> g & 1) sum += gscore[size_t(g)];
+    if (sum > best) best = sum, best_mask = m;
+  }
+  std::vector<int> allowed;
+  for (int e = 0; e < E; e++)
+    if (best_mask >> (e / per) & 1) allowed.push_back(e);
+  // every K-subset of the allowed experts
+  double best_sum = -1e300;
+  std::vector<int> best_set, idx(size_t(p.top_k));
+  std::function<void(int, int, double)> rec = [&](int start, int depth, double sum) {
+    if (depth == p.top_k) {
+      if (sum > best_sum) {
+        best_sum = sum;
+        best_set.clear();
+        for (int i : idx) best_set.push_back(allowed[size_t(i)]);
+      }
+      return;
+    }
+    for (int i = start; i < int(allowed.size()); i++) {
+      idx[size_t(depth)] = i;
+      rec(i + 1, depth + 1, sum + u[size_t(allowed[size_t(i)])]);
+    }
+  };
+  rec(0, 0, 0.0);
+  RouteResult r;
+  double total = 0;
+  for (int e : best_set) total += s[size_t(e)];
+  for (int e : best_set) {
+    r.ids.push_back(e);
+    r.w.push_back(float(s[size_t(e)] / total * p.routed_scaling_factor));
+  }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("router equals brute force with biases of magnitude ~2, including negative selection scores") {
+  std::mt19937 rng(5);
+  auto be = backend();
+  RouterParams p{32, 8, 8, 3, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, true, 2.5f};
+  const int H = 64, T = 40;
+  OwnedWeight gate(p.n_experts, H, DType::F32, rng, 0.5);
+  std::vector<float> bias(static_cast<size_t>(p.n_experts));
+  std::uniform_real_distribution<float> ub(-3.0f, 1.0f);  // |bias| up to 3: u = s + b often negative
+  for (auto &b : bias) b = ub(rng);
+  std::vector<uint8_t> bias_bytes(bias.size() * 4);
+  std::memcpy(bias_bytes.data(), bias.data(), bias_bytes.size());
+  Weight bw;
+  bw.dtype = DType::F32;
+  bw.rows = p.n_experts;
+  bw.cols = 1;
+  bw.data = bias_bytes.data();
+  be->begin_step();
+  Tensor x = be->alloc(T, H), ids = be->alloc(T, p.top_k, DType::I32), w = be->alloc(T, p.top_k);
+  fill(x, rng, 2.0f);
+  be->moe_route(x, gate.w, bw, p, ids, w);
+  int negative = 0;
+  for (int t = 0; t < T; t++) {
+    std::vector<float> logit(static_cast<size_t>(p.n_experts));
+    for (int e = 0; e < p.n_experts; e++) {
+      double acc = 0;
+      for (int k = 0; k < H; k++) acc += double(x.f32()[t * H + k]) * gate.real[size_t(e * H + k)];
+      logit[size_t(e)] = float(acc);
+    }
+    RouteResult ref = brute_route(logit, bias, p);
+    std::vector<std::pair<int32_t, float>> got, want;
+    double wsum = 0;
+    for (int k = 0; k < p.top_k; k++) {
+      got.push_back({ids.i32()[t * p.top_k + k], w.f32()[t * p.top_k + k]});
+      want.push_back({ref.ids[size_t(k)], ref.w[size_t(k)]});
+      wsum += w.f32()[t * p.top_k + k];
+      if (1.0 / (1.0 + std::exp(-logit[size_t(ref.ids[size_t(k)])])) + bias[size_t(ref.ids[size_t(k)])] < 0) negative++;
+    }
+    std::sort(got.begin(), got.end());
+    std::sort(want.begin(), want.end());
+    for (int k = 0; k < p.top_k; k++) {
+      CHECK(got[size_t(k)].first == want[size_t(k)].first);
+      CHECK(got[size_t(k)].second == doctest::Approx(want[size_t(k)].second).epsilon(1e-5));
+    }
+    CHECK(wsum == doctest::Approx(2.5).epsilon(1e-5));  // normalised, then routed_scaling_factor
+  }
+  CHECK(negative > 0);  // the case where masking with 0 instead of -inf would differ was exercised
+}
+
+TEST_CASE("router variants: one group, softmax greedy without renormalisation") {
+  std::mt19937 rng(6);
+  auto be = backend();
+  const int H = 32, E = 8, K = 2, T = 10;
+  OwnedWeight gate(E, H, DType::F32, rng, 0.5);
+  be->begin_step();
+  Tensor x = be->alloc(T, H), ids = be->alloc(T, K, DType::I32), w = be->alloc(T, K);
+  fill(x, rng, 2.0f);
+  RouterParams p{E, K, 1, 1, ScoringFunc::Softmax, TopkMethod::Greedy, false, 1.0f};
+  be->moe_route(x, gate.w, Weight{}, p, ids, w);
+  for (int t = 0; t < T; t++) {
+    std::vector<double> lg(E), sm(E);
+    double mx = -1e300, sum = 0;
+    for (int e = 0; e < E; e++) {
+      for (int k = 0; k < H; k++) lg[size_t(e)] += double(x.f32()[t * H + k]) * gate.real[size_t(e * H + k)];
+      mx = std::max(mx, lg[size_t(e)]);
+    }
+    for (int e = 0; e < E; e++) sum += sm[size_t(e)] = std::exp(lg[size_t(e)] - mx);
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return sm[size_t(a)] > sm[size_t(b)]; });
+    for (int k = 0; k < K; k++) {
+      CHECK(ids.i32()[t * K + k] == order[size_t(k)]);
+      CHECK(w.f32()[t * K + k] == doctest::Approx(sm[size_t(order[size_t(k)])] / sum).epsilon(1e-5));
+    }
+  }
+}
+
+TEST_CASE("moe_experts equals the weighted sum of each selected expert's SwiGLU") {
+  std::mt19937 rng(7);
+  auto be = backend();
+  const int H = 64, I = 48, E = 4, K = 2, T = 5;
+  std::vector<std::unique_ptr<OwnedWeight>> own;
+  std::vector<FfnWeights> experts(E);
+  for (int e = 0; e < E; e++) {
+    own.push_back(std::make_unique<OwnedWeight>(I, H, DType::BF16, rng, 0.2));
+    experts[size_t(e)].gate = own.back()->w;
+    own.push_back(std::make_unique<OwnedWeight>(I, H, DType::BF16, rng, 0.2));
+    experts[size_t(e)].up = own.back()->w;
+    own.push_back(std::make_unique<OwnedWeight>(H, I, DType::BF16, rng, 0.2));
+    experts[size_t(e)].down = own.back()->w;
+  }
+  be->begin_step();
+  Tensor x = be->alloc(T, H), ids = be->alloc(T, K, DType::I32), w = be->alloc(T, K), y = be->alloc(T, H);
+  fill(x, rng);
+  const int32_t sel[T][K] = {{0, 1}, {3, 0}, {2, 3}, {1, 2}, {0, 3}};
+  for (int t = 0; t < T; t++)
+    for (int k = 0; k < K; k++) {
+      ids.i32()[t * K + k] = sel[t][k];
+      w.f32()[t * K + k] = 0.3f + 0.2f * float(k + t);
+    }
+  be->moe_experts(x, experts, ids, w, y);
+  for (int t = 0; t < T; t++) {
+    std::vector<double> ref(H);
+    for (int k = 0; k < K; k++) {
+      const int e = sel[t][k];
+      const auto &G = *own[size_t(3 * e)], &U = *own[size_t(3 * e + 1)], &D = *own[size_t(3 * e + 2)];
+      std::vector<double> h(I);
+      for (int i = 0; i < I; i++) {
+        double g = 0, u = 0;
+        for (int j = 0; j < H; j++) {
+          g += G.real[size_t(i * H + j)] * x.f32()[t * H + j];
+          u += U.real[size_t(i * H + j)] * x.f32()[t * H + j];
+        }
+        h[size_t(i)] = g / (1 + std::exp(-g)) * u;
+      }
+      for (int j = 0; j < H; j++) {
+        double d = 0;
+        for (int i = 0; i < I; i++) d += D.real[size_t(j * I + i)] * h[size_t(i)];
+        ref[size_t(j)] += w.f32()[t * K + k] * d;
+      }
+    }
+    for (int j = 0; j < H; j++) CHECK(y.f32()[t * H + j] == doctest::Approx(ref[size_t(j)]).epsilon(1e-4).scale(1.0));
+  }
+}
+
+TEST_CASE("MLA cache write and attention: both forms equal the direct formula, across page boundaries") {
+  std::mt19937 rng(8);
+  auto be = backend();
+  const MlaDims d{3, 16, 8, 12, 40, 0.2f};  // nh, dn, dr, dv, dc
+  const int n_prev = 70, n_new = 6, n_ctx = n_prev + n_new;
+  KvCacheSpec spec{2, d.latent + d.rope, 8};
+  be->kv_init(spec);
+  std::vector<int32_t> pages = {5, 2};  // a scattered page table: positions 64.. live in page 2
+  RopeTable rt;
+  for (int i = 0; i < d.rope / 2; i++) rt.inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / d.rope)));
+  OwnedWeight kv_norm(d.latent, 1, DType::BF16, rng);
+  OwnedWeight kv_b(d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng);
+  const int layer = 1;
+  // Write all n_ctx tokens' latents: first the prefix (one sequence step), then the new tokens.
+  std::vector<float> kv_all(size_t(n_ctx * (d.latent + d.rope)));
+  for (auto &v : kv_all) v = std::normal_distribution<float>()(rng);
+  auto make_batch = [&](int n_past, int n) {
+    Batch b;
+    for (int i = 0; i < n; i++) {
+      b.tokens.push_back(0);
+      b.positions.push_back(n_past + i);
+    }
+    SeqSlice s;
+    s.row0 = 0;
+    s.n_new = n;
+    s.n_past = n_past;
+    s.pages = pages.data();
+    s.n_pages = 2;
+    b.seqs.push_back(s);
+    return b;
+  };
+  const int W = d.latent + d.rope;
+  be->begin_step();
+  Batch b1 = make_batch(0, n_prev), b2 = make_batch(n_prev, n_new);
+  Tensor kv1 = be->alloc(n_prev, W), kv2 = be->alloc(n_new, W);
+  std::copy(kv_all.begin(), kv_all.begin() + n_prev * W, kv1.f32());
+  std::copy(kv_all.begin() + n_prev * W, kv_all.end(), kv2.f32());
+  be->mla_cache_write(layer, kv1, kv_norm.w, 1e-6f, rt, b1);
+  be->mla_cache_write(layer, kv2, kv_norm.w, 1e-6f, rt, b2);
+  // The latent and rotated rope parts per position, computed directly.
+  std::vector<std::vector<double>> ckv(n_ctx), kpe(n_ctx);
+  for (int j = 0; j < n_ctx; j++) {
+    const float *src = kv_all.data() + j * W;
+    double ss = 0;
+    for (int i = 0; i < d.latent; i++) ss += double(src[i]) * src[i];
+    double inv = 1.0 / std::sqrt(ss / d.latent + 1e-6);
+    for (int i = 0; i < d.latent; i++) ckv[size_t(j)].push_back(src[i] * inv * kv_norm.real[size_t(i)]);
+    for (int i = 0; i < d.rope / 2; i++) {
+      double a = double(float(j) * rt.inv_freq[size_t(i)]);
+      kpe[size_t(j)].push_back(src[d.latent + 2 * i] * std::cos(a) - src[d.latent + 2 * i + 1] * std::sin(a));
+      kpe[size_t(j)].push_back(src[d.latent + 2 * i] * std::sin(a) + src[d.latent + 2 * i + 1] * std::cos(a));
+    }
+  }
+  Tensor q = be->alloc(n_new, d.n_heads * (d.nope + d.rope));
+  fill(q, rng);
+  Tensor on = be->alloc(n_new, d.n_heads * d.v), oa = be->alloc(n_new, d.n_heads * d.v);
+  be->mla_attention(layer, q, kv_b.w, d, b2, AttnForm::Naive, on);
+  be->mla_attention(layer, q, kv_b.w, d, b2, AttnForm::Absorbed, oa);
+  const int kvw = d.nope + d.v, qk = d.nope + d.rope;
+  double max_err_n = 0, max_err_a = 0;
+  for (int i = 0; i < n_new; i++) {
+    const int pos = n_prev + i;
+    for (int h = 0; h < d.n_heads; h++) {
+      std::vector<double> sc(static_cast<size_t>(pos + 1));
+      double mx = -1e300;
+      for (int j = 0; j <= pos; j++) {
+        double s = 0;
+        for (int r = 0; r < d.nope; r++) {
+          double k = 0;
+          for (int c = 0; c < d.latent; c++) k += kv_b.real[size_t((h * kvw + r) * d.latent + c)] * ckv[size_t(j)][size_t(c)];
+          s += q.f32()[i * q.cols + h * qk + r] * k;
+        }
+        for (int r = 0; r < d.rope; r++) s += q.f32()[i * q.cols + h * qk + d.nope + r] * kpe[size_t(j)][size_t(r)];
+        sc[size_t(j)] = s * d.softmax_scale;
+        mx = std::max(mx, sc[size_t(j)]);
+      }
+      double z = 0;
+      for (auto &s : sc) z += s = std::exp(s - mx);
+      for (int r = 0; r < d.v; r++) {
+        double o = 0;
+        for (int j = 0; j <= pos; j++) {
+          double v = 0;
+          for (int c = 0; c < d.latent; c++) v += kv_b.real[size_t((h * kvw + d.nope + r) * d.latent + c)] * ckv[size_t(j)][size_t(c)];
+          o += sc[size_t(j)] / z * v;
+        }
+        max_err_n = std::max(max_err_n, std::fabs(on.f32()[i * on.cols + h * d.v + r] - o) / (1 + std::fabs(o)));
+        max_err_a = std::max(max_err_a, std::fabs(oa.f32()[i * oa.cols + h * d.v + r] - o) / (1 + std::fabs(o)));
+      }
+    }
+  }
+  CHECK(max_err_n < 1e-4);
+  CHECK(max_err_a < 1e-4);
+}
