@@ -204,6 +204,12 @@ int cmd_eval(const Args &a) {
 }
 
 // ---- inspect
+// The layer index in "model.layers.L.xxx" (any prefix), or -1.
+long long layer_of(const std::string &name) {
+  size_t lp = name.find("model.layers.");
+  return lp == std::string::npos ? -1 : std::atoll(name.c_str() + lp + 13);
+}
+
 std::string human(double b) {
   const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int i = 0;
@@ -253,9 +259,7 @@ int cmd_inspect(const Args &a) {
     d.first++;
     d.second += t->nbytes;
     std::string part = "other";
-    long long layer = -1;
-    size_t lp = name.find("model.layers.");
-    if (lp != std::string::npos) layer = std::atoll(name.c_str() + lp + 13);
+    const long long layer = layer_of(name);
     if (layer >= c.num_hidden_layers)
       part = "MTP";
     else if (name.find(".mlp.experts.") != std::string::npos)
@@ -325,9 +329,7 @@ int cmd_bench(const Args &a) {
   Checkpoint ck(dir);
   uint64_t dense_bytes = 0, expert_bytes = 0;
   for (auto &[name, t] : ck.all()) {
-    long long layer = -1;
-    size_t lp = name.find("model.layers.");
-    if (lp != std::string::npos) layer = std::atoll(name.c_str() + lp + 13);
+    const long long layer = layer_of(name);
     if (layer >= c.num_hidden_layers) continue;  // MTP is not run by decode
     if (name.find("embed_tokens") != std::string::npos) continue;  // one row per token
     (name.find(".mlp.experts.") != std::string::npos ? expert_bytes : dense_bytes) += t->nbytes;
