@@ -1,0 +1,151 @@
+#include "text/tokenizer.h"
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "core/status.h"
+#include "model/safetensors.h"
+
+namespace dsrt {
+
+namespace {
+
+// tokenizer_config.json writes special tokens as strings or as {"content": ...} objects.
+std::string token_text(const nlohmann::json &v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  return "";
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> Tokenizer::load(const std::string &dir, int64_t model_vocab) {
+  nlohmann::json tc = nlohmann::json::object();
+  const std::string tc_path = dir + "/tokenizer_config.json";
+  if (file_exists(tc_path)) {
+    try {
+      tc = nlohmann::json::parse(read_text_file(tc_path));
+    } catch (const Error &) {
+      throw;
+    } catch (const std::exception &e) {
+      failf(DSRT_ERR_FORMAT, tc_path, ": not valid JSON (", e.what(), ")");
+    }
+    if (!tc.is_object()) failf(DSRT_ERR_FORMAT, tc_path, ": not a JSON object");
+  }
+  std::unique_ptr<Tokenizer> t;
+  if (file_exists(dir + "/tokenizer.json"))
+    t = make_hf_bpe_tokenizer(dir + "/tokenizer.json", model_vocab);
+  else if (file_exists(dir + "/tiktoken.model"))
+    t = make_tiktoken_tokenizer(dir + "/tiktoken.model", model_vocab, tc.dump());
+  else if (file_exists(dir + "/tokenizer.model"))
+    t = make_spm_tokenizer(dir + "/tokenizer.model", model_vocab);
+  else
+    return nullptr;
+
+  // tokenizer_config.json: BOS/EOS, whether encode adds them, the chat template.
+  auto find_id = [&](const char *key) -> int32_t {
+    if (!tc.contains(key)) return -1;
+    std::string s = token_text(tc[key]);
+    return s.empty() ? -1 : t->find_token(s);
+  };
+  if (int32_t b = find_id("bos_token"); b >= 0) t->bos_id = b;
+  if (int32_t e = find_id("eos_token"); e >= 0) t->eos_id = e;
+  if (tc.contains("add_bos_token") && tc["add_bos_token"].is_boolean()) t->add_bos = tc["add_bos_token"].get<bool>();
+  if (tc.contains("add_eos_token") && tc["add_eos_token"].is_boolean()) t->add_eos = tc["add_eos_token"].get<bool>();
+  if (auto it = tc.find("chat_template"); it != tc.end()) {
+    if (it->is_string()) {
+      t->chat_template = it->get<std::string>();
+    } else if (it->is_array()) {  // [{"name": "default", "template": ...}, ...]
+      for (auto &e : *it)
+        if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+          t->chat_template = e["template"].get<std::string>();
+    }
+  }
+  if (t->bos_id >= 0) t->bos_text = t->token_bytes(t->bos_id);
+  if (t->eos_id >= 0) {
+    t->eos_text = t->token_bytes(t->eos_id);
+    t->attrs_[size_t(t->eos_id)] |= kTokenEog;
+  }
+  for (const char *eot : {"<|EOT|>", "<|im_end|>", "<|eot_id|>", "[EOT]", "<|end_of_text|>"})
+    if (int32_t id = t->find_token(eot); id >= 0 && (t->attr(id) & kTokenSpecial)) t->attrs_[size_t(id)] |= kTokenEog;
+  return t;
+}
+
+const std::string &Tokenizer::token_bytes(int32_t id) const {
+  static const std::string empty;
+  return id >= 0 && size_t(id) < pieces_.size() ? pieces_[size_t(id)] : empty;
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t> &ids, bool skip_special) const {
+  std::string out;
+  for (int32_t id : ids) {
+    if (skip_special && (attr(id) & kTokenSpecial)) continue;
+    out += token_bytes(id);
+  }
+  if (strip_leading_space_ && !out.empty() && out[0] == ' ') out.erase(0, 1);
+  return out;
+}
+
+int32_t Tokenizer::find_token(std::string_view s) const {
+  auto it = std::lower_bound(specials_.begin(), specials_.end(), s, [](auto &a, std::string_view b) { return a.first < b; });
+  if (it != specials_.end() && it->first == s) return it->second;
+  for (size_t i = 0; i < pieces_.size(); i++)
+    if (pieces_[i] == s && !(attrs_[i] & kTokenUnused)) return int32_t(i);
+  return -1;
+}
+
+void Tokenizer::add_special(int32_t id, const std::string &text, bool special) {
+  if (id < 0) return;
+  if (size_t(id) >= pieces_.size()) {
+    pieces_.resize(size_t(id) + 1);
+    attrs_.resize(size_t(id) + 1, kTokenUnused);
+  }
+  pieces_[size_t(id)] = text;
+  attrs_[size_t(id)] = uint8_t(kTokenSpecial | (special ? kTokenControl : 0));
+  specials_.push_back({text, id});
+}
+
+void Tokenizer::finish_specials() {
+  std::sort(specials_.begin(), specials_.end());
+  specials_.erase(std::unique(specials_.begin(), specials_.end(), [](auto &a, auto &b) { return a.first == b.first; }),
+                  specials_.end());
+}
+
+// Leftmost-longest matching of special-token strings (what Hugging Face's added-token splitter does).
+std::vector<Tokenizer::Segment> Tokenizer::split_specials(std::string_view text, bool parse_special) const {
+  std::vector<Segment> out;
+  if (!parse_special || specials_.empty()) {
+    if (!text.empty()) out.push_back({0, text.size(), -1});
+    return out;
+  }
+  bool first_byte[256] = {};
+  for (auto &[s, _] : specials_)
+    if (!s.empty()) first_byte[uint8_t(s[0])] = true;
+  size_t plain = 0, i = 0;
+  while (i < text.size()) {
+    if (first_byte[uint8_t(text[i])]) {
+      // specials_ is sorted: candidates share text[i]; take the longest that matches here.
+      size_t best_len = 0;
+      int32_t best_id = -1;
+      auto lo = std::lower_bound(specials_.begin(), specials_.end(), text.substr(i, 1),
+                                 [](auto &a, std::string_view b) { return a.first < b; });
+      for (auto it = lo; it != specials_.end() && !it->first.empty() && it->first[0] == text[i]; ++it)
+        if (it->first.size() > best_len && text.compare(i, it->first.size(), it->first) == 0) {
+          best_len = it->first.size();
+          best_id = it->second;
+        }
+      if (best_id >= 0) {
+        if (i > plain) out.push_back({plain, i, -1});
+        out.push_back({i, i + best_len, best_id});
+        i += best_len;
+        plain = i;
+        continue;
+      }
+    }
+    i++;
+  }
+  if (plain < text.size()) out.push_back({plain, text.size(), -1});
+  return out;
+}
+
+}  // namespace dsrt

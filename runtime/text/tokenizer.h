@@ -1,0 +1,70 @@
+// Tokenizers of the DeepSeek-V3 family: Hugging Face tokenizer.json byte-level BPE (DeepSeek-V3/R1/V3.1),
+// tiktoken.model (Kimi-K2, Moonlight), sentencepiece tokenizer.model. One interface; token text is raw
+// bytes (a token may hold part of a UTF-8 character).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace dsrt {
+
+enum TokenAttr : uint8_t {
+  kTokenNormal = 0,
+  kTokenSpecial = 1,  // an added/special token (matched in text before splitting, never merged)
+  kTokenControl = 2,  // special and not meant to be shown (BOS, EOS, pad, role markers)
+  kTokenEog = 4,      // ends generation (EOS, EOT)
+  kTokenUnused = 8,   // an id with no token (padding rows of the embedding)
+};
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Loads the tokenizer files of a model directory (tokenizer.json, tiktoken.model or tokenizer.model,
+  // plus tokenizer_config.json). Returns null when the directory has none. Throws DSRT_ERR_FORMAT on bad files.
+  static std::unique_ptr<Tokenizer> load(const std::string &dir, int64_t model_vocab);
+
+  // Ids of the text's exact bytes. parse_special: strings of added/special tokens are matched as those
+  // tokens (as Hugging Face tokenizers does); otherwise they are ordinary text.
+  virtual std::vector<int32_t> encode(std::string_view text, bool parse_special) const = 0;
+  const std::string &token_bytes(int32_t id) const;  // "" for out-of-range ids
+  uint8_t attr(int32_t id) const { return id >= 0 && size_t(id) < attrs_.size() ? attrs_[size_t(id)] : uint8_t(kTokenUnused); }
+  int32_t n_tokens() const { return int32_t(pieces_.size()); }
+  // Decodes ids to bytes; skip_special leaves out special tokens. Invalid UTF-8 is kept as is.
+  std::string decode(const std::vector<int32_t> &ids, bool skip_special) const;
+  // The id of a token whose text is exactly `s` (special tokens first), or -1.
+  int32_t find_token(std::string_view s) const;
+  // sentencepiece drops the space it prepended to the first word when decoding.
+  bool strip_leading_space() const { return strip_leading_space_; }
+  const char *kind() const { return kind_; }
+
+  int32_t bos_id = -1, eos_id = -1;
+  bool add_bos = false, add_eos = false;
+  std::string chat_template;   // from tokenizer_config.json, "" if none
+  std::string bos_text, eos_text;
+
+ protected:
+  void add_special(int32_t id, const std::string &text, bool special);
+  void finish_specials();  // builds the matcher for parse_special
+  // Splits text into ordinary spans and special-token ids (in order). span: (begin, end) or id >= 0.
+  struct Segment {
+    size_t begin, end;
+    int32_t id;  // >= 0: a special token
+  };
+  std::vector<Segment> split_specials(std::string_view text, bool parse_special) const;
+
+  std::vector<std::string> pieces_;  // id -> bytes
+  std::vector<uint8_t> attrs_;
+  std::vector<std::pair<std::string, int32_t>> specials_;  // sorted by text
+  bool strip_leading_space_ = false;
+  const char *kind_ = "";
+};
+
+// The loaders behind Tokenizer::load, one per file format.
+std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_t model_vocab);
+std::unique_ptr<Tokenizer> make_tiktoken_tokenizer(const std::string &path, int64_t model_vocab,
+                                                   const std::string &tokenizer_config_json);
+std::unique_ptr<Tokenizer> make_spm_tokenizer(const std::string &path, int64_t model_vocab);
+
+}  // namespace dsrt
