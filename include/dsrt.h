@@ -96,6 +96,8 @@ DSRT_API dsrt_status dsrt_system_info(char **json_out);
 #define DSRT_STRUCT_SESSION_PARAMS  5
 #define DSRT_STRUCT_SAMPLING_PARAMS 6
 #define DSRT_STRUCT_SESSION_STATS   7
+#define DSRT_STRUCT_GEN_PARAMS      8
+#define DSRT_STRUCT_EVENT           9
 DSRT_API size_t dsrt_struct_size(int32_t struct_id);
 
 /* ---------------------------------------------------------------- cancellation ------------------ */
@@ -133,6 +135,7 @@ typedef struct dsrt_model_params {
   dsrt_progress_fn progress_fn;
   void *progress_user_data;
   dsrt_cancel *cancel;        /* optional; checked between shards and tensors */
+  int32_t tokenizer_only;     /* 1: load config.json + tokenizer files only (text calls, no generation) */
 } dsrt_model_params;
 
 DSRT_API void dsrt_model_params_init(dsrt_model_params *p, size_t size);
@@ -221,6 +224,11 @@ typedef struct dsrt_session_stats {
   int32_t n_pending;          /* appended, not yet evaluated */
   int32_t n_pages;            /* KV pages held */
   uint64_t n_evaluated;       /* tokens evaluated over the session's life */
+  int32_t prompt_tokens;      /* last turn: tokens prefilled */
+  int32_t reused_tokens;      /* last chat append: tokens of the rendered conversation already cached */
+  int32_t generated_tokens;   /* last turn */
+  double ttft_seconds;        /* last turn: start to first token */
+  double decode_tokens_per_second;  /* last turn, after the first token */
 } dsrt_session_stats;
 
 DSRT_API void dsrt_session_params_init(dsrt_session_params *p, size_t size);
@@ -253,6 +261,136 @@ DSRT_API void dsrt_sampling_params_init(dsrt_sampling_params *p, size_t size);
 /* Samples one token from the last position's logits with the session's random stream (seeded at create).
  * Does not append it. p may be NULL (greedy). */
 DSRT_API dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_params *p, int32_t *token_out);
+
+/* ---------------------------------------------------------------- text ------------------------- */
+/* Text calls need the checkpoint's tokenizer files (tokenizer.json, tiktoken.model or tokenizer.model);
+ * without them they fail with DSRT_ERR_UNSUPPORTED. All are thread-safe. */
+
+#define DSRT_TOKENIZE_ADD_SPECIAL   1  /* add BOS (and EOS) as tokenizer_config.json asks */
+#define DSRT_TOKENIZE_PARSE_SPECIAL 2  /* special-token strings in the text become those tokens */
+/* Ids of the text's exact bytes into tokens[cap]; *n_out = count (or the count needed, with
+ * DSRT_ERR_BUFFER_TOO_SMALL). */
+DSRT_API dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int32_t flags,
+                                   int32_t *tokens, size_t cap, size_t *n_out);
+#define DSRT_DETOKENIZE_SKIP_SPECIAL 1
+/* Bytes of the tokens into buf[cap] (not NUL-terminated; may hold invalid UTF-8 for partial tokens). */
+DSRT_API dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n, int32_t flags,
+                                     char *buf, size_t cap, size_t *n_out);
+DSRT_API dsrt_status dsrt_token_bytes(const dsrt_model *m, int32_t token, char *buf, size_t cap, size_t *n_out);
+
+#define DSRT_TOKEN_ATTR_SPECIAL 1  /* an added/special token */
+#define DSRT_TOKEN_ATTR_CONTROL 2  /* special and not shown in text (BOS, EOS, role markers) */
+#define DSRT_TOKEN_ATTR_EOG     4  /* ends generation */
+#define DSRT_TOKEN_ATTR_UNUSED  8  /* no token has this id (embedding padding) */
+DSRT_API int32_t dsrt_token_attr(const dsrt_model *m, int32_t token);
+
+#define DSRT_SPECIAL_BOS 0
+#define DSRT_SPECIAL_EOS 1
+#define DSRT_SPECIAL_THINK_BEGIN 2
+#define DSRT_SPECIAL_THINK_END 3
+#define DSRT_SPECIAL_USER 4
+#define DSRT_SPECIAL_ASSISTANT 5
+/* The id of a special token of the model, -1 if it has none. */
+DSRT_API int32_t dsrt_special_token(const dsrt_model *m, int32_t kind);
+
+/* Incremental decoder for callers that sample themselves: pieces are complete UTF-8. */
+typedef struct dsrt_detok dsrt_detok;
+DSRT_API dsrt_status dsrt_detok_create(const dsrt_model *m, int32_t flags, dsrt_detok **out);  /* flags: DETOKENIZE_* */
+/* *text (owned by d, valid until its next call) = text now final; may be empty. */
+DSRT_API dsrt_status dsrt_detok_push(dsrt_detok *d, int32_t token, const char **text, size_t *len);
+/* End of stream: what is held; bytes that never formed a character become U+FFFD. */
+DSRT_API dsrt_status dsrt_detok_flush(dsrt_detok *d, const char **text, size_t *len);
+DSRT_API void dsrt_detok_free(dsrt_detok *d);
+
+/* ---------------------------------------------------------------- chat templates ---------------- */
+
+/* The chat_template of tokenizer_config.json (NULL if the checkpoint has none; dsrt then uses DeepSeek-V3's). */
+DSRT_API dsrt_status dsrt_chat_template(const dsrt_model *m, const char **tmpl);
+#define DSRT_CHAT_ADD_GENERATION_PROMPT 1
+/* Renders messages_json (an array of {"role", "content", ...}: OpenAI-shaped, with tool_calls) with the
+ * model's template. tools_json and kwargs_json (extra template variables, e.g. {"thinking": true}) may be
+ * NULL. *prompt_out is NUL-terminated; free with dsrt_free. */
+DSRT_API dsrt_status dsrt_chat_apply(const dsrt_model *m, const char *messages_json, const char *tools_json,
+                                     const char *kwargs_json, int32_t flags, char **prompt_out);
+
+/* ---------------------------------------------------------------- streaming generation ---------- */
+
+/* Appends tokenized text (flags: DSRT_TOKENIZE_*). */
+DSRT_API dsrt_status dsrt_session_append_text(dsrt_session *s, const char *text, size_t len, int32_t flags);
+/* Adds chat messages (JSON array) to the session's conversation: the whole conversation is rendered with
+ * the chat template and only what is not already in the cache is appended. A finished turn's reply is
+ * added to the conversation as an assistant message automatically. flags: DSRT_CHAT_*. */
+DSRT_API dsrt_status dsrt_session_append_chat(dsrt_session *s, const char *messages_json, const char *tools_json,
+                                              int32_t flags);
+
+typedef struct dsrt_gen_params {
+  uint32_t struct_size;
+  int32_t max_new_tokens;     /* default 256; 0 = until the context is full */
+  float temperature;          /* default: generation_config.json's, else 0 (greedy) */
+  int32_t top_k;              /* 0 = off; default from generation_config.json */
+  float top_p;                /* 1 = off; default from generation_config.json */
+  float min_p;                /* 0 = off */
+  float repetition_penalty;   /* 1 = off */
+  float presence_penalty;     /* 0 = off */
+  float frequency_penalty;    /* 0 = off */
+  int32_t penalty_window;     /* recent tokens the penalties look at; default 64; 0 = all */
+  int32_t has_seed;           /* 1: reseed the session's random stream with `seed` at start */
+  uint64_t seed;
+  int32_t ignore_eos;         /* 1: end-of-generation tokens are never sampled */
+  int32_t skip_special;       /* 1 (default): text leaves out control tokens */
+  const int32_t *stop_tokens; /* copied at start */
+  size_t n_stop_tokens;
+  const char *const *stop_strings;  /* NUL-terminated UTF-8, copied at start; never appear in the text */
+  size_t n_stop_strings;
+  const int32_t *logit_bias_tokens; /* added to those tokens' logits */
+  const float *logit_bias_values;
+  size_t n_logit_bias;
+  dsrt_cancel *cancel;        /* optional: checked per prefill chunk and per decode step */
+} dsrt_gen_params;
+
+#define DSRT_EVENT_TOKEN 1
+#define DSRT_EVENT_DONE  2
+
+#define DSRT_FINISH_NONE         0
+#define DSRT_FINISH_EOS          1
+#define DSRT_FINISH_STOP_STRING  2
+#define DSRT_FINISH_STOP_TOKEN   3
+#define DSRT_FINISH_LENGTH       4
+#define DSRT_FINISH_CANCELLED    5
+#define DSRT_FINISH_CONTEXT_FULL 6
+#define DSRT_FINISH_ERROR        7
+
+typedef struct dsrt_event {
+  uint32_t struct_size;
+  int32_t type;               /* DSRT_EVENT_* */
+  int32_t token;              /* the token this event emits, -1 if none */
+  const char *text;           /* complete UTF-8 delta (may be empty), owned by the session until its next call */
+  size_t text_len;
+  int32_t finish_reason;      /* DONE: DSRT_FINISH_* */
+  dsrt_status status;         /* DONE with FINISH_ERROR: the failure (text in dsrt_last_error) */
+  int32_t n_generated;        /* tokens generated so far in this turn */
+} dsrt_event;
+
+DSRT_API void dsrt_gen_params_init(dsrt_gen_params *p, size_t size, const dsrt_model *m);
+/* Begins a generation turn on the session's pending input (p may be NULL: model defaults). */
+DSRT_API dsrt_status dsrt_session_start(dsrt_session *s, const dsrt_gen_params *p);
+/* The next event of the turn; blocks while it evaluates (batched with other sessions' work). After a DONE
+ * event the turn is over; the emitted tokens stay in the session. */
+DSRT_API dsrt_status dsrt_session_next(dsrt_session *s, dsrt_event *ev);
+/* Called on the generating thread for every event; return non-zero to stop (the turn ends CANCELLED). */
+typedef int32_t (*dsrt_event_fn)(const dsrt_event *ev, void *user_data);
+/* start + next until DONE on the caller's thread. */
+DSRT_API dsrt_status dsrt_session_generate(dsrt_session *s, const dsrt_gen_params *p, dsrt_event_fn fn, void *user_data);
+/* Ends the current turn at its next step as CANCELLED. Any thread, while the session handle is alive. */
+DSRT_API void dsrt_session_cancel(dsrt_session *s);
+
+/* A new session with a copy of this one's tokens, KV cache, conversation and random state. */
+DSRT_API dsrt_status dsrt_session_fork(dsrt_session *s, dsrt_session **out);
+/* Session state (tokens, conversation, random state, latent KV) as a blob: magic, format version and the
+ * model's fingerprint lead it; loading it into a session of another model is DSRT_ERR_VERSION_MISMATCH.
+ * *buf is freed with dsrt_free. */
+DSRT_API dsrt_status dsrt_session_state_save(dsrt_session *s, void **buf, size_t *n);
+DSRT_API dsrt_status dsrt_session_state_load(dsrt_session *s, const void *buf, size_t n);
 
 #ifdef __cplusplus
 }

@@ -10,6 +10,7 @@
 #include "core/status.h"
 #include "engine/sampler.h"
 #include "safetensors_writer.h"
+#include "tiny_tokenizer.h"
 
 namespace dsrt::tools {
 
@@ -359,6 +360,7 @@ void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t 
   ojson gen = {{"_from_model_config", true}, {"bos_token_id", c["bos_token_id"]}, {"eos_token_id", c["eos_token_id"]},
                {"do_sample", true}, {"temperature", 0.6}, {"top_p", 0.95}};
   write_text(dir + "/generation_config.json", gen.dump(2));
+  write_tiny_tokenizer(dir, V);
 }
 
 }  // namespace dsrt::tools

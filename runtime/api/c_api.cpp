@@ -1,6 +1,7 @@
 // The only file that turns C calls into C++ and back: handles, status codes, thread-local error text.
 // Every export catches everything; no exception crosses the ABI.
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -12,6 +13,8 @@
 #include "dsrt.h"
 #include "engine/engine.h"
 #include "model/model.h"
+#include "text/chat_template.h"
+#include "text/detokenizer.h"
 
 struct dsrt_cancel {
   std::atomic<int> flag{0};
@@ -27,6 +30,11 @@ struct dsrt_engine {
 };
 struct dsrt_session {
   std::shared_ptr<dsrt::Session> session;
+  dsrt::Event last_event;  // keeps the text of the event handed out by dsrt_session_next alive
+};
+struct dsrt_detok {
+  std::shared_ptr<const dsrt::Model> model;  // keeps the tokenizer alive
+  std::unique_ptr<dsrt::Detokenizer> d;
 };
 
 namespace {
@@ -99,6 +107,88 @@ void init_struct(T *p, size_t size, const T &defaults) {
 
 }  // namespace
 
+// Helpers of the text and generation calls.
+namespace {
+char *dup_string(const std::string &s) {
+  char *b = static_cast<char *>(std::malloc(s.size() + 1));
+  if (!b) throw std::bad_alloc();
+  std::memcpy(b, s.data(), s.size());
+  b[s.size()] = 0;
+  return b;
+}
+template <class T>
+void copy_out(const T *src, size_t n, T *dst, size_t cap, size_t *n_out) {
+  if (n_out) *n_out = n;
+  if (n > cap) dsrt::failf(DSRT_ERR_BUFFER_TOO_SMALL, "the output needs ", n, " elements, the buffer holds ", cap);
+  if (n) {
+    DSRT_REQUIRE(dst, "output buffer is NULL");
+    std::memcpy(dst, src, n * sizeof(T));
+  }
+}
+}  // namespace
+
+namespace {
+nlohmann::json parse_json_arg(const char *s, const char *what) {
+  try {
+    return nlohmann::json::parse(s);
+  } catch (const std::exception &e) {
+    dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, " is not valid JSON (", e.what(), ")");
+  }
+}
+}  // namespace
+
+namespace {
+void gen_params_defaults(dsrt_gen_params *p, size_t size) { dsrt_gen_params_init(p, size, nullptr); }
+
+dsrt::GenParams to_gen(const dsrt_gen_params &p) {
+  DSRT_REQUIRE(p.temperature >= 0.0f && p.temperature < 1e6f, "temperature must be in [0, 1e6)");
+  DSRT_REQUIRE(p.top_p > 0.0f && p.top_p <= 1.0f, "top_p must be in (0, 1]");
+  DSRT_REQUIRE(p.min_p >= 0.0f && p.min_p <= 1.0f, "min_p must be in [0, 1]");
+  DSRT_REQUIRE(p.top_k >= 0, "top_k must be >= 0");
+  DSRT_REQUIRE(p.repetition_penalty > 0.0f, "repetition_penalty must be > 0");
+  DSRT_REQUIRE(std::isfinite(p.presence_penalty) && std::isfinite(p.frequency_penalty), "penalties must be finite");
+  DSRT_REQUIRE(p.max_new_tokens >= 0 && p.penalty_window >= 0, "max_new_tokens and penalty_window must be >= 0");
+  DSRT_REQUIRE(p.stop_tokens || p.n_stop_tokens == 0, "stop_tokens is NULL");
+  DSRT_REQUIRE(p.stop_strings || p.n_stop_strings == 0, "stop_strings is NULL");
+  DSRT_REQUIRE((p.logit_bias_tokens && p.logit_bias_values) || p.n_logit_bias == 0, "logit bias arrays are NULL");
+  dsrt::GenParams g;
+  g.sampling.temperature = p.temperature;
+  g.sampling.top_k = p.top_k;
+  g.sampling.top_p = p.top_p;
+  g.sampling.min_p = p.min_p;
+  g.sampling.repetition_penalty = p.repetition_penalty;
+  g.sampling.presence_penalty = p.presence_penalty;
+  g.sampling.frequency_penalty = p.frequency_penalty;
+  g.sampling.penalty_window = p.penalty_window;
+  for (size_t i = 0; i < p.n_logit_bias; i++) g.sampling.logit_bias.push_back({p.logit_bias_tokens[i], p.logit_bias_values[i]});
+  g.max_new_tokens = p.max_new_tokens;
+  g.ignore_eos = p.ignore_eos != 0;
+  g.skip_special = p.skip_special != 0;
+  g.has_seed = p.has_seed != 0;
+  g.seed = p.seed;
+  g.stop_tokens.assign(p.stop_tokens, p.stop_tokens + p.n_stop_tokens);
+  for (size_t i = 0; i < p.n_stop_strings; i++) {
+    DSRT_REQUIRE(p.stop_strings[i], "a stop string is NULL");
+    g.stop_strings.emplace_back(p.stop_strings[i]);
+  }
+  g.cancel = p.cancel ? &p.cancel->flag : nullptr;
+  return g;
+}
+
+void fill_event(dsrt_session *s, dsrt_event *ev, int32_t n_generated) {
+  const dsrt::Event &e = s->last_event;
+  dsrt_event o{};
+  o.type = e.done ? DSRT_EVENT_DONE : DSRT_EVENT_TOKEN;
+  o.token = e.token;
+  o.text = e.text.c_str();
+  o.text_len = e.text.size();
+  o.finish_reason = int32_t(e.finish);
+  o.status = e.status;
+  o.n_generated = n_generated;
+  write_out(ev, o, "ev");
+}
+}  // namespace
+
 extern "C" {
 
 uint32_t dsrt_api_version(void) { return DSRT_API_VERSION; }
@@ -167,6 +257,8 @@ size_t dsrt_struct_size(int32_t id) {
     case DSRT_STRUCT_SESSION_PARAMS: return sizeof(dsrt_session_params);
     case DSRT_STRUCT_SAMPLING_PARAMS: return sizeof(dsrt_sampling_params);
     case DSRT_STRUCT_SESSION_STATS: return sizeof(dsrt_session_stats);
+    case DSRT_STRUCT_GEN_PARAMS: return sizeof(dsrt_gen_params);
+    case DSRT_STRUCT_EVENT: return sizeof(dsrt_event);
     default: return 0;
   }
 }
@@ -232,6 +324,7 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
       lo.user = &cb;
     }
     lo.cancel = p.cancel ? &p.cancel->flag : nullptr;
+    lo.tokenizer_only = p.tokenizer_only != 0;
     auto h = std::make_unique<dsrt_model>();
     h->model = dsrt::Model::load(dir, lo);
     h->backend = DSRT_BACKEND_CPU;
@@ -290,6 +383,7 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     dsrt_engine_params p = read_params(params, dsrt_engine_params_init, "dsrt_engine_params");
     DSRT_REQUIRE(p.max_tokens >= 0, "max_tokens must be >= 0");
     DSRT_REQUIRE(p.max_batch_tokens >= 0, "max_batch_tokens must be >= 0");
+    if (!m->model->has_weights) dsrt::fail(DSRT_ERR_UNSUPPORTED, "the model was loaded with tokenizer_only: no engine can run it");
     dsrt::EngineOptions eo;
     eo.max_tokens = p.max_tokens;
     eo.max_batch_tokens = p.max_batch_tokens;
@@ -412,6 +506,11 @@ dsrt_status dsrt_session_stats_get(const dsrt_session *s, dsrt_session_stats *ou
     o.n_pending = int32_t(st.n_pending);
     o.n_pages = int32_t(st.n_pages);
     o.n_evaluated = st.n_evaluated;
+    o.prompt_tokens = int32_t(st.prompt_tokens);
+    o.reused_tokens = int32_t(st.reused_tokens);
+    o.generated_tokens = int32_t(st.generated_tokens);
+    o.ttft_seconds = st.ttft_seconds;
+    o.decode_tokens_per_second = st.decode_tokens_per_second;
     write_out(out, o, "out");
   });
 }
@@ -429,6 +528,227 @@ dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_params *par
     dsrt_sampling_params p = read_params(params, dsrt_sampling_params_init, "dsrt_sampling_params");
     DSRT_REQUIRE(p.temperature >= 0.0f && p.temperature < 1e6f, "temperature must be in [0, 1e6)");
     *token_out = s->session->sample(p.temperature);
+  });
+}
+
+// ---- text
+
+dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int32_t flags, int32_t *tokens, size_t cap,
+                          size_t *n_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(m, "model is NULL");
+    DSRT_REQUIRE(text || len == 0, "text is NULL");
+    const dsrt::Tokenizer &t = m->model->tok();
+    std::vector<int32_t> ids;
+    if ((flags & DSRT_TOKENIZE_ADD_SPECIAL) && t.add_bos && t.bos_id >= 0) ids.push_back(t.bos_id);
+    std::vector<int32_t> body = t.encode(std::string_view(text ? text : "", len), flags & DSRT_TOKENIZE_PARSE_SPECIAL);
+    ids.insert(ids.end(), body.begin(), body.end());
+    if ((flags & DSRT_TOKENIZE_ADD_SPECIAL) && t.add_eos && t.eos_id >= 0) ids.push_back(t.eos_id);
+    copy_out(ids.data(), ids.size(), tokens, cap, n_out);
+  });
+}
+
+dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n, int32_t flags, char *buf, size_t cap,
+                            size_t *n_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(m, "model is NULL");
+    DSRT_REQUIRE(tokens || n == 0, "tokens is NULL");
+    std::string s = m->model->tok().decode(std::vector<int32_t>(tokens, tokens + n), flags & DSRT_DETOKENIZE_SKIP_SPECIAL);
+    copy_out(s.data(), s.size(), buf, cap, n_out);
+  });
+}
+
+dsrt_status dsrt_token_bytes(const dsrt_model *m, int32_t token, char *buf, size_t cap, size_t *n_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(m, "model is NULL");
+    const dsrt::Tokenizer &t = m->model->tok();
+    if (token < 0 || token >= t.n_tokens()) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "token ", token, " is out of range");
+    const std::string &s = t.token_bytes(token);
+    copy_out(s.data(), s.size(), buf, cap, n_out);
+  });
+}
+
+int32_t dsrt_token_attr(const dsrt_model *m, int32_t token) {
+  if (!m || !m->model->tokenizer) return DSRT_TOKEN_ATTR_UNUSED;
+  return m->model->tokenizer->attr(token);
+}
+
+int32_t dsrt_special_token(const dsrt_model *m, int32_t kind) {
+  if (!m || !m->model->tokenizer) return -1;
+  const dsrt::Tokenizer &t = *m->model->tokenizer;
+  switch (kind) {
+    case DSRT_SPECIAL_BOS: return t.bos_id;
+    case DSRT_SPECIAL_EOS: return t.eos_id;
+    case DSRT_SPECIAL_THINK_BEGIN: return t.find_token("<think>");
+    case DSRT_SPECIAL_THINK_END: return t.find_token("</think>");
+    case DSRT_SPECIAL_USER: {
+      int32_t id = t.find_token("<\xef\xbd\x9cUser\xef\xbd\x9c>");
+      return id >= 0 ? id : t.find_token("<|im_user|>");
+    }
+    case DSRT_SPECIAL_ASSISTANT: {
+      int32_t id = t.find_token("<\xef\xbd\x9cAssistant\xef\xbd\x9c>");
+      return id >= 0 ? id : t.find_token("<|im_assistant|>");
+    }
+    default: return -1;
+  }
+}
+
+dsrt_status dsrt_detok_create(const dsrt_model *m, int32_t flags, dsrt_detok **out) {
+  return guarded([&] {
+    DSRT_REQUIRE(m && out, "model or out is NULL");
+    auto d = std::make_unique<dsrt_detok>();
+    d->model = m->model;
+    d->d = std::make_unique<dsrt::Detokenizer>(m->model->tok(), (flags & DSRT_DETOKENIZE_SKIP_SPECIAL) != 0);
+    *out = d.release();
+  });
+}
+
+dsrt_status dsrt_detok_push(dsrt_detok *d, int32_t token, const char **text, size_t *len) {
+  return guarded([&] {
+    DSRT_REQUIRE(d && text && len, "detok, text or len is NULL");
+    const std::string &s = d->d->push(token);
+    *text = s.c_str();
+    *len = s.size();
+  });
+}
+
+dsrt_status dsrt_detok_flush(dsrt_detok *d, const char **text, size_t *len) {
+  return guarded([&] {
+    DSRT_REQUIRE(d && text && len, "detok, text or len is NULL");
+    const std::string &s = d->d->flush();
+    *text = s.c_str();
+    *len = s.size();
+  });
+}
+
+void dsrt_detok_free(dsrt_detok *d) { delete d; }
+
+// ---- chat
+dsrt_status dsrt_chat_template(const dsrt_model *m, const char **tmpl) {
+  return guarded([&] {
+    DSRT_REQUIRE(m && tmpl, "model or tmpl is NULL");
+    const dsrt::Tokenizer &t = m->model->tok();
+    *tmpl = t.chat_template.empty() ? nullptr : t.chat_template.c_str();
+  });
+}
+
+
+dsrt_status dsrt_chat_apply(const dsrt_model *m, const char *messages_json, const char *tools_json, const char *kwargs_json,
+                            int32_t flags, char **prompt_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(m && messages_json && prompt_out, "model, messages_json or prompt_out is NULL");
+    const dsrt::Tokenizer &t = m->model->tok();
+    nlohmann::json ctx = nlohmann::json::object();
+    if (kwargs_json) {
+      ctx = parse_json_arg(kwargs_json, "kwargs_json");
+      if (!ctx.is_object()) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, "kwargs_json must be a JSON object");
+    }
+    ctx["messages"] = parse_json_arg(messages_json, "messages_json");
+    if (!ctx["messages"].is_array()) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, "messages_json must be a JSON array");
+    if (tools_json) ctx["tools"] = parse_json_arg(tools_json, "tools_json");
+    ctx["add_generation_prompt"] = (flags & DSRT_CHAT_ADD_GENERATION_PROMPT) != 0;
+    ctx["bos_token"] = t.bos_text;
+    ctx["eos_token"] = t.eos_text;
+    dsrt::ChatTemplate tmpl(t.chat_template.empty() ? dsrt::ChatTemplate::builtin_deepseek_v3() : t.chat_template);
+    *prompt_out = dup_string(tmpl.render(ctx));
+  });
+}
+
+// ---- streaming generation
+dsrt_status dsrt_session_append_text(dsrt_session *s, const char *text, size_t len, int32_t flags) {
+  return guarded([&] {
+    DSRT_REQUIRE(s, "session is NULL");
+    DSRT_REQUIRE(text || len == 0, "text is NULL");
+    s->session->append_text(std::string_view(text ? text : "", len), flags & DSRT_TOKENIZE_PARSE_SPECIAL,
+                            flags & DSRT_TOKENIZE_ADD_SPECIAL);
+  });
+}
+
+dsrt_status dsrt_session_append_chat(dsrt_session *s, const char *messages_json, const char *tools_json, int32_t flags) {
+  return guarded([&] {
+    DSRT_REQUIRE(s && messages_json, "session or messages_json is NULL");
+    s->session->append_chat(messages_json, tools_json ? tools_json : "", flags & DSRT_CHAT_ADD_GENERATION_PROMPT);
+  });
+}
+
+void dsrt_gen_params_init(dsrt_gen_params *p, size_t size, const dsrt_model *m) {
+  dsrt_gen_params d{};
+  d.max_new_tokens = 256;
+  d.top_p = 1.0f;
+  d.repetition_penalty = 1.0f;
+  d.penalty_window = 64;
+  d.skip_special = 1;
+  if (m) {
+    const dsrt::GenerationDefaults &g = m->model->gen_defaults;
+    if (g.has_temperature && g.do_sample) d.temperature = g.temperature;
+    if (g.has_top_p) d.top_p = g.top_p;
+    if (g.has_top_k) d.top_k = g.top_k;
+  }
+  init_struct(p, size, d);
+}
+
+
+dsrt_status dsrt_session_start(dsrt_session *s, const dsrt_gen_params *params) {
+  return guarded([&] {
+    DSRT_REQUIRE(s, "session is NULL");
+    dsrt_gen_params p = read_params(params, gen_params_defaults, "dsrt_gen_params");
+    s->session->start(to_gen(p));
+  });
+}
+
+dsrt_status dsrt_session_next(dsrt_session *s, dsrt_event *ev) {
+  dsrt_status st = guarded([&] {
+    DSRT_REQUIRE(s && ev, "session or ev is NULL");
+    DSRT_REQUIRE(ev->struct_size >= sizeof(uint32_t), "ev->struct_size is not set");
+    s->last_event = s->session->next();
+    fill_event(s, ev, int32_t(s->session->stats().generated_tokens));
+  });
+  if (st == DSRT_OK && s->last_event.finish == dsrt::Finish::Error) set_error(s->last_event.status, s->last_event.error);
+  return st;
+}
+
+dsrt_status dsrt_session_generate(dsrt_session *s, const dsrt_gen_params *p, dsrt_event_fn fn, void *user_data) {
+  dsrt_status st = dsrt_session_start(s, p);
+  if (st != DSRT_OK) return st;
+  for (;;) {
+    dsrt_event ev;
+    ev.struct_size = sizeof ev;
+    st = dsrt_session_next(s, &ev);
+    if (st != DSRT_OK) return st;
+    if (fn && fn(&ev, user_data) != 0 && ev.type != DSRT_EVENT_DONE) s->session->cancel();
+    if (ev.type == DSRT_EVENT_DONE) return DSRT_OK;
+  }
+}
+
+void dsrt_session_cancel(dsrt_session *s) {
+  if (s) s->session->cancel();
+}
+
+dsrt_status dsrt_session_fork(dsrt_session *s, dsrt_session **out) {
+  return guarded([&] {
+    DSRT_REQUIRE(s && out, "session or out is NULL");
+    auto h = std::make_unique<dsrt_session>();
+    h->session = s->session->fork();
+    *out = h.release();
+  });
+}
+
+dsrt_status dsrt_session_state_save(dsrt_session *s, void **buf, size_t *n) {
+  return guarded([&] {
+    DSRT_REQUIRE(s && buf && n, "session, buf or n is NULL");
+    std::string blob = s->session->save_state();
+    void *b = std::malloc(std::max<size_t>(blob.size(), 1));
+    if (!b) throw std::bad_alloc();
+    std::memcpy(b, blob.data(), blob.size());
+    *buf = b;
+    *n = blob.size();
+  });
+}
+
+dsrt_status dsrt_session_state_load(dsrt_session *s, const void *buf, size_t n) {
+  return guarded([&] {
+    DSRT_REQUIRE(s && (buf || n == 0), "session or buf is NULL");
+    s->session->load_state(std::string(static_cast<const char *>(buf), n));
   });
 }
 

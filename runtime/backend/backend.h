@@ -83,6 +83,10 @@ class Backend {
   virtual void kv_init(const KvCacheSpec &spec) = 0;
   // Copies one page's contents (all layers) to another page: used when a session forks or keeps a prefix.
   virtual void kv_copy_page(int32_t src, int32_t dst) = 0;
+  // Cache contents of positions [0, n) of a sequence, all cache layers, as fp32 [n][n_layers][width]
+  // (session state save/restore).
+  virtual void kv_read(const int32_t *pages, int64_t n, float *dst) = 0;
+  virtual void kv_write(const int32_t *pages, int64_t n, const float *src) = 0;
 
   // out[t] = table[tokens[t]]
   virtual void embed(const Weight &table, const Batch &b, Tensor out) = 0;

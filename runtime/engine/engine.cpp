@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/status.h"
+#include "text/chat_template.h"
 
 namespace dsrt {
 
@@ -141,7 +142,7 @@ int64_t Engine::step_locked() {
   return b.n_tokens();
 }
 
-void Engine::eval(Session &s, const std::atomic<int> *cancel) {
+void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2) {
   std::lock_guard lk(mu_);
   for (;;) {
     if (s.failed_ != DSRT_OK) {
@@ -154,7 +155,8 @@ void Engine::eval(Session &s, const std::atomic<int> *cancel) {
       fail(code, msg);
     }
     if (s.pending_.empty()) return;
-    if (cancel && cancel->load(std::memory_order_relaxed)) fail(DSRT_ERR_CANCELLED, "evaluation cancelled");
+    if ((cancel && cancel->load(std::memory_order_relaxed)) || (cancel2 && cancel2->load(std::memory_order_relaxed)))
+      fail(DSRT_ERR_CANCELLED, "evaluation cancelled");
     step_locked();
   }
 }
@@ -172,6 +174,7 @@ Session::Session(std::shared_ptr<Engine> e, int64_t max_ctx, bool logits_all, ui
 
 Session::~Session() { engine_->detach(this); }
 
+
 void Session::append(const int32_t *tokens, size_t n) {
   const int64_t V = engine_->model().cfg.vocab_size;
   for (size_t i = 0; i < n; i++)
@@ -182,6 +185,192 @@ void Session::append(const int32_t *tokens, size_t n) {
     failf(DSRT_ERR_CONTEXT_FULL, "appending ", n, " tokens to ", tokens_.size() + pending_.size(),
           " exceeds the session's context of ", max_ctx_, " tokens");
   pending_.insert(pending_.end(), tokens, tokens + n);
+}
+
+void Session::append_text(std::string_view text, bool parse_special, bool add_bos) {
+  const Tokenizer &t = engine_->model().tok();
+  std::vector<int32_t> ids;
+  if (add_bos && t.bos_id >= 0) ids.push_back(t.bos_id);
+  std::vector<int32_t> body = t.encode(text, parse_special);
+  ids.insert(ids.end(), body.begin(), body.end());
+  append(ids.data(), ids.size());
+}
+
+void Session::replace_tail(const std::vector<int32_t> &want) {
+  std::vector<int32_t> have;
+  {
+    std::lock_guard lk(engine_->mu_);
+    have = tokens_;
+    have.insert(have.end(), pending_.begin(), pending_.end());
+  }
+  size_t common = 0;
+  while (common < have.size() && common < want.size() && have[common] == want[common]) common++;
+  if (common < have.size()) {
+    std::lock_guard lk(engine_->mu_);
+    if (common < tokens_.size()) {
+      tokens_.resize(common);
+      pending_.clear();
+      logits_.clear();
+      logits_rows_ = 0;
+      engine_->release_pages(*this, int64_t(common));
+    } else {
+      pending_.resize(common - tokens_.size());
+    }
+    pending_started_ = false;
+  }
+  last_.reused_tokens = int64_t(std::min(common, tokens_.size()));
+  append(want.data() + common, want.size() - common);
+}
+
+void Session::append_chat(const std::string &messages_json, const std::string &tools_json, bool add_generation_prompt) {
+  const Model &m = engine_->model();
+  const Tokenizer &t = m.tok();
+  nlohmann::json add;
+  try {
+    add = nlohmann::json::parse(messages_json);
+  } catch (const std::exception &e) {
+    failf(DSRT_ERR_INVALID_ARGUMENT, "messages are not valid JSON (", e.what(), ")");
+  }
+  if (add.is_object()) add = nlohmann::json::array({add});
+  if (!add.is_array()) fail(DSRT_ERR_INVALID_ARGUMENT, "messages must be a JSON array of {\"role\", \"content\"} objects");
+  for (auto &msg : add)
+    if (!msg.is_object() || !msg.contains("role") || !msg["role"].is_string())
+      fail(DSRT_ERR_INVALID_ARGUMENT, "every message needs a string \"role\"");
+  nlohmann::json all = messages_;
+  for (auto &msg : add) all.push_back(msg);
+  nlohmann::json ctx;
+  ctx["messages"] = all;
+  if (!tools_json.empty()) tools_json_ = tools_json;
+  if (!tools_json_.empty()) {
+    try {
+      ctx["tools"] = nlohmann::json::parse(tools_json_);
+    } catch (const std::exception &e) {
+      failf(DSRT_ERR_INVALID_ARGUMENT, "tools are not valid JSON (", e.what(), ")");
+    }
+  }
+  ctx["add_generation_prompt"] = add_generation_prompt;
+  ctx["bos_token"] = t.bos_text;
+  ctx["eos_token"] = t.eos_text;
+  ChatTemplate tmpl(t.chat_template.empty() ? ChatTemplate::builtin_deepseek_v3() : t.chat_template);
+  const std::string prompt = tmpl.render(ctx);
+  // The template writes BOS itself: tokenize without adding one (no double BOS).
+  replace_tail(t.encode(prompt, true));
+  messages_ = std::move(all);
+}
+
+void Session::reset() {
+  truncate(0);
+  messages_ = nlohmann::json::array();
+  turn_active_ = false;
+}
+
+std::shared_ptr<Session> Session::fork() {
+  auto s = engine_->create_session(max_ctx_, logits_all_, 0);
+  std::lock_guard lk(engine_->mu_);
+  if (!engine_->ensure_pages(*s, int64_t(tokens_.size())))
+    fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for a copy of this session");
+  for (size_t i = 0; i < s->pages_.size(); i++) engine_->backend_->kv_copy_page(pages_[i], s->pages_[i]);
+  s->tokens_ = tokens_;
+  s->pending_ = pending_;
+  s->logits_ = logits_;
+  s->logits_rows_ = logits_rows_;
+  s->messages_ = messages_;
+  s->tools_json_ = tools_json_;
+  uint64_t st[4];
+  rng_.state(st);
+  s->rng_.set_state(st);
+  return s;
+}
+
+void Session::start(const GenParams &p) {
+  const Model &m = engine_->model();
+  if (!m.has_weights) fail(DSRT_ERR_UNSUPPORTED, "the model was loaded for its tokenizer only");
+  {
+    std::lock_guard lk(engine_->mu_);
+    if (tokens_.empty() && pending_.empty()) fail(DSRT_ERR_BAD_STATE, "nothing to generate from: append a prompt first");
+    last_.prompt_tokens = int64_t(pending_.size());
+  }
+  if (!p.stop_strings.empty() && !m.tokenizer) m.tok();  // throws the no-tokenizer error
+  gp_ = p;
+  if (p.has_seed) rng_.reseed(p.seed);
+  detok_.reset();
+  if (m.tokenizer) detok_ = std::make_unique<Detokenizer>(*m.tokenizer, p.skip_special, p.stop_strings);
+  banned_.clear();
+  eog_ = m.eog_ids();
+  if (p.ignore_eos) banned_ = eog_;
+  if (m.tokenizer)  // embedding rows past the tokenizer are padding (spec §3.11)
+    for (int32_t i = m.tokenizer->n_tokens(); i < int32_t(m.cfg.vocab_size); i++) banned_.push_back(i);
+  if (m.tokenizer)
+    for (int32_t i = 0; i < m.tokenizer->n_tokens(); i++)
+      if (m.tokenizer->attr(i) & kTokenUnused) banned_.push_back(i);
+  finish_pending_ = Finish::None;
+  n_generated_ = 0;
+  reply_.clear();
+  cancel_flag_.store(0);
+  turn_active_ = true;
+  turn_start_ = std::chrono::steady_clock::now();
+  last_.generated_tokens = 0;
+  last_.ttft_seconds = 0;
+  last_.decode_tokens_per_second = 0;
+}
+
+Event Session::finish_turn(Finish why, int32_t token) {
+  Event ev;
+  ev.done = true;
+  ev.finish = why;
+  ev.token = token;
+  if (detok_) ev.text = detok_->flush();
+  reply_ += ev.text;
+  turn_active_ = false;
+  auto now = std::chrono::steady_clock::now();
+  if (n_generated_ > 1)
+    last_.decode_tokens_per_second = double(n_generated_ - 1) / std::chrono::duration<double>(now - first_token_).count();
+  last_.generated_tokens = n_generated_;
+  if (!messages_.empty()) messages_.push_back({{"role", "assistant"}, {"content", reply_}});
+  return ev;
+}
+
+Event Session::next() {
+  if (!turn_active_) fail(DSRT_ERR_BAD_STATE, "no generation turn in progress: call start first");
+  if (finish_pending_ != Finish::None) return finish_turn(finish_pending_, -1);
+  const Model &m = engine_->model();
+  try {
+    eval(gp_.cancel);
+  } catch (const Error &e) {
+    if (e.code() == DSRT_ERR_CANCELLED) return finish_turn(Finish::Cancelled, -1);
+    if (e.code() == DSRT_ERR_CONTEXT_FULL) return finish_turn(Finish::ContextFull, -1);
+    Event ev = finish_turn(Finish::Error, -1);
+    ev.status = e.code();
+    ev.error = e.what();
+    return ev;
+  }
+  if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
+  if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
+  int32_t tok;
+  if (int64_t(tokens_.size() + pending_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
+  if (logits_rows_ == 0) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
+  const int64_t V = m.cfg.vocab_size;
+  tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(), tokens_.size(),
+                     banned_, rng_);
+  append(&tok, 1);
+  if (n_generated_++ == 0) {
+    first_token_ = std::chrono::steady_clock::now();
+    last_.ttft_seconds = std::chrono::duration<double>(first_token_ - turn_start_).count();
+  }
+  const bool eog = !gp_.ignore_eos && std::binary_search(eog_.begin(), eog_.end(), tok);
+  if (eog) return finish_turn(Finish::Eos, tok);
+  if (std::find(gp_.stop_tokens.begin(), gp_.stop_tokens.end(), tok) != gp_.stop_tokens.end())
+    return finish_turn(Finish::StopToken, tok);
+  Event ev;
+  ev.token = tok;
+  if (detok_) {
+    ev.text = detok_->push(tok);
+    reply_ += ev.text;
+    if (detok_->stopped()) finish_pending_ = Finish::StopString;
+  }
+  if (finish_pending_ == Finish::None && gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens)
+    finish_pending_ = Finish::Length;
+  return ev;
 }
 
 void Session::truncate(size_t n_keep) {
@@ -203,9 +392,136 @@ int32_t Session::sample(float temperature) {
   return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, temperature, rng_);
 }
 
-Session::Stats Session::stats() const {
+SessionStats Session::stats() const {
   std::lock_guard lk(engine_->mu_);
-  return {int64_t(tokens_.size()), int64_t(pending_.size()), int64_t(pages_.size()), n_evaluated_};
+  SessionStats s = last_;
+  s.n_tokens = int64_t(tokens_.size());
+  s.n_pending = int64_t(pending_.size());
+  s.n_pages = int64_t(pages_.size());
+  s.n_evaluated = n_evaluated_;
+  return s;
+}
+
+// ---- state blobs
+namespace {
+constexpr char kMagic[8] = {'D', 'S', 'R', 'T', 'S', 'E', 'S', 'S'};
+constexpr uint32_t kStateVersion = 1;
+
+struct Writer {
+  std::string out;
+  template <class T>
+  void pod(const T &v) {
+    out.append(reinterpret_cast<const char *>(&v), sizeof v);
+  }
+  void bytes(const void *p, size_t n) {
+    pod(uint64_t(n));
+    out.append(static_cast<const char *>(p), n);
+  }
+};
+struct Reader {
+  std::string_view in;
+  size_t pos = 0;
+  void need(size_t n) {
+    if (in.size() - pos < n) fail(DSRT_ERR_FORMAT, "session state is truncated or corrupt");
+  }
+  template <class T>
+  T pod() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, in.data() + pos, sizeof v);
+    pos += sizeof v;
+    return v;
+  }
+  std::string_view bytes(size_t max) {
+    uint64_t n = pod<uint64_t>();
+    if (n > max) fail(DSRT_ERR_FORMAT, "session state holds a field larger than it may be");
+    need(size_t(n));
+    std::string_view v = in.substr(pos, size_t(n));
+    pos += size_t(n);
+    return v;
+  }
+};
+}  // namespace
+
+std::string Session::save_state() const {
+  std::lock_guard lk(engine_->mu_);
+  if (turn_active_) fail(DSRT_ERR_BAD_STATE, "cannot save a session in the middle of a generation turn");
+  const Model &m = engine_->model();
+  Writer w;
+  w.out.append(kMagic, 8);
+  w.pod(kStateVersion);
+  w.bytes(m.fingerprint.data(), m.fingerprint.size());
+  w.bytes(tokens_.data(), tokens_.size() * sizeof(int32_t));
+  w.bytes(pending_.data(), pending_.size() * sizeof(int32_t));
+  std::string msgs = messages_.dump(), tools = tools_json_;
+  w.bytes(msgs.data(), msgs.size());
+  w.bytes(tools.data(), tools.size());
+  uint64_t st[4];
+  rng_.state(st);
+  w.bytes(st, sizeof st);
+  w.bytes(logits_.data(), logits_.size() * sizeof(float));
+  w.pod(int64_t(logits_rows_));
+  const int64_t per_token = (m.cfg.num_hidden_layers + int64_t(m.w.mtp.size())) * m.cfg.kv_cache_width();
+  std::vector<float> kv(tokens_.size() * size_t(per_token));
+  if (!tokens_.empty()) engine_->backend_->kv_read(pages_.data(), int64_t(tokens_.size()), kv.data());
+  w.bytes(kv.data(), kv.size() * sizeof(float));
+  return w.out;
+}
+
+void Session::load_state(const std::string &blob) {
+  const Model &m = engine_->model();
+  Reader r{blob};
+  r.need(8);
+  if (std::memcmp(blob.data(), kMagic, 8) != 0) fail(DSRT_ERR_FORMAT, "not a dsrt session state (bad magic)");
+  r.pos = 8;
+  if (uint32_t v = r.pod<uint32_t>(); v != kStateVersion)
+    failf(DSRT_ERR_VERSION_MISMATCH, "session state format version ", v, ", this library reads ", kStateVersion);
+  if (r.bytes(256) != m.fingerprint)
+    fail(DSRT_ERR_VERSION_MISMATCH, "session state was saved with a different model (fingerprint mismatch)");
+  const size_t cap = size_t(max_ctx_) * sizeof(int32_t);
+  auto tok = r.bytes(cap), pend = r.bytes(cap);
+  if (tok.size() % 4 || pend.size() % 4) fail(DSRT_ERR_FORMAT, "session state: token arrays are corrupt");
+  std::string msgs(r.bytes(size_t(1) << 30)), tools(r.bytes(size_t(1) << 30));
+  auto st = r.bytes(32);
+  const int64_t V = m.cfg.vocab_size;
+  auto lg = r.bytes(size_t(max_ctx_) * size_t(V) * sizeof(float));
+  int64_t lrows = r.pod<int64_t>();
+  const int64_t per_token = (m.cfg.num_hidden_layers + int64_t(m.w.mtp.size())) * m.cfg.kv_cache_width();
+  const size_t n_tok = tok.size() / 4;
+  auto kv = r.bytes(n_tok * size_t(per_token) * sizeof(float));
+  if (st.size() != 32 || kv.size() != n_tok * size_t(per_token) * sizeof(float) || lg.size() != size_t(lrows * V) * 4 ||
+      lrows < 0 || r.pos != blob.size())
+    fail(DSRT_ERR_FORMAT, "session state is corrupt (sizes disagree)");
+  std::vector<int32_t> t(n_tok), p(pend.size() / 4);
+  std::memcpy(t.data(), tok.data(), tok.size());
+  std::memcpy(p.data(), pend.data(), pend.size());
+  for (int32_t id : t)
+    if (id < 0 || id >= V) fail(DSRT_ERR_FORMAT, "session state holds a token id outside the vocabulary");
+  for (int32_t id : p)
+    if (id < 0 || id >= V) fail(DSRT_ERR_FORMAT, "session state holds a token id outside the vocabulary");
+  nlohmann::json mj;
+  try {
+    mj = nlohmann::json::parse(msgs);
+  } catch (const std::exception &) {
+    fail(DSRT_ERR_FORMAT, "session state: messages are corrupt");
+  }
+  if (int64_t(t.size() + p.size()) > max_ctx_) fail(DSRT_ERR_CONTEXT_FULL, "session state is longer than this session's context");
+  std::lock_guard lk(engine_->mu_);
+  if (turn_active_) fail(DSRT_ERR_BAD_STATE, "cannot load state in the middle of a generation turn");
+  engine_->release_pages(*this, 0);
+  if (!engine_->ensure_pages(*this, int64_t(t.size()))) fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for this state");
+  if (!t.empty()) engine_->backend_->kv_write(pages_.data(), int64_t(t.size()), reinterpret_cast<const float *>(kv.data()));
+  tokens_ = std::move(t);
+  pending_ = std::move(p);
+  pending_started_ = false;
+  messages_ = std::move(mj);
+  tools_json_ = tools;
+  uint64_t s4[4];
+  std::memcpy(s4, st.data(), 32);
+  rng_.set_state(s4);
+  logits_.assign(reinterpret_cast<const float *>(lg.data()), reinterpret_cast<const float *>(lg.data()) + lrows * V);
+  logits_rows_ = lrows;
+  failed_ = DSRT_OK;
 }
 
 }  // namespace dsrt

@@ -1,10 +1,13 @@
 // Engine: the latent KV page pool and the forward steps that batch every session's pending tokens.
-// Session: one sequence (its tokens, pages, last logits, random stream).
+// Session: one conversation (tokens, KV pages, last logits, random stream) and its generation turns.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -13,11 +16,12 @@
 #include "engine/sampler.h"
 #include "model/deepseek_v3.h"
 #include "model/model.h"
+#include "text/detokenizer.h"
 
 namespace dsrt {
 
 struct EngineOptions {
-  int64_t max_tokens = 0;        // KV capacity over all sessions; 0 = min(n_ctx_train, 16384)
+  int64_t max_tokens = 0;  // KV capacity over all sessions; 0 = min(n_ctx_train, 16384)
   int64_t max_batch_tokens = 512;
   AttentionPolicy attention = AttentionPolicy::Auto;
   BackendOptions backend;
@@ -43,8 +47,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<Session> create_session(int64_t max_ctx, bool logits_all, uint64_t seed);
   // One forward step over the pending tokens of all sessions; returns the tokens processed.
   int64_t step();
-  // Steps until `s` has nothing pending; checks `cancel` before each step.
-  void eval(Session &s, const std::atomic<int> *cancel);
+  // Steps until `s` has nothing pending; checks each cancel flag before each step.
+  void eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2 = nullptr);
   EngineStats stats() const;
 
  private:
@@ -64,30 +68,77 @@ class Engine : public std::enable_shared_from_this<Engine> {
   EngineStats stats_;
 };
 
+// One generation turn's settings.
+struct GenParams {
+  SamplingParams sampling;
+  int32_t max_new_tokens = 256;  // 0: until the context is full
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_tokens;
+  std::vector<std::string> stop_strings;
+  bool skip_special = true;  // text leaves out control tokens (BOS, EOS, role markers)
+  bool has_seed = false;
+  uint64_t seed = 0;
+  const std::atomic<int> *cancel = nullptr;
+};
+
+enum class Finish { None = 0, Eos = 1, StopString = 2, StopToken = 3, Length = 4, Cancelled = 5, ContextFull = 6, Error = 7 };
+
+struct Event {
+  bool done = false;
+  int32_t token = -1;  // the token this event emits (-1 on DONE without a token)
+  std::string text;    // complete UTF-8 delta
+  Finish finish = Finish::None;
+  dsrt_status status = DSRT_OK;  // Finish::Error
+  std::string error;
+};
+
+struct SessionStats {
+  int64_t n_tokens = 0, n_pending = 0, n_pages = 0;
+  uint64_t n_evaluated = 0;
+  int64_t prompt_tokens = 0;   // tokens prefilled for the last turn
+  int64_t reused_tokens = 0;   // tokens of the last chat render already in the cache
+  int64_t generated_tokens = 0;  // in the last turn
+  double ttft_seconds = 0.0;     // last turn: start to first token
+  double decode_tokens_per_second = 0.0;  // last turn, after the first token
+};
+
 class Session {
  public:
   Session(std::shared_ptr<Engine> e, int64_t max_ctx, bool logits_all, uint64_t seed);
   ~Session();
 
   void append(const int32_t *tokens, size_t n);
-  void eval(const std::atomic<int> *cancel) { engine_->eval(*this, cancel); }
+  void append_text(std::string_view text, bool parse_special, bool add_bos);
+  // Adds chat messages (JSON array of {role, content, ...}) to the conversation, renders the whole
+  // conversation with the model's chat template and appends only what differs from the cache.
+  void append_chat(const std::string &messages_json, const std::string &tools_json, bool add_generation_prompt);
+  void eval(const std::atomic<int> *cancel) { engine_->eval(*this, cancel, &cancel_flag_); }
   void truncate(size_t n_keep);
-  void reset() { truncate(0); }
+  void reset();
   int32_t sample(float temperature);
+  std::shared_ptr<Session> fork();
+
+  // Generation turns: start() then next() until an event is done; cancel() from any thread.
+  void start(const GenParams &p);
+  Event next();
+  void cancel() { cancel_flag_.store(1, std::memory_order_relaxed); }
+  bool turn_active() const { return turn_active_; }
+
+  // State blob: magic, version, model fingerprint, tokens, messages, random state, latent KV.
+  std::string save_state() const;
+  void load_state(const std::string &blob);
 
   // Views; valid until the next mutating call.
   const HostVec<float> &logits() const { return logits_; }
   int64_t logits_rows() const { return logits_rows_; }
   const std::vector<int32_t> &tokens() const { return tokens_; }
-
-  struct Stats {
-    int64_t n_tokens, n_pending, n_pages;
-    uint64_t n_evaluated;
-  };
-  Stats stats() const;
+  SessionStats stats() const;
 
  private:
   friend class Engine;
+  Event finish_turn(Finish why, int32_t token);
+  void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
+
   std::shared_ptr<Engine> engine_;
   int64_t max_ctx_;
   bool logits_all_;
@@ -101,6 +152,20 @@ class Session {
   dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session
   std::string failed_msg_;
   uint64_t n_evaluated_ = 0;
+
+  // Chat and generation.
+  nlohmann::json messages_ = nlohmann::json::array();
+  std::string tools_json_;
+  bool turn_active_ = false;
+  GenParams gp_;
+  std::unique_ptr<Detokenizer> detok_;
+  std::vector<int32_t> banned_, eog_;
+  Finish finish_pending_ = Finish::None;
+  int32_t n_generated_ = 0;
+  std::string reply_;
+  std::atomic<int> cancel_flag_{0};
+  std::chrono::steady_clock::time_point turn_start_, first_token_;
+  SessionStats last_;
 };
 
 }  // namespace dsrt

@@ -1,7 +1,9 @@
 #include "engine/sampler.h"
 
+#include <algorithm>
 #include <cmath>
-#include <vector>
+#include <numeric>
+#include <unordered_map>
 
 namespace dsrt {
 
@@ -29,26 +31,95 @@ uint64_t Rng::next() {
 }
 
 double Rng::uniform() { return double(next() >> 11) * 0x1.0p-53; }
+void Rng::state(uint64_t out[4]) const { std::copy(s_, s_ + 4, out); }
+void Rng::set_state(const uint64_t in[4]) { std::copy(in, in + 4, s_); }
 
-int32_t sample_token(const float *logits, int64_t n, float temperature, Rng &rng) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; i++)
-    if (logits[i] > logits[best]) best = i;
-  if (!(temperature > 0.0f)) return int32_t(best);
-  std::vector<double> p(static_cast<size_t>(n));
-  const double inv_t = 1.0 / double(temperature), mx = double(logits[best]);
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; i++) sum += (p[size_t(i)] = std::exp((double(logits[i]) - mx) * inv_t));
-  const double u = rng.uniform() * sum;
-  double acc = 0.0;
-  int64_t last_nonzero = best;
-  for (int64_t i = 0; i < n; i++) {
-    if (p[size_t(i)] <= 0.0) continue;
-    acc += p[size_t(i)];
-    last_nonzero = i;
+std::vector<double> sampling_distribution(const float *logits, int64_t n, const SamplingParams &p,
+                                          const int32_t *hist, size_t n_hist, const std::vector<int32_t> &banned) {
+  std::vector<double> l(logits, logits + n);
+  for (auto [id, b] : p.logit_bias)
+    if (id >= 0 && id < n) l[size_t(id)] += b;
+  if (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
+    size_t from = p.penalty_window > 0 && n_hist > size_t(p.penalty_window) ? n_hist - size_t(p.penalty_window) : 0;
+    std::unordered_map<int32_t, int> count;
+    for (size_t i = from; i < n_hist; i++) count[hist[i]]++;
+    for (auto [id, c] : count) {
+      if (id < 0 || id >= n) continue;
+      double &v = l[size_t(id)];
+      if (p.repetition_penalty != 1.0f) v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+      v -= double(p.presence_penalty) + double(p.frequency_penalty) * c;
+    }
+  }
+  for (int32_t id : banned)
+    if (id >= 0 && id < n) l[size_t(id)] = -INFINITY;
+  for (auto &v : l)
+    if (std::isnan(v)) v = -INFINITY;
+  std::vector<double> prob(size_t(n), 0.0);
+  int64_t best = int64_t(std::max_element(l.begin(), l.end()) - l.begin());  // ties: the lowest id
+  if (!(p.temperature > 0.0f) || !std::isfinite(l[size_t(best)])) {
+    prob[size_t(best)] = 1.0;
+    return prob;
+  }
+  // Candidates ordered by logit (then id), truncated by top-k.
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  size_t k = p.top_k > 0 ? std::min<size_t>(size_t(p.top_k), size_t(n)) : size_t(n);
+  auto by_logit = [&](int32_t a, int32_t b) { return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b); };
+  std::partial_sort(order.begin(), order.begin() + long(k), order.end(), by_logit);
+  order.resize(k);
+  while (!order.empty() && !std::isfinite(l[size_t(order.back())])) order.pop_back();
+  const double mx = l[size_t(order[0])];
+  std::vector<double> q(order.size());
+  double z = 0;
+  for (size_t i = 0; i < order.size(); i++) z += q[i] = std::exp((l[size_t(order[i])] - mx) / double(p.temperature));
+  for (auto &v : q) v /= z;
+  size_t keep = q.size();
+  if (p.top_p < 1.0f) {  // smallest prefix whose mass reaches top_p
+    double acc = 0;
+    for (size_t i = 0; i < q.size(); i++) {
+      acc += q[i];
+      if (acc >= double(p.top_p)) {
+        keep = i + 1;
+        break;
+      }
+    }
+  }
+  if (p.min_p > 0.0f) {
+    const double floor = double(p.min_p) * q[0];
+    size_t m = 0;
+    while (m < keep && q[m] >= floor) m++;
+    keep = std::max<size_t>(m, 1);
+  }
+  double zk = 0;
+  for (size_t i = 0; i < keep; i++) zk += q[i];
+  for (size_t i = 0; i < keep; i++) prob[size_t(order[i])] = q[i] / zk;
+  return prob;
+}
+
+static int32_t draw(const std::vector<double> &prob, Rng &rng) {
+  const double u = rng.uniform();
+  double acc = 0;
+  int32_t last = -1;
+  for (size_t i = 0; i < prob.size(); i++) {
+    if (prob[i] <= 0) continue;
+    acc += prob[i];
+    last = int32_t(i);
     if (u < acc) return int32_t(i);
   }
-  return int32_t(last_nonzero);  // rounding left u just past the total
+  return last;  // rounding left u just past the total
+}
+
+int32_t sample_token(const float *logits, int64_t n, const SamplingParams &p, const int32_t *hist, size_t n_hist,
+                     const std::vector<int32_t> &banned, Rng &rng) {
+  std::vector<double> prob = sampling_distribution(logits, n, p, hist, n_hist, banned);
+  if (!(p.temperature > 0.0f)) return int32_t(std::max_element(prob.begin(), prob.end()) - prob.begin());
+  return draw(prob, rng);
+}
+
+int32_t sample_token(const float *logits, int64_t n, float temperature, Rng &rng) {
+  SamplingParams p;
+  p.temperature = temperature;
+  return sample_token(logits, n, p, nullptr, 0, {}, rng);
 }
 
 }  // namespace dsrt

@@ -1,24 +1,51 @@
-// Token sampling from one row of logits. Deterministic for a given seed on every platform.
+// Token sampling from one row of logits: logit bias, repetition/presence/frequency penalties over a window
+// of recent tokens, temperature, top-k, top-p, min-p, then an exact categorical draw from a seeded,
+// portable generator. Greedy when temperature is 0.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace dsrt {
 
-// xoshiro256** seeded through splitmix64: a small, portable generator (std::mt19937's distributions are
-// not bitwise portable across standard libraries).
+// xoshiro256** seeded through splitmix64: small and portable (std::mt19937's distributions are not
+// bitwise portable across standard libraries).
 class Rng {
  public:
   explicit Rng(uint64_t seed = 0) { reseed(seed); }
   void reseed(uint64_t seed);
   uint64_t next();
   double uniform();  // [0, 1) with 53 random bits
+  void state(uint64_t out[4]) const;
+  void set_state(const uint64_t in[4]);
 
  private:
   uint64_t s_[4];
 };
 
-// Greedy (temperature <= 0): argmax, ties to the lowest id. Otherwise an exact categorical draw from
-// softmax(logits / temperature), computed in double.
+struct SamplingParams {
+  float temperature = 0.0f;        // 0: greedy
+  int32_t top_k = 0;               // 0: off
+  float top_p = 1.0f;              // 1: off
+  float min_p = 0.0f;              // 0: off (keep tokens with p >= min_p * p_max)
+  float repetition_penalty = 1.0f; // 1: off (positive logits divided, negative multiplied)
+  float presence_penalty = 0.0f;   // subtracted once from tokens seen in the window
+  float frequency_penalty = 0.0f;  // subtracted per occurrence in the window
+  int32_t penalty_window = 64;     // tokens of history the penalties look at (0: all)
+  std::vector<std::pair<int32_t, float>> logit_bias;
+};
+
+// The distribution the sampler draws from (after bias, penalties, masks, temperature and truncation), as
+// probabilities over the vocabulary; for greedy, a one-hot vector. `banned` ids (EOS under ignore_eos, ids
+// with no token) get probability 0. Exposed so tests can check each sampler exactly.
+std::vector<double> sampling_distribution(const float *logits, int64_t n_vocab, const SamplingParams &p,
+                                          const int32_t *history, size_t n_history, const std::vector<int32_t> &banned);
+
+int32_t sample_token(const float *logits, int64_t n_vocab, const SamplingParams &p, const int32_t *history,
+                     size_t n_history, const std::vector<int32_t> &banned, Rng &rng);
+
+// Plain greedy/temperature draw (the v0 session sampler).
 int32_t sample_token(const float *logits, int64_t n_vocab, float temperature, Rng &rng);
 
 }  // namespace dsrt

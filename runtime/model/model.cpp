@@ -1,5 +1,9 @@
 #include "model/model.h"
 
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "core/sha256.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -14,7 +18,53 @@ bool forward_progress(uint64_t done, uint64_t total, void *user) {
   if (c->opt->cancel && c->opt->cancel->load(std::memory_order_relaxed)) return false;
   return !c->opt->progress || c->opt->progress(c->stage, done, total, c->opt->user);
 }
+void load_generation_defaults(const std::string &dir, GenerationDefaults &g) {
+  const std::string path = dir + "/generation_config.json";
+  if (!file_exists(path)) return;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_text_file(path));
+  } catch (const Error &) {
+    throw;
+  } catch (const std::exception &e) {
+    failf(DSRT_ERR_FORMAT, path, ": not valid JSON (", e.what(), ")");
+  }
+  if (!j.is_object()) failf(DSRT_ERR_FORMAT, path, ": not a JSON object");
+  auto num = [&](const char *k, float lo, float hi, float *out) {
+    auto it = j.find(k);
+    if (it == j.end() || it->is_null()) return false;
+    if (!it->is_number() || !(it->get<double>() >= lo && it->get<double>() <= hi))
+      failf(DSRT_ERR_FORMAT, path, ": ", k, " must be a number in [", lo, ", ", hi, "]");
+    *out = it->get<float>();
+    return true;
+  };
+  g.has_temperature = num("temperature", 0.0f, 100.0f, &g.temperature);
+  g.has_top_p = num("top_p", 0.0f, 1.0f, &g.top_p);
+  float k = 0;
+  if ((g.has_top_k = num("top_k", 0.0f, 1e9f, &k))) g.top_k = int32_t(k);
+  if (auto it = j.find("do_sample"); it != j.end() && it->is_boolean()) g.do_sample = it->get<bool>();
+}
+
 }  // namespace
+
+const Tokenizer &Model::tok() const {
+  if (!tokenizer)
+    failf(DSRT_ERR_UNSUPPORTED, dir, " has no tokenizer files (tokenizer.json, tiktoken.model or tokenizer.model): "
+                                      "use token ids, or add the checkpoint's tokenizer files");
+  return *tokenizer;
+}
+
+std::vector<int32_t> Model::eog_ids() const {
+  std::vector<int32_t> ids;
+  for (int64_t e : cfg.eos_token_ids)
+    if (e >= 0 && e < cfg.vocab_size) ids.push_back(int32_t(e));
+  if (tokenizer)
+    for (int32_t i = 0; i < tokenizer->n_tokens(); i++)
+      if (tokenizer->attr(i) & kTokenEog) ids.push_back(i);
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
 
 std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &opt) {
   auto m = std::make_shared<Model>();
@@ -24,6 +74,19 @@ std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &op
   m->config_json = read_text_file(cfg_path);
   m->cfg = parse_model_config(m->config_json, cfg_path);
   if (!forward_progress(1, 1, &pc)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
+  m->tokenizer = Tokenizer::load(dir, m->cfg.vocab_size);
+  if (m->tokenizer && m->tokenizer->n_tokens() > m->cfg.vocab_size)
+    failf(DSRT_ERR_FORMAT, dir, ": the tokenizer has ", m->tokenizer->n_tokens(), " tokens, more than vocab_size ",
+          m->cfg.vocab_size);
+  load_generation_defaults(dir, m->gen_defaults);
+  Sha256 fp;
+  fp.update(m->config_json.data(), m->config_json.size());
+  if (opt.tokenizer_only) {
+    if (!m->tokenizer) failf(DSRT_ERR_IO, dir, ": a tokenizer-only load needs tokenizer.json, tiktoken.model or tokenizer.model");
+    m->has_weights = false;
+    m->fingerprint = fp.hex_digest();
+    return m;
+  }
   pc.stage = 1;
   m->ckpt = std::make_unique<Checkpoint>(dir, forward_progress, &pc);
   pc.stage = 2;
@@ -41,6 +104,13 @@ std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &op
             c.softmax_scale()};
   m->router = {c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.scoring_func,
                c.topk_method,      c.norm_topk_prob,      c.routed_scaling_factor};
+  for (auto &[name, t] : m->ckpt->all()) {
+    std::string d = name + "|" + dtype_name(t->dtype);
+    for (int64_t x : t->shape) d += "|" + std::to_string(x);
+    fp.update(d.data(), d.size());
+    fp.update(t->data, std::min<uint64_t>(t->nbytes, 16));
+  }
+  m->fingerprint = fp.hex_digest();
   for (const Weight *wt : m->w.all) {
     bool mtp = false;
     for (const LayerWeights &L : m->w.mtp)

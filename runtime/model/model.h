@@ -8,6 +8,7 @@
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
+#include "text/tokenizer.h"
 
 namespace dsrt {
 
@@ -18,6 +19,14 @@ struct LoadOptions {
   bool (*progress)(int stage, uint64_t done, uint64_t total, void *user) = nullptr;
   void *user = nullptr;
   const std::atomic<int> *cancel = nullptr;
+  bool tokenizer_only = false;  // config.json + tokenizer files only: text calls work, no weights
+};
+
+// Sampling defaults a checkpoint ships in generation_config.json (absent fields keep dsrt's defaults).
+struct GenerationDefaults {
+  bool has_temperature = false, has_top_p = false, has_top_k = false, do_sample = true;
+  float temperature = 0.0f, top_p = 1.0f;
+  int32_t top_k = 0;
 };
 
 class Model {
@@ -33,6 +42,15 @@ class Model {
   MlaDims mla;
   RouterParams router;
   uint64_t n_params = 0;  // main model (MTP excluded)
+  bool has_weights = true;
+  std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer files
+  GenerationDefaults gen_defaults;
+  std::string fingerprint;  // sha256 over config.json and every tensor's name, dtype, shape and first bytes
+
+  // The tokenizer, or DSRT_ERR_UNSUPPORTED naming the directory when it has none.
+  const Tokenizer &tok() const;
+  // Ids that end generation: the config's EOS ids and the tokenizer's end-of-generation tokens.
+  std::vector<int32_t> eog_ids() const;
 };
 
 }  // namespace dsrt

@@ -13,6 +13,7 @@
 #include "core/status.h"
 #include "model/safetensors.h"
 #include "text/tokenizer.h"
+#include "text/utf8.h"
 
 namespace dsrt {
 namespace {
@@ -87,23 +88,6 @@ class Regex {
  private:
   pcre2_code *code_ = nullptr;
 };
-
-// Length of the valid UTF-8 sequence at s[i], or 0 if the byte there does not start one (overlong,
-// surrogate and out-of-range forms are invalid, as in Rust's and Python's strings).
-size_t utf8_len_at(std::string_view s, size_t i) {
-  uint8_t c = uint8_t(s[i]);
-  size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-  if (len == 0 || i + len > s.size()) return 0;
-  for (size_t k = 1; k < len; k++)
-    if ((uint8_t(s[i + k]) & 0xc0) != 0x80) return 0;
-  if (len == 1) return 1;
-  uint32_t cp = c & (0x7f >> len);
-  for (size_t k = 1; k < len; k++) cp = cp << 6 | (uint8_t(s[i + k]) & 0x3f);
-  if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
-      (cp >= 0xd800 && cp <= 0xdfff))
-    return 0;
-  return len;
-}
 
 class BytePairTokenizer : public Tokenizer {
  public:

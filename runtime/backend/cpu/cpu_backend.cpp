@@ -108,6 +108,19 @@ class CpuBackend final : public Backend {
     std::memcpy(page(dst), page(src), page_floats() * sizeof(float));
   }
 
+  void kv_read(const int32_t *pages, int64_t n, float *dst) override {
+    for (int64_t pos = 0; pos < n; pos++)
+      for (int64_t l = 0; l < kv_.n_layers; l++, dst += kv_.width)
+        std::memcpy(dst, page(pages[pos / kPageTokens]) + (l * kPageTokens + pos % kPageTokens) * kv_.width,
+                    size_t(kv_.width) * sizeof(float));
+  }
+  void kv_write(const int32_t *pages, int64_t n, const float *src) override {
+    for (int64_t pos = 0; pos < n; pos++)
+      for (int64_t l = 0; l < kv_.n_layers; l++, src += kv_.width)
+        std::memcpy(page(pages[pos / kPageTokens]) + (l * kPageTokens + pos % kPageTokens) * kv_.width, src,
+                    size_t(kv_.width) * sizeof(float));
+  }
+
   void embed(const Weight &table, const Batch &b, Tensor out) override {
     pool_.parallel_for(b.n_tokens(), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++) table.dequant_row(b.tokens[size_t(t)], 0, out.cols, out.f32() + t * out.cols);
