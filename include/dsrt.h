@@ -272,7 +272,7 @@ DSRT_API dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_pa
  * DSRT_ERR_BUFFER_TOO_SMALL). */
 DSRT_API dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int32_t flags,
                                    int32_t *tokens, size_t cap, size_t *n_out);
-#define DSRT_DETOKENIZE_SKIP_SPECIAL 1
+#define DSRT_DETOKENIZE_SKIP_SPECIAL 1  /* leave out control tokens (DSRT_TOKEN_ATTR_CONTROL) */
 /* Bytes of the tokens into buf[cap] (not NUL-terminated; may hold invalid UTF-8 for partial tokens). */
 DSRT_API dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n, int32_t flags,
                                      char *buf, size_t cap, size_t *n_out);

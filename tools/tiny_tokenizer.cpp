@@ -150,9 +150,14 @@ void write_tiny_tokenizer(const std::string &dir, int64_t vocab_size) {
                      {"normalized", !special}, {"special", special}});
   };
   for (int64_t i = 0; i < n_front; i++) add(i, kSpecialsFront[i], true);
-  // Past the merges, up to the embedding size: the remaining special tokens, last rows of the vocabulary.
+  // Past the merges: the remaining special tokens, then placeholders up to the embedding size, as
+  // DeepSeek-V3's tokenizer has (<｜place▁holder▁no▁N｜>), so every embedding row is a token.
   int64_t next_id = int64_t(piece.size());
   for (const char *s : kSpecialsBack) add(next_id++, s, std::string(s) == "<|EOT|>");
+  for (int64_t k = 0; next_id < vocab_size; k++) {
+    const std::string h = "<｜place▁holder▁no▁" + std::to_string(k) + "｜>";
+    add(next_id++, h.c_str(), true);
+  }
   ojson tok;
   tok["version"] = "1.0";
   tok["truncation"] = nullptr;

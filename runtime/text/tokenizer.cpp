@@ -79,7 +79,7 @@ const std::string &Tokenizer::token_bytes(int32_t id) const {
 std::string Tokenizer::decode(const std::vector<int32_t> &ids, bool skip_special) const {
   std::string out;
   for (int32_t id : ids) {
-    if (skip_special && (attr(id) & kTokenSpecial)) continue;
+    if (skip_special && (attr(id) & kTokenControl)) continue;  // HF's skip_special_tokens: tokens marked special
     out += token_bytes(id);
   }
   if (strip_leading_space_ && !out.empty() && out[0] == ' ') out.erase(0, 1);

@@ -31,7 +31,8 @@ class Tokenizer {
   const std::string &token_bytes(int32_t id) const;  // "" for out-of-range ids
   uint8_t attr(int32_t id) const { return id >= 0 && size_t(id) < attrs_.size() ? attrs_[size_t(id)] : uint8_t(kTokenUnused); }
   int32_t n_tokens() const { return int32_t(pieces_.size()); }
-  // Decodes ids to bytes; skip_special leaves out special tokens. Invalid UTF-8 is kept as is.
+  // Decodes ids to bytes; skip_special leaves out control tokens (those tokenizer.json marks special, as
+  // Hugging Face's skip_special_tokens does). Invalid UTF-8 is kept as is.
   std::string decode(const std::vector<int32_t> &ids, bool skip_special) const;
   // The id of a token whose text is exactly `s` (special tokens first), or -1.
   int32_t find_token(std::string_view s) const;
