@@ -224,7 +224,7 @@ TEST_CASE("chat templates render DeepSeek-V3's and R1's conversations") {
 }
 
 TEST_CASE("the Jinja interpreter: whitespace control, loops, filters, tests, limits") {
-  auto render = [](const std::string &src, const nlohmann::json &ctx = nlohmann::json::object()) {
+  auto render = [](const std::string &src, const dsrt::jinja::Json &ctx = dsrt::jinja::Json::object()) {
     return dsrt::jinja::Template(src).render(ctx);
   };
   CHECK(render("{% for x in xs %}{{ loop.index }}:{{ x }}{% if not loop.last %},{% endif %}{% endfor %}",

@@ -128,9 +128,9 @@ void copy_out(const T *src, size_t n, T *dst, size_t cap, size_t *n_out) {
 }  // namespace
 
 namespace {
-nlohmann::json parse_json_arg(const char *s, const char *what) {
+nlohmann::ordered_json parse_json_arg(const char *s, const char *what) {
   try {
-    return nlohmann::json::parse(s);
+    return nlohmann::ordered_json::parse(s);
   } catch (const std::exception &e) {
     dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, " is not valid JSON (", e.what(), ")");
   }
@@ -638,7 +638,7 @@ dsrt_status dsrt_chat_apply(const dsrt_model *m, const char *messages_json, cons
   return guarded([&] {
     DSRT_REQUIRE(m && messages_json && prompt_out, "model, messages_json or prompt_out is NULL");
     const dsrt::Tokenizer &t = m->model->tok();
-    nlohmann::json ctx = nlohmann::json::object();
+    nlohmann::ordered_json ctx = nlohmann::ordered_json::object();
     if (kwargs_json) {
       ctx = parse_json_arg(kwargs_json, "kwargs_json");
       if (!ctx.is_object()) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, "kwargs_json must be a JSON object");

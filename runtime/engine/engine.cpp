@@ -225,25 +225,25 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
 void Session::append_chat(const std::string &messages_json, const std::string &tools_json, bool add_generation_prompt) {
   const Model &m = engine_->model();
   const Tokenizer &t = m.tok();
-  nlohmann::json add;
+  nlohmann::ordered_json add;
   try {
-    add = nlohmann::json::parse(messages_json);
+    add = nlohmann::ordered_json::parse(messages_json);
   } catch (const std::exception &e) {
     failf(DSRT_ERR_INVALID_ARGUMENT, "messages are not valid JSON (", e.what(), ")");
   }
-  if (add.is_object()) add = nlohmann::json::array({add});
+  if (add.is_object()) add = nlohmann::ordered_json::array({add});
   if (!add.is_array()) fail(DSRT_ERR_INVALID_ARGUMENT, "messages must be a JSON array of {\"role\", \"content\"} objects");
   for (auto &msg : add)
     if (!msg.is_object() || !msg.contains("role") || !msg["role"].is_string())
       fail(DSRT_ERR_INVALID_ARGUMENT, "every message needs a string \"role\"");
-  nlohmann::json all = messages_;
+  nlohmann::ordered_json all = messages_;
   for (auto &msg : add) all.push_back(msg);
-  nlohmann::json ctx;
+  nlohmann::ordered_json ctx;
   ctx["messages"] = all;
   if (!tools_json.empty()) tools_json_ = tools_json;
   if (!tools_json_.empty()) {
     try {
-      ctx["tools"] = nlohmann::json::parse(tools_json_);
+      ctx["tools"] = nlohmann::ordered_json::parse(tools_json_);
     } catch (const std::exception &e) {
       failf(DSRT_ERR_INVALID_ARGUMENT, "tools are not valid JSON (", e.what(), ")");
     }
@@ -260,7 +260,7 @@ void Session::append_chat(const std::string &messages_json, const std::string &t
 
 void Session::reset() {
   truncate(0);
-  messages_ = nlohmann::json::array();
+  messages_ = nlohmann::ordered_json::array();
   turn_active_ = false;
 }
 
@@ -506,9 +506,9 @@ void Session::load_state(const std::string &blob) {
     if (id < 0 || id >= V) fail(DSRT_ERR_FORMAT, "session state holds a token id outside the vocabulary");
   for (int32_t id : p)
     if (id < 0 || id >= V) fail(DSRT_ERR_FORMAT, "session state holds a token id outside the vocabulary");
-  nlohmann::json mj;
+  nlohmann::ordered_json mj;
   try {
-    mj = nlohmann::json::parse(msgs);
+    mj = nlohmann::ordered_json::parse(msgs);
   } catch (const std::exception &) {
     fail(DSRT_ERR_FORMAT, "session state: messages are corrupt");
   }

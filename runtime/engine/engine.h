@@ -155,7 +155,7 @@ class Session {
   uint64_t n_evaluated_ = 0;
 
   // Chat and generation.
-  nlohmann::json messages_ = nlohmann::json::array();
+  nlohmann::ordered_json messages_ = nlohmann::ordered_json::array();
   std::string tools_json_;
   bool turn_active_ = false;
   GenParams gp_;

@@ -18,7 +18,7 @@ class ChatTemplate {
   ~ChatTemplate();
   // context: messages, tools, add_generation_prompt, bos_token, eos_token and any extra variables.
   // Throws DSRT_ERR_FORMAT on a render error or when a limit (output size, loop steps, depth) is hit.
-  std::string render(const nlohmann::json &context) const;
+  std::string render(const nlohmann::ordered_json &context) const;
 
   static const char *builtin_deepseek_v3();
 

@@ -14,7 +14,7 @@
 
 namespace dsrt::jinja {
 
-using json = nlohmann::json;
+using json = Json;
 
 namespace {
 

@@ -17,6 +17,8 @@ struct Limits {
 };
 
 struct Node;
+// Template values keep object keys in insertion order, as Python dicts do (tojson output depends on it).
+using Json = nlohmann::ordered_json;
 
 class Template {
  public:
@@ -24,7 +26,7 @@ class Template {
   explicit Template(const std::string &source, Limits limits = {});
   ~Template();
   // Throws dsrt::Error(DSRT_ERR_FORMAT) on a render error (raise_exception, a limit, a type error).
-  std::string render(const nlohmann::json &context) const;
+  std::string render(const Json &context) const;
 
  private:
   std::shared_ptr<Node> root_;
@@ -32,6 +34,6 @@ class Template {
 };
 
 // Python's json.dumps(v, ensure_ascii=False) with its default separators (", ", ": ").
-std::string python_json_dumps(const nlohmann::json &v, int indent = -1);
+std::string python_json_dumps(const Json &v, int indent = -1);
 
 }  // namespace dsrt::jinja

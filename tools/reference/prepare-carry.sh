@@ -12,4 +12,8 @@ for p in partial-yarn no-qlora v3-mini bf16; do
   $dsrt eval --model ".carry/tiny/$p" --tokens "$T" --logits-out ".carry/dsrt/$p.bin" 2>/dev/null
   echo "{\"greedy\": [$($dsrt generate --model ".carry/tiny/$p" --tokens "$T" -n 24 --print-ids)]}" > ".carry/dsrt/$p.json"
 done
+# The real tokenizer files for tools/reference/text_reference.py.
+shared=../shared/data/tokenizers
+mkdir -p .carry/tokenizers
+for d in deepseek-v3 deepseek-r1-cdn kimi-k2 sentencepiece-test llama2; do cp -r "$shared/$d" .carry/tokenizers/; done
 du -sh .carry
