@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
+#include <sstream>
 #include <functional>
 #include <map>
 #include <string>
@@ -17,6 +19,7 @@
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
+#include "repl.h"
 #include "tiny_model.h"
 
 namespace {
@@ -54,7 +57,8 @@ struct Args {
 // Options that take a value; everything else starting with '-' is a flag.
 const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--temperature", "--threads", "--backend",
                          "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
-                         "--attention", "--ctx"};
+                         "--attention", "--ctx", "--text-file", "--messages", "--tools", "--kwargs", "--system",
+                         "--top-p", "--top-k", "--min-p", "--stop", "--repeat"};
 
 Args parse(int argc, char **argv, int first) {
   Args a;
@@ -137,14 +141,20 @@ const char *kCommonHelp =
     "  --backend B          auto | cpu | cuda (default auto)\n";
 
 // ---- generate
+int cmd_generate_text(const Args &a);
+
 int cmd_generate(const Args &a) {
   if (a.has("--help")) {
     std::printf("usage: dsrt generate --model DIR --tokens 5,17,42 [-n 24] [--temperature 0] [--seed S] [--print-ids]\n"
-                "Appends the prompt tokens, then samples -n tokens; prints the generated ids comma-separated on one\n"
-                "line of stdout (text output arrives with the tokenizer).\n%s",
+                "       dsrt generate --model DIR --prompt TEXT [-n 256] [--temperature T] [--top-p P] [--top-k K]\n"
+                "                     [--min-p P] [--seed S] [--stop STRING]\n"
+                "With --tokens: greedy/temperature sampling after the given ids; prints the generated ids\n"
+                "comma-separated on one line of stdout and nothing else. With --prompt: the text (BOS added, special\n"
+                "tokens matched) is the prompt and the reply streams to stdout as it is generated.\n%s",
                 kCommonHelp);
     return 0;
   }
+  if (a.kv.count("--prompt")) return cmd_generate_text(a);
   std::vector<int32_t> prompt = parse_tokens(need(a, "--tokens"));
   const long long n = a.num("-n", 16);
   if (n < 0) throw Fail{"-n must be >= 0"};
@@ -170,6 +180,145 @@ int cmd_generate(const Args &a) {
   }
   std::printf("%s\n", line.c_str());
   return 0;
+}
+
+int32_t print_delta(const dsrt_event *ev, void *) {
+  std::fwrite(ev->text, 1, ev->text_len, stdout);
+  std::fflush(stdout);
+  return 0;
+}
+
+int cmd_generate_text(const Args &a) {
+  const std::string prompt = a.get("--prompt");
+  const long long n = a.num("-n", 256);
+  if (n < 0) throw Fail{"-n must be >= 0"};
+  Loaded l;
+  load(a, l, 0);
+  dsrt_session *s = nullptr;
+  check(dsrt_session_create(l.engine, nullptr, &s));
+  std::unique_ptr<dsrt_session, void (*)(dsrt_session *)> guard(s, dsrt_session_free);
+  check(dsrt_session_append_text(s, prompt.data(), prompt.size(), DSRT_TOKENIZE_ADD_SPECIAL | DSRT_TOKENIZE_PARSE_SPECIAL));
+  dsrt_gen_params p;
+  dsrt_gen_params_init(&p, sizeof p, l.model);
+  p.max_new_tokens = int32_t(n);
+  p.temperature = float(a.real("--temperature", p.temperature));
+  p.top_p = float(a.real("--top-p", p.top_p));
+  p.top_k = int32_t(a.num("--top-k", p.top_k));
+  p.min_p = float(a.real("--min-p", p.min_p));
+  if (a.kv.count("--seed")) {
+    p.has_seed = 1;
+    p.seed = uint64_t(a.num("--seed", 0));
+  }
+  std::string stop = a.get("--stop");
+  const char *stops[] = {stop.c_str()};
+  if (!stop.empty()) {
+    p.stop_strings = stops;
+    p.n_stop_strings = 1;
+  }
+  check(dsrt_session_generate(s, &p, print_delta, nullptr));
+  std::printf("\n");
+  return 0;
+}
+
+// ---- tokenize / template: tokenizer-only loads, public forms other tools script against
+void load_tokenizer_only(const Args &a, Loaded &l) {
+  dsrt_model_params mp;
+  dsrt_model_params_init(&mp, sizeof mp);
+  mp.tokenizer_only = 1;
+  check(dsrt_model_load(need(a, "--model").c_str(), &mp, &l.model));
+}
+
+std::string read_file_arg(const Args &a, const std::string &key) {
+  const std::string path = need(a, key);
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Fail{key + ": cannot read " + path};
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+int cmd_tokenize(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt tokenize --model DIR --text-file FILE [--add-special]\n"
+                "Prints the ids of FILE's exact bytes comma-separated on one line. Special-token strings in the text\n"
+                "are matched as special tokens (as Hugging Face tokenizers does); BOS/EOS are added only with\n"
+                "--add-special. Needs only config.json and the tokenizer files.\n");
+    return 0;
+  }
+  const std::string text = read_file_arg(a, "--text-file");
+  Loaded l;
+  load_tokenizer_only(a, l);
+  int32_t flags = DSRT_TOKENIZE_PARSE_SPECIAL | (a.has("--add-special") ? DSRT_TOKENIZE_ADD_SPECIAL : 0);
+  size_t n = 0;
+  dsrt_status st = dsrt_tokenize(l.model, text.data(), text.size(), flags, nullptr, 0, &n);
+  if (st != DSRT_OK && st != DSRT_ERR_BUFFER_TOO_SMALL) check(st);
+  std::vector<int32_t> ids(n);
+  check(dsrt_tokenize(l.model, text.data(), text.size(), flags, ids.data(), ids.size(), &n));
+  std::string line;
+  for (size_t i = 0; i < n; i++) line += (i ? "," : "") + std::to_string(ids[i]);
+  std::printf("%s\n", line.c_str());
+  return 0;
+}
+
+int cmd_template(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt template --model DIR --messages FILE.json [--add-generation-prompt] [--tools FILE.json]\n"
+                "                     [--kwargs FILE.json]\n"
+                "Prints exactly the prompt the model's chat template renders for the messages, nothing else.\n");
+    return 0;
+  }
+  const std::string messages = read_file_arg(a, "--messages");
+  const std::string tools = a.kv.count("--tools") ? read_file_arg(a, "--tools") : "";
+  const std::string kwargs = a.kv.count("--kwargs") ? read_file_arg(a, "--kwargs") : "";
+  Loaded l;
+  load_tokenizer_only(a, l);
+  char *out = nullptr;
+  check(dsrt_chat_apply(l.model, messages.c_str(), tools.empty() ? nullptr : tools.c_str(),
+                        kwargs.empty() ? nullptr : kwargs.c_str(),
+                        a.has("--add-generation-prompt") ? DSRT_CHAT_ADD_GENERATION_PROMPT : 0, &out));
+  std::fwrite(out, 1, std::strlen(out), stdout);
+  dsrt_free(out);
+  return 0;
+}
+
+int cmd_bench_tokenizer(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt bench-tokenizer --model DIR --text-file FILE [--repeat N]\n"
+                "Encode speed in MB/s on one thread (the text is encoded N times, default 5; the best run counts).\n");
+    return 0;
+  }
+  const std::string text = read_file_arg(a, "--text-file");
+  Loaded l;
+  load_tokenizer_only(a, l);
+  std::vector<int32_t> ids(text.size() + 16);
+  double best = 1e30;
+  size_t n = 0;
+  for (long long r = 0; r < a.num("--repeat", 5); r++) {
+    auto t0 = std::chrono::steady_clock::now();
+    check(dsrt_tokenize(l.model, text.data(), text.size(), 0, ids.data(), ids.size(), &n));
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::printf("encoded %zu bytes into %zu tokens: %.1f MB/s (best of %lld runs, one thread)\n", text.size(), n,
+              double(text.size()) / best / 1e6, a.num("--repeat", 5));
+  return 0;
+}
+
+int cmd_chat(const Args &a) {
+  if (a.has("--help")) {
+    std::printf("usage: dsrt chat --model DIR [--system TEXT] [--temperature T] [-n MAX_TOKENS] [--ctx N] [--threads N]\n"
+                "Interactive chat (the samples/chat REPL): /help lists its commands.\n");
+    return 0;
+  }
+  const std::string model = need(a, "--model"), system = a.get("--system");
+  chat_options o;
+  chat_options_init(&o);
+  o.model_dir = model.c_str();
+  o.system = system.empty() ? nullptr : system.c_str();
+  o.n_threads = int32_t(a.num("--threads", 0));
+  o.max_ctx = int32_t(a.num("--ctx", 0));
+  o.max_new_tokens = int32_t(a.num("-n", 1024));
+  o.temperature = float(a.real("--temperature", -1.0));
+  return chat_repl(&o);
 }
 
 // ---- eval
@@ -399,7 +548,11 @@ int cmd_info(const Args &) {
 void usage(FILE *f) {
   std::fprintf(f,
                "usage: dsrt COMMAND [options]   (dsrt COMMAND --help for each)\n"
-               "  generate   sample tokens after a prompt of token ids\n"
+               "  generate   sample tokens after a prompt (token ids or text)\n"
+               "  chat       interactive chat\n"
+               "  tokenize   print the ids of a file's text\n"
+               "  template   print the chat template's rendering of messages\n"
+               "  bench-tokenizer  tokenizer encode speed\n"
                "  eval       write the logits of every position to a file\n"
                "  inspect    describe and validate a checkpoint\n"
                "  bench      prefill and decode speed beside the roofline\n"
@@ -421,7 +574,9 @@ int main(int argc, char **argv) {
   }
   std::map<std::string, std::function<int(const Args &)>> cmds = {
       {"generate", cmd_generate}, {"eval", cmd_eval},           {"inspect", cmd_inspect},
-      {"bench", cmd_bench},       {"make-tiny", cmd_make_tiny}, {"info", cmd_info}};
+      {"bench", cmd_bench},       {"make-tiny", cmd_make_tiny}, {"info", cmd_info},
+      {"tokenize", cmd_tokenize}, {"template", cmd_template},   {"chat", cmd_chat},
+      {"bench-tokenizer", cmd_bench_tokenizer}};
   auto it = cmds.find(cmd);
   if (it == cmds.end()) {
     std::fprintf(stderr, "dsrt: unknown command \"%s\" (dsrt --help)\n", cmd.c_str());
