@@ -109,6 +109,7 @@ TEST_CASE("tokenize and detokenize round-trip CJK, emoji and special tokens thro
   CHECK(dsrt_special_token(m.m, DSRT_SPECIAL_BOS) == 0);
   CHECK(dsrt_special_token(m.m, DSRT_SPECIAL_EOS) == 1);
   CHECK(dsrt_special_token(m.m, DSRT_SPECIAL_USER) == 128803);
+  CHECK(dsrt_special_token(m.m, DSRT_SPECIAL_ASSISTANT) == 128804);
   CHECK((dsrt_token_attr(m.m, 1) & DSRT_TOKEN_ATTR_EOG));
   CHECK(detokenize(m.m, {0, 19923}, DSRT_DETOKENIZE_SKIP_SPECIAL) == "Hello");
   int32_t small[2];

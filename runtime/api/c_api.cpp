@@ -307,14 +307,12 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     *out = nullptr;
     dsrt_model_params p = read_params(params, dsrt_model_params_init, "dsrt_model_params");
     int32_t backend = p.backend;
-    if (backend == DSRT_BACKEND_CUDA) {
-      std::string why;
-      dsrt::cuda_device_count(&why);
-      dsrt::fail(DSRT_ERR_NO_DEVICE, "the CUDA backend is not available in this version of dsrt (" +
-                                         std::string(why.empty() ? "GPU present, backend not built yet" : why) + ")");
-    }
-    if (backend != DSRT_BACKEND_AUTO && backend != DSRT_BACKEND_CPU)
+    if (backend != DSRT_BACKEND_AUTO && backend != DSRT_BACKEND_CPU && backend != DSRT_BACKEND_CUDA)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown backend ", backend);
+    std::string why;
+    const int n_gpus = dsrt::cuda_devices(&why);
+    if (backend == DSRT_BACKEND_CUDA && n_gpus == 0) dsrt::fail(DSRT_ERR_NO_DEVICE, "the CUDA backend is not available: " + why);
+    if (backend == DSRT_BACKEND_AUTO) backend = n_gpus > 0 ? DSRT_BACKEND_CUDA : DSRT_BACKEND_CPU;
     LoadCallback cb{p.progress_fn, p.progress_user_data};
     dsrt::LoadOptions lo;
     lo.load_mtp = p.load_mtp != 0;
@@ -327,7 +325,7 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     lo.tokenizer_only = p.tokenizer_only != 0;
     auto h = std::make_unique<dsrt_model>();
     h->model = dsrt::Model::load(dir, lo);
-    h->backend = DSRT_BACKEND_CPU;
+    h->backend = backend;
     h->n_threads = p.n_threads;
     *out = h.release();
   });
@@ -395,7 +393,9 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     }
     eo.backend.n_threads = m->n_threads;
     auto h = std::make_unique<dsrt_engine>();
-    h->engine = std::make_shared<dsrt::Engine>(m->model, dsrt::make_cpu_backend(eo.backend), eo);
+    h->engine = std::make_shared<dsrt::Engine>(
+        m->model, dsrt::make_backend(m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu, eo.backend),
+        eo);
     h->backend = m->backend;
     *out = h.release();
   });
@@ -582,11 +582,11 @@ int32_t dsrt_special_token(const dsrt_model *m, int32_t kind) {
     case DSRT_SPECIAL_THINK_BEGIN: return t.find_token("<think>");
     case DSRT_SPECIAL_THINK_END: return t.find_token("</think>");
     case DSRT_SPECIAL_USER: {
-      int32_t id = t.find_token("<\xef\xbd\x9cUser\xef\xbd\x9c>");
+      int32_t id = t.find_token("<｜User｜>");
       return id >= 0 ? id : t.find_token("<|im_user|>");
     }
     case DSRT_SPECIAL_ASSISTANT: {
-      int32_t id = t.find_token("<\xef\xbd\x9cAssistant\xef\xbd\x9c>");
+      int32_t id = t.find_token("<｜Assistant｜>");
       return id >= 0 ? id : t.find_token("<|im_assistant|>");
     }
     default: return -1;

@@ -117,12 +117,21 @@ class Backend {
   // out[i] = x[rows[i]]
   virtual void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) = 0;
   virtual void to_host(Tensor t, float *dst) = 0;
+  // Copies t.rows * t.cols elements of host memory into t (inputs of op tests; tokens are uploaded by ops).
+  virtual void from_host(Tensor t, const void *src) = 0;
 };
 
 struct BackendOptions {
   int n_threads = 0;  // CPU threads, 0 = all
+  int device = 0;     // CUDA device index
 };
 
+enum class BackendKind { Cpu, Cuda };
+
 std::unique_ptr<Backend> make_cpu_backend(const BackendOptions &opt);
+// DSRT_ERR_NO_DEVICE (with the reason) when this build has no CUDA or the machine no usable GPU.
+std::unique_ptr<Backend> make_backend(BackendKind kind, const BackendOptions &opt);
+// Usable CUDA devices (0 without CUDA support or a driver); `why` says why there are none.
+int cuda_devices(std::string *why);
 
 }  // namespace dsrt

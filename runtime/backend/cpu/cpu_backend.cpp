@@ -415,6 +415,9 @@ class CpuBackend final : public Backend {
   void to_host(Tensor t, float *dst) override {
     std::memcpy(dst, t.data, size_t(t.rows * t.cols) * dtype_size(t.dtype));
   }
+  void from_host(Tensor t, const void *src) override {
+    std::memcpy(t.data, src, size_t(t.rows * t.cols) * dtype_size(t.dtype));
+  }
 
  private:
   ThreadPool pool_;

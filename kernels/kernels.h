@@ -1,0 +1,77 @@
+// Launch wrappers of dsrt's CUDA kernels. Plain pointers and sizes: nothing here knows about the model.
+// Every wrapper enqueues on `stream` and returns at once; activations are fp32, weights are read in their
+// checkpoint dtype (FP8 e4m3 with 128x128 block scales, BF16, F16, F32).
+#pragma once
+#include <cstdint>
+
+typedef struct CUstream_st *cudaStream_t;
+
+namespace dsrt::kernels {
+
+enum WeightDtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kFP8 = 3 };
+
+// A matrix [rows, cols] in device memory; FP8 carries its block scales [ceil(rows/128), ceil(cols/128)].
+struct DevMatrix {
+  const void *data = nullptr;
+  int32_t dtype = kF32;
+  int64_t rows = 0, cols = 0;
+  const float *scale = nullptr;
+  int64_t scale_cols = 0;
+};
+
+// ---- elementwise.cu
+void embed(const DevMatrix &table, const int32_t *ids, int64_t n, float *out, cudaStream_t s);
+// out = x / sqrt(mean(x^2) + eps) * w per row of width n (out may alias x); w is a [n, 1] vector.
+void rms_norm(const float *x, const DevMatrix &w, float eps, int64_t rows, int64_t n, int64_t x_stride,
+              float *out, int64_t out_stride, cudaStream_t s);
+void add(float *x, const float *y, int64_t n, cudaStream_t s);
+void silu_mul(const float *gate, const float *up, float *out, int64_t n, cudaStream_t s);
+// In-place interleaved RoPE on columns [h*head_dim + rope_off, + 2*n_freq) of each head, row r at positions[r].
+void rope(float *x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_off,
+          const float *inv_freq, int64_t n_freq, float attn_factor, const int32_t *positions, cudaStream_t s);
+void gather_rows(const float *x, int64_t cols, const int32_t *rows, int64_t n, float *out, cudaStream_t s);
+// out[rows[i]] += w[i] * y[i]
+void scatter_add_rows(const float *y, int64_t cols, const int32_t *rows, const float *w, int64_t n, float *out,
+                      cudaStream_t s);
+
+// ---- linear.cu: out[t, n] = sum_k x[t, k] W[n, k] for t < m; x [m, K] and out [m, N] contiguous
+void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s);
+
+// ---- mla.cu: the paged latent cache holds fp32 [page][layer][64][width]; width = latent + rope.
+struct KvCacheView {
+  float *base = nullptr;
+  int64_t n_layers = 0, width = 0;
+};
+// Each row of kv [rows, width] (kv_a output) is normalised (first `latent` values, weight norm_w), its rope
+// part rotated at positions[r], and written to cache slot slots[r] (= page * 64 + offset) of `layer`.
+void mla_cache_write(const KvCacheView &kv, int64_t layer, const float *src, int64_t rows, int64_t latent,
+                     const DevMatrix &norm_w, float eps, const float *inv_freq, int64_t n_freq, float attn_factor,
+                     const int32_t *positions, const int32_t *slots, cudaStream_t s);
+// Copies positions [0, n) of one sequence (page table `pages`) of `layer` into lat [n, latent] and pe [n, rope].
+void mla_gather(const KvCacheView &kv, int64_t layer, const int32_t *pages, int64_t n, int64_t latent, float *lat,
+                float *pe, cudaStream_t s);
+// Absorbed decode attention (spec §3.9) for `rows` query rows of one sequence: row i sits at position
+// n_past + i and sees keys 0..n_past+i. q [rows, nh*(dn+dr)], kv_b [nh*(dn+dv), dc], out [rows, nh*dv].
+// scratch: rows * nh * (n_past + rows) floats.
+void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t *pages, const float *q,
+                            int64_t q_stride, int64_t rows, int64_t n_past, const DevMatrix &kv_b, int64_t nh,
+                            int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch, float *out,
+                            int64_t out_stride, cudaStream_t s);
+// Naive attention (spec §3.8) over decompressed keys/values: kvd [n_ctx, nh*(dn+dv)] (kv_b applied to each
+// cached latent), pe [n_ctx, dr]; same row/position convention as above.
+void mla_attention_naive(const float *q, int64_t q_stride, int64_t rows, int64_t n_past, const float *kvd,
+                         const float *pe, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch,
+                         float *out, int64_t out_stride, cudaStream_t s);
+
+// ---- moe_route.cu: DeepSeekMoE routing (spec §4) of `rows` tokens from fp32 router logits [rows, E].
+struct RouteParams {
+  int32_t n_experts, top_k, n_group, topk_group;
+  int32_t sigmoid;       // 1: sigmoid scores, 0: softmax
+  int32_t method;        // 0 noaux_tc (group score = top-2 sum), 1 group_limited_greedy (max), 2 greedy
+  int32_t norm_topk_prob;
+  float routed_scaling_factor;
+};
+void moe_route(const float *logits, int64_t rows, const DevMatrix &bias, const RouteParams &p, int32_t *ids,
+               float *weights, cudaStream_t s);
+
+}  // namespace dsrt::kernels

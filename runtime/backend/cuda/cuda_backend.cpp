@@ -1,0 +1,291 @@
+// Host side of the CUDA backend: device memory (weights uploaded in their checkpoint dtype on first use,
+// a scratch arena, the paged latent KV pool), per-step batch metadata, and the launches of kernels/.
+// Every op matches the CPU backend's contract (backend.h); tests/gpu compares them op by op.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <unordered_map>
+
+#include "backend/backend.h"
+#include "core/status.h"
+#include "kernels.h"
+
+namespace dsrt {
+namespace {
+
+namespace k = dsrt::kernels;
+
+void cuda_check(cudaError_t e, const char *what) {
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    failf(DSRT_ERR_OUT_OF_MEMORY, "CUDA: out of device memory (", what, ")");
+  }
+  if (e != cudaSuccess) failf(DSRT_ERR_INTERNAL, "CUDA: ", what, ": ", cudaGetErrorString(e));
+}
+
+int32_t dev_dtype(DType t) {
+  switch (t) {
+    case DType::F8_E4M3: return k::kFP8;
+    case DType::BF16: return k::kBF16;
+    case DType::F16: return k::kF16;
+    default: return k::kF32;
+  }
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const BackendOptions &opt) {
+    cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
+    cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    for (auto &[_, m] : weights_) {
+      cudaFree(const_cast<void *>(m.data));
+      cudaFree(const_cast<float *>(m.scale));
+    }
+    for (char *p : arena_) cudaFree(p);
+    cudaFree(kv_.base);
+    cudaStreamDestroy(stream_);
+  }
+  const char *name() const override { return "cuda"; }
+
+  // ---- memory
+  void begin_step() override {
+    arena_block_ = 0;
+    arena_used_ = 0;
+  }
+  Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
+    size_t bytes = (size_t(rows * cols) * dtype_size(dtype) + 255) & ~size_t(255);
+    while (arena_block_ < arena_.size() && arena_used_ + bytes > arena_sizes_[arena_block_]) {
+      arena_block_++;
+      arena_used_ = 0;
+    }
+    if (arena_block_ == arena_.size()) {
+      size_t sz = std::max<size_t>(bytes, size_t(256) << 20);
+      void *p = nullptr;
+      cuda_check(cudaMalloc(&p, sz), "scratch arena");
+      arena_.push_back(static_cast<char *>(p));
+      arena_sizes_.push_back(sz);
+      arena_used_ = 0;
+    }
+    Tensor t{arena_[arena_block_] + arena_used_, dtype, rows, cols};
+    arena_used_ += bytes;
+    return t;
+  }
+  uint64_t scratch_mark() override { return uint64_t(arena_block_) << 40 | arena_used_; }
+  void scratch_release(uint64_t mark) override {
+    arena_block_ = size_t(mark >> 40);
+    arena_used_ = size_t(mark & ((uint64_t(1) << 40) - 1));
+  }
+
+  void kv_init(const KvCacheSpec &spec) override {
+    cudaFree(kv_.base);
+    kv_ = {};
+    spec_ = spec;
+    const size_t bytes = size_t(spec.max_pages * spec.n_layers * kPageTokens * spec.width) * sizeof(float);
+    void *p = nullptr;
+    cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 256)), "latent KV pool");
+    kv_ = {static_cast<float *>(p), spec.n_layers, spec.width};
+  }
+  size_t page_floats() const { return size_t(spec_.n_layers * kPageTokens * spec_.width); }
+  void kv_copy_page(int32_t src, int32_t dst) override {
+    cuda_check(cudaMemcpyAsync(kv_.base + size_t(dst) * page_floats(), kv_.base + size_t(src) * page_floats(),
+                               page_floats() * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+               "kv_copy_page");
+    sync();
+  }
+  void kv_read(const int32_t *pages, int64_t n, float *dst) override {
+    const size_t w = size_t(spec_.width);
+    for (int64_t pos = 0; pos < n; pos++)
+      for (int64_t l = 0; l < spec_.n_layers; l++, dst += w)
+        cuda_check(cudaMemcpyAsync(dst, slot(pages, l, pos), w * sizeof(float), cudaMemcpyDeviceToHost, stream_), "kv_read");
+    sync();
+  }
+  void kv_write(const int32_t *pages, int64_t n, const float *src) override {
+    const size_t w = size_t(spec_.width);
+    for (int64_t pos = 0; pos < n; pos++)
+      for (int64_t l = 0; l < spec_.n_layers; l++, src += w)
+        cuda_check(cudaMemcpyAsync(slot(pages, l, pos), src, w * sizeof(float), cudaMemcpyHostToDevice, stream_), "kv_write");
+    sync();
+  }
+
+  // ---- ops
+  void embed(const Weight &table, const Batch &b, Tensor out) override {
+    k::embed(dev(table), upload_i32(b.tokens), b.n_tokens(), out.f32(), stream_);
+  }
+  void rms_norm(Tensor x, const Weight &w, float eps, Tensor out) override {
+    k::rms_norm(x.f32(), dev(w), eps, x.rows, x.cols, x.cols, out.f32(), out.cols, stream_);
+  }
+  void linear(Tensor x, const Weight &w, Tensor out) override {
+    if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
+      failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shape mismatch");
+    k::linear(x.f32(), x.rows, dev(w), out.f32(), stream_);
+  }
+  void add(Tensor x, Tensor y) override { k::add(x.f32(), y.f32(), x.rows * x.cols, stream_); }
+  void silu_mul(Tensor gate, Tensor up, Tensor out) override {
+    k::silu_mul(gate.f32(), up.f32(), out.f32(), gate.rows * gate.cols, stream_);
+  }
+  void rope(Tensor x, int64_t n_heads, int64_t head_dim, int64_t rope_off, const RopeTable &rt, const Batch &b) override {
+    k::rope(x.f32(), x.rows, x.cols, n_heads, head_dim, rope_off, upload_f32(rt.inv_freq), int64_t(rt.inv_freq.size()),
+            rt.attn_factor, upload_i32(b.positions), stream_);
+  }
+  void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
+                       const Batch &b) override {
+    std::vector<int32_t> slots(size_t(b.n_tokens()));
+    for (const SeqSlice &s : b.seqs)
+      for (int32_t i = 0; i < s.n_new; i++) {
+        const int64_t pos = s.n_past + i;
+        if (pos / kPageTokens >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the page table");
+        slots[size_t(s.row0 + i)] = int32_t(s.pages[pos / kPageTokens] * kPageTokens + pos % kPageTokens);
+      }
+    k::mla_cache_write(kv_, layer, kv.f32(), kv.rows, kv_norm.rows, dev(kv_norm), eps, upload_f32(rt.inv_freq),
+                       int64_t(rt.inv_freq.size()), rt.attn_factor, upload_i32(b.positions), upload_i32(slots), stream_);
+  }
+  void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, AttnForm form,
+                     Tensor out) override {
+    for (const SeqSlice &s : b.seqs) {
+      const int64_t n_ctx = s.n_past + s.n_new;
+      const int32_t *pages = upload_i32(std::vector<int32_t>(s.pages, s.pages + s.n_pages));
+      Tensor scratch = alloc(int64_t(s.n_new) * d.n_heads, n_ctx);
+      const float *qs = q.f32() + int64_t(s.row0) * q.cols;
+      float *os = out.f32() + int64_t(s.row0) * out.cols;
+      if (form == AttnForm::Absorbed) {
+        k::mla_attention_absorbed(kv_, layer, pages, qs, q.cols, s.n_new, s.n_past, dev(kv_b), d.n_heads, d.nope, d.rope,
+                                  d.v, d.softmax_scale, scratch.f32(), os, out.cols, stream_);
+      } else {  // decompress every cached latent through kv_b, then attend
+        Tensor lat = alloc(n_ctx, d.latent), pe = alloc(n_ctx, d.rope), kvd = alloc(n_ctx, kv_b.rows);
+        k::mla_gather(kv_, layer, pages, n_ctx, d.latent, lat.f32(), pe.f32(), stream_);
+        k::linear(lat.f32(), n_ctx, dev(kv_b), kvd.f32(), stream_);
+        k::mla_attention_naive(qs, q.cols, s.n_new, s.n_past, kvd.f32(), pe.f32(), d.n_heads, d.nope, d.rope, d.v,
+                               d.softmax_scale, scratch.f32(), os, out.cols, stream_);
+      }
+    }
+  }
+  void moe_route(Tensor x, const Weight &gate, const Weight &bias, const RouterParams &p, Tensor ids,
+                 Tensor weights) override {
+    Tensor logits = alloc(x.rows, p.n_experts);
+    k::linear(x.f32(), x.rows, dev(gate), logits.f32(), stream_);
+    k::RouteParams rp{int32_t(p.n_experts), int32_t(p.top_k), int32_t(p.n_group), int32_t(p.topk_group),
+                      p.scoring == ScoringFunc::Sigmoid ? 1 : 0,
+                      p.method == TopkMethod::NoauxTc ? 0 : p.method == TopkMethod::GroupLimitedGreedy ? 1 : 2,
+                      p.norm_topk_prob ? 1 : 0, p.routed_scaling_factor};
+    k::moe_route(logits.f32(), x.rows, bias ? dev(bias) : k::DevMatrix{}, rp, ids.i32(), weights.f32(), stream_);
+  }
+  // Reference expert path: the routing decisions come to the host, tokens are grouped by expert, each
+  // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
+  void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
+    const int64_t T = x.rows, K = ids.cols, H = x.cols;
+    std::vector<int32_t> hid(size_t(T * K));
+    std::vector<float> hw(size_t(T * K));
+    cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
+    cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
+    sync();
+    std::vector<std::vector<std::pair<int32_t, float>>> by_expert(experts.size());
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t j = 0; j < K; j++) {
+        int32_t e = hid[size_t(t * K + j)];
+        if (e < 0 || size_t(e) >= experts.size()) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
+        by_expert[size_t(e)].push_back({int32_t(t), hw[size_t(t * K + j)]});
+      }
+    cuda_check(cudaMemsetAsync(out.data, 0, size_t(T * H) * sizeof(float), stream_), "moe out");
+    for (size_t e = 0; e < experts.size(); e++) {
+      auto &toks = by_expert[e];
+      if (toks.empty()) continue;
+      const int64_t n = int64_t(toks.size()), inter = experts[e].gate.rows;
+      std::vector<int32_t> rows;
+      std::vector<float> w;
+      for (auto &[t, wt] : toks) {
+        rows.push_back(t);
+        w.push_back(wt);
+      }
+      const int32_t *drows = upload_i32(rows);
+      const float *dw = upload_f32(w);
+      Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
+      k::gather_rows(x.f32(), H, drows, n, xe.f32(), stream_);
+      k::linear(xe.f32(), n, dev(experts[e].gate), g.f32(), stream_);
+      k::linear(xe.f32(), n, dev(experts[e].up), u.f32(), stream_);
+      k::silu_mul(g.f32(), u.f32(), g.f32(), n * inter, stream_);
+      k::linear(g.f32(), n, dev(experts[e].down), y.f32(), stream_);
+      k::scatter_add_rows(y.f32(), H, drows, dw, n, out.f32(), stream_);
+    }
+  }
+  void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
+    k::gather_rows(x.f32(), x.cols, upload_i32(rows), int64_t(rows.size()), out.f32(), stream_);
+  }
+  void to_host(Tensor t, float *dst) override {
+    cuda_check(cudaMemcpyAsync(dst, t.data, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyDeviceToHost, stream_),
+               "to_host");
+    sync();
+  }
+
+  void from_host(Tensor t, const void *src) override {
+    cuda_check(cudaMemcpyAsync(t.data, src, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyHostToDevice, stream_),
+               "from_host");
+    sync();
+  }
+  void sync() { cuda_check(cudaStreamSynchronize(stream_), "stream"); }
+
+ private:
+  float *slot(const int32_t *pages, int64_t layer, int64_t pos) {
+    return kv_.base + ((int64_t(pages[pos / kPageTokens]) * spec_.n_layers + layer) * kPageTokens + pos % kPageTokens) *
+                          spec_.width;
+  }
+
+  // A weight's device copy, made on first use: its bytes as stored, plus FP8 block scales.
+  k::DevMatrix dev(const Weight &w) {
+    const void *key = w.data;
+    auto it = weights_.find(key);
+    if (it != weights_.end()) return it->second;
+    k::DevMatrix m;
+    m.dtype = dev_dtype(w.dtype);
+    m.rows = w.rows;
+    m.cols = w.cols;
+    const size_t bytes = size_t(w.rows * w.cols) * dtype_size(w.dtype);
+    void *p = nullptr;
+    cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "weights");
+    cuda_check(cudaMemcpy(p, w.data, bytes, cudaMemcpyHostToDevice), "weight upload");
+    m.data = p;
+    if (w.dtype == DType::F8_E4M3) {
+      const size_t sb = size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);
+      void *sp = nullptr;
+      cuda_check(cudaMalloc(&sp, sb), "weight scales");
+      cuda_check(cudaMemcpy(sp, w.scale, sb, cudaMemcpyHostToDevice), "scale upload");
+      m.scale = static_cast<const float *>(sp);
+      m.scale_cols = w.scale_cols;
+    }
+    weights_[key] = m;
+    return m;
+  }
+
+  // Small per-step metadata (token ids, positions, page tables) copied into the scratch arena.
+  const int32_t *upload_i32(const std::vector<int32_t> &v) {
+    Tensor t = alloc(1, std::max<int64_t>(1, int64_t(v.size())), DType::I32);
+    if (!v.empty())
+      cuda_check(cudaMemcpyAsync(t.data, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
+    sync();  // the host vector may die before the copy runs
+    return t.i32();
+  }
+  const float *upload_f32(const std::vector<float> &v) {
+    Tensor t = alloc(1, std::max<int64_t>(1, int64_t(v.size())));
+    if (!v.empty())
+      cuda_check(cudaMemcpyAsync(t.data, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
+    sync();
+    return t.f32();
+  }
+
+  cudaStream_t stream_ = nullptr;
+  std::vector<char *> arena_;
+  std::vector<size_t> arena_sizes_;
+  size_t arena_block_ = 0, arena_used_ = 0;
+  KvCacheSpec spec_;
+  k::KvCacheView kv_;
+  std::unordered_map<const void *, k::DevMatrix> weights_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const BackendOptions &opt) { return std::make_unique<CudaBackend>(opt); }
+
+}  // namespace dsrt

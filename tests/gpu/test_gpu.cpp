@@ -1,0 +1,258 @@
+// CUDA backend vs the CPU reference: every op on fresh random inputs, then end-to-end logits and greedy
+// tokens on every tiny preset. Exits 77 (ctest: skipped) on a machine without a usable GPU.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "../helpers.h"
+#include "backend/backend.h"
+#include "core/dtype.h"
+
+using namespace dsrt;
+
+namespace {
+
+std::unique_ptr<Backend> cpu() { return make_cpu_backend({}); }
+std::unique_ptr<Backend> gpu() { return make_backend(BackendKind::Cuda, {}); }
+
+struct HostWeight {  // host bytes of a random weight in a checkpoint dtype
+  std::vector<uint8_t> bytes;
+  std::vector<float> scale;
+  Weight w;
+  HostWeight(int64_t rows, int64_t cols, DType dt, std::mt19937 &rng, float sd = 1.0f) {
+    std::normal_distribution<float> nd(0.0f, sd);
+    w.dtype = dt;
+    w.rows = rows;
+    w.cols = cols;
+    bytes.resize(size_t(rows * cols) * dtype_size(dt));
+    for (int64_t i = 0; i < rows * cols; i++) {
+      float v = nd(rng);
+      if (dt == DType::F8_E4M3) {
+        bytes[size_t(i)] = f32_to_fp8_e4m3(v * 100.0f);
+      } else if (dt == DType::BF16) {
+        uint16_t b = f32_to_bf16(v);
+        std::memcpy(&bytes[size_t(i) * 2], &b, 2);
+      } else {
+        std::memcpy(&bytes[size_t(i) * 4], &v, 4);
+      }
+    }
+    if (dt == DType::F8_E4M3) {
+      w.scale_cols = (cols + 127) / 128;
+      scale.resize(size_t(((rows + 127) / 128) * w.scale_cols));
+      std::uniform_real_distribution<float> ud(0.001f, 0.01f);
+      for (auto &s : scale) s = ud(rng) * sd;
+      w.scale = scale.data();
+    }
+    w.data = bytes.data();
+  }
+};
+
+std::vector<float> randn(size_t n, std::mt19937 &rng, float sd = 1.0f) {
+  std::normal_distribution<float> nd(0.0f, sd);
+  std::vector<float> v(n);
+  for (auto &x : v) x = nd(rng);
+  return v;
+}
+
+Tensor put(Backend &b, const std::vector<float> &v, int64_t rows, int64_t cols) {
+  Tensor t = b.alloc(rows, cols);
+  b.from_host(t, v.data());
+  return t;
+}
+std::vector<float> get(Backend &b, Tensor t) {
+  std::vector<float> v(size_t(t.rows * t.cols));
+  b.to_host(t, v.data());
+  return v;
+}
+double rel(const std::vector<float> &a, const std::vector<float> &b) { return testing::rel_l2(a.data(), b.data(), a.size()); }
+
+}  // namespace
+
+TEST_CASE("linear: FP8 (partial blocks), BF16, F32 weights, 1 to 13 token rows") {
+  std::mt19937 rng(21);
+  auto c = cpu(), g = gpu();
+  for (DType dt : {DType::F8_E4M3, DType::BF16, DType::F32})
+    for (auto [N, K] : {std::pair{576, 512}, std::pair{200, 320}, std::pair{129, 100}})
+      for (int M : {1, 3, 8, 13}) {
+        CAPTURE(dtype_name(dt));
+        CAPTURE(N);
+        CAPTURE(K);
+        CAPTURE(M);
+        HostWeight w(N, K, dt, rng);
+        auto x = randn(size_t(M * K), rng);
+        c->begin_step();
+        g->begin_step();
+        Tensor yc = c->alloc(M, N), yg = g->alloc(M, N);
+        c->linear(put(*c, x, M, K), w.w, yc);
+        g->linear(put(*g, x, M, K), w.w, yg);
+        CHECK(rel(get(*g, yg), get(*c, yc)) < 1e-5);
+      }
+}
+
+TEST_CASE("rms_norm, embed, rope, silu_mul, add, gather") {
+  std::mt19937 rng(22);
+  auto c = cpu(), g = gpu();
+  const int T = 7, H = 320;
+  HostWeight nw(H, 1, DType::BF16, rng), table(100, H, DType::BF16, rng);
+  auto x = randn(size_t(T * H), rng, 3.0f), y = randn(size_t(T * H), rng);
+  Batch b;
+  b.tokens = {3, 99, 0, 3, 50, 7, 8};
+  b.positions = {0, 1, 2, 70, 1000, 4096, 163839};
+  RopeTable rt;
+  for (int i = 0; i < 16; i++) rt.inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / 32)));
+  rt.attn_factor = 1.1f;
+  std::vector<std::vector<float>> outs[2];
+  int k = 0;
+  for (Backend *be : {c.get(), g.get()}) {
+    be->begin_step();
+    Tensor tx = put(*be, x, T, H), ty = put(*be, y, T, H), o = be->alloc(T, H);
+    be->rms_norm(tx, nw.w, 1e-6f, o);
+    outs[k].push_back(get(*be, o));
+    be->embed(table.w, b, o);
+    outs[k].push_back(get(*be, o));
+    be->rope(tx, 5, 64, 16, rt, b);  // 5 heads of 64 = 320: rope over columns 16..47 of each
+    outs[k].push_back(get(*be, tx));
+    be->silu_mul(tx, ty, o);
+    outs[k].push_back(get(*be, o));
+    be->add(tx, ty);
+    outs[k].push_back(get(*be, tx));
+    Tensor gr = be->alloc(3, H);
+    be->gather_rows(ty, {6, 0, 6}, gr);
+    outs[k].push_back(get(*be, gr));
+    k++;
+  }
+  const char *names[] = {"rms_norm", "embed", "rope", "silu_mul", "add", "gather_rows"};
+  for (size_t i = 0; i < outs[0].size(); i++) {
+    CAPTURE(names[i]);
+    CHECK(rel(outs[1][i], outs[0][i]) < 1e-5);
+  }
+}
+
+TEST_CASE("MLA: cache write and both attention forms over a scattered page table") {
+  std::mt19937 rng(23);
+  auto c = cpu(), g = gpu();
+  const MlaDims d{4, 32, 16, 24, 96, 0.15f};
+  const int n_prev = 70, n_new = 5, W = int(d.latent + d.rope);
+  HostWeight norm(d.latent, 1, DType::BF16, rng), kv_b(d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng, 0.5f);
+  RopeTable rt;
+  for (int i = 0; i < d.rope / 2; i++) rt.inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / d.rope)));
+  std::vector<int32_t> pages = {3, 1};
+  auto kv1 = randn(size_t(n_prev * W), rng), kv2 = randn(size_t(n_new * W), rng);
+  auto q = randn(size_t(n_new * d.n_heads * (d.nope + d.rope)), rng);
+  auto batch = [&](int n_past, int n) {
+    Batch b;
+    for (int i = 0; i < n; i++) {
+      b.tokens.push_back(0);
+      b.positions.push_back(n_past + i);
+    }
+    b.seqs.push_back({0, n, n_past, pages.data(), 2});
+    return b;
+  };
+  std::vector<float> res[2][2];
+  int k = 0;
+  for (Backend *be : {c.get(), g.get()}) {
+    be->kv_init({2, W, 4});
+    be->begin_step();
+    be->mla_cache_write(1, put(*be, kv1, n_prev, W), norm.w, 1e-6f, rt, batch(0, n_prev));
+    be->mla_cache_write(1, put(*be, kv2, n_new, W), norm.w, 1e-6f, rt, batch(n_prev, n_new));
+    Tensor tq = put(*be, q, n_new, d.n_heads * (d.nope + d.rope));
+    for (int f = 0; f < 2; f++) {
+      Tensor o = be->alloc(n_new, d.n_heads * d.v);
+      be->mla_attention(1, tq, kv_b.w, d, batch(n_prev, n_new), f ? AttnForm::Absorbed : AttnForm::Naive, o);
+      res[k][f] = get(*be, o);
+    }
+    k++;
+  }
+  CHECK(rel(res[1][0], res[0][0]) < 1e-5);
+  CHECK(rel(res[1][1], res[0][1]) < 1e-5);
+  CHECK(rel(res[1][1], res[0][0]) < 1e-5);
+}
+
+TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
+  std::mt19937 rng(24);
+  auto c = cpu(), g = gpu();
+  const int T = 9, H = 128, I = 64, E = 16, K = 4;
+  RouterParams p{E, K, 4, 2, ScoringFunc::Sigmoid, TopkMethod::NoauxTc, true, 2.5f};
+  HostWeight gate(E, H, DType::BF16, rng, 0.3f), bias(E, 1, DType::F32, rng, 2.0f);
+  std::vector<std::unique_ptr<HostWeight>> own;
+  std::vector<FfnWeights> experts(E);
+  for (auto &f : experts) {
+    own.push_back(std::make_unique<HostWeight>(I, H, DType::F8_E4M3, rng));
+    f.gate = own.back()->w;
+    own.push_back(std::make_unique<HostWeight>(I, H, DType::F8_E4M3, rng));
+    f.up = own.back()->w;
+    own.push_back(std::make_unique<HostWeight>(H, I, DType::F8_E4M3, rng));
+    f.down = own.back()->w;
+  }
+  auto x = randn(size_t(T * H), rng);
+  std::vector<int32_t> ids[2];
+  std::vector<float> w[2], y[2];
+  int k = 0;
+  for (Backend *be : {c.get(), g.get()}) {
+    be->begin_step();
+    Tensor tx = put(*be, x, T, H), ti = be->alloc(T, K, DType::I32), tw = be->alloc(T, K), ty = be->alloc(T, H);
+    be->moe_route(tx, gate.w, bias.w, p, ti, tw);
+    ids[k].resize(size_t(T * K));
+    be->to_host(ti, reinterpret_cast<float *>(ids[k].data()));
+    w[k] = get(*be, tw);
+    be->moe_experts(tx, experts, ti, tw, ty);
+    y[k] = get(*be, ty);
+    k++;
+  }
+  CHECK(ids[1] == ids[0]);
+  CHECK(rel(w[1], w[0]) < 1e-5);
+  CHECK(rel(y[1], y[0]) < 1e-5);
+}
+
+TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU backend") {
+  for (const std::string &preset : testing::preset_names()) {
+    CAPTURE(preset);
+    const std::string dir = testing::tiny(preset);
+    std::vector<float> logits[2];
+    std::vector<int32_t> greedy[2];
+    int V = 0;
+    for (int be = 0; be < 2; be++) {
+      dsrt_model_params mp;
+      dsrt_model_params_init(&mp, sizeof mp);
+      mp.backend = be ? DSRT_BACKEND_CUDA : DSRT_BACKEND_CPU;
+      testing::Model m(dir);
+      dsrt_model *mm = nullptr;
+      REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mm) == DSRT_OK);
+      std::swap(m.m, mm);
+      dsrt_model_free(mm);
+      V = m.vocab();
+      testing::Engine e(m);
+      testing::Session s(e, true);
+      auto prompt = testing::prompt_tokens(V, 80);
+      s.append(prompt);
+      s.eval();
+      logits[be] = s.logits();
+      testing::Session gs(e);
+      gs.append(prompt);
+      for (int i = 0; i < 24; i++) {
+        gs.eval();
+        greedy[be].push_back(gs.greedy());
+        gs.append({greedy[be].back()});
+      }
+    }
+    double worst = 0;
+    for (size_t t = 0; t < logits[0].size() / size_t(V); t++)
+      worst = std::max(worst, testing::rel_l2(logits[1].data() + t * V, logits[0].data() + t * V, size_t(V)));
+    MESSAGE(preset << ": CUDA vs CPU max relative L2 over 80 positions = " << worst);
+    CHECK(worst < 2e-2);
+    CHECK(greedy[1] == greedy[0]);
+  }
+}
+
+int main(int argc, char **argv) {
+  std::string why;
+  if (dsrt::cuda_devices(&why) == 0) {
+    std::printf("GPU tests skipped: %s\n", why.c_str());
+    return 77;
+  }
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
