@@ -115,9 +115,9 @@ DSRT_API void dsrt_cancel_free(dsrt_cancel *c);
 
 typedef struct dsrt_model dsrt_model;
 
-#define DSRT_BACKEND_AUTO 0   /* the best available: CUDA when built and a GPU is present, else CPU */
+#define DSRT_BACKEND_AUTO 0   /* the best validated backend (today the CPU; CUDA once it has passed its GPU suite) */
 #define DSRT_BACKEND_CPU  1   /* fp32 reference backend */
-#define DSRT_BACKEND_CUDA 2
+#define DSRT_BACKEND_CUDA 2   /* builds with CUDA, on a machine with a GPU: DSRT_ERR_NO_DEVICE otherwise */
 
 #define DSRT_LOAD_STAGE_CONFIG   0
 #define DSRT_LOAD_STAGE_SHARDS   1  /* done/total = shards opened */

@@ -4,7 +4,10 @@
 #   models  transformers' DeepseekV3ForCausalLM in fp32 on every tiny preset vs dsrt's logits and greedy
 #           tokens (the test data in tests/data/reference/)
 #   text    tokenizer ids and rendered chat templates from the reference libraries (tests/data/text/)
-# The CUDA build and GPU suite join as a stage with the CUDA backend.
+#   cuda    the GPU suite (CUDA backend vs CPU, op by op and end to end), compute-sanitizer memcheck and
+#           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
+#           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
+#           the Debian -dev packages the build needs) with their three shared libraries.
 set -uo pipefail
 : "${OUT:?run through the device tool}"
 export PYTHONUNBUFFERED=1
@@ -19,6 +22,17 @@ for stage in $stages; do
       python3 tools/reference/hf_reference.py --out "$OUT" --dsrt .carry/dsrt $models 2>&1 | tee "$OUT/models.log" ;;
     text)
       python3 tools/reference/text_reference.py --data tests/data/text --tokenizers .carry/tokenizers --out "$OUT" 2>&1 | tee "$OUT/text.log" ;;
+    cuda)
+      export LD_LIBRARY_PATH="$PWD/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      bin=.carry/gpu/bin
+      $bin/dsrt info
+      $bin/dsrt_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log"
+      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*" 2>&1 | tail -5 | tee "$OUT/memcheck.log"
+      compute-sanitizer --tool racecheck --error-exitcode 3 $bin/dsrt_gpu_tests -tc="MLA*,MoE*" 2>&1 | tail -5 | tee "$OUT/racecheck.log"
+      for p in partial-yarn no-qlora v3-mini bf16; do
+        $bin/dsrt make-tiny --preset $p --out /tmp/tiny-$p 2>/dev/null
+        $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --gen 32 2>&1 | tee -a "$OUT/bench.log"
+      done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
