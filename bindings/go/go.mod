@@ -1,0 +1,3 @@
+module dsrt.local/dsrt
+
+go 1.19
