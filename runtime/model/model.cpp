@@ -21,15 +21,7 @@ bool forward_progress(uint64_t done, uint64_t total, void *user) {
 void load_generation_defaults(const std::string &dir, GenerationDefaults &g) {
   const std::string path = dir + "/generation_config.json";
   if (!file_exists(path)) return;
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_text_file(path));
-  } catch (const Error &) {
-    throw;
-  } catch (const std::exception &e) {
-    failf(DSRT_ERR_FORMAT, path, ": not valid JSON (", e.what(), ")");
-  }
-  if (!j.is_object()) failf(DSRT_ERR_FORMAT, path, ": not a JSON object");
+  const nlohmann::json j = read_json_file(path);
   auto num = [&](const char *k, float lo, float hi, float *out) {
     auto it = j.find(k);
     if (it == j.end() || it->is_null()) return false;

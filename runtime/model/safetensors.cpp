@@ -33,6 +33,18 @@ std::string read_text_file(const std::string &path) {
   return ss.str();
 }
 
+nlohmann::json read_json_file(const std::string &path, bool want_object) {
+  const std::string text = read_text_file(path);
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception &e) {
+    failf(DSRT_ERR_FORMAT, path, ": not valid JSON (", e.what(), ")");
+  }
+  if (want_object && !j.is_object()) failf(DSRT_ERR_FORMAT, path, ": not a JSON object");
+  return j;
+}
+
 MappedFile::MappedFile(const std::string &path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) failf(DSRT_ERR_IO, path, ": cannot open (", std::strerror(errno), ")");
@@ -125,14 +137,7 @@ Checkpoint::Checkpoint(const std::string &dir, Progress progress, void *user) {
   std::vector<std::string> files;
   std::map<std::string, std::string> weight_map;
   if (file_exists(index_path)) {
-    json idx;
-    try {
-      idx = json::parse(read_text_file(index_path));
-    } catch (const Error &) {
-      throw;
-    } catch (const std::exception &e) {
-      failf(DSRT_ERR_FORMAT, index_path, ": not valid JSON (", e.what(), ")");
-    }
+    json idx = read_json_file(index_path);
     auto wm = idx.find("weight_map");
     if (wm == idx.end() || !wm->is_object()) failf(DSRT_ERR_FORMAT, index_path, ": no weight_map object");
     std::set<std::string> seen;

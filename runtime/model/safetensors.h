@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "core/dtype.h"
 
 namespace dsrt {
@@ -72,6 +74,9 @@ class Checkpoint {
 };
 
 std::string read_text_file(const std::string &path);  // throws DSRT_ERR_IO
+// Parses a JSON file; DSRT_ERR_IO if it cannot be read, DSRT_ERR_FORMAT naming the file if it is not JSON
+// (or, with want_object, not a JSON object).
+nlohmann::json read_json_file(const std::string &path, bool want_object = true);
 bool file_exists(const std::string &path);
 
 }  // namespace dsrt

@@ -292,14 +292,7 @@ std::string b64decode(std::string_view s, bool *ok) {
 }  // namespace
 
 std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_t model_vocab) {
-  json j;
-  try {
-    j = json::parse(read_text_file(path));
-  } catch (const Error &) {
-    throw;
-  } catch (const std::exception &e) {
-    failf(DSRT_ERR_FORMAT, path, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = read_json_file(path);
   auto t = std::make_unique<BytePairTokenizer>();
   t->kind_ = "bpe";
   const json &model = j.value("model", json::object());

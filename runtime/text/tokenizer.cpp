@@ -22,16 +22,7 @@ std::string token_text(const nlohmann::json &v) {
 std::unique_ptr<Tokenizer> Tokenizer::load(const std::string &dir, int64_t model_vocab) {
   nlohmann::json tc = nlohmann::json::object();
   const std::string tc_path = dir + "/tokenizer_config.json";
-  if (file_exists(tc_path)) {
-    try {
-      tc = nlohmann::json::parse(read_text_file(tc_path));
-    } catch (const Error &) {
-      throw;
-    } catch (const std::exception &e) {
-      failf(DSRT_ERR_FORMAT, tc_path, ": not valid JSON (", e.what(), ")");
-    }
-    if (!tc.is_object()) failf(DSRT_ERR_FORMAT, tc_path, ": not a JSON object");
-  }
+  if (file_exists(tc_path)) tc = read_json_file(tc_path);
   std::unique_ptr<Tokenizer> t;
   if (file_exists(dir + "/tokenizer.json"))
     t = make_hf_bpe_tokenizer(dir + "/tokenizer.json", model_vocab);

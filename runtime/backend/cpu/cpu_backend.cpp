@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "backend/backend.h"
+#include "backend/scratch_arena.h"
 #include "core/memory.h"
 #include "core/status.h"
 #include "core/thread_pool.h"
@@ -40,44 +41,26 @@ float *thread_scratch(size_t n, int slot = 0) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(const BackendOptions &opt) : pool_(opt.n_threads) {}
+  explicit CpuBackend(const BackendOptions &opt)
+      : pool_(opt.n_threads),
+        arena_(
+            [](size_t n) {
+              void *p = mi_malloc_aligned(n, 64);
+              if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate " + std::to_string(n) + " bytes of scratch");
+              return p;
+            },
+            [](void *p) { mi_free(p); }, size_t(64) << 20, 64) {}
   ~CpuBackend() override {
     for (float *p : pages_) mi_free(p);
-    for (char *p : arena_) mi_free(p);
   }
   const char *name() const override { return "cpu"; }
 
-  void begin_step() override {
-    arena_block_ = 0;
-    arena_used_ = 0;
-  }
-
+  void begin_step() override { arena_.reset(); }
   Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
-    size_t bytes = size_t(rows * cols) * dtype_size(dtype);
-    bytes = (bytes + 63) & ~size_t(63);
-    // Blocks are never moved once handed out; a step that outgrows them gets another block.
-    while (arena_block_ < arena_.size() && arena_used_ + bytes > arena_sizes_[arena_block_]) {
-      arena_block_++;
-      arena_used_ = 0;
-    }
-    if (arena_block_ == arena_.size()) {
-      size_t sz = std::max<size_t>(bytes, size_t(64) << 20);
-      void *p = mi_malloc_aligned(sz, 64);
-      if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate " + std::to_string(sz) + " bytes of scratch");
-      arena_.push_back(static_cast<char *>(p));
-      arena_sizes_.push_back(sz);
-      arena_used_ = 0;
-    }
-    Tensor t{arena_[arena_block_] + arena_used_, dtype, rows, cols};
-    arena_used_ += bytes;
-    return t;
+    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols};
   }
-
-  uint64_t scratch_mark() override { return uint64_t(arena_block_) << 40 | arena_used_; }
-  void scratch_release(uint64_t mark) override {
-    arena_block_ = size_t(mark >> 40);
-    arena_used_ = size_t(mark & ((uint64_t(1) << 40) - 1));
-  }
+  uint64_t scratch_mark() override { return arena_.mark(); }
+  void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
 
   void kv_init(const KvCacheSpec &spec) override {
     kv_ = spec;
@@ -421,9 +404,7 @@ class CpuBackend final : public Backend {
 
  private:
   ThreadPool pool_;
-  std::vector<char *> arena_;
-  std::vector<size_t> arena_sizes_;
-  size_t arena_block_ = 0, arena_used_ = 0;
+  ScratchArena arena_;
   KvCacheSpec kv_;
   std::vector<float *> pages_;
 };

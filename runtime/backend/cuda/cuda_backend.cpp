@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "backend/backend.h"
+#include "backend/scratch_arena.h"
 #include "core/status.h"
 #include "kernels.h"
 
@@ -35,7 +36,14 @@ int32_t dev_dtype(DType t) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(const BackendOptions &opt) {
+  explicit CudaBackend(const BackendOptions &opt)
+      : arena_(
+            [](size_t n) {
+              void *p = nullptr;
+              cuda_check(cudaMalloc(&p, n), "scratch arena");
+              return p;
+            },
+            [](void *p) { cudaFree(p); }, size_t(256) << 20, 256) {
     cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   }
@@ -45,40 +53,18 @@ class CudaBackend final : public Backend {
       cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
-    for (char *p : arena_) cudaFree(p);
     cudaFree(kv_.base);
     cudaStreamDestroy(stream_);
   }
   const char *name() const override { return "cuda"; }
 
   // ---- memory
-  void begin_step() override {
-    arena_block_ = 0;
-    arena_used_ = 0;
-  }
+  void begin_step() override { arena_.reset(); }
   Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
-    size_t bytes = (size_t(rows * cols) * dtype_size(dtype) + 255) & ~size_t(255);
-    while (arena_block_ < arena_.size() && arena_used_ + bytes > arena_sizes_[arena_block_]) {
-      arena_block_++;
-      arena_used_ = 0;
-    }
-    if (arena_block_ == arena_.size()) {
-      size_t sz = std::max<size_t>(bytes, size_t(256) << 20);
-      void *p = nullptr;
-      cuda_check(cudaMalloc(&p, sz), "scratch arena");
-      arena_.push_back(static_cast<char *>(p));
-      arena_sizes_.push_back(sz);
-      arena_used_ = 0;
-    }
-    Tensor t{arena_[arena_block_] + arena_used_, dtype, rows, cols};
-    arena_used_ += bytes;
-    return t;
+    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols};
   }
-  uint64_t scratch_mark() override { return uint64_t(arena_block_) << 40 | arena_used_; }
-  void scratch_release(uint64_t mark) override {
-    arena_block_ = size_t(mark >> 40);
-    arena_used_ = size_t(mark & ((uint64_t(1) << 40) - 1));
-  }
+  uint64_t scratch_mark() override { return arena_.mark(); }
+  void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
 
   void kv_init(const KvCacheSpec &spec) override {
     cudaFree(kv_.base);
@@ -276,9 +262,7 @@ class CudaBackend final : public Backend {
   }
 
   cudaStream_t stream_ = nullptr;
-  std::vector<char *> arena_;
-  std::vector<size_t> arena_sizes_;
-  size_t arena_block_ = 0, arena_used_ = 0;
+  ScratchArena arena_;
   KvCacheSpec spec_;
   k::KvCacheView kv_;
   std::unordered_map<const void *, k::DevMatrix> weights_;

@@ -1,0 +1,55 @@
+// Bump allocator for a backend's per-step scratch tensors: blocks are never moved once handed out, a step
+// that outgrows them gets another block, and marks let a layer's temporaries be dropped together.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace dsrt {
+
+class ScratchArena {
+ public:
+  // alloc(bytes) returns a block (throwing on failure), release(p) frees it; blocks are at least min_block.
+  ScratchArena(std::function<void *(size_t)> alloc, std::function<void(void *)> release, size_t min_block, size_t align)
+      : alloc_(std::move(alloc)), release_(std::move(release)), min_block_(min_block), align_(align) {}
+  ~ScratchArena() {
+    for (char *b : blocks_) release_(b);
+  }
+  ScratchArena(const ScratchArena &) = delete;
+  ScratchArena &operator=(const ScratchArena &) = delete;
+
+  void *take(size_t bytes) {
+    bytes = (bytes + align_ - 1) / align_ * align_;
+    while (block_ < blocks_.size() && used_ + bytes > sizes_[block_]) {
+      block_++;
+      used_ = 0;
+    }
+    if (block_ == blocks_.size()) {
+      const size_t sz = std::max(bytes, min_block_);
+      blocks_.push_back(static_cast<char *>(alloc_(sz)));
+      sizes_.push_back(sz);
+      used_ = 0;
+    }
+    void *p = blocks_[block_] + used_;
+    used_ += bytes;
+    return p;
+  }
+  void reset() { block_ = used_ = 0; }
+  uint64_t mark() const { return uint64_t(block_) << 40 | used_; }
+  void release_to(uint64_t m) {
+    block_ = size_t(m >> 40);
+    used_ = size_t(m & ((uint64_t(1) << 40) - 1));
+  }
+
+ private:
+  std::function<void *(size_t)> alloc_;
+  std::function<void(void *)> release_;
+  size_t min_block_, align_;
+  std::vector<char *> blocks_;
+  std::vector<size_t> sizes_;
+  size_t block_ = 0, used_ = 0;
+};
+
+}  // namespace dsrt
