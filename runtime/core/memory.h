@@ -7,6 +7,8 @@
 #include <new>
 #include <vector>
 
+#include "core/fault.h"
+
 namespace dsrt {
 
 template <class T>
@@ -16,7 +18,7 @@ struct MiAllocator {
   template <class U>
   MiAllocator(const MiAllocator<U> &) noexcept {}
   T *allocate(size_t n) {
-    void *p = mi_malloc_aligned(n * sizeof(T), 64);
+    void *p = fault::alloc_should_fail() ? nullptr : mi_malloc_aligned(n * sizeof(T), 64);
     if (!p) throw std::bad_alloc();
     return static_cast<T *>(p);
   }

@@ -31,8 +31,14 @@ void ThreadPool::worker_loop(int) {
       auto *fn = job_;
       int64_t b = c * job_chunk_, e = std::min(job_n_, b + job_chunk_);
       lk.unlock();
-      (*fn)(b, e);
+      std::exception_ptr err;
+      try {
+        (*fn)(b, e);
+      } catch (...) {
+        err = std::current_exception();
+      }
       lk.lock();
+      if (err && !error_) error_ = err;
       if (++chunks_done_ == n_chunks_) cv_done_.notify_all();
     }
   }
@@ -55,18 +61,30 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
   n_chunks_ = (n + chunk - 1) / chunk;
   next_chunk_ = 0;
   chunks_done_ = 0;
+  error_ = nullptr;
   generation_++;
   cv_work_.notify_all();
   while (next_chunk_ < n_chunks_) {
     int64_t c = next_chunk_++;
     int64_t b = c * chunk, e = std::min(n, b + chunk);
     lk.unlock();
-    fn(b, e);
+    std::exception_ptr err;
+    try {
+      fn(b, e);
+    } catch (...) {
+      err = std::current_exception();
+    }
     lk.lock();
+    if (err && !error_) error_ = err;
     ++chunks_done_;
   }
   cv_done_.wait(lk, [&] { return chunks_done_ == n_chunks_; });
   job_ = nullptr;
+  if (error_) {
+    std::exception_ptr e = error_;
+    error_ = nullptr;
+    std::rethrow_exception(e);
+  }
 }
 
 }  // namespace dsrt

@@ -1,6 +1,7 @@
 // A fixed set of worker threads running parallel_for over index ranges; the calling thread works too.
 #pragma once
 #include <condition_variable>
+#include <exception>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -18,7 +19,8 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
   // Calls fn(begin, end) on disjoint chunks covering [0, n), each at least `grain` long (except the last).
-  // Blocks until all chunks are done. Calls from several threads are serialised.
+  // Blocks until all chunks are done; an exception thrown by fn (the first one) is rethrown here after every
+  // chunk has finished. Calls from several threads are serialised.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)> &fn);
 
  private:
@@ -32,6 +34,7 @@ class ThreadPool {
   int64_t job_n_ = 0, job_chunk_ = 0;
   int64_t next_chunk_ = 0, n_chunks_ = 0, chunks_done_ = 0;
   uint64_t generation_ = 0;
+  std::exception_ptr error_;
   bool stop_ = false;
 };
 

@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/fault.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -46,6 +47,7 @@ nlohmann::json read_json_file(const std::string &path, bool want_object) {
 }
 
 MappedFile::MappedFile(const std::string &path) : path_(path) {
+  if (fault::alloc_should_fail()) failf(DSRT_ERR_OUT_OF_MEMORY, path, ": out of memory mapping the file");
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) failf(DSRT_ERR_IO, path, ": cannot open (", std::strerror(errno), ")");
   struct stat st;
@@ -78,11 +80,18 @@ SafetensorsFile::SafetensorsFile(const std::string &path) : map_(path) {
   if (hlen > fsize - 8) failf(DSRT_ERR_FORMAT, path, ": header length ", hlen, " exceeds the file (", fsize, " bytes)");
   if (hlen > (uint64_t(100) << 20)) failf(DSRT_ERR_FORMAT, path, ": header length ", hlen, " is implausibly large");
   json h;
+  std::set<std::string> names;  // JSON parsers keep the last of duplicate keys: a hostile header could hide one
+  std::string duplicate;
   try {
-    h = json::parse(map_.data() + 8, map_.data() + 8 + hlen);
+    h = json::parse(map_.data() + 8, map_.data() + 8 + hlen, [&](int depth, json::parse_event_t ev, json &parsed) {
+      if (depth == 1 && ev == json::parse_event_t::key && !names.insert(parsed.get<std::string>()).second)
+        duplicate = parsed.get<std::string>();
+      return true;
+    });
   } catch (const std::exception &e) {
     failf(DSRT_ERR_FORMAT, path, ": header is not valid JSON (", e.what(), ")");
   }
+  if (!duplicate.empty()) failf(DSRT_ERR_FORMAT, path, ": tensor ", duplicate, " is listed twice in the header");
   if (!h.is_object()) failf(DSRT_ERR_FORMAT, path, ": header is not a JSON object");
   const uint8_t *base = map_.data() + 8 + hlen;
   const uint64_t data_size = fsize - 8 - hlen;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "core/fault.h"
 #include "core/status.h"
 #include "model/safetensors.h"
 
@@ -20,6 +21,7 @@ std::string token_text(const nlohmann::json &v) {
 }  // namespace
 
 std::unique_ptr<Tokenizer> Tokenizer::load(const std::string &dir, int64_t model_vocab) {
+  if (fault::alloc_should_fail()) fail(DSRT_ERR_OUT_OF_MEMORY, dir + ": out of memory loading the tokenizer");
   nlohmann::json tc = nlohmann::json::object();
   const std::string tc_path = dir + "/tokenizer_config.json";
   if (file_exists(tc_path)) tc = read_json_file(tc_path);

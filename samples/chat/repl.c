@@ -291,7 +291,10 @@ int chat_repl(const struct chat_options *opt) {
       }
       continue;
     }
-    /* A user message: remember the state for /undo, append it, stream the reply. */
+    /* A user message: remember the state for /undo, append it, stream the reply. A Ctrl-C from here on
+     * (during the prefill too) stops this reply. */
+    dsrt_cancel_reset(g_cancel);
+    g_interrupted = 0;
     dsrt_free(undo);
     undo = NULL;
     if (started && dsrt_session_state_save(s, &undo, &undo_n) != DSRT_OK) undo = NULL;
@@ -313,8 +316,6 @@ int chat_repl(const struct chat_options *opt) {
       continue;
     }
     started = 1;
-    dsrt_cancel_reset(g_cancel);
-    g_interrupted = 0;
     pr.thinking = 0;
     if (dsrt_session_generate(s, &gp, on_event, &pr) != DSRT_OK) printf("(error: %s)\n", dsrt_last_error());
   }

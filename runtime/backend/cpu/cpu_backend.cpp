@@ -45,7 +45,7 @@ class CpuBackend final : public Backend {
       : pool_(opt.n_threads),
         arena_(
             [](size_t n) {
-              void *p = mi_malloc_aligned(n, 64);
+              void *p = fault::alloc_should_fail() ? nullptr : mi_malloc_aligned(n, 64);
               if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate " + std::to_string(n) + " bytes of scratch");
               return p;
             },
@@ -74,7 +74,7 @@ class CpuBackend final : public Backend {
     if (idx < 0 || size_t(idx) >= pages_.size()) failf(DSRT_ERR_INTERNAL, "KV page ", idx, " out of range");
     float *&p = pages_[size_t(idx)];
     if (!p) {
-      p = static_cast<float *>(mi_zalloc_aligned(page_floats() * sizeof(float), 64));
+      p = fault::alloc_should_fail() ? nullptr : static_cast<float *>(mi_zalloc_aligned(page_floats() * sizeof(float), 64));
       if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate a KV page");
     }
     return p;
