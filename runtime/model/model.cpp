@@ -18,6 +18,8 @@ bool forward_progress(uint64_t done, uint64_t total, void *user) {
   if (c->opt->cancel && c->opt->cancel->load(std::memory_order_relaxed)) return false;
   return !c->opt->progress || c->opt->progress(c->stage, done, total, c->opt->user);
 }
+}  // namespace
+
 void load_generation_defaults(const std::string &dir, GenerationDefaults &g) {
   const std::string path = dir + "/generation_config.json";
   if (!file_exists(path)) return;
@@ -36,8 +38,6 @@ void load_generation_defaults(const std::string &dir, GenerationDefaults &g) {
   if ((g.has_top_k = num("top_k", 0.0f, 1e9f, &k))) g.top_k = int32_t(k);
   if (auto it = j.find("do_sample"); it != j.end() && it->is_boolean()) g.do_sample = it->get<bool>();
 }
-
-}  // namespace
 
 const Tokenizer &Model::tok() const {
   if (!tokenizer)

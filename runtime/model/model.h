@@ -29,6 +29,9 @@ struct GenerationDefaults {
   int32_t top_k = 0;
 };
 
+// Reads generation_config.json of a model directory (absent: defaults stay). Throws DSRT_ERR_FORMAT.
+void load_generation_defaults(const std::string &dir, GenerationDefaults &g);
+
 class Model {
  public:
   static std::shared_ptr<Model> load(const std::string &dir, const LoadOptions &opt);

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (CMake preset `fuzz`: clang, ASan + UBSan) and runs each for SECONDS
+# (default 30) from its seed corpus in tests/fuzz/corpus/. Findings go to build-fuzz/findings/TARGET/ and make
+# the script fail. usage: tools/fuzz.sh [SECONDS] [TARGET...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-30}"
+shift || true
+targets="${*:-safetensors index config generation_config tokenizer_json tokenizer_config chat_template session_state tokenize}"
+cmake --preset fuzz >/dev/null
+cmake --build build-fuzz -j "$(nproc)" --target $(for t in $targets; do printf 'fuzz_%s ' "$t"; done)
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+status=0
+for t in $targets; do
+  work=build-fuzz/corpus/$t findings=build-fuzz/findings/$t
+  mkdir -p "$work" "$findings"
+  cp -n tests/fuzz/corpus/$t/* "$work/" 2>/dev/null || true
+  log=build-fuzz/fuzz_$t.log
+  if build-fuzz/tests/fuzz/fuzz_$t "$work" -max_total_time="$secs" -max_len=65536 -timeout=20 -rss_limit_mb=4096 \
+       -artifact_prefix="$findings/" -print_final_stats=1 >"$log" 2>&1; then
+    runs=$(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    echo "fuzz_$t: ${secs}s, $runs runs, corpus $(ls "$work" | wc -l) inputs, no findings"
+  else
+    echo "fuzz_$t: FINDING (see $log and $findings/)"
+    tail -30 "$log"
+    status=1
+  fi
+done
+exit $status
