@@ -66,7 +66,12 @@ struct Pty {
     while (std::chrono::steady_clock::now() < deadline) {
       int status;
       char buf[4096];
-      while (read(fd, buf, sizeof buf) > 0) out.append(buf);  // drain
+      pollfd pf{fd, POLLIN, 0};
+      while (poll(&pf, 1, 0) > 0) {  // drain what is there without blocking
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) break;
+        out.append(buf, size_t(n));
+      }
       if (waitpid(pid, &status, WNOHANG) == pid) {
         pid = -1;
         return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -98,10 +103,13 @@ TEST_CASE("chat REPL through a pseudo-terminal: prompt, streaming, Ctrl-C stops 
   size_t at = t.wait_for("> ", 0);
   REQUIRE(at != std::string::npos);
   t.send("Tell me a long story\r");
-  size_t reply = t.wait_for("story", at);  // the echo of what we typed
+  size_t reply = t.wait_for("story\r\n", at);  // the terminal's echo of what we typed
   REQUIRE(reply != std::string::npos);
-  // Let the reply stream a little, then stop it: the program stays and prompts again.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Wait until the reply is streaming (the REPL has read the line and is generating), then stop it: the
+  // program stays and prompts again.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (t.out.size() <= reply + 2 && std::chrono::steady_clock::now() < deadline) t.wait_for("\x01", reply, 0.2);
+  REQUIRE(t.out.size() > reply + 2);
   t.send("\x03");
   size_t stopped = t.wait_for("[stopped]", reply, 30);
   CHECK(stopped != std::string::npos);

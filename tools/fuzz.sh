@@ -10,7 +10,7 @@ targets="${*:-safetensors index config generation_config tokenizer_json tokenize
 cmake --preset fuzz >/dev/null
 cmake --build build-fuzz -j "$(nproc)" --target $(for t in $targets; do printf 'fuzz_%s ' "$t"; done)
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-status=0
+status=0 passed=0 failed=0
 for t in $targets; do
   work=build-fuzz/corpus/$t findings=build-fuzz/findings/$t
   mkdir -p "$work" "$findings"
@@ -20,10 +20,13 @@ for t in $targets; do
        -artifact_prefix="$findings/" -print_final_stats=1 >"$log" 2>&1; then
     runs=$(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     echo "fuzz_$t: ${secs}s, $runs runs, corpus $(ls "$work" | wc -l) inputs, no findings"
+    passed=$((passed + 1))
   else
+    failed=$((failed + 1))
     echo "fuzz_$t: FINDING (see $log and $findings/)"
     tail -30 "$log"
     status=1
   fi
 done
+echo "fuzz: $passed passed, $failed failed"
 exit $status

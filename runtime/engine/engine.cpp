@@ -500,8 +500,8 @@ void Session::load_state(const std::string &blob) {
       lrows < 0 || r.pos != blob.size())
     fail(DSRT_ERR_FORMAT, "session state is corrupt (sizes disagree)");
   std::vector<int32_t> t(n_tok), p(pend.size() / 4);
-  std::memcpy(t.data(), tok.data(), tok.size());
-  std::memcpy(p.data(), pend.data(), pend.size());
+  if (!tok.empty()) std::memcpy(t.data(), tok.data(), tok.size());
+  if (!pend.empty()) std::memcpy(p.data(), pend.data(), pend.size());
   for (int32_t id : t)
     if (id < 0 || id >= V) fail(DSRT_ERR_FORMAT, "session state holds a token id outside the vocabulary");
   for (int32_t id : p)

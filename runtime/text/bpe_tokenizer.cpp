@@ -134,7 +134,8 @@ class BytePairTokenizer : public Tokenizer {
     std::vector<std::pair<size_t, size_t>> pieces = {{0, span.size()}}, next;
     for (const Stage &st : stages) {
       next.clear();
-      for (auto [pb, pe] : pieces) {
+      for (const auto &piece : pieces) {
+        const size_t pb = piece.first, pe = piece.second;  // plain names: lambdas cannot capture bindings in clang 14
         size_t last = pb;
         st.re->for_each_match(span.substr(pb, pe - pb), [&](size_t b, size_t e) {
           if (st.keep_gaps && pb + b > last) next.push_back({last, pb + b});

@@ -27,8 +27,11 @@ static void on_sigint(int sig) {
 static int32_t on_progress(int32_t stage, uint64_t done, uint64_t total, void *user) {
   (void)user;
   static const char *names[] = {"config", "shards", "tensors"};
+  static int last = -1;
   if (stage < 0 || stage > 2 || total == 0) return 0;
-  int width = 30, filled = (int)(width * done / total);
+  int width = 30, filled = (int)(width * done / total), key = stage * 1000 + (int)(100 * done / total);
+  if (key == last) return g_interrupted ? 1 : 0; /* redraw only when the percentage moves */
+  last = key;
   fprintf(stderr, "\rloading %-8s [%.*s%*s] %3d%%", names[stage], filled, "##############################",
           width - filled, "", (int)(100 * done / total));
   if (done == total && stage == 2) fputc('\n', stderr);
@@ -122,6 +125,7 @@ static void *read_file(const char *path, size_t *n) {
 /* Reads a line without its newline into *line (grown as needed). Returns -1 at EOF, -2 on Ctrl-C. */
 static int read_line(char **line, size_t *cap) {
   size_t len = 0;
+  if (g_interrupted) return -2;
   for (;;) {
     if (len + 2 > *cap) {
       char *nb = realloc(*line, *cap = *cap * 2 + 256);
@@ -216,8 +220,7 @@ int chat_repl(const struct chat_options *opt) {
       fputs("> ", stdout);
       fflush(stdout);
     }
-    g_interrupted = 0;
-    int len = read_line(&line, &cap);
+    int len = read_line(&line, &cap); /* a Ctrl-C pending from before the prompt counts as one at it */
     if (len == -1) break;                 /* EOF */
     if (len == -2) {                      /* Ctrl-C at the prompt */
       if (interactive) fputc('\n', stdout);
@@ -318,6 +321,7 @@ int chat_repl(const struct chat_options *opt) {
     started = 1;
     pr.thinking = 0;
     if (dsrt_session_generate(s, &gp, on_event, &pr) != DSRT_OK) printf("(error: %s)\n", dsrt_last_error());
+    g_interrupted = 0; /* a Ctrl-C during the reply stopped the reply; it does not also leave the program */
   }
   rc = 0;
 done:
