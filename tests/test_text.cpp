@@ -257,6 +257,8 @@ TEST_CASE("the Jinja interpreter: whitespace control, loops, filters, tests, lim
   fails("{{ 'x' * 100000000 }}", "limit");
   fails("{{ raise_exception('bad role') }}", "bad role");
   fails("{% if x %}unclosed", "endif");
+  fails("{% %}", "empty");      // found by fuzz_chat_template: an empty tag threw std::out_of_range
+  fails("{% if true %}{%   %}{% endif %}", "empty");
   fails("{{ (((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))) }}",
         "deeply");
   fails("{% macro m() %}{% endmacro %}", "macro");

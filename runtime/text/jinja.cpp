@@ -721,6 +721,7 @@ class Builder {
   }
   static std::string rest(const Segment &s) {
     size_t a = s.body.find_first_not_of(" \t\r\n");
+    if (a == std::string::npos) return "";
     size_t b = a;
     while (b < s.body.size() && (std::isalnum(uint8_t(s.body[b])) || s.body[b] == '_')) b++;
     return s.body.substr(b);
@@ -752,6 +753,7 @@ class Builder {
         continue;
       }
       std::string h = head(seg);
+      if (h.empty()) syntax(seg.line, "empty or malformed {% %} tag");
       if (std::find(stops.begin(), stops.end(), h) != stops.end()) return body;
       i_++;
       Parser p(tokenize(rest(seg), seg.line), seg.line);
