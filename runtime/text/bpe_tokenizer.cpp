@@ -305,7 +305,7 @@ std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_
   const json &pre = j.value("pre_tokenizer", json());
   std::vector<const json *> steps;
   if (pre.is_object() && pre.value("type", "") == "Sequence") {
-    for (auto &s : pre["pretokenizers"]) steps.push_back(&s);
+    for (auto &s : pre.at("pretokenizers")) steps.push_back(&s);
   } else if (pre.is_object()) {
     steps.push_back(&pre);
   }
@@ -313,8 +313,8 @@ std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_
   for (const json *s : steps) {
     std::string type = s->value("type", "");
     if (type == "Split") {
-      const json &pat = (*s)["pattern"];
-      std::string re = pat.contains("Regex") ? pat["Regex"].get<std::string>() : "";
+      const json &pat = s->at("pattern");
+      std::string re = pat.contains("Regex") ? pat.at("Regex").get<std::string>() : "";
       if (re.empty()) failf(DSRT_ERR_UNSUPPORTED, path, ": Split pre-tokenizer without a Regex pattern");
       if (s->value("behavior", "") != "Isolated" || s->value("invert", false))
         failf(DSRT_ERR_UNSUPPORTED, path, ": Split behaviour other than Isolated");
@@ -369,7 +369,7 @@ std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_
   }
   for (auto &a : j.value("added_tokens", json::array())) {
     if (!a.contains("id") || !a.contains("content")) failf(DSRT_ERR_FORMAT, path, ": added token without id or content");
-    t->add_special(a["id"].get<int32_t>(), a["content"].get<std::string>(), a.value("special", false));
+    t->add_special(a.at("id").get<int32_t>(), a.at("content").get<std::string>(), a.value("special", false));
   }
   t->finish(model_vocab, path);
   return t;

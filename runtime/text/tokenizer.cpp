@@ -25,6 +25,14 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string &dir, int64_t model
   nlohmann::json tc = nlohmann::json::object();
   const std::string tc_path = dir + "/tokenizer_config.json";
   if (file_exists(tc_path)) tc = read_json_file(tc_path);
+  try {
+    return load_files(dir, model_vocab, tc);
+  } catch (const nlohmann::json::exception &e) {  // a field of the wrong type or shape in a hostile file
+    failf(DSRT_ERR_FORMAT, dir, ": malformed tokenizer files (", e.what(), ")");
+  }
+}
+
+std::unique_ptr<Tokenizer> Tokenizer::load_files(const std::string &dir, int64_t model_vocab, const nlohmann::json &tc) {
   std::unique_ptr<Tokenizer> t;
   if (file_exists(dir + "/tokenizer.json"))
     t = make_hf_bpe_tokenizer(dir + "/tokenizer.json", model_vocab);

@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 namespace dsrt {
 
 enum TokenAttr : uint8_t {
@@ -46,6 +48,7 @@ class Tokenizer {
   std::string bos_text, eos_text;
 
  protected:
+  static std::unique_ptr<Tokenizer> load_files(const std::string &dir, int64_t model_vocab, const nlohmann::json &tc);
   void add_special(int32_t id, const std::string &text, bool special);
   void finish_specials();  // builds the matcher for parse_special
   // Splits text into ordinary spans and special-token ids (in order). span: (begin, end) or id >= 0.
