@@ -7,6 +7,8 @@
 #include <functional>
 #include <vector>
 
+#include "backend/backend.h"
+
 namespace dsrt {
 
 class ScratchArena {
@@ -50,6 +52,22 @@ class ScratchArena {
   std::vector<char *> blocks_;
   std::vector<size_t> sizes_;
   size_t block_ = 0, used_ = 0;
+};
+
+// A Backend whose scratch tensors come from a ScratchArena (both the CPU and the CUDA backend).
+class ArenaBackend : public Backend {
+ public:
+  ArenaBackend(std::function<void *(size_t)> alloc, std::function<void(void *)> release, size_t min_block, size_t align)
+      : arena_(std::move(alloc), std::move(release), min_block, align) {}
+  void begin_step() override { arena_.reset(); }
+  Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
+    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols};
+  }
+  uint64_t scratch_mark() override { return arena_.mark(); }
+  void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
+
+ private:
+  ScratchArena arena_;
 };
 
 }  // namespace dsrt

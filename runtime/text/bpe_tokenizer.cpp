@@ -101,33 +101,24 @@ class BytePairTokenizer : public Tokenizer {
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges;  // (a, b) -> (rank, merged id)
   std::unordered_map<std::string, int32_t> by_bytes;                 // ordinary token bytes -> id
 
-  std::vector<int32_t> encode(std::string_view text, bool parse_special) const override {
-    std::vector<int32_t> out;
-    for (const Segment &seg : split_specials(text, parse_special)) {
-      if (seg.id >= 0) {
-        out.push_back(seg.id);
-        continue;
+  // Regex splitting runs over valid UTF-8; a byte that is not part of a valid character is a piece of its
+  // own (its byte token), so any byte string round-trips.
+  void encode_ordinary(std::string_view span, std::vector<int32_t> &out) const override {
+    size_t i = 0;
+    while (i < span.size()) {
+      size_t j = i;
+      while (j < span.size()) {
+        size_t l = utf8_len_at(span, j);
+        if (!l) break;
+        j += l;
       }
-      // Regex splitting runs over valid UTF-8; a byte that is not part of a valid character is a piece of
-      // its own (its byte token), so any byte string round-trips.
-      const std::string_view span = text.substr(seg.begin, seg.end - seg.begin);
-      size_t i = 0;
-      while (i < span.size()) {
-        size_t j = i;
-        while (j < span.size()) {
-          size_t l = utf8_len_at(span, j);
-          if (!l) break;
-          j += l;
-        }
-        if (j > i) split_and_merge(span.substr(i, j - i), out);
-        if (j < span.size()) {
-          out.push_back(byte_id[uint8_t(span[j])]);
-          j++;
-        }
-        i = j;
+      if (j > i) split_and_merge(span.substr(i, j - i), out);
+      if (j < span.size()) {
+        out.push_back(byte_id[uint8_t(span[j])]);
+        j++;
       }
+      i = j;
     }
-    return out;
   }
 
   void split_and_merge(std::string_view span, std::vector<int32_t> &out) const {

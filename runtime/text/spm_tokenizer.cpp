@@ -11,19 +11,11 @@ class SpmTokenizer : public Tokenizer {
  public:
   sentencepiece::SentencePieceProcessor sp;
 
-  std::vector<int32_t> encode(std::string_view text, bool parse_special) const override {
-    std::vector<int32_t> out;
-    for (const Segment &seg : split_specials(text, parse_special)) {
-      if (seg.id >= 0) {
-        out.push_back(seg.id);
-        continue;
-      }
-      std::vector<int> ids;
-      auto st = sp.Encode(text.substr(seg.begin, seg.end - seg.begin), &ids);
-      if (!st.ok()) fail(DSRT_ERR_INTERNAL, "sentencepiece: " + st.ToString());
-      out.insert(out.end(), ids.begin(), ids.end());
-    }
-    return out;
+  void encode_ordinary(std::string_view text, std::vector<int32_t> &out) const override {
+    std::vector<int> ids;
+    auto st = sp.Encode(text, &ids);
+    if (!st.ok()) fail(DSRT_ERR_INTERNAL, "sentencepiece: " + st.ToString());
+    out.insert(out.end(), ids.begin(), ids.end());
   }
 
   void build(int64_t model_vocab) {

@@ -72,6 +72,17 @@ std::unique_ptr<Tokenizer> Tokenizer::load_files(const std::string &dir, int64_t
   return t;
 }
 
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special) const {
+  std::vector<int32_t> out;
+  for (const Segment &seg : split_specials(text, parse_special)) {
+    if (seg.id >= 0)
+      out.push_back(seg.id);
+    else
+      encode_ordinary(text.substr(seg.begin, seg.end - seg.begin), out);
+  }
+  return out;
+}
+
 const std::string &Tokenizer::token_bytes(int32_t id) const {
   static const std::string empty;
   return id >= 0 && size_t(id) < pieces_.size() ? pieces_[size_t(id)] : empty;

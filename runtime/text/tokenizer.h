@@ -29,7 +29,7 @@ class Tokenizer {
 
   // Ids of the text's exact bytes. parse_special: strings of added/special tokens are matched as those
   // tokens (as Hugging Face tokenizers does); otherwise they are ordinary text.
-  virtual std::vector<int32_t> encode(std::string_view text, bool parse_special) const = 0;
+  std::vector<int32_t> encode(std::string_view text, bool parse_special) const;
   const std::string &token_bytes(int32_t id) const;  // "" for out-of-range ids
   uint8_t attr(int32_t id) const { return id >= 0 && size_t(id) < attrs_.size() ? attrs_[size_t(id)] : uint8_t(kTokenUnused); }
   int32_t n_tokens() const { return int32_t(pieces_.size()); }
@@ -48,6 +48,8 @@ class Tokenizer {
   std::string bos_text, eos_text;
 
  protected:
+  // Ids of text that holds no special token (the model-specific part of encode).
+  virtual void encode_ordinary(std::string_view text, std::vector<int32_t> &out) const = 0;
   static std::unique_ptr<Tokenizer> load_files(const std::string &dir, int64_t model_vocab, const nlohmann::json &tc);
   void add_special(int32_t id, const std::string &text, bool special);
   void finish_specials();  // builds the matcher for parse_special

@@ -39,28 +39,22 @@ float *thread_scratch(size_t n, int slot = 0) {
   return b.data();
 }
 
-class CpuBackend final : public Backend {
+class CpuBackend final : public ArenaBackend {
  public:
   explicit CpuBackend(const BackendOptions &opt)
-      : pool_(opt.n_threads),
-        arena_(
+      : ArenaBackend(
             [](size_t n) {
               void *p = fault::alloc_should_fail() ? nullptr : mi_malloc_aligned(n, 64);
               if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate " + std::to_string(n) + " bytes of scratch");
               return p;
             },
-            [](void *p) { mi_free(p); }, size_t(64) << 20, 64) {}
+            [](void *p) { mi_free(p); }, size_t(64) << 20, 64),
+        pool_(opt.n_threads) {}
   ~CpuBackend() override {
     for (float *p : pages_) mi_free(p);
   }
   const char *name() const override { return "cpu"; }
 
-  void begin_step() override { arena_.reset(); }
-  Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
-    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols};
-  }
-  uint64_t scratch_mark() override { return arena_.mark(); }
-  void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
 
   void kv_init(const KvCacheSpec &spec) override {
     kv_ = spec;
@@ -404,7 +398,6 @@ class CpuBackend final : public Backend {
 
  private:
   ThreadPool pool_;
-  ScratchArena arena_;
   KvCacheSpec kv_;
   std::vector<float *> pages_;
 };

@@ -34,10 +34,10 @@ int32_t dev_dtype(DType t) {
   }
 }
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public ArenaBackend {
  public:
   explicit CudaBackend(const BackendOptions &opt)
-      : arena_(
+      : ArenaBackend(
             [](size_t n) {
               void *p = nullptr;
               cuda_check(cudaMalloc(&p, n), "scratch arena");
@@ -59,12 +59,6 @@ class CudaBackend final : public Backend {
   const char *name() const override { return "cuda"; }
 
   // ---- memory
-  void begin_step() override { arena_.reset(); }
-  Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
-    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols};
-  }
-  uint64_t scratch_mark() override { return arena_.mark(); }
-  void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
 
   void kv_init(const KvCacheSpec &spec) override {
     cudaFree(kv_.base);
@@ -262,7 +256,6 @@ class CudaBackend final : public Backend {
   }
 
   cudaStream_t stream_ = nullptr;
-  ScratchArena arena_;
   KvCacheSpec spec_;
   k::KvCacheView kv_;
   std::unordered_map<const void *, k::DevMatrix> weights_;
