@@ -115,7 +115,7 @@ DSRT_API void dsrt_cancel_free(dsrt_cancel *c);
 
 typedef struct dsrt_model dsrt_model;
 
-#define DSRT_BACKEND_AUTO 0   /* the best validated backend (today the CPU; CUDA once it has passed its GPU suite) */
+#define DSRT_BACKEND_AUTO 0   /* CUDA when this build has it and a GPU is present, else the CPU */
 #define DSRT_BACKEND_CPU  1   /* fp32 reference backend */
 #define DSRT_BACKEND_CUDA 2   /* builds with CUDA, on a machine with a GPU: DSRT_ERR_NO_DEVICE otherwise */
 

@@ -2,6 +2,7 @@
 # Builds the libFuzzer targets (CMake preset `fuzz`: clang, ASan + UBSan) and runs each for SECONDS
 # (default 30) from its seed corpus in tests/fuzz/corpus/. Findings go to build-fuzz/findings/TARGET/ and make
 # the script fail. usage: tools/fuzz.sh [SECONDS] [TARGET...]
+# DSRT_FUZZ_SEED fixes libFuzzer's seed (CI sets it, so a red run can be replayed; 0 = random).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-30}"
@@ -16,7 +17,7 @@ for t in $targets; do
   mkdir -p "$work" "$findings"
   cp -n tests/fuzz/corpus/$t/* "$work/" 2>/dev/null || true
   log=build-fuzz/fuzz_$t.log
-  if build-fuzz/tests/fuzz/fuzz_$t "$work" -max_total_time="$secs" -max_len=65536 -timeout=20 -rss_limit_mb=4096 \
+  if build-fuzz/tests/fuzz/fuzz_$t "$work" -max_total_time="$secs" -seed="${DSRT_FUZZ_SEED:-0}" -max_len=65536 -timeout=20 -rss_limit_mb=4096 \
        -artifact_prefix="$findings/" -print_final_stats=1 >"$log" 2>&1; then
     runs=$(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     echo "fuzz_$t: ${secs}s, $runs runs, corpus $(ls "$work" | wc -l) inputs, no findings"

@@ -312,9 +312,7 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     std::string why;
     const int n_gpus = dsrt::cuda_devices(&why);
     if (backend == DSRT_BACKEND_CUDA && n_gpus == 0) dsrt::fail(DSRT_ERR_NO_DEVICE, "the CUDA backend is not available: " + why);
-    // AUTO stays on the CPU until the CUDA backend has passed its GPU suite on hardware (it is built and
-    // selectable with DSRT_BACKEND_CUDA, but has not yet run on a GPU); then AUTO prefers it when n_gpus > 0.
-    if (backend == DSRT_BACKEND_AUTO) backend = DSRT_BACKEND_CPU;
+    if (backend == DSRT_BACKEND_AUTO) backend = n_gpus > 0 ? DSRT_BACKEND_CUDA : DSRT_BACKEND_CPU;
     LoadCallback cb{p.progress_fn, p.progress_user_data};
     dsrt::LoadOptions lo;
     lo.load_mtp = p.load_mtp != 0;

@@ -496,8 +496,9 @@ void Session::load_state(const std::string &blob) {
   const int64_t per_token = (m.cfg.num_hidden_layers + int64_t(m.w.mtp.size())) * m.cfg.kv_cache_width();
   const size_t n_tok = tok.size() / 4;
   auto kv = r.bytes(n_tok * size_t(per_token) * sizeof(float));
-  if (st.size() != 32 || kv.size() != n_tok * size_t(per_token) * sizeof(float) || lg.size() != size_t(lrows * V) * 4 ||
-      lrows < 0 || r.pos != blob.size())
+  // lrows is checked before it is multiplied: a hostile value must not overflow.
+  if (lrows < 0 || lrows > max_ctx_ || st.size() != 32 || kv.size() != n_tok * size_t(per_token) * sizeof(float) ||
+      lg.size() != size_t(lrows) * size_t(V) * sizeof(float) || r.pos != blob.size())
     fail(DSRT_ERR_FORMAT, "session state is corrupt (sizes disagree)");
   std::vector<int32_t> t(n_tok), p(pend.size() / 4);
   if (!tok.empty()) std::memcpy(t.data(), tok.data(), tok.size());

@@ -5,7 +5,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <unordered_map>
+#include <map>
+#include <tuple>
 
 #include "backend/backend.h"
 #include "backend/scratch_arena.h"
@@ -215,7 +216,7 @@ class CudaBackend final : public ArenaBackend {
 
   // A weight's device copy, made on first use: its bytes as stored, plus FP8 block scales.
   k::DevMatrix dev(const Weight &w) {
-    const void *key = w.data;
+    const WeightKey key{w.data, w.rows, w.cols, int(w.dtype)};
     auto it = weights_.find(key);
     if (it != weights_.end()) return it->second;
     k::DevMatrix m;
@@ -225,16 +226,20 @@ class CudaBackend final : public ArenaBackend {
     const size_t bytes = size_t(w.rows * w.cols) * dtype_size(w.dtype);
     void *p = nullptr;
     cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "weights");
-    cuda_check(cudaMemcpy(p, w.data, bytes, cudaMemcpyHostToDevice), "weight upload");
+    // On our stream: a legacy-stream cudaMemcpy from pageable memory may return before its DMA lands, and
+    // our non-blocking stream would not wait for it (found on the H100: the first lm_head GEMV read a
+    // half-uploaded matrix).
+    cuda_check(cudaMemcpyAsync(p, w.data, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
     m.data = p;
     if (w.dtype == DType::F8_E4M3) {
       const size_t sb = size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);
       void *sp = nullptr;
       cuda_check(cudaMalloc(&sp, sb), "weight scales");
-      cuda_check(cudaMemcpy(sp, w.scale, sb, cudaMemcpyHostToDevice), "scale upload");
+      cuda_check(cudaMemcpyAsync(sp, w.scale, sb, cudaMemcpyHostToDevice, stream_), "scale upload");
       m.scale = static_cast<const float *>(sp);
       m.scale_cols = w.scale_cols;
     }
+    sync();
     weights_[key] = m;
     return m;
   }
@@ -258,7 +263,9 @@ class CudaBackend final : public ArenaBackend {
   cudaStream_t stream_ = nullptr;
   KvCacheSpec spec_;
   k::KvCacheView kv_;
-  std::unordered_map<const void *, k::DevMatrix> weights_;
+  // Keyed by host address and shape: the model's weights live as long as the backend's engine.
+  using WeightKey = std::tuple<const void *, int64_t, int64_t, int>;
+  std::map<WeightKey, k::DevMatrix> weights_;
 };
 
 }  // namespace
