@@ -205,6 +205,12 @@ DSRT_API void dsrt_engine_free(dsrt_engine *e);
  * *n_tokens_out (optional) = tokens processed; 0 when nothing was pending. */
 DSRT_API dsrt_status dsrt_engine_step(dsrt_engine *e, int32_t *n_tokens_out);
 DSRT_API dsrt_status dsrt_engine_stats_get(const dsrt_engine *e, dsrt_engine_stats *out);
+/* Per-op time accounting of the engine's backend (CUDA events on a GPU, wall clock on the CPU); costs a
+ * little while on. Enabling (or disabling) clears what was recorded. */
+DSRT_API dsrt_status dsrt_engine_set_profiling(dsrt_engine *e, int32_t enable);
+/* What was recorded since: a JSON array [{"op": "self_attn.q_b_proj", "calls": 61, "ms": 1.25}, ...],
+ * longest total first; linear layers are named by weight, without the layer number. Free with dsrt_free. */
+DSRT_API dsrt_status dsrt_engine_profile_json(dsrt_engine *e, char **json_out);
 
 /* ---------------------------------------------------------------- session ----------------------- */
 

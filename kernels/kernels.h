@@ -37,6 +37,13 @@ void scatter_add_rows(const float *y, int64_t cols, const int32_t *rows, const f
 // ---- linear.cu: out[t, n] = sum_k x[t, k] W[n, k] for t < m; x [m, K] and out [m, N] contiguous
 void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s);
 
+// ---- moe.cu: the routed experts of T tokens (K slots each: ids, weights [T, K]) on the device.
+// Expert e's matrices are gate[e], up[e] [I, H] and down[e] [H, I] (device arrays); h [T*K, I] and
+// y [T*K, H] are scratch; out [T, H] is overwritten. Reads each selected expert once per slot: decode sizes.
+void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
+                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, float *h, float *y,
+                      float *out, cudaStream_t s);
+
 // ---- mla.cu: the paged latent cache holds fp32 [page][layer][64][width]; width = latent + rope.
 struct KvCacheView {
   float *base = nullptr;
@@ -63,7 +70,7 @@ void mla_attention_naive(const float *q, int64_t q_stride, int64_t rows, int64_t
                          const float *pe, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch,
                          float *out, int64_t out_stride, cudaStream_t s);
 
-// ---- moe_route.cu: DeepSeekMoE routing (spec §4) of `rows` tokens from fp32 router logits [rows, E].
+// ---- moe.cu: DeepSeekMoE routing (spec §4) of `rows` tokens from fp32 router logits [rows, E].
 struct RouteParams {
   int32_t n_experts, top_k, n_group, topk_group;
   int32_t sigmoid;       // 1: sigmoid scores, 0: softmax

@@ -53,7 +53,8 @@ inline std::string tiny(const std::string &preset) {
 
 inline std::vector<std::string> preset_names() {
   std::vector<std::string> v;
-  for (auto &p : dsrt::tools::tiny_presets()) v.push_back(p.name);
+  for (auto &p : dsrt::tools::tiny_presets())
+    if (!p.bulk) v.push_back(p.name);  // the benchmark presets are gigabytes
   return v;
 }
 

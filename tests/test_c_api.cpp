@@ -2,6 +2,8 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 
@@ -192,4 +194,37 @@ TEST_CASE("the CUDA backend request is a clear status in a build or machine with
   CHECK(std::strlen(dsrt_last_error()) > 0);
   p.backend = 77;
   CHECK(dsrt_model_load(tiny("no-qlora").c_str(), &p, &m) == DSRT_ERR_INVALID_ARGUMENT);
+}
+
+TEST_CASE("per-op profiling names every op of a step and clears when toggled") {
+  testing::Model m(tiny("partial-yarn"));
+  testing::Engine e(m);
+  testing::Session s(e);
+  CHECK_OK(dsrt_engine_set_profiling(e.e, 1));
+  s.append(prompt_tokens(m.vocab(), 10));
+  s.eval();
+  char *json = nullptr;
+  CHECK_OK(dsrt_engine_profile_json(e.e, &json));
+  REQUIRE(json != nullptr);
+  const nlohmann::json j = nlohmann::json::parse(json);
+  dsrt_free(json);
+  std::map<std::string, int64_t> calls;
+  double prev = 1e300;
+  for (const auto &row : j) {
+    calls[row["op"].get<std::string>()] = row["calls"].get<int64_t>();
+    CHECK(row["ms"].get<double>() >= 0.0);
+    CHECK(row["ms"].get<double>() <= prev);  // longest first
+    prev = row["ms"].get<double>();
+  }
+  CHECK(calls["self_attn.q_a_proj"] == 3);  // one per layer, named without the layer number
+  CHECK(calls["lm_head"] == 1);
+  CHECK(calls["mla_attention"] == 3);
+  CHECK(calls["moe_experts"] == 2);  // layers 1 and 2 (layer 0 is dense)
+  CHECK(calls["mlp.gate_proj"] == 1);                 // the dense layer
+  CHECK(calls["mlp.shared_experts.gate_proj"] == 2);  // the MoE layers' shared expert
+  CHECK_OK(dsrt_engine_set_profiling(e.e, 0));
+  CHECK_OK(dsrt_engine_profile_json(e.e, &json));
+  CHECK(std::string(json) == "[]");
+  dsrt_free(json);
+  CHECK(dsrt_engine_set_profiling(nullptr, 1) == DSRT_ERR_INVALID_ARGUMENT);
 }

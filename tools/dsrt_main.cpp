@@ -3,6 +3,7 @@
 //   dsrt generate --model DIR --tokens 5,17,42 -n 24 --temperature 0 --print-ids
 // are a public contract: other tools script against them. Errors: non-zero exit, one line on stderr.
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -14,6 +15,9 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
 #include "core/status.h"
 #include "dsrt.h"
 #include "model/config.h"
@@ -444,7 +448,66 @@ int cmd_inspect(const Args &a) {
 }
 
 // ---- bench
-double copy_bandwidth() {  // bytes read + written per second for a large memcpy on one thread
+std::vector<int> int_list(const Args &a, const std::string &k, const std::string &def) {
+  std::vector<int> v;
+  std::string s = a.get(k, def), part;
+  std::stringstream ss(s);
+  while (std::getline(ss, part, ',')) {
+    char *end = nullptr;
+    long n = std::strtol(part.c_str(), &end, 10);
+    if (part.empty() || *end || n < 1 || n > 1000000) throw Fail{"option " + k + " expects positive integers like 1,8,32, got \"" + s + "\""};
+    v.push_back(int(n));
+  }
+  return v;
+}
+
+// Bytes that must move per decode step and FLOPs per token, from the checkpoint (MTP is not run).
+struct StepCost {
+  double dense_bytes = 0, expert_bytes = 0;  // per step: all non-expert weights; all routed experts
+  double flops_per_token = 0;                // 2 x weights touched per token (embedding rows excluded)
+  double kv_bytes_per_token = 0;             // latent cache read per context token per step (fp32)
+  int64_t n_experts = 0, top_k = 0;
+  // Routed experts a batch of b tokens touches, if routing were uniform: E (1 - (1 - K/E)^b).
+  double experts_touched(int b) const {
+    if (!n_experts) return 0;
+    return double(n_experts) * (1.0 - std::pow(1.0 - double(top_k) / double(n_experts), b));
+  }
+  double step_bytes(int batch, int ctx) const {
+    const double per_expert = n_experts ? expert_bytes / double(n_experts) : 0.0;
+    return dense_bytes + experts_touched(batch) * per_expert + double(batch) * ctx * kv_bytes_per_token;
+  }
+};
+
+StepCost step_cost(const std::string &dir) {
+  using namespace dsrt;
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir);
+  Checkpoint ck(dir);
+  StepCost sc;
+  sc.n_experts = c.n_routed_experts;
+  sc.top_k = c.num_experts_per_tok;
+  double expert_params = 0;
+  for (auto &[name, t] : ck.all()) {
+    if (layer_of(name) >= c.num_hidden_layers) continue;           // MTP is not run by decode
+    if (name.find("embed_tokens") != std::string::npos) continue;  // one row per token
+    if (name.find("weight_scale_inv") != std::string::npos || name.find("norm") != std::string::npos) {
+      sc.dense_bytes += double(t->nbytes);
+      continue;
+    }
+    const double params = double(t->nbytes) / double(dtype_size(t->dtype));
+    if (name.find(".mlp.experts.") != std::string::npos) {
+      sc.expert_bytes += double(t->nbytes);
+      expert_params += params;
+    } else {
+      sc.dense_bytes += double(t->nbytes);
+      sc.flops_per_token += 2.0 * params;
+    }
+  }
+  if (sc.n_experts) sc.flops_per_token += 2.0 * expert_params * double(sc.top_k) / double(sc.n_experts);
+  sc.kv_bytes_per_token = double(c.num_hidden_layers * c.kv_cache_width()) * sizeof(float);
+  return sc;
+}
+
+double host_copy_bandwidth() {  // bytes read + written per second for a large memcpy on one thread
   const size_t n = size_t(256) << 20;
   std::vector<char> a(n, 1), b(n, 0);
   double best = 0;
@@ -457,68 +520,114 @@ double copy_bandwidth() {  // bytes read + written per second for a large memcpy
   return best;
 }
 
+void print_op_table(dsrt_engine *e, int steps, bool gpu) {
+  char *json = nullptr;
+  check(dsrt_engine_profile_json(e, &json));
+  const auto j = nlohmann::json::parse(json);
+  dsrt_free(json);
+  double total = 0;
+  for (const auto &r : j) total += r["ms"].get<double>();
+  std::printf("  per-op time per decode step (%s):\n  %-36s %8s %10s %7s\n", gpu ? "CUDA events" : "wall clock", "op", "calls",
+              "us/step", "share");
+  for (const auto &r : j)
+    std::printf("  %-36s %8lld %10.1f %6.1f%%\n", r["op"].get<std::string>().c_str(),
+                (long long)(r["calls"].get<int64_t>() / steps), 1e3 * r["ms"].get<double>() / steps,
+                100.0 * r["ms"].get<double>() / total);
+  std::printf("  %-36s %8s %10.1f\n", "sum", "", 1e3 * total / steps);
+}
+
 int cmd_bench(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt bench --model DIR [--prompt 64] [--gen 16] [--batch 1]\n"
-                "Prefill and decode tokens/s, each beside its roofline (bytes per step over measured copy bandwidth).\n%s",
+    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128] [--gen 32]\n"
+                "                  [--profile] [--max-batch-tokens N]\n"
+                "Prefill tokens/s for each prompt length (one sequence) and decode tokens/s for each batch (sessions of\n"
+                "--ctx tokens decoding --gen steps together), each beside its roofline: bytes that must move per step\n"
+                "(weights touched + latent cache read) over the measured copy bandwidth (device memory on a GPU, one\n"
+                "CPU thread's memcpy on the CPU). --profile adds a per-op time table for the first batch size.\n%s",
                 kCommonHelp);
     return 0;
   }
   using namespace dsrt;
-  const int prompt = int(a.num("--prompt", 64)), gen = int(a.num("--gen", 16)), batch = int(a.num("--batch", 1));
-  if (prompt < 1 || gen < 1 || batch < 1) throw Fail{"--prompt, --gen and --batch must be >= 1"};
+  const std::vector<int> prompts = int_list(a, "--prompt", "512"), batches = int_list(a, "--batch", "1");
+  const int ctx = int(a.num("--ctx", 128)), gen = int(a.num("--gen", 32));
+  if (ctx < 1 || gen < 1) throw Fail{"--ctx and --gen must be >= 1"};
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+  const int max_prompt = *std::max_element(prompts.begin(), prompts.end());
   Loaded l;
-  load(a, l, batch * (prompt + gen));
+  load(a, l, std::max(max_prompt, max_batch * (ctx + gen)));
   dsrt_model_info info;
   info.struct_size = sizeof info;
   check(dsrt_model_info_get(l.model, &info));
-  // Bytes a decode step must read: every weight except the routed experts, plus K/E of those, per token row.
+  const bool gpu = info.backend == DSRT_BACKEND_CUDA;
   const std::string dir = need(a, "--model");
-  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir);
-  Checkpoint ck(dir);
-  uint64_t dense_bytes = 0, expert_bytes = 0;
-  for (auto &[name, t] : ck.all()) {
-    const long long layer = layer_of(name);
-    if (layer >= c.num_hidden_layers) continue;  // MTP is not run by decode
-    if (name.find("embed_tokens") != std::string::npos) continue;  // one row per token
-    (name.find(".mlp.experts.") != std::string::npos ? expert_bytes : dense_bytes) += t->nbytes;
-  }
-  const double frac = c.n_routed_experts ? std::min(1.0, double(batch * c.num_experts_per_tok) / double(c.n_routed_experts)) : 0.0;
-  const double step_bytes = double(dense_bytes) + frac * double(expert_bytes);
-  const double bw = copy_bandwidth();
-
-  std::vector<dsrt_session *> ss(static_cast<size_t>(batch));
+  const StepCost sc = step_cost(dir);
+  const double bw = gpu ? device_copy_bandwidth(0) : host_copy_bandwidth();
+  std::printf("model %s: %s weights, backend %s\n", dir.c_str(), info.weights_format ? "FP8" : "BF16", gpu ? "cuda" : "cpu");
+  std::printf("copy bandwidth (%s, read + write): %.1f GB/s\n", gpu ? "device memcpy" : "one thread memcpy", bw / 1e9);
+  std::printf("per token: %.2f GFLOP (2 x weights touched); per step at batch 1: %.1f MB of weights\n",
+              sc.flops_per_token / 1e9, sc.step_bytes(1, 0) / 1e6);
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto secs = [&](auto t0) { return std::chrono::duration<double>(now() - t0).count(); };
+  auto tokens = [&](int n, int salt) {
+    std::vector<int32_t> t(static_cast<size_t>(n));
+    for (int i = 0; i < n; i++) t[size_t(i)] = int32_t((int64_t(i) * 7919 + 13 + salt * 104729) % info.n_vocab);
+    return t;
+  };
   dsrt_session_params sp;
   dsrt_session_params_init(&sp, sizeof sp);
-  for (auto &s : ss) check(dsrt_session_create(l.engine, &sp, &s));
-  std::vector<int32_t> toks(static_cast<size_t>(prompt));
-  for (int i = 0; i < prompt; i++) toks[size_t(i)] = int32_t((i * 7919 + 13) % info.n_vocab);
-  auto now = [] { return std::chrono::steady_clock::now(); };
-  auto t0 = now();
-  for (auto *s : ss) check(dsrt_session_append_tokens(s, toks.data(), toks.size()));
-  for (auto *s : ss) check(dsrt_session_eval(s, nullptr));
-  double t_prefill = std::chrono::duration<double>(now() - t0).count();
-  t0 = now();
-  for (int g = 0; g < gen; g++) {
-    for (auto *s : ss) {
-      int32_t tok;
-      check(dsrt_session_sample(s, nullptr, &tok));
-      check(dsrt_session_append_tokens(s, &tok, 1));
-    }
-    int32_t n;
-    check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
+
+  for (int P : prompts) {  // prefill: one sequence, chunked by the engine's max_batch_tokens
+    dsrt_session *s = nullptr;
+    check(dsrt_session_create(l.engine, &sp, &s));
+    auto t = tokens(P, 0);
+    check(dsrt_session_append_tokens(s, t.data(), t.size()));
+    auto t0 = now();
+    check(dsrt_session_eval(s, nullptr));
+    const double dt = secs(t0);
+    dsrt_session_free(s);
+    const double flops = sc.flops_per_token * P;
+    std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only)\n", P, dt, P / dt, flops / dt / 1e12);
   }
-  double t_decode = std::chrono::duration<double>(now() - t0).count();
-  for (auto *s : ss) dsrt_session_free(s);
-  const double dec_tps = double(gen * batch) / t_decode, roof_steps = bw / step_bytes;
-  std::printf("model %s: %s weights, backend cpu, threads %lld\n", dir.c_str(), info.weights_format ? "FP8" : "BF16",
-              a.num("--threads", 0));
-  std::printf("copy bandwidth (1 thread memcpy, read+write): %.2f GB/s\n", bw / 1e9);
-  std::printf("prefill: %d x %d tokens in %.3f s = %.1f tokens/s\n", batch, prompt, t_prefill, double(batch * prompt) / t_prefill);
-  std::printf("decode:  batch %d, %d steps in %.3f s = %.2f tokens/s (%.2f steps/s)\n", batch, gen, t_decode, dec_tps,
-              double(gen) / t_decode);
-  std::printf("decode roofline: %.2f MB of weights per step / %.2f GB/s = %.1f steps/s; measured %.1f%% of it\n",
-              step_bytes / 1e6, bw / 1e9, roof_steps, 100.0 * (double(gen) / t_decode) / roof_steps);
+
+  bool profiled = false;
+  for (int B : batches) {
+    std::vector<dsrt_session *> ss(static_cast<size_t>(B));
+    for (int i = 0; i < B; i++) {
+      check(dsrt_session_create(l.engine, &sp, &ss[size_t(i)]));
+      auto t = tokens(ctx, i);
+      check(dsrt_session_append_tokens(ss[size_t(i)], t.data(), t.size()));
+    }
+    while (true) {  // prefill every session, batched by the engine
+      int32_t n = 0;
+      check(dsrt_engine_step(l.engine, &n));
+      if (n == 0) break;
+    }
+    auto decode_step = [&] {
+      for (auto *s : ss) {
+        int32_t tok;
+        check(dsrt_session_sample(s, nullptr, &tok));
+        check(dsrt_session_append_tokens(s, &tok, 1));
+      }
+      int32_t n;
+      check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
+    };
+    decode_step();  // warm-up: first-use uploads and allocations
+    const bool profile = a.has("--profile") && !profiled;
+    if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
+    auto t0 = now();
+    for (int g = 1; g < gen; g++) decode_step();
+    const double dt = secs(t0), steps = gen - 1;
+    const double bytes = sc.step_bytes(B, ctx + gen / 2), roof = bw / bytes, rate = steps / dt;
+    std::printf("decode batch %4d: %8.2f steps/s = %9.1f tokens/s; roofline %.1f MB/step / %.0f GB/s = %.1f steps/s; "
+                "%5.1f%% of it\n",
+                B, rate, rate * B, bytes / 1e6, bw / 1e9, roof, 100.0 * rate / roof);
+    if (profile) {
+      print_op_table(l.engine, int(steps), gpu);
+      check(dsrt_engine_set_profiling(l.engine, 0));
+      profiled = true;
+    }
+    for (auto *s : ss) dsrt_session_free(s);
+  }
   return 0;
 }
 
@@ -526,7 +635,7 @@ int cmd_bench(const Args &a) {
 int cmd_make_tiny(const Args &a) {
   if (a.has("--help") || a.has("--list")) {
     std::printf("usage: dsrt make-tiny --preset NAME --out DIR [--seed S]\nWrites a random checkpoint in the published layout. Presets:\n");
-    for (auto &p : dsrt::tools::tiny_presets()) std::printf("  %-14s %s\n", p.name.c_str(), p.description.c_str());
+    for (auto &p : dsrt::tools::tiny_presets()) std::printf("  %-16s %s\n", p.name.c_str(), p.description.c_str());
     return 0;
   }
   const std::string name = need(a, "--preset");

@@ -4,6 +4,7 @@
 #   models  transformers' DeepseekV3ForCausalLM in fp32 on every tiny preset vs dsrt's logits and greedy
 #           tokens (the test data in tests/data/reference/)
 #   text    tokenizer ids and rendered chat templates from the reference libraries (tests/data/text/)
+#   v3      dsrt bench --profile on the v3-layers preset (DeepSeek-V3 layer shapes, made there)
 #   cuda    the GPU suite (CUDA backend vs CPU, op by op and end to end), compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
 #           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
@@ -26,13 +27,19 @@ for stage in $stages; do
       export LD_LIBRARY_PATH="$PWD/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
       bin=.carry/gpu/bin
       $bin/dsrt info
-      $bin/dsrt_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log"
-      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*" 2>&1 | tail -5 | tee "$OUT/memcheck.log"
+      $bin/dsrt_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "MESSAGE: .*(CUDA vs CPU|worst relative L2 [0-9.]*e-0[0-4])|ERROR|test cases"
+      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*,op by op*" 2>&1 | tail -5 | tee "$OUT/memcheck.log"
       compute-sanitizer --tool racecheck --error-exitcode 3 $bin/dsrt_gpu_tests -tc="MLA*,MoE*" 2>&1 | tail -5 | tee "$OUT/racecheck.log"
       for p in partial-yarn no-qlora v3-mini bf16; do
         $bin/dsrt make-tiny --preset $p --out /tmp/tiny-$p 2>/dev/null
-        $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --gen 32 2>&1 | tee -a "$OUT/bench.log"
+        $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --batch 1,8 --gen 16 2>&1 | tee -a "$OUT/bench.log"
       done ;;
+    v3)  # DeepSeek-V3 layer shapes (~16 GB written to /tmp): decode and prefill beside their rooflines
+      export LD_LIBRARY_PATH="$PWD/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      bin=.carry/gpu/bin
+      [ -f /tmp/v3-layers/config.json ] || /usr/bin/time -f "make-tiny v3-layers: %e s" $bin/dsrt make-tiny --preset v3-layers --out /tmp/v3-layers
+      timeout 400 $bin/dsrt bench --model /tmp/v3-layers --backend cuda --prompt ${V3_PROMPTS:-512,4096} \
+        --batch ${V3_BATCHES:-1,8,32,128} --ctx 128 --gen 16 --profile 2>&1 | tee "$OUT/bench-v3.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

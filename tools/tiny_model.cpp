@@ -174,8 +174,103 @@ std::vector<TinyPreset> build_presets() {
     p.config = c;
     v.push_back(p);
   }
+  {  // Benchmark: DeepSeek-V3's exact layer shapes, one dense and one MoE layer (about 16 GB).
+    TinyPreset p{"v3-layers", "benchmark: DeepSeek-V3 layer shapes (hidden 7168, 128 heads, 256 experts), 1 dense + 1 MoE layer, ~16 GB",
+                 {}, true};
+    p.bulk = true;
+    ojson c = base_config();
+    c["vocab_size"] = 129280;
+    c["hidden_size"] = 7168;
+    c["intermediate_size"] = 18432;
+    c["moe_intermediate_size"] = 2048;
+    c["num_hidden_layers"] = 2;
+    c["num_nextn_predict_layers"] = 0;
+    c["num_attention_heads"] = 128;
+    c["num_key_value_heads"] = 128;
+    c["q_lora_rank"] = 1536;
+    c["kv_lora_rank"] = 512;
+    c["qk_nope_head_dim"] = 128;
+    c["qk_rope_head_dim"] = 64;
+    c["v_head_dim"] = 128;
+    c["n_routed_experts"] = 256;
+    c["n_shared_experts"] = 1;
+    c["num_experts_per_tok"] = 8;
+    c["n_group"] = 8;
+    c["topk_group"] = 4;
+    c["routed_scaling_factor"] = 2.5;
+    c["first_k_dense_replace"] = 1;
+    c["rms_norm_eps"] = 1e-6;
+    c["rope_theta"] = 10000.0;
+    c["max_position_embeddings"] = 163840;
+    c["rope_scaling"] = {{"type", "yarn"}, {"factor", 40}, {"original_max_position_embeddings", 4096},
+                         {"beta_fast", 32}, {"beta_slow", 1}, {"mscale", 1.0}, {"mscale_all_dim", 1.0}};
+    c["quantization_config"] = fp8_quant();
+    p.config = c;
+    v.push_back(p);
+  }
+  {  // Benchmark: Moonlight-16B-A3B proportions (27 layers, 64 experts of 1408, top-6, no q_lora), in FP8.
+    TinyPreset p{"moonlight-shape", "benchmark: Moonlight-16B-A3B shapes and depth in FP8, ~16 GB", {}, true};
+    p.bulk = true;
+    ojson c = base_config();
+    c["vocab_size"] = 163840;
+    c["hidden_size"] = 2048;
+    c["intermediate_size"] = 11264;
+    c["moe_intermediate_size"] = 1408;
+    c["num_hidden_layers"] = 27;
+    c["num_nextn_predict_layers"] = 0;
+    c["num_attention_heads"] = 16;
+    c["num_key_value_heads"] = 16;
+    c["q_lora_rank"] = nullptr;
+    c["kv_lora_rank"] = 512;
+    c["qk_nope_head_dim"] = 128;
+    c["qk_rope_head_dim"] = 64;
+    c["v_head_dim"] = 128;
+    c["n_routed_experts"] = 64;
+    c["n_shared_experts"] = 2;
+    c["num_experts_per_tok"] = 6;
+    c["n_group"] = 1;
+    c["topk_group"] = 1;
+    c["routed_scaling_factor"] = 2.446;
+    c["first_k_dense_replace"] = 1;
+    c["rms_norm_eps"] = 1e-5;
+    c["rope_theta"] = 50000.0;
+    c["max_position_embeddings"] = 8192;
+    c["rope_scaling"] = nullptr;
+    c["quantization_config"] = fp8_quant();
+    p.config = c;
+    v.push_back(p);
+  }
   return v;
 }
+
+// Fast fill for the benchmark presets (gigabytes): a table of 256 normal quantiles indexed by the bytes of
+// a splitmix64 stream seeded from the tensor's name, instead of Box-Muller per element.
+struct BulkFill {
+  float quantile[256];
+  BulkFill() {
+    for (int i = 0; i < 256; i++) {  // inverse normal CDF by bisection (once per process)
+      const double p = (i + 0.5) / 256.0;
+      double lo = -6, hi = 6;
+      for (int it = 0; it < 60; it++) {
+        const double mid = 0.5 * (lo + hi);
+        (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p ? lo : hi) = mid;
+      }
+      quantile[i] = float(0.5 * (lo + hi));
+    }
+  }
+  template <class F>
+  static void stream(const std::string &name, uint64_t seed, size_t n, F &&put) {
+    uint64_t x = seed ^ 0x9e3779b97f4a7c15ull;
+    for (char ch : name) x = (x ^ uint8_t(ch)) * 0x100000001b3ull;
+    for (size_t i = 0; i < n; i += 8) {
+      uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      z ^= z >> 31;
+      for (size_t j = i; j < std::min(n, i + 8); j++, z >>= 8) put(j, uint8_t(z));
+    }
+  }
+};
 
 struct Gen {
   Rng rng;
@@ -197,11 +292,12 @@ struct Gen {
 
 class Writer {
  public:
-  Writer(Gen &g, bool fp8) : g_(g), fp8_(fp8) {}
+  Writer(Gen &g, bool fp8, bool bulk, uint64_t seed) : g_(g), fp8_(fp8), bulk_(bulk), seed_(seed) {}
   std::map<std::string, TensorData> tensors;
 
   // A linear weight [out, in] with std = gain / sqrt(in); FP8 + block scales when `quantise`.
   void linear(const std::string &name, int64_t out, int64_t in, double gain, bool quantise) {
+    if (bulk_) return bulk_linear(name, out, in, gain / std::sqrt(double(in)), quantise && fp8_);
     std::vector<float> w(static_cast<size_t>(out * in));
     const double sd = gain / std::sqrt(double(in));
     for (auto &x : w) x = float(g_.normal() * sd);
@@ -231,6 +327,7 @@ class Writer {
     put_bf16(name, {n}, w);
   }
   void table(const std::string &name, int64_t rows, int64_t cols, double sd) {
+    if (bulk_) return bulk_linear(name, rows, cols, sd, false);
     std::vector<float> w(static_cast<size_t>(rows * cols));
     for (auto &x : w) x = float(g_.normal() * sd);
     put_bf16(name, {rows, cols}, w);
@@ -251,8 +348,31 @@ class Writer {
   Gen &gen() { return g_; }
 
  private:
+  // Normal(0, sd) values from the quantile table: FP8 with one scale per block (quantiles x 64 fit e4m3),
+  // or BF16.
+  void bulk_linear(const std::string &name, int64_t out, int64_t in, double sd, bool fp8) {
+    static const BulkFill fill;
+    const size_t n = size_t(out * in);
+    if (fp8) {
+      uint8_t lut[256];
+      for (int i = 0; i < 256; i++) lut[i] = f32_to_fp8_e4m3(fill.quantile[i] * 64.0f);
+      TensorData q{name, DType::F8_E4M3, {out, in}, std::vector<uint8_t>(n)};
+      BulkFill::stream(name, seed_, n, [&](size_t i, uint8_t b) { q.bytes[i] = lut[b]; });
+      tensors[name] = std::move(q);
+      const int64_t sr = (out + 127) / 128, sc = (in + 127) / 128;
+      put_f32(name + "_scale_inv", {sr, sc}, std::vector<float>(static_cast<size_t>(sr * sc), float(sd / 64.0)));
+    } else {
+      uint16_t lut[256];
+      for (int i = 0; i < 256; i++) lut[i] = f32_to_bf16(float(fill.quantile[i] * sd));
+      TensorData t{name, DType::BF16, {out, in}, std::vector<uint8_t>(n * 2)};
+      BulkFill::stream(name, seed_, n, [&](size_t i, uint8_t b) { std::memcpy(&t.bytes[2 * i], &lut[b], 2); });
+      tensors[name] = std::move(t);
+    }
+  }
+
   Gen &g_;
-  bool fp8_;
+  bool fp8_, bulk_;
+  uint64_t seed_;
 };
 
 int64_t geti(const ojson &c, const char *k) { return c[k].is_null() ? 0 : c[k].get<int64_t>(); }
@@ -331,7 +451,7 @@ void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t 
   if (ec || !std::filesystem::is_directory(dir)) failf(DSRT_ERR_IO, dir, ": cannot create directory (", ec.message(), ")");
   const ojson &c = preset.config;
   Gen g(seed);
-  Writer w(g, preset.fp8);
+  Writer w(g, preset.fp8, preset.bulk, seed);
   const int64_t V = geti(c, "vocab_size"), H = geti(c, "hidden_size"), L = geti(c, "num_hidden_layers");
   w.table("model.embed_tokens.weight", V, H, 1.0);
   for (int64_t l = 0; l < L; l++) write_layer(w, c, l, false);

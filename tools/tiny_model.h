@@ -16,6 +16,7 @@ struct TinyPreset {
   std::string description;
   nlohmann::ordered_json config;  // config.json as written
   bool fp8 = true;
+  bool bulk = false;  // benchmark-sized: weights from a fast quantile-table fill instead of Box-Muller
 };
 
 const std::vector<TinyPreset> &tiny_presets();

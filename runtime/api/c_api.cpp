@@ -240,11 +240,7 @@ void dsrt_free(void *p) { std::free(p); }
 dsrt_status dsrt_system_info(char **json_out) {
   return guarded([&] {
     DSRT_REQUIRE(json_out, "json_out is NULL");
-    std::string s = dsrt::system_info_json();
-    char *buf = static_cast<char *>(std::malloc(s.size() + 1));
-    if (!buf) throw std::bad_alloc();
-    std::memcpy(buf, s.c_str(), s.size() + 1);
-    *json_out = buf;
+    *json_out = dup_string(dsrt::system_info_json());
   });
 }
 
@@ -408,6 +404,24 @@ dsrt_status dsrt_engine_step(dsrt_engine *e, int32_t *n_tokens_out) {
     DSRT_REQUIRE(e, "engine is NULL");
     int64_t n = e->engine->step();
     if (n_tokens_out) *n_tokens_out = int32_t(n);
+  });
+}
+
+dsrt_status dsrt_engine_set_profiling(dsrt_engine *e, int32_t enable) {
+  return guarded([&] {
+    DSRT_REQUIRE(e, "engine is NULL");
+    e->engine->set_profiling(enable != 0);
+  });
+}
+
+dsrt_status dsrt_engine_profile_json(dsrt_engine *e, char **json_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(e, "engine is NULL");
+    DSRT_REQUIRE(json_out, "json_out is NULL");
+    *json_out = nullptr;
+    nlohmann::json j = nlohmann::json::array();
+    for (const dsrt::OpTime &t : e->engine->op_times()) j.push_back({{"op", t.op}, {"calls", t.calls}, {"ms", t.ms}});
+    *json_out = dup_string(j.dump());
   });
 }
 

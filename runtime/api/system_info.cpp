@@ -26,6 +26,7 @@ int cuda_device_count(std::string *why) {
   if (why) *why = "this build of dsrt has no CUDA support (configured with DSRT_CUDA=OFF or without nvcc)";
   return 0;
 }
+double device_copy_bandwidth(int) { return 0.0; }
 #endif
 
 }  // namespace dsrt

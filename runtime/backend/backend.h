@@ -11,6 +11,15 @@
 
 namespace dsrt {
 
+// One row of a per-op time table: linear layers are named by weight ("self_attn.q_b_proj"), other ops by op.
+struct OpTime {
+  std::string op;
+  int64_t calls = 0;
+  double ms = 0;
+};
+// "model.layers.3.mlp.experts.17.up_proj.weight" -> "mlp.experts.up_proj": a layer-independent label.
+std::string op_label_of_weight(const std::string &tensor_name);
+
 // A 2-D activation in a backend's memory: row-major [rows, cols], fp32 unless stated (routing ids: I32).
 struct Tensor {
   void *data = nullptr;
@@ -119,6 +128,11 @@ class Backend {
   virtual void to_host(Tensor t, float *dst) = 0;
   // Copies t.rows * t.cols elements of host memory into t (inputs of op tests; tokens are uploaded by ops).
   virtual void from_host(Tensor t, const void *src) = 0;
+
+  // Per-op time accounting (dsrt bench): CUDA events on a GPU, the wall clock on the CPU. Turning it on
+  // clears the record; op_times() waits for queued work and lists ops by total time, longest first.
+  virtual void set_profiling(bool on) = 0;
+  virtual std::vector<OpTime> op_times() = 0;
 };
 
 struct BackendOptions {
@@ -133,5 +147,8 @@ std::unique_ptr<Backend> make_cpu_backend(const BackendOptions &opt);
 std::unique_ptr<Backend> make_backend(BackendKind kind, const BackendOptions &opt);
 // Usable CUDA devices (0 without CUDA support or a driver); `why` says why there are none.
 int cuda_devices(std::string *why);
+// Device memory bandwidth in bytes (read + written) per second, measured with a 1 GiB device-to-device copy
+// (0 without CUDA): the denominator of the GPU rooflines.
+double device_copy_bandwidth(int device);
 
 }  // namespace dsrt

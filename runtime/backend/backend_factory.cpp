@@ -11,6 +11,22 @@ std::unique_ptr<Backend> make_cuda_backend(const BackendOptions &opt);  // backe
 
 int cuda_devices(std::string *why) { return cuda_device_count(why); }
 
+std::string op_label_of_weight(const std::string &name) {
+  std::string out, part;
+  auto flush = [&] {
+    const bool number = !part.empty() && part.find_first_not_of("0123456789") == std::string::npos;
+    if (!part.empty() && !number && part != "model" && part != "layers" && part != "weight")
+      out += (out.empty() ? "" : ".") + part;
+    part.clear();
+  };
+  for (char c : name) {
+    if (c == '.') flush();
+    else part += c;
+  }
+  flush();
+  return out.empty() ? name : out;
+}
+
 std::unique_ptr<Backend> make_backend(BackendKind kind, const BackendOptions &opt) {
   if (kind == BackendKind::Cpu) return make_cpu_backend(opt);
   std::string why;

@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -66,8 +68,28 @@ class ArenaBackend : public Backend {
   uint64_t scratch_mark() override { return arena_.mark(); }
   void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
 
+ protected:
+  // Aggregates op times by label, in first-seen order.
+  void add_op_time(const std::string &label, double ms) {
+    auto [it, fresh] = op_index_.try_emplace(label, op_list_.size());
+    if (fresh) op_list_.push_back({label, 0, 0.0});
+    op_list_[it->second].calls++;
+    op_list_[it->second].ms += ms;
+  }
+  void clear_op_times() {
+    op_index_.clear();
+    op_list_.clear();
+  }
+  std::vector<OpTime> sorted_op_times() const {
+    std::vector<OpTime> v = op_list_;
+    std::stable_sort(v.begin(), v.end(), [](const OpTime &a, const OpTime &b) { return a.ms > b.ms; });
+    return v;
+  }
+
  private:
   ScratchArena arena_;
+  std::map<std::string, size_t> op_index_;
+  std::vector<OpTime> op_list_;
 };
 
 }  // namespace dsrt

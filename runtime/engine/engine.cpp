@@ -169,6 +169,16 @@ EngineStats Engine::stats() const {
   return s;
 }
 
+void Engine::set_profiling(bool on) {
+  std::lock_guard lk(mu_);
+  backend_->set_profiling(on);
+}
+
+std::vector<OpTime> Engine::op_times() {
+  std::lock_guard lk(mu_);
+  return backend_->op_times();
+}
+
 Session::Session(std::shared_ptr<Engine> e, int64_t max_ctx, bool logits_all, uint64_t seed)
     : engine_(std::move(e)), max_ctx_(max_ctx), logits_all_(logits_all), rng_(seed) {}
 

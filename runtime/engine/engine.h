@@ -50,6 +50,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // Steps until `s` has nothing pending; checks each cancel flag before each step.
   void eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2 = nullptr);
   EngineStats stats() const;
+  // Per-op times of the backend (Backend::set_profiling / op_times).
+  void set_profiling(bool on);
+  std::vector<OpTime> op_times();
 
  private:
   friend class Session;

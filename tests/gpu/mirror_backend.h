@@ -133,6 +133,8 @@ class MirrorBackend final : public dsrt::Backend {
     compare("gather_rows", out);
   }
   void to_host(dsrt::Tensor t, float *dst) override { t_->to_host(t, dst); }
+  void set_profiling(bool on) override { t_->set_profiling(on); }
+  std::vector<dsrt::OpTime> op_times() override { return t_->op_times(); }
   void from_host(dsrt::Tensor t, const void *src) override {
     t_->from_host(t, src);
     r_->from_host(ref(t, false), src);

@@ -4,6 +4,7 @@
 // Every output element is computed in an order that does not depend on the batch or the thread count, so
 // a sequence's results are bitwise the same alone or batched.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -55,6 +56,32 @@ class CpuBackend final : public ArenaBackend {
   }
   const char *name() const override { return "cpu"; }
 
+  // ---- profiling
+  void set_profiling(bool on) override {
+    profiling_ = on;
+    clear_op_times();
+  }
+  std::vector<OpTime> op_times() override { return sorted_op_times(); }
+  struct Timed {
+    CpuBackend *b;
+    const char *op;
+    const Weight *w;
+    std::chrono::steady_clock::time_point t0;
+    ~Timed() {
+      if (!b) return;
+      b->timing_ = false;
+      b->add_op_time(w ? op_label_of_weight(w->name()) : op,
+                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+  };
+  // Ops called inside an op (the experts' linears) count towards the outer one only.
+  Timed timed(const char *op, const Weight *w) {
+    if (!profiling_ || timing_) return {nullptr, op, w, {}};
+    timing_ = true;
+    return {this, op, w, std::chrono::steady_clock::now()};
+  }
+  bool profiling_ = false, timing_ = false;
+
 
   void kv_init(const KvCacheSpec &spec) override {
     kv_ = spec;
@@ -99,12 +126,14 @@ class CpuBackend final : public ArenaBackend {
   }
 
   void embed(const Weight &table, const Batch &b, Tensor out) override {
+    const auto timer_ = timed("embed", nullptr);
     pool_.parallel_for(b.n_tokens(), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++) table.dequant_row(b.tokens[size_t(t)], 0, out.cols, out.f32() + t * out.cols);
     });
   }
 
   void rms_norm(Tensor x, const Weight &w, float eps, Tensor out) override {
+    const auto timer_ = timed("rms_norm", nullptr);
     const int64_t n = x.cols;
     pool_.parallel_for(x.rows, 4, [&](int64_t r0, int64_t r1) {
       float *wv = thread_scratch(size_t(n));
@@ -123,6 +152,7 @@ class CpuBackend final : public ArenaBackend {
   // out[t, n] = sum_k x[t, k] W[n, k]. Rows of W are dequantised in tiles of kTile and each tile is dotted with
   // every token row, so x is streamed once per tile rather than once per row.
   void linear(Tensor x, const Weight &w, Tensor out) override {
+    const auto timer_ = timed("linear", &w);
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shapes x[", x.rows, ",", x.cols, "] W[", w.rows, ",", w.cols,
             "] out[", out.rows, ",", out.cols, "]");
@@ -144,6 +174,7 @@ class CpuBackend final : public ArenaBackend {
   }
 
   void add(Tensor x, Tensor y) override {
+    const auto timer_ = timed("add", nullptr);
     const int64_t n = x.rows * x.cols;
     pool_.parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; i++) x.f32()[i] += y.f32()[i];
@@ -151,6 +182,7 @@ class CpuBackend final : public ArenaBackend {
   }
 
   void silu_mul(Tensor gate, Tensor up, Tensor out) override {
+    const auto timer_ = timed("silu_mul", nullptr);
     const int64_t n = gate.rows * gate.cols;
     pool_.parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; i++) {
@@ -175,6 +207,7 @@ class CpuBackend final : public ArenaBackend {
 
   void rope(Tensor x, int64_t n_heads, int64_t head_dim, int64_t rope_off, const RopeTable &rt,
             const Batch &b) override {
+    const auto timer_ = timed("rope", nullptr);
     pool_.parallel_for(x.rows, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++)
         for (int64_t h = 0; h < n_heads; h++)
@@ -184,6 +217,7 @@ class CpuBackend final : public ArenaBackend {
 
   void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
                        const Batch &b) override {
+    const auto timer_ = timed("mla_cache_write", nullptr);
     const int64_t dc = kv_norm.rows, dr = kv.cols - dc;
     for (const SeqSlice &s : b.seqs) {
       for (int32_t i = 0; i < s.n_new; i++) {
@@ -201,6 +235,7 @@ class CpuBackend final : public ArenaBackend {
 
   void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, AttnForm form,
                      Tensor out) override {
+    const auto timer_ = timed("mla_attention", nullptr);
     for (const SeqSlice &s : b.seqs) {
       if (form == AttnForm::Naive)
         attention_naive(layer, q, kv_b, d, s, out);
@@ -281,6 +316,7 @@ class CpuBackend final : public ArenaBackend {
 
   void moe_route(Tensor x, const Weight &gate, const Weight &bias, const RouterParams &p, Tensor ids,
                  Tensor weights) override {
+    const auto timer_ = timed("moe_route", nullptr);
     const int64_t E = p.n_experts, T = x.rows;
     Tensor logits = alloc(T, E);
     linear(x, gate, logits);  // fp32 router logits
@@ -359,6 +395,7 @@ class CpuBackend final : public ArenaBackend {
   // token's output adds its experts in ascending expert order, independent of the batch.
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights,
                    Tensor out) override {
+    const auto timer_ = timed("moe_experts", nullptr);
     const int64_t T = x.rows, K = ids.cols, H = x.cols;
     std::vector<std::vector<std::pair<int32_t, float>>> by_expert(experts.size());
     for (int64_t t = 0; t < T; t++)
@@ -385,6 +422,7 @@ class CpuBackend final : public ArenaBackend {
   }
 
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
+    const auto timer_ = timed("gather_rows", nullptr);
     for (size_t i = 0; i < rows.size(); i++)
       std::memcpy(out.f32() + int64_t(i) * out.cols, x.f32() + int64_t(rows[i]) * x.cols, size_t(x.cols) * sizeof(float));
   }

@@ -54,10 +54,38 @@ class CudaBackend final : public ArenaBackend {
       cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
+    for (auto &[_, t] : expert_tables_) cudaFree(t);
+    for (auto &[a, b] : events_) {
+      cudaEventDestroy(a);
+      cudaEventDestroy(b);
+    }
+    cudaFreeHost(staging_);
     cudaFree(kv_.base);
     cudaStreamDestroy(stream_);
   }
   const char *name() const override { return "cuda"; }
+
+  // A step's work is queued without host syncs; the next step (or a read to the host) waits for it, so the
+  // scratch arena and the pinned staging buffer are reused only once the GPU is done with them.
+  void begin_step() override {
+    sync();
+    collect_op_times();
+    staged_ = 0;
+    ArenaBackend::begin_step();
+  }
+
+  // ---- profiling
+  void set_profiling(bool on) override {
+    sync();
+    n_timed_ = 0;
+    clear_op_times();
+    profiling_ = on;
+  }
+  std::vector<OpTime> op_times() override {
+    sync();
+    collect_op_times();
+    return sorted_op_times();
+  }
 
   // ---- memory
 
@@ -94,26 +122,35 @@ class CudaBackend final : public ArenaBackend {
 
   // ---- ops
   void embed(const Weight &table, const Batch &b, Tensor out) override {
+    const auto timer_ = timed("embed", nullptr);
     k::embed(dev(table), upload_i32(b.tokens), b.n_tokens(), out.f32(), stream_);
   }
   void rms_norm(Tensor x, const Weight &w, float eps, Tensor out) override {
+    const auto timer_ = timed("rms_norm", nullptr);
     k::rms_norm(x.f32(), dev(w), eps, x.rows, x.cols, x.cols, out.f32(), out.cols, stream_);
   }
   void linear(Tensor x, const Weight &w, Tensor out) override {
+    const auto timer_ = timed("linear", &w);
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shape mismatch");
     k::linear(x.f32(), x.rows, dev(w), out.f32(), stream_);
   }
-  void add(Tensor x, Tensor y) override { k::add(x.f32(), y.f32(), x.rows * x.cols, stream_); }
+  void add(Tensor x, Tensor y) override {
+    const auto timer_ = timed("add", nullptr);
+    k::add(x.f32(), y.f32(), x.rows * x.cols, stream_);
+  }
   void silu_mul(Tensor gate, Tensor up, Tensor out) override {
+    const auto timer_ = timed("silu_mul", nullptr);
     k::silu_mul(gate.f32(), up.f32(), out.f32(), gate.rows * gate.cols, stream_);
   }
   void rope(Tensor x, int64_t n_heads, int64_t head_dim, int64_t rope_off, const RopeTable &rt, const Batch &b) override {
+    const auto timer_ = timed("rope", nullptr);
     k::rope(x.f32(), x.rows, x.cols, n_heads, head_dim, rope_off, upload_f32(rt.inv_freq), int64_t(rt.inv_freq.size()),
             rt.attn_factor, upload_i32(b.positions), stream_);
   }
   void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
                        const Batch &b) override {
+    const auto timer_ = timed("mla_cache_write", nullptr);
     std::vector<int32_t> slots(size_t(b.n_tokens()));
     for (const SeqSlice &s : b.seqs)
       for (int32_t i = 0; i < s.n_new; i++) {
@@ -126,6 +163,7 @@ class CudaBackend final : public ArenaBackend {
   }
   void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, AttnForm form,
                      Tensor out) override {
+    const auto timer_ = timed("mla_attention", nullptr);
     for (const SeqSlice &s : b.seqs) {
       const int64_t n_ctx = s.n_past + s.n_new;
       const int32_t *pages = upload_i32(std::vector<int32_t>(s.pages, s.pages + s.n_pages));
@@ -146,6 +184,7 @@ class CudaBackend final : public ArenaBackend {
   }
   void moe_route(Tensor x, const Weight &gate, const Weight &bias, const RouterParams &p, Tensor ids,
                  Tensor weights) override {
+    const auto timer_ = timed("moe_route", nullptr);
     Tensor logits = alloc(x.rows, p.n_experts);
     k::linear(x.f32(), x.rows, dev(gate), logits.f32(), stream_);
     k::RouteParams rp{int32_t(p.n_experts), int32_t(p.top_k), int32_t(p.n_group), int32_t(p.topk_group),
@@ -157,7 +196,15 @@ class CudaBackend final : public ArenaBackend {
   // Reference expert path: the routing decisions come to the host, tokens are grouped by expert, each
   // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
-    const int64_t T = x.rows, K = ids.cols, H = x.cols;
+    const auto timer_ = timed("moe_experts", nullptr);
+    const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
+    if (T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0) {
+      const k::DevMatrix *tab = expert_table(experts);
+      Tensor h = alloc(T * K, I), y = alloc(T * K, H);
+      k::moe_experts_gemv(x.f32(), T, H, I, ids.i32(), weights.f32(), K, tab, tab + experts.size(),
+                          tab + 2 * experts.size(), h.f32(), y.f32(), out.f32(), stream_);
+      return;
+    }
     std::vector<int32_t> hid(size_t(T * K));
     std::vector<float> hw(size_t(T * K));
     cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
@@ -193,6 +240,7 @@ class CudaBackend final : public ArenaBackend {
     }
   }
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
+    const auto timer_ = timed("gather_rows", nullptr);
     k::gather_rows(x.f32(), x.cols, upload_i32(rows), int64_t(rows.size()), out.f32(), stream_);
   }
   void to_host(Tensor t, float *dst) override {
@@ -244,23 +292,90 @@ class CudaBackend final : public ArenaBackend {
     return m;
   }
 
-  // Small per-step metadata (token ids, positions, page tables) copied into the scratch arena.
-  const int32_t *upload_i32(const std::vector<int32_t> &v) {
-    Tensor t = alloc(1, std::max<int64_t>(1, int64_t(v.size())), DType::I32);
-    if (!v.empty())
-      cuda_check(cudaMemcpyAsync(t.data, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
-    sync();  // the host vector may die before the copy runs
-    return t.i32();
+  // Small per-step metadata (token ids, positions, page tables, rope frequencies) goes through a pinned
+  // staging buffer into the scratch arena: the host vector may die at once, and no sync is needed until the
+  // buffer fills (then one sync lets it start over).
+  const void *upload(const void *src, size_t bytes) {
+    void *dst = alloc(1, std::max<int64_t>(1, int64_t((bytes + 3) / 4))).data;
+    if (bytes == 0) return dst;
+    const size_t need = (bytes + 255) / 256 * 256;
+    if (staged_ + need > staging_cap_) {
+      sync();
+      staged_ = 0;
+      if (need > staging_cap_) {
+        cudaFreeHost(staging_);
+        staging_ = nullptr;
+        staging_cap_ = std::max(need, size_t(4) << 20);
+        cuda_check(cudaMallocHost(&staging_, staging_cap_), "pinned staging buffer");
+      }
+    }
+    char *p = static_cast<char *>(staging_) + staged_;
+    std::memcpy(p, src, bytes);
+    staged_ += need;
+    cuda_check(cudaMemcpyAsync(dst, p, bytes, cudaMemcpyHostToDevice, stream_), "metadata upload");
+    return dst;
   }
-  const float *upload_f32(const std::vector<float> &v) {
-    Tensor t = alloc(1, std::max<int64_t>(1, int64_t(v.size())));
-    if (!v.empty())
-      cuda_check(cudaMemcpyAsync(t.data, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
+  const int32_t *upload_i32(const std::vector<int32_t> &v) {
+    return static_cast<const int32_t *>(upload(v.data(), v.size() * 4));
+  }
+  const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(upload(v.data(), v.size() * 4)); }
+
+  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use).
+  const k::DevMatrix *expert_table(const std::vector<FfnWeights> &experts) {
+    auto it = expert_tables_.find(&experts);
+    if (it != expert_tables_.end()) return it->second;
+    std::vector<k::DevMatrix> tab;
+    for (auto part : {&FfnWeights::gate, &FfnWeights::up, &FfnWeights::down})
+      for (const FfnWeights &f : experts) tab.push_back(dev(f.*part));
+    k::DevMatrix *d = nullptr;
+    cuda_check(cudaMalloc(&d, tab.size() * sizeof(k::DevMatrix)), "expert table");
+    cuda_check(cudaMemcpyAsync(d, tab.data(), tab.size() * sizeof(k::DevMatrix), cudaMemcpyHostToDevice, stream_),
+               "expert table");
     sync();
-    return t.f32();
+    expert_tables_[&experts] = d;
+    return d;
   }
 
+  // Op timing with CUDA events (only while profiling): a pair per op call, read back at the next step.
+  struct Timed {
+    CudaBackend *b;
+    size_t i;
+    ~Timed() {
+      if (b) cudaEventRecord(b->events_[i].second, b->stream_);
+    }
+  };
+  Timed timed(const char *op, const Weight *w) {
+    if (!profiling_) return {nullptr, 0};
+    if (n_timed_ == events_.size()) {
+      std::pair<cudaEvent_t, cudaEvent_t> e;
+      cuda_check(cudaEventCreate(&e.first), "cudaEventCreate");
+      cuda_check(cudaEventCreate(&e.second), "cudaEventCreate");
+      events_.push_back(e);
+      labels_.emplace_back();
+    }
+    labels_[n_timed_] = w ? op_label_of_weight(w->name()) : op;
+    cudaEventRecord(events_[n_timed_].first, stream_);
+    return {this, n_timed_++};
+  }
+  void collect_op_times() {  // after a sync
+    for (size_t i = 0; i < n_timed_; i++) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, events_[i].first, events_[i].second);
+      add_op_time(labels_[i], ms);
+    }
+    n_timed_ = 0;
+  }
+
+  static constexpr int64_t kDeviceExpertSlots = 256;  // token x slot pairs up to which experts run on the device
+
   cudaStream_t stream_ = nullptr;
+  void *staging_ = nullptr;
+  size_t staging_cap_ = 0, staged_ = 0;
+  std::map<const void *, k::DevMatrix *> expert_tables_;
+  bool profiling_ = false;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events_;
+  std::vector<std::string> labels_;
+  size_t n_timed_ = 0;
   KvCacheSpec spec_;
   k::KvCacheView kv_;
   // Keyed by host address and shape: the model's weights live as long as the backend's engine.

@@ -2,6 +2,7 @@
 // statically, so a machine without a driver simply reports zero devices.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -17,6 +18,33 @@ int cuda_device_count(std::string *why) {
   }
   if (n == 0 && why) *why = "CUDA: no devices";
   return n;
+}
+
+double device_copy_bandwidth(int device) {
+  if (cudaSetDevice(device) != cudaSuccess) return 0.0;
+  const size_t n = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  double best = 0.0;
+  if (cudaMalloc(&a, n) == cudaSuccess && cudaMalloc(&b, n) == cudaSuccess && cudaEventCreate(&e0) == cudaSuccess &&
+      cudaEventCreate(&e1) == cudaSuccess) {
+    cudaMemset(a, 1, n);
+    for (int r = 0; r < 5; r++) {
+      cudaEventRecord(e0);
+      cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+      cudaEventRecord(e1);
+      cudaEventSynchronize(e1);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      if (ms > 0) best = std::max(best, 2.0 * double(n) / (double(ms) * 1e-3));
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  cudaGetLastError();
+  return best;
 }
 
 nlohmann::json cuda_devices_json() {
