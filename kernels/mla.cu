@@ -1,7 +1,7 @@
 // Multi-head latent attention over the paged latent cache: writing new latents (norm + RoPE), gathering a
 // sequence's latents, the absorbed decode form (spec §3.9) and the naive form over decompressed keys
 // (spec §3.8). One block per (query row, head); softmax in fp32 over a scratch row of scores.
-#include "common.cuh"
+#include "gemv.cuh"
 
 namespace dsrt::kernels {
 
@@ -69,46 +69,100 @@ __device__ void softmax_inplace(float *p, int64_t n, float *red) {
   __syncthreads();
 }
 
-// Block per (row, head). Dynamic shared memory: q_lat [dc] + o_lat [dc] + q_pe [dr].
-__global__ void absorbed_kernel(KvCacheView kv, int64_t layer, const int32_t *pages, const float *q, int64_t qs,
-                                int64_t n_past, DevMatrix kv_b, int64_t nh, int64_t dn, int64_t dr, int64_t dv,
-                                float scale, float *scratch, int64_t n_ctx_max, float *out, int64_t os) {
-  extern __shared__ float sm[];
-  __shared__ float red[32];
-  const int64_t dc = kv.width - dr, i = blockIdx.x / nh, h = blockIdx.x % nh, pos = n_past + i, n = pos + 1;
-  float *qlat = sm, *olat = sm + dc, *qpe = sm + 2 * dc;
-  const float *qh = q + i * qs + h * (dn + dr);
-  const int64_t kvw = dn + dv;
-  for (int64_t c = threadIdx.x; c < dc; c += blockDim.x) {  // q_lat = W_UK[h]^T q_nope
-    float acc = 0.0f;
-    for (int64_t d = 0; d < dn; d++) acc += qh[d] * load_w(kv_b, h * kvw + d, c);
-    qlat[c] = acc;
+// ---- absorbed form, in three kernels so that each has thousands of warps in flight (one block per
+// (row, head) doing all three phases left most SMs with four latency-bound warps).
+
+// q_lat[r, h, c] = sum_d q_nope[r, h, d] W_UK[h][d, c], and q_pe copied after it: qcat [rows, nh, dc + dr].
+// Grid (ceil(dc/128), nh, rows), 8 warps: lane owns 4 columns, warp w sums rows d = w, w+8, ...
+__global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t qs, DevMatrix kv_b, int64_t nh, int64_t dn,
+                                                      int64_t dr, int64_t dv, float *qcat) {
+  __shared__ float part[8][128];
+  const int64_t dc = kv_b.cols, h = blockIdx.y, r = blockIdx.z, kvw = dn + dv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t c0 = int64_t(blockIdx.x) * 128 + lane * 4;
+  const float *qh = q + r * qs + h * (dn + dr);
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const bool fp8_fast = kv_b.dtype == kFP8 && dc % 4 == 0;
+  for (int64_t d = warp; d < dn && c0 < dc; d += 8) {
+    const float qv = qh[d];
+    const int64_t row = h * kvw + d;
+    if (fp8_fast) {  // 4 bytes, one scale (4 | 128)
+      const uint32_t w4 = __ldg(reinterpret_cast<const uint32_t *>(static_cast<const uint8_t *>(kv_b.data) + row * dc + c0));
+      const float sc = kv_b.scale[(row / 128) * kv_b.scale_cols + c0 / 128] * qv;
+      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w4 & 0xffff), __NV_E4M3);
+      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w4 >> 16), __NV_E4M3);
+      const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+      acc[0] += a.x * sc;
+      acc[1] += a.y * sc;
+      acc[2] += b.x * sc;
+      acc[3] += b.y * sc;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+        if (c0 + j < dc) acc[j] += qv * load_w(kv_b, row, c0 + j);
+    }
   }
-  for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) qpe[k] = qh[dn + k];
+#pragma unroll
+  for (int j = 0; j < 4; j++) part[warp][lane * 4 + j] = acc[j];
+  __syncthreads();
+  float *out = qcat + (r * nh + h) * (dc + dr);
+  if (threadIdx.x < 128) {
+    const int64_t c = int64_t(blockIdx.x) * 128 + threadIdx.x;
+    if (c < dc) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 8; w++) v += part[w][threadIdx.x];
+      out[c] = v;
+    }
+  }
+  if (blockIdx.x == 0)
+    for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) out[dc + k] = qh[dn + k];
+}
+
+// Per (row, head): scores of qcat against every cached latent (c_kv . q_lat + k_pe . q_pe), softmax, and
+// o_lat = sum_j p_j c_kv[j] into olat [rows, nh, dc]. Row i sits at position n_past + i.
+__global__ void __launch_bounds__(256) attend_latent_kernel(KvCacheView kv, int64_t layer, const int32_t *pages,
+                                                           const float *qcat, int64_t n_past, int64_t nh, int64_t dc,
+                                                           float scale, float *scratch, int64_t n_ctx_max, float *olat) {
+  extern __shared__ float qs[];
+  __shared__ float red[32];
+  const int64_t W = kv.width, i = blockIdx.x / nh, n = n_past + i + 1;
+  for (int64_t k = threadIdx.x; k < W; k += blockDim.x) qs[k] = qcat[blockIdx.x * W + k];
   __syncthreads();
   float *p = scratch + blockIdx.x * n_ctx_max;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int64_t j = warp; j < n; j += nw) {  // a warp per key
     const float *e = slot_ptr(kv, layer, int64_t(pages[j / kPage]) * kPage + j % kPage);
     float s = 0.0f;
-    for (int64_t c = lane; c < dc; c += 32) s += qlat[c] * e[c];
-    for (int64_t c = lane; c < dr; c += 32) s += qpe[c] * e[dc + c];
+    for (int64_t c = lane; c < W; c += 32) s += qs[c] * e[c];
     s = warp_sum(s);
     if (lane == 0) p[j] = s * scale;
   }
   __syncthreads();
   softmax_inplace(p, n, red);
-  for (int64_t c = threadIdx.x; c < dc; c += blockDim.x) {  // o_lat = sum_j p_j c_kv[j]
+  for (int64_t c = threadIdx.x; c < dc; c += blockDim.x) {
     float acc = 0.0f;
     for (int64_t j = 0; j < n; j++) acc += p[j] * slot_ptr(kv, layer, int64_t(pages[j / kPage]) * kPage + j % kPage)[c];
-    olat[c] = acc;
+    olat[blockIdx.x * dc + c] = acc;
   }
-  __syncthreads();
-  for (int64_t v = warp; v < dv; v += nw) {  // o = W_UV[h] o_lat, a warp per output
-    float acc = 0.0f;
-    for (int64_t c = lane; c < dc; c += 32) acc += load_w(kv_b, h * kvw + dn + v, c) * olat[c];
-    acc = warp_sum(acc);
-    if (lane == 0) out[i * os + h * dv + v] = acc;
+}
+
+// out[r, h*dv + v] = W_UV[h][v, :] . o_lat[r, h]: a warp per (h, v), MT rows at a time (gemv.cuh).
+template <int MT>
+__global__ void __launch_bounds__(256) out_absorb_kernel(const float *olat, DevMatrix kv_b, int64_t nh, int64_t dn,
+                                                        int64_t dv, float *out, int64_t os) {
+  const int lane = threadIdx.x & 31;
+  const int64_t hv = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (hv >= nh * dv) return;
+  const int64_t h = hv / dv, v = hv % dv, dc = kv_b.cols;
+  float acc[MT];
+#pragma unroll
+  for (int t = 0; t < MT; t++) acc[t] = 0.0f;
+  row_dot<MT>(kv_b, h * (dn + dv) + dn + v, olat + h * dc, nh * dc, lane, acc);
+#pragma unroll
+  for (int t = 0; t < MT; t++) {
+    const float a = warp_sum(acc[t]);
+    if (lane == 0) out[t * os + hv] = a;
   }
 }
 
@@ -158,11 +212,20 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
                             int64_t rows, int64_t n_past, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dr,
                             int64_t dv, float scale, float *scratch, float *out, int64_t os, cudaStream_t s) {
   if (rows == 0) return;
-  const int64_t dc = kv.width - dr;
-  const size_t smem = size_t(2 * dc + dr) * sizeof(float);
-  absorbed_kernel<<<unsigned(rows * nh), 128, smem, s>>>(kv, layer, pages, q, qs, n_past, kv_b, nh, dn, dr, dv, scale,
-                                                        scratch, n_past + rows, out, os);
-  check_launch("mla_attention_absorbed");
+  const int64_t dc = kv.width - dr, n_ctx = n_past + rows;
+  float *p = scratch, *qcat = p + rows * nh * n_ctx, *olat = qcat + rows * nh * kv.width;
+  q_absorb_kernel<<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned(rows)), 256, 0, s>>>(q, qs, kv_b, nh, dn, dr,
+                                                                                            dv, qcat);
+  check_launch("mla q_absorb");
+  attend_latent_kernel<<<unsigned(rows * nh), 256, size_t(kv.width) * sizeof(float), s>>>(
+      kv, layer, pages, qcat, n_past, nh, dc, scale, p, n_ctx, olat);
+  check_launch("mla attend_latent");
+  const unsigned blocks = unsigned((nh * dv + 7) / 8);
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    out_absorb_kernel<8><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
+  for (; r < rows; r++) out_absorb_kernel<1><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
+  check_launch("mla out_absorb");
 }
 
 void mla_attention_naive(const float *q, int64_t qs, int64_t rows, int64_t n_past, const float *kvd, const float *pe,

@@ -602,6 +602,7 @@ int cmd_bench(const Args &a) {
       check(dsrt_engine_step(l.engine, &n));
       if (n == 0) break;
     }
+    double t_forward = 0;
     auto decode_step = [&] {
       for (auto *s : ss) {
         int32_t tok;
@@ -609,14 +610,19 @@ int cmd_bench(const Args &a) {
         check(dsrt_session_append_tokens(s, &tok, 1));
       }
       int32_t n;
+      auto t1 = now();
       check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
+      t_forward += secs(t1);
     };
     decode_step();  // warm-up: first-use uploads and allocations
     const bool profile = a.has("--profile") && !profiled;
     if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
+    t_forward = 0;
     auto t0 = now();
     for (int g = 1; g < gen; g++) decode_step();
     const double dt = secs(t0), steps = gen - 1;
+    std::printf("  batch %d step: %.3f ms = forward %.3f ms (engine step, logits to host) + sampling %.3f ms\n", B,
+                1e3 * dt / steps, 1e3 * t_forward / steps, 1e3 * (dt - t_forward) / steps);
     const double bytes = sc.step_bytes(B, ctx + gen / 2), roof = bw / bytes, rate = steps / dt;
     std::printf("decode batch %4d: %8.2f steps/s = %9.1f tokens/s; roofline %.1f MB/step / %.0f GB/s = %.1f steps/s; "
                 "%5.1f%% of it\n",
