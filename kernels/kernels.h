@@ -59,7 +59,8 @@ void mla_gather(const KvCacheView &kv, int64_t layer, const int32_t *pages, int6
                 float *pe, cudaStream_t s);
 // Absorbed decode attention (spec §3.9) for `rows` query rows of one sequence: row i sits at position
 // n_past + i and sees keys 0..n_past+i. q [rows, nh*(dn+dr)], kv_b [nh*(dn+dv), dc], out [rows, nh*dv].
-// scratch: rows * nh * (n_past + rows + 2 * width) floats.
+// scratch: mla_absorbed_scratch_floats(rows, nh, n_past + rows, width) floats, 256-byte aligned.
+int64_t mla_absorbed_scratch_floats(int64_t rows, int64_t nh, int64_t n_ctx, int64_t width);
 void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t *pages, const float *q,
                             int64_t q_stride, int64_t rows, int64_t n_past, const DevMatrix &kv_b, int64_t nh,
                             int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch, float *out,

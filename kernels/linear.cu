@@ -1,5 +1,5 @@
 // Linear layers out = x W^T with W read in its checkpoint dtype. This is the memory-bound decode shape:
-// one warp per output row streams the row once (gemv.cuh) and dots it with up to 8 token rows at a time.
+// a warp streams 1, 2 or 4 weight rows once (gemv.cuh) and dots them with up to 8 token rows at a time.
 // Large-M prefill will move to cuBLASLt's block-scaled FP8 GEMM (spec §5.3); this kernel is the reference.
 #include "gemv.cuh"
 
@@ -9,26 +9,58 @@ namespace {
 
 constexpr int kWarps = 8;
 
-template <int MT>
+// A warp per R consecutive rows (rows past the end repeat the last row and are not written).
+template <int MT, int R>
 __global__ void __launch_bounds__(kWarps * 32) linear_kernel(const float *__restrict__ x, DevMatrix w,
                                                             float *__restrict__ out) {
   const int lane = threadIdx.x & 31;
-  const int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (n >= w.rows) return;
-  float acc[MT];
+  const int64_t n0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
+  if (n0 >= w.rows) return;
+  const DevMatrix *ws[R];
+  int64_t ns[R];
+  float acc[R][MT];
 #pragma unroll
-  for (int t = 0; t < MT; t++) acc[t] = 0.0f;
-  row_dot<MT>(w, n, x, w.cols, lane, acc);
+  for (int r = 0; r < R; r++) {
+    ws[r] = &w;
+    ns[r] = n0 + r < w.rows ? n0 + r : w.rows - 1;
 #pragma unroll
-  for (int t = 0; t < MT; t++) {
-    const float v = warp_sum(acc[t]);
-    if (lane == 0) out[t * w.rows + n] = v;
+    for (int t = 0; t < MT; t++) acc[r][t] = 0.0f;
   }
+  rows_dot<MT, R>(ws, ns, x, w.cols, lane, acc);
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int t = 0; t < MT; t++) {
+      const float v = warp_sum(acc[r][t]);
+      if (lane == 0 && n0 + r < w.rows) out[t * w.rows + n0 + r] = v;
+    }
 }
 
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+    return v > 0 ? v : 132;
+  }();
+  return n;
+}
+
+template <int MT, int R>
+void launch_r(const float *x, const DevMatrix &w, float *out, cudaStream_t s) {
+  const int64_t per_block = int64_t(kWarps) * R;
+  linear_kernel<MT, R><<<unsigned((w.rows + per_block - 1) / per_block), kWarps * 32, 0, s>>>(x, w, out);
+}
+
+// More rows per warp reuse each x chunk more, fewer keep enough warps in flight: the largest R that still
+// gives two blocks per SM.
 template <int MT>
 void launch(const float *x, const DevMatrix &w, float *out, cudaStream_t s) {
-  linear_kernel<MT><<<unsigned((w.rows + kWarps - 1) / kWarps), kWarps * 32, 0, s>>>(x, w, out);
+  const int64_t want = 2 * int64_t(sm_count()) * kWarps;
+  if constexpr (MT <= 2)
+    if (w.rows >= want * 4) return launch_r<MT, 4>(x, w, out, s);
+  if (w.rows >= want * 2) return launch_r<MT, 2>(x, w, out, s);
+  launch_r<MT, 1>(x, w, out, s);
 }
 
 }  // namespace

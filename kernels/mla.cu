@@ -213,7 +213,8 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
                             int64_t dv, float scale, float *scratch, float *out, int64_t os, cudaStream_t s) {
   if (rows == 0) return;
   const int64_t dc = kv.width - dr, n_ctx = n_past + rows;
-  float *p = scratch, *qcat = p + rows * nh * n_ctx, *olat = qcat + rows * nh * kv.width;
+  auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };  // each part 256-byte aligned (float4 loads)
+  float *p = scratch, *qcat = p + up64(rows * nh * n_ctx), *olat = qcat + up64(rows * nh * kv.width);
   q_absorb_kernel<<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned(rows)), 256, 0, s>>>(q, qs, kv_b, nh, dn, dr,
                                                                                             dv, qcat);
   check_launch("mla q_absorb");
@@ -226,6 +227,10 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
     out_absorb_kernel<8><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
   for (; r < rows; r++) out_absorb_kernel<1><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
   check_launch("mla out_absorb");
+}
+
+int64_t mla_absorbed_scratch_floats(int64_t rows, int64_t nh, int64_t n_ctx, int64_t width) {
+  return rows * nh * (n_ctx + 2 * width) + 3 * 64;
 }
 
 void mla_attention_naive(const float *q, int64_t qs, int64_t rows, int64_t n_past, const float *kvd, const float *pe,

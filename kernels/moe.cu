@@ -129,11 +129,11 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_kernel(const float *__res
   if (r >= I) return;
   const int32_t e = ids[s];
   const float *xt = x + (s / K) * H;
-  float g = 0.0f, u = 0.0f;
-  row_dot<1>(gate[e], r, xt, H, lane, &g);
-  row_dot<1>(up[e], r, xt, H, lane, &u);
-  g = warp_sum(g);
-  u = warp_sum(u);
+  const DevMatrix *ws[2] = {&gate[e], &up[e]};  // one pass over x for both rows
+  const int64_t ns[2] = {r, r};
+  float acc[2][1] = {{0.0f}, {0.0f}};
+  rows_dot<1, 2>(ws, ns, xt, H, lane, acc);
+  const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
   if (lane == 0) h[s * I + r] = g / (1.0f + expf(-g)) * u;
 }
 

@@ -2,7 +2,9 @@
 // streaming generation (pull and push), stop strings, cancel, fork, state save/restore, many threads.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -579,4 +581,29 @@ TEST_CASE("same seed and input give the same sampled tokens") {
   dsrt_gen_params_init(&p, sizeof p, m.m);
   CHECK(p.temperature == doctest::Approx(0.6));
   CHECK(p.top_p == doctest::Approx(0.95));
+}
+
+TEST_CASE("greedy sampling's fast path picks the argmax of the full distribution's adjusted logits") {
+  std::mt19937 rng(5);
+  const int64_t V = 300;
+  for (int trial = 0; trial < 400; trial++) {
+    CAPTURE(trial);
+    std::vector<float> logits(static_cast<size_t>(V));
+    std::uniform_int_distribution<int> coarse(-3, 3);  // coarse values make ties common
+    for (auto &v : logits) v = float(coarse(rng)) * 0.5f;
+    if (trial % 7 == 0) logits[size_t(rng() % V)] = NAN;
+    if (trial % 11 == 0) std::fill(logits.begin(), logits.end(), -INFINITY);
+    dsrt::SamplingParams p;
+    if (trial % 2) p.repetition_penalty = 1.3f;
+    if (trial % 3 == 0) p.presence_penalty = 0.5f;
+    if (trial % 5 == 0) p.frequency_penalty = 0.25f;
+    if (trial % 4 == 0) p.logit_bias = {{int32_t(rng() % V), 2.0f}, {int32_t(rng() % V), -1.0f}};
+    std::vector<int32_t> hist, banned;
+    for (int i = 0; i < 20; i++) hist.push_back(int32_t(rng() % 40));
+    for (int i = 0; i < int(trial % 4); i++) banned.push_back(int32_t(rng() % 40));
+    auto prob = dsrt::sampling_distribution(logits.data(), V, p, hist.data(), hist.size(), banned);
+    const int32_t want = int32_t(std::max_element(prob.begin(), prob.end()) - prob.begin());
+    dsrt::Rng r(1);
+    CHECK(dsrt::sample_token(logits.data(), V, p, hist.data(), hist.size(), banned, r) == want);
+  }
 }

@@ -28,8 +28,10 @@ for stage in $stages; do
       bin=.carry/gpu/bin
       $bin/dsrt info
       $bin/dsrt_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "MESSAGE: .*(CUDA vs CPU|worst relative L2 [0-9.]*e-0[0-4])|ERROR|test cases"
-      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*,op by op*" 2>&1 | tail -5 | tee "$OUT/memcheck.log"
-      compute-sanitizer --tool racecheck --error-exitcode 3 $bin/dsrt_gpu_tests -tc="MLA*,MoE*" 2>&1 | tail -5 | tee "$OUT/racecheck.log"
+      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*,op by op*" >"$OUT/memcheck.log" 2>&1
+      grep -m3 -A6 "Invalid\|Error" "$OUT/memcheck.log"; tail -2 "$OUT/memcheck.log"
+      compute-sanitizer --tool racecheck --error-exitcode 3 $bin/dsrt_gpu_tests -tc="MLA*,MoE*" >"$OUT/racecheck.log" 2>&1
+      grep -m3 -A6 "Warning\|Error" "$OUT/racecheck.log"; tail -2 "$OUT/racecheck.log"
       for p in partial-yarn no-qlora v3-mini bf16; do
         $bin/dsrt make-tiny --preset $p --out /tmp/tiny-$p 2>/dev/null
         $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --batch 1,8 --gen 16 2>&1 | tee -a "$OUT/bench.log"

@@ -306,7 +306,7 @@ void Session::start(const GenParams &p) {
   detok_.reset();
   if (m.tokenizer) detok_ = std::make_unique<Detokenizer>(*m.tokenizer, p.skip_special, p.stop_strings);
   eog_ = m.eog_ids();
-  banned_ = unused_ids();
+  banned_ = engine_->model().unused_ids;
   if (p.ignore_eos) banned_.insert(banned_.end(), eog_.begin(), eog_.end());
   finish_pending_ = Finish::None;
   n_generated_ = 0;
@@ -392,21 +392,12 @@ void Session::truncate(size_t n_keep) {
 }
 
 // Embedding rows that are no token (padding past the tokenizer, spec §3.11) are never sampled.
-std::vector<int32_t> Session::unused_ids() const {
-  std::vector<int32_t> ids;
-  const Model &m = engine_->model();
-  if (!m.tokenizer) return ids;
-  for (int32_t i = 0; i < int32_t(m.cfg.vocab_size); i++)
-    if (m.tokenizer->attr(i) & kTokenUnused) ids.push_back(i);
-  return ids;
-}
-
 int32_t Session::sample(float temperature) {
   if (logits_rows_ == 0) fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
   const int64_t V = engine_->model().cfg.vocab_size;
   SamplingParams p;
   p.temperature = temperature;
-  return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, unused_ids(), rng_);
+  return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, engine_->model().unused_ids, rng_);
 }
 
 SessionStats Session::stats() const {

@@ -141,7 +141,6 @@ class Session {
   friend class Engine;
   Event finish_turn(Finish why, int32_t token);
   void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
-  std::vector<int32_t> unused_ids() const;
 
   std::shared_ptr<Engine> engine_;
   int64_t max_ctx_;

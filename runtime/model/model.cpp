@@ -67,6 +67,9 @@ std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &op
   m->cfg = parse_model_config(m->config_json, cfg_path);
   if (!forward_progress(1, 1, &pc)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
   m->tokenizer = Tokenizer::load(dir, m->cfg.vocab_size);
+  if (m->tokenizer)
+    for (int32_t i = 0; i < int32_t(m->cfg.vocab_size); i++)
+      if (m->tokenizer->attr(i) & kTokenUnused) m->unused_ids.push_back(i);
   if (m->tokenizer && m->tokenizer->n_tokens() > m->cfg.vocab_size)
     failf(DSRT_ERR_FORMAT, dir, ": the tokenizer has ", m->tokenizer->n_tokens(), " tokens, more than vocab_size ",
           m->cfg.vocab_size);

@@ -54,6 +54,8 @@ class Model {
   const Tokenizer &tok() const;
   // Ids that end generation: the config's EOS ids and the tokenizer's end-of-generation tokens.
   std::vector<int32_t> eog_ids() const;
+  // Ids in the vocabulary that no token uses (padding rows of the embedding): never sampled. Set at load.
+  std::vector<int32_t> unused_ids;
 };
 
 }  // namespace dsrt

@@ -167,7 +167,9 @@ class CudaBackend final : public ArenaBackend {
     for (const SeqSlice &s : b.seqs) {
       const int64_t n_ctx = s.n_past + s.n_new;
       const int32_t *pages = upload_i32(std::vector<int32_t>(s.pages, s.pages + s.n_pages));
-      Tensor scratch = alloc(int64_t(s.n_new) * d.n_heads, n_ctx + (form == AttnForm::Absorbed ? 2 * kv_.width : 0));
+      Tensor scratch = form == AttnForm::Absorbed
+                           ? alloc(1, k::mla_absorbed_scratch_floats(s.n_new, d.n_heads, n_ctx, kv_.width))
+                           : alloc(int64_t(s.n_new) * d.n_heads, n_ctx);
       const float *qs = q.f32() + int64_t(s.row0) * q.cols;
       float *os = out.f32() + int64_t(s.row0) * out.cols;
       if (form == AttnForm::Absorbed) {
