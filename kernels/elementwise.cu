@@ -26,7 +26,8 @@ __global__ void rms_norm_kernel(const float *x, DevMatrix w, float eps, int64_t 
 void rms_norm(const float *x, const DevMatrix &w, float eps, int64_t rows, int64_t n, int64_t xs, float *out, int64_t os,
               cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<<<unsigned(rows), 256, 0, s>>>(x, w, eps, n, xs, out, os);
+  // Few rows (decode): a wide block per row, or a single SM walks the row with little parallelism.
+  rms_norm_kernel<<<unsigned(rows), rows < 64 ? 1024 : 256, 0, s>>>(x, w, eps, n, xs, out, os);
   check_launch("rms_norm");
 }
 

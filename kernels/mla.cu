@@ -120,19 +120,24 @@ __global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t q
 }
 
 // Per (row, head): scores of qcat against every cached latent (c_kv . q_lat + k_pe . q_pe), softmax, and
-// o_lat = sum_j p_j c_kv[j] into olat [rows, nh, dc]. Row i sits at position n_past + i.
+// o_lat = sum_j p_j c_kv[j] into olat [rows, nh, dc]. Row i sits at position n_past + i. Keys are walked
+// page by page from a page table staged in shared memory, so consecutive keys' loads are independent (a
+// page lookup per key made every load wait on the one before).
 __global__ void __launch_bounds__(256) attend_latent_kernel(KvCacheView kv, int64_t layer, const int32_t *pages,
                                                            const float *qcat, int64_t n_past, int64_t nh, int64_t dc,
                                                            float scale, float *scratch, int64_t n_ctx_max, float *olat) {
-  extern __shared__ float qs[];
+  extern __shared__ float sm[];
   __shared__ float red[32];
-  const int64_t W = kv.width, i = blockIdx.x / nh, n = n_past + i + 1;
+  const int64_t W = kv.width, i = blockIdx.x / nh, n = n_past + i + 1, n_pages = (n + kPage - 1) / kPage;
+  float *qs = sm;
+  const float **base = reinterpret_cast<const float **>(sm + (W + 1) / 2 * 2);  // 8-byte aligned
   for (int64_t k = threadIdx.x; k < W; k += blockDim.x) qs[k] = qcat[blockIdx.x * W + k];
+  for (int64_t g = threadIdx.x; g < n_pages; g += blockDim.x) base[g] = slot_ptr(kv, layer, int64_t(pages[g]) * kPage);
   __syncthreads();
   float *p = scratch + blockIdx.x * n_ctx_max;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int64_t j = warp; j < n; j += nw) {  // a warp per key
-    const float *e = slot_ptr(kv, layer, int64_t(pages[j / kPage]) * kPage + j % kPage);
+    const float *e = base[j / kPage] + (j % kPage) * W;
     float s = 0.0f;
     for (int64_t c = lane; c < W; c += 32) s += qs[c] * e[c];
     s = warp_sum(s);
@@ -142,7 +147,13 @@ __global__ void __launch_bounds__(256) attend_latent_kernel(KvCacheView kv, int6
   softmax_inplace(p, n, red);
   for (int64_t c = threadIdx.x; c < dc; c += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < n; j++) acc += p[j] * slot_ptr(kv, layer, int64_t(pages[j / kPage]) * kPage + j % kPage)[c];
+    for (int64_t g = 0; g < n_pages; g++) {
+      const float *e = base[g] + c;
+      const float *pg = p + g * kPage;
+      const int64_t m = min(kPage, n - g * kPage);
+#pragma unroll 8
+      for (int64_t j = 0; j < m; j++) acc += pg[j] * e[j * W];
+    }
     olat[blockIdx.x * dc + c] = acc;
   }
 }
@@ -218,7 +229,11 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
   q_absorb_kernel<<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned(rows)), 256, 0, s>>>(q, qs, kv_b, nh, dn, dr,
                                                                                             dv, qcat);
   check_launch("mla q_absorb");
-  attend_latent_kernel<<<unsigned(rows * nh), 256, size_t(kv.width) * sizeof(float), s>>>(
+  const size_t smem = size_t((kv.width + 1) / 2 * 2) * sizeof(float) + size_t((n_ctx + kPage - 1) / kPage) * sizeof(float *);
+  if (smem > 200 * 1024) throw std::runtime_error("mla_attention_absorbed: context too long for one block's page table");
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(attend_latent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  attend_latent_kernel<<<unsigned(rows * nh), 256, smem, s>>>(
       kv, layer, pages, qcat, n_past, nh, dc, scale, p, n_ctx, olat);
   check_launch("mla attend_latent");
   const unsigned blocks = unsigned((nh * dv + 7) / 8);

@@ -543,7 +543,7 @@ int cmd_bench(const Args &a) {
                 "Prefill tokens/s for each prompt length (one sequence) and decode tokens/s for each batch (sessions of\n"
                 "--ctx tokens decoding --gen steps together), each beside its roofline: bytes that must move per step\n"
                 "(weights touched + latent cache read) over the measured copy bandwidth (device memory on a GPU, one\n"
-                "CPU thread's memcpy on the CPU). --profile adds a per-op time table for the first batch size.\n%s",
+                "CPU thread's memcpy on the CPU). --profile adds a per-op time table for each batch size.\n%s",
                 kCommonHelp);
     return 0;
   }
@@ -589,7 +589,6 @@ int cmd_bench(const Args &a) {
     std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only)\n", P, dt, P / dt, flops / dt / 1e12);
   }
 
-  bool profiled = false;
   for (int B : batches) {
     std::vector<dsrt_session *> ss(static_cast<size_t>(B));
     for (int i = 0; i < B; i++) {
@@ -615,7 +614,7 @@ int cmd_bench(const Args &a) {
       t_forward += secs(t1);
     };
     decode_step();  // warm-up: first-use uploads and allocations
-    const bool profile = a.has("--profile") && !profiled;
+    const bool profile = a.has("--profile");
     if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
     t_forward = 0;
     auto t0 = now();
@@ -630,7 +629,6 @@ int cmd_bench(const Args &a) {
     if (profile) {
       print_op_table(l.engine, int(steps), gpu);
       check(dsrt_engine_set_profiling(l.engine, 0));
-      profiled = true;
     }
     for (auto *s : ss) dsrt_session_free(s);
   }
