@@ -73,50 +73,65 @@ __device__ void softmax_inplace(float *p, int64_t n, float *red) {
 // (row, head) doing all three phases left most SMs with four latency-bound warps).
 
 // q_lat[r, h, c] = sum_d q_nope[r, h, d] W_UK[h][d, c], and q_pe copied after it: qcat [rows, nh, dc + dr].
-// Grid (ceil(dc/128), nh, rows), 8 warps: lane owns 4 columns, warp w sums rows d = w, w+8, ...
-__global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t qs, DevMatrix kv_b, int64_t nh, int64_t dn,
-                                                      int64_t dr, int64_t dv, float *qcat) {
+// Grid (ceil(dc/128), nh, ceil(rows/MT)), 8 warps: lane owns 4 columns, warp w sums rows d = w, w+8, ...;
+// each weight is read once for MT query rows.
+template <int MT>
+__global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t qs, int64_t rows, DevMatrix kv_b,
+                                                      int64_t nh, int64_t dn, int64_t dr, int64_t dv, float *qcat) {
   __shared__ float part[8][128];
-  const int64_t dc = kv_b.cols, h = blockIdx.y, r = blockIdx.z, kvw = dn + dv;
+  const int64_t dc = kv_b.cols, h = blockIdx.y, r0 = int64_t(blockIdx.z) * MT, kvw = dn + dv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t c0 = int64_t(blockIdx.x) * 128 + lane * 4;
-  const float *qh = q + r * qs + h * (dn + dr);
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int nr = rows - r0 < MT ? int(rows - r0) : MT;
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; t++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) acc[t][j] = 0.0f;
   const bool fp8_fast = kv_b.dtype == kFP8 && dc % 4 == 0;
   for (int64_t d = warp; d < dn && c0 < dc; d += 8) {
-    const float qv = qh[d];
     const int64_t row = h * kvw + d;
+    float wv[4];
     if (fp8_fast) {  // 4 bytes, one scale (4 | 128)
       const uint32_t w4 = __ldg(reinterpret_cast<const uint32_t *>(static_cast<const uint8_t *>(kv_b.data) + row * dc + c0));
-      const float sc = kv_b.scale[(row / 128) * kv_b.scale_cols + c0 / 128] * qv;
+      const float sc = kv_b.scale[(row / 128) * kv_b.scale_cols + c0 / 128];
       const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w4 & 0xffff), __NV_E4M3);
       const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w4 >> 16), __NV_E4M3);
       const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
-      acc[0] += a.x * sc;
-      acc[1] += a.y * sc;
-      acc[2] += b.x * sc;
-      acc[3] += b.y * sc;
+      wv[0] = a.x * sc;
+      wv[1] = a.y * sc;
+      wv[2] = b.x * sc;
+      wv[3] = b.y * sc;
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; j++)
-        if (c0 + j < dc) acc[j] += qv * load_w(kv_b, row, c0 + j);
+      for (int j = 0; j < 4; j++) wv[j] = c0 + j < dc ? load_w(kv_b, row, c0 + j) : 0.0f;
     }
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+      if (t < nr) {
+        const float qv = q[(r0 + t) * qs + h * (dn + dr) + d];
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[t][j] += qv * wv[j];
+      }
   }
+  for (int t = 0; t < nr; t++) {
 #pragma unroll
-  for (int j = 0; j < 4; j++) part[warp][lane * 4 + j] = acc[j];
-  __syncthreads();
-  float *out = qcat + (r * nh + h) * (dc + dr);
-  if (threadIdx.x < 128) {
-    const int64_t c = int64_t(blockIdx.x) * 128 + threadIdx.x;
-    if (c < dc) {
-      float v = 0.0f;
+    for (int j = 0; j < 4; j++) part[warp][lane * 4 + j] = acc[t][j];
+    __syncthreads();
+    float *out = qcat + ((r0 + t) * nh + h) * (dc + dr);
+    if (threadIdx.x < 128) {
+      const int64_t c = int64_t(blockIdx.x) * 128 + threadIdx.x;
+      if (c < dc) {
+        float v = 0.0f;
 #pragma unroll
-      for (int w = 0; w < 8; w++) v += part[w][threadIdx.x];
-      out[c] = v;
+        for (int w = 0; w < 8; w++) v += part[w][threadIdx.x];
+        out[c] = v;
+      }
     }
+    if (blockIdx.x == 0)
+      for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) out[dc + k] = q[(r0 + t) * qs + h * (dn + dr) + dn + k];
+    __syncthreads();
   }
-  if (blockIdx.x == 0)
-    for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) out[dc + k] = qh[dn + k];
 }
 
 // Per (row, head): scores of qcat against every cached latent (c_kv . q_lat + k_pe . q_pe), softmax, and
@@ -226,8 +241,8 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
   const int64_t dc = kv.width - dr, n_ctx = n_past + rows;
   auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };  // each part 256-byte aligned (float4 loads)
   float *p = scratch, *qcat = p + up64(rows * nh * n_ctx), *olat = qcat + up64(rows * nh * kv.width);
-  q_absorb_kernel<<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned(rows)), 256, 0, s>>>(q, qs, kv_b, nh, dn, dr,
-                                                                                            dv, qcat);
+  q_absorb_kernel<8><<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8)), 256, 0, s>>>(
+      q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
   check_launch("mla q_absorb");
   const size_t smem = size_t((kv.width + 1) / 2 * 2) * sizeof(float) + size_t((n_ctx + kPage - 1) / kPage) * sizeof(float *);
   if (smem > 200 * 1024) throw std::runtime_error("mla_attention_absorbed: context too long for one block's page table");

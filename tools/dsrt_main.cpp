@@ -554,7 +554,8 @@ int cmd_bench(const Args &a) {
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   const int max_prompt = *std::max_element(prompts.begin(), prompts.end());
   Loaded l;
-  load(a, l, std::max(max_prompt, max_batch * (ctx + gen)));
+  auto pages = [](int tokens) { return (tokens + 63) / 64 * 64; };  // the KV pool hands out 64-token pages
+  load(a, l, std::max(pages(max_prompt), max_batch * pages(ctx + gen + 1)));
   dsrt_model_info info;
   info.struct_size = sizeof info;
   check(dsrt_model_info_get(l.model, &info));
@@ -630,7 +631,13 @@ int cmd_bench(const Args &a) {
       print_op_table(l.engine, int(steps), gpu);
       check(dsrt_engine_set_profiling(l.engine, 0));
     }
-    for (auto *s : ss) dsrt_session_free(s);
+    for (auto *s : ss) {  // a session the engine could not serve (KV pool) would make the figures lie
+      dsrt_session_stats st;
+      st.struct_size = sizeof st;
+      check(dsrt_session_stats_get(s, &st));
+      if (st.n_tokens != ctx + gen) throw Fail{"a session did not decode every step (" + std::to_string(st.n_tokens) + " tokens)"};
+      dsrt_session_free(s);
+    }
   }
   return 0;
 }
