@@ -180,7 +180,15 @@ typedef struct dsrt_engine_params {
   int32_t max_tokens;         /* KV capacity in tokens over all sessions; 0 = min(n_ctx_train, 16384) */
   int32_t max_batch_tokens;   /* tokens in one forward step (prefill chunk budget); default 512 */
   int32_t attention;          /* DSRT_ATTENTION_*; default AUTO */
+  int32_t precision;          /* DSRT_PRECISION_*; default AUTO */
 } dsrt_engine_params;
+
+/* GPU GEMMs of many rows (prefill chunks, large batches) with FP8 activations quantised per token per 128
+ * channels (W8A8, the format the model was trained in; cuBLASLt's block-scaled FP8 GEMM when it can be
+ * loaded); decode-sized products keep fp32 activations. The CPU is fp32 throughout. */
+#define DSRT_PRECISION_AUTO 0
+/* fp32 activations in every GEMM: the CPU reference's numbers (~1e-6), slower prefill. */
+#define DSRT_PRECISION_FP32 1
 
 #define DSRT_ATTENTION_AUTO     0  /* naive (decompressed) form for prefill chunks, absorbed for decode */
 #define DSRT_ATTENTION_NAIVE    1

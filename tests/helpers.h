@@ -84,12 +84,14 @@ struct Model {
 
 struct Engine {
   dsrt_engine *e = nullptr;
-  Engine(Model &m, int32_t attention = DSRT_ATTENTION_AUTO, int32_t max_batch = 512, int32_t max_tokens = 0) {
+  Engine(Model &m, int32_t attention = DSRT_ATTENTION_AUTO, int32_t max_batch = 512, int32_t max_tokens = 0,
+         int32_t precision = DSRT_PRECISION_AUTO) {
     dsrt_engine_params p;
     dsrt_engine_params_init(&p, sizeof p);
     p.attention = attention;
     p.max_batch_tokens = max_batch;
     p.max_tokens = max_tokens;
+    p.precision = precision;
     CHECK_OK(dsrt_engine_create(m.m, &p, &e));
   }
   ~Engine() { dsrt_engine_free(e); }

@@ -13,6 +13,17 @@ set -uo pipefail
 : "${OUT:?run through the device tool}"
 export PYTHONUNBUFFERED=1
 stages="${*:-models text}"
+# cuBLASLt (dlopen()ed by dsrt for the FP8 GEMM): the image has it in PyTorch's nvidia-* wheels.
+lt_dir=$(python3 - <<'PY'
+import glob, os, sys
+for p in sys.path + ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu"]:
+    hits = glob.glob(os.path.join(p, "nvidia", "*", "lib", "libcublasLt.so.1*")) + glob.glob(os.path.join(p, "libcublasLt.so.1*"))
+    if hits:
+        print(os.path.dirname(sorted(hits)[-1])); break
+PY
+)
+[ -n "$lt_dir" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$lt_dir"
+echo "cuBLASLt from: ${lt_dir:-not found}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 for stage in $stages; do

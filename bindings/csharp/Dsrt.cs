@@ -58,7 +58,7 @@ internal static class Native {
   [StructLayout(LayoutKind.Sequential)]
   public struct EngineParams {
     public uint struct_size;
-    public int max_tokens, max_batch_tokens, attention;
+    public int max_tokens, max_batch_tokens, attention, precision;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct EngineStats {

@@ -1,5 +1,7 @@
 #include "api/system_info.h"
 
+#include "backend/backend.h"
+
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -15,6 +17,7 @@ std::string system_info_json() {
 #if defined(DSRT_WITH_CUDA)
   j["cuda_built"] = true;
   j["cuda"] = cuda_devices_json();
+  j["cuda"]["fp8_gemm"] = cublaslt_status();
 #else
   j["cuda_built"] = false;
 #endif
@@ -27,6 +30,7 @@ int cuda_device_count(std::string *why) {
   return 0;
 }
 double device_copy_bandwidth(int) { return 0.0; }
+std::string cublaslt_status() { return "this build of dsrt has no CUDA support"; }
 #endif
 
 }  // namespace dsrt

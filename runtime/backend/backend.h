@@ -138,6 +138,9 @@ class Backend {
 struct BackendOptions {
   int n_threads = 0;  // CPU threads, 0 = all
   int device = 0;     // CUDA device index
+  // CUDA: GEMMs of many rows quantise activations to FP8 (per token per 128 channels) and run on cuBLASLt's
+  // block-scaled FP8 path; false keeps fp32 activations everywhere (the CPU reference's numbers).
+  bool fp8_activations = true;
 };
 
 enum class BackendKind { Cpu, Cuda };
@@ -150,5 +153,7 @@ int cuda_devices(std::string *why);
 // Device memory bandwidth in bytes (read + written) per second, measured with a 1 GiB device-to-device copy
 // (0 without CUDA): the denominator of the GPU rooflines.
 double device_copy_bandwidth(int device);
+// "cuBLASLt <version>" when the block-scaled FP8 GEMM library loads, else why not.
+std::string cublaslt_status();
 
 }  // namespace dsrt

@@ -84,6 +84,7 @@ pub struct dsrt_engine_params {
     pub max_tokens: i32,
     pub max_batch_tokens: i32,
     pub attention: i32,
+    pub precision: i32,
 }
 
 #[repr(C)]

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "backend/backend.h"
+#include "backend/cuda/fp8_gemm.h"
 #include "backend/scratch_arena.h"
 #include "core/status.h"
 #include "kernels.h"
@@ -47,6 +48,7 @@ class CudaBackend final : public ArenaBackend {
             [](void *p) { cudaFree(p); }, size_t(256) << 20, 256) {
     cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    if (opt.fp8_activations) gemm_ = std::make_unique<Fp8Gemm>(stream_);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -59,6 +61,7 @@ class CudaBackend final : public ArenaBackend {
       cudaEventDestroy(a);
       cudaEventDestroy(b);
     }
+    gemm_.reset();
     cudaFreeHost(staging_);
     cudaFree(kv_.base);
     cudaStreamDestroy(stream_);
@@ -133,7 +136,7 @@ class CudaBackend final : public ArenaBackend {
     const auto timer_ = timed("linear", &w);
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shape mismatch");
-    k::linear(x.f32(), x.rows, dev(w), out.f32(), stream_);
+    matmul(x.f32(), x.rows, dev(w), out.f32());
   }
   void add(Tensor x, Tensor y) override {
     const auto timer_ = timed("add", nullptr);
@@ -178,7 +181,7 @@ class CudaBackend final : public ArenaBackend {
       } else {  // decompress every cached latent through kv_b, then attend
         Tensor lat = alloc(n_ctx, d.latent), pe = alloc(n_ctx, d.rope), kvd = alloc(n_ctx, kv_b.rows);
         k::mla_gather(kv_, layer, pages, n_ctx, d.latent, lat.f32(), pe.f32(), stream_);
-        k::linear(lat.f32(), n_ctx, dev(kv_b), kvd.f32(), stream_);
+        matmul(lat.f32(), n_ctx, dev(kv_b), kvd.f32());
         k::mla_attention_naive(qs, q.cols, s.n_new, s.n_past, kvd.f32(), pe.f32(), d.n_heads, d.nope, d.rope, d.v,
                                d.softmax_scale, scratch.f32(), os, out.cols, stream_);
       }
@@ -234,10 +237,10 @@ class CudaBackend final : public ArenaBackend {
       const float *dw = upload_f32(w);
       Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
       k::gather_rows(x.f32(), H, drows, n, xe.f32(), stream_);
-      k::linear(xe.f32(), n, dev(experts[e].gate), g.f32(), stream_);
-      k::linear(xe.f32(), n, dev(experts[e].up), u.f32(), stream_);
+      matmul(xe.f32(), n, dev(experts[e].gate), g.f32());
+      matmul(xe.f32(), n, dev(experts[e].up), u.f32());
       k::silu_mul(g.f32(), u.f32(), g.f32(), n * inter, stream_);
-      k::linear(g.f32(), n, dev(experts[e].down), y.f32(), stream_);
+      matmul(g.f32(), n, dev(experts[e].down), y.f32());
       k::scatter_add_rows(y.f32(), H, drows, dw, n, out.f32(), stream_);
     }
   }
@@ -294,6 +297,19 @@ class CudaBackend final : public ArenaBackend {
     return m;
   }
 
+  // out [m, N] = x [m, K] W^T: cuBLASLt's block-scaled FP8 GEMM for many rows (FP8 activations), else the
+  // fp32-activation GEMV kernels (decode, BF16 weights, shapes cuBLASLt refuses, fp8_activations off).
+  void matmul(const float *x, int64_t m, const k::DevMatrix &w, float *out) {
+    if (gemm_ && m >= kMinGemmRows && Fp8Gemm::eligible(w)) {
+      const uint64_t mark = scratch_mark();
+      Tensor xq = alloc(1, (m * w.cols + 3) / 4, DType::I32), xs = alloc(w.cols / 128, m), bf = alloc(1, (m * w.rows + 1) / 2);
+      const bool done = gemm_->run(x, m, w, out, static_cast<uint8_t *>(xq.data), xs.f32(), bf.data);
+      scratch_release(mark);  // stream order keeps the scratch valid for the queued kernels
+      if (done) return;
+    }
+    k::linear(x, m, w, out, stream_);
+  }
+
   // Small per-step metadata (token ids, positions, page tables, rope frequencies) goes through a pinned
   // staging buffer into the scratch arena: the host vector may die at once, and no sync is needed until the
   // buffer fills (then one sync lets it start over).
@@ -305,7 +321,8 @@ class CudaBackend final : public ArenaBackend {
       sync();
       staged_ = 0;
       if (need > staging_cap_) {
-        cudaFreeHost(staging_);
+        gemm_.reset();
+    cudaFreeHost(staging_);
         staging_ = nullptr;
         staging_cap_ = std::max(need, size_t(4) << 20);
         cuda_check(cudaMallocHost(&staging_, staging_cap_), "pinned staging buffer");
@@ -368,7 +385,9 @@ class CudaBackend final : public ArenaBackend {
     n_timed_ = 0;
   }
 
-  static constexpr int64_t kDeviceExpertSlots = 256;  // token x slot pairs up to which experts run on the device
+  static constexpr int64_t kDeviceExpertSlots = 256;
+  static constexpr int64_t kMinGemmRows = 32;  // below this the GEMV kernels read each weight once anyway
+  std::unique_ptr<Fp8Gemm> gemm_;  // token x slot pairs up to which experts run on the device
 
   cudaStream_t stream_ = nullptr;
   void *staging_ = nullptr;

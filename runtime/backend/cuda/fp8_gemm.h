@@ -1,0 +1,49 @@
+// Block-scaled FP8 GEMM through cuBLASLt (spec §5.3), for prefill and large batches: activations are
+// quantised per token per 128 channels (e4m3, fp32 scales) on the GPU, weights are used as published
+// (e4m3 with 128x128 scales). cuBLASLt is loaded at run time: it is 540 MB, optional, and when it is
+// missing (or refuses a shape) the caller falls back to dsrt's own kernels.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace dsrt {
+
+class Fp8Gemm {
+ public:
+  explicit Fp8Gemm(cudaStream_t stream);
+  ~Fp8Gemm();
+  Fp8Gemm(const Fp8Gemm &) = delete;
+  Fp8Gemm &operator=(const Fp8Gemm &) = delete;
+
+  // Whether cuBLASLt loaded (and if not, why).
+  bool available() const { return lt_ != nullptr; }
+  const std::string &why_unavailable() const { return why_; }
+
+  // out [m, w.rows] (fp32) = x [m, w.cols] W^T with x quantised per 128 channels into xq [m, K] bytes and
+  // xs [K/128, m] floats (M-major, the layout cuBLASLt's VEC128 mode reads). bf16 [m, w.rows] is scratch
+  // for when cuBLASLt offers no fp32-output algorithm. Returns false (nothing enqueued that matters) when
+  // cuBLASLt is missing or has no algorithm for the shape.
+  bool run(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint8_t *xq, float *xs, void *bf16);
+  // True when the shape can go through run(): FP8 weight, K a multiple of 128, N of 16.
+  static bool eligible(const kernels::DevMatrix &w) { return w.dtype == kernels::kFP8 && w.cols % 128 == 0 && w.rows % 16 == 0; }
+
+  struct Lt;  // the loaded library's entry points
+
+ private:
+  struct Plan;
+  Plan *plan(int64_t m, int64_t n, int64_t k);
+
+  cudaStream_t stream_;
+  const Lt *lt_ = nullptr;
+  std::string why_;
+  void *handle_ = nullptr, *workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans_;
+};
+
+}  // namespace dsrt
