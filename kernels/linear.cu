@@ -65,8 +65,8 @@ void launch(const float *x, const DevMatrix &w, float *out, cudaStream_t s) {
 
 // One warp per 128-channel group of a row: e4m3 values x / s with s = amax / 448 (DeepSeek's act_quant),
 // scales written M-major [K/128][M].
-__global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int64_t k, uint8_t *__restrict__ xq,
-                                     float *__restrict__ xs) {
+__global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int64_t k, int64_t ld_s,
+                                     uint8_t *__restrict__ xq, float *__restrict__ xs) {
   const int lane = threadIdx.x & 31;
   const int64_t groups = k / 128, g = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5), r = blockIdx.y;
   if (g >= groups) return;
@@ -77,27 +77,35 @@ __global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int
   const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v.x / s, v.y / s), __NV_SATFINITE, __NV_E4M3);
   const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v.z / s, v.w / s), __NV_SATFINITE, __NV_E4M3);
   reinterpret_cast<uint32_t *>(xq + r * k + g * 128)[lane] = uint32_t(lo) | uint32_t(hi) << 16;
-  if (lane == 0) xs[g * m + r] = s;
+  if (lane == 0) xs[g * ld_s + r] = s;
 }
 
-__global__ void bf16_to_f32_kernel(const uint16_t *in, int64_t n, float *out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = bf16_bits_to_f32(in[i]);
+// out [r, c] = in [r, c] or in [c, r] (transposed), in fp32 or bf16
+__global__ void widen_transpose_kernel(const void *in, bool bf16, int64_t rows, int64_t cols, bool transposed, int64_t ld,
+                                       float *out) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols, src = transposed ? c * ld + r : r * ld + c;
+    out[i] = bf16 ? bf16_bits_to_f32(static_cast<const uint16_t *>(in)[src]) : static_cast<const float *>(in)[src];
+  }
 }
 
 }  // namespace
 
-void quantize_rows_fp8(const float *x, int64_t m, int64_t k, uint8_t *xq, float *xs, cudaStream_t s) {
+void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s) {
   if (m == 0) return;
   if (k % 128) throw std::runtime_error("quantize_rows_fp8: K must be a multiple of 128");
-  quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(m)), 256, 0, s>>>(x, m, k, xq, xs);
+  quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(m)), 256, 0, s>>>(x, m, k, ld_s, xq, xs);
   check_launch("quantize_rows_fp8");
 }
 
-void bf16_to_f32(const uint16_t *in, int64_t n, float *out, cudaStream_t s) {
+void widen_transpose(const void *in, bool bf16, int64_t rows, int64_t cols, bool transposed, int64_t ld, float *out,
+                     cudaStream_t s) {
+  const int64_t n = rows * cols;
   if (n == 0) return;
-  bf16_to_f32_kernel<<<std::min<unsigned>(grid_for(n, 256), 65535u), 256, 0, s>>>(in, n, out);
-  check_launch("bf16_to_f32");
+  widen_transpose_kernel<<<std::min<unsigned>(grid_for(n, 256), 65535u), 256, 0, s>>>(in, bf16, rows, cols, transposed, ld,
+                                                                                      out);
+  check_launch("widen_transpose");
 }
 
 void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s) {

@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -300,14 +302,18 @@ class CudaBackend final : public ArenaBackend {
   // out [m, N] = x [m, K] W^T: cuBLASLt's block-scaled FP8 GEMM for many rows (FP8 activations), else the
   // fp32-activation GEMV kernels (decode, BF16 weights, shapes cuBLASLt refuses, fp8_activations off).
   void matmul(const float *x, int64_t m, const k::DevMatrix &w, float *out) {
+    bool done = false;
     if (gemm_ && m >= kMinGemmRows && Fp8Gemm::eligible(w)) {
       const uint64_t mark = scratch_mark();
-      Tensor xq = alloc(1, (m * w.cols + 3) / 4, DType::I32), xs = alloc(w.cols / 128, m), bf = alloc(1, (m * w.rows + 1) / 2);
-      const bool done = gemm_->run(x, m, w, out, static_cast<uint8_t *>(xq.data), xs.f32(), bf.data);
+      const int64_t mp = Fp8Gemm::padded_rows(m);
+      Tensor xq = alloc(1, (mp * w.cols + 3) / 4, DType::I32), xs = alloc(w.cols / 128, mp), tmp = alloc(mp, w.rows);
+      done = gemm_->run(x, m, w, out, static_cast<uint8_t *>(xq.data), xs.f32(), tmp.data);
       scratch_release(mark);  // stream order keeps the scratch valid for the queued kernels
-      if (done) return;
     }
-    k::linear(x, m, w, out, stream_);
+    if (debug_)
+      std::fprintf(stderr, "dsrt: GEMM M=%lld N=%lld K=%lld: %s\n", (long long)m, (long long)w.rows, (long long)w.cols,
+                   done ? "cuBLASLt FP8" : !gemm_ ? "GEMV (fp32 activations requested)" : "GEMV");
+    if (!done) k::linear(x, m, w, out, stream_);
   }
 
   // Small per-step metadata (token ids, positions, page tables, rope frequencies) goes through a pinned
@@ -321,8 +327,7 @@ class CudaBackend final : public ArenaBackend {
       sync();
       staged_ = 0;
       if (need > staging_cap_) {
-        gemm_.reset();
-    cudaFreeHost(staging_);
+        cudaFreeHost(staging_);
         staging_ = nullptr;
         staging_cap_ = std::max(need, size_t(4) << 20);
         cuda_check(cudaMallocHost(&staging_, staging_cap_), "pinned staging buffer");
@@ -387,7 +392,8 @@ class CudaBackend final : public ArenaBackend {
 
   static constexpr int64_t kDeviceExpertSlots = 256;
   static constexpr int64_t kMinGemmRows = 32;  // below this the GEMV kernels read each weight once anyway
-  std::unique_ptr<Fp8Gemm> gemm_;  // token x slot pairs up to which experts run on the device
+  std::unique_ptr<Fp8Gemm> gemm_;
+  const bool debug_ = std::getenv("DSRT_DEBUG_GEMM") != nullptr;  // one stderr line per GEMM: which path  // token x slot pairs up to which experts run on the device
 
   cudaStream_t stream_ = nullptr;
   void *staging_ = nullptr;

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 
@@ -88,14 +89,18 @@ std::string cublaslt_status() {
 struct Fp8Gemm::Plan {
   const Lt *lt = nullptr;
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool ok = false, f32_out = true;
-  ~Plan() {
+  bool weights_are_a = true;  // else activations are A and D comes out transposed ([N, M] row-major)
+  ~Plan() { reset(); }
+  void reset() {
     if (!lt) return;
     if (desc) lt->cublasLtMatmulDescDestroy(desc);
-    for (auto l : {a, b, d})
+    for (auto l : {a, b, c, d})
       if (l) lt->cublasLtMatrixLayoutDestroy(l);
+    desc = nullptr;
+    a = b = c = d = nullptr;
   }
 };
 
@@ -129,59 +134,96 @@ Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
   slot = std::make_unique<Plan>();
   Plan &p = *slot;
   p.lt = lt_;
-  // TN: the weight [N, K] row-major is A (col-major K x N, op T), activations [M, K] row-major are B
-  // (col-major K x M), D col-major N x M = row-major [M, N] (spec §5.3, measured on an H100).
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-  if (lt_->cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) return &p;
-  lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
-  lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
-  lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof a_mode);
-  lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof b_mode);
-  lt_->cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(n), k);
-  lt_->cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(m), k);
+  std::string tried;
   cublasLtMatmulPreference_t pref = nullptr;
   lt_->cublasLtMatmulPreferenceCreate(&pref);
   lt_->cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
                                             sizeof workspace_bytes_);
-  for (cudaDataType_t out : {CUDA_R_32F, CUDA_R_16BF}) {  // fp32 output if offered, else BF16 + a widening pass
-    if (p.d) lt_->cublasLtMatrixLayoutDestroy(p.d);
-    p.d = nullptr;
-    lt_->cublasLtMatrixLayoutCreate(&p.d, out, uint64_t(n), uint64_t(m), n);
-    cublasLtMatmulHeuristicResult_t res{};
-    int found = 0;
-    if (lt_->cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p.desc, p.a, p.b, p.d, p.d, pref, 1,
-                                            &res, &found) == CUBLAS_STATUS_SUCCESS &&
-        found > 0) {
-      p.algo = res.algo;
-      p.ok = true;
-      p.f32_out = out == CUDA_R_32F;
-      break;
+  // Two ways to put the problem, both TN with K contiguous. Weights as A (BLK128x128) and activations as B
+  // (VEC128) give D = [M, N] row-major directly (spec §5.3); the other assignment gives D = [N, M] and a
+  // transpose. Each with fp32 output if offered, else BF16 and a widening pass.
+  struct Try {
+    bool weights_a;
+    cudaDataType_t c, d;
+  };
+  const Try tries[] = {{true, CUDA_R_32F, CUDA_R_32F},   {true, CUDA_R_16BF, CUDA_R_32F},
+                       {true, CUDA_R_16BF, CUDA_R_16BF}, {false, CUDA_R_32F, CUDA_R_32F},
+                       {false, CUDA_R_16BF, CUDA_R_32F}, {false, CUDA_R_16BF, CUDA_R_16BF}};
+  for (const Try &t : tries) {
+    p.reset();
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const int32_t blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    const int32_t a_mode = t.weights_a ? blk : vec, b_mode = t.weights_a ? vec : blk;
+    const int8_t fast_accum = 0;  // the scaled partials are promoted to fp32 every 128 K (spec §5.3)
+    const void *dummy = workspace_;  // the scale pointers must be set for the heuristic; run() sets the real ones
+    const int64_t rows_a = t.weights_a ? n : m, rows_b = t.weights_a ? m : n;
+    cublasStatus_t st = lt_->cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (st == CUBLAS_STATUS_SUCCESS) {
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof fast_accum);
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dummy, sizeof dummy);
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dummy, sizeof dummy);
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof a_mode);
+      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof b_mode);
+      lt_->cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(rows_a), k);
+      lt_->cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(rows_b), k);
+      lt_->cublasLtMatrixLayoutCreate(&p.c, t.c, uint64_t(rows_a), uint64_t(rows_b), rows_a);
+      lt_->cublasLtMatrixLayoutCreate(&p.d, t.d, uint64_t(rows_a), uint64_t(rows_b), rows_a);
+      cublasLtMatmulHeuristicResult_t res{};
+      int found = 0;
+      st = lt_->cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p.desc, p.a, p.b, p.c, p.d, pref, 1,
+                                                &res, &found);
+      if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+        p.algo = res.algo;
+        p.ok = true;
+        p.f32_out = t.d == CUDA_R_32F;
+        p.weights_are_a = t.weights_a;
+        break;
+      }
     }
+    tried += std::string(tried.empty() ? "" : ", ") + (t.weights_a ? "W as A" : "X as A") +
+             (t.c == CUDA_R_32F ? " C f32" : " C bf16") + (t.d == CUDA_R_32F ? " D f32" : " D bf16") + ": status " +
+             std::to_string(int(st));
   }
   lt_->cublasLtMatmulPreferenceDestroy(pref);
+  if (!p.ok)  // once per shape: the fallback is correct but slower, so say why
+    std::fprintf(stderr, "dsrt: cuBLASLt offers no block-scaled FP8 algorithm for M=%lld N=%lld K=%lld (%s); using dsrt's kernels\n",
+                 (long long)m, (long long)n, (long long)k, tried.c_str());
   return &p;
 }
 
-bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint8_t *xq, float *xs, void *bf16) {
+bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint8_t *xq, float *xs, void *tmp) {
   if (!lt_ || !eligible(w) || m < 1) return false;
-  const int64_t n = w.rows, k = w.cols;
-  Plan *p = plan(m, n, k);
+  // cuBLASLt takes VEC128-scaled activations only in whole 16-row tiles (M=33 is NOT_SUPPORTED): pad with
+  // zero rows (zero scales), and drop their outputs.
+  const int64_t n = w.rows, k = w.cols, mp = padded_rows(m);
+  Plan *p = plan(mp, n, k);
   if (!p->ok) return false;
-  kernels::quantize_rows_fp8(x, m, k, xq, xs, stream_);
-  const void *a_scale = w.scale, *b_scale = xs;
+  if (mp > m) {
+    cudaMemsetAsync(xq + m * k, 0, size_t((mp - m) * k), stream_);
+    cudaMemsetAsync(xs, 0, size_t(k / 128 * mp) * sizeof(float), stream_);
+  }
+  kernels::quantize_rows_fp8(x, m, k, mp, xq, xs, stream_);
+  const void *a = p->weights_are_a ? w.data : static_cast<const void *>(xq);
+  const void *b = p->weights_are_a ? static_cast<const void *>(xq) : w.data;
+  const void *a_scale = p->weights_are_a ? static_cast<const void *>(w.scale) : xs;
+  const void *b_scale = p->weights_are_a ? static_cast<const void *>(xs) : w.scale;
   lt_->cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof a_scale);
   lt_->cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale);
   const float alpha = 1.0f, beta = 0.0f;
-  void *d = p->f32_out ? static_cast<void *>(out) : bf16;
-  const cublasStatus_t st =
-      lt_->cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w.data, p->a, xq, p->b, &beta, d, p->d,
-                          d, p->d, &p->algo, workspace_, workspace_bytes_, stream_);
+  const bool direct = p->f32_out && p->weights_are_a && mp == m;
+  void *d = direct ? static_cast<void *>(out) : tmp;
+  const cublasStatus_t st = lt_->cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, a, p->a, b, p->b,
+                                                &beta, d, p->c, d, p->d, &p->algo, workspace_, workspace_bytes_, stream_);
   if (st != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "dsrt: cublasLtMatmul failed (status %d) for M=%lld N=%lld K=%lld; using dsrt's kernels\n", int(st),
+                 (long long)mp, (long long)n, (long long)k);
     p->ok = false;  // never again for this shape
     return false;
   }
-  if (!p->f32_out) kernels::bf16_to_f32(static_cast<const uint16_t *>(bf16), m * n, out, stream_);
+  if (!direct)  // D is [mp, N] (weights as A) or [N, mp] (activations as A), fp32 or bf16 -> fp32 [m, N]
+    kernels::widen_transpose(tmp, !p->f32_out, m, n, !p->weights_are_a, p->weights_are_a ? n : mp, out, stream_);
   return true;
 }
 

@@ -24,11 +24,14 @@ class Fp8Gemm {
   bool available() const { return lt_ != nullptr; }
   const std::string &why_unavailable() const { return why_; }
 
-  // out [m, w.rows] (fp32) = x [m, w.cols] W^T with x quantised per 128 channels into xq [m, K] bytes and
-  // xs [K/128, m] floats (M-major, the layout cuBLASLt's VEC128 mode reads). bf16 [m, w.rows] is scratch
-  // for when cuBLASLt offers no fp32-output algorithm. Returns false (nothing enqueued that matters) when
-  // cuBLASLt is missing or has no algorithm for the shape.
-  bool run(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint8_t *xq, float *xs, void *bf16);
+  // out [m, w.rows] (fp32) = x [m, w.cols] W^T with x quantised per 128 channels into xq [mp, K] bytes and
+  // xs [K/128, mp] floats (M-major, the layout cuBLASLt's VEC128 mode reads), mp = padded_rows(m). tmp
+  // (mp * w.rows floats) is
+  // scratch for an output that needs widening or transposing. Returns false (nothing enqueued that
+  // matters) when cuBLASLt is missing or has no algorithm for the shape.
+  bool run(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint8_t *xq, float *xs, void *tmp);
+  // Activation rows as cuBLASLt gets them (whole 16-row tiles); xq, xs and tmp are sized for these.
+  static int64_t padded_rows(int64_t m) { return (m + 15) / 16 * 16; }
   // True when the shape can go through run(): FP8 weight, K a multiple of 128, N of 16.
   static bool eligible(const kernels::DevMatrix &w) { return w.dtype == kernels::kFP8 && w.cols % 128 == 0 && w.rows % 16 == 0; }
 
