@@ -389,9 +389,9 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
       default: dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown attention form ", p.attention);
     }
     eo.backend.n_threads = m->n_threads;
-    if (p.precision != DSRT_PRECISION_AUTO && p.precision != DSRT_PRECISION_FP32)
+    if (p.precision != DSRT_PRECISION_AUTO && p.precision != DSRT_PRECISION_FP32 && p.precision != DSRT_PRECISION_FP8)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown precision ", p.precision);
-    eo.backend.fp8_activations = p.precision == DSRT_PRECISION_AUTO;
+    eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8;
     auto h = std::make_unique<dsrt_engine>();
     h->engine = std::make_shared<dsrt::Engine>(
         m->model, dsrt::make_backend(m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu, eo.backend),

@@ -140,7 +140,7 @@ struct BackendOptions {
   int device = 0;     // CUDA device index
   // CUDA: GEMMs of many rows quantise activations to FP8 (per token per 128 channels) and run on cuBLASLt's
   // block-scaled FP8 path; false keeps fp32 activations everywhere (the CPU reference's numbers).
-  bool fp8_activations = true;
+  bool fp8_activations = false;
 };
 
 enum class BackendKind { Cpu, Cuda };

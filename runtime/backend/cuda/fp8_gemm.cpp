@@ -146,9 +146,9 @@ Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
     bool weights_a;
     cudaDataType_t c, d;
   };
-  const Try tries[] = {{true, CUDA_R_32F, CUDA_R_32F},   {true, CUDA_R_16BF, CUDA_R_32F},
-                       {true, CUDA_R_16BF, CUDA_R_16BF}, {false, CUDA_R_32F, CUDA_R_32F},
-                       {false, CUDA_R_16BF, CUDA_R_32F}, {false, CUDA_R_16BF, CUDA_R_16BF}};
+  // Only weights-as-A is validated (spec §5.3 and tests/gpu): with the activations as A, small shapes
+  // found algorithms whose results were wrong (relative error ~0.8 in the tiny presets), so it is not tried.
+  const Try tries[] = {{true, CUDA_R_32F, CUDA_R_32F}, {true, CUDA_R_16BF, CUDA_R_32F}, {true, CUDA_R_16BF, CUDA_R_16BF}};
   for (const Try &t : tries) {
     p.reset();
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -187,6 +187,9 @@ Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
              std::to_string(int(st));
   }
   lt_->cublasLtMatmulPreferenceDestroy(pref);
+  if (p.ok && std::getenv("DSRT_DEBUG_GEMM"))
+    std::fprintf(stderr, "dsrt: FP8 GEMM plan M=%lld N=%lld K=%lld: D %s\n", (long long)m, (long long)n, (long long)k,
+                 p.f32_out ? "f32" : "bf16");
   if (!p.ok)  // once per shape: the fallback is correct but slower, so say why
     std::fprintf(stderr, "dsrt: cuBLASLt offers no block-scaled FP8 algorithm for M=%lld N=%lld K=%lld (%s); using dsrt's kernels\n",
                  (long long)m, (long long)n, (long long)k, tried.c_str());
