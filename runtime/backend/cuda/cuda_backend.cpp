@@ -74,6 +74,7 @@ class CudaBackend final : public ArenaBackend {
   // scratch arena and the pinned staging buffer are reused only once the GPU is done with them.
   void begin_step() override {
     sync();
+    if (gemm_) gemm_->release();
     collect_op_times();
     staged_ = 0;
     ArenaBackend::begin_step();

@@ -92,7 +92,6 @@ struct Fp8Gemm::Plan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool ok = false, f32_out = true;
-  bool weights_are_a = true;  // else activations are A and D comes out transposed ([N, M] row-major)
   ~Plan() { reset(); }
   void reset() {
     if (!lt) return;
@@ -123,9 +122,33 @@ Fp8Gemm::Fp8Gemm(cudaStream_t stream) : stream_(stream) {
 }
 
 Fp8Gemm::~Fp8Gemm() {
+  if (lt_) release();
   plans_.clear();
   if (lt_ && handle_) lt_->cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
   cudaFree(workspace_);
+}
+
+// The operation descriptor: TN, fp32 compute, block-scaled FP8 (weights BLK128x128 as A, activations
+// VEC128 as B), fast accumulation off (the scaled partials are promoted to fp32 every 128 K, spec §5.3).
+static cublasLtMatmulDesc_t make_desc(const Fp8Gemm::Lt *lt, const void *a_scale, const void *b_scale) {
+  cublasLtMatmulDesc_t desc = nullptr;
+  if (lt->cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) return nullptr;
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+  const int8_t fast_accum = 0;
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof fast_accum);
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof a_scale);
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale);
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof a_mode);
+  lt->cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof b_mode);
+  return desc;
+}
+
+void Fp8Gemm::release() {
+  for (void *d : used_descs_) lt_->cublasLtMatmulDescDestroy(static_cast<cublasLtMatmulDesc_t>(d));
+  used_descs_.clear();
 }
 
 Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
@@ -143,33 +166,19 @@ Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
   // (VEC128) give D = [M, N] row-major directly (spec §5.3); the other assignment gives D = [N, M] and a
   // transpose. Each with fp32 output if offered, else BF16 and a widening pass.
   struct Try {
-    bool weights_a;
     cudaDataType_t c, d;
   };
-  // Only weights-as-A is validated (spec §5.3 and tests/gpu): with the activations as A, small shapes
-  // found algorithms whose results were wrong (relative error ~0.8 in the tiny presets), so it is not tried.
-  const Try tries[] = {{true, CUDA_R_32F, CUDA_R_32F}, {true, CUDA_R_16BF, CUDA_R_32F}, {true, CUDA_R_16BF, CUDA_R_16BF}};
+  // Weights as A (BLK128x128), activations as B (VEC128): D = [M, N] row-major (spec §5.3).
+  const Try tries[] = {{CUDA_R_32F, CUDA_R_32F}, {CUDA_R_16BF, CUDA_R_32F}, {CUDA_R_16BF, CUDA_R_16BF}};
   for (const Try &t : tries) {
     p.reset();
-    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    const int32_t blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    const int32_t a_mode = t.weights_a ? blk : vec, b_mode = t.weights_a ? vec : blk;
-    const int8_t fast_accum = 0;  // the scaled partials are promoted to fp32 every 128 K (spec §5.3)
-    const void *dummy = workspace_;  // the scale pointers must be set for the heuristic; run() sets the real ones
-    const int64_t rows_a = t.weights_a ? n : m, rows_b = t.weights_a ? m : n;
-    cublasStatus_t st = lt_->cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-    if (st == CUBLAS_STATUS_SUCCESS) {
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof fast_accum);
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dummy, sizeof dummy);
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dummy, sizeof dummy);
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof a_mode);
-      lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof b_mode);
-      lt_->cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(rows_a), k);
-      lt_->cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(rows_b), k);
-      lt_->cublasLtMatrixLayoutCreate(&p.c, t.c, uint64_t(rows_a), uint64_t(rows_b), rows_a);
-      lt_->cublasLtMatrixLayoutCreate(&p.d, t.d, uint64_t(rows_a), uint64_t(rows_b), rows_a);
+    p.desc = make_desc(lt_, workspace_, workspace_);  // the scale pointers must be set for the heuristic
+    cublasStatus_t st = CUBLAS_STATUS_INTERNAL_ERROR;
+    if (p.desc) {
+      lt_->cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(n), k);
+      lt_->cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(k), uint64_t(m), k);
+      lt_->cublasLtMatrixLayoutCreate(&p.c, t.c, uint64_t(n), uint64_t(m), n);
+      lt_->cublasLtMatrixLayoutCreate(&p.d, t.d, uint64_t(n), uint64_t(m), n);
       cublasLtMatmulHeuristicResult_t res{};
       int found = 0;
       st = lt_->cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p.desc, p.a, p.b, p.c, p.d, pref, 1,
@@ -178,13 +187,11 @@ Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
         p.algo = res.algo;
         p.ok = true;
         p.f32_out = t.d == CUDA_R_32F;
-        p.weights_are_a = t.weights_a;
         break;
       }
     }
-    tried += std::string(tried.empty() ? "" : ", ") + (t.weights_a ? "W as A" : "X as A") +
-             (t.c == CUDA_R_32F ? " C f32" : " C bf16") + (t.d == CUDA_R_32F ? " D f32" : " D bf16") + ": status " +
-             std::to_string(int(st));
+    tried += std::string(tried.empty() ? "" : ", ") + (t.c == CUDA_R_32F ? "C f32" : "C bf16") +
+             (t.d == CUDA_R_32F ? " D f32" : " D bf16") + ": status " + std::to_string(int(st));
   }
   lt_->cublasLtMatmulPreferenceDestroy(pref);
   if (p.ok && std::getenv("DSRT_DEBUG_GEMM"))
@@ -208,16 +215,15 @@ bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float 
     cudaMemsetAsync(xs, 0, size_t(k / 128 * mp) * sizeof(float), stream_);
   }
   kernels::quantize_rows_fp8(x, m, k, mp, xq, xs, stream_);
-  const void *a = p->weights_are_a ? w.data : static_cast<const void *>(xq);
-  const void *b = p->weights_are_a ? static_cast<const void *>(xq) : w.data;
-  const void *a_scale = p->weights_are_a ? static_cast<const void *>(w.scale) : xs;
-  const void *b_scale = p->weights_are_a ? static_cast<const void *>(xs) : w.scale;
-  lt_->cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof a_scale);
-  lt_->cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale);
+  // A fresh descriptor per call, kept until the stream has run it: reusing one descriptor with new scale
+  // pointers gave wrong results from the second GEMM of a shape on (first use of each shape was exact).
+  cublasLtMatmulDesc_t desc = make_desc(lt_, w.scale, xs);
+  if (!desc) return false;
+  used_descs_.push_back(desc);
   const float alpha = 1.0f, beta = 0.0f;
-  const bool direct = p->f32_out && p->weights_are_a && mp == m;
+  const bool direct = p->f32_out && mp == m;
   void *d = direct ? static_cast<void *>(out) : tmp;
-  const cublasStatus_t st = lt_->cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, a, p->a, b, p->b,
+  const cublasStatus_t st = lt_->cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), desc, &alpha, w.data, p->a, xq, p->b,
                                                 &beta, d, p->c, d, p->d, &p->algo, workspace_, workspace_bytes_, stream_);
   if (st != CUBLAS_STATUS_SUCCESS) {
     std::fprintf(stderr, "dsrt: cublasLtMatmul failed (status %d) for M=%lld N=%lld K=%lld; using dsrt's kernels\n", int(st),
@@ -225,8 +231,8 @@ bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float 
     p->ok = false;  // never again for this shape
     return false;
   }
-  if (!direct)  // D is [mp, N] (weights as A) or [N, mp] (activations as A), fp32 or bf16 -> fp32 [m, N]
-    kernels::widen_transpose(tmp, !p->f32_out, m, n, !p->weights_are_a, p->weights_are_a ? n : mp, out, stream_);
+  if (!direct)  // D is [mp, N], fp32 or bf16 -> fp32 [m, N]
+    kernels::widen_transpose(tmp, !p->f32_out, m, n, false, n, out, stream_);
   return true;
 }
 

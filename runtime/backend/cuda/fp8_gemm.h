@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -35,6 +36,9 @@ class Fp8Gemm {
   // True when the shape can go through run(): FP8 weight, K a multiple of 128, N of 16.
   static bool eligible(const kernels::DevMatrix &w) { return w.dtype == kernels::kFP8 && w.cols % 128 == 0 && w.rows % 16 == 0; }
 
+  // Frees the descriptors of GEMMs the stream has finished (call after a sync).
+  void release();
+
   struct Lt;  // the loaded library's entry points
 
  private:
@@ -47,6 +51,7 @@ class Fp8Gemm {
   void *handle_ = nullptr, *workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans_;
+  std::vector<void *> used_descs_;  // descriptors of queued GEMMs
 };
 
 }  // namespace dsrt
