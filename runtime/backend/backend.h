@@ -90,6 +90,9 @@ class Backend {
   virtual uint64_t scratch_mark() = 0;
   virtual void scratch_release(uint64_t mark) = 0;
   virtual void kv_init(const KvCacheSpec &spec) = 0;
+  // The weights the forward will read, given once at engine creation: a GPU backend uploads them now, so that
+  // too little device memory is a clear DSRT_ERR_OUT_OF_MEMORY at load rather than a failure mid-generation.
+  virtual void prepare_weights(const std::vector<const Weight *> &weights) { (void)weights; }
   // Copies one page's contents (all layers) to another page: used when a session forks or keeps a prefix.
   virtual void kv_copy_page(int32_t src, int32_t dst) = 0;
   // Cache contents of positions [0, n) of a sequence, all cache layers, as fp32 [n][n_layers][width]

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/status.h"
@@ -21,6 +22,14 @@ Engine::Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> back
   spec.width = c.kv_cache_width();
   spec.max_pages = n_pages_;
   backend_->kv_init(spec);
+  // The main model's weights (the MTP layers are loaded but not run yet).
+  std::vector<const Weight *> used;
+  for (const Weight *w : model_->w.all) {
+    const std::string &n = w->name();
+    const bool mtp = n.rfind("model.layers.", 0) == 0 && std::atoll(n.c_str() + 13) >= c.num_hidden_layers;
+    if (w->data && !mtp) used.push_back(w);
+  }
+  backend_->prepare_weights(used);
   free_pages_.resize(size_t(n_pages_));
   for (int64_t i = 0; i < n_pages_; i++) free_pages_[size_t(i)] = int32_t(n_pages_ - 1 - i);  // pop_back gives 0 first
   stats_.pages_total = n_pages_;

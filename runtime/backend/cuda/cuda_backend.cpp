@@ -95,6 +95,22 @@ class CudaBackend final : public ArenaBackend {
 
   // ---- memory
 
+  void prepare_weights(const std::vector<const Weight *> &weights) override {
+    size_t need = 0;
+    for (const Weight *w : weights) {
+      if (weights_.count({w->data, w->rows, w->cols, int(w->dtype)})) continue;
+      need += size_t(w->rows * w->cols) * dtype_size(w->dtype);
+      if (w->dtype == DType::F8_E4M3) need += size_t(((w->rows + 127) / 128) * w->scale_cols) * sizeof(float);
+    }
+    size_t free_b = 0, total_b = 0;
+    cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    const size_t reserve = size_t(1) << 30;  // scratch, KV pool growth, cuBLASLt workspace
+    if (need + reserve > free_b)
+      failf(DSRT_ERR_OUT_OF_MEMORY, "the model's weights need ", need >> 20, " MiB of GPU memory (+1 GiB working room); ",
+            free_b >> 20, " MiB of ", total_b >> 20, " MiB are free");
+    for (const Weight *w : weights) dev(*w);
+  }
+
   void kv_init(const KvCacheSpec &spec) override {
     cudaFree(kv_.base);
     kv_ = {};

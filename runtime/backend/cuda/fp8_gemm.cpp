@@ -215,8 +215,10 @@ bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float 
     cudaMemsetAsync(xs, 0, size_t(k / 128 * mp) * sizeof(float), stream_);
   }
   kernels::quantize_rows_fp8(x, m, k, mp, xq, xs, stream_);
-  // A fresh descriptor per call, kept until the stream has run it: reusing one descriptor with new scale
-  // pointers gave wrong results from the second GEMM of a shape on (first use of each shape was exact).
+  // A fresh descriptor per call, kept until the stream has run it. With one descriptor per shape whose scale
+  // pointers were reset before each call, whole-model runs went wrong (relative error ~0.7) while a single
+  // GEMM of each shape was exact; a descriptor read after the call returns is the suspect (not yet
+  // confirmed on hardware: see docs/perf.md).
   cublasLtMatmulDesc_t desc = make_desc(lt_, w.scale, xs);
   if (!desc) return false;
   used_descs_.push_back(desc);
