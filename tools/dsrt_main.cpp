@@ -569,6 +569,11 @@ int cmd_bench(const Args &a) {
   const double bw = gpu ? device_copy_bandwidth(0) : host_copy_bandwidth();
   std::printf("model %s: %s weights, backend %s\n", dir.c_str(), info.weights_format ? "FP8" : "BF16", gpu ? "cuda" : "cpu");
   std::printf("copy bandwidth (%s, read + write): %.1f GB/s\n", gpu ? "device memcpy" : "one thread memcpy", bw / 1e9);
+  // The prefill roofline's denominator: cuBLASLt's block-scaled FP8 GEMM on a V3 shape (4096 x 7168 x 7168).
+  const double fp8_rate = gpu ? fp8_gemm_tflops(0, 4096, 7168, 7168) : 0.0;
+  if (gpu)
+    std::printf("FP8 GEMM rate (%s, 4096 x 7168 x 7168, activation quantisation included): %.0f TFLOP/s\n",
+                cublaslt_status().c_str(), fp8_rate);
   std::printf("per token: %.2f GFLOP (2 x weights touched); per step at batch 1: %.1f MB of weights\n",
               sc.flops_per_token / 1e9, sc.step_bytes(1, 0) / 1e6);
   auto now = [] { return std::chrono::steady_clock::now(); };
@@ -591,7 +596,11 @@ int cmd_bench(const Args &a) {
     const double dt = secs(t0);
     dsrt_session_free(s);
     const double flops = sc.flops_per_token * P;
-    std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only)\n", P, dt, P / dt, flops / dt / 1e12);
+    std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only)", P, dt, P / dt, flops / dt / 1e12);
+    if (fp8_rate > 0)
+      std::printf("; roofline %.3f s at the FP8 GEMM rate: %.1f%% of it", flops / (fp8_rate * 1e12),
+                  100.0 * flops / (fp8_rate * 1e12) / dt);
+    std::printf("\n");
   }
 
   for (int B : batches) {

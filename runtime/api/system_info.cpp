@@ -31,6 +31,7 @@ int cuda_device_count(std::string *why) {
 }
 double device_copy_bandwidth(int) { return 0.0; }
 std::string cublaslt_status() { return "this build of dsrt has no CUDA support"; }
+double fp8_gemm_tflops(int, int64_t, int64_t, int64_t) { return 0.0; }
 #endif
 
 }  // namespace dsrt

@@ -156,6 +156,9 @@ int cuda_devices(std::string *why);
 // Device memory bandwidth in bytes (read + written) per second, measured with a 1 GiB device-to-device copy
 // (0 without CUDA): the denominator of the GPU rooflines.
 double device_copy_bandwidth(int device);
+// The block-scaled FP8 GEMM's rate on an m x n x k problem (activation quantisation included), in TFLOP/s;
+// 0 when cuBLASLt or the GPU is missing: the denominator of the prefill roofline.
+double fp8_gemm_tflops(int device, int64_t m, int64_t n, int64_t k);
 // "cuBLASLt <version>" when the block-scaled FP8 GEMM library loads, else why not.
 std::string cublaslt_status();
 

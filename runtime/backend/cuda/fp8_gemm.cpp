@@ -79,6 +79,58 @@ const Fp8Gemm::Lt *load_lt(std::string *why) {
 
 }  // namespace
 
+double fp8_gemm_tflops(int device, int64_t m, int64_t n, int64_t k) {
+  if (cudaSetDevice(device) != cudaSuccess || k % 128 || n % 16) return 0.0;
+  cudaStream_t st = nullptr;
+  if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess) return 0.0;
+  double tflops = 0.0;
+  {
+    Fp8Gemm g(st);
+    const int64_t mp = Fp8Gemm::padded_rows(m);
+    void *w = nullptr, *ws = nullptr, *x = nullptr, *out = nullptr, *xq = nullptr, *xs = nullptr, *tmp = nullptr;
+    const size_t sb = size_t((n + 127) / 128 * (k / 128)) * sizeof(float);
+    bool ok = g.available() && cudaMalloc(&w, size_t(n * k)) == cudaSuccess && cudaMalloc(&ws, sb) == cudaSuccess &&
+              cudaMalloc(&x, size_t(m * k) * 4) == cudaSuccess && cudaMalloc(&out, size_t(m * n) * 4) == cudaSuccess &&
+              cudaMalloc(&xq, size_t(mp * k)) == cudaSuccess && cudaMalloc(&xs, size_t(mp * k / 128) * 4) == cudaSuccess &&
+              cudaMalloc(&tmp, size_t(mp * n) * 4) == cudaSuccess;
+    if (ok) {
+      cudaMemsetAsync(w, 0x38, size_t(n * k), st);  // e4m3 0x38 = 1.0
+      cudaMemsetAsync(ws, 0, sb, st);
+      cudaMemsetAsync(x, 0, size_t(m * k) * 4, st);
+      kernels::DevMatrix dm;
+      dm.data = w;
+      dm.dtype = kernels::kFP8;
+      dm.rows = n;
+      dm.cols = k;
+      dm.scale = static_cast<const float *>(ws);
+      dm.scale_cols = k / 128;
+      auto once = [&] {
+        return g.run(static_cast<const float *>(x), m, dm, static_cast<float *>(out), static_cast<uint8_t *>(xq),
+                     static_cast<float *>(xs), tmp);
+      };
+      cudaEvent_t e0 = nullptr, e1 = nullptr;
+      if (once() && cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess) {
+        const int reps = 10;
+        cudaEventRecord(e0, st);
+        for (int r = 0; r < reps; r++) once();
+        cudaEventRecord(e1, st);
+        cudaEventSynchronize(e1);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (ms > 0) tflops = 2.0 * double(m) * double(n) * double(k) * reps / (double(ms) * 1e-3) / 1e12;
+      }
+      cudaEventDestroy(e0);
+      cudaEventDestroy(e1);
+      cudaStreamSynchronize(st);
+      g.release();
+    }
+    for (void *p : {w, ws, x, out, xq, xs, tmp}) cudaFree(p);
+  }
+  cudaStreamDestroy(st);
+  cudaGetLastError();
+  return tflops;
+}
+
 std::string cublaslt_status() {
   std::string why;
   const Fp8Gemm::Lt *lt = load_lt(&why);
