@@ -34,24 +34,40 @@ double Rng::uniform() { return double(next() >> 11) * 0x1.0p-53; }
 void Rng::state(uint64_t out[4]) const { std::copy(s_, s_ + 4, out); }
 void Rng::set_state(const uint64_t in[4]) { std::copy(in, in + 4, s_); }
 
-std::vector<double> sampling_distribution(const float *logits, int64_t n, const SamplingParams &p,
-                                          const int32_t *hist, size_t n_hist, const std::vector<int32_t> &banned) {
-  std::vector<double> l(logits, logits + n);
+// The ids whose logit bias, penalties or bans change, with their adjusted values (bans: -inf); every other
+// id keeps its logit. Shared by the full distribution and the greedy fast path, so both agree exactly.
+static std::vector<std::pair<int32_t, double>> adjusted_logits(const float *logits, int64_t n, const SamplingParams &p,
+                                                               const int32_t *hist, size_t n_hist,
+                                                               const std::vector<int32_t> &banned) {
+  std::vector<std::pair<int32_t, double>> touched;
+  std::unordered_map<int32_t, size_t> where;
+  auto adjust = [&](int32_t id) -> double & {
+    auto [it, fresh] = where.try_emplace(id, touched.size());
+    if (fresh) touched.push_back({id, double(logits[id])});
+    return touched[it->second].second;
+  };
   for (auto [id, b] : p.logit_bias)
-    if (id >= 0 && id < n) l[size_t(id)] += b;
+    if (id >= 0 && id < n) adjust(id) += b;
   if (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
     size_t from = p.penalty_window > 0 && n_hist > size_t(p.penalty_window) ? n_hist - size_t(p.penalty_window) : 0;
     std::unordered_map<int32_t, int> count;
     for (size_t i = from; i < n_hist; i++) count[hist[i]]++;
     for (auto [id, c] : count) {
       if (id < 0 || id >= n) continue;
-      double &v = l[size_t(id)];
+      double &v = adjust(id);
       if (p.repetition_penalty != 1.0f) v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
       v -= double(p.presence_penalty) + double(p.frequency_penalty) * c;
     }
   }
   for (int32_t id : banned)
-    if (id >= 0 && id < n) l[size_t(id)] = -INFINITY;
+    if (id >= 0 && id < n) adjust(id) = -INFINITY;
+  return touched;
+}
+
+std::vector<double> sampling_distribution(const float *logits, int64_t n, const SamplingParams &p,
+                                          const int32_t *hist, size_t n_hist, const std::vector<int32_t> &banned) {
+  std::vector<double> l(logits, logits + n);
+  for (auto [id, v] : adjusted_logits(logits, n, p, hist, n_hist, banned)) l[size_t(id)] = v;
   for (auto &v : l)
     if (std::isnan(v)) v = -INFINITY;
   std::vector<double> prob(size_t(n), 0.0);
@@ -114,28 +130,7 @@ static int32_t draw(const std::vector<double> &prob, Rng &rng) {
 // exactly as sampling_distribution computes it, every other id competes with its raw logit.
 static int32_t greedy_token(const float *logits, int64_t n, const SamplingParams &p, const int32_t *hist, size_t n_hist,
                             const std::vector<int32_t> &banned) {
-  std::vector<std::pair<int32_t, double>> touched;  // id -> adjusted logit
-  auto adjust = [&](int32_t id) -> double & {
-    for (auto &t : touched)
-      if (t.first == id) return t.second;
-    touched.push_back({id, double(logits[id])});
-    return touched.back().second;
-  };
-  for (auto [id, b] : p.logit_bias)
-    if (id >= 0 && id < n) adjust(id) += b;
-  if (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
-    size_t from = p.penalty_window > 0 && n_hist > size_t(p.penalty_window) ? n_hist - size_t(p.penalty_window) : 0;
-    std::unordered_map<int32_t, int> count;
-    for (size_t i = from; i < n_hist; i++) count[hist[i]]++;
-    for (auto [id, c] : count) {
-      if (id < 0 || id >= n) continue;
-      double &v = adjust(id);
-      if (p.repetition_penalty != 1.0f) v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
-      v -= double(p.presence_penalty) + double(p.frequency_penalty) * c;
-    }
-  }
-  for (int32_t id : banned)
-    if (id >= 0 && id < n) adjust(id) = -INFINITY;
+  const auto touched = adjusted_logits(logits, n, p, hist, n_hist, banned);
   std::vector<char> skip;
   if (!touched.empty()) {
     skip.assign(size_t(n), 0);
