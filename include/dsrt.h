@@ -181,6 +181,8 @@ typedef struct dsrt_engine_params {
   int32_t max_batch_tokens;   /* tokens in one forward step (prefill chunk budget); default 512 */
   int32_t attention;          /* DSRT_ATTENTION_*; default AUTO */
   int32_t precision;          /* DSRT_PRECISION_*; default AUTO */
+  float kv_memory_fraction;   /* > 0: the KV pool takes this share (at most 0.95) of the backend's free
+                                 memory after the weights (GPU: device memory), instead of max_tokens */
 } dsrt_engine_params;
 
 /* Today: fp32 activations in every GEMM (as DSRT_PRECISION_FP32). Once the FP8 path below has passed the

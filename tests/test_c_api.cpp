@@ -228,3 +228,32 @@ TEST_CASE("per-op profiling names every op of a step and clears when toggled") {
   dsrt_free(json);
   CHECK(dsrt_engine_set_profiling(nullptr, 1) == DSRT_ERR_INVALID_ARGUMENT);
 }
+
+TEST_CASE("the KV pool can be sized as a share of the backend's free memory") {
+  testing::Model m(tiny("partial-yarn"));
+  dsrt_engine_params p;
+  dsrt_engine_params_init(&p, sizeof p);
+  CHECK(p.kv_memory_fraction == 0.0f);
+  p.kv_memory_fraction = 1e-4f;  // a few MB of this machine's available RAM: a handful of pages
+  dsrt_engine *e = nullptr;
+  CHECK_OK(dsrt_engine_create(m.m, &p, &e));
+  dsrt_engine_stats st;
+  st.struct_size = sizeof st;
+  CHECK_OK(dsrt_engine_stats_get(e, &st));
+  CHECK(st.kv_pages_total >= 1);
+  CHECK(st.kv_pages_total < 100000);
+  dsrt_session *s = nullptr;
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  CHECK_OK(dsrt_session_create(e, &sp, &s));
+  const auto t = prompt_tokens(m.vocab(), 10);
+  CHECK_OK(dsrt_session_append_tokens(s, t.data(), t.size()));
+  CHECK_OK(dsrt_session_eval(s, nullptr));
+  dsrt_session_free(s);
+  dsrt_engine_free(e);
+  p.kv_memory_fraction = 1e-12f;  // less than one page: a clear out-of-memory status
+  CHECK(dsrt_engine_create(m.m, &p, &e) == DSRT_ERR_OUT_OF_MEMORY);
+  CHECK(std::string(dsrt_last_error()).find("KV page") != std::string::npos);
+  p.kv_memory_fraction = 1.5f;
+  CHECK(dsrt_engine_create(m.m, &p, &e) == DSRT_ERR_INVALID_ARGUMENT);
+}

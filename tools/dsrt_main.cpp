@@ -59,7 +59,7 @@ struct Args {
 };
 
 // Options that take a value; everything else starting with '-' is a flag.
-const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--temperature", "--threads", "--backend", "--precision",
+const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--temperature", "--threads", "--backend", "--precision", "--kv-memory-fraction",
                          "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
                          "--attention", "--ctx", "--text-file", "--messages", "--tools", "--kwargs", "--system",
                          "--top-p", "--top-k", "--min-p", "--stop", "--repeat"};
@@ -139,6 +139,7 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   const std::string prec = a.get("--precision", "auto");
   if (prec != "auto" && prec != "fp32" && prec != "fp8") throw Fail{"--precision must be auto, fp32 or fp8"};
   ep.precision = prec == "fp8" ? DSRT_PRECISION_FP8 : prec == "fp32" ? DSRT_PRECISION_FP32 : DSRT_PRECISION_AUTO;
+  ep.kv_memory_fraction = float(a.real("--kv-memory-fraction", 0.0));
   check(dsrt_engine_create(l.model, &ep, &l.engine));
 }
 
@@ -146,7 +147,8 @@ const char *kCommonHelp =
     "  --model DIR          checkpoint directory (config.json, safetensors index + shards)\n"
     "  --threads N          CPU threads (default: all)\n"
     "  --backend B          auto | cpu | cuda (default auto)\n"
-    "  --precision P        auto | fp32 | fp8 (GPU GEMM activations; fp8 is experimental)\n";
+    "  --precision P        auto | fp32 | fp8 (GPU GEMM activations; fp8 is experimental)\n"
+    "  --kv-memory-fraction F  size the KV pool as this share of free (device) memory after the weights\n";
 
 // ---- generate
 int cmd_generate_text(const Args &a);

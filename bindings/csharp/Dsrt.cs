@@ -59,6 +59,7 @@ internal static class Native {
   public struct EngineParams {
     public uint struct_size;
     public int max_tokens, max_batch_tokens, attention, precision;
+    public float kv_memory_fraction;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct EngineStats {

@@ -392,6 +392,8 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     if (p.precision != DSRT_PRECISION_AUTO && p.precision != DSRT_PRECISION_FP32 && p.precision != DSRT_PRECISION_FP8)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown precision ", p.precision);
     eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8;
+    DSRT_REQUIRE(p.kv_memory_fraction >= 0.0f && p.kv_memory_fraction <= 0.95f, "kv_memory_fraction must be in [0, 0.95]");
+    eo.kv_memory_fraction = p.kv_memory_fraction;
     auto h = std::make_unique<dsrt_engine>();
     h->engine = std::make_shared<dsrt::Engine>(
         m->model, dsrt::make_backend(m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu, eo.backend),

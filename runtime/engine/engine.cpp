@@ -13,16 +13,8 @@ namespace dsrt {
 Engine::Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> backend, const EngineOptions &opt)
     : model_(std::move(model)), backend_(std::move(backend)), opt_(opt) {
   const ModelConfig &c = model_->cfg;
-  if (opt_.max_tokens <= 0) opt_.max_tokens = std::min<int64_t>(c.max_position_embeddings, 16384);
-  if (opt_.max_batch_tokens <= 0) opt_.max_batch_tokens = 512;
-  n_pages_ = (opt_.max_tokens + kPageTokens - 1) / kPageTokens;
-  if (n_pages_ > (int64_t(1) << 30)) failf(DSRT_ERR_INVALID_ARGUMENT, "max_tokens ", opt_.max_tokens, " is too large");
-  KvCacheSpec spec;
-  spec.n_layers = c.num_hidden_layers + int64_t(model_->w.mtp.size());  // MTP layers get their own slots
-  spec.width = c.kv_cache_width();
-  spec.max_pages = n_pages_;
-  backend_->kv_init(spec);
-  // The main model's weights (the MTP layers are loaded but not run yet).
+  // The main model's weights first (the MTP layers are loaded but not run yet): on a GPU they take the
+  // device memory the KV pool is then sized from.
   std::vector<const Weight *> used;
   for (const Weight *w : model_->w.all) {
     const std::string &n = w->name();
@@ -30,6 +22,25 @@ Engine::Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> back
     if (w->data && !mtp) used.push_back(w);
   }
   backend_->prepare_weights(used);
+  KvCacheSpec spec;
+  spec.n_layers = c.num_hidden_layers + int64_t(model_->w.mtp.size());  // MTP layers get their own slots
+  spec.width = c.kv_cache_width();
+  if (opt_.kv_memory_fraction > 0) {  // a share of what the backend has free now, in whole pages
+    const double page_bytes = double(spec.n_layers * spec.width * kPageTokens) * sizeof(float);
+    const double avail = double(backend_->available_memory());
+    if (avail <= 0) fail(DSRT_ERR_UNSUPPORTED, "this backend cannot report its free memory: set max_tokens instead");
+    const int64_t pages = int64_t(opt_.kv_memory_fraction * avail / page_bytes);
+    if (pages < 1)
+      failf(DSRT_ERR_OUT_OF_MEMORY, "kv_memory_fraction ", opt_.kv_memory_fraction, " of ", int64_t(avail) >> 20,
+            " MiB free is less than one 64-token KV page (", int64_t(page_bytes) >> 10, " KiB)");
+    opt_.max_tokens = std::min<int64_t>(pages, int64_t(1) << 30) * kPageTokens;
+  }
+  if (opt_.max_tokens <= 0) opt_.max_tokens = std::min<int64_t>(c.max_position_embeddings, 16384);
+  if (opt_.max_batch_tokens <= 0) opt_.max_batch_tokens = 512;
+  n_pages_ = (opt_.max_tokens + kPageTokens - 1) / kPageTokens;
+  if (n_pages_ > (int64_t(1) << 30)) failf(DSRT_ERR_INVALID_ARGUMENT, "max_tokens ", opt_.max_tokens, " is too large");
+  spec.max_pages = n_pages_;
+  backend_->kv_init(spec);
   free_pages_.resize(size_t(n_pages_));
   for (int64_t i = 0; i < n_pages_; i++) free_pages_[size_t(i)] = int32_t(n_pages_ - 1 - i);  // pop_back gives 0 first
   stats_.pages_total = n_pages_;

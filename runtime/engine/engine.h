@@ -23,6 +23,8 @@ namespace dsrt {
 struct EngineOptions {
   int64_t max_tokens = 0;  // KV capacity over all sessions; 0 = min(n_ctx_train, 16384)
   int64_t max_batch_tokens = 512;
+  double kv_memory_fraction = 0;  // > 0: the KV pool takes this share of the backend's free memory (after
+                                  // the weights), overriding max_tokens
   AttentionPolicy attention = AttentionPolicy::Auto;
   BackendOptions backend;
 };

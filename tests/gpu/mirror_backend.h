@@ -134,6 +134,7 @@ class MirrorBackend final : public dsrt::Backend {
   }
   void to_host(dsrt::Tensor t, float *dst) override { t_->to_host(t, dst); }
   void set_profiling(bool on) override { t_->set_profiling(on); }
+  size_t available_memory() const override { return t_->available_memory(); }
   std::vector<dsrt::OpTime> op_times() override { return t_->op_times(); }
   void from_host(dsrt::Tensor t, const void *src) override {
     t_->from_host(t, src);

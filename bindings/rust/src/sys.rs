@@ -85,6 +85,7 @@ pub struct dsrt_engine_params {
     pub max_batch_tokens: i32,
     pub attention: i32,
     pub precision: i32,
+    pub kv_memory_fraction: f32,
 }
 
 #[repr(C)]

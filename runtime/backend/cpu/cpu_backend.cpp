@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "backend/scratch_arena.h"
@@ -55,6 +56,10 @@ class CpuBackend final : public ArenaBackend {
     for (float *p : pages_) mi_free(p);
   }
   const char *name() const override { return "cpu"; }
+  size_t available_memory() const override {
+    const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? size_t(pages) * size_t(size) : 0;
+  }
 
   // ---- profiling
   void set_profiling(bool on) override {

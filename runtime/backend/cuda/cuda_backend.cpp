@@ -95,6 +95,16 @@ class CudaBackend final : public ArenaBackend {
 
   // ---- memory
 
+  size_t available_memory() const override {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    const size_t reserve = size_t(1) << 30;  // scratch arena growth, cuBLASLt workspace, CUDA's own needs
+    return free_b > reserve ? free_b - reserve : 0;
+  }
+
   void prepare_weights(const std::vector<const Weight *> &weights) override {
     size_t need = 0;
     for (const Weight *w : weights) {
