@@ -79,6 +79,8 @@ __global__ void __launch_bounds__(32) route_kernel(const float *logits, DevMatri
         bv = ov;
       }
     }
+    __syncwarp();  // every lane's scan of u is done before lane 0 marks the winner (the shuffles order it too,
+                   // but compute-sanitizer's racecheck only counts barriers)
     if (lane == 0) {
       ids[t * p.top_k + k] = best;
       weights[t * p.top_k + k] = s[best];  // the unbiased score
