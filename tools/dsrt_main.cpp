@@ -544,7 +544,8 @@ void print_op_table(dsrt_engine *e, int steps, bool gpu) {
 
 int cmd_bench(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128] [--gen 32]\n"
+    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128] [--gen 16]\n"
+                "       (defaults: those lists on a GPU; --prompt 64 --batch 1 on the CPU)\n"
                 "                  [--profile] [--max-batch-tokens N]\n"
                 "Prefill tokens/s for each prompt length (one sequence) and decode tokens/s for each batch (sessions of\n"
                 "--ctx tokens decoding --gen steps together), each beside its roofline: bytes that must move per step\n"
@@ -554,7 +555,12 @@ int cmd_bench(const Args &a) {
     return 0;
   }
   using namespace dsrt;
-  const std::vector<int> prompts = int_list(a, "--prompt", "512"), batches = int_list(a, "--batch", "1");
+  // Defaults: the GPU table (prefill 512 and 4096, decode at batch 1 to 128) on a GPU, a quick run on
+  // the CPU reference.
+  const int be = backend_of(a);
+  const bool on_gpu = be == DSRT_BACKEND_CUDA || (be == DSRT_BACKEND_AUTO && cuda_devices(nullptr) > 0);
+  const std::vector<int> prompts = int_list(a, "--prompt", on_gpu ? "512,4096" : "64"),
+                         batches = int_list(a, "--batch", on_gpu ? "1,8,32,128" : "1");
   const int ctx = int(a.num("--ctx", 128)), gen = int(a.num("--gen", 32));
   if (ctx < 1 || gen < 1) throw Fail{"--ctx and --gen must be >= 1"};
   const int max_batch = *std::max_element(batches.begin(), batches.end());
