@@ -544,7 +544,7 @@ void print_op_table(dsrt_engine *e, int steps, bool gpu) {
 
 int cmd_bench(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128] [--gen 16]\n"
+    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128] [--gen 32]\n"
                 "       (defaults: those lists on a GPU; --prompt 64 --batch 1 on the CPU)\n"
                 "                  [--profile] [--max-batch-tokens N]\n"
                 "Prefill tokens/s for each prompt length (one sequence) and decode tokens/s for each batch (sessions of\n"
