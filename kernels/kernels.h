@@ -39,9 +39,8 @@ void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStrea
 // FP8 activations for the block-scaled GEMM: per row, per 128 channels, s = amax / 448 and xq = e4m3(x / s);
 // xq [m, k] bytes, xs [k/128, ld_s] floats (M-major, ld_s >= m). k must be a multiple of 128.
 void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s);
-// out [rows, cols] fp32 from in (row stride ld) [rows, cols], or [cols, rows] when transposed; fp32 or bf16.
-void widen_transpose(const void *in, bool bf16, int64_t rows, int64_t cols, bool transposed, int64_t ld, float *out,
-                     cudaStream_t s);
+// out [rows, cols] fp32 from the first rows of in (row stride ld), fp32 or bf16.
+void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out, cudaStream_t s);
 
 // ---- moe.cu: the routed experts of T tokens (K slots each: ids, weights [T, K]) on the device.
 // Expert e's matrices are gate[e], up[e] [I, H] and down[e] [H, I] (device arrays); h [T*K, I] and

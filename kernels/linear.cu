@@ -80,12 +80,11 @@ __global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int
   if (lane == 0) xs[g * ld_s + r] = s;
 }
 
-// out [r, c] = in [r, c] or in [c, r] (transposed), in fp32 or bf16
-__global__ void widen_transpose_kernel(const void *in, bool bf16, int64_t rows, int64_t cols, bool transposed, int64_t ld,
-                                       float *out) {
+// out [r, c] = in [r * ld + c], in fp32 or bf16
+__global__ void widen_rows_kernel(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out) {
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols, c = i % cols, src = transposed ? c * ld + r : r * ld + c;
+    const int64_t src = (i / cols) * ld + i % cols;
     out[i] = bf16 ? bf16_bits_to_f32(static_cast<const uint16_t *>(in)[src]) : static_cast<const float *>(in)[src];
   }
 }
@@ -99,13 +98,11 @@ void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8
   check_launch("quantize_rows_fp8");
 }
 
-void widen_transpose(const void *in, bool bf16, int64_t rows, int64_t cols, bool transposed, int64_t ld, float *out,
-                     cudaStream_t s) {
+void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out, cudaStream_t s) {
   const int64_t n = rows * cols;
   if (n == 0) return;
-  widen_transpose_kernel<<<std::min<unsigned>(grid_for(n, 256), 65535u), 256, 0, s>>>(in, bf16, rows, cols, transposed, ld,
-                                                                                      out);
-  check_launch("widen_transpose");
+  widen_rows_kernel<<<std::min<unsigned>(grid_for(n, 256), 65535u), 256, 0, s>>>(in, bf16, rows, cols, ld, out);
+  check_launch("widen_rows");
 }
 
 void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s) {

@@ -286,7 +286,7 @@ bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float 
     return false;
   }
   if (!direct)  // D is [mp, N], fp32 or bf16 -> fp32 [m, N]
-    kernels::widen_transpose(tmp, !p->f32_out, m, n, false, n, out, stream_);
+    kernels::widen_rows(tmp, !p->f32_out, m, n, n, out, stream_);
   return true;
 }
 
