@@ -183,6 +183,10 @@ typedef struct dsrt_engine_params {
   int32_t precision;          /* DSRT_PRECISION_*; default AUTO */
   float kv_memory_fraction;   /* > 0: the KV pool takes this share (at most 0.95) of the backend's free
                                  memory after the weights (GPU: device memory), instead of max_tokens */
+  int32_t mtp_drafts;         /* 1: speculative decoding with the checkpoint's MTP module: during generation
+                                 turns each step also verifies one drafted token (same output as 0, fewer
+                                 steps when drafts are accepted); 0 (default): off. No effect without an MTP
+                                 layer (see dsrt_model_info.n_mtp_layers and load_mtp). */
 } dsrt_engine_params;
 
 /* Today: fp32 activations in every GEMM (as DSRT_PRECISION_FP32). Once the FP8 path below has passed the
@@ -209,6 +213,8 @@ typedef struct dsrt_engine_stats {
   uint64_t n_tokens;          /* tokens through the forward */
   uint64_t max_batch_seqs;    /* most sequences seen in one step */
   double forward_seconds;     /* wall time spent in forward steps */
+  uint64_t mtp_drafted;       /* MTP drafts verified */
+  uint64_t mtp_accepted;      /* ... and kept */
 } dsrt_engine_stats;
 
 DSRT_API void dsrt_engine_params_init(dsrt_engine_params *p, size_t size);
@@ -248,6 +254,8 @@ typedef struct dsrt_session_stats {
   int32_t generated_tokens;   /* last turn */
   double ttft_seconds;        /* last turn: start to first token */
   double decode_tokens_per_second;  /* last turn, after the first token */
+  int32_t mtp_drafted;        /* last turn: MTP drafts verified (engine mtp_drafts = 1) */
+  int32_t mtp_accepted;       /* last turn: drafts kept (each saves one forward step) */
 } dsrt_session_stats;
 
 DSRT_API void dsrt_session_params_init(dsrt_session_params *p, size_t size);

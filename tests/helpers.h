@@ -140,4 +140,36 @@ inline double rel_l2(const float *a, const float *b, size_t n) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// One generation turn pulled through the C API.
+struct Turn {
+  std::vector<int32_t> tokens;
+  std::string text;
+  int32_t finish = 0;
+};
+
+inline Turn pull(dsrt_session *s, const dsrt_gen_params *p) {
+  Turn t;
+  CHECK_OK(dsrt_session_start(s, p));
+  for (int guard = 0; guard < 10000; guard++) {
+    dsrt_event ev;
+    ev.struct_size = sizeof ev;
+    CHECK_OK(dsrt_session_next(s, &ev));
+    t.text.append(ev.text, ev.text_len);
+    if (ev.token >= 0) t.tokens.push_back(ev.token);
+    if (ev.type == DSRT_EVENT_DONE) {
+      t.finish = ev.finish_reason;
+      break;
+    }
+  }
+  return t;
+}
+
+inline dsrt_gen_params greedy_params(Model &m, int n) {
+  dsrt_gen_params p;
+  dsrt_gen_params_init(&p, sizeof p, m.m);
+  p.temperature = 0;
+  p.max_new_tokens = n;
+  return p;
+}
+
 }  // namespace testing

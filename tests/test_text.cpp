@@ -62,37 +62,6 @@ struct TokModel {
   ~TokModel() { dsrt_model_free(m); }
 };
 
-struct Turn {
-  std::vector<int32_t> tokens;
-  std::string text;
-  int32_t finish = 0;
-};
-
-Turn pull(dsrt_session *s, const dsrt_gen_params *p) {
-  Turn t;
-  CHECK_OK(dsrt_session_start(s, p));
-  for (int guard = 0; guard < 10000; guard++) {
-    dsrt_event ev;
-    ev.struct_size = sizeof ev;
-    CHECK_OK(dsrt_session_next(s, &ev));
-    t.text.append(ev.text, ev.text_len);
-    if (ev.token >= 0) t.tokens.push_back(ev.token);
-    if (ev.type == DSRT_EVENT_DONE) {
-      t.finish = ev.finish_reason;
-      break;
-    }
-  }
-  return t;
-}
-
-dsrt_gen_params greedy_params(Model &m, int n) {
-  dsrt_gen_params p;
-  dsrt_gen_params_init(&p, sizeof p, m.m);
-  p.temperature = 0;
-  p.max_new_tokens = n;
-  return p;
-}
-
 }  // namespace
 
 TEST_CASE("tokenize and detokenize round-trip CJK, emoji and special tokens through the C API") {
@@ -245,6 +214,14 @@ TEST_CASE("the Jinja interpreter: whitespace control, loops, filters, tests, lim
         "answer|bcd|3 1");
   CHECK(render("{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}", {{"d", {{"a", 1}, {"b", 2}}}}) == "a=1;b=2;");
   CHECK(render("{{ 'x' if false else 'y' }}{% for i in [1,2,3] %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}") == "y1");
+  // Python's integer semantics: floor division and a remainder with the divisor's sign; no wrap-around past
+  // int64 (found by fuzz_chat_template: a product overflowed), huge steps end loops instead of wrapping.
+  CHECK(render("{{ -7 // 2 }} {{ -7 % 3 }} {{ 7 % -3 }} {{ 7 // -2 }} {{ (-9223372036854775807 - 1) // -1 > 0 }}") ==
+        "-4 2 -2 -4 True");
+  CHECK(render("{{ 40000000000000 * 100000000 > 9223372036854775807 }} {{ -(-9223372036854775807 - 1) > 0 }}") ==
+        "True True");
+  CHECK(render("{{ range(0, 10, 9223372036854775807)|list }} {{ 'abc'[::9223372036854775807] }} {{ (1e300)|int > 0 }}") ==
+        "[0] a True");
   auto fails = [&](const std::string &src, const char *needle) {
     try {
       render(src);
@@ -264,6 +241,9 @@ TEST_CASE("the Jinja interpreter: whitespace control, loops, filters, tests, lim
   fails("{{ (((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))) }}",
         "deeply");
   fails("{% macro m() %}{% endmacro %}", "macro");
+  fails("{{ 3 / 0 }}", "division by zero");
+  fails("{{ 3 // 0 }}", "division by zero");
+  fails("{{ 3 % 0 }}", "division by zero");
 }
 
 TEST_CASE("generation: pull equals push, equals a manual greedy loop; finish reasons") {

@@ -140,6 +140,7 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   if (prec != "auto" && prec != "fp32" && prec != "fp8") throw Fail{"--precision must be auto, fp32 or fp8"};
   ep.precision = prec == "fp8" ? DSRT_PRECISION_FP8 : prec == "fp32" ? DSRT_PRECISION_FP32 : DSRT_PRECISION_AUTO;
   ep.kv_memory_fraction = float(a.real("--kv-memory-fraction", 0.0));
+  ep.mtp_drafts = a.has("--mtp") ? 1 : 0;
   check(dsrt_engine_create(l.model, &ep, &l.engine));
 }
 
@@ -148,7 +149,8 @@ const char *kCommonHelp =
     "  --threads N          CPU threads (default: all)\n"
     "  --backend B          auto | cpu | cuda (default auto)\n"
     "  --precision P        auto | fp32 | fp8 (GPU GEMM activations; fp8 is experimental)\n"
-    "  --kv-memory-fraction F  size the KV pool as this share of free (device) memory after the weights\n";
+    "  --kv-memory-fraction F  size the KV pool as this share of free (device) memory after the weights\n"
+    "  --mtp                speculative decoding with the checkpoint's MTP module (same output, fewer steps)\n";
 
 // ---- generate
 int cmd_generate_text(const Args &a);

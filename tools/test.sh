@@ -14,4 +14,4 @@ cmake --build build -j "$jobs"
 cmake --preset asan
 cmake --build build-asan -j "$jobs"
 ctest --preset asan -j "$jobs"
-DSRT_FUZZ_SEED="${DSRT_FUZZ_SEED:-1}" tools/fuzz.sh "${DSRT_FUZZ_SECONDS:-30}"
+DSRT_FUZZ_SEED="${DSRT_FUZZ_SEED:-1}" DSRT_FUZZ_FIXED_RUNS=1 tools/fuzz.sh "${DSRT_FUZZ_SECONDS:-30}"

@@ -60,6 +60,7 @@ internal static class Native {
     public uint struct_size;
     public int max_tokens, max_batch_tokens, attention, precision;
     public float kv_memory_fraction;
+    public int mtp_drafts;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct EngineStats {
@@ -67,6 +68,7 @@ internal static class Native {
     public int n_sessions, kv_pages_used, kv_pages_total, kv_page_tokens;
     public ulong n_steps, n_tokens, max_batch_seqs;
     public double forward_seconds;
+    public ulong mtp_drafted, mtp_accepted;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct SessionParams {
@@ -86,6 +88,7 @@ internal static class Native {
     public ulong n_evaluated;
     public int prompt_tokens, reused_tokens, generated_tokens;
     public double ttft_seconds, decode_tokens_per_second;
+    public int mtp_drafted, mtp_accepted;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct GenParamsC {

@@ -394,6 +394,8 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8;
     DSRT_REQUIRE(p.kv_memory_fraction >= 0.0f && p.kv_memory_fraction <= 0.95f, "kv_memory_fraction must be in [0, 0.95]");
     eo.kv_memory_fraction = p.kv_memory_fraction;
+    DSRT_REQUIRE(p.mtp_drafts == 0 || p.mtp_drafts == 1, "mtp_drafts must be 0 or 1");
+    eo.mtp_drafts = p.mtp_drafts;
     auto h = std::make_unique<dsrt_engine>();
     h->engine = std::make_shared<dsrt::Engine>(
         m->model, dsrt::make_backend(m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu, eo.backend),
@@ -444,6 +446,8 @@ dsrt_status dsrt_engine_stats_get(const dsrt_engine *e, dsrt_engine_stats *out) 
     o.n_tokens = s.n_tokens;
     o.max_batch_seqs = s.max_batch_seqs;
     o.forward_seconds = s.forward_seconds;
+    o.mtp_drafted = s.mtp_drafted;
+    o.mtp_accepted = s.mtp_accepted;
     write_out(out, o, "out");
   });
 }
@@ -531,6 +535,8 @@ dsrt_status dsrt_session_stats_get(const dsrt_session *s, dsrt_session_stats *ou
     o.generated_tokens = int32_t(st.generated_tokens);
     o.ttft_seconds = st.ttft_seconds;
     o.decode_tokens_per_second = st.decode_tokens_per_second;
+    o.mtp_drafted = int32_t(st.mtp_drafted);
+    o.mtp_accepted = int32_t(st.mtp_accepted);
     write_out(out, o, "out");
   });
 }

@@ -13,13 +13,14 @@ namespace dsrt {
 Engine::Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> backend, const EngineOptions &opt)
     : model_(std::move(model)), backend_(std::move(backend)), opt_(opt) {
   const ModelConfig &c = model_->cfg;
-  // The main model's weights first (the MTP layers are loaded but not run yet): on a GPU they take the
-  // device memory the KV pool is then sized from.
+  mtp_ = opt_.mtp_drafts > 0 && !model_->w.mtp.empty();
+  // The weights first (the MTP layer's only when drafts are on): on a GPU they take the device memory the KV
+  // pool is then sized from.
   std::vector<const Weight *> used;
   for (const Weight *w : model_->w.all) {
     const std::string &n = w->name();
     const bool mtp = n.rfind("model.layers.", 0) == 0 && std::atoll(n.c_str() + 13) >= c.num_hidden_layers;
-    if (w->data && !mtp) used.push_back(w);
+    if (w->data && (!mtp || mtp_)) used.push_back(w);
   }
   backend_->prepare_weights(used);
   KvCacheSpec spec;
@@ -93,6 +94,23 @@ int64_t Engine::step_locked() {
   std::vector<int32_t> logit_rows;
   std::vector<std::pair<int64_t, int64_t>> rows_of;  // per session in the batch: first logit row, count
   int64_t budget = opt_.max_batch_tokens;
+  if (mtp_) {
+    // Sessions that just sampled a token in a turn get a draft of the token after it, if the step has room for
+    // both (the same walk over the sessions as below).
+    std::vector<Session *> drafting;
+    int64_t left = budget;
+    for (Session *s : sessions_) {
+      if (s->pending_.empty() || s->failed_ != DSRT_OK || left == 0) continue;
+      const int64_t n_past = int64_t(s->tokens_.size());
+      const int64_t rows = int64_t(s->mtp_hidden_.size()) / model_->cfg.hidden_size;
+      const bool ok = s->turn_active_ && s->sampled_pending_ && s->pending_.size() == 1 && !s->logits_all_ &&
+                      s->draft_ < 0 && rows > 0 && s->mtp_pos_ + rows == n_past && left >= 2 &&
+                      n_past + 2 <= s->max_ctx_ && ensure_pages(*s, n_past + 2);
+      if (ok) drafting.push_back(s);
+      left -= std::min<int64_t>(int64_t(s->pending_.size()) + (ok ? 1 : 0), left);
+    }
+    if (!drafting.empty()) mtp_draft(drafting);
+  }
   for (Session *s : sessions_) {
     if (s->pending_.empty() || s->failed_ != DSRT_OK || budget == 0) continue;
     const int64_t n_past = int64_t(s->tokens_.size());
@@ -116,7 +134,7 @@ int64_t Engine::step_locked() {
     }
     const bool completes = n == int64_t(s->pending_.size());
     const int64_t first = int64_t(logit_rows.size());
-    if (s->logits_all_) {
+    if (s->logits_all_ || s->draft_ >= 0) {  // a draft: the rows of the sampled token and of the draft
       for (int64_t i = 0; i < n; i++) logit_rows.push_back(sl.row0 + int32_t(i));
     } else if (completes) {
       logit_rows.push_back(sl.row0 + int32_t(n - 1));
@@ -130,8 +148,8 @@ int64_t Engine::step_locked() {
   const int64_t V = model_->cfg.vocab_size;
   HostVec<float> logits(logit_rows.size() * size_t(V));
   auto t0 = std::chrono::steady_clock::now();
-  forward(*model_, *backend_, b, logit_rows, opt_.attention, logits.data());
-  stats_.forward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  Tensor hidden;
+  forward(*model_, *backend_, b, logit_rows, opt_.attention, logits.data(), mtp_ ? &hidden : nullptr);
 
   // Commit: tokens move from pending to the cache; logits land in their sessions.
   for (size_t k = 0; k < in_batch.size(); k++) {
@@ -143,6 +161,7 @@ int64_t Engine::step_locked() {
     }
     s.tokens_.insert(s.tokens_.end(), s.pending_.begin(), s.pending_.begin() + n);
     s.pending_.erase(s.pending_.begin(), s.pending_.begin() + n);
+    s.sampled_pending_ = false;
     s.pending_started_ = !s.pending_.empty();
     s.n_evaluated_ += uint64_t(n);
     auto [first, count] = rows_of[k];
@@ -156,10 +175,128 @@ int64_t Engine::step_locked() {
       s.logits_rows_ += count;
     }
   }
+  if (mtp_) mtp_catch_up(b, in_batch, hidden);  // reads the tokens just committed
+  stats_.forward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   stats_.n_steps++;
   stats_.n_tokens += uint64_t(b.n_tokens());
   stats_.max_batch_seqs = std::max<uint64_t>(stats_.max_batch_seqs, in_batch.size());
   return b.n_tokens();
+}
+
+// Each drafting session's waiting hidden rows are paired with the tokens after them (the last one being the
+// token just sampled) and run through the MTP module; its argmax at the last row is the draft, appended to
+// pending_ so that the main step verifies it. The draft's quality affects only speed: next() keeps a draft
+// only where the main model's own sample equals it.
+void Engine::mtp_draft(const std::vector<Session *> &drafting) {
+  const int64_t H = model_->cfg.hidden_size, V = model_->cfg.vocab_size;
+  Batch mb;
+  std::vector<int32_t> logit_rows;
+  for (Session *s : drafting) {
+    const int64_t rows = int64_t(s->mtp_hidden_.size()) / H;
+    SeqSlice sl;
+    sl.row0 = int32_t(mb.tokens.size());
+    sl.n_new = int32_t(rows);
+    sl.n_past = int32_t(s->mtp_pos_);
+    sl.pages = s->pages_.data();
+    sl.n_pages = int32_t(s->pages_.size());
+    mb.seqs.push_back(sl);
+    for (int64_t i = 0; i < rows; i++) {
+      const size_t next = size_t(s->mtp_pos_ + i + 1);
+      mb.tokens.push_back(next < s->tokens_.size() ? s->tokens_[next] : s->pending_[0]);
+      mb.positions.push_back(int32_t(s->mtp_pos_ + i));
+    }
+    logit_rows.push_back(int32_t(mb.tokens.size()) - 1);
+  }
+  backend_->begin_step();
+  Tensor hidden = backend_->alloc(mb.n_tokens(), H);
+  for (size_t k = 0; k < drafting.size(); k++)
+    backend_->from_host(hidden.rows_view(mb.seqs[k].row0, mb.seqs[k].n_new), drafting[k]->mtp_hidden_.data());
+  HostVec<float> logits(logit_rows.size() * size_t(V));
+  mtp_forward(*model_, *backend_, mb, hidden, logit_rows, opt_.attention, logits.data());
+  for (size_t k = 0; k < drafting.size(); k++) {
+    Session &s = *drafting[k];
+    const float *row = logits.data() + k * size_t(V);
+    s.draft_ = int32_t(std::max_element(row, row + V) - row);
+    if (opt_.mtp_draft_override) {
+      std::vector<int32_t> seq = s.tokens_;
+      seq.push_back(s.pending_[0]);
+      s.draft_ = opt_.mtp_draft_override(seq, s.draft_);
+    }
+    s.pending_.push_back(s.draft_);
+    s.mtp_pos_ += mb.seqs[k].n_new;
+    s.mtp_hidden_.clear();
+    stats_.mtp_drafted++;
+  }
+}
+
+// After a main step: every row whose next token is known and final goes through the MTP module now (its
+// hidden state is still on the device), together with rows waiting from earlier steps; the step's last row
+// waits for the token sampled after it. A verified draft's two rows both wait: the draft may be rejected.
+void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch, Tensor hidden) {
+  const int64_t H = model_->cfg.hidden_size;
+  Batch mb;
+  struct Part {
+    Session *s;
+    int64_t waiting, step_row0, step_rows;  // rows from mtp_hidden_, then rows of this step
+  };
+  std::vector<Part> parts;
+  for (size_t k = 0; k < in_batch.size(); k++) {
+    Session &s = *in_batch[k];
+    const SeqSlice &sl = b.seqs[k];
+    int64_t waiting = int64_t(s.mtp_hidden_.size()) / H;
+    if (s.mtp_pos_ + waiting != sl.n_past) {  // the cache was cut or restored: continue from here (a gap in the
+      s.mtp_hidden_.clear();                  // MTP cache costs draft accuracy, never correctness)
+      s.mtp_pos_ = sl.n_past;
+      waiting = 0;
+    }
+    const int64_t keep = s.draft_ >= 0 ? sl.n_new : 1;  // rows that wait for the next step
+    const int64_t run = sl.n_new - keep;
+    if (waiting + run > 0) {
+      SeqSlice ms = sl;
+      ms.row0 = int32_t(mb.tokens.size());
+      ms.n_new = int32_t(waiting + run);
+      ms.n_past = int32_t(s.mtp_pos_);
+      mb.seqs.push_back(ms);
+      for (int64_t i = 0; i < waiting + run; i++) {
+        mb.tokens.push_back(s.tokens_[size_t(s.mtp_pos_ + i + 1)]);  // committed by now
+        mb.positions.push_back(int32_t(s.mtp_pos_ + i));
+      }
+      parts.push_back({&s, waiting, sl.row0, run});
+    }
+  }
+  if (!mb.seqs.empty()) {
+    Tensor mh = backend_->alloc(mb.n_tokens(), H);
+    for (size_t k = 0; k < parts.size(); k++) {
+      const Part &p = parts[k];
+      const int64_t r0 = mb.seqs[k].row0;
+      if (p.waiting > 0) backend_->from_host(mh.rows_view(r0, p.waiting), p.s->mtp_hidden_.data());
+      if (p.step_rows > 0) {
+        std::vector<int32_t> rows(size_t(p.step_rows));
+        for (int64_t i = 0; i < p.step_rows; i++) rows[size_t(i)] = int32_t(p.step_row0 + i);
+        backend_->gather_rows(hidden, rows, mh.rows_view(r0 + p.waiting, p.step_rows));
+      }
+      p.s->mtp_pos_ += p.waiting + p.step_rows;
+    }
+    mtp_forward(*model_, *backend_, mb, mh, {}, opt_.attention, nullptr);
+  }
+  // The rows that wait, to the host in one copy.
+  std::vector<int32_t> rows;
+  for (size_t k = 0; k < in_batch.size(); k++) {
+    const SeqSlice &sl = b.seqs[k];
+    const int64_t keep = in_batch[k]->draft_ >= 0 ? sl.n_new : 1;
+    for (int64_t i = sl.n_new - keep; i < sl.n_new; i++) rows.push_back(sl.row0 + int32_t(i));
+  }
+  Tensor waiting = backend_->alloc(int64_t(rows.size()), H);
+  backend_->gather_rows(hidden, rows, waiting);
+  HostVec<float> host(rows.size() * size_t(H));
+  backend_->to_host(waiting, host.data());
+  size_t at = 0;
+  for (size_t k = 0; k < in_batch.size(); k++) {
+    Session &s = *in_batch[k];
+    const int64_t keep = s.draft_ >= 0 ? b.seqs[k].n_new : 1;
+    s.mtp_hidden_.assign(host.data() + at * size_t(H), host.data() + (at + size_t(keep)) * size_t(H));
+    at += size_t(keep);
+  }
 }
 
 void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2) {
@@ -230,6 +367,7 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
   std::vector<int32_t> have;
   {
     std::lock_guard lk(engine_->mu_);
+    drop_draft();
     have = tokens_;
     have.insert(have.end(), pending_.begin(), pending_.end());
   }
@@ -238,6 +376,7 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
   if (common < have.size()) {
     std::lock_guard lk(engine_->mu_);
     if (common < tokens_.size()) {
+      forget_mtp_after(int64_t(common));
       tokens_.resize(common);
       pending_.clear();
       logits_.clear();
@@ -247,6 +386,7 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
       pending_.resize(common - tokens_.size());
     }
     pending_started_ = false;
+    sampled_pending_ = false;
   }
   last_.reused_tokens = int64_t(std::min(common, tokens_.size()));
   append(want.data() + common, want.size() - common);
@@ -297,6 +437,7 @@ void Session::reset() {
 std::shared_ptr<Session> Session::fork() {
   auto s = engine_->create_session(max_ctx_, logits_all_, 0);
   std::lock_guard lk(engine_->mu_);
+  drop_draft();
   if (!engine_->ensure_pages(*s, int64_t(tokens_.size())))
     fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for a copy of this session");
   for (size_t i = 0; i < s->pages_.size(); i++) engine_->backend_->kv_copy_page(pages_[i], s->pages_[i]);
@@ -304,6 +445,8 @@ std::shared_ptr<Session> Session::fork() {
   s->pending_ = pending_;
   s->logits_ = logits_;
   s->logits_rows_ = logits_rows_;
+  s->mtp_pos_ = mtp_pos_;
+  s->mtp_hidden_ = mtp_hidden_;
   s->messages_ = messages_;
   s->tools_json_ = tools_json_;
   uint64_t st[4];
@@ -322,6 +465,11 @@ void Session::start(const GenParams &p) {
   }
   if (!p.stop_strings.empty() && !m.tokenizer) m.tok();  // throws the no-tokenizer error
   gp_ = p;
+  {
+    std::lock_guard lk(engine_->mu_);
+    drop_draft();
+    last_.mtp_drafted = last_.mtp_accepted = 0;
+  }
   if (p.has_seed) rng_.reseed(p.seed);
   detok_.reset();
   if (m.tokenizer) detok_ = std::make_unique<Detokenizer>(*m.tokenizer, p.skip_special, p.stop_strings);
@@ -339,7 +487,31 @@ void Session::start(const GenParams &p) {
   last_.decode_tokens_per_second = 0;
 }
 
+void Session::forget_mtp_after(int64_t n_keep) {
+  if (mtp_pos_ + int64_t(mtp_hidden_.size()) / engine_->model().cfg.hidden_size > n_keep) {
+    mtp_hidden_.clear();
+    mtp_pos_ = std::min(mtp_pos_, n_keep);
+  }
+}
+
+void Session::drop_draft() {
+  if (draft_ < 0) return;
+  const int64_t V = engine_->model().cfg.vocab_size, H = engine_->model().cfg.hidden_size;
+  tokens_.pop_back();
+  engine_->release_pages(*this, int64_t(tokens_.size()));
+  if (logits_rows_ == 2) {  // keep the sampled token's row: the logits of the last cached token
+    logits_.resize(size_t(V));
+    logits_rows_ = 1;
+  }
+  if (int64_t(mtp_hidden_.size()) == 2 * H) mtp_hidden_.resize(size_t(H));
+  draft_ = -1;
+}
+
 Event Session::finish_turn(Finish why, int32_t token) {
+  {
+    std::lock_guard lk(engine_->mu_);
+    drop_draft();
+  }
   Event ev;
   ev.done = true;
   ev.finish = why;
@@ -372,12 +544,36 @@ Event Session::next() {
   if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
   if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
   int32_t tok;
-  if (int64_t(tokens_.size() + pending_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
+  if (int64_t(tokens_.size() + pending_.size()) - (draft_ >= 0) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
   if (logits_rows_ == 0) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
   const int64_t V = m.cfg.vocab_size;
-  tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(), tokens_.size(),
-                     banned_, rng_);
-  append(&tok, 1);
+  bool accepted = false;  // the token is an accepted draft, already in the cache
+  if (draft_ >= 0) {
+    // The step verified [sampled token, draft]: sample the token after the sampled one as always (same
+    // distribution, same random draw); if it is the draft, the draft's cache entry and logits row are already
+    // there, else the draft leaves. Either way the output is what it would have been without MTP.
+    std::lock_guard lk(engine_->mu_);
+    tok = sample_token(logits_.data() + size_t((logits_rows_ - 2) * V), V, gp_.sampling, tokens_.data(),
+                       tokens_.size() - 1, banned_, rng_);
+    last_.mtp_drafted++;
+    if (tok == draft_) {
+      accepted = true;
+      last_.mtp_accepted++;
+      engine_->stats_.mtp_accepted++;
+      logits_.erase(logits_.begin(), logits_.begin() + (logits_rows_ - 1) * V);
+      logits_rows_ = 1;
+      draft_ = -1;
+    } else {
+      drop_draft();
+    }
+  } else {
+    tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
+                       tokens_.size(), banned_, rng_);
+  }
+  if (!accepted) {
+    append(&tok, 1);
+    sampled_pending_ = true;
+  }
   if (n_generated_++ == 0) {
     first_token_ = std::chrono::steady_clock::now();
     last_.ttft_seconds = std::chrono::duration<double>(first_token_ - turn_start_).count();
@@ -400,11 +596,14 @@ Event Session::next() {
 
 void Session::truncate(size_t n_keep) {
   std::lock_guard lk(engine_->mu_);
+  drop_draft();
   if (n_keep > tokens_.size())
     failf(DSRT_ERR_INVALID_ARGUMENT, "truncate to ", n_keep, " tokens, but the session holds ", tokens_.size());
+  if (n_keep < tokens_.size()) forget_mtp_after(int64_t(n_keep));
   tokens_.resize(n_keep);
   pending_.clear();
   pending_started_ = false;
+  sampled_pending_ = false;
   failed_ = DSRT_OK;
   logits_.clear();
   logits_rows_ = 0;
@@ -543,6 +742,10 @@ void Session::load_state(const std::string &blob) {
   tokens_ = std::move(t);
   pending_ = std::move(p);
   pending_started_ = false;
+  sampled_pending_ = false;
+  draft_ = -1;
+  mtp_pos_ = int64_t(tokens_.size());  // the blob has no hidden states: the MTP cache goes on from here
+  mtp_hidden_.clear();
   messages_ = std::move(mj);
   tools_json_ = tools;
   uint64_t s4[4];

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -26,12 +27,20 @@ struct EngineOptions {
   double kv_memory_fraction = 0;  // > 0: the KV pool takes this share of the backend's free memory (after
                                   // the weights), overriding max_tokens
   AttentionPolicy attention = AttentionPolicy::Auto;
+  // Speculative decoding with the checkpoint's MTP module (spec §6): during a generation turn each step
+  // verifies one drafted token beside the sampled one. The output is the same as without (a draft is kept
+  // only when the token sampled from the main model equals it); ignored when the model has no MTP layer.
+  int mtp_drafts = 0;
+  // Tests only: replaces the MTP module's draft (its argmax), given the sequence so far (cached tokens and
+  // the sampled one), to drive acceptance and rejection on purpose. The MTP module still runs.
+  std::function<int32_t(const std::vector<int32_t> &sequence, int32_t mtp_draft)> mtp_draft_override;
   BackendOptions backend;
 };
 
 struct EngineStats {
   int64_t n_sessions = 0, pages_used = 0, pages_total = 0;
   uint64_t n_steps = 0, n_tokens = 0, max_batch_seqs = 0;
+  uint64_t mtp_drafted = 0, mtp_accepted = 0;
   double forward_seconds = 0.0;
 };
 
@@ -45,6 +54,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   const Model &model() const { return *model_; }
   const EngineOptions &options() const { return opt_; }
   int64_t capacity_tokens() const { return n_pages_ * kPageTokens; }
+  bool mtp_enabled() const { return mtp_; }
 
   std::shared_ptr<Session> create_session(int64_t max_ctx, bool logits_all, uint64_t seed);
   // One forward step over the pending tokens of all sessions; returns the tokens processed.
@@ -62,11 +72,16 @@ class Engine : public std::enable_shared_from_this<Engine> {
   bool ensure_pages(Session &s, int64_t n_tokens);  // false: pool exhausted
   void release_pages(Session &s, int64_t keep_tokens);
   void detach(Session *s);
+  // MTP: drafts for the sessions in `drafting` (their own backend step), and the MTP cache rows of a finished
+  // main step (its normed hidden states).
+  void mtp_draft(const std::vector<Session *> &drafting);
+  void mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch, Tensor hidden);
 
   std::shared_ptr<const Model> model_;
   std::unique_ptr<Backend> backend_;
   EngineOptions opt_;
   int64_t n_pages_ = 0;
+  bool mtp_ = false;
   mutable std::mutex mu_;  // guards everything below and every session's token state
   std::vector<int32_t> free_pages_;
   std::vector<Session *> sessions_;
@@ -105,6 +120,7 @@ struct SessionStats {
   int64_t generated_tokens = 0;  // in the last turn
   double ttft_seconds = 0.0;     // last turn: start to first token
   double decode_tokens_per_second = 0.0;  // last turn, after the first token
+  int64_t mtp_drafted = 0, mtp_accepted = 0;  // last turn: MTP drafts verified, and kept
 };
 
 class Session {
@@ -142,6 +158,8 @@ class Session {
  private:
   friend class Engine;
   Event finish_turn(Finish why, int32_t token);
+  void drop_draft();  // an unverified draft leaves the cache (engine lock held)
+  void forget_mtp_after(int64_t n_keep);  // the cache is cut to n_keep tokens (engine lock held)
   void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
 
   std::shared_ptr<Engine> engine_;
@@ -157,6 +175,14 @@ class Session {
   dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session
   std::string failed_msg_;
   uint64_t n_evaluated_ = 0;
+
+  // MTP: the cache layer holds positions [0, mtp_pos_); mtp_hidden_ holds the main model's normed hidden
+  // states of positions mtp_pos_ .. tokens_.size()-1 (at most a step's last two), still waiting for the token
+  // that follows them. draft_ >= 0: the last cached token is an unverified draft (next() decides).
+  int64_t mtp_pos_ = 0;
+  std::vector<float> mtp_hidden_;
+  int32_t draft_ = -1;
+  bool sampled_pending_ = false;  // pending_ is the one token next() sampled
 
   // Chat and generation.
   nlohmann::ordered_json messages_ = nlohmann::ordered_json::array();

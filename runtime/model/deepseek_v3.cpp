@@ -62,29 +62,69 @@ Tensor moe(const Model &m, Backend &be, const LayerWeights &L, Tensor x) {
   return y;
 }
 
+// One decoder layer: pre-norm MLA and FFN (dense or MoE) blocks, each added to the residual stream h.
+void decoder_layer(const Model &m, Backend &be, const LayerWeights &L, Tensor h, const Batch &b,
+                   AttentionPolicy policy) {
+  const ModelConfig &c = m.cfg;
+  const uint64_t mark = be.scratch_mark();  // a layer's temporaries die with it
+  Tensor xn = be.alloc(h.rows, h.cols);
+  be.rms_norm(h, L.input_norm, c.rms_norm_eps, xn);
+  be.add(h, attention(m, be, L, xn, b, policy));
+  be.rms_norm(h, L.post_norm, c.rms_norm_eps, xn);
+  be.add(h, L.moe ? moe(m, be, L, xn) : ffn(be, xn, L.dense));
+  be.scratch_release(mark);
+}
+
+// head(norm(x[rows])) to the host
+void logits_of_rows(Backend &be, Tensor x, const std::vector<int32_t> &rows, const Weight *norm, float eps,
+                    const Weight &head, float *out) {
+  Tensor sel = be.alloc(int64_t(rows.size()), x.cols);
+  be.gather_rows(x, rows, sel);
+  if (norm) be.rms_norm(sel, *norm, eps, sel);
+  be.to_host(linear(be, sel, head), out);
+}
+
 }  // namespace
 
 void forward(const Model &m, Backend &be, const Batch &b, const std::vector<int32_t> &logit_rows,
-             AttentionPolicy policy, float *logits_out) {
+             AttentionPolicy policy, float *logits_out, Tensor *hidden_out) {
   const ModelConfig &c = m.cfg;
   be.begin_step();
   Tensor h = be.alloc(b.n_tokens(), c.hidden_size);
   be.embed(m.w.embed, b, h);
-  Tensor xn = be.alloc(b.n_tokens(), c.hidden_size);
-  for (const LayerWeights &L : m.w.layers) {
-    const uint64_t mark = be.scratch_mark();  // a layer's temporaries die with it
-    be.rms_norm(h, L.input_norm, c.rms_norm_eps, xn);
-    be.add(h, attention(m, be, L, xn, b, policy));
-    be.rms_norm(h, L.post_norm, c.rms_norm_eps, xn);
-    be.add(h, L.moe ? moe(m, be, L, xn) : ffn(be, xn, L.dense));
-    be.scratch_release(mark);
+  for (const LayerWeights &L : m.w.layers) decoder_layer(m, be, L, h, b, policy);
+  if (hidden_out) {  // every row's final hidden state, normed: what the MTP module reads
+    be.rms_norm(h, m.w.norm, c.rms_norm_eps, h);
+    *hidden_out = h;
+    if (!logit_rows.empty()) logits_of_rows(be, h, logit_rows, nullptr, c.rms_norm_eps, m.w.head, logits_out);
+    return;
   }
-  if (logit_rows.empty()) return;
-  Tensor sel = be.alloc(int64_t(logit_rows.size()), c.hidden_size);
-  be.gather_rows(h, logit_rows, sel);
-  be.rms_norm(sel, m.w.norm, c.rms_norm_eps, sel);
-  Tensor logits = linear(be, sel, m.w.head);
-  be.to_host(logits, logits_out);
+  if (!logit_rows.empty()) logits_of_rows(be, h, logit_rows, &m.w.norm, c.rms_norm_eps, m.w.head, logits_out);
+}
+
+// MTP (spec §6): z = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]), one decoder layer with its own cache
+// layer, logits = head(head_norm(.)). The concatenation is a row interleave: rows e_0, h_0, e_1, h_1, ... of
+// an [2T, H] tensor are the rows of [T, 2H].
+void mtp_forward(const Model &m, Backend &be, const Batch &b, Tensor hidden, const std::vector<int32_t> &logit_rows,
+                 AttentionPolicy policy, float *logits_out) {
+  const ModelConfig &c = m.cfg;
+  const LayerWeights &L = m.w.mtp.at(0);
+  const int64_t T = b.n_tokens(), H = c.hidden_size;
+  Tensor stacked = be.alloc(2 * T, H);
+  Tensor e = stacked.rows_view(0, T), hn = stacked.rows_view(T, T);
+  be.embed(L.mtp_embed, b, e);
+  be.rms_norm(e, L.enorm, c.rms_norm_eps, e);
+  be.rms_norm(hidden, L.hnorm, c.rms_norm_eps, hn);
+  std::vector<int32_t> interleave(size_t(2 * T));
+  for (int64_t t = 0; t < T; t++) {
+    interleave[size_t(2 * t)] = int32_t(t);
+    interleave[size_t(2 * t + 1)] = int32_t(T + t);
+  }
+  Tensor cat = be.alloc(2 * T, H);
+  be.gather_rows(stacked, interleave, cat);
+  Tensor h = linear(be, Tensor{cat.data, cat.dtype, T, 2 * H}, L.eh_proj);
+  decoder_layer(m, be, L, h, b, policy);
+  if (!logit_rows.empty()) logits_of_rows(be, h, logit_rows, &L.head_norm, c.rms_norm_eps, L.head, logits_out);
 }
 
 }  // namespace dsrt

@@ -12,7 +12,16 @@ enum class AttentionPolicy { Auto, Naive, Absorbed };  // Auto: naive for chunks
 
 // Runs the main model over a batch of sequences (their new tokens are written into the latent cache) and
 // returns, on the host, the logits of the requested batch rows: [logit_rows.size(), vocab] row-major.
+// Starts a backend step. hidden_out (optional): every row's final-normed hidden state [T, hidden], a scratch
+// tensor valid until the next step begins (the MTP module's input).
 void forward(const Model &m, Backend &be, const Batch &batch, const std::vector<int32_t> &logit_rows,
-             AttentionPolicy policy, float *logits_out);
+             AttentionPolicy policy, float *logits_out, Tensor *hidden_out = nullptr);
+
+// The first MTP module over a batch of pairs: row t is position p_t (batch.positions) with hidden[t] = the
+// main model's final-normed hidden state at p_t and batch.tokens[t] = the token at p_t + 1. Writes the MTP
+// cache layer at those positions; logits of the requested rows predict the token at p_t + 2. Runs inside
+// the caller's backend step (call begin_step() first when there is no step to share).
+void mtp_forward(const Model &m, Backend &be, const Batch &batch, Tensor hidden, const std::vector<int32_t> &logit_rows,
+                 AttentionPolicy policy, float *logits_out);
 
 }  // namespace dsrt

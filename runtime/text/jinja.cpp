@@ -968,6 +968,12 @@ class Renderer {
     for (size_t k = 0; k < n.targets.size(); k++) scopes.back()[n.targets[k]] = x[k];
   }
 
+  // Python's ints do not overflow; ours are int64 and become floats past that range, never wrap (UB).
+  static json py_int(__int128 r) {
+    if (r >= INT64_MIN && r <= INT64_MAX) return json(int64_t(r));
+    return json(double(r));
+  }
+
   static int64_t as_int(const Value &v, const char *what) {
     if (v.j.is_number_integer()) return v.j.get<int64_t>();
     if (v.j.is_boolean()) return v.j.get<bool>();
@@ -1016,7 +1022,7 @@ class Renderer {
       case Expr::Not: return {json(!truthy(eval(*e.args[0], d)))};
       case Expr::Neg: {
         Value v = eval(*e.args[0], d);
-        if (v.j.is_number_integer()) return {json(-v.j.get<int64_t>())};
+        if (v.j.is_number_integer()) return {py_int(-__int128(v.j.get<int64_t>()))};
         if (v.j.is_number()) return {json(-v.j.get<double>())};
         runtime_error("cannot negate " + py_repr(v.j));
       }
@@ -1057,7 +1063,7 @@ class Renderer {
       };
       lo = e.args[1] ? norm(lo, false) : lo;
       hi = e.args[2] ? norm(hi, true) : (step > 0 ? n : -1);
-      for (int64_t i = lo; step > 0 ? i < hi : i > hi; i += step) push(i);
+      for (__int128 i = lo; step > 0 ? i < hi : i > hi; i += step) push(int64_t(i));
     };
     if (obj.j.is_array()) {
       json out = json::array();
@@ -1126,13 +1132,15 @@ class Renderer {
       if (op == "<=") return {json(x <= y)};
       if (op == ">=") return {json(x >= y)};
       if (ints) {
-        int64_t p = a.j.get<int64_t>(), q = b.j.get<int64_t>();
-        if (op == "+") return {json(p + q)};
-        if (op == "-") return {json(p - q)};
-        if (op == "*") return {json(p * q)};
-        if ((op == "//" || op == "%") && q == 0) runtime_error("division by zero");
-        if (op == "//") return {json(int64_t(std::floor(double(p) / double(q))))};
-        if (op == "%") return {json(((p % q) + q) % q)};
+        const __int128 p = a.j.get<int64_t>(), q = b.j.get<int64_t>();
+        if (op == "+") return {py_int(p + q)};
+        if (op == "-") return {py_int(p - q)};
+        if (op == "*") return {py_int(p * q)};
+        if (op == "//" || op == "%") {
+          if (q == 0) runtime_error("division by zero");
+          const __int128 rem = ((p % q) + q) % q;  // Python: the remainder takes the divisor's sign
+          return {py_int(op == "%" ? rem : (p - rem) / q)};
+        }
       }
       if (op == "+") return {json(x + y)};
       if (op == "-") return {json(x - y)};
@@ -1195,9 +1203,9 @@ class Renderer {
         if (a.size() == 3) st = as_int(a[2], "range");
         if (st == 0) runtime_error("range step cannot be zero");
         json l = json::array();
-        for (int64_t i = lo; st > 0 ? i < hi : i > hi; i += st) {
+        for (__int128 i = lo; st > 0 ? i < hi : i > hi; i += st) {
           step();
-          l.push_back(i);
+          l.push_back(int64_t(i));
         }
         return {l};
       }
@@ -1405,7 +1413,12 @@ class Renderer {
       return {l};
     }
     if (f == "int") {
-      if (v.j.is_number()) return {json(int64_t(v.j.get<double>()))};
+      if (v.j.is_number_integer()) return v;
+      if (v.j.is_number()) {
+        const double x = std::trunc(v.j.get<double>());
+        if (std::isnan(x)) runtime_error("cannot convert NaN to an integer");
+        return {x >= -9.2e18 && x <= 9.2e18 ? json(int64_t(x)) : json(x)};
+      }
       if (v.j.is_string()) try {
           return {json(int64_t(std::stoll(v.j.get<std::string>())))};
         } catch (const std::exception &) {
@@ -1417,7 +1430,7 @@ class Renderer {
       if (v.j.is_number()) return {json(v.j.get<double>())};
       return {json(0.0)};
     }
-    if (f == "abs" && v.j.is_number()) return {v.j.is_number_integer() ? json(std::llabs(v.j.get<int64_t>())) : json(std::fabs(v.j.get<double>()))};
+    if (f == "abs" && v.j.is_number()) return {v.j.is_number_integer() ? py_int(v.j.get<int64_t>() < 0 ? -__int128(v.j.get<int64_t>()) : __int128(v.j.get<int64_t>())) : json(std::fabs(v.j.get<double>()))};
     if (f == "reverse") {
       if (v.j.is_array()) return {json(json::array_t(v.j.rbegin(), v.j.rend()))};
       std::string s = to_str(v);
@@ -1466,7 +1479,7 @@ class Renderer {
     if (t == "in") return !a.empty() && a[0].j.is_array() && std::find(a[0].j.begin(), a[0].j.end(), v.j) != a[0].j.end();
     if (t == "divisibleby") {
       int64_t q = a.empty() ? 0 : as_int(a[0], "divisibleby");
-      return q != 0 && v.j.is_number_integer() && v.j.get<int64_t>() % q == 0;
+      return q != 0 && v.j.is_number_integer() && __int128(v.j.get<int64_t>()) % q == 0;
     }
     runtime_error("unknown test '" + t + "'");
   }

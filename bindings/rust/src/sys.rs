@@ -86,6 +86,7 @@ pub struct dsrt_engine_params {
     pub attention: i32,
     pub precision: i32,
     pub kv_memory_fraction: f32,
+    pub mtp_drafts: i32,
 }
 
 #[repr(C)]
@@ -100,6 +101,8 @@ pub struct dsrt_engine_stats {
     pub n_tokens: u64,
     pub max_batch_seqs: u64,
     pub forward_seconds: f64,
+    pub mtp_drafted: u64,
+    pub mtp_accepted: u64,
 }
 
 #[repr(C)]
@@ -123,6 +126,8 @@ pub struct dsrt_session_stats {
     pub generated_tokens: i32,
     pub ttft_seconds: f64,
     pub decode_tokens_per_second: f64,
+    pub mtp_drafted: i32,
+    pub mtp_accepted: i32,
 }
 
 #[repr(C)]
