@@ -229,6 +229,13 @@ int cmd_generate_text(const Args &a) {
   }
   check(dsrt_session_generate(s, &p, print_delta, nullptr));
   std::printf("\n");
+  if (a.has("--mtp")) {
+    dsrt_session_stats st;
+    st.struct_size = sizeof st;
+    check(dsrt_session_stats_get(s, &st));
+    std::fprintf(stderr, "MTP: %d of %d drafts kept; %d tokens at %.2f tokens/s\n", st.mtp_accepted, st.mtp_drafted,
+                 st.generated_tokens, st.decode_tokens_per_second);
+  }
   return 0;
 }
 
@@ -317,7 +324,7 @@ int cmd_bench_tokenizer(const Args &a) {
 
 int cmd_chat(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt chat --model DIR [--system TEXT] [--temperature T] [-n MAX_TOKENS] [--ctx N] [--threads N]\n"
+    std::printf("usage: dsrt chat --model DIR [--system TEXT] [--temperature T] [-n MAX_TOKENS] [--ctx N] [--threads N] [--mtp]\n"
                 "Interactive chat (the samples/chat REPL): /help lists its commands.\n");
     return 0;
   }
@@ -330,6 +337,7 @@ int cmd_chat(const Args &a) {
   o.max_ctx = int32_t(a.num("--ctx", 0));
   o.max_new_tokens = int32_t(a.num("-n", 1024));
   o.temperature = float(a.real("--temperature", -1.0));
+  o.mtp = a.has("--mtp") ? 1 : 0;
   return chat_repl(&o);
 }
 

@@ -16,9 +16,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--temperature") && v) o.temperature = (float)atof(argv[++i]);
     else if (!strcmp(a, "--max-tokens") && v) o.max_new_tokens = atoi(argv[++i]);
     else if (!strcmp(a, "--ctx") && v) o.max_ctx = atoi(argv[++i]);
+    else if (!strcmp(a, "--mtp")) o.mtp = 1;
     else if (a[0] != '-' && !o.model_dir) o.model_dir = a;
     else {
-      fprintf(stderr, "usage: %s MODEL_DIR [--system TEXT] [--threads N] [--temperature T] [--max-tokens N] [--ctx N]\n", argv[0]);
+      fprintf(stderr, "usage: %s MODEL_DIR [--system TEXT] [--threads N] [--temperature T] [--max-tokens N] [--ctx N] [--mtp]\n", argv[0]);
       return 2;
     }
   }

@@ -204,6 +204,7 @@ int chat_repl(const struct chat_options *opt) {
   dsrt_engine_params ep;
   dsrt_engine_params_init(&ep, sizeof ep);
   ep.max_tokens = opt->max_ctx;
+  ep.mtp_drafts = opt->mtp;
   if (dsrt_engine_create(m, &ep, &e) != DSRT_OK || dsrt_session_create(e, NULL, &s) != DSRT_OK) {
     fprintf(stderr, "dsrt: %s\n", dsrt_last_error());
     goto done;
@@ -285,10 +286,10 @@ int chat_repl(const struct chat_options *opt) {
         dsrt_session_stats_get(s, &st);
         dsrt_engine_stats_get(e, &es);
         printf("context %d tokens (%d KV pages); last turn: prompt %d, reused %d, generated %d, "
-               "time to first token %.3f s, %.2f tokens/s; engine: %d/%d pages, %llu steps\n",
+               "time to first token %.3f s, %.2f tokens/s, MTP drafts kept %d/%d; engine: %d/%d pages, %llu steps\n",
                st.n_tokens + st.n_pending, st.n_pages, st.prompt_tokens, st.reused_tokens, st.generated_tokens,
-               st.ttft_seconds, st.decode_tokens_per_second, es.kv_pages_used, es.kv_pages_total,
-               (unsigned long long)es.n_steps);
+               st.ttft_seconds, st.decode_tokens_per_second, st.mtp_accepted, st.mtp_drafted, es.kv_pages_used,
+               es.kv_pages_total, (unsigned long long)es.n_steps);
       } else {
         printf("unknown command %s (/help)\n", line);
       }

@@ -13,6 +13,7 @@ struct chat_options {
   int32_t max_ctx;        /* KV capacity in tokens, 0: the engine's default */
   int32_t max_new_tokens; /* per reply */
   float temperature;      /* < 0: the model's default */
+  int32_t mtp;            /* 1: speculative decoding with the model's MTP module */
 };
 
 void chat_options_init(struct chat_options *o);
