@@ -1,10 +1,14 @@
-// Speculative decoding with the MTP module: whatever the drafts are (the module's own, always right, always
+// The MTP module (spec §6) against an fp64 evaluation of its formula, and its cache across steps.
+// Speculative decoding with it: whatever the drafts are (the module's own, always right, always
 // wrong), a turn emits exactly the tokens of plain decoding, greedy or sampled with a seed; accepted drafts
 // save forward steps; the session stays consistent across turns, truncation and forks.
 #include <doctest/doctest.h>
 
+#include <cmath>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
 #include "engine/engine.h"
@@ -63,7 +67,152 @@ TurnResult turn(dsrt::Session &s, const dsrt::GenParams &g) {
   return r;
 }
 
+// Zeroes, in every shard of `dir`, the tensors whose names start with `prefix` and end with one of `suffixes`.
+void zero_tensors(const std::string &dir, const std::string &prefix, const std::vector<std::string> &suffixes) {
+  for (const auto &f : std::filesystem::directory_iterator(dir)) {
+    if (f.path().extension() != ".safetensors") continue;
+    std::fstream io(f.path(), std::ios::in | std::ios::out | std::ios::binary);
+    uint64_t n = 0;
+    io.read(reinterpret_cast<char *>(&n), 8);
+    std::string header(n, '\0');
+    io.read(header.data(), std::streamsize(n));
+    const nlohmann::json index = nlohmann::json::parse(header);  // kept alive: items() refers to it
+    for (auto &[name, t] : index.items()) {
+      if (name.rfind(prefix, 0) != 0) continue;
+      for (const std::string &suf : suffixes) {
+        if (name.size() < suf.size() || name.compare(name.size() - suf.size(), suf.size(), suf) != 0) continue;
+        const uint64_t b = t["data_offsets"][0], e = t["data_offsets"][1];
+        std::string zeros(e - b, '\0');
+        io.seekp(std::streamoff(8 + n + b));
+        io.write(zeros.data(), std::streamsize(zeros.size()));
+      }
+    }
+  }
+}
+
+std::vector<double> rms_norm64(const std::vector<double> &x, const dsrt::Weight &w, double eps) {
+  double ss = 0;
+  for (double v : x) ss += v * v;
+  const double r = 1.0 / std::sqrt(ss / double(x.size()) + eps);
+  std::vector<double> y(x.size());
+  for (size_t i = 0; i < x.size(); i++) y[i] = x[i] * r * double(w.at(int64_t(i)));
+  return y;
+}
+
+std::vector<double> matvec64(const dsrt::Weight &w, const std::vector<double> &x) {
+  std::vector<double> y(size_t(w.rows));
+  std::vector<float> row(size_t(w.cols));
+  for (int64_t r = 0; r < w.rows; r++) {
+    w.dequant_row(r, 0, w.cols, row.data());
+    double acc = 0;
+    for (int64_t c = 0; c < w.cols; c++) acc += double(row[size_t(c)]) * x[size_t(c)];
+    y[size_t(r)] = acc;
+  }
+  return y;
+}
+
+// The main model's normed final hidden states of `toks` (one prefill), and the MTP logits of the pairs
+// (hidden[j], toks[j+1]) for j < toks.size()-1, either in one batch or one pair per step.
+struct MtpRun {
+  std::vector<float> hidden, logits;
+};
+MtpRun run_mtp(const dsrt::Model &m, const std::vector<int32_t> &toks, bool one_pair_per_step) {
+  const int64_t P = int64_t(toks.size()), H = m.cfg.hidden_size, V = m.cfg.vocab_size;
+  dsrt::BackendOptions bo;
+  bo.n_threads = 2;
+  auto be = dsrt::make_cpu_backend(bo);
+  dsrt::KvCacheSpec spec;
+  spec.n_layers = m.cfg.num_hidden_layers + 1;
+  spec.width = m.cfg.kv_cache_width();
+  spec.max_pages = (P + dsrt::kPageTokens - 1) / dsrt::kPageTokens;
+  be->kv_init(spec);
+  std::vector<int32_t> pages(size_t(spec.max_pages));
+  for (size_t i = 0; i < pages.size(); i++) pages[i] = int32_t(i);
+  dsrt::Batch b;
+  b.tokens = toks;
+  for (int64_t i = 0; i < P; i++) b.positions.push_back(int32_t(i));
+  b.seqs.push_back({0, int32_t(P), 0, pages.data(), int32_t(pages.size())});
+  dsrt::Tensor hidden;
+  dsrt::forward(m, *be, b, {}, dsrt::AttentionPolicy::Auto, nullptr, &hidden);
+  MtpRun r;
+  r.hidden.resize(size_t(P * H));
+  be->to_host(hidden, r.hidden.data());
+  r.logits.resize(size_t((P - 1) * V));
+  const int64_t chunk = one_pair_per_step ? 1 : P - 1;
+  for (int64_t j0 = 0; j0 < P - 1; j0 += chunk) {
+    dsrt::Batch mb;
+    std::vector<int32_t> rows;
+    for (int64_t j = j0; j < j0 + chunk; j++) {
+      mb.tokens.push_back(toks[size_t(j + 1)]);
+      mb.positions.push_back(int32_t(j));
+      rows.push_back(int32_t(j - j0));
+    }
+    mb.seqs.push_back({0, int32_t(chunk), int32_t(j0), pages.data(), int32_t(pages.size())});
+    be->begin_step();
+    dsrt::Tensor h = be->alloc(chunk, H);
+    be->from_host(h, r.hidden.data() + j0 * H);
+    dsrt::mtp_forward(m, *be, mb, h, rows, dsrt::AttentionPolicy::Auto, r.logits.data() + j0 * V);
+  }
+  return r;
+}
+
+double rel_l2(const float *a, const double *b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; i++) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
 }  // namespace
+
+TEST_CASE("the MTP module's math: with its decoder layer zeroed, logits equal an fp64 evaluation of spec §6") {
+  // o_proj and every down_proj of the MTP layer zeroed: its decoder layer adds nothing to the residual, so
+  // logits = head(head_norm(eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]))), computed here in fp64 from the
+  // checkpoint's tensors. This pins the concatenation order, the norms, the projection and the head.
+  const std::string src = testing::tiny("v3-mini"), dir = testing::fresh_dir("mtp-identity").string();
+  for (const auto &f : std::filesystem::directory_iterator(src))
+    std::filesystem::copy_file(f.path(), dir + "/" + f.path().filename().string());
+  auto probe = dsrt::Model::load(src, {});
+  const int64_t L = probe->cfg.num_hidden_layers;
+  zero_tensors(dir, "model.layers." + std::to_string(L) + ".", {"o_proj.weight", "down_proj.weight"});
+  auto model = dsrt::Model::load(dir, {});
+  const dsrt::LayerWeights &M = model->w.mtp.at(0);
+  const int64_t H = model->cfg.hidden_size, V = model->cfg.vocab_size;
+  const double eps = model->cfg.rms_norm_eps;
+  const auto toks = testing::prompt_tokens(int32_t(V), 9);
+  const MtpRun run = run_mtp(*model, toks, false);
+  double worst = 0;
+  int same_argmax = 0;
+  for (size_t j = 0; j + 1 < toks.size(); j++) {
+    std::vector<double> e(static_cast<size_t>(H)), h(static_cast<size_t>(H));
+    std::vector<float> row(static_cast<size_t>(H));
+    M.mtp_embed.dequant_row(toks[j + 1], 0, H, row.data());
+    for (int64_t i = 0; i < H; i++) e[size_t(i)] = row[size_t(i)], h[size_t(i)] = run.hidden[j * size_t(H) + size_t(i)];
+    std::vector<double> cat = rms_norm64(e, M.enorm, eps), hn = rms_norm64(h, M.hnorm, eps);
+    cat.insert(cat.end(), hn.begin(), hn.end());  // embedding first, hidden second
+    const std::vector<double> want = matvec64(M.head, rms_norm64(matvec64(M.eh_proj, cat), M.head_norm, eps));
+    const float *got = run.logits.data() + j * size_t(V);
+    worst = std::max(worst, rel_l2(got, want.data(), size_t(V)));
+    same_argmax += std::max_element(got, got + V) - got == std::max_element(want.begin(), want.end()) - want.begin();
+  }
+  CHECK(worst < 1e-5);
+  CHECK(same_argmax == int(toks.size()) - 1);
+}
+
+TEST_CASE("the MTP layer's own cache: pairs run one per step give the logits of one batch") {
+  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  const auto toks = testing::prompt_tokens(int32_t(model->cfg.vocab_size), 70);  // across a page boundary
+  const MtpRun batch = run_mtp(*model, toks, false), steps = run_mtp(*model, toks, true);
+  const size_t V = size_t(model->cfg.vocab_size);
+  double worst = 0;
+  for (size_t j = 0; j + 1 < toks.size(); j++) {
+    std::vector<double> ref(batch.logits.begin() + long(j * V), batch.logits.begin() + long((j + 1) * V));
+    worst = std::max(worst, rel_l2(steps.logits.data() + j * V, ref.data(), V));
+  }
+  CHECK(worst < 1e-5);
+}
 
 TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a turn's tokens, greedy or sampled") {
   for (const std::string &preset : {std::string("v3-mini"), std::string("partial-yarn")}) {
