@@ -199,7 +199,8 @@ typedef struct dsrt_engine_params {
  * GEMM matches an fp64 reference (1.8e-4), but whole-model runs do not yet (see docs/perf.md). */
 #define DSRT_PRECISION_FP8 2
 
-#define DSRT_ATTENTION_AUTO     0  /* naive (decompressed) form for prefill chunks, absorbed for decode */
+#define DSRT_ATTENTION_AUTO     0  /* naive (decompressed) form for prefill chunks (> 2 tokens), absorbed for
+                                      decode steps (1 token, or 2 with an MTP draft) */
 #define DSRT_ATTENTION_NAIVE    1
 #define DSRT_ATTENTION_ABSORBED 2
 

@@ -224,22 +224,30 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
     for (float temperature : {0.0f, 0.9f}) {
       CAPTURE(temperature);
       const int n = 40;
-      Setup plain(model, false);
-      auto ps = plain.engine->create_session(0, false, 7);
-      ps->append(prompt.data(), prompt.size());
-      const TurnResult want = turn(*ps, params(temperature, n, 11));
-      REQUIRE(want.emitted.size() == size_t(n));
-      std::vector<int32_t> full = prompt;
-      full.insert(full.end(), want.emitted.begin(), want.emitted.end());
+      auto plain_turn = [&](dsrt::AttentionPolicy att) {
+        Setup plain(model, false, {}, att);
+        auto ps = plain.engine->create_session(0, false, 7);
+        ps->append(prompt.data(), prompt.size());
+        return turn(*ps, params(temperature, n, 11));
+      };
+      const TurnResult want_absorbed = plain_turn(dsrt::AttentionPolicy::Absorbed);
+      const TurnResult want_auto = plain_turn(dsrt::AttentionPolicy::Auto);
+      REQUIRE(want_absorbed.emitted.size() == size_t(n));
+      REQUIRE(want_auto.emitted.size() == size_t(n));
+      std::vector<int32_t> full;  // the sequence the drafts are right or wrong about
       const Override right = [&](const std::vector<int32_t> &seq, int32_t) {
         return seq.size() < full.size() ? full[seq.size()] : 0;
       };
       const Override wrong = [&](const std::vector<int32_t> &seq, int32_t) {
         return seq.size() < full.size() ? (full[seq.size()] + 1) % V : 0;
       };
-      for (int mode = 0; mode < 3; mode++) {
-        CAPTURE(mode);  // 0: the module's drafts, 1: always right, 2: always wrong
-        Setup spec(model, true, mode == 0 ? Override{} : mode == 1 ? right : wrong);
+      for (int mode = 0; mode < 4; mode++) {
+        CAPTURE(mode);  // 0: the module's drafts, 1: always right, 2: always wrong, 3: 1 with the default policy
+        const TurnResult &want = mode == 3 ? want_auto : want_absorbed;
+        full = prompt;
+        full.insert(full.end(), want.emitted.begin(), want.emitted.end());
+        Setup spec(model, true, mode == 0 ? Override{} : mode == 2 ? wrong : right,
+                   mode == 3 ? dsrt::AttentionPolicy::Auto : dsrt::AttentionPolicy::Absorbed);
         auto s = spec.engine->create_session(0, false, 7);
         s->append(prompt.data(), prompt.size());
         const TurnResult got = turn(*s, params(temperature, n, 11));
@@ -249,7 +257,7 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
         CHECK(got.stats.mtp_drafted > 0);
         CHECK(uint64_t(got.stats.mtp_drafted) == es.mtp_drafted);
         CHECK(uint64_t(got.stats.mtp_accepted) == es.mtp_accepted);
-        if (mode == 1) {
+        if (mode == 1 || mode == 3) {
           CHECK(got.stats.mtp_accepted == got.stats.mtp_drafted);
           // the prompt step, then two tokens per step
           CHECK(es.n_steps <= 1 + uint64_t(n + 1) / 2 + 1);

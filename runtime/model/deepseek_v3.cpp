@@ -37,11 +37,12 @@ Tensor attention(const Model &m, Backend &be, const LayerWeights &L, Tensor x, c
 
   Tensor o = be.alloc(x.rows, nh * c.v_head_dim);
   if (policy == AttentionPolicy::Auto) {
-    // Prefill chunks decompress the latents (fewer FLOPs per key); single tokens use the absorbed form.
+    // Prefill chunks decompress the latents (fewer FLOPs per key); decode steps use the absorbed form, also
+    // for two tokens (MTP verification: the same numbers per row as plain decode).
     Batch naive = b, absorbed = b;
     naive.seqs.clear();
     absorbed.seqs.clear();
-    for (const SeqSlice &s : b.seqs) (s.n_new > 1 ? naive : absorbed).seqs.push_back(s);
+    for (const SeqSlice &s : b.seqs) (s.n_new > 2 ? naive : absorbed).seqs.push_back(s);
     if (!naive.seqs.empty()) be.mla_attention(L.index, q, L.kv_b, m.mla, naive, AttnForm::Naive, o);
     if (!absorbed.seqs.empty()) be.mla_attention(L.index, q, L.kv_b, m.mla, absorbed, AttnForm::Absorbed, o);
   } else {

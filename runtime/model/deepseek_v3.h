@@ -8,7 +8,7 @@
 
 namespace dsrt {
 
-enum class AttentionPolicy { Auto, Naive, Absorbed };  // Auto: naive for chunks of > 1 token, absorbed for 1
+enum class AttentionPolicy { Auto, Naive, Absorbed };  // Auto: naive for chunks of > 2 tokens, else absorbed
 
 // Runs the main model over a batch of sequences (their new tokens are written into the latent cache) and
 // returns, on the host, the logits of the requested batch rows: [logit_rows.size(), vocab] row-major.
