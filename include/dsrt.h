@@ -183,10 +183,12 @@ typedef struct dsrt_engine_params {
   int32_t precision;          /* DSRT_PRECISION_*; default AUTO */
   float kv_memory_fraction;   /* > 0: the KV pool takes this share (at most 0.95) of the backend's free
                                  memory after the weights (GPU: device memory), instead of max_tokens */
-  int32_t mtp_drafts;         /* 1: speculative decoding with the checkpoint's MTP module: during generation
-                                 turns each step also verifies one drafted token (same output as 0, fewer
-                                 steps when drafts are accepted); 0 (default): off. No effect without an MTP
-                                 layer (see dsrt_model_info.n_mtp_layers and load_mtp). */
+  int32_t mtp_drafts;         /* 1..4: speculative decoding with the checkpoint's MTP module: during
+                                 generation turns each step also verifies up to this many drafted tokens
+                                 (the first from the MTP layer, the next ones chaining it on its own output);
+                                 the output is the same as with 0, in fewer steps when drafts are kept.
+                                 0 (default): off. No effect without an MTP layer (dsrt_model_info.n_mtp_layers,
+                                 dsrt_model_params.load_mtp). */
 } dsrt_engine_params;
 
 /* Today: fp32 activations in every GEMM (as DSRT_PRECISION_FP32). Once the FP8 path below has passed the

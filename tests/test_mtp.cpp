@@ -27,12 +27,12 @@ struct TurnResult {
 
 struct Setup {
   std::shared_ptr<dsrt::Engine> engine;
-  explicit Setup(const std::shared_ptr<dsrt::Model> &m, bool mtp, Override ov = {},
+  explicit Setup(const std::shared_ptr<dsrt::Model> &m, int drafts, Override ov = {},
                  dsrt::AttentionPolicy att = dsrt::AttentionPolicy::Absorbed) {
     dsrt::EngineOptions eo;
     eo.max_tokens = 1024;
     eo.attention = att;
-    eo.mtp_drafts = mtp ? 1 : 0;
+    eo.mtp_drafts = drafts;
     eo.mtp_draft_override = std::move(ov);
     dsrt::BackendOptions bo;
     bo.n_threads = 2;
@@ -225,7 +225,7 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
       CAPTURE(temperature);
       const int n = 40;
       auto plain_turn = [&](dsrt::AttentionPolicy att) {
-        Setup plain(model, false, {}, att);
+        Setup plain(model, 0, {}, att);
         auto ps = plain.engine->create_session(0, false, 7);
         ps->append(prompt.data(), prompt.size());
         return turn(*ps, params(temperature, n, 11));
@@ -241,12 +241,17 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
       const Override wrong = [&](const std::vector<int32_t> &seq, int32_t) {
         return seq.size() < full.size() ? (full[seq.size()] + 1) % V : 0;
       };
-      for (int mode = 0; mode < 4; mode++) {
-        CAPTURE(mode);  // 0: the module's drafts, 1: always right, 2: always wrong, 3: 1 with the default policy
+      const Override some = [&](const std::vector<int32_t> &seq, int32_t) {  // wrong at every third position
+        return seq.size() % 3 ? right(seq, 0) : wrong(seq, 0);
+      };
+      for (int drafts : {1, 3})
+      for (int mode = 0; mode < 5; mode++) {
+        CAPTURE(drafts);
+        CAPTURE(mode);  // 0: the module's, 1: always right, 2: always wrong, 3: 1 under the default policy, 4: some
         const TurnResult &want = mode == 3 ? want_auto : want_absorbed;
         full = prompt;
         full.insert(full.end(), want.emitted.begin(), want.emitted.end());
-        Setup spec(model, true, mode == 0 ? Override{} : mode == 2 ? wrong : right,
+        Setup spec(model, drafts, mode == 0 ? Override{} : mode == 2 ? wrong : mode == 4 ? some : right,
                    mode == 3 ? dsrt::AttentionPolicy::Auto : dsrt::AttentionPolicy::Absorbed);
         auto s = spec.engine->create_session(0, false, 7);
         s->append(prompt.data(), prompt.size());
@@ -259,10 +264,11 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
         CHECK(uint64_t(got.stats.mtp_accepted) == es.mtp_accepted);
         if (mode == 1 || mode == 3) {
           CHECK(got.stats.mtp_accepted == got.stats.mtp_drafted);
-          // the prompt step, then two tokens per step
-          CHECK(es.n_steps <= 1 + uint64_t(n + 1) / 2 + 1);
+          // the prompt step, then drafts + 1 tokens per step
+          CHECK(es.n_steps <= 1 + uint64_t(n + drafts) / uint64_t(drafts + 1) + 1);
         }
         if (mode == 2) CHECK(got.stats.mtp_accepted == 0);
+        if (mode == 4) CHECK((got.stats.mtp_accepted > 0 && got.stats.mtp_accepted < got.stats.mtp_drafted));
         // The cache holds the same sequence as plain decoding's (the last token may still be pending there).
         std::vector<int32_t> cached = got.cached;
         cached.resize(std::min(cached.size(), want.cached.size()));
@@ -277,8 +283,8 @@ TEST_CASE("MTP: a second turn, a truncation and a fork continue exactly like pla
   auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
   const int32_t V = int32_t(model->cfg.vocab_size);
   const std::vector<int32_t> prompt = testing::prompt_tokens(V, 30), more = testing::prompt_tokens(V, 9);
-  auto script = [&](bool mtp) {
-    Setup st(model, mtp);
+  auto script = [&](int drafts) {
+    Setup st(model, drafts);
     auto s = st.engine->create_session(0, false, 3);
     std::vector<std::vector<int32_t>> out;
     s->append(prompt.data(), prompt.size());
@@ -293,11 +299,15 @@ TEST_CASE("MTP: a second turn, a truncation and a fork continue exactly like pla
     out.push_back(turn(*s, params(0.7f, 15, 5)).emitted);
     return out;
   };
-  const auto want = script(false), got = script(true);
-  REQUIRE(want.size() == got.size());
-  for (size_t k = 0; k < want.size(); k++) {
-    CAPTURE(k);
-    CHECK(got[k] == want[k]);
+  const auto want = script(0);
+  for (int drafts : {1, 2, 4}) {
+    CAPTURE(drafts);
+    const auto got = script(drafts);
+    REQUIRE(want.size() == got.size());
+    for (size_t k = 0; k < want.size(); k++) {
+      CAPTURE(k);
+      CHECK(got[k] == want[k]);
+    }
   }
 }
 
@@ -308,38 +318,56 @@ TEST_CASE("MTP: sessions batched together each emit what they emit alone") {
                                                {1, 2, 3}};
   std::vector<std::vector<int32_t>> alone;
   for (auto &p : prompts) {
-    Setup st(model, false);
+    Setup st(model, 0);
     auto s = st.engine->create_session(0, false, 1);
     s->append(p.data(), p.size());
     alone.push_back(turn(*s, params(0, 25, 1)).emitted);
   }
-  Setup st(model, true);
-  std::vector<std::shared_ptr<dsrt::Session>> ss;
-  for (auto &p : prompts) {
-    ss.push_back(st.engine->create_session(0, false, 1));
-    ss.back()->append(p.data(), p.size());
-    ss.back()->start(params(0, 25, 1));
+  // Drafts from the module (rarely right on random weights), and from an oracle that knows each session's
+  // plain-decoding continuation except at every fourth position.
+  std::vector<std::vector<int32_t>> full;
+  for (size_t k = 0; k < prompts.size(); k++) {
+    full.push_back(prompts[k]);
+    full.back().insert(full.back().end(), alone[k].begin(), alone[k].end());
   }
-  // One thread pulls the sessions in turn: every step carries the others' pending tokens and drafts.
-  std::vector<std::vector<int32_t>> got(ss.size());
-  std::vector<bool> done(ss.size(), false);
-  for (size_t live = ss.size(); live > 0;) {
-    for (size_t k = 0; k < ss.size(); k++) {
-      if (done[k]) continue;
-      dsrt::Event ev = ss[k]->next();
-      if (ev.token >= 0) got[k].push_back(ev.token);
-      if (ev.done) {
-        done[k] = true;
-        live--;
+  const Override oracle = [&](const std::vector<int32_t> &seq, int32_t d) {
+    for (const auto &f : full)
+      if (seq.size() < f.size() && std::equal(seq.begin(), seq.end(), f.begin()))
+        return seq.size() % 4 ? f[seq.size()] : (f[seq.size()] + 1) % V;
+    return d;
+  };
+  for (int with_oracle = 0; with_oracle < 2; with_oracle++) {
+    CAPTURE(with_oracle);
+    Setup st(model, 2, with_oracle ? oracle : Override{});
+    std::vector<std::shared_ptr<dsrt::Session>> ss;
+    for (auto &p : prompts) {
+      ss.push_back(st.engine->create_session(0, false, 1));
+      ss.back()->append(p.data(), p.size());
+      ss.back()->start(params(0, 25, 1));
+    }
+    // One thread pulls the sessions in turn: every step carries the others' pending tokens and drafts.
+    std::vector<std::vector<int32_t>> got(ss.size());
+    std::vector<bool> done(ss.size(), false);
+    for (size_t live = ss.size(); live > 0;) {
+      for (size_t k = 0; k < ss.size(); k++) {
+        if (done[k]) continue;
+        dsrt::Event ev = ss[k]->next();
+        if (ev.token >= 0) got[k].push_back(ev.token);
+        if (ev.done) {
+          done[k] = true;
+          live--;
+        }
       }
     }
+    for (size_t k = 0; k < ss.size(); k++) {
+      CAPTURE(k);
+      CHECK(got[k] == alone[k]);
+    }
+    const auto es = st.engine->stats();
+    CHECK(es.max_batch_seqs >= 2);
+    CHECK(es.mtp_drafted > 0);
+    if (with_oracle) CHECK((es.mtp_accepted > 0 && es.mtp_accepted < es.mtp_drafted));
   }
-  for (size_t k = 0; k < ss.size(); k++) {
-    CAPTURE(k);
-    CHECK(got[k] == alone[k]);
-  }
-  CHECK(st.engine->stats().max_batch_seqs >= 2);
-  CHECK(st.engine->stats().mtp_drafted > 0);
 }
 
 TEST_CASE("MTP through the C API: engine option, per-turn and engine counters, the same text") {
@@ -349,7 +377,7 @@ TEST_CASE("MTP through the C API: engine option, per-turn and engine counters, t
     dsrt_engine_params ep;
     dsrt_engine_params_init(&ep, sizeof ep);
     CHECK(ep.mtp_drafts == 0);
-    ep.mtp_drafts = mtp;
+    ep.mtp_drafts = mtp * 3;
     ep.attention = DSRT_ATTENTION_ABSORBED;
     dsrt_engine *e = nullptr;
     CHECK_OK(dsrt_engine_create(m.m, &ep, &e));
@@ -381,8 +409,10 @@ TEST_CASE("MTP through the C API: engine option, per-turn and engine counters, t
   CHECK(!texts[0].empty());
   dsrt_engine_params ep;
   dsrt_engine_params_init(&ep, sizeof ep);
-  ep.mtp_drafts = 2;
-  dsrt_engine *e = nullptr;
-  CHECK(dsrt_engine_create(m.m, &ep, &e) == DSRT_ERR_INVALID_ARGUMENT);
-  CHECK(e == nullptr);
+  for (int32_t bad : {-1, 5}) {
+    ep.mtp_drafts = bad;
+    dsrt_engine *e = nullptr;
+    CHECK(dsrt_engine_create(m.m, &ep, &e) == DSRT_ERR_INVALID_ARGUMENT);
+    CHECK(e == nullptr);
+  }
 }

@@ -62,7 +62,7 @@ struct Args {
 const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--temperature", "--threads", "--backend", "--precision", "--kv-memory-fraction",
                          "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
                          "--attention", "--ctx", "--text-file", "--messages", "--tools", "--kwargs", "--system",
-                         "--top-p", "--top-k", "--min-p", "--stop", "--repeat"};
+                         "--top-p", "--top-k", "--min-p", "--stop", "--repeat", "--mtp-drafts"};
 
 Args parse(int argc, char **argv, int first) {
   Args a;
@@ -140,7 +140,7 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   if (prec != "auto" && prec != "fp32" && prec != "fp8") throw Fail{"--precision must be auto, fp32 or fp8"};
   ep.precision = prec == "fp8" ? DSRT_PRECISION_FP8 : prec == "fp32" ? DSRT_PRECISION_FP32 : DSRT_PRECISION_AUTO;
   ep.kv_memory_fraction = float(a.real("--kv-memory-fraction", 0.0));
-  ep.mtp_drafts = a.has("--mtp") ? 1 : 0;
+  ep.mtp_drafts = a.has("--mtp") ? int32_t(a.num("--mtp-drafts", 1)) : 0;
   check(dsrt_engine_create(l.model, &ep, &l.engine));
 }
 
@@ -150,7 +150,8 @@ const char *kCommonHelp =
     "  --backend B          auto | cpu | cuda (default auto)\n"
     "  --precision P        auto | fp32 | fp8 (GPU GEMM activations; fp8 is experimental)\n"
     "  --kv-memory-fraction F  size the KV pool as this share of free (device) memory after the weights\n"
-    "  --mtp                speculative decoding with the checkpoint's MTP module (same output, fewer steps)\n";
+    "  --mtp                speculative decoding with the checkpoint's MTP module (same output, fewer steps)\n"
+    "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n";
 
 // ---- generate
 int cmd_generate_text(const Args &a);

@@ -394,7 +394,7 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8;
     DSRT_REQUIRE(p.kv_memory_fraction >= 0.0f && p.kv_memory_fraction <= 0.95f, "kv_memory_fraction must be in [0, 0.95]");
     eo.kv_memory_fraction = p.kv_memory_fraction;
-    DSRT_REQUIRE(p.mtp_drafts == 0 || p.mtp_drafts == 1, "mtp_drafts must be 0 or 1");
+    DSRT_REQUIRE(p.mtp_drafts >= 0 && p.mtp_drafts <= 4, "mtp_drafts must be in [0, 4]");
     eo.mtp_drafts = p.mtp_drafts;
     auto h = std::make_unique<dsrt_engine>();
     h->engine = std::make_shared<dsrt::Engine>(

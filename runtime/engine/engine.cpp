@@ -94,22 +94,25 @@ int64_t Engine::step_locked() {
   std::vector<int32_t> logit_rows;
   std::vector<std::pair<int64_t, int64_t>> rows_of;  // per session in the batch: first logit row, count
   int64_t budget = opt_.max_batch_tokens;
+  size_t n_drafted = 0;
   if (mtp_) {
-    // Sessions that just sampled a token in a turn get a draft of the token after it, if the step has room for
-    // both (the same walk over the sessions as below).
-    std::vector<Session *> drafting;
+    // Sessions that just sampled a token in a turn get drafts of the tokens after it, as many as the step and
+    // the context have room for (the same walk over the sessions as below).
+    std::vector<std::pair<Session *, int64_t>> drafting;
     int64_t left = budget;
     for (Session *s : sessions_) {
       if (s->pending_.empty() || s->failed_ != DSRT_OK || left == 0) continue;
       const int64_t n_past = int64_t(s->tokens_.size());
       const int64_t rows = int64_t(s->mtp_hidden_.size()) / model_->cfg.hidden_size;
+      const int64_t want = std::min<int64_t>({int64_t(opt_.mtp_drafts), left - 1, s->max_ctx_ - n_past - 1});
       const bool ok = s->turn_active_ && s->sampled_pending_ && s->pending_.size() == 1 && !s->logits_all_ &&
-                      s->draft_ < 0 && rows > 0 && s->mtp_pos_ + rows == n_past && left >= 2 &&
-                      n_past + 2 <= s->max_ctx_ && ensure_pages(*s, n_past + 2);
-      if (ok) drafting.push_back(s);
-      left -= std::min<int64_t>(int64_t(s->pending_.size()) + (ok ? 1 : 0), left);
+                      s->drafts_.empty() && rows > 0 && s->mtp_pos_ + rows == n_past && want >= 1 &&
+                      ensure_pages(*s, n_past + 1 + want);
+      if (ok) drafting.push_back({s, want});
+      left -= std::min<int64_t>(int64_t(s->pending_.size()) + (ok ? want : 0), left);
     }
     if (!drafting.empty()) mtp_draft(drafting);
+    n_drafted = drafting.size();
   }
   for (Session *s : sessions_) {
     if (s->pending_.empty() || s->failed_ != DSRT_OK || budget == 0) continue;
@@ -134,7 +137,7 @@ int64_t Engine::step_locked() {
     }
     const bool completes = n == int64_t(s->pending_.size());
     const int64_t first = int64_t(logit_rows.size());
-    if (s->logits_all_ || s->draft_ >= 0) {  // a draft: the rows of the sampled token and of the draft
+    if (s->logits_all_ || !s->drafts_.empty()) {  // drafts: the rows of the sampled token and of each draft
       for (int64_t i = 0; i < n; i++) logit_rows.push_back(sl.row0 + int32_t(i));
     } else if (completes) {
       logit_rows.push_back(sl.row0 + int32_t(n - 1));
@@ -149,7 +152,17 @@ int64_t Engine::step_locked() {
   HostVec<float> logits(logit_rows.size() * size_t(V));
   auto t0 = std::chrono::steady_clock::now();
   Tensor hidden;
-  forward(*model_, *backend_, b, logit_rows, opt_.attention, logits.data(), mtp_ ? &hidden : nullptr);
+  try {
+    forward(*model_, *backend_, b, logit_rows, opt_.attention, logits.data(), mtp_ ? &hidden : nullptr);
+  } catch (...) {
+    if (n_drafted > 0)  // the drafts never reached the cache: take them back out of pending_
+      for (Session *s : in_batch)
+        if (!s->drafts_.empty()) {
+          s->pending_.resize(s->pending_.size() - s->drafts_.size());
+          s->drafts_.clear();
+        }
+    throw;
+  }
 
   // Commit: tokens move from pending to the cache; logits land in their sessions.
   for (size_t k = 0; k < in_batch.size(); k++) {
@@ -184,22 +197,33 @@ int64_t Engine::step_locked() {
 }
 
 // Each drafting session's waiting hidden rows are paired with the tokens after them (the last one being the
-// token just sampled) and run through the MTP module; its argmax at the last row is the draft, appended to
-// pending_ so that the main step verifies it. The draft's quality affects only speed: next() keeps a draft
-// only where the main model's own sample equals it.
-void Engine::mtp_draft(const std::vector<Session *> &drafting) {
+// token just sampled) and run through the MTP module; its argmax at the last row is the first draft. Further
+// drafts chain the module on its own head-normed output in place of the main model's hidden state (spec §6),
+// writing MTP cache entries that the real pairs overwrite later. Drafts are appended to pending_ for the main
+// step to verify; their quality affects only speed: next() keeps a draft only where the main model's own
+// sample equals it.
+void Engine::mtp_draft(const std::vector<std::pair<Session *, int64_t>> &drafting) {
   const int64_t H = model_->cfg.hidden_size, V = model_->cfg.vocab_size;
+  auto take = [&](Session &s, const float *logits_row) {
+    int32_t d = int32_t(std::max_element(logits_row, logits_row + V) - logits_row);
+    if (opt_.mtp_draft_override) {
+      std::vector<int32_t> seq = s.tokens_;
+      seq.insert(seq.end(), s.pending_.begin(), s.pending_.end());
+      d = opt_.mtp_draft_override(seq, d);
+    }
+    s.drafts_.push_back(d);
+    s.pending_.push_back(d);
+    s.last_.mtp_drafted++;
+    stats_.mtp_drafted++;
+  };
+  backend_->begin_step();  // one step for all passes: each pass reads the previous one's output
+  // Pass 1: the waiting pairs.
   Batch mb;
   std::vector<int32_t> logit_rows;
-  for (Session *s : drafting) {
+  for (auto &[s, want] : drafting) {
     const int64_t rows = int64_t(s->mtp_hidden_.size()) / H;
-    SeqSlice sl;
-    sl.row0 = int32_t(mb.tokens.size());
-    sl.n_new = int32_t(rows);
-    sl.n_past = int32_t(s->mtp_pos_);
-    sl.pages = s->pages_.data();
-    sl.n_pages = int32_t(s->pages_.size());
-    mb.seqs.push_back(sl);
+    mb.seqs.push_back({int32_t(mb.tokens.size()), int32_t(rows), int32_t(s->mtp_pos_), s->pages_.data(),
+                       int32_t(s->pages_.size())});
     for (int64_t i = 0; i < rows; i++) {
       const size_t next = size_t(s->mtp_pos_ + i + 1);
       mb.tokens.push_back(next < s->tokens_.size() ? s->tokens_[next] : s->pending_[0]);
@@ -207,25 +231,43 @@ void Engine::mtp_draft(const std::vector<Session *> &drafting) {
     }
     logit_rows.push_back(int32_t(mb.tokens.size()) - 1);
   }
-  backend_->begin_step();
   Tensor hidden = backend_->alloc(mb.n_tokens(), H);
   for (size_t k = 0; k < drafting.size(); k++)
-    backend_->from_host(hidden.rows_view(mb.seqs[k].row0, mb.seqs[k].n_new), drafting[k]->mtp_hidden_.data());
+    backend_->from_host(hidden.rows_view(mb.seqs[k].row0, mb.seqs[k].n_new), drafting[k].first->mtp_hidden_.data());
   HostVec<float> logits(logit_rows.size() * size_t(V));
-  mtp_forward(*model_, *backend_, mb, hidden, logit_rows, opt_.attention, logits.data());
+  Tensor normed;
+  mtp_forward(*model_, *backend_, mb, hidden, logit_rows, opt_.attention, logits.data(), &normed);
+  std::vector<int32_t> row_of(drafting.size());  // each session's row in `normed`
   for (size_t k = 0; k < drafting.size(); k++) {
-    Session &s = *drafting[k];
-    const float *row = logits.data() + k * size_t(V);
-    s.draft_ = int32_t(std::max_element(row, row + V) - row);
-    if (opt_.mtp_draft_override) {
-      std::vector<int32_t> seq = s.tokens_;
-      seq.push_back(s.pending_[0]);
-      s.draft_ = opt_.mtp_draft_override(seq, s.draft_);
-    }
-    s.pending_.push_back(s.draft_);
+    Session &s = *drafting[k].first;
     s.mtp_pos_ += mb.seqs[k].n_new;
     s.mtp_hidden_.clear();
-    stats_.mtp_drafted++;
+    take(s, logits.data() + k * size_t(V));
+    row_of[k] = int32_t(k);
+  }
+  // Passes 2, 3, ...: one row per session that wants another draft, at the position after the last one.
+  for (int64_t j = 2;; j++) {
+    Batch cb;
+    std::vector<int32_t> rows, chained;
+    for (size_t k = 0; k < drafting.size(); k++) {
+      auto &[s, want] = drafting[k];
+      if (want < j) continue;
+      const int32_t pos = int32_t(s->tokens_.size() + s->pending_.size()) - 2;  // the position of the draft before
+      cb.seqs.push_back({int32_t(cb.tokens.size()), 1, pos, s->pages_.data(), int32_t(s->pages_.size())});
+      cb.tokens.push_back(s->drafts_.back());
+      cb.positions.push_back(pos);
+      rows.push_back(row_of[k]);
+      row_of[k] = int32_t(chained.size());
+      chained.push_back(int32_t(k));
+    }
+    if (chained.empty()) break;
+    Tensor h = backend_->alloc(cb.n_tokens(), H);
+    backend_->gather_rows(normed, rows, h);
+    std::vector<int32_t> all(chained.size());
+    for (size_t i = 0; i < all.size(); i++) all[i] = int32_t(i);
+    logits.resize(all.size() * size_t(V));
+    mtp_forward(*model_, *backend_, cb, h, all, opt_.attention, logits.data(), &normed);
+    for (size_t i = 0; i < chained.size(); i++) take(*drafting[size_t(chained[i])].first, logits.data() + i * size_t(V));
   }
 }
 
@@ -249,7 +291,7 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
       s.mtp_pos_ = sl.n_past;
       waiting = 0;
     }
-    const int64_t keep = s.draft_ >= 0 ? sl.n_new : 1;  // rows that wait for the next step
+    const int64_t keep = s.drafts_.empty() ? 1 : sl.n_new;  // rows that wait for the next step
     const int64_t run = sl.n_new - keep;
     if (waiting + run > 0) {
       SeqSlice ms = sl;
@@ -283,7 +325,7 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
   std::vector<int32_t> rows;
   for (size_t k = 0; k < in_batch.size(); k++) {
     const SeqSlice &sl = b.seqs[k];
-    const int64_t keep = in_batch[k]->draft_ >= 0 ? sl.n_new : 1;
+    const int64_t keep = in_batch[k]->drafts_.empty() ? 1 : sl.n_new;
     for (int64_t i = sl.n_new - keep; i < sl.n_new; i++) rows.push_back(sl.row0 + int32_t(i));
   }
   Tensor waiting = backend_->alloc(int64_t(rows.size()), H);
@@ -293,7 +335,7 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
   size_t at = 0;
   for (size_t k = 0; k < in_batch.size(); k++) {
     Session &s = *in_batch[k];
-    const int64_t keep = s.draft_ >= 0 ? b.seqs[k].n_new : 1;
+    const int64_t keep = s.drafts_.empty() ? 1 : b.seqs[k].n_new;
     s.mtp_hidden_.assign(host.data() + at * size_t(H), host.data() + (at + size_t(keep)) * size_t(H));
     at += size_t(keep);
   }
@@ -367,7 +409,7 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
   std::vector<int32_t> have;
   {
     std::lock_guard lk(engine_->mu_);
-    drop_draft();
+    drop_drafts();
     have = tokens_;
     have.insert(have.end(), pending_.begin(), pending_.end());
   }
@@ -437,7 +479,7 @@ void Session::reset() {
 std::shared_ptr<Session> Session::fork() {
   auto s = engine_->create_session(max_ctx_, logits_all_, 0);
   std::lock_guard lk(engine_->mu_);
-  drop_draft();
+  drop_drafts();
   if (!engine_->ensure_pages(*s, int64_t(tokens_.size())))
     fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for a copy of this session");
   for (size_t i = 0; i < s->pages_.size(); i++) engine_->backend_->kv_copy_page(pages_[i], s->pages_[i]);
@@ -467,7 +509,7 @@ void Session::start(const GenParams &p) {
   gp_ = p;
   {
     std::lock_guard lk(engine_->mu_);
-    drop_draft();
+    drop_drafts();
     last_.mtp_drafted = last_.mtp_accepted = 0;
   }
   if (p.has_seed) rng_.reseed(p.seed);
@@ -494,23 +536,25 @@ void Session::forget_mtp_after(int64_t n_keep) {
   }
 }
 
-void Session::drop_draft() {
-  if (draft_ < 0) return;
+void Session::drop_drafts() {
+  if (drafts_.empty()) return;
   const int64_t V = engine_->model().cfg.vocab_size, H = engine_->model().cfg.hidden_size;
-  tokens_.pop_back();
+  const size_t k = drafts_.size();
+  tokens_.resize(tokens_.size() - k);
   engine_->release_pages(*this, int64_t(tokens_.size()));
-  if (logits_rows_ == 2) {  // keep the sampled token's row: the logits of the last cached token
+  if (logits_rows_ == int64_t(k) + 1) {  // keep the first row: the logits of the last cached token
     logits_.resize(size_t(V));
     logits_rows_ = 1;
   }
-  if (int64_t(mtp_hidden_.size()) == 2 * H) mtp_hidden_.resize(size_t(H));
-  draft_ = -1;
+  const int64_t waiting = int64_t(tokens_.size()) - mtp_pos_;  // the rows of cached positions still wait
+  if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
+  drafts_.clear();
 }
 
 Event Session::finish_turn(Finish why, int32_t token) {
   {
     std::lock_guard lk(engine_->mu_);
-    drop_draft();
+    drop_drafts();
   }
   Event ev;
   ev.done = true;
@@ -544,27 +588,27 @@ Event Session::next() {
   if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
   if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
   int32_t tok;
-  if (int64_t(tokens_.size() + pending_.size()) - (draft_ >= 0) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
+  if (int64_t(tokens_.size() + pending_.size() - drafts_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
   if (logits_rows_ == 0) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
   const int64_t V = m.cfg.vocab_size;
   bool accepted = false;  // the token is an accepted draft, already in the cache
-  if (draft_ >= 0) {
-    // The step verified [sampled token, draft]: sample the token after the sampled one as always (same
-    // distribution, same random draw); if it is the draft, the draft's cache entry and logits row are already
-    // there, else the draft leaves. Either way the output is what it would have been without MTP.
+  if (!drafts_.empty()) {
+    // The step verified [sampled token, drafts...]: logits_ row 0 predicts the first draft's position. Sample
+    // that token as always (same distribution, same random draw); if it is the draft, the draft's cache entry
+    // and the next logits row are already there, else the drafts leave. Either way the output is what it would
+    // have been without MTP.
     std::lock_guard lk(engine_->mu_);
-    tok = sample_token(logits_.data() + size_t((logits_rows_ - 2) * V), V, gp_.sampling, tokens_.data(),
-                       tokens_.size() - 1, banned_, rng_);
-    last_.mtp_drafted++;
-    if (tok == draft_) {
+    tok = sample_token(logits_.data(), V, gp_.sampling, tokens_.data(), tokens_.size() - drafts_.size(), banned_,
+                       rng_);
+    if (tok == drafts_.front()) {
       accepted = true;
       last_.mtp_accepted++;
       engine_->stats_.mtp_accepted++;
-      logits_.erase(logits_.begin(), logits_.begin() + (logits_rows_ - 1) * V);
-      logits_rows_ = 1;
-      draft_ = -1;
+      drafts_.erase(drafts_.begin());
+      logits_.erase(logits_.begin(), logits_.begin() + V);
+      logits_rows_--;
     } else {
-      drop_draft();
+      drop_drafts();
     }
   } else {
     tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
@@ -596,7 +640,7 @@ Event Session::next() {
 
 void Session::truncate(size_t n_keep) {
   std::lock_guard lk(engine_->mu_);
-  drop_draft();
+  drop_drafts();
   if (n_keep > tokens_.size())
     failf(DSRT_ERR_INVALID_ARGUMENT, "truncate to ", n_keep, " tokens, but the session holds ", tokens_.size());
   if (n_keep < tokens_.size()) forget_mtp_after(int64_t(n_keep));
@@ -743,7 +787,7 @@ void Session::load_state(const std::string &blob) {
   pending_ = std::move(p);
   pending_started_ = false;
   sampled_pending_ = false;
-  draft_ = -1;
+  drafts_.clear();
   mtp_pos_ = int64_t(tokens_.size());  // the blob has no hidden states: the MTP cache goes on from here
   mtp_hidden_.clear();
   messages_ = std::move(mj);

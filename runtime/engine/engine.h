@@ -28,8 +28,9 @@ struct EngineOptions {
                                   // the weights), overriding max_tokens
   AttentionPolicy attention = AttentionPolicy::Auto;
   // Speculative decoding with the checkpoint's MTP module (spec §6): during a generation turn each step
-  // verifies one drafted token beside the sampled one. The output is the same as without (a draft is kept
-  // only when the token sampled from the main model equals it); ignored when the model has no MTP layer.
+  // verifies up to this many drafted tokens after the sampled one (drafts after the first chain the module
+  // on its own normed output). The output is the same as without (a draft is kept only when the token sampled
+  // from the main model equals it); ignored when the model has no MTP layer.
   int mtp_drafts = 0;
   // Tests only: replaces the MTP module's draft (its argmax), given the sequence so far (cached tokens and
   // the sampled one), to drive acceptance and rejection on purpose. The MTP module still runs.
@@ -74,7 +75,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void detach(Session *s);
   // MTP: drafts for the sessions in `drafting` (their own backend step), and the MTP cache rows of a finished
   // main step (its normed hidden states).
-  void mtp_draft(const std::vector<Session *> &drafting);
+  void mtp_draft(const std::vector<std::pair<Session *, int64_t>> &drafting);  // (session, drafts wanted)
   void mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch, Tensor hidden);
 
   std::shared_ptr<const Model> model_;
@@ -158,7 +159,7 @@ class Session {
  private:
   friend class Engine;
   Event finish_turn(Finish why, int32_t token);
-  void drop_draft();  // an unverified draft leaves the cache (engine lock held)
+  void drop_drafts();  // unverified drafts leave the cache (engine lock held)
   void forget_mtp_after(int64_t n_keep);  // the cache is cut to n_keep tokens (engine lock held)
   void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
 
@@ -177,11 +178,12 @@ class Session {
   uint64_t n_evaluated_ = 0;
 
   // MTP: the cache layer holds positions [0, mtp_pos_); mtp_hidden_ holds the main model's normed hidden
-  // states of positions mtp_pos_ .. tokens_.size()-1 (at most a step's last two), still waiting for the token
-  // that follows them. draft_ >= 0: the last cached token is an unverified draft (next() decides).
+  // states of positions mtp_pos_ .. tokens_.size()-1 (a step's last row, or all rows of a verify step), still
+  // waiting for the token that follows them. drafts_: the unverified drafts at the end of tokens_ (next()
+  // decides on them one by one, the logits rows of the verify step still in logits_).
   int64_t mtp_pos_ = 0;
   std::vector<float> mtp_hidden_;
-  int32_t draft_ = -1;
+  std::vector<int32_t> drafts_;
   bool sampled_pending_ = false;  // pending_ is the one token next() sampled
 
   // Chat and generation.

@@ -76,13 +76,14 @@ void decoder_layer(const Model &m, Backend &be, const LayerWeights &L, Tensor h,
   be.scratch_release(mark);
 }
 
-// head(norm(x[rows])) to the host
-void logits_of_rows(Backend &be, Tensor x, const std::vector<int32_t> &rows, const Weight *norm, float eps,
-                    const Weight &head, float *out) {
+// head(norm(x[rows])) to the host; returns norm(x[rows])
+Tensor logits_of_rows(Backend &be, Tensor x, const std::vector<int32_t> &rows, const Weight *norm, float eps,
+                      const Weight &head, float *out) {
   Tensor sel = be.alloc(int64_t(rows.size()), x.cols);
   be.gather_rows(x, rows, sel);
   if (norm) be.rms_norm(sel, *norm, eps, sel);
   be.to_host(linear(be, sel, head), out);
+  return sel;
 }
 
 }  // namespace
@@ -107,7 +108,7 @@ void forward(const Model &m, Backend &be, const Batch &b, const std::vector<int3
 // layer, logits = head(head_norm(.)). The concatenation is a row interleave: rows e_0, h_0, e_1, h_1, ... of
 // an [2T, H] tensor are the rows of [T, 2H].
 void mtp_forward(const Model &m, Backend &be, const Batch &b, Tensor hidden, const std::vector<int32_t> &logit_rows,
-                 AttentionPolicy policy, float *logits_out) {
+                 AttentionPolicy policy, float *logits_out, Tensor *normed_out) {
   const ModelConfig &c = m.cfg;
   const LayerWeights &L = m.w.mtp.at(0);
   const int64_t T = b.n_tokens(), H = c.hidden_size;
@@ -125,7 +126,9 @@ void mtp_forward(const Model &m, Backend &be, const Batch &b, Tensor hidden, con
   be.gather_rows(stacked, interleave, cat);
   Tensor h = linear(be, Tensor{cat.data, cat.dtype, T, 2 * H}, L.eh_proj);
   decoder_layer(m, be, L, h, b, policy);
-  if (!logit_rows.empty()) logits_of_rows(be, h, logit_rows, &L.head_norm, c.rms_norm_eps, L.head, logits_out);
+  if (logit_rows.empty()) return;
+  Tensor normed = logits_of_rows(be, h, logit_rows, &L.head_norm, c.rms_norm_eps, L.head, logits_out);
+  if (normed_out) *normed_out = normed;
 }
 
 }  // namespace dsrt

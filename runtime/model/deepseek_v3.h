@@ -21,7 +21,9 @@ void forward(const Model &m, Backend &be, const Batch &batch, const std::vector<
 // main model's final-normed hidden state at p_t and batch.tokens[t] = the token at p_t + 1. Writes the MTP
 // cache layer at those positions; logits of the requested rows predict the token at p_t + 2. Runs inside
 // the caller's backend step (call begin_step() first when there is no step to share).
+// normed_out (optional): the logit rows' states after the head norm [logit_rows, hidden], scratch: what a
+// chained draft feeds back as the next `hidden`.
 void mtp_forward(const Model &m, Backend &be, const Batch &batch, Tensor hidden, const std::vector<int32_t> &logit_rows,
-                 AttentionPolicy policy, float *logits_out);
+                 AttentionPolicy policy, float *logits_out, Tensor *normed_out = nullptr);
 
 }  // namespace dsrt
