@@ -62,7 +62,7 @@ TurnResult turn(dsrt::Session &s, const dsrt::GenParams &g) {
       break;
     }
   }
-  r.cached = s.tokens();
+  r.cached.assign(s.tokens().begin(), s.tokens().end());
   r.stats = s.stats();
   return r;
 }
@@ -368,6 +368,57 @@ TEST_CASE("MTP: sessions batched together each emit what they emit alone") {
     CHECK(es.mtp_drafted > 0);
     if (with_oracle) CHECK((es.mtp_accepted > 0 && es.mtp_accepted < es.mtp_drafted));
   }
+}
+
+TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of the last visible token") {
+  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  const int32_t V = int32_t(model->cfg.vocab_size);
+  const std::vector<int32_t> prompt = testing::prompt_tokens(V, 15);
+  Setup plain(model, 0);
+  auto ps = plain.engine->create_session(0, false, 1);
+  ps->append(prompt.data(), prompt.size());
+  const TurnResult want = turn(*ps, params(0, 30, 1));
+  std::vector<int32_t> full = prompt;
+  full.insert(full.end(), want.emitted.begin(), want.emitted.end());
+  const Override some = [&](const std::vector<int32_t> &seq, int32_t) {
+    return seq.size() < full.size() && seq.size() % 4 ? full[seq.size()] : 0;
+  };
+  Setup spec(model, 3, some);
+  auto s = spec.engine->create_session(0, false, 1);
+  s->append(prompt.data(), prompt.size());
+  s->start(params(0, 30, 1));
+  struct View {
+    std::vector<int32_t> tokens;
+    std::vector<float> logits;
+  };
+  std::vector<View> views;
+  for (size_t emitted = 0;;) {
+    dsrt::Event ev = s->next();
+    if (ev.done) break;
+    emitted++;
+    View v;
+    v.tokens.assign(s->tokens().begin(), s->tokens().end());
+    REQUIRE(s->logits_rows() == 1);
+    v.logits.assign(s->logits(), s->logits() + V);
+    // what is visible is what was emitted: the prompt and the emitted tokens, the last one perhaps pending
+    CHECK(v.tokens.size() <= prompt.size() + emitted);
+    CHECK(v.tokens.size() + 1 >= prompt.size() + emitted);
+    CHECK(std::equal(v.tokens.begin(), v.tokens.end(), full.begin()));
+    views.push_back(std::move(v));
+  }
+  CHECK(spec.engine->stats().mtp_accepted > 0);
+  // Reference: every position's logits of the whole sequence in one prefill.
+  Setup ref(model, 0);
+  auto rs = ref.engine->create_session(0, true, 1);
+  rs->append(full.data(), full.size());
+  rs->eval(nullptr);
+  REQUIRE(rs->logits_rows() == int64_t(full.size()));
+  double worst = 0;
+  for (const View &v : views) {
+    std::vector<double> r(rs->logits() + (v.tokens.size() - 1) * size_t(V), rs->logits() + v.tokens.size() * size_t(V));
+    worst = std::max(worst, rel_l2(v.logits.data(), r.data(), size_t(V)));
+  }
+  CHECK(worst < 1e-5);
 }
 
 TEST_CASE("MTP through the C API: engine option, per-turn and engine counters, the same text") {

@@ -493,9 +493,9 @@ dsrt_status dsrt_session_logits(dsrt_session *s, const float **logits, size_t *n
     DSRT_REQUIRE(s && logits, "session or logits is NULL");
     const dsrt::Session &ss = *s->session;
     if (ss.logits_rows() == 0) dsrt::fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
-    *logits = ss.logits().data();
+    *logits = ss.logits();
     if (n_rows) *n_rows = size_t(ss.logits_rows());
-    if (n_vocab) *n_vocab = size_t(ss.logits().size() / size_t(ss.logits_rows()));
+    if (n_vocab) *n_vocab = size_t(ss.vocab());
   });
 }
 

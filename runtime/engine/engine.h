@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -150,10 +151,12 @@ class Session {
   std::string save_state() const;
   void load_state(const std::string &blob);
 
-  // Views; valid until the next mutating call.
-  const HostVec<float> &logits() const { return logits_; }
-  int64_t logits_rows() const { return logits_rows_; }
-  const std::vector<int32_t> &tokens() const { return tokens_; }
+  // Views; valid until the next mutating call. Mid-turn, MTP drafts not decided on yet are left out: the
+  // tokens end at the last emitted one in the cache, and the logits are that position's (the first row).
+  const float *logits() const { return logits_.data(); }
+  int64_t logits_rows() const { return drafts_.empty() ? logits_rows_ : 1; }
+  std::span<const int32_t> tokens() const { return {tokens_.data(), tokens_.size() - drafts_.size()}; }
+  int64_t vocab() const { return engine_->model().cfg.vocab_size; }
   SessionStats stats() const;
 
  private:
