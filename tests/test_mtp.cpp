@@ -8,6 +8,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
@@ -419,6 +420,29 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
     worst = std::max(worst, rel_l2(v.logits.data(), r.data(), size_t(V)));
   }
   CHECK(worst < 1e-5);
+}
+
+TEST_CASE("MTP: 8 threads x 3 chat turns with drafts each reply as the conversation run alone without") {
+  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  auto conversation = [&](dsrt::Engine &e, int k, std::vector<std::vector<int32_t>> &replies) {
+    auto s = e.create_session(0, false, uint64_t(k));
+    for (int t = 0; t < 3; t++) {
+      const std::string msg = R"([{"role":"user","content":"Question )" + std::to_string(k) + " turn " + std::to_string(t) + R"("}])";
+      s->append_chat(msg, "", true);
+      replies.push_back(turn(*s, params(t == 1 ? 0.8f : 0.0f, 9, uint64_t(k * 10 + t))).emitted);
+    }
+  };
+  std::vector<std::vector<std::vector<int32_t>>> alone(8), together(8);
+  {
+    Setup st(model, 0);
+    for (int k = 0; k < 8; k++) conversation(*st.engine, k, alone[size_t(k)]);
+  }
+  Setup st(model, 2);
+  std::vector<std::thread> th;
+  for (int k = 0; k < 8; k++) th.emplace_back([&, k] { conversation(*st.engine, k, together[size_t(k)]); });
+  for (auto &t : th) t.join();
+  CHECK(together == alone);
+  CHECK(st.engine->stats().mtp_drafted > 0);
 }
 
 TEST_CASE("MTP through the C API: engine option, per-turn and engine counters, the same text") {
