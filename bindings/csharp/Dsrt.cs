@@ -283,10 +283,12 @@ public sealed class Model : IDisposable {
 
 public sealed class Engine : IDisposable {
   internal readonly EngineHandle Handle = new EngineHandle();
-  public Engine(Model model, int maxTokens = 0) {
+  // mtpDrafts: 1-4 turns on speculative decoding with the model's MTP module (same output, fewer steps).
+  public Engine(Model model, int maxTokens = 0, int mtpDrafts = 0) {
     var p = new Native.EngineParams();
     Native.dsrt_engine_params_init(ref p, (UIntPtr)Marshal.SizeOf(typeof(Native.EngineParams)));
     p.max_tokens = maxTokens;
+    p.mtp_drafts = mtpDrafts;
     IntPtr e;
     Native.Check(Native.dsrt_engine_create(model.Handle, ref p, out e));
     Handle.Set(e);

@@ -50,10 +50,11 @@ static shim_res shim_detokenize(const dsrt_model *m, const int32_t *ids, size_t 
 static shim_res shim_chat_apply(const dsrt_model *m, const char *msgs, int32_t flags, char **out) {
   shim_res r; shim_set(&r, dsrt_chat_apply(m, msgs, NULL, NULL, flags, out)); return r;
 }
-static shim_res shim_engine_create(dsrt_model *m, int32_t max_tokens, dsrt_engine **out) {
+static shim_res shim_engine_create(dsrt_model *m, int32_t max_tokens, int32_t mtp_drafts, dsrt_engine **out) {
   dsrt_engine_params p;
   dsrt_engine_params_init(&p, sizeof p);
   p.max_tokens = max_tokens;
+  p.mtp_drafts = mtp_drafts;
   shim_res r; shim_set(&r, dsrt_engine_create(m, &p, out)); return r;
 }
 static shim_res shim_engine_stats(const dsrt_engine *e, dsrt_engine_stats *s) {
@@ -315,9 +316,12 @@ func (m *Model) GenParams() GenParams {
 // Engine holds the KV cache and batches every session's work; safe to share between goroutines.
 type Engine struct{ p *C.dsrt_engine }
 
-func NewEngine(m *Model, maxTokens int) (*Engine, error) {
+func NewEngine(m *Model, maxTokens int) (*Engine, error) { return NewEngineMTP(m, maxTokens, 0) }
+
+// NewEngineMTP: mtpDrafts 1-4 turns on speculative decoding with the model's MTP module (same output, fewer steps).
+func NewEngineMTP(m *Model, maxTokens, mtpDrafts int) (*Engine, error) {
 	var p *C.dsrt_engine
-	if err := errOf(C.shim_engine_create(m.p, C.int32_t(maxTokens), &p)); err != nil {
+	if err := errOf(C.shim_engine_create(m.p, C.int32_t(maxTokens), C.int32_t(mtpDrafts), &p)); err != nil {
 		return nil, err
 	}
 	e := &Engine{p}

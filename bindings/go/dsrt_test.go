@@ -110,6 +110,18 @@ func TestBindingScript(t *testing.T) {
 		return true
 	})
 	check("pull == push", err == nil && fmt.Sprint(pulled) == fmt.Sprint(pushed) && pulledText == pushedText.String() && fin == FinishLength)
+	if em, err := NewEngineMTP(m, 0, 2); err != nil {
+		check("an engine with MTP drafts gives the same tokens", false)
+	} else {
+		d, _ := NewSession(em)
+		d.AppendText("Hello world", true)
+		drafted, draftedText, _ := collect(t, d, ctx, p)
+		check("an engine with MTP drafts gives the same tokens", fmt.Sprint(drafted) == fmt.Sprint(pulled) && draftedText == pulledText)
+		d.Close()
+		em.Close()
+	}
+	_, err = NewEngineMTP(m, 0, 9)
+	check("mtpDrafts out of range is an error", err != nil)
 
 	// Cancel from another goroutine through a context.
 	cctx, cancel := context.WithCancel(ctx)

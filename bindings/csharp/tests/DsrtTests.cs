@@ -72,6 +72,15 @@ static class DsrtTests {
         b.Generate(p, ev => { if (ev.Token >= 0) pushed.Add(ev.Token); pushedText.Append(ev.Text); return true; });
       }
       Check("pull == push", pulled.SequenceEqual(pushed) && pulledText == pushedText.ToString() && fin == Finish.Length);
+      using (var em = new Engine(model, 0, 2))
+      using (var d = new Session(em)) {
+        d.AppendText("Hello world");
+        List<int> drafted; string draftedText; Finish dfin;
+        Collect(d, p, out drafted, out draftedText, out dfin);
+        Check("an engine with MTP drafts gives the same tokens", drafted.SequenceEqual(pulled) && draftedText == pulledText);
+      }
+      try { new Engine(model, 0, 9).Dispose(); Check("mtpDrafts out of range is an error", false); }
+      catch (DsrtException) { Check("mtpDrafts out of range is an error", true); }
 
       // Cancel from another thread through a CancellationToken.
       using (var c = new Session(engine))

@@ -181,9 +181,14 @@ unsafe impl Sync for Engine {}
 impl Engine {
     /// max_tokens: KV capacity over all sessions (0: the default).
     pub fn new(model: &Model, max_tokens: i32) -> Result<Engine> {
+        Engine::with_mtp(model, max_tokens, 0)
+    }
+    /// mtp_drafts: 1-4 turns on speculative decoding with the model's MTP module (same output, fewer steps).
+    pub fn with_mtp(model: &Model, max_tokens: i32, mtp_drafts: i32) -> Result<Engine> {
         let mut p: sys::dsrt_engine_params = unsafe { std::mem::zeroed() };
         unsafe { sys::dsrt_engine_params_init(&mut p, std::mem::size_of::<sys::dsrt_engine_params>()) };
         p.max_tokens = max_tokens;
+        p.mtp_drafts = mtp_drafts;
         let mut e = ptr::null_mut();
         check(unsafe { sys::dsrt_engine_create(model.0, &p, &mut e) })?;
         Ok(Engine(e))

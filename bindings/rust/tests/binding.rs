@@ -96,6 +96,14 @@ fn binding_script() {
     })
     .unwrap();
     t.check("pull == push", pulled == pushed && pulled_text == pushed_text && fin == Finish::Length);
+    {
+        let em = Arc::new(Engine::with_mtp(&model, 0, 2).unwrap());
+        let mut d = Session::new(&em).unwrap();
+        d.append_text("Hello world", true).unwrap();
+        let (drafted, drafted_text, _) = collect(&mut d, &p);
+        t.check("an engine with MTP drafts gives the same tokens", drafted == pulled && drafted_text == pulled_text);
+        t.check("mtp_drafts out of range is an error", Engine::with_mtp(&model, 0, 9).is_err());
+    }
 
     // Cancel from another thread: the turn ends as cancelled within a few steps.
     let cancel = CancelToken::new().unwrap();
