@@ -271,9 +271,10 @@ DSRT_API dsrt_status dsrt_session_append_tokens(dsrt_session *s, const int32_t *
 DSRT_API dsrt_status dsrt_session_eval(dsrt_session *s, dsrt_cancel *cancel);
 /* Logits of the last step that completed this session's pending tokens: n_rows = 1 (last position), or
  * every position of that step when logits_all. Row-major [n_rows, n_vocab], owned by the session, valid
- * until its next append/eval/truncate/reset. */
+ * until the next call on this session (also safe while other threads step the engine). */
 DSRT_API dsrt_status dsrt_session_logits(dsrt_session *s, const float **logits, size_t *n_rows, size_t *n_vocab);
-/* Token history in the cache (pending not included); valid until the next mutating call. */
+/* Token history in the cache (pending not included); valid until the next call on this session (also
+ * safe while other threads step the engine). */
 DSRT_API dsrt_status dsrt_session_tokens(dsrt_session *s, const int32_t **tokens, size_t *n);
 /* Keeps the first n_keep evaluated tokens, drops the rest (and all pending ones), frees unused pages. */
 DSRT_API dsrt_status dsrt_session_truncate(dsrt_session *s, size_t n_keep);

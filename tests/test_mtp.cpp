@@ -63,7 +63,8 @@ TurnResult turn(dsrt::Session &s, const dsrt::GenParams &g) {
       break;
     }
   }
-  r.cached.assign(s.tokens().begin(), s.tokens().end());
+  const auto view = s.tokens_view();
+  r.cached.assign(view.begin(), view.end());
   r.stats = s.stats();
   return r;
 }
@@ -398,9 +399,11 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
     if (ev.done) break;
     emitted++;
     View v;
-    v.tokens.assign(s->tokens().begin(), s->tokens().end());
-    REQUIRE(s->logits_rows() == 1);
-    v.logits.assign(s->logits(), s->logits() + V);
+    const auto tv = s->tokens_view();
+    v.tokens.assign(tv.begin(), tv.end());
+    const auto lv = s->logits_view();
+    REQUIRE(lv.rows == 1);
+    v.logits.assign(lv.data, lv.data + V);
     // what is visible is what was emitted: the prompt and the emitted tokens, the last one perhaps pending
     CHECK(v.tokens.size() <= prompt.size() + emitted);
     CHECK(v.tokens.size() + 1 >= prompt.size() + emitted);
@@ -413,10 +416,11 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
   auto rs = ref.engine->create_session(0, true, 1);
   rs->append(full.data(), full.size());
   rs->eval(nullptr);
-  REQUIRE(rs->logits_rows() == int64_t(full.size()));
+  const auto all = rs->logits_view();
+  REQUIRE(all.rows == int64_t(full.size()));
   double worst = 0;
   for (const View &v : views) {
-    std::vector<double> r(rs->logits() + (v.tokens.size() - 1) * size_t(V), rs->logits() + v.tokens.size() * size_t(V));
+    std::vector<double> r(all.data + (v.tokens.size() - 1) * size_t(V), all.data + v.tokens.size() * size_t(V));
     worst = std::max(worst, rel_l2(v.logits.data(), r.data(), size_t(V)));
   }
   CHECK(worst < 1e-5);

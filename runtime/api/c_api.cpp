@@ -491,10 +491,11 @@ dsrt_status dsrt_session_eval(dsrt_session *s, dsrt_cancel *cancel) {
 dsrt_status dsrt_session_logits(dsrt_session *s, const float **logits, size_t *n_rows, size_t *n_vocab) {
   return guarded([&] {
     DSRT_REQUIRE(s && logits, "session or logits is NULL");
-    const dsrt::Session &ss = *s->session;
-    if (ss.logits_rows() == 0) dsrt::fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
-    *logits = ss.logits();
-    if (n_rows) *n_rows = size_t(ss.logits_rows());
+    dsrt::Session &ss = *s->session;
+    const dsrt::Session::LogitsView v = ss.logits_view();
+    if (v.rows == 0) dsrt::fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
+    *logits = v.data;
+    if (n_rows) *n_rows = size_t(v.rows);
     if (n_vocab) *n_vocab = size_t(ss.vocab());
   });
 }
@@ -502,8 +503,9 @@ dsrt_status dsrt_session_logits(dsrt_session *s, const float **logits, size_t *n
 dsrt_status dsrt_session_tokens(dsrt_session *s, const int32_t **tokens, size_t *n) {
   return guarded([&] {
     DSRT_REQUIRE(s && tokens && n, "session, tokens or n is NULL");
-    *tokens = s->session->tokens().data();
-    *n = s->session->tokens().size();
+    const std::span<const int32_t> v = s->session->tokens_view();
+    *tokens = v.data();
+    *n = v.size();
   });
 }
 

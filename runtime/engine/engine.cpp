@@ -473,6 +473,7 @@ void Session::append_chat(const std::string &messages_json, const std::string &t
 void Session::reset() {
   truncate(0);
   messages_ = nlohmann::ordered_json::array();
+  std::lock_guard lk(engine_->mu_);  // steps on other threads read turn_active_
   turn_active_ = false;
 }
 
@@ -511,6 +512,7 @@ void Session::start(const GenParams &p) {
     std::lock_guard lk(engine_->mu_);
     drop_drafts();
     last_.mtp_drafted = last_.mtp_accepted = 0;
+    turn_active_ = true;  // under the lock: steps on other threads read it (drafting)
   }
   if (p.has_seed) rng_.reseed(p.seed);
   detok_.reset();
@@ -522,7 +524,6 @@ void Session::start(const GenParams &p) {
   n_generated_ = 0;
   reply_.clear();
   cancel_flag_.store(0);
-  turn_active_ = true;
   turn_start_ = std::chrono::steady_clock::now();
   last_.generated_tokens = 0;
   last_.ttft_seconds = 0;
@@ -555,6 +556,7 @@ Event Session::finish_turn(Finish why, int32_t token) {
   {
     std::lock_guard lk(engine_->mu_);
     drop_drafts();
+    turn_active_ = false;
   }
   Event ev;
   ev.done = true;
@@ -562,7 +564,6 @@ Event Session::finish_turn(Finish why, int32_t token) {
   ev.token = token;
   if (detok_) ev.text = detok_->flush();
   reply_ += ev.text;
-  turn_active_ = false;
   auto now = std::chrono::steady_clock::now();
   if (n_generated_ > 1)
     last_.decode_tokens_per_second = double(n_generated_ - 1) / std::chrono::duration<double>(now - first_token_).count();
@@ -614,8 +615,9 @@ Event Session::next() {
     tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
                        tokens_.size(), banned_, rng_);
   }
-  if (!accepted) {
-    append(&tok, 1);
+  if (!accepted) {  // room was checked above; the flag goes with the token (steps read it to draft)
+    std::lock_guard lk(engine_->mu_);
+    pending_.push_back(tok);
     sampled_pending_ = true;
   }
   if (n_generated_++ == 0) {
@@ -661,6 +663,24 @@ int32_t Session::sample(float temperature) {
   SamplingParams p;
   p.temperature = temperature;
   return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, engine_->model().unused_ids, rng_);
+}
+
+// With nothing pending no other thread's step touches this session, so the views point into it directly;
+// with a token pending (a turn's last sample) they are copies.
+Session::LogitsView Session::logits_view() {
+  std::lock_guard lk(engine_->mu_);
+  const int64_t rows = drafts_.empty() ? logits_rows_ : std::min<int64_t>(logits_rows_, 1);
+  if (pending_.empty()) return {logits_.data(), rows};
+  logits_snapshot_.assign(logits_.data(), logits_.data() + rows * vocab());
+  return {logits_snapshot_.data(), rows};
+}
+
+std::span<const int32_t> Session::tokens_view() {
+  std::lock_guard lk(engine_->mu_);
+  const size_t n = tokens_.size() - drafts_.size();
+  if (pending_.empty()) return {tokens_.data(), n};
+  tokens_snapshot_.assign(tokens_.begin(), tokens_.begin() + std::ptrdiff_t(n));
+  return tokens_snapshot_;
 }
 
 SessionStats Session::stats() const {

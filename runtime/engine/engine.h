@@ -151,11 +151,15 @@ class Session {
   std::string save_state() const;
   void load_state(const std::string &blob);
 
-  // Views; valid until the next mutating call. Mid-turn, MTP drafts not decided on yet are left out: the
-  // tokens end at the last emitted one in the cache, and the logits are that position's (the first row).
-  const float *logits() const { return logits_.data(); }
-  int64_t logits_rows() const { return drafts_.empty() ? logits_rows_ : 1; }
-  std::span<const int32_t> tokens() const { return {tokens_.data(), tokens_.size() - drafts_.size()}; }
+  // Views, valid until the caller's next call on this session: a step run by another thread commits this
+  // session's pending tokens (and their logits) whenever it has some, so then they are copies. Mid-turn, MTP drafts not decided on yet are left out: the tokens end at the last emitted
+  // one in the cache, and the logits are that position's (the first row).
+  struct LogitsView {
+    const float *data;
+    int64_t rows;
+  };
+  LogitsView logits_view();
+  std::span<const int32_t> tokens_view();
   int64_t vocab() const { return engine_->model().cfg.vocab_size; }
   SessionStats stats() const;
 
@@ -187,6 +191,8 @@ class Session {
   int64_t mtp_pos_ = 0;
   std::vector<float> mtp_hidden_;
   std::vector<int32_t> drafts_;
+  std::vector<float> logits_snapshot_;   // logits_view()
+  std::vector<int32_t> tokens_snapshot_;  // tokens_view()
   bool sampled_pending_ = false;  // pending_ is the one token next() sampled
 
   // Chat and generation.
