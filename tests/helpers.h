@@ -131,7 +131,9 @@ inline std::vector<int32_t> prompt_tokens(int32_t vocab, int n) {
   return t;
 }
 
-inline double rel_l2(const float *a, const float *b, size_t n) {
+// ||a - b|| / ||b||, b the reference (float or double)
+template <class Ref>
+double rel_l2(const float *a, const Ref *b, size_t n) {
   double num = 0, den = 0;
   for (size_t i = 0; i < n; i++) {
     num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);

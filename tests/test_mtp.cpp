@@ -158,15 +158,6 @@ MtpRun run_mtp(const dsrt::Model &m, const std::vector<int32_t> &toks, bool one_
   return r;
 }
 
-double rel_l2(const float *a, const double *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
 }  // namespace
 
 TEST_CASE("the MTP module's math: with its decoder layer zeroed, logits equal an fp64 evaluation of spec §6") {
@@ -196,7 +187,7 @@ TEST_CASE("the MTP module's math: with its decoder layer zeroed, logits equal an
     cat.insert(cat.end(), hn.begin(), hn.end());  // embedding first, hidden second
     const std::vector<double> want = matvec64(M.head, rms_norm64(matvec64(M.eh_proj, cat), M.head_norm, eps));
     const float *got = run.logits.data() + j * size_t(V);
-    worst = std::max(worst, rel_l2(got, want.data(), size_t(V)));
+    worst = std::max(worst, testing::rel_l2(got, want.data(), size_t(V)));
     same_argmax += std::max_element(got, got + V) - got == std::max_element(want.begin(), want.end()) - want.begin();
   }
   CHECK(worst < 1e-5);
@@ -209,10 +200,8 @@ TEST_CASE("the MTP layer's own cache: pairs run one per step give the logits of 
   const MtpRun batch = run_mtp(*model, toks, false), steps = run_mtp(*model, toks, true);
   const size_t V = size_t(model->cfg.vocab_size);
   double worst = 0;
-  for (size_t j = 0; j + 1 < toks.size(); j++) {
-    std::vector<double> ref(batch.logits.begin() + long(j * V), batch.logits.begin() + long((j + 1) * V));
-    worst = std::max(worst, rel_l2(steps.logits.data() + j * V, ref.data(), V));
-  }
+  for (size_t j = 0; j + 1 < toks.size(); j++)
+    worst = std::max(worst, testing::rel_l2(steps.logits.data() + j * V, batch.logits.data() + j * V, V));
   CHECK(worst < 1e-5);
 }
 
@@ -419,10 +408,8 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
   const auto all = rs->logits_view();
   REQUIRE(all.rows == int64_t(full.size()));
   double worst = 0;
-  for (const View &v : views) {
-    std::vector<double> r(all.data + (v.tokens.size() - 1) * size_t(V), all.data + v.tokens.size() * size_t(V));
-    worst = std::max(worst, rel_l2(v.logits.data(), r.data(), size_t(V)));
-  }
+  for (const View &v : views)
+    worst = std::max(worst, testing::rel_l2(v.logits.data(), all.data + (v.tokens.size() - 1) * size_t(V), size_t(V)));
   CHECK(worst < 1e-5);
 }
 

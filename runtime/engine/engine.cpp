@@ -282,6 +282,7 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
     int64_t waiting, step_row0, step_rows;  // rows from mtp_hidden_, then rows of this step
   };
   std::vector<Part> parts;
+  std::vector<int64_t> keep(in_batch.size());  // per session: this step's last rows, which wait for the next
   for (size_t k = 0; k < in_batch.size(); k++) {
     Session &s = *in_batch[k];
     const SeqSlice &sl = b.seqs[k];
@@ -291,8 +292,8 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
       s.mtp_pos_ = sl.n_past;
       waiting = 0;
     }
-    const int64_t keep = s.drafts_.empty() ? 1 : sl.n_new;  // rows that wait for the next step
-    const int64_t run = sl.n_new - keep;
+    keep[k] = s.drafts_.empty() ? 1 : sl.n_new;
+    const int64_t run = sl.n_new - keep[k];
     if (waiting + run > 0) {
       SeqSlice ms = sl;
       ms.row0 = int32_t(mb.tokens.size());
@@ -325,8 +326,7 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
   std::vector<int32_t> rows;
   for (size_t k = 0; k < in_batch.size(); k++) {
     const SeqSlice &sl = b.seqs[k];
-    const int64_t keep = in_batch[k]->drafts_.empty() ? 1 : sl.n_new;
-    for (int64_t i = sl.n_new - keep; i < sl.n_new; i++) rows.push_back(sl.row0 + int32_t(i));
+    for (int64_t i = sl.n_new - keep[k]; i < sl.n_new; i++) rows.push_back(sl.row0 + int32_t(i));
   }
   Tensor waiting = backend_->alloc(int64_t(rows.size()), H);
   backend_->gather_rows(hidden, rows, waiting);
@@ -334,10 +334,8 @@ void Engine::mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch
   backend_->to_host(waiting, host.data());
   size_t at = 0;
   for (size_t k = 0; k < in_batch.size(); k++) {
-    Session &s = *in_batch[k];
-    const int64_t keep = s.drafts_.empty() ? 1 : b.seqs[k].n_new;
-    s.mtp_hidden_.assign(host.data() + at * size_t(H), host.data() + (at + size_t(keep)) * size_t(H));
-    at += size_t(keep);
+    in_batch[k]->mtp_hidden_.assign(host.data() + at * size_t(H), host.data() + (at + size_t(keep[k])) * size_t(H));
+    at += size_t(keep[k]);
   }
 }
 
