@@ -88,6 +88,15 @@ DSRT_API void dsrt_free(void *p);
 /* JSON: CPU threads, CUDA build, devices. Free with dsrt_free. */
 DSRT_API dsrt_status dsrt_system_info(char **json_out);
 
+/* The library's log. By default it goes to stderr; a callback receives each message instead (any thread,
+ * one message at a time; the text is valid during the call). NULL restores stderr. */
+#define DSRT_LOG_DEBUG 0
+#define DSRT_LOG_INFO  1
+#define DSRT_LOG_WARN  2
+#define DSRT_LOG_ERROR 3
+typedef void (*dsrt_log_fn)(int32_t level, const char *message, void *user_data);
+DSRT_API void dsrt_set_log_callback(dsrt_log_fn fn, void *user_data);
+
 /* The library's sizeof of each public struct, so bindings can check their layouts. 0 for an unknown id. */
 #define DSRT_STRUCT_MODEL_PARAMS    1
 #define DSRT_STRUCT_MODEL_INFO      2
@@ -136,6 +145,11 @@ typedef struct dsrt_model_params {
   void *progress_user_data;
   dsrt_cancel *cancel;        /* optional; checked between shards and tensors */
   int32_t tokenizer_only;     /* 1: load config.json + tokenizer files only (text calls, no generation) */
+  const int32_t *devices;     /* CUDA device indices the weights are placed on (n_devices of them); NULL: device 0 */
+  int32_t n_devices;          /* today at most 1 */
+  uint64_t device_memory;     /* bytes of each device the weights may take; 0 = what is free, less 1 GiB of
+                                 working room. Too small for the weights: DSRT_ERR_OUT_OF_MEMORY at load,
+                                 naming the bytes needed. */
 } dsrt_model_params;
 
 DSRT_API void dsrt_model_params_init(dsrt_model_params *p, size_t size);
@@ -189,6 +203,10 @@ typedef struct dsrt_engine_params {
                                  the output is the same as with 0, in fewer steps when drafts are kept.
                                  0 (default): off. No effect without an MTP layer (dsrt_model_info.n_mtp_layers,
                                  dsrt_model_params.load_mtp). */
+  int32_t tp;                 /* tensor-parallel ranks (attention heads, FFN columns, vocabulary split); default 1 */
+  int32_t ep;                 /* expert-parallel ranks (routed experts split); default 1. The engine runs tp * ep
+                                 ranks, today as threads of this process on the CPU backend; tp must divide the
+                                 attention heads and ep the routed experts (DSRT_ERR_INVALID_ARGUMENT otherwise). */
 } dsrt_engine_params;
 
 /* Today: fp32 activations in every GEMM (as DSRT_PRECISION_FP32). Once the FP8 path below has passed the

@@ -133,7 +133,8 @@ MtpRun run_mtp(const dsrt::Model &m, const std::vector<int32_t> &toks, bool one_
   dsrt::Batch b;
   b.tokens = toks;
   for (int64_t i = 0; i < P; i++) b.positions.push_back(int32_t(i));
-  b.seqs.push_back({0, int32_t(P), 0, pages.data(), int32_t(pages.size())});
+  b.seqs.push_back({0, int32_t(P), 0, 0, int32_t(pages.size())});
+  b.pages = pages;
   dsrt::Tensor hidden;
   dsrt::forward(m, *be, b, {}, dsrt::AttentionPolicy::Auto, nullptr, &hidden);
   MtpRun r;
@@ -149,7 +150,8 @@ MtpRun run_mtp(const dsrt::Model &m, const std::vector<int32_t> &toks, bool one_
       mb.positions.push_back(int32_t(j));
       rows.push_back(int32_t(j - j0));
     }
-    mb.seqs.push_back({0, int32_t(chunk), int32_t(j0), pages.data(), int32_t(pages.size())});
+    mb.seqs.push_back({0, int32_t(chunk), int32_t(j0), 0, int32_t(pages.size())});
+    mb.pages = pages;
     be->begin_step();
     dsrt::Tensor h = be->alloc(chunk, H);
     be->from_host(h, r.hidden.data() + j0 * H);

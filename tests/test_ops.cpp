@@ -422,13 +422,8 @@ TEST_CASE("MLA cache write and attention: both forms equal the direct formula, a
       b.tokens.push_back(0);
       b.positions.push_back(n_past + i);
     }
-    SeqSlice s;
-    s.row0 = 0;
-    s.n_new = n;
-    s.n_past = n_past;
-    s.pages = pages.data();
-    s.n_pages = 2;
-    b.seqs.push_back(s);
+    b.seqs.push_back({0, n, n_past, 0, 2});
+    b.pages = pages;
     return b;
   };
   const int W = d.latent + d.rope;

@@ -47,6 +47,9 @@ internal static class Native {
     public int backend, n_threads, validate_scales, load_mtp;
     public IntPtr progress_fn, progress_user_data, cancel;
     public int tokenizer_only;
+    public IntPtr devices;
+    public int n_devices;
+    public ulong device_memory;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct ModelInfo {
@@ -60,7 +63,7 @@ internal static class Native {
     public uint struct_size;
     public int max_tokens, max_batch_tokens, attention, precision;
     public float kv_memory_fraction;
-    public int mtp_drafts;
+    public int mtp_drafts, tp, ep;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct EngineStats {

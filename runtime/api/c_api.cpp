@@ -9,6 +9,7 @@
 #include <string>
 
 #include "api/system_info.h"
+#include "core/log.h"
 #include "core/status.h"
 #include "dsrt.h"
 #include "engine/engine.h"
@@ -237,6 +238,10 @@ const char *dsrt_last_error(void) { return t_last_error.c_str(); }
 
 void dsrt_free(void *p) { std::free(p); }
 
+void dsrt_set_log_callback(dsrt_log_fn fn, void *user_data) {
+  dsrt::set_log_sink(reinterpret_cast<dsrt::LogSink>(fn), user_data);
+}
+
 dsrt_status dsrt_system_info(char **json_out) {
   return guarded([&] {
     DSRT_REQUIRE(json_out, "json_out is NULL");
@@ -282,6 +287,9 @@ void dsrt_model_params_init(dsrt_model_params *p, size_t size) {
   d.n_threads = 0;
   d.validate_scales = 1;
   d.load_mtp = 1;
+  d.devices = nullptr;
+  d.n_devices = 0;
+  d.device_memory = 0;
   init_struct(p, size, d);
 }
 
@@ -319,6 +327,16 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     }
     lo.cancel = p.cancel ? &p.cancel->flag : nullptr;
     lo.tokenizer_only = p.tokenizer_only != 0;
+    DSRT_REQUIRE(p.n_devices >= 0 && (p.n_devices == 0 || p.devices), "devices is NULL with n_devices > 0");
+    if (backend == DSRT_BACKEND_CUDA) {
+      for (int32_t i = 0; i < p.n_devices; i++) {
+        if (p.devices[i] < 0 || p.devices[i] >= n_gpus)
+          dsrt::failf(DSRT_ERR_NO_DEVICE, "CUDA device ", p.devices[i], " does not exist (", n_gpus, " found)");
+        lo.devices.push_back(dsrt::Device::cuda(p.devices[i]));
+      }
+      if (lo.devices.empty()) lo.devices.push_back(dsrt::Device::cuda(0));
+    }
+    lo.device_memory = p.device_memory;
     auto h = std::make_unique<dsrt_model>();
     h->model = dsrt::Model::load(dir, lo);
     h->backend = backend;
@@ -367,6 +385,8 @@ void dsrt_engine_params_init(dsrt_engine_params *p, size_t size) {
   d.max_batch_tokens = 512;
   d.attention = DSRT_ATTENTION_AUTO;
   d.precision = DSRT_PRECISION_AUTO;
+  d.tp = 1;
+  d.ep = 1;
   init_struct(p, size, d);
 }
 
@@ -396,10 +416,14 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     eo.kv_memory_fraction = p.kv_memory_fraction;
     DSRT_REQUIRE(p.mtp_drafts >= 0 && p.mtp_drafts <= 4, "mtp_drafts must be in [0, 4]");
     eo.mtp_drafts = p.mtp_drafts;
+    DSRT_REQUIRE(p.tp >= 1 && p.ep >= 1 && int64_t(p.tp) * p.ep <= 1024, "tp and ep must be >= 1 (and tp * ep <= 1024)");
+    eo.tp = p.tp;
+    eo.ep = p.ep;
+    eo.backend_kind = m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu;
+    const dsrt::Placement &pl = m->model->placement;
+    if (!pl.devices.empty()) eo.backend.device = pl.devices[0].device.index;
     auto h = std::make_unique<dsrt_engine>();
-    h->engine = std::make_shared<dsrt::Engine>(
-        m->model, dsrt::make_backend(m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu, eo.backend),
-        eo);
+    h->engine = std::make_shared<dsrt::Engine>(m->model, eo);
     h->backend = m->backend;
     *out = h.release();
   });

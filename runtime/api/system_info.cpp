@@ -24,14 +24,5 @@ std::string system_info_json() {
   return j.dump();
 }
 
-#if !defined(DSRT_WITH_CUDA)
-int cuda_device_count(std::string *why) {
-  if (why) *why = "this build of dsrt has no CUDA support (configured with DSRT_CUDA=OFF or without nvcc)";
-  return 0;
-}
-double device_copy_bandwidth(int) { return 0.0; }
-std::string cublaslt_status() { return "this build of dsrt has no CUDA support"; }
-double fp8_gemm_tflops(int, int64_t, int64_t, int64_t) { return 0.0; }
-#endif
 
 }  // namespace dsrt

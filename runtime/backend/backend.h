@@ -2,11 +2,14 @@
 // fp32 reference; a GPU backend implements the same ops and is checked against it.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/tensor.h"
 #include "model/weights.h"
 
 namespace dsrt {
@@ -20,33 +23,37 @@ struct OpTime {
 // "model.layers.3.mlp.experts.17.up_proj.weight" -> "mlp.experts.up_proj": a layer-independent label.
 std::string op_label_of_weight(const std::string &tensor_name);
 
-// A 2-D activation in a backend's memory: row-major [rows, cols], fp32 unless stated (routing ids: I32).
-struct Tensor {
-  void *data = nullptr;
-  DType dtype = DType::F32;
-  int64_t rows = 0, cols = 0;
-
-  float *f32() const { return static_cast<float *>(data); }
-  int32_t *i32() const { return static_cast<int32_t *>(data); }
-  Tensor rows_view(int64_t r0, int64_t n) const {
-    return {static_cast<char *>(data) + size_t(r0 * cols) * dtype_size(dtype), dtype, n, cols};
-  }
-};
-
 // One sequence's share of a forward step. Its new tokens are batch rows row0 .. row0+n_new-1 at positions
-// n_past .. n_past+n_new-1; the cache already holds positions 0 .. n_past-1.
+// n_past .. n_past+n_new-1; the cache already holds positions 0 .. n_past-1. Its page table is
+// Batch::pages[page0 .. page0+n_pages): page k holds positions 64k .. 64k+63.
 struct SeqSlice {
   int32_t row0 = 0, n_new = 0, n_past = 0;
-  const int32_t *pages = nullptr;  // page k holds positions 64k .. 64k+63
-  int32_t n_pages = 0;
+  int32_t page0 = 0, n_pages = 0;
 };
 
-// The batch of sequences one forward step processes (design.md §2).
+// The batch of sequences one forward step processes (design.md §2, §5). Plain data: integers only, no
+// pointers, so a leader rank can send it to followers that run the same forward in lockstep.
 struct Batch {
   std::vector<int32_t> tokens;     // [T]
   std::vector<int32_t> positions;  // [T]
   std::vector<SeqSlice> seqs;
+  std::vector<int32_t> pages;      // every sequence's page table, back to back
   int64_t n_tokens() const { return int64_t(tokens.size()); }
+  const int32_t *pages_of(const SeqSlice &s) const { return pages.data() + s.page0; }
+  // Appends a sequence with its page table; its rows are appended by the caller.
+  void add_seq(int32_t n_new, int32_t n_past, const int32_t *page_ids, int32_t n_pages) {
+    seqs.push_back({int32_t(tokens.size()), n_new, n_past, int32_t(pages.size()), n_pages});
+    pages.insert(pages.end(), page_ids, page_ids + n_pages);
+  }
+  // The same step restricted to some of its sequences (rows keep their numbers).
+  Batch with_seqs(const std::vector<SeqSlice> &keep) const {
+    Batch b;
+    b.tokens = tokens;
+    b.positions = positions;
+    b.pages = pages;
+    b.seqs = keep;
+    return b;
+  }
 };
 
 constexpr int64_t kPageTokens = 64;
@@ -79,6 +86,27 @@ struct RouterParams {
   float routed_scaling_factor;
 };
 
+// A device's copies of one model's weights, keyed by Weight::id (design.md §5). Owned by the model (through
+// its registry) and shared by every engine and backend of the model on that device: two engines on one GPU
+// hold one copy.
+class DeviceWeights {
+ public:
+  virtual ~DeviceWeights() = default;
+  virtual size_t bytes() const = 0;
+};
+
+class DeviceWeightRegistry {
+ public:
+  // The store of `device`, made by `make` the first time (thread-safe).
+  std::shared_ptr<DeviceWeights> get_or_make(Device device, const std::function<std::shared_ptr<DeviceWeights>()> &make);
+  // Bytes held on each device so far.
+  std::vector<std::pair<Device, size_t>> usage() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::pair<Device, std::shared_ptr<DeviceWeights>>> stores_;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -92,7 +120,12 @@ class Backend {
   virtual void kv_init(const KvCacheSpec &spec) = 0;
   // The weights the forward will read, given once at engine creation: a GPU backend uploads them now, so that
   // too little device memory is a clear DSRT_ERR_OUT_OF_MEMORY at load rather than a failure mid-generation.
-  virtual void prepare_weights(const std::vector<const Weight *> &weights) { (void)weights; }
+  // The copies go into the model's store for this backend's device (shared with the model's other engines).
+  virtual void prepare_weights(DeviceWeightRegistry &store, const std::vector<const Weight *> &weights) {
+    (void)store;
+    (void)weights;
+  }
+  virtual Device device() const = 0;
   // Bytes of memory this backend could still allocate (device memory on a GPU, available RAM on the CPU);
   // sizes the KV pool from a fraction. 0 when unknown.
   virtual size_t available_memory() const = 0;
@@ -156,6 +189,8 @@ std::unique_ptr<Backend> make_cpu_backend(const BackendOptions &opt);
 std::unique_ptr<Backend> make_backend(BackendKind kind, const BackendOptions &opt);
 // Usable CUDA devices (0 without CUDA support or a driver); `why` says why there are none.
 int cuda_devices(std::string *why);
+// Bytes of memory free on a device now (host: available RAM); 0 when unknown.
+uint64_t device_free_memory(Device d);
 // Device memory bandwidth in bytes (read + written) per second, measured with a 1 GiB device-to-device copy
 // (0 without CUDA): the denominator of the GPU rooflines.
 double device_copy_bandwidth(int device);

@@ -1,15 +1,41 @@
 // Backend selection: the CPU backend always; the CUDA backend when this build has it and a GPU is present.
-#include "api/system_info.h"
+#include <unistd.h>
+
 #include "backend/backend.h"
 #include "core/status.h"
 
 namespace dsrt {
+
+// backend/cuda/device_query.cu (a stub without CUDA): usable devices, or 0 and why not.
+int cuda_device_count(std::string *why);
+uint64_t cuda_free_memory(int device);
 
 #if defined(DSRT_WITH_CUDA)
 std::unique_ptr<Backend> make_cuda_backend(const BackendOptions &opt);  // backend/cuda/cuda_backend.cpp
 #endif
 
 int cuda_devices(std::string *why) { return cuda_device_count(why); }
+
+uint64_t device_free_memory(Device d) {
+  if (d.kind == Device::Cuda) return cuda_free_memory(d.index);
+  const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+  return pages > 0 && size > 0 ? uint64_t(pages) * uint64_t(size) : 0;
+}
+
+std::shared_ptr<DeviceWeights> DeviceWeightRegistry::get_or_make(Device device,
+                                                                 const std::function<std::shared_ptr<DeviceWeights>()> &make) {
+  std::lock_guard lk(mu_);
+  for (auto &[d, s] : stores_)
+    if (d == device) return s;
+  return stores_.emplace_back(device, make()).second;
+}
+
+std::vector<std::pair<Device, size_t>> DeviceWeightRegistry::usage() const {
+  std::lock_guard lk(mu_);
+  std::vector<std::pair<Device, size_t>> v;
+  for (auto &[d, s] : stores_) v.push_back({d, s->bytes()});
+  return v;
+}
 
 std::string op_label_of_weight(const std::string &name) {
   std::string out, part;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/status.h"
 
 namespace dsrt {
 
@@ -59,11 +60,13 @@ class ScratchArena {
 // A Backend whose scratch tensors come from a ScratchArena (both the CPU and the CUDA backend).
 class ArenaBackend : public Backend {
  public:
-  ArenaBackend(std::function<void *(size_t)> alloc, std::function<void(void *)> release, size_t min_block, size_t align)
-      : arena_(std::move(alloc), std::move(release), min_block, align) {}
+  ArenaBackend(Device device, std::function<void *(size_t)> alloc, std::function<void(void *)> release,
+               size_t min_block, size_t align)
+      : device_(device), arena_(std::move(alloc), std::move(release), min_block, align) {}
+  Device device() const override { return device_; }
   void begin_step() override { arena_.reset(); }
   Tensor alloc(int64_t rows, int64_t cols, DType dtype = DType::F32) override {
-    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols};
+    return {arena_.take(size_t(rows * cols) * dtype_size(dtype)), dtype, rows, cols, device_};
   }
   uint64_t scratch_mark() override { return arena_.mark(); }
   void scratch_release(uint64_t mark) override { arena_.release_to(mark); }
@@ -80,6 +83,10 @@ class ArenaBackend : public Backend {
     op_index_.clear();
     op_list_.clear();
   }
+  // Every tensor an op receives must be in this backend's memory: no op copies across devices.
+  void check_device(const Tensor &t, const char *op) const {
+    if (!(t.device == device_)) failf(DSRT_ERR_INTERNAL, op, ": a tensor on ", t.device.str(), " given to the ", device_.str(), " backend");
+  }
   std::vector<OpTime> sorted_op_times() const {
     std::vector<OpTime> v = op_list_;
     std::stable_sort(v.begin(), v.end(), [](const OpTime &a, const OpTime &b) { return a.ms > b.ms; });
@@ -87,6 +94,7 @@ class ArenaBackend : public Backend {
   }
 
  private:
+  Device device_;
   ScratchArena arena_;
   std::map<std::string, size_t> op_index_;
   std::vector<OpTime> op_list_;

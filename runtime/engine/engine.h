@@ -1,24 +1,27 @@
-// Engine: the latent KV page pool and the forward steps that batch every session's pending tokens.
-// Session: one conversation (tokens, KV pages, last logits, random stream) and its generation turns.
+// Engine: the latent KV page pool, the ranks that run the forward, and the step thread that batches every
+// session's pending tokens (continuous batching). App threads enqueue work and wait for the step they need;
+// the engine lock is never held across a forward.
+//
+//   dsrt_session_next -> Session::next -> Session::eval -> Engine::eval (waits on done_cv_)
+//   step thread: Engine::loop -> StepRunner::plan (locked: decode rows, then prefill chunks, pages)
+//     -> StepRunner::run (unlocked: MTP drafts, RankGroup::forward -> forward() on every rank -> Backend ops
+//        -> kernels, MTP catch-up) -> StepRunner::commit (locked: tokens, logits) -> done_cv_.notify_all
 #pragma once
-#include <atomic>
-#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <span>
-#include <nlohmann/json.hpp>
-#include <string>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.h"
-#include "core/memory.h"
-#include "core/status.h"
-#include "engine/sampler.h"
+#include "engine/kv_pages.h"
+#include "engine/ranks.h"
+#include "engine/session.h"
 #include "model/deepseek_v3.h"
 #include "model/model.h"
-#include "text/detokenizer.h"
 
 namespace dsrt {
 
@@ -36,6 +39,9 @@ struct EngineOptions {
   // Tests only: replaces the MTP module's draft (its argmax), given the sequence so far (cached tokens and
   // the sampled one), to drive acceptance and rejection on purpose. The MTP module still runs.
   std::function<int32_t(const std::vector<int32_t> &sequence, int32_t mtp_draft)> mtp_draft_override;
+  // Tensor and expert parallelism (dist/mapping.h): tp * ep ranks, in-process CPU ranks for now.
+  int tp = 1, ep = 1;
+  BackendKind backend_kind = BackendKind::Cpu;
   BackendOptions backend;
 };
 
@@ -46,168 +52,68 @@ struct EngineStats {
   double forward_seconds = 0.0;
 };
 
-class Session;
-
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
+  Engine(std::shared_ptr<const Model> model, const EngineOptions &opt);
+  // One rank on a backend made by the caller (tests and tools).
   Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> backend, const EngineOptions &opt);
   ~Engine();
 
   const Model &model() const { return *model_; }
   const EngineOptions &options() const { return opt_; }
-  int64_t capacity_tokens() const { return n_pages_ * kPageTokens; }
+  int64_t capacity_tokens() const { return pool_->total() * kPageTokens; }
   bool mtp_enabled() const { return mtp_; }
+  int world() const { return ranks_->world(); }
 
   std::shared_ptr<Session> create_session(int64_t max_ctx, bool logits_all, uint64_t seed);
-  // One forward step over the pending tokens of all sessions; returns the tokens processed.
+  // Asks the step thread for one step over the pending tokens of every session and waits for it; returns
+  // the tokens it processed (0 when nothing was pending).
   int64_t step();
-  // Steps until `s` has nothing pending; checks each cancel flag before each step.
+  // Waits until `s` has nothing pending (its tokens go into the steps of the step thread); DSRT_ERR_CANCELLED
+  // when a cancel flag is set first. Throws the session's step failure (its pending run rolled back).
   void eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2 = nullptr);
   EngineStats stats() const;
-  // Per-op times of the backend (Backend::set_profiling / op_times).
+  // Per-op times of the backend (Backend::set_profiling / op_times), rank 0.
   void set_profiling(bool on);
   std::vector<OpTime> op_times();
+  // Steps run so far (tests: sessions served per step).
+  uint64_t steps_done() const;
 
  private:
   friend class Session;
-  int64_t step_locked();
-  bool ensure_pages(Session &s, int64_t n_tokens);  // false: pool exhausted
+  friend class StepRunner;
+  void init();
+  void loop();
+  // Runs fn on the step thread between steps and waits for it (backend work asked for by app threads:
+  // page copies, state save/restore). Rethrows what fn throws.
+  void run_between_steps(const std::function<void()> &fn);
+  bool runnable(const Session &s) const;  // a step may take its pending tokens (engine lock held)
+  bool has_work() const;                  // a step should run now (engine lock held)
+  void wait_idle(std::unique_lock<std::mutex> &lk, const Session &s);  // until no step holds s
+  // The engine lock, taken once no step holds s: what a session's own calls change its token state under.
+  std::unique_lock<std::mutex> lock_idle(const Session &s);
+  bool ensure_pages(Session &s, int64_t n_tokens);  // false: pool exhausted (lock held)
   void release_pages(Session &s, int64_t keep_tokens);
   void detach(Session *s);
-  // MTP: drafts for the sessions in `drafting` (their own backend step), and the MTP cache rows of a finished
-  // main step (its normed hidden states).
-  void mtp_draft(const std::vector<std::pair<Session *, int64_t>> &drafting);  // (session, drafts wanted)
-  void mtp_catch_up(const Batch &b, const std::vector<Session *> &in_batch, Tensor hidden);
+  Backend &backend() { return ranks_->leader(); }
 
   std::shared_ptr<const Model> model_;
-  std::unique_ptr<Backend> backend_;
   EngineOptions opt_;
-  int64_t n_pages_ = 0;
+  std::unique_ptr<RankGroup> ranks_;
+  std::unique_ptr<KvPagePool> pool_;
   bool mtp_ = false;
+
   mutable std::mutex mu_;  // guards everything below and every session's token state
-  std::vector<int32_t> free_pages_;
+  std::condition_variable work_cv_;  // the step thread waits for work
+  std::condition_variable done_cv_;  // app threads wait for steps
   std::vector<Session *> sessions_;
   EngineStats stats_;
-};
-
-// One generation turn's settings.
-struct GenParams {
-  SamplingParams sampling;
-  int32_t max_new_tokens = 256;  // 0: until the context is full
-  bool ignore_eos = false;
-  std::vector<int32_t> stop_tokens;
-  std::vector<std::string> stop_strings;
-  bool skip_special = true;  // text leaves out control tokens (BOS, EOS, role markers)
-  bool has_seed = false;
-  uint64_t seed = 0;
-  const std::atomic<int> *cancel = nullptr;
-};
-
-enum class Finish { None = 0, Eos = 1, StopString = 2, StopToken = 3, Length = 4, Cancelled = 5, ContextFull = 6, Error = 7 };
-
-struct Event {
-  bool done = false;
-  int32_t token = -1;  // the token this event emits (-1 on DONE without a token)
-  std::string text;    // complete UTF-8 delta
-  Finish finish = Finish::None;
-  dsrt_status status = DSRT_OK;  // Finish::Error
-  std::string error;
-};
-
-struct SessionStats {
-  int64_t n_tokens = 0, n_pending = 0, n_pages = 0;
-  uint64_t n_evaluated = 0;
-  int64_t prompt_tokens = 0;   // tokens prefilled for the last turn
-  int64_t reused_tokens = 0;   // tokens of the last chat render already in the cache
-  int64_t generated_tokens = 0;  // in the last turn
-  double ttft_seconds = 0.0;     // last turn: start to first token
-  double decode_tokens_per_second = 0.0;  // last turn, after the first token
-  int64_t mtp_drafted = 0, mtp_accepted = 0;  // last turn: MTP drafts verified, and kept
-};
-
-class Session {
- public:
-  Session(std::shared_ptr<Engine> e, int64_t max_ctx, bool logits_all, uint64_t seed);
-  ~Session();
-
-  void append(const int32_t *tokens, size_t n);
-  void append_text(std::string_view text, bool parse_special, bool add_bos);
-  // Adds chat messages (JSON array of {role, content, ...}) to the conversation, renders the whole
-  // conversation with the model's chat template and appends only what differs from the cache.
-  void append_chat(const std::string &messages_json, const std::string &tools_json, bool add_generation_prompt);
-  void eval(const std::atomic<int> *cancel) { engine_->eval(*this, cancel, &cancel_flag_); }
-  void truncate(size_t n_keep);
-  void reset();
-  int32_t sample(float temperature);
-  std::shared_ptr<Session> fork();
-
-  // Generation turns: start() then next() until an event is done; cancel() from any thread.
-  void start(const GenParams &p);
-  Event next();
-  void cancel() { cancel_flag_.store(1, std::memory_order_relaxed); }
-  bool turn_active() const { return turn_active_; }
-
-  // State blob: magic, version, model fingerprint, tokens, messages, random state, latent KV.
-  std::string save_state() const;
-  void load_state(const std::string &blob);
-
-  // Views, valid until the caller's next call on this session: a step run by another thread commits this
-  // session's pending tokens (and their logits) whenever it has some, so then they are copies. Mid-turn, MTP drafts not decided on yet are left out: the tokens end at the last emitted
-  // one in the cache, and the logits are that position's (the first row).
-  struct LogitsView {
-    const float *data;
-    int64_t rows;
-  };
-  LogitsView logits_view();
-  std::span<const int32_t> tokens_view();
-  int64_t vocab() const { return engine_->model().cfg.vocab_size; }
-  SessionStats stats() const;
-
- private:
-  friend class Engine;
-  Event finish_turn(Finish why, int32_t token);
-  void drop_drafts();  // unverified drafts leave the cache (engine lock held)
-  void forget_mtp_after(int64_t n_keep);  // the cache is cut to n_keep tokens (engine lock held)
-  void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
-
-  std::shared_ptr<Engine> engine_;
-  int64_t max_ctx_;
-  bool logits_all_;
-  Rng rng_;
-  std::vector<int32_t> tokens_;   // in the cache
-  std::vector<int32_t> pending_;  // appended, not yet evaluated
-  bool pending_started_ = false;  // a step took part of the pending run (logits_all accumulates)
-  std::vector<int32_t> pages_;
-  HostVec<float> logits_;
-  int64_t logits_rows_ = 0;
-  dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session
-  std::string failed_msg_;
-  uint64_t n_evaluated_ = 0;
-
-  // MTP: the cache layer holds positions [0, mtp_pos_); mtp_hidden_ holds the main model's normed hidden
-  // states of positions mtp_pos_ .. tokens_.size()-1 (a step's last row, or all rows of a verify step), still
-  // waiting for the token that follows them. drafts_: the unverified drafts at the end of tokens_ (next()
-  // decides on them one by one, the logits rows of the verify step still in logits_).
-  int64_t mtp_pos_ = 0;
-  std::vector<float> mtp_hidden_;
-  std::vector<int32_t> drafts_;
-  std::vector<float> logits_snapshot_;   // logits_view()
-  std::vector<int32_t> tokens_snapshot_;  // tokens_view()
-  bool sampled_pending_ = false;  // pending_ is the one token next() sampled
-
-  // Chat and generation.
-  nlohmann::ordered_json messages_ = nlohmann::ordered_json::array();
-  std::string tools_json_;
-  bool turn_active_ = false;
-  GenParams gp_;
-  std::unique_ptr<Detokenizer> detok_;
-  std::vector<int32_t> banned_, eog_;
-  Finish finish_pending_ = Finish::None;
-  int32_t n_generated_ = 0;
-  std::string reply_;
-  std::atomic<int> cancel_flag_{0};
-  std::chrono::steady_clock::time_point turn_start_, first_token_;
-  SessionStats last_;
+  uint64_t steps_done_ = 0;
+  int64_t last_step_tokens_ = 0;
+  int step_requests_ = 0;  // Engine::step() callers waiting: every pending session is runnable
+  std::deque<std::function<void()>> jobs_;
+  bool stop_ = false;
+  std::thread loop_;
 };
 
 }  // namespace dsrt

@@ -106,6 +106,13 @@ std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &op
     fp.update(t->data, std::min<uint64_t>(t->nbytes, 16));
   }
   m->fingerprint = fp.hex_digest();
+  uint64_t budget = opt.device_memory;
+  if (!opt.devices.empty() && budget == 0) {
+    const uint64_t reserve = uint64_t(1) << 30;  // scratch, KV pool, cuBLASLt workspace, CUDA's own needs
+    const uint64_t free_b = device_free_memory(opt.devices[0]);
+    budget = free_b > reserve ? free_b - reserve : 0;
+  }
+  m->placement = Placement::plan(m->w, opt.devices, budget);
   for (const Weight *wt : m->w.all) {
     bool mtp = false;
     for (const LayerWeights &L : m->w.mtp)

@@ -6,6 +6,7 @@
 
 #include "backend/backend.h"
 #include "model/config.h"
+#include "model/placement.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "text/tokenizer.h"
@@ -20,6 +21,10 @@ struct LoadOptions {
   void *user = nullptr;
   const std::atomic<int> *cancel = nullptr;
   bool tokenizer_only = false;  // config.json + tokenizer files only: text calls work, no weights
+  // Placement (model/placement.h): the devices the weights go to (none: host memory, read in place) and the
+  // bytes each may hold (0: what the device has free, less 1 GiB of working room).
+  std::vector<Device> devices;
+  uint64_t device_memory = 0;
 };
 
 // Sampling defaults a checkpoint ships in generation_config.json (absent fields keep dsrt's defaults).
@@ -49,6 +54,10 @@ class Model {
   std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer files
   GenerationDefaults gen_defaults;
   std::string fingerprint;  // sha256 over config.json and every tensor's name, dtype, shape and first bytes
+  Placement placement;      // where each weight lives, planned at load
+  // The weights' copies on each device, made by the backends that need them and shared by every engine of
+  // the model (two engines on one GPU hold one copy).
+  mutable DeviceWeightRegistry device_weights;
 
   // The tokenizer, or DSRT_ERR_UNSUPPORTED naming the directory when it has none.
   const Tokenizer &tok() const;

@@ -7,8 +7,30 @@
 
 namespace dsrt {
 
+Weight Weight::rows_part(int64_t r0, int64_t n) const {
+  if (r0 == 0 && n == rows) return *this;
+  Weight v = *this;
+  v.ld = ld ? ld : cols;
+  v.row0 = row0 + r0;
+  v.rows = n;
+  v.id = -1;
+  return v;
+}
+
+Weight Weight::cols_part(int64_t c0, int64_t n) const {
+  if (c0 == 0 && n == cols) return *this;
+  Weight v = *this;
+  v.ld = ld ? ld : cols;
+  v.col0 = col0 + c0;
+  v.cols = n;
+  v.id = -1;
+  return v;
+}
+
 void Weight::dequant_row(int64_t r, int64_t c0, int64_t n, float *out) const {
-  const int64_t off = r * cols + c0;
+  r += row0;  // from here on, coordinates in the whole tensor
+  c0 += col0;
+  const int64_t off = r * (ld ? ld : cols) + c0;
   switch (dtype) {
     case DType::F8_E4M3: {
       const uint8_t *w = data + off;

@@ -11,18 +11,25 @@
 
 namespace dsrt {
 
-// One tensor as the forward uses it: a matrix [rows, cols] (vectors have cols = 1), stored in place.
+// One tensor as the forward uses it: a matrix [rows, cols] (vectors have cols = 1), stored in place. A weight
+// may be a view of a block of a larger tensor (a rank's shard, Mapping): element (r, c) of the view is element
+// (row0 + r, col0 + c) of the tensor, whose rows are `ld` elements apart; block scales index the tensor.
 struct Weight {
   const TensorInfo *info = nullptr;  // null: absent
   DType dtype = DType::F32;
   int64_t rows = 0, cols = 0;
-  const uint8_t *data = nullptr;
-  const float *scale = nullptr;  // FP8: block scales [ceil(rows/128), ceil(cols/128)], multiplied
+  const uint8_t *data = nullptr;  // element (0, 0) of the whole tensor
+  const float *scale = nullptr;  // FP8: block scales [ceil(rows/128), ceil(cols/128)] of the whole tensor
   int64_t scale_cols = 0;
-  int32_t id = -1;  // index in ModelWeights::all, for backends that keep their own copies
+  int32_t id = -1;  // index in ModelWeights::all: the key of device copies (views of a part have none)
+  int64_t row0 = 0, col0 = 0, ld = 0;  // ld 0: the tensor's own cols
 
   explicit operator bool() const { return data != nullptr; }
   const std::string &name() const;  // "(unnamed)" for weights made outside a checkpoint (tests)
+  bool is_whole() const { return row0 == 0 && col0 == 0 && (ld == 0 || ld == cols); }
+  // Views of rows [r.begin, r.end) or columns [c.begin, c.end); the whole range returns the weight itself.
+  Weight rows_part(int64_t r0, int64_t n) const;
+  Weight cols_part(int64_t c0, int64_t n) const;
   // out[0..n) = W[r, c0 .. c0+n) in fp32, block scale applied.
   void dequant_row(int64_t r, int64_t c0, int64_t n, float *out) const;
   float at(int64_t i) const;  // element i of a vector

@@ -32,6 +32,7 @@ class MirrorBackend final : public dsrt::Backend {
   int64_t call = 0;
 
   const char *name() const override { return "mirror"; }
+  dsrt::Device device() const override { return t_->device(); }
   void begin_step() override {
     t_->begin_step();
     r_->begin_step();

@@ -164,7 +164,8 @@ TEST_CASE("MLA: cache write and both attention forms over a scattered page table
       b.tokens.push_back(0);
       b.positions.push_back(n_past + i);
     }
-    b.seqs.push_back({0, n, n_past, pages.data(), 2});
+    b.seqs.push_back({0, n, n_past, 0, 2});
+    b.pages = pages;
     return b;
   };
   std::vector<float> res[2][2];
@@ -247,7 +248,8 @@ TEST_CASE("op by op through the model on every preset") {
         b.tokens.push_back(step ? 7 : prompt[size_t(i)]);
         b.positions.push_back(n_past + i);
       }
-      b.seqs.push_back({0, n_new, n_past, pages.data(), 2});
+      b.seqs.push_back({0, n_new, n_past, 0, 2});
+      b.pages = pages;
       forward(*model, be, b, {n_new - 1}, AttentionPolicy::Auto, logits.data());
     }
     for (const auto &[op, e] : be.errors) {

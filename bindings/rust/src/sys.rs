@@ -56,6 +56,9 @@ pub struct dsrt_model_params {
     pub progress_user_data: *mut c_void,
     pub cancel: *mut dsrt_cancel,
     pub tokenizer_only: i32,
+    pub devices: *const i32,
+    pub n_devices: i32,
+    pub device_memory: u64,
 }
 
 #[repr(C)]
@@ -87,6 +90,8 @@ pub struct dsrt_engine_params {
     pub precision: i32,
     pub kv_memory_fraction: f32,
     pub mtp_drafts: i32,
+    pub tp: i32,
+    pub ep: i32,
 }
 
 #[repr(C)]

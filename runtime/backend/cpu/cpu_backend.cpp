@@ -45,6 +45,7 @@ class CpuBackend final : public ArenaBackend {
  public:
   explicit CpuBackend(const BackendOptions &opt)
       : ArenaBackend(
+            Device::host(),
             [](size_t n) {
               void *p = fault::alloc_should_fail() ? nullptr : mi_malloc_aligned(n, 64);
               if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate " + std::to_string(n) + " bytes of scratch");
@@ -107,10 +108,10 @@ class CpuBackend final : public ArenaBackend {
   }
   size_t page_floats() const { return size_t(kv_.n_layers * kPageTokens * kv_.width); }
   // The cache entry of position pos of a sequence in cache layer `layer`.
-  float *kv_slot(const SeqSlice &s, int64_t layer, int64_t pos) {
+  float *kv_slot(const Batch &b, const SeqSlice &s, int64_t layer, int64_t pos) {
     int64_t pg = pos / kPageTokens;
     if (pg >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the sequence's page table");
-    return page(s.pages[pg]) + (layer * kPageTokens + pos % kPageTokens) * kv_.width;
+    return page(b.pages_of(s)[pg]) + (layer * kPageTokens + pos % kPageTokens) * kv_.width;
   }
 
   void kv_copy_page(int32_t src, int32_t dst) override {
@@ -158,6 +159,8 @@ class CpuBackend final : public ArenaBackend {
   // every token row, so x is streamed once per tile rather than once per row.
   void linear(Tensor x, const Weight &w, Tensor out) override {
     const auto timer_ = timed("linear", &w);
+    check_device(x, "linear");
+    check_device(out, "linear");
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shapes x[", x.rows, ",", x.cols, "] W[", w.rows, ",", w.cols,
             "] out[", out.rows, ",", out.cols, "]");
@@ -227,7 +230,7 @@ class CpuBackend final : public ArenaBackend {
     for (const SeqSlice &s : b.seqs) {
       for (int32_t i = 0; i < s.n_new; i++) {
         const float *src = kv.f32() + int64_t(s.row0 + i) * kv.cols;
-        float *dst = kv_slot(s, layer, s.n_past + i);
+        float *dst = kv_slot(b, s, layer, s.n_past + i);
         double ss = 0.0;
         for (int64_t j = 0; j < dc; j++) ss += double(src[j]) * double(src[j]);
         const float inv = float(1.0 / std::sqrt(ss / double(dc) + double(eps)));
@@ -243,18 +246,19 @@ class CpuBackend final : public ArenaBackend {
     const auto timer_ = timed("mla_attention", nullptr);
     for (const SeqSlice &s : b.seqs) {
       if (form == AttnForm::Naive)
-        attention_naive(layer, q, kv_b, d, s, out);
+        attention_naive(layer, q, kv_b, d, b, s, out);
       else
-        attention_absorbed(layer, q, kv_b, d, s, out);
+        attention_absorbed(layer, q, kv_b, d, b, s, out);
     }
   }
 
   // Spec §3.8: decompress every cached c_kv through kv_b into per-head k_nope and v, then MHA.
-  void attention_naive(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const SeqSlice &s, Tensor out) {
+  void attention_naive(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, const SeqSlice &s,
+                       Tensor out) {
     const int64_t n_ctx = s.n_past + s.n_new, qk = d.nope + d.rope, kvw = d.nope + d.v;
     Tensor lat = alloc(n_ctx, d.latent), kpe = alloc(n_ctx, d.rope), kvd = alloc(n_ctx, d.n_heads * kvw);
     for (int64_t j = 0; j < n_ctx; j++) {
-      const float *e = kv_slot(s, layer, j);
+      const float *e = kv_slot(b, s, layer, j);
       std::memcpy(lat.f32() + j * d.latent, e, size_t(d.latent) * sizeof(float));
       std::memcpy(kpe.f32() + j * d.rope, e + d.latent, size_t(d.rope) * sizeof(float));
     }
@@ -282,11 +286,11 @@ class CpuBackend final : public ArenaBackend {
   }
 
   // Spec §3.9: W_UK folded into the query, W_UV applied after the weighted sum of latents.
-  void attention_absorbed(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const SeqSlice &s,
-                          Tensor out) {
+  void attention_absorbed(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b,
+                          const SeqSlice &s, Tensor out) {
     const int64_t n_ctx = s.n_past + s.n_new, qk = d.nope + d.rope, kvw = d.nope + d.v;
     std::vector<const float *> ent(static_cast<size_t>(n_ctx));
-    for (int64_t j = 0; j < n_ctx; j++) ent[size_t(j)] = kv_slot(s, layer, j);
+    for (int64_t j = 0; j < n_ctx; j++) ent[size_t(j)] = kv_slot(b, s, layer, j);
     pool_.parallel_for(int64_t(s.n_new) * d.n_heads, 1, [&](int64_t a, int64_t bnd) {
       float *p = thread_scratch(size_t(n_ctx), 1);
       float *work = thread_scratch(size_t(3 * d.latent), 2);
@@ -412,7 +416,7 @@ class CpuBackend final : public ArenaBackend {
     std::fill(out.f32(), out.f32() + T * H, 0.0f);
     for (size_t e = 0; e < experts.size(); e++) {
       auto &toks = by_expert[e];
-      if (toks.empty()) continue;
+      if (toks.empty() || !experts[e].gate) continue;  // absent: another rank's expert (Mapping)
       const int64_t n = int64_t(toks.size()), inter = experts[e].gate.rows;
       Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
       for (int64_t i = 0; i < n; i++)

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "backend/backend.h"
+#include "core/log.h"
 #include "backend/cuda/fp8_gemm.h"
 #include "backend/scratch_arena.h"
 #include "core/status.h"
@@ -38,10 +39,35 @@ int32_t dev_dtype(DType t) {
   }
 }
 
+// The model's copies of its weights on one GPU: uploaded once, under the mutex, by whichever backend first
+// needs a weight; each backend keeps the handles it got (CudaBackend::by_id_) and reads those without locking.
+class CudaWeights final : public DeviceWeights {
+ public:
+  explicit CudaWeights(int device) : device_(device) {}
+  ~CudaWeights() override {
+    cudaSetDevice(device_);
+    for (auto &[_, m] : by_id_) {
+      cudaFree(const_cast<void *>(m.data));
+      cudaFree(const_cast<float *>(m.scale));
+    }
+  }
+  size_t bytes() const override {
+    std::lock_guard lk(mu_);
+    return bytes_;
+  }
+  mutable std::mutex mu_;
+  std::map<int32_t, k::DevMatrix> by_id_;
+  size_t bytes_ = 0;
+
+ private:
+  int device_;
+};
+
 class CudaBackend final : public ArenaBackend {
  public:
   explicit CudaBackend(const BackendOptions &opt)
       : ArenaBackend(
+            Device::cuda(opt.device),
             [](size_t n) {
               void *p = nullptr;
               cuda_check(cudaMalloc(&p, n), "scratch arena");
@@ -105,10 +131,15 @@ class CudaBackend final : public ArenaBackend {
     return free_b > reserve ? free_b - reserve : 0;
   }
 
-  void prepare_weights(const std::vector<const Weight *> &weights) override {
+  void prepare_weights(DeviceWeightRegistry &registry, const std::vector<const Weight *> &weights) override {
+    store_ = std::static_pointer_cast<CudaWeights>(
+        registry.get_or_make(device(), [&] { return std::make_shared<CudaWeights>(device().index); }));
     size_t need = 0;
     for (const Weight *w : weights) {
-      if (weights_.count({w->data, w->rows, w->cols, int(w->dtype)})) continue;
+      {
+        std::lock_guard lk(store_->mu_);
+        if (store_->by_id_.count(w->id)) continue;  // another engine of the model uploaded it
+      }
       need += size_t(w->rows * w->cols) * dtype_size(w->dtype);
       if (w->dtype == DType::F8_E4M3) need += size_t(((w->rows + 127) / 128) * w->scale_cols) * sizeof(float);
     }
@@ -165,6 +196,8 @@ class CudaBackend final : public ArenaBackend {
     const auto timer_ = timed("linear", &w);
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shape mismatch");
+    check_device(x, "linear");
+    check_device(out, "linear");
     matmul(x.f32(), x.rows, dev(w), out.f32());
   }
   void add(Tensor x, Tensor y) override {
@@ -188,7 +221,7 @@ class CudaBackend final : public ArenaBackend {
       for (int32_t i = 0; i < s.n_new; i++) {
         const int64_t pos = s.n_past + i;
         if (pos / kPageTokens >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the page table");
-        slots[size_t(s.row0 + i)] = int32_t(s.pages[pos / kPageTokens] * kPageTokens + pos % kPageTokens);
+        slots[size_t(s.row0 + i)] = int32_t(b.pages_of(s)[pos / kPageTokens] * kPageTokens + pos % kPageTokens);
       }
     k::mla_cache_write(kv_, layer, kv.f32(), kv.rows, kv_norm.rows, dev(kv_norm), eps, upload_f32(rt.inv_freq),
                        int64_t(rt.inv_freq.size()), rt.attn_factor, upload_i32(b.positions), upload_i32(slots), stream_);
@@ -198,7 +231,7 @@ class CudaBackend final : public ArenaBackend {
     const auto timer_ = timed("mla_attention", nullptr);
     for (const SeqSlice &s : b.seqs) {
       const int64_t n_ctx = s.n_past + s.n_new;
-      const int32_t *pages = upload_i32(std::vector<int32_t>(s.pages, s.pages + s.n_pages));
+      const int32_t *pages = upload_i32(std::vector<int32_t>(b.pages_of(s), b.pages_of(s) + s.n_pages));
       Tensor scratch = form == AttnForm::Absorbed
                            ? alloc(1, k::mla_absorbed_scratch_floats(s.n_new, d.n_heads, n_ctx, kv_.width))
                            : alloc(int64_t(s.n_new) * d.n_heads, n_ctx);
@@ -296,11 +329,36 @@ class CudaBackend final : public ArenaBackend {
                           spec_.width;
   }
 
-  // A weight's device copy, made on first use: its bytes as stored, plus FP8 block scales.
+  // A weight's device copy: the model's (store_, by Weight::id), or for weights made outside a checkpoint
+  // (tests) this backend's own, made on first use.
   k::DevMatrix dev(const Weight &w) {
+    if (!w.is_whole())
+      failf(DSRT_ERR_UNSUPPORTED, "CUDA: ", w.name(), " is a part of a weight (a rank's shard); sharded weights on "
+                                  "GPUs come with the several-GPU communicator");
+    if (w.id >= 0 && store_) {
+      if (size_t(w.id) < by_id_.size() && by_id_[size_t(w.id)].data) return by_id_[size_t(w.id)];
+      std::lock_guard lk(store_->mu_);
+      auto it = store_->by_id_.find(w.id);
+      k::DevMatrix m = it != store_->by_id_.end() ? it->second : upload(w);
+      if (it == store_->by_id_.end()) {
+        store_->by_id_[w.id] = m;
+        store_->bytes_ += weight_bytes(w);
+      }
+      if (by_id_.size() <= size_t(w.id)) by_id_.resize(size_t(w.id) + 1);
+      return by_id_[size_t(w.id)] = m;
+    }
     const WeightKey key{w.data, w.rows, w.cols, int(w.dtype)};
     auto it = weights_.find(key);
     if (it != weights_.end()) return it->second;
+    return weights_[key] = upload(w);
+  }
+  static size_t weight_bytes(const Weight &w) {
+    size_t b = size_t(w.rows * w.cols) * dtype_size(w.dtype);
+    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);
+    return b;
+  }
+  // Its bytes as stored, plus FP8 block scales.
+  k::DevMatrix upload(const Weight &w) {
     k::DevMatrix m;
     m.dtype = dev_dtype(w.dtype);
     m.rows = w.rows;
@@ -322,7 +380,6 @@ class CudaBackend final : public ArenaBackend {
       m.scale_cols = w.scale_cols;
     }
     sync();
-    weights_[key] = m;
     return m;
   }
 
@@ -338,8 +395,9 @@ class CudaBackend final : public ArenaBackend {
       scratch_release(mark);  // stream order keeps the scratch valid for the queued kernels
     }
     if (debug_)
-      std::fprintf(stderr, "dsrt: GEMM M=%lld N=%lld K=%lld: %s\n", (long long)m, (long long)w.rows, (long long)w.cols,
-                   done ? "cuBLASLt FP8" : !gemm_ ? "GEMV (fp32 activations requested)" : "GEMV");
+      log(LogLevel::Debug, "dsrt: GEMM M=" + std::to_string(m) + " N=" + std::to_string(w.rows) + " K=" +
+                               std::to_string(w.cols) + ": " +
+                               (done ? "cuBLASLt FP8" : !gemm_ ? "GEMV (fp32 activations requested)" : "GEMV"));
     if (!done) k::linear(x, m, w, out, stream_);
   }
 
@@ -432,7 +490,9 @@ class CudaBackend final : public ArenaBackend {
   size_t n_timed_ = 0;
   KvCacheSpec spec_;
   k::KvCacheView kv_;
-  // Keyed by host address and shape: the model's weights live as long as the backend's engine.
+  std::shared_ptr<CudaWeights> store_;  // the model's weights on this GPU
+  std::vector<k::DevMatrix> by_id_;      // the handles this backend got from store_
+  // Weights without an id (made outside a checkpoint: tests), keyed by host address and shape.
   using WeightKey = std::tuple<const void *, int64_t, int64_t, int>;
   std::map<WeightKey, k::DevMatrix> weights_;
 };

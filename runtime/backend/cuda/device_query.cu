@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -45,6 +46,18 @@ double device_copy_bandwidth(int device) {
   cudaFree(b);
   cudaGetLastError();
   return best;
+}
+
+uint64_t cuda_free_memory(int device) {
+  int prev = 0;
+  size_t free_b = 0, total_b = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess ||
+      cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  cudaSetDevice(prev);
+  return free_b;
 }
 
 nlohmann::json cuda_devices_json() {

@@ -7,6 +7,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <string>
+
+#include "core/log.h"
 
 namespace dsrt {
 
@@ -247,11 +250,11 @@ Fp8Gemm::Plan *Fp8Gemm::plan(int64_t m, int64_t n, int64_t k) {
   }
   lt_->cublasLtMatmulPreferenceDestroy(pref);
   if (p.ok && std::getenv("DSRT_DEBUG_GEMM"))
-    std::fprintf(stderr, "dsrt: FP8 GEMM plan M=%lld N=%lld K=%lld: D %s\n", (long long)m, (long long)n, (long long)k,
-                 p.f32_out ? "f32" : "bf16");
+    log(LogLevel::Debug, "dsrt: FP8 GEMM plan M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" +
+                             std::to_string(k) + ": D " + (p.f32_out ? "f32" : "bf16"));
   if (!p.ok)  // once per shape: the fallback is correct but slower, so say why
-    std::fprintf(stderr, "dsrt: cuBLASLt offers no block-scaled FP8 algorithm for M=%lld N=%lld K=%lld (%s); using dsrt's kernels\n",
-                 (long long)m, (long long)n, (long long)k, tried.c_str());
+    log(LogLevel::Warn, "dsrt: cuBLASLt offers no block-scaled FP8 algorithm for M=" + std::to_string(m) + " N=" +
+                            std::to_string(n) + " K=" + std::to_string(k) + " (" + tried + "); using dsrt's kernels");
   return &p;
 }
 
@@ -280,8 +283,9 @@ bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float 
   const cublasStatus_t st = lt_->cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), desc, &alpha, w.data, p->a, xq, p->b,
                                                 &beta, d, p->c, d, p->d, &p->algo, workspace_, workspace_bytes_, stream_);
   if (st != CUBLAS_STATUS_SUCCESS) {
-    std::fprintf(stderr, "dsrt: cublasLtMatmul failed (status %d) for M=%lld N=%lld K=%lld; using dsrt's kernels\n", int(st),
-                 (long long)mp, (long long)n, (long long)k);
+    log(LogLevel::Warn, "dsrt: cublasLtMatmul failed (status " + std::to_string(int(st)) + ") for M=" +
+                            std::to_string(mp) + " N=" + std::to_string(n) + " K=" + std::to_string(k) +
+                            "; using dsrt's kernels");
     p->ok = false;  // never again for this shape
     return false;
   }

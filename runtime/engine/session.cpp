@@ -1,0 +1,304 @@
+// A session's own calls: appending, truncating, forking, and the turn state machine (start, next, finish).
+// Token state changes under the engine lock, and only while no step holds the session (Engine::lock_idle).
+#include "engine/session.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "core/status.h"
+#include "engine/engine.h"
+
+namespace dsrt {
+
+Session::Session(std::shared_ptr<Engine> e, int64_t max_ctx, bool logits_all, uint64_t seed)
+    : engine_(std::move(e)), max_ctx_(max_ctx), logits_all_(logits_all), rng_(seed) {}
+
+Session::~Session() { engine_->detach(this); }
+
+int64_t Session::vocab() const { return engine_->model().cfg.vocab_size; }
+
+void Session::eval(const std::atomic<int> *cancel) { engine_->eval(*this, cancel, &cancel_flag_); }
+
+void Session::cancel() {
+  cancel_flag_.store(1, std::memory_order_relaxed);
+  engine_->done_cv_.notify_all();  // a waiting eval looks at the flag now
+}
+
+bool Session::turn_active() const {
+  std::lock_guard lk(engine_->mu_);
+  return turn_active_;
+}
+
+bool Session::cancel_requested() const {
+  auto set = [](const std::atomic<int> *f) { return f && f->load(std::memory_order_relaxed); };
+  return set(&cancel_flag_) || set(eval_cancel_) || (turn_active_ && set(gp_.cancel));
+}
+
+void Session::append(const int32_t *tokens, size_t n) {
+  const int64_t V = engine_->model().cfg.vocab_size;
+  for (size_t i = 0; i < n; i++)
+    if (tokens[i] < 0 || tokens[i] >= V)
+      failf(DSRT_ERR_INVALID_ARGUMENT, "token id ", tokens[i], " at index ", i, " is outside the vocabulary [0, ", V, ")");
+  auto lk = engine_->lock_idle(*this);
+  if (int64_t(tokens_.size() + pending_.size() + n) > max_ctx_)
+    failf(DSRT_ERR_CONTEXT_FULL, "appending ", n, " tokens to ", tokens_.size() + pending_.size(),
+          " exceeds the session's context of ", max_ctx_, " tokens");
+  pending_.insert(pending_.end(), tokens, tokens + n);
+}
+
+void Session::append_text(std::string_view text, bool parse_special, bool add_bos) {
+  const Tokenizer &t = engine_->model().tok();
+  std::vector<int32_t> ids;
+  if (add_bos && t.bos_id >= 0) ids.push_back(t.bos_id);
+  std::vector<int32_t> body = t.encode(text, parse_special);
+  ids.insert(ids.end(), body.begin(), body.end());
+  append(ids.data(), ids.size());
+}
+
+void Session::reset() {
+  truncate(0);
+  auto lk = engine_->lock_idle(*this);  // the step thread reads turn_active_
+  messages_ = nlohmann::ordered_json::array();
+  turn_active_ = false;
+  engine_->pool_->unreserve(kv_);
+}
+
+std::shared_ptr<Session> Session::fork() {
+  auto s = engine_->create_session(max_ctx_, logits_all_, 0);
+  std::vector<std::pair<int32_t, int32_t>> copies;  // (from, to) pages
+  {
+    auto lk = engine_->lock_idle(*this);
+    drop_drafts();
+    if (!engine_->ensure_pages(*s, int64_t(tokens_.size())))
+      fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for a copy of this session");
+    for (size_t i = 0; i < s->kv_.pages.size(); i++) copies.push_back({kv_.pages[i], s->kv_.pages[i]});
+  }
+  // The copy runs on the step thread between steps, on every rank: the pages are this session's (no step
+  // writes below its cached length) and the new session's (not yet visible to anyone).
+  engine_->run_between_steps([&] {
+    engine_->ranks_->for_each_backend([&](Backend &be) {
+      for (auto [from, to] : copies) be.kv_copy_page(from, to);
+    });
+  });
+  auto lk = engine_->lock_idle(*this);
+  s->tokens_ = tokens_;
+  s->pending_ = pending_;
+  s->logits_ = logits_;
+  s->logits_rows_ = logits_rows_;
+  s->mtp_pos_ = mtp_pos_;
+  s->mtp_hidden_ = mtp_hidden_;
+  s->messages_ = messages_;
+  s->tools_json_ = tools_json_;
+  uint64_t st[4];
+  rng_.state(st);
+  s->rng_.set_state(st);
+  return s;
+}
+
+void Session::start(const GenParams &p) {
+  const Model &m = engine_->model();
+  if (!m.has_weights) fail(DSRT_ERR_UNSUPPORTED, "the model was loaded for its tokenizer only");
+  {
+    std::lock_guard lk(engine_->mu_);
+    if (tokens_.empty() && pending_.empty()) fail(DSRT_ERR_BAD_STATE, "nothing to generate from: append a prompt first");
+    last_.prompt_tokens = int64_t(pending_.size());
+  }
+  if (p.max_new_tokens < 0) fail(DSRT_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 0");
+  if (!p.stop_strings.empty() && !m.tokenizer) m.tok();  // throws the no-tokenizer error
+  {
+    auto lk = engine_->lock_idle(*this);
+    gp_ = p;
+    drop_drafts();
+    last_.mtp_drafted = last_.mtp_accepted = 0;
+    turn_active_ = true;  // under the lock: the step thread reads it (drafting, cancel)
+    // Admission: the pages this turn may fill are reserved now (as far as the pool has them unreserved), so a
+    // session that starts later cannot take them and end this turn early.
+    const int64_t room = p.max_new_tokens > 0 ? p.max_new_tokens + engine_->opt_.mtp_drafts : max_ctx_;
+    const int64_t want = std::min<int64_t>(max_ctx_, int64_t(tokens_.size() + pending_.size()) + room);
+    engine_->pool_->unreserve(kv_);
+    engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()));
+  }
+  if (p.has_seed) rng_.reseed(p.seed);
+  detok_.reset();
+  if (m.tokenizer) detok_ = std::make_unique<Detokenizer>(*m.tokenizer, p.skip_special, p.stop_strings);
+  eog_ = m.eog_ids();
+  banned_ = engine_->model().unused_ids;
+  if (p.ignore_eos) banned_.insert(banned_.end(), eog_.begin(), eog_.end());
+  finish_pending_ = Finish::None;
+  n_generated_ = 0;
+  reply_.clear();
+  cancel_flag_.store(0);
+  turn_start_ = std::chrono::steady_clock::now();
+  last_.generated_tokens = 0;
+  last_.ttft_seconds = 0;
+  last_.decode_tokens_per_second = 0;
+}
+
+void Session::forget_mtp_after(int64_t n_keep) {
+  if (mtp_pos_ + int64_t(mtp_hidden_.size()) / engine_->model().cfg.hidden_size > n_keep) {
+    mtp_hidden_.clear();
+    mtp_pos_ = std::min(mtp_pos_, n_keep);
+  }
+}
+
+void Session::drop_drafts() {
+  if (drafts_.empty()) return;
+  const int64_t V = engine_->model().cfg.vocab_size, H = engine_->model().cfg.hidden_size;
+  const size_t k = drafts_.size();
+  tokens_.resize(tokens_.size() - k);
+  engine_->release_pages(*this, int64_t(tokens_.size()));
+  if (logits_rows_ == int64_t(k) + 1) {  // keep the first row: the logits of the last cached token
+    logits_.resize(size_t(V));
+    logits_rows_ = 1;
+  }
+  const int64_t waiting = int64_t(tokens_.size()) - mtp_pos_;  // the rows of cached positions still wait
+  if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
+  drafts_.clear();
+}
+
+Event Session::finish_turn(Finish why, int32_t token) {
+  {
+    auto lk = engine_->lock_idle(*this);
+    drop_drafts();
+    turn_active_ = false;
+    engine_->pool_->unreserve(kv_);
+  }
+  Event ev;
+  ev.done = true;
+  ev.finish = why;
+  ev.token = token;
+  if (detok_) ev.text = detok_->flush();
+  reply_ += ev.text;
+  auto now = std::chrono::steady_clock::now();
+  if (n_generated_ > 1)
+    last_.decode_tokens_per_second = double(n_generated_ - 1) / std::chrono::duration<double>(now - first_token_).count();
+  last_.generated_tokens = n_generated_;
+  if (!messages_.empty()) messages_.push_back({{"role", "assistant"}, {"content", reply_}});
+  return ev;
+}
+
+Event Session::next() {
+  if (!turn_active_) fail(DSRT_ERR_BAD_STATE, "no generation turn in progress: call start first");
+  if (finish_pending_ != Finish::None) return finish_turn(finish_pending_, -1);
+  const Model &m = engine_->model();
+  try {
+    eval(gp_.cancel);
+  } catch (const Error &e) {
+    if (e.code() == DSRT_ERR_CANCELLED) return finish_turn(Finish::Cancelled, -1);
+    if (e.code() == DSRT_ERR_CONTEXT_FULL) return finish_turn(Finish::ContextFull, -1);
+    Event ev = finish_turn(Finish::Error, -1);
+    ev.status = e.code();
+    ev.error = e.what();
+    return ev;
+  }
+  if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
+  if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
+  int32_t tok;
+  if (int64_t(tokens_.size() + pending_.size() - drafts_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
+  if (logits_rows_ == 0) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
+  const int64_t V = m.cfg.vocab_size;
+  bool accepted = false;  // the token is an accepted draft, already in the cache
+  if (!drafts_.empty()) {
+    // The step verified [sampled token, drafts...]: logits_ row 0 predicts the first draft's position. Sample
+    // that token as always (same distribution, same random draw); if it is the draft, the draft's cache entry
+    // and the next logits row are already there, else the drafts leave. Either way the output is what it would
+    // have been without MTP.
+    std::lock_guard lk(engine_->mu_);
+    tok = sample_token(logits_.data(), V, gp_.sampling, tokens_.data(), tokens_.size() - drafts_.size(), banned_,
+                       rng_);
+    if (tok == drafts_.front()) {
+      accepted = true;
+      last_.mtp_accepted++;
+      engine_->stats_.mtp_accepted++;
+      drafts_.erase(drafts_.begin());
+      logits_.erase(logits_.begin(), logits_.begin() + V);
+      logits_rows_--;
+    } else {
+      drop_drafts();
+    }
+  } else {  // unlocked: this session is idle with nothing pending, so no step writes its logits
+    tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
+                       tokens_.size(), banned_, rng_);
+  }
+  if (!accepted) {  // room was checked above; the flag goes with the token (steps read it to draft)
+    std::lock_guard lk(engine_->mu_);
+    pending_.push_back(tok);
+    sampled_pending_ = true;
+  }
+  if (n_generated_++ == 0) {
+    first_token_ = std::chrono::steady_clock::now();
+    last_.ttft_seconds = std::chrono::duration<double>(first_token_ - turn_start_).count();
+  }
+  const bool eog = !gp_.ignore_eos && std::binary_search(eog_.begin(), eog_.end(), tok);
+  if (eog) return finish_turn(Finish::Eos, tok);
+  if (std::find(gp_.stop_tokens.begin(), gp_.stop_tokens.end(), tok) != gp_.stop_tokens.end())
+    return finish_turn(Finish::StopToken, tok);
+  Event ev;
+  ev.token = tok;
+  if (detok_) {
+    ev.text = detok_->push(tok);
+    reply_ += ev.text;
+    if (detok_->stopped()) finish_pending_ = Finish::StopString;
+  }
+  if (finish_pending_ == Finish::None && gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens)
+    finish_pending_ = Finish::Length;
+  return ev;
+}
+
+void Session::truncate(size_t n_keep) {
+  auto lk = engine_->lock_idle(*this);
+  drop_drafts();
+  if (n_keep > tokens_.size())
+    failf(DSRT_ERR_INVALID_ARGUMENT, "truncate to ", n_keep, " tokens, but the session holds ", tokens_.size());
+  if (n_keep < tokens_.size()) forget_mtp_after(int64_t(n_keep));
+  tokens_.resize(n_keep);
+  pending_.clear();
+  pending_started_ = false;
+  sampled_pending_ = false;
+  failed_ = DSRT_OK;
+  logits_.clear();
+  logits_rows_ = 0;
+  engine_->release_pages(*this, int64_t(n_keep));
+}
+
+// Embedding rows that are no token (padding past the tokenizer, spec §3.11) are never sampled.
+int32_t Session::sample(float temperature) {
+  auto lk = engine_->lock_idle(*this);  // a step may be replacing the logits of this session's pending tokens
+  if (logits_rows_ == 0) fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
+  const int64_t V = engine_->model().cfg.vocab_size;
+  SamplingParams p;
+  p.temperature = temperature;
+  return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, engine_->model().unused_ids, rng_);
+}
+
+// With nothing pending no step touches this session, so the views point into it directly; with tokens
+// pending (a turn's last sample, or appended ones a step may take) they are copies.
+Session::LogitsView Session::logits_view() {
+  std::lock_guard lk(engine_->mu_);
+  const int64_t rows = drafts_.empty() ? logits_rows_ : std::min<int64_t>(logits_rows_, 1);
+  if (pending_.empty()) return {logits_.data(), rows};
+  logits_snapshot_.assign(logits_.data(), logits_.data() + rows * vocab());
+  return {logits_snapshot_.data(), rows};
+}
+
+std::span<const int32_t> Session::tokens_view() {
+  std::lock_guard lk(engine_->mu_);
+  const size_t n = tokens_.size() - drafts_.size();
+  if (pending_.empty()) return {tokens_.data(), n};
+  tokens_snapshot_.assign(tokens_.begin(), tokens_.begin() + std::ptrdiff_t(n));
+  return tokens_snapshot_;
+}
+
+SessionStats Session::stats() const {
+  std::lock_guard lk(engine_->mu_);
+  SessionStats s = last_;
+  s.n_tokens = int64_t(tokens_.size());
+  s.n_pending = int64_t(pending_.size());
+  s.n_pages = int64_t(kv_.pages.size());
+  s.n_evaluated = n_evaluated_;
+  return s;
+}
+
+
+}  // namespace dsrt

@@ -1,0 +1,304 @@
+#include "engine/step_runner.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/status.h"
+#include "engine/engine.h"
+
+namespace dsrt {
+
+bool StepRunner::plan() {
+  const ModelConfig &c = e_.model_->cfg;
+  const int64_t H = c.hidden_size;
+  int64_t budget = e_.opt_.max_batch_tokens;
+  // Decode rows first (a turn's sampled token), then prefill chunks in arrival order: a long prompt takes
+  // what the budget leaves and never delays the sessions that are generating.
+  std::vector<Session *> order;
+  for (int decode = 1; decode >= 0; decode--)
+    for (Session *s : e_.sessions_)
+      if (e_.runnable(*s) && s->sampled_pending_ == bool(decode)) order.push_back(s);
+  for (Session *s : order) {
+    if (budget == 0) break;
+    const int64_t n_past = int64_t(s->tokens_.size());
+    const int64_t n = std::min<int64_t>(int64_t(s->pending_.size()), budget);
+    if (!s->pending_started_) s->run_start_ = n_past;
+    // MTP: a session that just sampled a token in a turn gets drafts of the tokens after it, as many as the
+    // budget and the context have room for.
+    int64_t want = 0;
+    if (e_.mtp_) {
+      const int64_t rows = int64_t(s->mtp_hidden_.size()) / H;
+      want = std::min<int64_t>({int64_t(e_.opt_.mtp_drafts), budget - n, s->max_ctx_ - n_past - 1});
+      const bool ok = s->turn_active_ && s->sampled_pending_ && s->pending_.size() == 1 && !s->logits_all_ &&
+                      s->drafts_.empty() && rows > 0 && s->mtp_pos_ + rows == n_past && want >= 1;
+      if (!ok || !e_.ensure_pages(*s, n_past + n + want)) want = 0;  // drafts are optional
+    }
+    if (!e_.ensure_pages(*s, n_past + n)) {
+      s->failed_ = DSRT_ERR_CONTEXT_FULL;
+      s->failed_msg_ = "the engine's KV pool is full (" + std::to_string(e_.capacity_tokens()) +
+                       " tokens over all sessions, some reserved by running turns); free or truncate sessions, "
+                       "or raise max_tokens";
+      continue;
+    }
+    Work w;
+    w.s = s;
+    w.seq = int32_t(step_.batch.seqs.size());
+    w.n_pending = int32_t(n);
+    w.n_drafts = int32_t(want);
+    w.n_past = n_past;
+    w.first_chunk = !s->pending_started_;
+    w.pages = s->kv_.pages;
+    Batch &b = step_.batch;
+    b.add_seq(int32_t(n + want), int32_t(n_past), w.pages.data(), int32_t(w.pages.size()));
+    for (int64_t i = 0; i < n + want; i++) {
+      b.tokens.push_back(i < n ? s->pending_[size_t(i)] : 0);  // drafts: filled in by the draft pass
+      b.positions.push_back(int32_t(n_past + i));
+    }
+    const bool completes = n == int64_t(s->pending_.size());
+    w.logit_row0 = int64_t(step_.logit_rows.size());
+    const int32_t row0 = b.seqs.back().row0;
+    if (s->logits_all_ || want > 0) {  // drafts: the rows of the sampled token and of each draft
+      for (int64_t i = 0; i < n + want; i++) step_.logit_rows.push_back(row0 + int32_t(i));
+    } else if (completes) {
+      step_.logit_rows.push_back(row0 + int32_t(n - 1));
+    }
+    w.n_logit_rows = int64_t(step_.logit_rows.size()) - w.logit_row0;
+    if (e_.mtp_) {
+      w.mtp_pos = s->mtp_pos_;
+      w.mtp_hidden = s->mtp_hidden_;
+      w.tail0 = std::min(s->mtp_pos_, n_past);
+      w.tail.assign(s->tokens_.begin() + w.tail0, s->tokens_.end());
+      if (want > 0 && e_.opt_.mtp_draft_override) {
+        w.override_seq = s->tokens_;
+        w.override_seq.push_back(s->pending_[0]);
+      }
+    }
+    s->in_flight_ = true;
+    budget -= n + want;
+    work_.push_back(std::move(w));
+  }
+  step_.policy = e_.opt_.attention;
+  return !work_.empty();
+}
+
+int32_t StepRunner::token_at(const Work &w, int64_t pos) const {
+  if (pos < w.n_past) {
+    if (pos < w.tail0) fail(DSRT_ERR_INTERNAL, "MTP: a pair reaches before the copied tokens");
+    return w.tail[size_t(pos - w.tail0)];
+  }
+  return step_.batch.tokens[size_t(step_.batch.seqs[size_t(w.seq)].row0 + (pos - w.n_past))];
+}
+
+void StepRunner::run() {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    if (std::any_of(work_.begin(), work_.end(), [](const Work &w) { return w.n_drafts > 0; })) draft();
+    logits_.resize(step_.logit_rows.size() * size_t(e_.model_->cfg.vocab_size));
+    Tensor hidden;
+    e_.ranks_->forward(step_, logits_.data(), e_.mtp_ ? &hidden : nullptr);
+    if (e_.mtp_) catch_up(hidden);
+  } catch (const Error &e) {
+    failed_ = true;
+    fail_code_ = e.code();
+    fail_msg_ = e.what();
+  } catch (const std::bad_alloc &) {
+    failed_ = true;
+    fail_code_ = DSRT_ERR_OUT_OF_MEMORY;
+    fail_msg_ = "out of host memory in a forward step";
+  } catch (const std::exception &e) {
+    failed_ = true;
+    fail_code_ = DSRT_ERR_INTERNAL;
+    fail_msg_ = e.what();
+  }
+  seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Each drafting session's waiting hidden rows are paired with the tokens after them (the last one being the
+// token just sampled) and run through the MTP module; its argmax at the last row is the first draft. Further
+// drafts chain the module on its own head-normed output in place of the main model's hidden state (spec §6),
+// writing MTP cache entries that the real pairs overwrite later. Drafts fill the step's draft rows for the
+// main forward to verify; their quality affects only speed: next() keeps a draft only where the main
+// model's own sample equals it. (One rank: the engine refuses MTP with tp/ep > 1.)
+void StepRunner::draft() {
+  const int64_t H = e_.model_->cfg.hidden_size, V = e_.model_->cfg.vocab_size;
+  Backend &be = e_.ranks_->leader();
+  Communicator &comm = e_.ranks_->leader_comm();
+  const ModelShard &shard = e_.ranks_->leader_shard();
+  auto take = [&](Work &w, const float *logits_row) {
+    int32_t d = int32_t(std::max_element(logits_row, logits_row + V) - logits_row);
+    if (e_.opt_.mtp_draft_override) {
+      d = e_.opt_.mtp_draft_override(w.override_seq, d);
+      w.override_seq.push_back(d);
+    }
+    w.drafts.push_back(d);
+    step_.batch.tokens[size_t(step_.batch.seqs[size_t(w.seq)].row0 + w.n_pending) + w.drafts.size() - 1] = d;
+  };
+  be.begin_step();  // one step for all passes: each pass reads the previous one's output
+  // Pass 1: the waiting pairs.
+  Batch mb;
+  std::vector<int32_t> logit_rows;
+  std::vector<Work *> drafting;
+  for (Work &w : work_) {
+    if (w.n_drafts == 0) continue;
+    const int64_t rows = int64_t(w.mtp_hidden.size()) / H;
+    mb.add_seq(int32_t(rows), int32_t(w.mtp_pos), w.pages.data(), int32_t(w.pages.size()));
+    for (int64_t i = 0; i < rows; i++) {
+      mb.tokens.push_back(token_at(w, w.mtp_pos + i + 1));
+      mb.positions.push_back(int32_t(w.mtp_pos + i));
+    }
+    logit_rows.push_back(int32_t(mb.tokens.size()) - 1);
+    drafting.push_back(&w);
+  }
+  Tensor hidden = be.alloc(mb.n_tokens(), H);
+  for (size_t k = 0; k < drafting.size(); k++)
+    be.from_host(hidden.rows_view(mb.seqs[k].row0, mb.seqs[k].n_new), drafting[k]->mtp_hidden.data());
+  HostVec<float> logits(logit_rows.size() * size_t(V));
+  Tensor normed;
+  mtp_forward(shard, be, comm, mb, hidden, logit_rows, e_.opt_.attention, logits.data(), &normed);
+  std::vector<int32_t> row_of(drafting.size());  // each session's row in `normed`
+  for (size_t k = 0; k < drafting.size(); k++) {
+    Work &w = *drafting[k];
+    w.mtp_pos += mb.seqs[k].n_new;
+    w.mtp_hidden.clear();
+    take(w, logits.data() + k * size_t(V));
+    row_of[k] = int32_t(k);
+  }
+  // Passes 2, 3, ...: one row per session that wants another draft, at the position after the last one.
+  for (int64_t j = 2;; j++) {
+    Batch cb;
+    std::vector<int32_t> rows, chained;
+    for (size_t k = 0; k < drafting.size(); k++) {
+      Work &w = *drafting[k];
+      if (w.n_drafts < j) continue;
+      const int32_t pos = int32_t(w.n_past + j - 2);  // the position of the token before the last draft
+      cb.add_seq(1, pos, w.pages.data(), int32_t(w.pages.size()));
+      cb.tokens.push_back(w.drafts.back());
+      cb.positions.push_back(pos);
+      rows.push_back(row_of[k]);
+      row_of[k] = int32_t(chained.size());
+      chained.push_back(int32_t(k));
+    }
+    if (chained.empty()) break;
+    Tensor h = be.alloc(cb.n_tokens(), H);
+    be.gather_rows(normed, rows, h);
+    std::vector<int32_t> all(chained.size());
+    for (size_t i = 0; i < all.size(); i++) all[i] = int32_t(i);
+    logits.resize(all.size() * size_t(V));
+    mtp_forward(shard, be, comm, cb, h, all, e_.opt_.attention, logits.data(), &normed);
+    for (size_t i = 0; i < chained.size(); i++) take(*drafting[size_t(chained[i])], logits.data() + i * size_t(V));
+  }
+}
+
+// After the main forward: every row whose next token is known and final goes through the MTP module now (its
+// hidden state is still on the device), together with rows waiting from earlier steps; the step's last row
+// waits for the token sampled after it. A verified draft's rows all wait: the drafts may be rejected.
+void StepRunner::catch_up(Tensor hidden) {
+  const int64_t H = e_.model_->cfg.hidden_size;
+  Backend &be = e_.ranks_->leader();
+  const Batch &b = step_.batch;
+  Batch mb;
+  struct Part {
+    Work *w;
+    int64_t waiting, step_row0, step_rows;  // rows from mtp_hidden, then rows of this step
+  };
+  std::vector<Part> parts;
+  std::vector<int64_t> keep(work_.size());  // per session: this step's last rows, which wait for the next
+  for (size_t k = 0; k < work_.size(); k++) {
+    Work &w = work_[k];
+    const SeqSlice &sl = b.seqs[size_t(w.seq)];
+    int64_t waiting = int64_t(w.mtp_hidden.size()) / H;
+    if (w.mtp_pos + waiting != sl.n_past) {  // the cache was cut or restored: continue from here (a gap in the
+      w.mtp_hidden.clear();                  // MTP cache costs draft accuracy, never correctness)
+      w.mtp_pos = sl.n_past;
+      waiting = 0;
+    }
+    keep[k] = w.n_drafts == 0 ? 1 : sl.n_new;
+    const int64_t run = sl.n_new - keep[k];
+    if (waiting + run > 0) {
+      mb.add_seq(int32_t(waiting + run), int32_t(w.mtp_pos), w.pages.data(), int32_t(w.pages.size()));
+      for (int64_t i = 0; i < waiting + run; i++) {
+        mb.tokens.push_back(token_at(w, w.mtp_pos + i + 1));
+        mb.positions.push_back(int32_t(w.mtp_pos + i));
+      }
+      parts.push_back({&w, waiting, sl.row0, run});
+    }
+  }
+  if (!mb.seqs.empty()) {
+    Tensor mh = be.alloc(mb.n_tokens(), H);
+    for (size_t k = 0; k < parts.size(); k++) {
+      const Part &p = parts[k];
+      const int64_t r0 = mb.seqs[k].row0;
+      if (p.waiting > 0) be.from_host(mh.rows_view(r0, p.waiting), p.w->mtp_hidden.data());
+      if (p.step_rows > 0) {
+        std::vector<int32_t> rows(size_t(p.step_rows));
+        for (int64_t i = 0; i < p.step_rows; i++) rows[size_t(i)] = int32_t(p.step_row0 + i);
+        be.gather_rows(hidden, rows, mh.rows_view(r0 + p.waiting, p.step_rows));
+      }
+      p.w->mtp_pos += p.waiting + p.step_rows;
+    }
+    mtp_forward(e_.ranks_->leader_shard(), be, e_.ranks_->leader_comm(), mb, mh, {}, e_.opt_.attention, nullptr);
+  }
+  // The rows that wait, to the host in one copy.
+  std::vector<int32_t> rows;
+  for (size_t k = 0; k < work_.size(); k++) {
+    const SeqSlice &sl = b.seqs[size_t(work_[k].seq)];
+    for (int64_t i = sl.n_new - keep[k]; i < sl.n_new; i++) rows.push_back(sl.row0 + int32_t(i));
+  }
+  Tensor waiting = be.alloc(int64_t(rows.size()), H);
+  be.gather_rows(hidden, rows, waiting);
+  HostVec<float> host(rows.size() * size_t(H));
+  be.to_host(waiting, host.data());
+  size_t at = 0;
+  for (size_t k = 0; k < work_.size(); k++) {
+    work_[k].mtp_hidden.assign(host.data() + at * size_t(H), host.data() + (at + size_t(keep[k])) * size_t(H));
+    at += size_t(keep[k]);
+  }
+}
+
+int64_t StepRunner::commit() {
+  const int64_t V = e_.model_->cfg.vocab_size;
+  for (Work &w : work_) {
+    Session &s = *w.s;
+    s.in_flight_ = false;
+    if (failed_) {
+      s.failed_ = fail_code_;
+      s.failed_msg_ = fail_msg_;
+      continue;
+    }
+    if (w.first_chunk) {  // the first chunk of a pending run starts a new logits set
+      s.logits_.clear();
+      s.logits_rows_ = 0;
+    }
+    s.tokens_.insert(s.tokens_.end(), s.pending_.begin(), s.pending_.begin() + w.n_pending);
+    s.tokens_.insert(s.tokens_.end(), w.drafts.begin(), w.drafts.end());
+    s.pending_.erase(s.pending_.begin(), s.pending_.begin() + w.n_pending);
+    s.drafts_ = w.drafts;
+    s.sampled_pending_ = false;
+    s.pending_started_ = !s.pending_.empty();
+    s.n_evaluated_ += uint64_t(w.n_pending + w.n_drafts);
+    if (w.n_logit_rows > 0) {
+      if (!s.logits_all_) {
+        s.logits_.clear();
+        s.logits_rows_ = 0;
+      }
+      const float *src = logits_.data() + size_t(w.logit_row0 * V);
+      s.logits_.insert(s.logits_.end(), src, src + w.n_logit_rows * V);
+      s.logits_rows_ += w.n_logit_rows;
+    }
+    if (e_.mtp_) {
+      s.mtp_pos_ = w.mtp_pos;
+      s.mtp_hidden_ = std::move(w.mtp_hidden);
+    }
+    s.last_.mtp_drafted += w.n_drafts;
+    e_.stats_.mtp_drafted += uint64_t(w.n_drafts);
+  }
+  if (failed_) return 0;
+  const int64_t T = step_.batch.n_tokens();
+  e_.stats_.forward_seconds += seconds_;
+  e_.stats_.n_steps++;
+  e_.stats_.n_tokens += uint64_t(T);
+  e_.stats_.max_batch_seqs = std::max<uint64_t>(e_.stats_.max_batch_seqs, work_.size());
+  return T;
+}
+
+}  // namespace dsrt

@@ -1,0 +1,99 @@
+#include "model/placement.h"
+
+#include <cstdio>
+
+#include "core/status.h"
+
+namespace dsrt {
+namespace {
+
+uint64_t bytes_of(const Weight &w) {
+  if (!w) return 0;
+  uint64_t b = uint64_t(w.rows * w.cols) * dtype_size(w.dtype);
+  if (w.dtype == DType::F8_E4M3) b += uint64_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);
+  return b;
+}
+
+std::string mib(uint64_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MiB"; }
+
+}  // namespace
+
+Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devices, uint64_t budget) {
+  Placement p;
+  p.where.assign(w.all.size(), -1);
+  // The parts, from the model's structure (not from tensor names): routed experts, MTP layers, the rest.
+  std::vector<char> expert(w.all.size(), 0), mtp(w.all.size(), 0);
+  auto mark = [&](const Weight &x, std::vector<char> &v) {
+    if (x && x.id >= 0) v[size_t(x.id)] = 1;
+  };
+  for (const LayerWeights &L : w.layers)
+    for (const FfnWeights &e : L.experts) {
+      mark(e.gate, expert);
+      mark(e.up, expert);
+      mark(e.down, expert);
+    }
+  uint64_t non_expert = 0, experts = 0, mtp_bytes = 0;
+  // MTP weights: everything bound in the MTP layers (counted apart; they are uploaded only with drafts on).
+  auto mark_layer = [&](const LayerWeights &L) {
+    for (const Weight *x : {&L.input_norm, &L.post_norm, &L.q_a, &L.q_a_norm, &L.q_b, &L.q, &L.kv_a, &L.kv_a_norm, &L.kv_b,
+                            &L.o, &L.router, &L.router_bias, &L.mtp_embed, &L.enorm, &L.hnorm, &L.eh_proj, &L.head_norm,
+                            &L.head, &L.dense.gate, &L.dense.up, &L.dense.down, &L.shared.gate, &L.shared.up,
+                            &L.shared.down})
+      mark(*x, mtp);
+    for (const FfnWeights &e : L.experts) {
+      mark(e.gate, mtp);
+      mark(e.up, mtp);
+      mark(e.down, mtp);
+    }
+  };
+  for (const LayerWeights &L : w.mtp) mark_layer(L);
+  for (const Weight *x : w.all) {
+    if (x->id < 0) continue;
+    const uint64_t b = bytes_of(*x);
+    if (mtp[size_t(x->id)]) mtp_bytes += b;
+    else if (expert[size_t(x->id)]) experts += b;
+    else non_expert += b;
+  }
+  if (devices.empty()) {
+    p.host_bytes = non_expert + experts + mtp_bytes;
+    return p;
+  }
+  if (devices.size() > 1)
+    fail(DSRT_ERR_UNSUPPORTED, "weights over several devices come with the several-GPU communicator; give one device");
+  if (non_expert > budget)
+    failf(DSRT_ERR_OUT_OF_MEMORY, "the non-expert weights need ", mib(non_expert), " of ", devices[0].str(),
+          " memory, but the budget is ", mib(budget));
+  if (non_expert + experts > budget)
+    failf(DSRT_ERR_OUT_OF_MEMORY, "the model's weights need ", mib(non_expert + experts), " of ", devices[0].str(),
+          " memory (", mib(non_expert), " non-expert + ", mib(experts), " routed experts), but the budget is ", mib(budget),
+          "; keeping routed experts in host memory (expert offload) is not supported yet");
+  DeviceShare d;
+  d.device = devices[0];
+  d.budget = budget;
+  d.non_expert = non_expert;
+  d.routed_experts = experts;
+  d.mtp = mtp_bytes;
+  p.devices.push_back(d);
+  for (const Weight *x : w.all)
+    if (x->id >= 0) p.where[size_t(x->id)] = 0;
+  return p;
+}
+
+std::string Placement::str() const {
+  std::string s;
+  char line[256];
+  std::snprintf(line, sizeof line, "%-8s %14s %14s %14s %14s\n", "where", "budget", "non-expert", "routed experts", "MTP");
+  s += line;
+  for (const DeviceShare &d : devices) {
+    std::snprintf(line, sizeof line, "%-8s %14s %14s %14s %14s\n", d.device.str().c_str(), mib(d.budget).c_str(),
+                  mib(d.non_expert).c_str(), mib(d.routed_experts).c_str(), mib(d.mtp).c_str());
+    s += line;
+  }
+  if (devices.empty()) {
+    std::snprintf(line, sizeof line, "%-8s %14s %44s\n", "host", "-", (mib(host_bytes) + " read in place from the mapped files").c_str());
+    s += line;
+  }
+  return s;
+}
+
+}  // namespace dsrt
