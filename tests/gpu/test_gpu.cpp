@@ -350,7 +350,7 @@ TEST_CASE("op by op through the model on every preset") {
       forward(*model, be, b, {n_new - 1}, AttentionPolicy::Auto, logits.data());
     }
     for (const auto &[op, e] : be.errors) {
-      MESSAGE(preset << " (" << dtype_name(kv) << " cache) " << op << ": " << e.calls << " calls, worst relative L2 "
+      MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache) " << op << ": " << e.calls << " calls, worst relative L2 "
                      << e.worst << " at call " << e.worst_call);
       const bool attention = op.rfind("mla_attention", 0) == 0;
       CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : attention && kv == DType::BF16 ? 5e-4 : 1e-4), op);
@@ -446,7 +446,7 @@ TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU 
       CAPTURE(i);
       CHECK(l[top] - l[greedy[i]] <= 0.02f);
     }
-    MESSAGE(preset << " (" << dtype_name(kv) << " cache on both): CUDA vs CPU max relative L2 over 80 prompt rows and 23 decode steps = "
+    MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache on both): CUDA vs CPU max relative L2 over 80 prompt rows and 23 decode steps = "
                    << worst << "; " << exact << " of 24 greedy tokens the CPU's argmax");
     CHECK(worst < (kv == DType::F32 ? 1e-5 : 1e-3));
   }
