@@ -49,10 +49,12 @@ void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int
                       const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, float *h, float *y,
                       float *out, cudaStream_t s);
 
-// ---- mla.cu: the paged latent cache holds fp32 [page][layer][64][width]; width = latent + rope.
+// ---- mla.cu: the paged latent cache holds [page][layer][64][width] values, width = latent + rope, in fp32
+// (dtype kF32) or bf16 (kBF16: written rounded to nearest even, widened to fp32 on read; fp32 arithmetic).
 struct KvCacheView {
-  float *base = nullptr;
+  void *base = nullptr;
   int64_t n_layers = 0, width = 0;
+  int32_t dtype = kF32;  // kF32 or kBF16
 };
 // Each row of kv [rows, width] (kv_a output) is normalised (first `latent` values, weight norm_w), its rope
 // part rotated at positions[r], and written to cache slot slots[r] (= page * 64 + offset) of `layer`.

@@ -488,3 +488,143 @@ TEST_CASE("MLA cache write and attention: both forms equal the direct formula, a
   CHECK(max_err_n < 1e-4);
   CHECK(max_err_a < 1e-4);
 }
+
+namespace {
+
+// One sequence of n_prev cached tokens and n_new new ones over the scattered page table {5, 2} (positions
+// 64.. live in page 2), cache layer 1 of 2, written by mla_cache_write in two steps and attended in both forms,
+// in a pool of the given dtype; or, with `entries`, the pool is filled by kv_write instead.
+struct BlendedMla {
+  static constexpr int n_prev = 70, n_new = 6, n_ctx = n_prev + n_new, layer = 1;
+  MlaDims d{4, 32, 16, 24, 128, 0.15f};  // nh, dn, dr, dv, dc
+  int W = int(d.latent + d.rope);
+  std::vector<int32_t> pages = {5, 2};
+  RopeTable rt;
+  std::mt19937 rng{41};
+  OwnedWeight kv_norm{d.latent, 1, DType::BF16, rng};
+  OwnedWeight kv_b{d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng};
+  std::vector<float> kv_in, q_in;
+  BlendedMla() {
+    for (int i = 0; i < d.rope / 2; i++) rt.inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / d.rope)));
+    kv_in.resize(size_t(n_ctx * W));
+    for (auto &v : kv_in) v = std::normal_distribution<float>()(rng);
+    q_in.resize(size_t(n_new * d.n_heads * (d.nope + d.rope)));
+    for (auto &v : q_in) v = std::normal_distribution<float>()(rng);
+  }
+  Batch batch(int n_past, int n) const {
+    Batch b;
+    for (int i = 0; i < n; i++) {
+      b.tokens.push_back(0);
+      b.positions.push_back(n_past + i);
+    }
+    b.seqs.push_back({0, n, n_past, 0, 2});
+    b.pages = pages;
+    return b;
+  }
+  struct Out {
+    std::vector<float> cache, naive, absorbed;  // cache: kv_read of all n_ctx positions, [n_ctx][2][W]
+  };
+  Out run(DType dtype, const std::vector<float> *entries = nullptr) {
+    auto be = backend();
+    be->kv_init({2, W, 8, dtype});
+    be->begin_step();
+    if (entries) {
+      be->kv_write(pages.data(), n_ctx, entries->data());
+    } else {
+      for (auto [n_past, n] : {std::pair{0, n_prev}, std::pair{n_prev, n_new}}) {
+        Tensor kv = be->alloc(n, W);
+        std::copy(kv_in.begin() + n_past * W, kv_in.begin() + (n_past + n) * W, kv.f32());
+        be->mla_cache_write(layer, kv, kv_norm.w, 1e-6f, rt, batch(n_past, n));
+      }
+    }
+    Out o;
+    o.cache.resize(size_t(n_ctx * 2 * W));
+    be->kv_read(pages.data(), n_ctx, o.cache.data());
+    Tensor q = be->alloc(n_new, d.n_heads * (d.nope + d.rope));
+    std::copy(q_in.begin(), q_in.end(), q.f32());
+    for (AttnForm f : {AttnForm::Naive, AttnForm::Absorbed}) {
+      Tensor out = be->alloc(n_new, d.n_heads * d.v);
+      be->mla_attention(layer, q, kv_b.w, d, batch(n_prev, n_new), f, out);
+      (f == AttnForm::Naive ? o.naive : o.absorbed).assign(out.f32(), out.f32() + out.rows * out.cols);
+    }
+    return o;
+  }
+};
+
+double rel_l2(const std::vector<float> &a, const std::vector<float> &b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); i++) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+}  // namespace
+
+TEST_CASE("BF16 latent cache: entries are the F32 pool's rounded to nearest even; attention reads them widened") {
+  BlendedMla m;
+  CHECK(backend()->default_kv_dtype() == DType::F32);  // the CPU reference keeps fp32 unless asked
+  const auto f32 = m.run(DType::F32), bf16 = m.run(DType::BF16);
+  // The write path computes each entry in fp32 and rounds once: exactly the F32 pool's entries, rounded (the
+  // unused layer 0 reads back as zeros in both).
+  REQUIRE(f32.cache.size() == bf16.cache.size());
+  int64_t mismatched = 0, rounded = 0;
+  for (size_t i = 0; i < f32.cache.size(); i++) {
+    mismatched += bf16.cache[i] != bf16_round(f32.cache[i]);
+    rounded += bf16.cache[i] != f32.cache[i];
+  }
+  CHECK(mismatched == 0);
+  CHECK(rounded > int64_t(f32.cache.size()) / 4);  // the pool really holds bf16 (half of it is layer 0's zeros)
+  // Reading widens exactly: an F32 pool given the same (rounded) entries gives bitwise the same attention.
+  const auto same = m.run(DType::F32, &bf16.cache);
+  CHECK(same.naive == bf16.naive);
+  CHECK(same.absorbed == bf16.absorbed);
+  // Against the unrounded F32 pool: each cached value moves by at most 2^-9 relative (round to nearest, 8
+  // significant bits), about 2^-8/sqrt(12) = 1.1e-3 RMS. The output is a softmax-weighted mean of values
+  // (that error, averaged) with weights moved by the scores' error (scale * q . dk: same relative order, the
+  // scores here being O(1)), so a few 1e-3 is expected; 1e-2 leaves headroom, and a misplaced or misread
+  // entry gives O(1).
+  const double en = rel_l2(bf16.naive, f32.naive), ea = rel_l2(bf16.absorbed, f32.absorbed);
+  MESSAGE("BF16 vs F32 cache, attention output relative L2: naive " << en << ", absorbed " << ea);
+  CHECK(en < 1e-2);
+  CHECK(ea < 1e-2);
+  CHECK(en > 0);  // the rounding is visible downstream (the forms did read the bf16 entries)
+}
+
+TEST_CASE("BF16 latent cache: kv_write/kv_read round trip, kv_copy_page, page sizes, unsupported dtypes") {
+  std::mt19937 rng(42);
+  const int W = 40, L = 3, n = 70;
+  CHECK(KvCacheSpec{L, W, 1, DType::BF16}.page_bytes() == size_t(L * 64 * W * 2));
+  CHECK(KvCacheSpec{L, W, 1, DType::F32}.page_bytes() == size_t(L * 64 * W * 4));
+  std::vector<float> src(size_t(n * L * W));
+  for (auto &v : src) v = std::normal_distribution<float>(0.0f, 10.0f)(rng);
+  src[0] = 1.0f + 1.0f / 256;       // a tie: rounds to the even neighbour 1.0
+  src[1] = 1.0f + 3.0f / 256;       // a tie: rounds up to the even neighbour 1 + 4/256
+  src[2] = -1e-40f;                 // an fp32 subnormal: kept as a bf16 subnormal
+  for (DType dt : {DType::BF16, DType::F32}) {
+    CAPTURE(std::string(dtype_name(dt)));
+    auto be = backend();
+    be->kv_init({L, W, 8, dt});
+    const std::vector<int32_t> pages = {6, 1}, copy = {4, 1};
+    be->kv_write(pages.data(), n, src.data());
+    std::vector<float> back(src.size()), copied(src.size());
+    be->kv_read(pages.data(), n, back.data());
+    int64_t bad = 0;
+    for (size_t i = 0; i < src.size(); i++) bad += back[i] != (dt == DType::BF16 ? bf16_round(src[i]) : src[i]);
+    CHECK(bad == 0);
+    if (dt == DType::BF16) {
+      CHECK(back[0] == 1.0f);
+      CHECK(back[1] == 1.0f + 4.0f / 256);
+      CHECK(back[2] == bf16_round(-1e-40f));
+      CHECK(back[2] < 0.0f);
+    }
+    be->kv_copy_page(6, 4);  // page 4 = page 6, every layer: the table {4, 1} reads what {6, 1} holds
+    be->kv_read(copy.data(), n, copied.data());
+    CHECK(copied == back);
+  }
+  auto be = backend();
+  CHECK_THROWS(be->kv_init({L, W, 8, DType::F8_E4M3}));
+}

@@ -482,7 +482,7 @@ std::vector<int> int_list(const Args &a, const std::string &k, const std::string
 struct StepCost {
   double dense_bytes = 0, expert_bytes = 0;  // per step: all non-expert weights; all routed experts
   double flops_per_token = 0;                // 2 x weights touched per token (embedding rows excluded)
-  double kv_bytes_per_token = 0;             // latent cache read per context token per step (fp32)
+  double kv_bytes_per_token = 0;             // latent cache read per context token per step (pool dtype)
   int64_t n_experts = 0, top_k = 0;
   // Routed experts a batch of b tokens touches, if routing were uniform: E (1 - (1 - K/E)^b).
   double experts_touched(int b) const {
@@ -495,7 +495,7 @@ struct StepCost {
   }
 };
 
-StepCost step_cost(const std::string &dir) {
+StepCost step_cost(const std::string &dir, size_t kv_elem_bytes) {
   using namespace dsrt;
   ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir);
   Checkpoint ck(dir);
@@ -520,7 +520,7 @@ StepCost step_cost(const std::string &dir) {
     }
   }
   if (sc.n_experts) sc.flops_per_token += 2.0 * expert_params * double(sc.top_k) / double(sc.n_experts);
-  sc.kv_bytes_per_token = double(c.num_hidden_layers * c.kv_cache_width()) * sizeof(float);
+  sc.kv_bytes_per_token = double(c.num_hidden_layers * c.kv_cache_width()) * double(kv_elem_bytes);
   return sc;
 }
 
@@ -584,7 +584,8 @@ int cmd_bench(const Args &a) {
   check(dsrt_model_info_get(l.model, &info));
   const bool gpu = info.backend == DSRT_BACKEND_CUDA;
   const std::string dir = need(a, "--model");
-  const StepCost sc = step_cost(dir);
+  // The engine's latent pool takes its backend's default dtype (Backend::default_kv_dtype): BF16 on a GPU.
+  const StepCost sc = step_cost(dir, dsrt::dtype_size(gpu ? dsrt::DType::BF16 : dsrt::DType::F32));
   const double bw = gpu ? device_copy_bandwidth(0) : host_copy_bandwidth();
   std::printf("model %s: %s weights, backend %s\n", dir.c_str(), info.weights_format ? "FP8" : "BF16", gpu ? "cuda" : "cpu");
   std::printf("copy bandwidth (%s, read + write): %.1f GB/s\n", gpu ? "device memcpy" : "one thread memcpy", bw / 1e9);

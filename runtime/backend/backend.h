@@ -59,11 +59,15 @@ struct Batch {
 constexpr int64_t kPageTokens = 64;
 
 // The paged latent cache: per page, per cache layer (main layers, then MTP layers), 64 tokens x width
-// values, width = kv_lora_rank + qk_rope_head_dim: c_kv after its norm, k_pe after RoPE.
+// values, width = kv_lora_rank + qk_rope_head_dim: c_kv after its norm, k_pe after RoPE. The values are
+// stored in the pool's dtype (F32 or BF16, rounded to nearest even on write) and widened to fp32 on read.
 struct KvCacheSpec {
   int64_t n_layers = 0;
   int64_t width = 0;
   int64_t max_pages = 0;
+  DType dtype = DType::F32;
+  // Bytes of one page (all cache layers).
+  size_t page_bytes() const { return size_t(n_layers * kPageTokens * width) * dtype_size(dtype); }
 };
 
 struct RopeTable {
@@ -118,6 +122,9 @@ class Backend {
   virtual uint64_t scratch_mark() = 0;
   virtual void scratch_release(uint64_t mark) = 0;
   virtual void kv_init(const KvCacheSpec &spec) = 0;
+  // The latent cache dtype this backend is meant to run with (design.md §5): BF16 on a GPU, F32 on the CPU
+  // reference. kv_init accepts F32 and BF16 on every backend.
+  virtual DType default_kv_dtype() const = 0;
   // The weights the forward will read, given once at engine creation: a GPU backend uploads them now, so that
   // too little device memory is a clear DSRT_ERR_OUT_OF_MEMORY at load rather than a failure mid-generation.
   // The copies go into the model's store for this backend's device (shared with the model's other engines).

@@ -51,8 +51,9 @@ void Engine::init() {
   KvCacheSpec spec;
   spec.n_layers = c.num_hidden_layers + int64_t(model_->w.mtp.size());  // MTP layers get their own slots
   spec.width = c.kv_cache_width();
+  spec.dtype = backend().default_kv_dtype();
   if (opt_.kv_memory_fraction > 0) {  // a share of what the backend has free now, in whole pages
-    const double page_bytes = double(spec.n_layers * spec.width * kPageTokens) * sizeof(float);
+    const double page_bytes = double(spec.page_bytes());
     const double avail = double(backend().available_memory());
     if (avail <= 0) fail(DSRT_ERR_UNSUPPORTED, "this backend cannot report its free memory: set max_tokens instead");
     const int64_t pages = int64_t(opt_.kv_memory_fraction * avail / page_bytes);

@@ -55,6 +55,7 @@ class MirrorBackend final : public dsrt::Backend {
     r_->scratch_release(marks_[m].second);
     marks_.resize(m);
   }
+  dsrt::DType default_kv_dtype() const override { return t_->default_kv_dtype(); }
   void kv_init(const dsrt::KvCacheSpec &s) override {
     t_->kv_init(s);
     r_->kv_init(s);

@@ -171,7 +171,7 @@ TEST_CASE("MLA: cache write and both attention forms over a scattered page table
   std::vector<float> res[2][2];
   int k = 0;
   for (Backend *be : {c.get(), g.get()}) {
-    be->kv_init({2, W, 4});
+    be->kv_init({2, W, 4, DType::F32});
     be->begin_step();
     be->mla_cache_write(1, put(*be, kv1, n_prev, W), norm.w, 1e-6f, rt, batch(0, n_prev));
     be->mla_cache_write(1, put(*be, kv2, n_new, W), norm.w, 1e-6f, rt, batch(n_prev, n_new));
@@ -186,6 +186,101 @@ TEST_CASE("MLA: cache write and both attention forms over a scattered page table
   CHECK(rel(res[1][0], res[0][0]) < 1e-5);
   CHECK(rel(res[1][1], res[0][1]) < 1e-5);
   CHECK(rel(res[1][1], res[0][0]) < 1e-5);
+}
+
+// The BF16 pool (the GPU's default): CUDA and CPU compute each entry in fp32 and round it once to nearest even,
+// so the caches agree except where the two fp32 values (a few ulps apart: rsqrtf vs a double sum, sincosf vs
+// double cos/sin) straddle a rounding midpoint: a fraction of about (few e-7) / 2^-8 ~ 1e-4 of the values,
+// each off by one bf16 ulp. Attention is then checked twice: over identical caches (the CPU's entries written
+// into the GPU pool with kv_write) at the fp32 tolerance of the F32 test, and over each backend's own cache.
+TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms, kv_read/kv_write, kv_copy_page") {
+  std::mt19937 rng(25);
+  auto c = cpu(), g = gpu();
+  CHECK(g->default_kv_dtype() == DType::BF16);
+  const MlaDims d{4, 32, 16, 24, 96, 0.15f};
+  const int n_prev = 70, n_new = 5, n_ctx = n_prev + n_new, W = int(d.latent + d.rope);
+  HostWeight norm(d.latent, 1, DType::BF16, rng), kv_b(d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng, 0.5f);
+  RopeTable rt;
+  for (int i = 0; i < d.rope / 2; i++) rt.inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / d.rope)));
+  std::vector<int32_t> pages = {3, 1};
+  auto kv1 = randn(size_t(n_prev * W), rng), kv2 = randn(size_t(n_new * W), rng);
+  auto q = randn(size_t(n_new * d.n_heads * (d.nope + d.rope)), rng);
+  auto batch = [&](int n_past, int n) {
+    Batch b;
+    for (int i = 0; i < n; i++) {
+      b.tokens.push_back(0);
+      b.positions.push_back(n_past + i);
+    }
+    b.seqs.push_back({0, n, n_past, 0, 2});
+    b.pages = pages;
+    return b;
+  };
+  auto attend = [&](Backend &be, std::vector<float> out[2]) {
+    be.begin_step();
+    Tensor tq = put(be, q, n_new, d.n_heads * (d.nope + d.rope));
+    for (int f = 0; f < 2; f++) {
+      Tensor o = be.alloc(n_new, d.n_heads * d.v);
+      be.mla_attention(1, tq, kv_b.w, d, batch(n_prev, n_new), f ? AttnForm::Absorbed : AttnForm::Naive, o);
+      out[f] = get(be, o);
+    }
+  };
+  std::vector<float> cache[2], res[2][2];
+  int k = 0;
+  for (Backend *be : {c.get(), g.get()}) {
+    be->kv_init({2, W, 4, DType::BF16});
+    be->begin_step();
+    be->mla_cache_write(1, put(*be, kv1, n_prev, W), norm.w, 1e-6f, rt, batch(0, n_prev));
+    be->mla_cache_write(1, put(*be, kv2, n_new, W), norm.w, 1e-6f, rt, batch(n_prev, n_new));
+    cache[k].resize(size_t(n_ctx * 2 * W));
+    be->kv_read(pages.data(), n_ctx, cache[k].data());
+    attend(*be, res[k]);
+    k++;
+  }
+  // The cache write: every entry bf16 (the CPU's are by construction), equal or one ulp apart, rarely.
+  int64_t differ = 0, beyond_ulp = 0, not_bf16 = 0;
+  for (size_t i = 0; i < cache[0].size(); i++) {
+    const float a = cache[1][i], b = cache[0][i];
+    not_bf16 += bf16_to_f32(f32_to_bf16(a)) != a;
+    differ += a != b;
+    beyond_ulp += std::fabs(a - b) > std::ldexp(std::max(std::fabs(a), std::fabs(b)), -7);
+  }
+  MESSAGE("BF16 cache write: " << differ << " of " << n_ctx * W << " entries differ (by one ulp) CUDA vs CPU");
+  CHECK(not_bf16 == 0);
+  CHECK(beyond_ulp == 0);
+  CHECK(differ <= n_ctx * W / 1000);
+  // Attention over each backend's own cache: at most 1e-3 of the values one ulp (<= 2^-7 relative) off is a
+  // relative L2 of at most sqrt(1e-3) * 2^-7 = 2.5e-4 in the cache, and no more in the attention output.
+  CHECK(rel(res[1][0], res[0][0]) < 5e-4);
+  CHECK(rel(res[1][1], res[0][1]) < 5e-4);
+  // Over identical caches: the CPU's entries into the GPU pool (kv_write of bf16 values is exact), read back
+  // bitwise, then attention within the F32 test's 1e-5.
+  g->kv_write(pages.data(), n_ctx, cache[0].data());
+  std::vector<float> back(cache[0].size());
+  g->kv_read(pages.data(), n_ctx, back.data());
+  CHECK(back == cache[0]);
+  std::vector<float> same[2];
+  attend(*g, same);
+  CHECK(rel(same[0], res[0][0]) < 1e-5);
+  CHECK(rel(same[1], res[0][1]) < 1e-5);
+  CHECK(rel(same[1], res[0][0]) < 1e-5);
+  // kv_copy_page: page 0 becomes page 3 (all layers), so the table {0, 1} reads what {3, 1} holds.
+  g->kv_copy_page(3, 0);
+  const std::vector<int32_t> copied = {0, 1};
+  g->kv_read(copied.data(), n_ctx, back.data());
+  CHECK(back == cache[0]);
+  // kv_write of arbitrary fp32 values rounds to nearest even, as the CPU pool does.
+  auto vals = randn(size_t(n_ctx * 2 * W), rng, 5.0f);
+  std::vector<float> got[2];
+  k = 0;
+  for (Backend *be : {c.get(), g.get()}) {
+    be->kv_write(pages.data(), n_ctx, vals.data());
+    got[k].resize(vals.size());
+    be->kv_read(pages.data(), n_ctx, got[k++].data());
+  }
+  CHECK(got[1] == got[0]);
+  int64_t unrounded = 0;
+  for (size_t i = 0; i < vals.size(); i++) unrounded += got[1][i] != bf16_to_f32(f32_to_bf16(vals[i]));
+  CHECK(unrounded == 0);
 }
 
 TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
@@ -225,10 +320,14 @@ TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
 }
 
 // Every op of a real forward pass (an 80-token prefill over two pages, then a one-token decode step) run on
-// the CUDA backend and on the CPU with the CUDA backend's inputs: each op's own error, named.
+// the CUDA backend and on the CPU with the CUDA backend's inputs: each op's own error, named. Both latent cache
+// dtypes: each backend writes its own cache, so with BF16 an entry may differ by one bf16 ulp where the two
+// fp32 values straddle a rounding midpoint (see the BF16 MLA test): attention's bound is then 5e-4 instead of 1e-4.
 TEST_CASE("op by op through the model on every preset") {
-  for (const std::string &preset : testing::preset_names()) {
+  for (const std::string &preset : testing::preset_names())
+  for (DType kv : {DType::F32, DType::BF16}) {
     CAPTURE(preset);
+    CAPTURE(std::string(dtype_name(kv)));
     LoadOptions lo;
     auto model = Model::load(testing::tiny(preset), lo);
     testing::MirrorBackend be(gpu(), cpu());
@@ -236,6 +335,7 @@ TEST_CASE("op by op through the model on every preset") {
     spec.n_layers = model->cfg.num_hidden_layers + int64_t(model->w.mtp.size());
     spec.width = model->cfg.kv_cache_width();
     spec.max_pages = 4;
+    spec.dtype = kv;
     be.kv_init(spec);
     const int32_t V = int32_t(model->cfg.vocab_size);
     const auto prompt = testing::prompt_tokens(V, 80);
@@ -253,50 +353,107 @@ TEST_CASE("op by op through the model on every preset") {
       forward(*model, be, b, {n_new - 1}, AttentionPolicy::Auto, logits.data());
     }
     for (const auto &[op, e] : be.errors) {
-      MESSAGE(preset << " " << op << ": " << e.calls << " calls, worst relative L2 " << e.worst << " at call "
-                     << e.worst_call);
-      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : 1e-4), op);
+      MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache) " << op << ": " << e.calls << " calls, worst relative L2 "
+                     << e.worst << " at call " << e.worst_call);
+      const bool attention = op.rfind("mla_attention", 0) == 0;
+      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : attention && kv == DType::BF16 ? 5e-4 : 1e-4), op);
     }
   }
 }
 
+// The CPU reference of one engine session, run through forward() on a CPU pool of the given cache dtype (the
+// engine asks its backend for the dtype, so a CPU engine would use F32): the prompt in one step (logits of every
+// row), then one-token decode steps feeding `fed` (the tokens the GPU chose); returns the prompt rows' logits,
+// then each step's.
+std::vector<float> cpu_session(const std::string &dir, const std::vector<int32_t> &prompt, const std::vector<int32_t> &fed,
+                               DType kv) {
+  LoadOptions lo;
+  auto m = Model::load(dir, lo);
+  const int32_t V = int32_t(m->cfg.vocab_size), P = int32_t(prompt.size());
+  auto be = cpu();
+  const int32_t n_pages = int32_t((P + fed.size() + kPageTokens - 1) / kPageTokens);
+  be->kv_init({m->cfg.num_hidden_layers + int64_t(m->w.mtp.size()), m->cfg.kv_cache_width(), n_pages, kv});
+  std::vector<int32_t> pages(static_cast<size_t>(n_pages)), rows(static_cast<size_t>(P));
+  for (int32_t i = 0; i < n_pages; i++) pages[size_t(i)] = n_pages - 1 - i;  // not the identity
+  for (int32_t i = 0; i < P; i++) rows[size_t(i)] = i;
+  Batch b;
+  b.tokens = prompt;
+  for (int32_t i = 0; i < P; i++) b.positions.push_back(i);
+  b.seqs.push_back({0, P, 0, 0, n_pages});
+  b.pages = pages;
+  std::vector<float> logits(size_t(P + fed.size()) * size_t(V));
+  forward(*m, *be, b, rows, AttentionPolicy::Auto, logits.data());
+  for (size_t i = 0; i < fed.size(); i++) {
+    Batch d;
+    d.tokens = {fed[i]};
+    d.positions = {P + int32_t(i)};
+    d.seqs.push_back({0, 1, P + int32_t(i), 0, n_pages});
+    d.pages = pages;
+    forward(*m, *be, d, {0}, AttentionPolicy::Auto, logits.data() + (size_t(P) + i) * size_t(V));
+  }
+  return logits;
+}
+
+// The CUDA engine (through the C API; its pool is the GPU's default BF16) against the CPU reference with a pool
+// of the same dtype, teacher-forced on the GPU's greedy tokens: the prompt's 80 rows of logits and the 23 decode
+// steps' logits within 1e-3 (relative L2), and every GPU token the CPU's argmax unless the CPU's top two are
+// within 0.02 there. Why 1e-3: with fp32 activations both compute each cache entry in fp32 and round it alike,
+// except where the two fp32 values straddle a bf16 midpoint (one ulp, 2^-8 relative, at a fraction ~1e-4 of
+// the entries); simulated on the CPU by perturbing every cache entry by a relative 3e-6 before rounding, the
+// logits of these presets moved by at most 4.6e-4 (1e-6: 1.4e-4), while a BF16 cache against an F32 one moves
+// them by 1.4e-3 to 1.9e-3. The F32 comparison (the CPU reference's own dtype) is the one before: 1e-5.
 TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU backend") {
+  const DType kv = gpu()->default_kv_dtype();
   for (const std::string &preset : testing::preset_names()) {
     CAPTURE(preset);
     const std::string dir = testing::tiny(preset);
-    std::vector<float> logits[2];
-    std::vector<int32_t> greedy[2];
-    int V = 0;
-    for (int be = 0; be < 2; be++) {
-      dsrt_model_params mp;
-      dsrt_model_params_init(&mp, sizeof mp);
-      mp.backend = be ? DSRT_BACKEND_CUDA : DSRT_BACKEND_CPU;
-      testing::Model m(dir);
-      dsrt_model *mm = nullptr;
-      REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mm) == DSRT_OK);
-      std::swap(m.m, mm);
-      dsrt_model_free(mm);
-      V = m.vocab();
-      testing::Engine e(m, DSRT_ATTENTION_AUTO, 512, 0, DSRT_PRECISION_FP32);
+    dsrt_model_params mp;
+    dsrt_model_params_init(&mp, sizeof mp);
+    mp.backend = DSRT_BACKEND_CUDA;
+    testing::Model m(dir);
+    dsrt_model *mm = nullptr;
+    REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mm) == DSRT_OK);
+    std::swap(m.m, mm);
+    dsrt_model_free(mm);
+    const int V = m.vocab();
+    testing::Engine e(m, DSRT_ATTENTION_AUTO, 512, 0, DSRT_PRECISION_FP32);
+    const auto prompt = testing::prompt_tokens(V, 80);
+    std::vector<float> gpu_logits;
+    {
       testing::Session s(e, true);
-      auto prompt = testing::prompt_tokens(V, 80);
       s.append(prompt);
       s.eval();
-      logits[be] = s.logits();
-      testing::Session gs(e);
-      gs.append(prompt);
-      for (int i = 0; i < 24; i++) {
-        gs.eval();
-        greedy[be].push_back(gs.greedy());
-        gs.append({greedy[be].back()});
-      }
+      gpu_logits = s.logits();
     }
+    std::vector<int32_t> greedy;
+    testing::Session gs(e);
+    gs.append(prompt);
+    for (int i = 0; i < 24; i++) {
+      gs.eval();
+      if (i > 0) {  // the logits of the decode step that fed greedy[i-1]
+        const auto l = gs.logits();
+        gpu_logits.insert(gpu_logits.end(), l.end() - V, l.end());
+      }
+      greedy.push_back(gs.greedy());
+      gs.append({greedy.back()});
+    }
+    const std::vector<int32_t> fed(greedy.begin(), greedy.end() - 1);
+    const auto ref = cpu_session(dir, prompt, fed, kv);
+    REQUIRE(ref.size() == gpu_logits.size());
     double worst = 0;
-    for (size_t t = 0; t < logits[0].size() / size_t(V); t++)
-      worst = std::max(worst, testing::rel_l2(logits[1].data() + t * V, logits[0].data() + t * V, size_t(V)));
-    MESSAGE(preset << ": CUDA vs CPU max relative L2 over 80 positions = " << worst);
-    CHECK(worst < 1e-5);  // fp32 activations throughout (2e-2 is the bound once activations are FP8)
-    CHECK(greedy[1] == greedy[0]);
+    for (size_t t = 0; t < ref.size() / size_t(V); t++)
+      worst = std::max(worst, testing::rel_l2(gpu_logits.data() + t * V, ref.data() + t * V, size_t(V)));
+    int exact = 0;
+    for (size_t i = 0; i < greedy.size(); i++) {  // step i's logits: the prompt's last row, then decode step i
+      const float *l = ref.data() + (i == 0 ? size_t(79) : size_t(79 + i)) * size_t(V);
+      const int32_t top = int32_t(std::max_element(l, l + V) - l);
+      exact += top == greedy[i];
+      CAPTURE(i);
+      CHECK(l[top] - l[greedy[i]] <= 0.02f);
+    }
+    MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache on both): CUDA vs CPU max relative L2 over 80 prompt rows and 23 decode steps = "
+                   << worst << "; " << exact << " of 24 greedy tokens the CPU's argmax");
+    CHECK(worst < (kv == DType::F32 ? 1e-5 : 1e-3));
   }
 }
 

@@ -1,4 +1,5 @@
-// CPU reference backend: every op in fp32 (activations, latent cache, accumulation). FP8 and BF16 weights
+// CPU reference backend: every op in fp32 (activations, accumulation; the latent cache in fp32 or, as on a
+// GPU, in BF16 widened to fp32 on read). FP8 and BF16 weights
 // are read in place from the mapped checkpoint and dequantised row by row inside the compute loops; the
 // model is never copied in dequantised form. Work is split over a thread pool by output rows or heads.
 // Every output element is computed in an order that does not depend on the batch or the thread count, so
@@ -54,9 +55,10 @@ class CpuBackend final : public ArenaBackend {
             [](void *p) { mi_free(p); }, size_t(64) << 20, 64),
         pool_(opt.n_threads) {}
   ~CpuBackend() override {
-    for (float *p : pages_) mi_free(p);
+    for (void *p : pages_) mi_free(p);
   }
   const char *name() const override { return "cpu"; }
+  DType default_kv_dtype() const override { return DType::F32; }
   size_t available_memory() const override {
     const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
     return pages > 0 && size > 0 ? size_t(pages) * size_t(size) : 0;
@@ -90,45 +92,62 @@ class CpuBackend final : public ArenaBackend {
 
 
   void kv_init(const KvCacheSpec &spec) override {
+    if (spec.dtype != DType::F32 && spec.dtype != DType::BF16)
+      failf(DSRT_ERR_UNSUPPORTED, "CPU backend: latent KV cache in ", dtype_name(spec.dtype), " (F32 or BF16 only)");
+    for (void *p : pages_) mi_free(p);
     kv_ = spec;
-    for (float *p : pages_) mi_free(p);
     pages_.assign(size_t(spec.max_pages), nullptr);
   }
 
   // Pages are allocated on first use, so a large pool costs only what the sessions touch. Called only from
   // the thread running the step (the engine runs one step at a time), never from pool workers.
-  float *page(int32_t idx) {
+  char *page(int32_t idx) {
     if (idx < 0 || size_t(idx) >= pages_.size()) failf(DSRT_ERR_INTERNAL, "KV page ", idx, " out of range");
-    float *&p = pages_[size_t(idx)];
+    void *&p = pages_[size_t(idx)];
     if (!p) {
-      p = fault::alloc_should_fail() ? nullptr : static_cast<float *>(mi_zalloc_aligned(page_floats() * sizeof(float), 64));
+      p = fault::alloc_should_fail() ? nullptr : mi_zalloc_aligned(kv_.page_bytes(), 64);
       if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate a KV page");
     }
-    return p;
+    return static_cast<char *>(p);
   }
-  size_t page_floats() const { return size_t(kv_.n_layers * kPageTokens * kv_.width); }
-  // The cache entry of position pos of a sequence in cache layer `layer`.
-  float *kv_slot(const Batch &b, const SeqSlice &s, int64_t layer, int64_t pos) {
-    int64_t pg = pos / kPageTokens;
-    if (pg >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the sequence's page table");
-    return page(b.pages_of(s)[pg]) + (layer * kPageTokens + pos % kPageTokens) * kv_.width;
+  bool kv_bf16() const { return kv_.dtype == DType::BF16; }
+  // The cache entry (width values in the pool's dtype) of position pos in cache layer `layer`, given the
+  // sequence's page table.
+  char *kv_entry(const int32_t *pages, int64_t layer, int64_t pos) {
+    return page(pages[pos / kPageTokens]) +
+           size_t((layer * kPageTokens + pos % kPageTokens) * kv_.width) * dtype_size(kv_.dtype);
+  }
+  char *kv_slot(const Batch &b, const SeqSlice &s, int64_t layer, int64_t pos) {
+    if (pos / kPageTokens >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the sequence's page table");
+    return kv_entry(b.pages_of(s), layer, pos);
+  }
+  // n values of a cache entry from fp32 (rounded to nearest even in a BF16 pool) and back to fp32.
+  void kv_store(char *e, const float *src, int64_t n) const {
+    if (kv_bf16()) {
+      uint16_t *d = reinterpret_cast<uint16_t *>(e);
+      for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+      std::memcpy(e, src, size_t(n) * sizeof(float));
+    }
+  }
+  void kv_load(const char *e, float *dst, int64_t n) const {
+    if (kv_bf16()) {
+      const uint16_t *v = reinterpret_cast<const uint16_t *>(e);
+      for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(v[i]);
+    } else {
+      std::memcpy(dst, e, size_t(n) * sizeof(float));
+    }
   }
 
-  void kv_copy_page(int32_t src, int32_t dst) override {
-    std::memcpy(page(dst), page(src), page_floats() * sizeof(float));
-  }
+  void kv_copy_page(int32_t src, int32_t dst) override { std::memcpy(page(dst), page(src), kv_.page_bytes()); }
 
   void kv_read(const int32_t *pages, int64_t n, float *dst) override {
     for (int64_t pos = 0; pos < n; pos++)
-      for (int64_t l = 0; l < kv_.n_layers; l++, dst += kv_.width)
-        std::memcpy(dst, page(pages[pos / kPageTokens]) + (l * kPageTokens + pos % kPageTokens) * kv_.width,
-                    size_t(kv_.width) * sizeof(float));
+      for (int64_t l = 0; l < kv_.n_layers; l++, dst += kv_.width) kv_load(kv_entry(pages, l, pos), dst, kv_.width);
   }
   void kv_write(const int32_t *pages, int64_t n, const float *src) override {
     for (int64_t pos = 0; pos < n; pos++)
-      for (int64_t l = 0; l < kv_.n_layers; l++, src += kv_.width)
-        std::memcpy(page(pages[pos / kPageTokens]) + (l * kPageTokens + pos % kPageTokens) * kv_.width, src,
-                    size_t(kv_.width) * sizeof(float));
+      for (int64_t l = 0; l < kv_.n_layers; l++, src += kv_.width) kv_store(kv_entry(pages, l, pos), src, kv_.width);
   }
 
   void embed(const Weight &table, const Batch &b, Tensor out) override {
@@ -227,16 +246,17 @@ class CpuBackend final : public ArenaBackend {
                        const Batch &b) override {
     const auto timer_ = timed("mla_cache_write", nullptr);
     const int64_t dc = kv_norm.rows, dr = kv.cols - dc;
+    float *dst = thread_scratch(size_t(kv.cols));  // the entry in fp32, then stored in the pool's dtype
     for (const SeqSlice &s : b.seqs) {
       for (int32_t i = 0; i < s.n_new; i++) {
         const float *src = kv.f32() + int64_t(s.row0 + i) * kv.cols;
-        float *dst = kv_slot(b, s, layer, s.n_past + i);
         double ss = 0.0;
         for (int64_t j = 0; j < dc; j++) ss += double(src[j]) * double(src[j]);
         const float inv = float(1.0 / std::sqrt(ss / double(dc) + double(eps)));
         for (int64_t j = 0; j < dc; j++) dst[j] = src[j] * inv * kv_norm.at(j);
         std::memcpy(dst + dc, src + dc, size_t(dr) * sizeof(float));
         rope_vec(dst + dc, s.n_past + i, rt);
+        kv_store(kv_slot(b, s, layer, s.n_past + i), dst, kv.cols);
       }
     }
   }
@@ -257,8 +277,9 @@ class CpuBackend final : public ArenaBackend {
                        Tensor out) {
     const int64_t n_ctx = s.n_past + s.n_new, qk = d.nope + d.rope, kvw = d.nope + d.v;
     Tensor lat = alloc(n_ctx, d.latent), kpe = alloc(n_ctx, d.rope), kvd = alloc(n_ctx, d.n_heads * kvw);
+    float *e = thread_scratch(size_t(kv_.width));
     for (int64_t j = 0; j < n_ctx; j++) {
-      const float *e = kv_slot(b, s, layer, j);
+      kv_load(kv_slot(b, s, layer, j), e, kv_.width);
       std::memcpy(lat.f32() + j * d.latent, e, size_t(d.latent) * sizeof(float));
       std::memcpy(kpe.f32() + j * d.rope, e + d.latent, size_t(d.rope) * sizeof(float));
     }
@@ -289,8 +310,18 @@ class CpuBackend final : public ArenaBackend {
   void attention_absorbed(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b,
                           const SeqSlice &s, Tensor out) {
     const int64_t n_ctx = s.n_past + s.n_new, qk = d.nope + d.rope, kvw = d.nope + d.v;
+    // The sequence's cache entries as fp32: in place in an F32 pool, widened once into scratch from BF16.
     std::vector<const float *> ent(static_cast<size_t>(n_ctx));
-    for (int64_t j = 0; j < n_ctx; j++) ent[size_t(j)] = kv_slot(b, s, layer, j);
+    Tensor wide = kv_bf16() ? alloc(n_ctx, kv_.width) : Tensor{};
+    for (int64_t j = 0; j < n_ctx; j++) {
+      char *e = kv_slot(b, s, layer, j);
+      if (kv_bf16()) {
+        kv_load(e, wide.f32() + j * kv_.width, kv_.width);
+        ent[size_t(j)] = wide.f32() + j * kv_.width;
+      } else {
+        ent[size_t(j)] = reinterpret_cast<const float *>(e);
+      }
+    }
     pool_.parallel_for(int64_t(s.n_new) * d.n_heads, 1, [&](int64_t a, int64_t bnd) {
       float *p = thread_scratch(size_t(n_ctx), 1);
       float *work = thread_scratch(size_t(3 * d.latent), 2);
@@ -446,7 +477,7 @@ class CpuBackend final : public ArenaBackend {
  private:
   ThreadPool pool_;
   KvCacheSpec kv_;
-  std::vector<float *> pages_;
+  std::vector<void *> pages_;  // each kv_.page_bytes(), allocated on first use
 };
 
 }  // namespace

@@ -95,6 +95,7 @@ class CudaBackend final : public ArenaBackend {
     cudaStreamDestroy(stream_);
   }
   const char *name() const override { return "cuda"; }
+  DType default_kv_dtype() const override { return DType::BF16; }
 
   // A step's work is queued without host syncs; the next step (or a read to the host) waits for it, so the
   // scratch arena and the pinned staging buffer are reused only once the GPU is done with them.
@@ -153,34 +154,44 @@ class CudaBackend final : public ArenaBackend {
   }
 
   void kv_init(const KvCacheSpec &spec) override {
+    if (spec.dtype != DType::F32 && spec.dtype != DType::BF16)
+      failf(DSRT_ERR_UNSUPPORTED, "CUDA backend: latent KV cache in ", dtype_name(spec.dtype), " (F32 or BF16 only)");
     cudaFree(kv_.base);
     kv_ = {};
     spec_ = spec;
-    const size_t bytes = size_t(spec.max_pages * spec.n_layers * kPageTokens * spec.width) * sizeof(float);
+    const size_t bytes = size_t(spec.max_pages) * spec.page_bytes();
     void *p = nullptr;
     cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 256)), "latent KV pool");
-    kv_ = {static_cast<float *>(p), spec.n_layers, spec.width};
+    kv_ = {p, spec.n_layers, spec.width, dev_dtype(spec.dtype)};
   }
-  size_t page_floats() const { return size_t(spec_.n_layers * kPageTokens * spec_.width); }
   void kv_copy_page(int32_t src, int32_t dst) override {
-    cuda_check(cudaMemcpyAsync(kv_.base + size_t(dst) * page_floats(), kv_.base + size_t(src) * page_floats(),
-                               page_floats() * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+    const size_t pb = spec_.page_bytes();
+    char *base = static_cast<char *>(kv_.base);
+    cuda_check(cudaMemcpyAsync(base + size_t(dst) * pb, base + size_t(src) * pb, pb, cudaMemcpyDeviceToDevice, stream_),
                "kv_copy_page");
     sync();
   }
+  // Session state in fp32 on the host: a BF16 pool's entries are widened (kv_read) or rounded to nearest even
+  // (kv_write) on the host, through a staging vector of bf16 rows.
   void kv_read(const int32_t *pages, int64_t n, float *dst) override {
-    const size_t w = size_t(spec_.width);
+    const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
+    std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
+    char *out = spec_.dtype == DType::BF16 ? reinterpret_cast<char *>(h.data()) : reinterpret_cast<char *>(dst);
     for (int64_t pos = 0; pos < n; pos++)
-      for (int64_t l = 0; l < spec_.n_layers; l++, dst += w)
-        cuda_check(cudaMemcpyAsync(dst, slot(pages, l, pos), w * sizeof(float), cudaMemcpyDeviceToHost, stream_), "kv_read");
+      for (int64_t l = 0; l < spec_.n_layers; l++, out += w * es)
+        cuda_check(cudaMemcpyAsync(out, slot(pages, l, pos), w * es, cudaMemcpyDeviceToHost, stream_), "kv_read");
     sync();
+    for (size_t i = 0; i < h.size(); i++) dst[i] = bf16_to_f32(h[i]);
   }
   void kv_write(const int32_t *pages, int64_t n, const float *src) override {
-    const size_t w = size_t(spec_.width);
+    const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
+    std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
+    for (size_t i = 0; i < h.size(); i++) h[i] = f32_to_bf16(src[i]);
+    const char *in = spec_.dtype == DType::BF16 ? reinterpret_cast<const char *>(h.data()) : reinterpret_cast<const char *>(src);
     for (int64_t pos = 0; pos < n; pos++)
-      for (int64_t l = 0; l < spec_.n_layers; l++, src += w)
-        cuda_check(cudaMemcpyAsync(slot(pages, l, pos), src, w * sizeof(float), cudaMemcpyHostToDevice, stream_), "kv_write");
-    sync();
+      for (int64_t l = 0; l < spec_.n_layers; l++, in += w * es)
+        cuda_check(cudaMemcpyAsync(slot(pages, l, pos), in, w * es, cudaMemcpyHostToDevice, stream_), "kv_write");
+    sync();  // h lives until the copies are done
   }
 
   // ---- ops
@@ -324,9 +335,12 @@ class CudaBackend final : public ArenaBackend {
   void sync() { cuda_check(cudaStreamSynchronize(stream_), "stream"); }
 
  private:
-  float *slot(const int32_t *pages, int64_t layer, int64_t pos) {
-    return kv_.base + ((int64_t(pages[pos / kPageTokens]) * spec_.n_layers + layer) * kPageTokens + pos % kPageTokens) *
-                          spec_.width;
+  // The cache entry of position pos in `layer` (width values in the pool's dtype).
+  char *slot(const int32_t *pages, int64_t layer, int64_t pos) {
+    return static_cast<char *>(kv_.base) +
+           size_t(((int64_t(pages[pos / kPageTokens]) * spec_.n_layers + layer) * kPageTokens + pos % kPageTokens) *
+                  spec_.width) *
+               dtype_size(spec_.dtype);
   }
 
   // A weight's device copy: the model's (store_, by Weight::id), or for weights made outside a checkpoint
