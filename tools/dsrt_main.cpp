@@ -19,8 +19,10 @@
 
 #include "backend/backend.h"
 #include "core/status.h"
+#include "dist/mapping.h"
 #include "dsrt.h"
 #include "model/config.h"
+#include "model/placement.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "repl.h"
@@ -62,7 +64,8 @@ struct Args {
 const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--temperature", "--threads", "--backend", "--precision", "--kv-memory-fraction",
                          "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
                          "--attention", "--ctx", "--text-file", "--messages", "--tools", "--kwargs", "--system",
-                         "--top-p", "--top-k", "--min-p", "--stop", "--repeat", "--mtp-drafts"};
+                         "--top-p", "--top-k", "--min-p", "--stop", "--repeat", "--mtp-drafts", "--tp", "--ep",
+                         "--gpu-memory"};
 
 Args parse(int argc, char **argv, int first) {
   Args a;
@@ -128,6 +131,7 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   dsrt_model_params_init(&mp, sizeof mp);
   mp.backend = backend_of(a);
   mp.n_threads = int32_t(a.num("--threads", 0));
+  mp.device_memory = uint64_t(a.num("--gpu-memory", 0));
   check(dsrt_model_load(need(a, "--model").c_str(), &mp, &l.model));
   dsrt_engine_params ep;
   dsrt_engine_params_init(&ep, sizeof ep);
@@ -141,6 +145,8 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   ep.precision = prec == "fp8" ? DSRT_PRECISION_FP8 : prec == "fp32" ? DSRT_PRECISION_FP32 : DSRT_PRECISION_AUTO;
   ep.kv_memory_fraction = float(a.real("--kv-memory-fraction", 0.0));
   ep.mtp_drafts = a.has("--mtp") ? int32_t(a.num("--mtp-drafts", 1)) : 0;
+  ep.tp = int32_t(a.num("--tp", 1));
+  ep.ep = int32_t(a.num("--ep", 1));
   check(dsrt_engine_create(l.model, &ep, &l.engine));
 }
 
@@ -151,7 +157,10 @@ const char *kCommonHelp =
     "  --precision P        auto | fp32 | fp8 (GPU GEMM activations; fp8 is experimental)\n"
     "  --kv-memory-fraction F  size the KV pool as this share of free (device) memory after the weights\n"
     "  --mtp                speculative decoding with the checkpoint's MTP module (same output, fewer steps)\n"
-    "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n";
+    "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n"
+    "  --tp N, --ep N       tensor- and expert-parallel ranks (tp * ep in-process ranks on the CPU backend;\n"
+    "                       output identical in format to one rank)\n"
+    "  --gpu-memory BYTES   GPU memory the weights may take (default: what is free, less 1 GiB)\n";
 
 // ---- generate
 int cmd_generate_text(const Args &a);
@@ -392,10 +401,51 @@ std::string human(double b) {
   return buf;
 }
 
+// Where the weights would go (model/placement.h) for --backend and --gpu-memory, and each rank's share for
+// --tp/--ep (dist/mapping.h).
+void print_placement(const Args &a, const dsrt::ModelConfig &c, const dsrt::ModelWeights &w) {
+  using namespace dsrt;
+  std::vector<Device> devices;
+  const int backend = backend_of(a);
+  std::string why;
+  if (backend == DSRT_BACKEND_CUDA || (backend == DSRT_BACKEND_AUTO && cuda_devices(&why) > 0)) devices.push_back(Device::cuda(0));
+  uint64_t budget = uint64_t(a.num("--gpu-memory", 0));
+  if (!devices.empty() && budget == 0) {
+    const uint64_t free_b = device_free_memory(devices[0]), reserve = uint64_t(1) << 30;
+    budget = free_b > reserve ? free_b - reserve : 0;
+  }
+  Mapping shape;
+  shape.tp = int(a.num("--tp", 1));
+  shape.ep = int(a.num("--ep", 1));
+  shape.world = shape.tp * shape.ep;
+  std::printf("placement   %s\n", devices.empty() ? "host memory (CPU backend)" : devices[0].str().c_str());
+  try {
+    std::printf("%s", Placement::plan(w, devices, budget).str().c_str());
+  } catch (const Error &e) {
+    std::printf("  does not fit: %s\n", e.what());
+  }
+  try {
+    shape.check_divides(c);
+  } catch (const Error &e) {
+    std::printf("ranks       %s\n", e.what());
+    return;
+  }
+  std::printf("ranks       tp %d x ep %d\n", shape.tp, shape.ep);
+  for (int r = 0; r < shape.world; r++) {
+    Mapping m = shape;
+    m.rank = r;
+    const Range h = m.heads(c.num_attention_heads), e = m.experts(c.n_routed_experts), v = m.columns(c.vocab_size);
+    std::printf("  rank %d: heads [%lld, %lld), routed experts [%lld, %lld), vocabulary rows [%lld, %lld)%s\n", r,
+                (long long)h.begin, (long long)h.end, (long long)e.begin, (long long)e.end, (long long)v.begin,
+                (long long)v.end, m.ep_rank() == 0 && c.n_shared_experts ? ", shared experts" : "");
+  }
+}
+
 int cmd_inspect(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt inspect --model DIR\n"
-                "Config summary, tensor count by dtype, bytes by part, unknown tensors, validation result.\n");
+    std::printf("usage: dsrt inspect --model DIR [--placement [--backend B] [--gpu-memory BYTES] [--tp N] [--ep N]]\n"
+                "Config summary, tensor count by dtype, bytes by part, unknown tensors, validation result;\n"
+                "--placement: where the weights go (device, budget, bytes by part) and each rank's share.\n");
     return 0;
   }
   using namespace dsrt;
@@ -461,6 +511,7 @@ int cmd_inspect(const Args &a) {
   }
   for (auto &u : w.unknown) std::printf("unknown     %s\n", u.c_str());
   std::printf("validation  OK: %zu tensors bound (%zu MTP layers), %zu unknown\n", w.all.size(), w.mtp.size(), w.unknown.size());
+  if (a.has("--placement")) print_placement(a, c, w);
   return 0;
 }
 

@@ -1,6 +1,8 @@
 #include "core/log.h"
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace dsrt {
@@ -9,6 +11,19 @@ std::mutex g_mu;
 LogSink g_sink = nullptr;
 void *g_user = nullptr;
 }  // namespace
+
+// Without a callback, stderr gets warnings and errors only, or what DSRT_LOG_LEVEL (debug, info, warn,
+// error) asks for; DSRT_DEBUG_GEMM (per-GEMM path lines) implies debug.
+static LogLevel stderr_threshold() {
+  static const LogLevel t = [] {
+    const char *v = std::getenv("DSRT_LOG_LEVEL");
+    if (std::getenv("DSRT_DEBUG_GEMM") || (v && !std::strcmp(v, "debug"))) return LogLevel::Debug;
+    if (v && !std::strcmp(v, "info")) return LogLevel::Info;
+    if (v && !std::strcmp(v, "error")) return LogLevel::Error;
+    return LogLevel::Warn;
+  }();
+  return t;
+}
 
 void set_log_sink(LogSink sink, void *user) {
   std::lock_guard lk(g_mu);
@@ -22,7 +37,7 @@ void log(LogLevel level, const std::string &message) {
     g_sink(int(level), message.c_str(), g_user);
     return;
   }
-  std::fprintf(stderr, "%s\n", message.c_str());
+  if (level >= stderr_threshold()) std::fprintf(stderr, "%s\n", message.c_str());
 }
 
 }  // namespace dsrt

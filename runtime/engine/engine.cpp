@@ -97,6 +97,7 @@ void Engine::detach(Session *s) {
   release_pages(*s, 0);
   pool_->unreserve(s->kv_);
   sessions_.erase(std::remove(sessions_.begin(), sessions_.end(), s), sessions_.end());
+  expect_.erase(std::remove(expect_.begin(), expect_.end(), s), expect_.end());
 }
 
 bool Engine::ensure_pages(Session &s, int64_t n_tokens) { return pool_->grow(s.kv_, n_tokens); }
@@ -146,6 +147,19 @@ void Engine::loop() {
       lk.lock();
       last_step_tokens_ = step.commit();
       steps_done_++;
+      done_cv_.notify_all();
+      // Decode rows first: sessions that just got their logits in a generation turn are given the moment their
+      // thread takes to sample, so the next step carries their token rather than leaving them a step behind
+      // a prefill. Bounded: a thread that does not come back in time waits for the step after.
+      expect_ = step.sampling_sessions();
+      if (!expect_.empty() && has_work())
+        work_cv_.wait_for(lk, std::chrono::milliseconds(5), [&] {
+          return stop_ || std::all_of(expect_.begin(), expect_.end(), [](const Session *s) {
+                   return !s->pending_.empty() || !s->turn_active_ || s->failed_ != DSRT_OK;
+                 });
+        });
+      expect_.clear();
+      continue;
     }
     done_cv_.notify_all();
   }

@@ -163,6 +163,7 @@ Event Session::finish_turn(Finish why, int32_t token) {
     drop_drafts();
     turn_active_ = false;
     engine_->pool_->unreserve(kv_);
+    engine_->work_cv_.notify_one();
   }
   Event ev;
   ev.done = true;
@@ -225,6 +226,7 @@ Event Session::next() {
     std::lock_guard lk(engine_->mu_);
     pending_.push_back(tok);
     sampled_pending_ = true;
+    engine_->work_cv_.notify_one();  // the step thread may be holding the next step for this token
   }
   if (n_generated_++ == 0) {
     first_token_ = std::chrono::steady_clock::now();

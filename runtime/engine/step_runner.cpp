@@ -34,6 +34,7 @@ bool StepRunner::plan() {
       if (!ok || !e_.ensure_pages(*s, n_past + n + want)) want = 0;  // drafts are optional
     }
     if (!e_.ensure_pages(*s, n_past + n)) {
+      if (s->demand_ == 0) continue;  // nobody waits for it: it stays pending for a later step
       s->failed_ = DSRT_ERR_CONTEXT_FULL;
       s->failed_msg_ = "the engine's KV pool is full (" + std::to_string(e_.capacity_tokens()) +
                        " tokens over all sessions, some reserved by running turns); free or truncate sessions, "
@@ -255,14 +256,26 @@ void StepRunner::catch_up(Tensor hidden) {
   }
 }
 
+std::vector<Session *> StepRunner::sampling_sessions() const {
+  std::vector<Session *> v;
+  for (const Work &w : work_)
+    if (!failed_ && w.s->turn_active_ && w.s->demand_ > 0 && w.s->pending_.empty()) v.push_back(w.s);
+  return v;
+}
+
 int64_t StepRunner::commit() {
   const int64_t V = e_.model_->cfg.vocab_size;
   for (Work &w : work_) {
     Session &s = *w.s;
     s.in_flight_ = false;
     if (failed_) {
-      s.failed_ = fail_code_;
-      s.failed_msg_ = fail_msg_;
+      // The step's pages go back. Sessions whose thread waits for this step get the error (their pending run is
+      // rolled back there); the others keep their pending tokens for a later step.
+      e_.release_pages(s, int64_t(s.tokens_.size()));
+      if (s.demand_ > 0) {
+        s.failed_ = fail_code_;
+        s.failed_msg_ = fail_msg_;
+      }
       continue;
     }
     if (w.first_chunk) {  // the first chunk of a pending run starts a new logits set

@@ -25,6 +25,9 @@ class StepRunner {
   void run();
   // Engine lock held. Returns the tokens the step processed.
   int64_t commit();
+  // After commit: the step's sessions whose generation turn samples next (their thread is waiting for these
+  // logits). Engine lock held.
+  std::vector<Session *> sampling_sessions() const;
 
  private:
   // One session's share of the step, and the copies of its state the unlocked phase reads.

@@ -1,0 +1,326 @@
+// Tensor and expert parallelism on the CPU (design.md §5): the Mapping's arithmetic and errors, the in-process
+// communicator's collectives, the step's byte encoding, and whole models split over tp x ep in-process ranks
+// against one rank (logits within 1e-5, the same greedy tokens), through the C API and the `dsrt` command.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "core/status.h"
+#include "dist/communicator.h"
+#include "dist/mapping.h"
+#include "engine/step.h"
+#include "helpers.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/placement.h"
+
+using namespace testing;
+
+namespace {
+
+// Runs fn(rank) on world threads; rethrows the first failure.
+void on_ranks(int world, const std::function<void(int)> &fn) {
+  std::vector<std::thread> t;
+  std::vector<std::string> errors(static_cast<size_t>(world));
+  for (int r = 0; r < world; r++)
+    t.emplace_back([&, r] {
+      try {
+        fn(r);
+      } catch (const std::exception &e) {
+        errors[size_t(r)] = e.what();
+      }
+    });
+  for (auto &x : t) x.join();
+  for (int r = 0; r < world; r++) {
+    CAPTURE(r);
+    CHECK(errors[size_t(r)] == "");
+  }
+}
+
+dsrt::Tensor host_tensor(std::vector<float> &v, int64_t rows, int64_t cols) {
+  return {v.data(), dsrt::DType::F32, rows, cols, dsrt::Device::host()};
+}
+
+struct Loaded {
+  dsrt_model *m = nullptr;
+  dsrt_engine *e = nullptr;
+  ~Loaded() {
+    dsrt_engine_free(e);
+    dsrt_model_free(m);
+  }
+};
+
+dsrt_status load(Loaded &l, const std::string &dir, int tp, int ep) {
+  dsrt_model_params mp;
+  dsrt_model_params_init(&mp, sizeof mp);
+  mp.backend = DSRT_BACKEND_CPU;
+  mp.n_threads = 2;
+  if (dsrt_status s = dsrt_model_load(dir.c_str(), &mp, &l.m); s != DSRT_OK) return s;
+  dsrt_engine_params ep_;
+  dsrt_engine_params_init(&ep_, sizeof ep_);
+  ep_.tp = tp;
+  ep_.ep = ep;
+  return dsrt_engine_create(l.m, &ep_, &l.e);
+}
+
+// Logits of every prompt position, then n greedy tokens.
+struct Output {
+  std::vector<float> logits;
+  std::vector<int32_t> greedy;
+};
+
+Output run_model(const std::string &dir, int tp, int ep, const std::vector<int32_t> &prompt, int n) {
+  Loaded l;
+  CHECK_OK(load(l, dir, tp, ep));
+  Output o;
+  {
+    dsrt_session_params sp;
+    dsrt_session_params_init(&sp, sizeof sp);
+    sp.logits_all = 1;
+    dsrt_session *s = nullptr;
+    CHECK_OK(dsrt_session_create(l.e, &sp, &s));
+    CHECK_OK(dsrt_session_append_tokens(s, prompt.data(), prompt.size()));
+    CHECK_OK(dsrt_session_eval(s, nullptr));
+    const float *lg;
+    size_t rows, vocab;
+    CHECK_OK(dsrt_session_logits(s, &lg, &rows, &vocab));
+    o.logits.assign(lg, lg + rows * vocab);
+    dsrt_session_free(s);
+  }
+  dsrt_session *s = nullptr;
+  CHECK_OK(dsrt_session_create(l.e, nullptr, &s));
+  CHECK_OK(dsrt_session_append_tokens(s, prompt.data(), prompt.size()));
+  dsrt_gen_params gp;
+  dsrt_gen_params_init(&gp, sizeof gp, l.m);
+  gp.temperature = 0;
+  gp.max_new_tokens = n;
+  gp.ignore_eos = 1;
+  o.greedy = pull(s, &gp).tokens;
+  dsrt_session_free(s);
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("Mapping: near-equal contiguous splits, rank layout, and errors that name the numbers") {
+  using dsrt::Mapping;
+  CHECK(Mapping::split(10, 3, 0).begin == 0);
+  CHECK(Mapping::split(10, 3, 0).end == 4);
+  CHECK(Mapping::split(10, 3, 1).begin == 4);
+  CHECK(Mapping::split(10, 3, 2).end == 10);
+  Mapping m{4, 3, 2, 2};
+  CHECK(m.tp_rank() == 1);
+  CHECK(m.ep_rank() == 1);
+  CHECK(m.experts(64).begin == 32);
+  CHECK(m.heads(8).begin == 4);
+  auto err = [](const Mapping &x, const dsrt::ModelConfig *c) {
+    try {
+      if (c) x.check_divides(*c);
+      else x.validate();
+    } catch (const dsrt::Error &e) {
+      CHECK(e.code() == DSRT_ERR_INVALID_ARGUMENT);
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(err({3, 0, 2, 2}, nullptr).find("tp 2 x ep 2 = 4 ranks, but the world has 3") != std::string::npos);
+  CHECK(err({1, 0, 0, 1}, nullptr) != "");
+  dsrt::ModelConfig c;
+  c.num_attention_heads = 8;
+  c.n_routed_experts = 32;
+  c.intermediate_size = c.moe_intermediate_size = 64;
+  c.vocab_size = 100;
+  CHECK(err({3, 0, 3, 1}, &c).find("3 does not divide the model's 8 attention heads") != std::string::npos);
+  CHECK(err({3, 0, 1, 3}, &c).find("3 does not divide the model's 32 routed experts") != std::string::npos);
+  CHECK(err({4, 0, 2, 2}, &c) == "");
+}
+
+TEST_CASE("in-process communicator: every collective on 2 x 2 ranks") {
+  auto comms = dsrt::make_local_group(2, 2);
+  REQUIRE(comms.size() == 4);
+  using G = dsrt::Communicator::Group;
+  on_ranks(4, [&](int r) {
+    dsrt::Communicator &c = *comms[size_t(r)];
+    CHECK(c.mapping().rank == r);
+    // all-reduce over the world: bitwise the same everywhere, the sum in rank order
+    std::vector<float> x(37);
+    for (size_t i = 0; i < x.size(); i++) x[i] = float(r + 1) * 0.1f + float(i);
+    c.all_reduce_sum(host_tensor(x, 1, 37), G::World);
+    for (size_t i = 0; i < x.size(); i++) {
+      float want = 0;
+      for (int k = 0; k < 4; k++) want += float(k + 1) * 0.1f + float(i);
+      CHECK(x[i] == want);
+    }
+    // all-reduce over the tensor group: ranks {0,1} and {2,3}
+    std::vector<float> y(5, float(r));
+    c.all_reduce_sum(host_tensor(y, 5, 1), G::Tensor);
+    CHECK(y[0] == float(r < 2 ? 0 + 1 : 2 + 3));
+    // all-gather of columns within the tensor group: rank t contributes 1 + t columns
+    const int t = c.mapping().tp_rank();
+    std::vector<float> local(size_t(2 * (1 + t)), float(r)), all(2 * 3);
+    c.all_gather_cols(host_tensor(local, 2, 1 + t), host_tensor(all, 2, 3), G::Tensor);
+    const float first = float(r - t);
+    CHECK(all == std::vector<float>{first, first + 1, first + 1, first, first + 1, first + 1});
+    // all-to-all-v over the world: rank r sends k+1 rows of value 10r+k to rank k
+    std::vector<int64_t> send_counts{1, 2, 3, 4}, recv_counts(4, r + 1);
+    std::vector<float> send, recv(size_t(4 * (r + 1)));
+    for (int k = 0; k < 4; k++)
+      for (int j = 0; j <= k; j++) send.push_back(float(10 * r + k));
+    c.all_to_all_v(host_tensor(send, 10, 1), send_counts, host_tensor(recv, 4 * (r + 1), 1), recv_counts, G::World);
+    for (int k = 0; k < 4; k++)
+      for (int j = 0; j <= r; j++) CHECK(recv[size_t(k * (r + 1) + j)] == float(10 * k + r));
+    // broadcast of bytes from rank 0
+    std::string msg = r == 0 ? std::string("step 7\0x", 8) : std::string();
+    c.broadcast(msg, 0);
+    CHECK(msg == std::string("step 7\0x", 8));
+    c.barrier();
+  });
+}
+
+TEST_CASE("in-process communicator: a failing rank wakes the others with an error instead of a hang") {
+  auto comms = dsrt::make_local_group(3, 1);
+  std::atomic<int> failed{0};
+  std::vector<std::thread> t;
+  for (int r = 0; r < 3; r++)
+    t.emplace_back([&, r] {
+      try {
+        if (r == 2) {
+          comms[2]->abort("rank 2: out of memory");
+          return;
+        }
+        std::vector<float> x(4, 1.0f);
+        comms[size_t(r)]->all_reduce_sum(host_tensor(x, 1, 4), dsrt::Communicator::Group::World);
+      } catch (const dsrt::Error &e) {
+        CHECK(std::string(e.what()).find("rank 2: out of memory") != std::string::npos);
+        failed++;
+      }
+    });
+  for (auto &x : t) x.join();
+  CHECK(failed == 2);
+}
+
+TEST_CASE("a step is plain data: its encoding round-trips and corrupt bytes are refused") {
+  dsrt::Step s;
+  s.policy = dsrt::AttentionPolicy::Absorbed;
+  s.batch.add_seq(3, 60, std::vector<int32_t>{7, 2}.data(), 2);
+  s.batch.tokens = {5, 6, 7};
+  s.batch.positions = {60, 61, 62};
+  s.batch.add_seq(1, 0, std::vector<int32_t>{4}.data(), 1);
+  s.batch.tokens.push_back(9);
+  s.batch.positions.push_back(0);
+  s.logit_rows = {2, 3};
+  const std::string bytes = s.encode();
+  const dsrt::Step d = dsrt::Step::decode(bytes);
+  CHECK(d.batch.tokens == s.batch.tokens);
+  CHECK(d.batch.positions == s.batch.positions);
+  CHECK(d.batch.pages == std::vector<int32_t>{7, 2, 4});
+  REQUIRE(d.batch.seqs.size() == 2);
+  CHECK(d.batch.seqs[1].row0 == 3);
+  CHECK(d.batch.seqs[1].page0 == 2);
+  CHECK(d.logit_rows == s.logit_rows);
+  CHECK(d.policy == s.policy);
+  CHECK(d.encode() == bytes);
+  // Every truncation, and single-byte changes that break the structure, are errors (never a crash).
+  for (size_t n = 0; n < bytes.size(); n++) CHECK_THROWS_AS(dsrt::Step::decode(std::string_view(bytes).substr(0, n)), dsrt::Error);
+  std::string bad = bytes;
+  bad[bytes.size() - 8] = char(100);  // a logit row past the batch
+  CHECK_THROWS_AS(dsrt::Step::decode(bad), dsrt::Error);
+  dsrt::Step far = s;
+  far.batch.seqs[0].n_past = 200;  // the page table does not reach the positions
+  CHECK_THROWS_AS(dsrt::Step::decode(far.encode()), dsrt::Error);
+}
+
+TEST_CASE("placement: everything on one device within its budget, or an error naming the bytes") {
+  auto model = dsrt::Model::load(tiny("v3-mini"), {});
+  const auto gpu = std::vector<dsrt::Device>{dsrt::Device::cuda(0)};
+  const dsrt::Placement all = dsrt::Placement::plan(model->w, gpu, uint64_t(1) << 30);
+  REQUIRE(all.devices.size() == 1);
+  CHECK(all.devices[0].routed_experts > 0);
+  CHECK(all.devices[0].non_expert > 0);
+  CHECK(all.devices[0].mtp > 0);
+  for (int16_t w : all.where) CHECK(w == 0);
+  CHECK(all.str().find("cuda:0") != std::string::npos);
+  const uint64_t non_expert = all.devices[0].non_expert;
+  try {
+    dsrt::Placement::plan(model->w, gpu, non_expert / 2);
+    FAIL("a budget below the non-expert weights must fail");
+  } catch (const dsrt::Error &e) {
+    CHECK(e.code() == DSRT_ERR_OUT_OF_MEMORY);
+    CHECK(std::string(e.what()).find("the non-expert weights need") != std::string::npos);
+  }
+  CHECK_THROWS_AS(dsrt::Placement::plan(model->w, gpu, non_expert + 1), dsrt::Error);  // experts do not fit
+  CHECK_THROWS_AS(dsrt::Placement::plan(model->w, {dsrt::Device::cuda(0), dsrt::Device::cuda(1)}, 1 << 30), dsrt::Error);
+  const dsrt::Placement host = dsrt::Placement::plan(model->w, {}, 0);
+  CHECK(host.devices.empty());
+  CHECK(host.host_bytes == non_expert + all.devices[0].routed_experts + all.devices[0].mtp);
+}
+
+TEST_CASE("tp x ep in-process ranks equal one rank on every tiny preset") {
+  struct Split {
+    int tp, ep;
+  };
+  for (const std::string &preset : preset_names()) {
+    CAPTURE(preset);
+    const std::string dir = tiny(preset);
+    Model m(dir);
+    const auto prompt = prompt_tokens(m.vocab(), 21);
+    const Output one = run_model(dir, 1, 1, prompt, 8);
+    for (Split sp : {Split{2, 1}, Split{1, 2}, Split{2, 2}}) {
+      CAPTURE(sp.tp);
+      CAPTURE(sp.ep);
+      const Output par = run_model(dir, sp.tp, sp.ep, prompt, 8);
+      REQUIRE(par.logits.size() == one.logits.size());
+      CHECK(rel_l2(par.logits.data(), one.logits.data(), one.logits.size()) <= 1e-5);
+      CHECK(par.greedy == one.greedy);
+    }
+  }
+}
+
+TEST_CASE("a mapping that does not divide the model is DSRT_ERR_INVALID_ARGUMENT at engine creation") {
+  Loaded l;
+  CHECK(load(l, tiny("no-qlora"), 3, 1) == DSRT_ERR_INVALID_ARGUMENT);  // 4 heads
+  CHECK(std::string(dsrt_last_error()).find("does not divide the model's 4 attention heads") != std::string::npos);
+  Loaded l2;
+  CHECK(load(l2, tiny("no-qlora"), 1, 3) == DSRT_ERR_INVALID_ARGUMENT);  // 8 experts
+  CHECK(std::string(dsrt_last_error()).find("8 routed experts") != std::string::npos);
+  Loaded l3;
+  CHECK(load(l3, tiny("no-qlora"), 0, 1) == DSRT_ERR_INVALID_ARGUMENT);
+}
+
+TEST_CASE("dsrt eval and generate with --tp 2 --ep 2 match one rank (the command-line contract)") {
+  const std::string dir = tiny("v3-mini");
+  const fs::path d = fresh_dir("tp-cli");
+  const std::string cli = DSRT_CLI_PATH, toks = "0,7,19,23,101,5,77,2";
+  auto sh = [](const std::string &cmd) {
+    std::string out;
+    FILE *p = popen(cmd.c_str(), "r");
+    REQUIRE(p != nullptr);
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    CHECK(pclose(p) == 0);
+    return out;
+  };
+  sh(cli + " eval --model " + dir + " --tokens " + toks + " --logits-out " + (d / "one.bin").string() + " --backend cpu 2>/dev/null");
+  sh(cli + " eval --model " + dir + " --tokens " + toks + " --logits-out " + (d / "par.bin").string() +
+     " --backend cpu --tp 2 --ep 2 2>/dev/null");
+  auto read = [](const fs::path &p) {
+    std::ifstream f(p, std::ios::binary);
+    std::vector<char> b((std::istreambuf_iterator<char>(f)), {});
+    std::vector<float> v(b.size() / 4);
+    std::memcpy(v.data(), b.data(), v.size() * 4);
+    return v;
+  };
+  const auto one = read(d / "one.bin"), par = read(d / "par.bin");
+  REQUIRE(!one.empty());
+  REQUIRE(one.size() == par.size());
+  CHECK(rel_l2(par.data(), one.data(), one.size()) <= 1e-5);
+  const std::string g1 = sh(cli + " generate --model " + dir + " --tokens " + toks + " -n 12 --backend cpu");
+  const std::string g4 = sh(cli + " generate --model " + dir + " --tokens " + toks + " -n 12 --backend cpu --tp 2 --ep 2");
+  CHECK(g1.size() > 12);
+  CHECK(g4 == g1);
+}
