@@ -23,7 +23,7 @@ struct AbortState {
 
 class Hub {
  public:
-  Hub(int n, std::shared_ptr<AbortState> a) : n_(n), ptrs_(size_t(n)), counts_(size_t(n)), abort_(std::move(a)) {}
+  Hub(int n, std::shared_ptr<AbortState> a) : ptrs_(size_t(n)), counts_(size_t(n)), n_(n), abort_(std::move(a)) {}
   int size() const { return n_; }
 
   // Waits until all n members arrived; the last one runs `last` (under the hub's lock) first.

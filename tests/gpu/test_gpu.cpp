@@ -21,6 +21,7 @@
 #include "kernels.h"
 #endif
 #include "mirror_backend.h"
+#include "engine/engine.h"
 #include "model/deepseek_v3.h"
 #include "model/model.h"
 
@@ -402,6 +403,39 @@ std::vector<float> cpu_session(const std::string &dir, const std::vector<int32_t
 // the entries); simulated on the CPU by perturbing every cache entry by a relative 3e-6 before rounding, the
 // logits of these presets moved by at most 4.6e-4 (1e-6: 1.4e-4), while a BF16 cache against an F32 one moves
 // them by 1.4e-3 to 1.9e-3. The F32 comparison (the CPU reference's own dtype) is the one before: 1e-5.
+TEST_CASE("weights belong to the model: two engines on one GPU hold one copy, and their outputs agree") {
+  dsrt::LoadOptions lo;
+  lo.devices = {Device::cuda(0)};
+  auto model = Model::load(testing::tiny("v3-mini"), lo);
+  REQUIRE(model->placement.devices.size() == 1);
+  const uint64_t placed = model->placement.devices[0].non_expert + model->placement.devices[0].routed_experts;
+  auto engine = [&] {
+    EngineOptions eo;
+    eo.backend_kind = BackendKind::Cuda;
+    eo.max_tokens = 1024;
+    return std::make_shared<Engine>(model, eo);
+  };
+  auto e1 = engine();
+  const auto usage1 = model->device_weights.usage();
+  REQUIRE(usage1.size() == 1);
+  CHECK(usage1[0].second == placed);  // the MTP layer stays on the host with drafts off
+  auto e2 = engine();
+  const auto usage2 = model->device_weights.usage();
+  REQUIRE(usage2.size() == 1);
+  CHECK(usage2[0].second == usage1[0].second);  // no second copy
+  MESSAGE("one copy of the weights on the GPU for two engines: ", usage2[0].second, " bytes");
+  const auto prompt = testing::prompt_tokens(int32_t(model->cfg.vocab_size), 40);
+  std::vector<std::vector<float>> lg;
+  for (auto &e : {e1, e2}) {
+    auto s = e->create_session(0, false, 1);
+    s->append(prompt.data(), prompt.size());
+    s->eval(nullptr);
+    auto v = s->logits_view();
+    lg.emplace_back(v.data, v.data + model->cfg.vocab_size);
+  }
+  CHECK(lg[0] == lg[1]);
+}
+
 TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU backend") {
   const DType kv = gpu()->default_kv_dtype();
   for (const std::string &preset : testing::preset_names()) {
