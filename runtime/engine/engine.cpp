@@ -43,8 +43,7 @@ void Engine::init() {
   // pool is then sized from. They go into the model's store for the device, shared with its other engines.
   std::vector<const Weight *> used;
   for (const Weight *w : model_->w.all) {
-    const std::string &n = w->name();
-    const bool mtp = n.rfind("model.layers.", 0) == 0 && std::atoll(n.c_str() + 13) >= c.num_hidden_layers;
+    const bool mtp = model_->placement.part.at(size_t(w->id)) == Placement::Part::Mtp;
     if (w->data && (!mtp || mtp_)) used.push_back(w);
   }
   ranks_->for_each_backend([&](Backend &be) { be.prepare_weights(model_->device_weights, used); });

@@ -47,12 +47,20 @@ Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devi
     }
   };
   for (const LayerWeights &L : w.mtp) mark_layer(L);
+  p.part.assign(w.all.size(), Part::NonExpert);
   for (const Weight *x : w.all) {
     if (x->id < 0) continue;
     const uint64_t b = bytes_of(*x);
-    if (mtp[size_t(x->id)]) mtp_bytes += b;
-    else if (expert[size_t(x->id)]) experts += b;
-    else non_expert += b;
+    Part &pt = p.part[size_t(x->id)];
+    if (mtp[size_t(x->id)]) {
+      mtp_bytes += b;
+      pt = Part::Mtp;
+    } else if (expert[size_t(x->id)]) {
+      experts += b;
+      pt = Part::RoutedExpert;
+    } else {
+      non_expert += b;
+    }
   }
   if (devices.empty()) {
     p.host_bytes = non_expert + experts + mtp_bytes;

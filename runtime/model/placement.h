@@ -17,8 +17,10 @@ struct Placement {
     uint64_t budget = 0;  // bytes the weights may take there
     uint64_t non_expert = 0, routed_experts = 0, mtp = 0;  // bytes placed there, by part
   };
+  enum class Part : uint8_t { NonExpert, RoutedExpert, Mtp };
   std::vector<DeviceShare> devices;  // empty: host memory only
   std::vector<int16_t> where;        // per Weight::id: index into devices, -1 = host memory (read in place)
+  std::vector<Part> part;            // per Weight::id, from the model's structure
   uint64_t host_bytes = 0;
 
   // devices empty: everything in host memory. One device: everything there, within budget (bytes; the
