@@ -21,6 +21,7 @@
 #include "core/status.h"
 #include "dsrt.h"
 #include "model/config.h"
+#include "core/file.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "repl.h"
@@ -128,6 +129,7 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   dsrt_model_params_init(&mp, sizeof mp);
   mp.backend = backend_of(a);
   mp.n_threads = int32_t(a.num("--threads", 0));
+  mp.use_mmap = a.has("--no-mmap") ? 0 : 1;
   check(dsrt_model_load(need(a, "--model").c_str(), &mp, &l.model));
   dsrt_engine_params ep;
   dsrt_engine_params_init(&ep, sizeof ep);
@@ -151,7 +153,9 @@ const char *kCommonHelp =
     "  --precision P        auto | fp32 | fp8 (GPU GEMM activations; fp8 is experimental)\n"
     "  --kv-memory-fraction F  size the KV pool as this share of free (device) memory after the weights\n"
     "  --mtp                speculative decoding with the checkpoint's MTP module (same output, fewer steps)\n"
-    "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n";
+    "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n"
+    "  --no-mmap            copy the weights into memory at load instead of mapping the shards: use it when\n"
+    "                       the checkpoint's files may change while dsrt runs (costs RAM and load time)\n";
 
 // ---- generate
 int cmd_generate_text(const Args &a);
@@ -326,6 +330,7 @@ int cmd_bench_tokenizer(const Args &a) {
 int cmd_chat(const Args &a) {
   if (a.has("--help")) {
     std::printf("usage: dsrt chat --model DIR [--system TEXT] [--temperature T] [-n MAX_TOKENS] [--ctx N] [--threads N] [--mtp]\n"
+                "                 [--no-mmap]\n"
                 "Interactive chat (the samples/chat REPL): /help lists its commands.\n");
     return 0;
   }
@@ -339,6 +344,7 @@ int cmd_chat(const Args &a) {
   o.max_new_tokens = int32_t(a.num("-n", 1024));
   o.temperature = float(a.real("--temperature", -1.0));
   o.mtp = a.has("--mtp") ? 1 : 0;
+  o.no_mmap = a.has("--no-mmap") ? 1 : 0;
   return chat_repl(&o);
 }
 
@@ -394,13 +400,13 @@ std::string human(double b) {
 
 int cmd_inspect(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt inspect --model DIR\n"
+    std::printf("usage: dsrt inspect --model DIR [--no-mmap]\n"
                 "Config summary, tensor count by dtype, bytes by part, unknown tensors, validation result.\n");
     return 0;
   }
   using namespace dsrt;
   const std::string dir = need(a, "--model");
-  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir + "/config.json");
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json", kConfigFileMax), dir + "/config.json");
   std::printf("config      %s/config.json (model_type %s)\n", dir.c_str(), c.model_type.c_str());
   std::printf("  layers %lld (dense %lld, MoE %lld), MTP %lld, hidden %lld, heads %lld, vocab %lld\n",
               (long long)c.num_hidden_layers, (long long)std::min(c.first_k_dense_replace, c.num_hidden_layers),
@@ -421,7 +427,7 @@ int cmd_inspect(const Args &a) {
     std::printf(" factor %g over %lld, beta %g/%g, mscale %g/%g\n", c.rope.factor, (long long)c.rope.original_max_position,
                 c.rope.beta_fast, c.rope.beta_slow, c.rope.mscale, c.rope.mscale_all_dim);
   std::printf("  weights: %s\n", c.fp8 ? "FP8 e4m3, 128x128 block scales" : "unquantised");
-  Checkpoint ck(dir);
+  Checkpoint ck(dir, nullptr, nullptr, a.has("--no-mmap") ? ShardAccess::Copy : ShardAccess::Map);
   std::map<std::string, std::pair<uint64_t, uint64_t>> by_dtype;  // count, bytes
   std::map<std::string, uint64_t> by_part;
   for (auto &[name, t] : ck.all()) {
@@ -497,7 +503,7 @@ struct StepCost {
 
 StepCost step_cost(const std::string &dir) {
   using namespace dsrt;
-  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir);
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json", kConfigFileMax), dir);
   Checkpoint ck(dir);
   StepCost sc;
   sc.n_experts = c.n_routed_experts;

@@ -282,6 +282,7 @@ void dsrt_model_params_init(dsrt_model_params *p, size_t size) {
   d.n_threads = 0;
   d.validate_scales = 1;
   d.load_mtp = 1;
+  d.use_mmap = 1;
   init_struct(p, size, d);
 }
 
@@ -319,6 +320,7 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     }
     lo.cancel = p.cancel ? &p.cancel->flag : nullptr;
     lo.tokenizer_only = p.tokenizer_only != 0;
+    lo.shard_access = p.use_mmap != 0 ? dsrt::ShardAccess::Map : dsrt::ShardAccess::Copy;
     auto h = std::make_unique<dsrt_model>();
     h->model = dsrt::Model::load(dir, lo);
     h->backend = backend;
