@@ -14,7 +14,9 @@ namespace dsrt {
 
 bool file_exists(const std::string &path) {
   struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  if (::stat(path.c_str(), &st) != 0) return false;
+  if (!S_ISREG(st.st_mode)) failf(DSRT_ERR_IO, path, ": not a regular file (a FIFO, device, socket or directory)");
+  return true;
 }
 
 namespace {

@@ -17,7 +17,8 @@ constexpr uint64_t kIndexFileMax = uint64_t(256) << 20;            // model.safe
 constexpr uint64_t kTokenizerFileMax = uint64_t(512) << 20;        // tokenizer.json, tiktoken.model, tokenizer_config.json
 constexpr uint64_t kShardHeaderMax = uint64_t(100) << 20;          // the JSON header of one safetensors shard
 
-// True when path is (or links to) a regular file.
+// True when path is (or links to) a regular file, false when nothing is there. DSRT_ERR_IO when something
+// else is (a FIFO, device, socket or directory where a file belongs): refused, not taken for absent.
 bool file_exists(const std::string &path);
 
 // The whole file. DSRT_ERR_IO if it cannot be opened or is not a regular file; DSRT_ERR_FORMAT if it holds

@@ -213,7 +213,8 @@ ModelConfig parse_model_config(const std::string &text, const std::string &src) 
       c.rope.mscale_all_dim = float(y.num_opt("mscale_all_dim", 0.0));
       // The ranges YaRN's formulas need (spec §3.6-3.7): outside them every logit became NaN with DSRT_OK.
       // The correction dims take log(L0 / (2 pi beta)): beta > 0; the ramp runs from beta_fast's dim up to
-      // beta_slow's: beta_fast > beta_slow. m(s, k) = 0.1 k ln s + 1 divides and scales: it must stay > 0.
+      // beta_slow's: beta_fast >= beta_slow (Kimi-K2 ships 1 and 1, a one-dim ramp). m(s, k) = 0.1 k ln s + 1
+      // divides and scales: it must stay > 0.
       const RopeConfig &ro = c.rope;
       auto value = [](double v) { return ", is " + num_str(v); };
       if (!std::isfinite(ro.factor) || !(ro.factor > 0.0f)) y.bad("rope_scaling.factor", "must be finite and > 0" + value(ro.factor));
@@ -221,8 +222,8 @@ ModelConfig parse_model_config(const std::string &text, const std::string &src) 
         y.bad("rope_scaling.original_max_position_embeddings", "must be in 1..2^32" + value(double(ro.original_max_position)));
       if (!std::isfinite(ro.beta_slow) || !(ro.beta_slow > 0.0f))
         y.bad("rope_scaling.beta_slow", "must be finite and > 0" + value(ro.beta_slow));
-      if (!std::isfinite(ro.beta_fast) || !(ro.beta_fast > ro.beta_slow))
-        y.bad("rope_scaling.beta_fast", "must be finite and > beta_slow (" + num_str(ro.beta_slow) + ")" + value(ro.beta_fast));
+      if (!std::isfinite(ro.beta_fast) || !(ro.beta_fast >= ro.beta_slow))
+        y.bad("rope_scaling.beta_fast", "must be finite and >= beta_slow (" + num_str(ro.beta_slow) + ")" + value(ro.beta_fast));
       if (!std::isfinite(ro.mscale) || !(yarn_m(ro.factor, ro.mscale) > 0.0))
         y.bad("rope_scaling.mscale", "must be finite with 0.1 * mscale * ln(factor) + 1 > 0" + value(ro.mscale));
       if (!std::isfinite(ro.mscale_all_dim) || !(yarn_m(ro.factor, ro.mscale_all_dim) > 0.0))
