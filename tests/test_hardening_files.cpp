@@ -17,6 +17,7 @@
 
 #include "core/file.h"
 #include "core/memory.h"
+#include "core/status.h"
 #include "helpers.h"
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -106,12 +107,17 @@ TEST_CASE("freed host memory goes back to the system when dsrt releases it (the 
   // for reuse until asked. Many small blocks, as KV pages and scratch are.
   const int64_t before = rss_bytes();
   std::vector<void *> blocks;
+  size_t failed = 0;
   for (int i = 0; i < 65536; i++) {  // 256 MiB in 4 KiB blocks
     void *p = mi_malloc_aligned(4096, 64);
-    REQUIRE(p != nullptr);
+    if (!p) {
+      failed++;
+      continue;
+    }
     std::memset(p, 1, 4096);
     blocks.push_back(p);
   }
+  REQUIRE(failed == 0);
   CHECK(rss_bytes() > before + (int64_t(200) << 20));
   for (void *p : blocks) mi_free(p);
   dsrt::release_host_memory();
