@@ -341,7 +341,9 @@ TEST_CASE("config values outside the ranges the math needs are errors naming the
 // ---- item 10: linear header parse
 
 TEST_CASE("a shard header listing 200,000 tensors parses in linear time") {
-  // Before: nlohmann's callback parser rescanned the object per entry: 100,000 entries took 67-101 s.
+  // Before: nlohmann's callback parser rescanned the object per entry: 100,000 entries took 67-101 s,
+  // 200,000 over 300 s. Linear: ~4 s in Release, ~19 s with ASan on a busy 2-core box; the bound leaves
+  // room for slow CI machines and still fails a quadratic parse by a wide margin.
   const int n = 200000;
   std::string h = "{";
   for (int i = 0; i < n; i++)
@@ -353,13 +355,13 @@ TEST_CASE("a shard header listing 200,000 tensors parses in linear time") {
   const auto t0 = std::chrono::steady_clock::now();
   dsrt::SafetensorsFile f(p.string());
   CHECK(f.tensors().size() == size_t(n));
-  CHECK(seconds_since(t0) < 10.0);
+  CHECK(seconds_since(t0) < 60.0);
 
   // Duplicates are still found, at any depth, and in the same linear pass.
   const std::string dup = h.substr(0, h.size() - 1) + ",\"t17\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}}";
   const auto t1 = std::chrono::steady_clock::now();
   CHECK(dsrt::find_duplicate_key(dup.data(), dup.data() + dup.size()) == "t17");
-  CHECK(seconds_since(t1) < 10.0);
+  CHECK(seconds_since(t1) < 60.0);
   const std::string nested = R"({"a":{"dtype":"F32","dtype":"F16","shape":[0],"data_offsets":[0,0]}})";
   CHECK(dsrt::find_duplicate_key(nested.data(), nested.data() + nested.size()) == "dtype");
   const std::string fine = R"({"a":{"x":1},"b":{"x":1},"c":[{"x":1},{"x":2}]})";
