@@ -131,6 +131,7 @@ typedef struct dsrt_model dsrt_model;
 #define DSRT_LOAD_STAGE_CONFIG   0
 #define DSRT_LOAD_STAGE_SHARDS   1  /* done/total = shards opened */
 #define DSRT_LOAD_STAGE_VALIDATE 2  /* done/total = tensors checked */
+#define DSRT_LOAD_STAGE_TEXT     3  /* done/total = tokenizer and generation config files read (last) */
 
 /* Called on the loading thread. Return non-zero to abort the load (DSRT_ERR_CANCELLED). */
 typedef int32_t (*dsrt_progress_fn)(int32_t stage, uint64_t done, uint64_t total, void *user_data);
@@ -143,8 +144,13 @@ typedef struct dsrt_model_params {
   int32_t load_mtp;           /* 1 (default): load the MTP layer when the checkpoint has one */
   dsrt_progress_fn progress_fn;
   void *progress_user_data;
-  dsrt_cancel *cancel;        /* optional; checked between shards and tensors */
+  dsrt_cancel *cancel;        /* optional; checked between files, shards and tensors */
   int32_t tokenizer_only;     /* 1: load config.json + tokenizer files only (text calls, no generation) */
+  int32_t use_mmap;           /* 1 (default): weights are read in place from the mmapped shards, which must
+                                 not change while the model is loaded (a truncated shard kills the process
+                                 with SIGBUS; the engine checks size/mtime/inode between steps and fails
+                                 with DSRT_ERR_IO). 0: weights are copied into memory at load (the
+                                 checkpoint's size in RAM, slower load), immune to later file changes. */
   const int32_t *devices;     /* CUDA device indices the weights are placed on (n_devices of them); NULL: device 0 */
   int32_t n_devices;          /* today at most 1 */
   uint64_t device_memory;     /* bytes of each device the weights may take; 0 = what is free, less 1 GiB of

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "core/file.h"
 #include "core/status.h"
 #include "dist/mapping.h"
 #include "dsrt.h"
@@ -132,6 +133,7 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   mp.backend = backend_of(a);
   mp.n_threads = int32_t(a.num("--threads", 0));
   mp.device_memory = uint64_t(a.num("--gpu-memory", 0));
+  mp.use_mmap = a.has("--no-mmap") ? 0 : 1;
   check(dsrt_model_load(need(a, "--model").c_str(), &mp, &l.model));
   dsrt_engine_params ep;
   dsrt_engine_params_init(&ep, sizeof ep);
@@ -160,7 +162,9 @@ const char *kCommonHelp =
     "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n"
     "  --tp N, --ep N       tensor- and expert-parallel ranks (tp * ep in-process ranks on the CPU backend;\n"
     "                       output identical in format to one rank)\n"
-    "  --gpu-memory BYTES   GPU memory the weights may take (default: what is free, less 1 GiB)\n";
+    "  --gpu-memory BYTES   GPU memory the weights may take (default: what is free, less 1 GiB)\n"
+    "  --no-mmap            copy the weights into memory at load instead of mapping the shards: use it when\n"
+    "                       the checkpoint's files may change while dsrt runs (costs RAM and load time)\n";
 
 // ---- generate
 int cmd_generate_text(const Args &a);
@@ -335,6 +339,7 @@ int cmd_bench_tokenizer(const Args &a) {
 int cmd_chat(const Args &a) {
   if (a.has("--help")) {
     std::printf("usage: dsrt chat --model DIR [--system TEXT] [--temperature T] [-n MAX_TOKENS] [--ctx N] [--threads N] [--mtp]\n"
+                "                 [--no-mmap]\n"
                 "Interactive chat (the samples/chat REPL): /help lists its commands.\n");
     return 0;
   }
@@ -348,6 +353,7 @@ int cmd_chat(const Args &a) {
   o.max_new_tokens = int32_t(a.num("-n", 1024));
   o.temperature = float(a.real("--temperature", -1.0));
   o.mtp = a.has("--mtp") ? 1 : 0;
+  o.no_mmap = a.has("--no-mmap") ? 1 : 0;
   return chat_repl(&o);
 }
 
@@ -443,14 +449,15 @@ void print_placement(const Args &a, const dsrt::ModelConfig &c, const dsrt::Mode
 
 int cmd_inspect(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt inspect --model DIR [--placement [--backend B] [--gpu-memory BYTES] [--tp N] [--ep N]]\n"
+    std::printf("usage: dsrt inspect --model DIR [--no-mmap] [--placement [--backend B] [--gpu-memory BYTES] [--tp N]\n"
+                "                    [--ep N]]\n"
                 "Config summary, tensor count by dtype, bytes by part, unknown tensors, validation result;\n"
                 "--placement: where the weights go (device, budget, bytes by part) and each rank's share.\n");
     return 0;
   }
   using namespace dsrt;
   const std::string dir = need(a, "--model");
-  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir + "/config.json");
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json", kConfigFileMax), dir + "/config.json");
   std::printf("config      %s/config.json (model_type %s)\n", dir.c_str(), c.model_type.c_str());
   std::printf("  layers %lld (dense %lld, MoE %lld), MTP %lld, hidden %lld, heads %lld, vocab %lld\n",
               (long long)c.num_hidden_layers, (long long)std::min(c.first_k_dense_replace, c.num_hidden_layers),
@@ -471,7 +478,7 @@ int cmd_inspect(const Args &a) {
     std::printf(" factor %g over %lld, beta %g/%g, mscale %g/%g\n", c.rope.factor, (long long)c.rope.original_max_position,
                 c.rope.beta_fast, c.rope.beta_slow, c.rope.mscale, c.rope.mscale_all_dim);
   std::printf("  weights: %s\n", c.fp8 ? "FP8 e4m3, 128x128 block scales" : "unquantised");
-  Checkpoint ck(dir);
+  Checkpoint ck(dir, nullptr, nullptr, a.has("--no-mmap") ? ShardAccess::Copy : ShardAccess::Map);
   std::map<std::string, std::pair<uint64_t, uint64_t>> by_dtype;  // count, bytes
   std::map<std::string, uint64_t> by_part;
   for (auto &[name, t] : ck.all()) {
@@ -548,7 +555,7 @@ struct StepCost {
 
 StepCost step_cost(const std::string &dir, size_t kv_elem_bytes) {
   using namespace dsrt;
-  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json"), dir);
+  ModelConfig c = parse_model_config(read_text_file(dir + "/config.json", kConfigFileMax), dir);
   Checkpoint ck(dir);
   StepCost sc;
   sc.n_experts = c.n_routed_experts;

@@ -46,7 +46,7 @@ internal static class Native {
     public uint struct_size;
     public int backend, n_threads, validate_scales, load_mtp;
     public IntPtr progress_fn, progress_user_data, cancel;
-    public int tokenizer_only;
+    public int tokenizer_only, use_mmap;
     public IntPtr devices;
     public int n_devices;
     public ulong device_memory;

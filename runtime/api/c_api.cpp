@@ -287,6 +287,7 @@ void dsrt_model_params_init(dsrt_model_params *p, size_t size) {
   d.n_threads = 0;
   d.validate_scales = 1;
   d.load_mtp = 1;
+  d.use_mmap = 1;
   d.devices = nullptr;
   d.n_devices = 0;
   d.device_memory = 0;
@@ -327,6 +328,7 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     }
     lo.cancel = p.cancel ? &p.cancel->flag : nullptr;
     lo.tokenizer_only = p.tokenizer_only != 0;
+    lo.shard_access = p.use_mmap != 0 ? dsrt::ShardAccess::Map : dsrt::ShardAccess::Copy;
     DSRT_REQUIRE(p.n_devices >= 0 && (p.n_devices == 0 || p.devices), "devices is NULL with n_devices > 0");
     if (backend == DSRT_BACKEND_CUDA) {
       for (int32_t i = 0; i < p.n_devices; i++) {

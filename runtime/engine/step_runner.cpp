@@ -93,6 +93,8 @@ int32_t StepRunner::token_at(const Work &w, int64_t pos) const {
 void StepRunner::run() {
   const auto t0 = std::chrono::steady_clock::now();
   try {
+    // Mapped shards that changed under us would feed the forward garbage (or SIGBUS): fail the step instead.
+    if (e_.model_->ckpt) e_.model_->ckpt->verify_unchanged();
     if (std::any_of(work_.begin(), work_.end(), [](const Work &w) { return w.n_drafts > 0; })) draft();
     logits_.resize(step_.logit_rows.size() * size_t(e_.model_->cfg.vocab_size));
     Tensor hidden;

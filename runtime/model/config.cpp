@@ -1,8 +1,10 @@
 #include "model/config.h"
 
 #include <cmath>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include "core/file.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -66,6 +68,13 @@ struct Reader {
 
 double yarn_m(double s, double k) { return s <= 1.0 ? 1.0 : 0.1 * k * std::log(s) + 1.0; }
 
+// A number as config.json would write it (1e-06, not 0.000001), for messages.
+std::string num_str(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.9g", v);
+  return b;
+}
+
 }  // namespace
 
 float ModelConfig::softmax_scale() const {
@@ -109,8 +118,8 @@ ModelConfig parse_model_config(const std::string &text, const std::string &src) 
   json root;
   try {
     root = json::parse(text);
-  } catch (const std::exception &e) {
-    failf(DSRT_ERR_FORMAT, src, ": not valid JSON (", e.what(), ")");
+  } catch (const json::exception &e) {
+    failf(DSRT_ERR_FORMAT, src, ": not valid JSON (", json_error_position(e), ")");
   }
   if (!root.is_object()) failf(DSRT_ERR_FORMAT, src, ": top level is not an object");
   ModelConfig c;
@@ -202,8 +211,24 @@ ModelConfig parse_model_config(const std::string &text, const std::string &src) 
       c.rope.has_mscale_all_dim = y.find("mscale_all_dim") && !y.find("mscale_all_dim")->is_null();
       c.rope.mscale = float(y.num_opt("mscale", 1.0));
       c.rope.mscale_all_dim = float(y.num_opt("mscale_all_dim", 0.0));
-      if (!(c.rope.factor > 0.0f)) y.bad("rope_scaling.factor", "must be > 0");
-      if (c.rope.original_max_position <= 0) y.bad("rope_scaling.original_max_position_embeddings", "must be > 0");
+      // The ranges YaRN's formulas need (spec §3.6-3.7): outside them every logit became NaN with DSRT_OK.
+      // The correction dims take log(L0 / (2 pi beta)): beta > 0; the ramp runs from beta_fast's dim up to
+      // beta_slow's: beta_fast >= beta_slow (Kimi-K2 ships 1 and 1, a one-dim ramp). m(s, k) = 0.1 k ln s + 1
+      // divides and scales: it must stay > 0.
+      const RopeConfig &ro = c.rope;
+      auto value = [](double v) { return ", is " + num_str(v); };
+      if (!std::isfinite(ro.factor) || !(ro.factor > 0.0f)) y.bad("rope_scaling.factor", "must be finite and > 0" + value(ro.factor));
+      if (ro.original_max_position <= 0 || ro.original_max_position > (int64_t(1) << 32))
+        y.bad("rope_scaling.original_max_position_embeddings", "must be in 1..2^32" + value(double(ro.original_max_position)));
+      if (!std::isfinite(ro.beta_slow) || !(ro.beta_slow > 0.0f))
+        y.bad("rope_scaling.beta_slow", "must be finite and > 0" + value(ro.beta_slow));
+      if (!std::isfinite(ro.beta_fast) || !(ro.beta_fast >= ro.beta_slow))
+        y.bad("rope_scaling.beta_fast", "must be finite and >= beta_slow (" + num_str(ro.beta_slow) + ")" + value(ro.beta_fast));
+      if (!std::isfinite(ro.mscale) || !(yarn_m(ro.factor, ro.mscale) > 0.0))
+        y.bad("rope_scaling.mscale", "must be finite with 0.1 * mscale * ln(factor) + 1 > 0" + value(ro.mscale));
+      if (!std::isfinite(ro.mscale_all_dim) || !(yarn_m(ro.factor, ro.mscale_all_dim) > 0.0))
+        y.bad("rope_scaling.mscale_all_dim", "must be finite with 0.1 * mscale_all_dim * ln(factor) + 1 > 0" +
+                                                 value(ro.mscale_all_dim));
     } else if (type != "default") {
       failf(DSRT_ERR_UNSUPPORTED, src, ": rope type \"", type, "\" (only yarn or none)");
     }
@@ -244,8 +269,15 @@ ModelConfig parse_model_config(const std::string &text, const std::string &src) 
   positive("max_position_embeddings", c.max_position_embeddings, int64_t(1) << 32);
   if (c.qk_rope_head_dim % 2) r.bad("qk_rope_head_dim", "must be even");
   if (c.q_lora_rank < 0 || c.q_lora_rank > (1 << 20)) r.bad("q_lora_rank", "out of range");
-  if (!(c.rms_norm_eps > 0.0f) || c.rms_norm_eps > 1.0f) r.bad("rms_norm_eps", "must be in (0, 1]");
-  if (!(c.rope.theta > 1.0f)) r.bad("rope_theta", "must be > 1");
+  if (!(c.rms_norm_eps > 0.0f) || c.rms_norm_eps > 1.0f) r.bad("rms_norm_eps", "must be in (0, 1], is " + num_str(c.rms_norm_eps));
+  if (!std::isfinite(c.rope.theta) || !(c.rope.theta > 1.0f))
+    r.bad("rope_theta", "must be finite and > 1, is " + num_str(c.rope.theta));
+  for (auto [key, id] : {std::pair{"bos_token_id", c.bos_token_id}, std::pair{"eos_token_id", c.eos_token_id}})
+    if (id < -1 || id >= c.vocab_size)
+      r.bad(key, "must be a token id below vocab_size (" + std::to_string(c.vocab_size) + "), is " + std::to_string(id));
+  for (int64_t e : c.eos_token_ids)
+    if (e < 0 || e >= c.vocab_size)
+      r.bad("eos_token_id", "lists " + std::to_string(e) + ", not a token id below vocab_size (" + std::to_string(c.vocab_size) + ")");
   if (c.num_nextn_predict_layers < 0 || c.num_nextn_predict_layers > 16) r.bad("num_nextn_predict_layers", "out of range");
   if (c.n_routed_experts < 0 || c.n_routed_experts > (1 << 16)) r.bad("n_routed_experts", "out of range");
   if (c.n_routed_experts > 0) {
@@ -259,8 +291,9 @@ ModelConfig parse_model_config(const std::string &text, const std::string &src) 
     if (c.first_k_dense_replace < 0) r.bad("first_k_dense_replace", "must be >= 0");
     if (c.num_experts_per_tok > (c.n_routed_experts / c.n_group) * c.topk_group)
       r.bad("num_experts_per_tok", "exceeds the experts of topk_group groups");
-    if (!std::isfinite(c.routed_scaling_factor) || c.routed_scaling_factor <= 0.0f)
-      r.bad("routed_scaling_factor", "must be > 0");
+    if (!std::isfinite(c.routed_scaling_factor) || !(c.routed_scaling_factor > 0.0f))
+      r.bad("routed_scaling_factor", "must be finite and > 0, is " + num_str(c.routed_scaling_factor));
+
   }
   return c;
 }

@@ -1,8 +1,11 @@
 #include "model/model.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "core/memory.h"
 #include "core/sha256.h"
 #include "core/status.h"
 
@@ -18,12 +21,32 @@ bool forward_progress(uint64_t done, uint64_t total, void *user) {
   if (c->opt->cancel && c->opt->cancel->load(std::memory_order_relaxed)) return false;
   return !c->opt->progress || c->opt->progress(c->stage, done, total, c->opt->user);
 }
+void check_cancel(const LoadOptions &opt) {
+  if (opt.cancel && opt.cancel->load(std::memory_order_relaxed)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
+}
+
+std::atomic<int64_t> g_live_models{0};
+
+// The tokenizer file the loader will use (the order of Tokenizer::load_files), or "" when none.
+std::string tokenizer_file(const std::string &dir) {
+  for (const char *f : {"/tokenizer.json", "/tiktoken.model", "/tokenizer.model"})
+    if (file_exists(dir + f)) return dir + f;
+  return "";
+}
 }  // namespace
+
+Model::Model() { g_live_models.fetch_add(1); }
+Model::~Model() {
+  // Members (mappings, tokenizer, tables) are destroyed after this body: release what they free, too.
+  ckpt.reset();
+  tokenizer.reset();
+  if (g_live_models.fetch_sub(1) == 1) release_host_memory();
+}
 
 void load_generation_defaults(const std::string &dir, GenerationDefaults &g) {
   const std::string path = dir + "/generation_config.json";
   if (!file_exists(path)) return;
-  const nlohmann::json j = read_json_file(path);
+  const nlohmann::json j = read_json_file(path, kGenerationConfigFileMax);
   auto num = [&](const char *k, float lo, float hi, float *out) {
     auto it = j.find(k);
     if (it == j.end() || it->is_null()) return false;
@@ -61,11 +84,36 @@ std::vector<int32_t> Model::eog_ids() const {
 std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &opt) {
   auto m = std::make_shared<Model>();
   m->dir = dir;
+  // Stages: config.json, shards, validate, text files (tokenizer, generation config). Cancel and progress
+  // are consulted between them; every file is checked to be regular and capped in size before it is read.
   ProgressCtx pc{&opt, 0};
+  check_cancel(opt);
   const std::string cfg_path = dir + "/config.json";
-  m->config_json = read_text_file(cfg_path);
+  m->config_json = read_text_file(cfg_path, kConfigFileMax);
   m->cfg = parse_model_config(m->config_json, cfg_path);
   if (!forward_progress(1, 1, &pc)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
+  if (!opt.tokenizer_only) {
+    // Shapes before the tokenizer: its per-id tables are sized by vocab_size, which must first agree with
+    // the embedding table that the shards actually hold (a vocab_size of 1e8 cost 3.67 GB before the
+    // shape check rejected it).
+    pc.stage = 1;
+    m->ckpt = std::make_unique<Checkpoint>(dir, forward_progress, &pc, opt.shard_access);
+    pc.stage = 2;
+    BindOptions bo;
+    bo.load_mtp = opt.load_mtp;
+    bo.validate_scales = opt.validate_scales;
+    bo.progress = forward_progress;
+    bo.user = &pc;
+    bind_weights(m->cfg, *m->ckpt, bo, m->w);
+  } else if (const std::string tf = tokenizer_file(dir); !tf.empty()) {
+    struct stat st;
+    const int64_t bytes = ::stat(tf.c_str(), &st) == 0 ? int64_t(st.st_size) : 0;
+    if (m->cfg.vocab_size > bytes + kTokenizerOnlyPaddingMax)
+      failf(DSRT_ERR_FORMAT, cfg_path, ": vocab_size ", m->cfg.vocab_size, " is more than ", tf, " (", bytes,
+            " bytes) can define plus ", kTokenizerOnlyPaddingMax, " padding ids");
+  }
+  pc.stage = 3;
+  if (!forward_progress(0, 2, &pc)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
   m->tokenizer = Tokenizer::load(dir, m->cfg.vocab_size);
   if (m->tokenizer)
     for (int32_t i = 0; i < int32_t(m->cfg.vocab_size); i++)
@@ -73,7 +121,9 @@ std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &op
   if (m->tokenizer && m->tokenizer->n_tokens() > m->cfg.vocab_size)
     failf(DSRT_ERR_FORMAT, dir, ": the tokenizer has ", m->tokenizer->n_tokens(), " tokens, more than vocab_size ",
           m->cfg.vocab_size);
+  if (!forward_progress(1, 2, &pc)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
   load_generation_defaults(dir, m->gen_defaults);
+  if (!forward_progress(2, 2, &pc)) fail(DSRT_ERR_CANCELLED, "model load cancelled");
   Sha256 fp;
   fp.update(m->config_json.data(), m->config_json.size());
   if (opt.tokenizer_only) {
@@ -82,15 +132,6 @@ std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &op
     m->fingerprint = fp.hex_digest();
     return m;
   }
-  pc.stage = 1;
-  m->ckpt = std::make_unique<Checkpoint>(dir, forward_progress, &pc);
-  pc.stage = 2;
-  BindOptions bo;
-  bo.load_mtp = opt.load_mtp;
-  bo.validate_scales = opt.validate_scales;
-  bo.progress = forward_progress;
-  bo.user = &pc;
-  bind_weights(m->cfg, *m->ckpt, bo, m->w);
 
   const ModelConfig &c = m->cfg;
   m->rope.inv_freq = c.rope_inv_freq();

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "backend/backend.h"
+#include "core/file.h"
 #include "model/config.h"
 #include "model/placement.h"
 #include "model/safetensors.h"
@@ -16,7 +17,7 @@ namespace dsrt {
 struct LoadOptions {
   bool load_mtp = true;
   bool validate_scales = true;
-  // stage: 0 config, 1 shards, 2 validate; returns false to cancel.
+  // stage: 0 config, 1 shards, 2 validate, 3 text files; returns false to cancel.
   bool (*progress)(int stage, uint64_t done, uint64_t total, void *user) = nullptr;
   void *user = nullptr;
   const std::atomic<int> *cancel = nullptr;
@@ -25,7 +26,14 @@ struct LoadOptions {
   // bytes each may hold (0: what the device has free, less 1 GiB of working room).
   std::vector<Device> devices;
   uint64_t device_memory = 0;
+  // Map (default): weights read in place from the shards, which must not change while the model is loaded
+  // (Checkpoint::verify_unchanged detects it between steps). Copy: weights copied into memory at load.
+  ShardAccess shard_access = ShardAccess::Map;
 };
+
+// A tokenizer-only load has no embedding to check vocab_size against: the padding ids beyond what its
+// files can hold (each id costs at least one byte of a tokenizer file) are capped by this.
+constexpr int64_t kTokenizerOnlyPaddingMax = int64_t(1) << 20;
 
 // Sampling defaults a checkpoint ships in generation_config.json (absent fields keep dsrt's defaults).
 struct GenerationDefaults {
@@ -40,6 +48,10 @@ void load_generation_defaults(const std::string &dir, GenerationDefaults &g);
 class Model {
  public:
   static std::shared_ptr<Model> load(const std::string &dir, const LoadOptions &opt);
+  Model();
+  ~Model();  // the last model freed hands dsrt's freed host memory back to the system
+  Model(const Model &) = delete;
+  Model &operator=(const Model &) = delete;
 
   std::string dir;
   std::string config_json;

@@ -11,7 +11,7 @@
 #include <unordered_map>
 
 #include "core/status.h"
-#include "model/safetensors.h"
+#include "core/file.h"
 #include "text/tokenizer.h"
 #include "text/utf8.h"
 

@@ -5,7 +5,7 @@
 
 #include "core/fault.h"
 #include "core/status.h"
-#include "model/safetensors.h"
+#include "core/file.h"
 
 namespace dsrt {
 

@@ -194,6 +194,7 @@ int chat_repl(const struct chat_options *opt) {
   dsrt_model_params mp;
   dsrt_model_params_init(&mp, sizeof mp);
   mp.n_threads = opt->n_threads;
+  mp.use_mmap = opt->no_mmap ? 0 : 1;
   if (interactive) mp.progress_fn = on_progress;
   mp.cancel = g_cancel;
   if (dsrt_model_load(opt->model_dir, &mp, &m) != DSRT_OK) {

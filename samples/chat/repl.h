@@ -14,6 +14,7 @@ struct chat_options {
   int32_t max_new_tokens; /* per reply */
   float temperature;      /* < 0: the model's default */
   int32_t mtp;            /* 1: speculative decoding with the model's MTP module */
+  int32_t no_mmap;        /* 1: copy the weights into memory instead of mapping the shards */
 };
 
 void chat_options_init(struct chat_options *o);

@@ -56,6 +56,7 @@ pub struct dsrt_model_params {
     pub progress_user_data: *mut c_void,
     pub cancel: *mut dsrt_cancel,
     pub tokenizer_only: i32,
+    pub use_mmap: i32,
     pub devices: *const i32,
     pub n_devices: i32,
     pub device_memory: u64,
