@@ -3,6 +3,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "core/json.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -106,12 +107,7 @@ std::vector<float> ModelConfig::rope_inv_freq() const {
 }
 
 ModelConfig parse_model_config(const std::string &text, const std::string &src) {
-  json root;
-  try {
-    root = json::parse(text);
-  } catch (const std::exception &e) {
-    failf(DSRT_ERR_FORMAT, src, ": not valid JSON (", e.what(), ")");
-  }
+  const json root = parse_json_sorted(text, src.c_str(), DSRT_ERR_FORMAT);
   if (!root.is_object()) failf(DSRT_ERR_FORMAT, src, ": top level is not an object");
   ModelConfig c;
   const json *top = &root;

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/fault.h"
+#include "core/json.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -36,12 +37,7 @@ std::string read_text_file(const std::string &path) {
 
 nlohmann::json read_json_file(const std::string &path, bool want_object) {
   const std::string text = read_text_file(path);
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const std::exception &e) {
-    failf(DSRT_ERR_FORMAT, path, ": not valid JSON (", e.what(), ")");
-  }
+  const json j = parse_json_sorted(text, path.c_str(), DSRT_ERR_FORMAT);
   if (want_object && !j.is_object()) failf(DSRT_ERR_FORMAT, path, ": not a JSON object");
   return j;
 }
