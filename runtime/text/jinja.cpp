@@ -319,9 +319,9 @@ struct Token {
   double f = 0;
 };
 
-std::vector<Token> tokenize(const std::string &src, int line) {
-  std::vector<Token> out;
-  size_t i = 0;
+// The token at src[i...], advancing i past it; End at the end. The parser pulls tokens one at a time, so
+// an expression too deep to parse is refused after its first few hundred tokens, whatever its length.
+Token next_token(const std::string &src, size_t &i, int line) {
   while (i < src.size()) {
     char c = src[i];
     if (std::isspace(uint8_t(c))) {
@@ -331,8 +331,9 @@ std::vector<Token> tokenize(const std::string &src, int line) {
     if (std::isalpha(uint8_t(c)) || c == '_') {
       size_t j = i;
       while (j < src.size() && (std::isalnum(uint8_t(src[j])) || src[j] == '_')) j++;
-      out.push_back({Tk::Name, src.substr(i, j - i)});
+      Token t{Tk::Name, src.substr(i, j - i)};
       i = j;
+      return t;
     } else if (std::isdigit(uint8_t(c))) {
       size_t j = i;
       bool is_float = false;
@@ -359,8 +360,8 @@ std::vector<Token> tokenize(const std::string &src, int line) {
       } catch (const std::exception &) {
         syntax(line, "bad number " + num);
       }
-      out.push_back(t);
       i = j;
+      return t;
     } else if (c == '\'' || c == '"') {
       std::string s;
       size_t j = i + 1;
@@ -381,26 +382,25 @@ std::vector<Token> tokenize(const std::string &src, int line) {
         }
       }
       if (j >= src.size()) syntax(line, "unterminated string");
-      out.push_back({Tk::Str, s});
       i = j + 1;
+      return {Tk::Str, s};
     } else {
-      static const char *ops[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~", "<", ">", "(", ")",
-                                  "[", "]", "{", "}", ",", ".", ":", "|", "="};
-      bool found = false;
-      for (const char *op : ops) {
-        size_t n = std::strlen(op);
-        if (src.compare(i, n, op) == 0) {
-          out.push_back({Tk::Op, op});
-          i += n;
-          found = true;
-          break;
-        }
-      }
-      if (!found) syntax(line, std::string("unexpected character '") + c + "'");
+      // Two-character operators first, then one character: a direct match per character (a template of
+      // millions of operators tokenizes in linear time, with a small constant).
+      static constexpr std::string_view two[] = {"//", "**", "==", "!=", "<=", ">="};
+      static constexpr std::string_view one = "+-*/%~<>()[]{},.:|=";
+      const std::string_view rest(src.data() + i, std::min<size_t>(2, src.size() - i));
+      size_t n = 0;
+      for (std::string_view op : two)
+        if (rest == op) n = 2;
+      if (!n && one.find(c) != std::string_view::npos) n = 1;
+      if (!n) syntax(line, std::string("unexpected character '") + c + "'");
+      Token t{Tk::Op, src.substr(i, n)};
+      i += n;
+      return t;
     }
   }
-  out.push_back({Tk::End, ""});
-  return out;
+  return {Tk::End, ""};
 }
 
 // ---------------------------------------------------------------- AST
@@ -438,11 +438,17 @@ namespace {
 
 class Parser {
  public:
-  Parser(std::vector<Token> t, int line, int max_depth) : t_(std::move(t)), line_(line), max_depth_(max_depth) {}
-  const Token &peek(size_t k = 0) const { return t_[std::min(p_ + k, t_.size() - 1)]; }
-  bool is_op(const char *op, size_t k = 0) const { return peek(k).kind == Tk::Op && peek(k).s == op; }
-  bool is_name(const char *n, size_t k = 0) const { return peek(k).kind == Tk::Name && peek(k).s == n; }
-  Token take() { return t_[std::min(p_++, t_.size() - 1)]; }
+  Parser(std::string src, int line, int max_depth) : src_(std::move(src)), line_(line), max_depth_(max_depth) {}
+  const Token &peek(size_t k = 0) {
+    while (t_.size() <= p_ + k && (t_.empty() || t_.back().kind != Tk::End)) t_.push_back(next_token(src_, at_, line_));
+    return t_[std::min(p_ + k, t_.size() - 1)];
+  }
+  bool is_op(const char *op, size_t k = 0) { return peek(k).kind == Tk::Op && peek(k).s == op; }
+  bool is_name(const char *n, size_t k = 0) { return peek(k).kind == Tk::Name && peek(k).s == n; }
+  Token take() {
+    peek();
+    return t_[std::min(p_++, t_.size() - 1)];
+  }
   void expect_op(const char *op) {
     if (!is_op(op)) syntax(line_, std::string("expected '") + op + "', found '" + peek().s + "'");
     p_++;
@@ -451,7 +457,7 @@ class Parser {
     if (peek().kind != Tk::Name) syntax(line_, "expected a name, found '" + peek().s + "'");
     return take().s;
   }
-  bool at_end() const { return peek().kind == Tk::End; }
+  bool at_end() { return peek().kind == Tk::End; }
   void expect_end() {
     if (!at_end()) syntax(line_, "unexpected '" + peek().s + "'");
   }
@@ -672,7 +678,7 @@ class Parser {
     }
   }
   ExprP primary(int d) {
-    const Token &t = peek();
+    const Token t = peek();  // a copy: pulling more tokens may move the buffer
     if (t.kind == Tk::Str) {
       auto e = make(Expr::Lit);
       std::string s = take().s;
@@ -752,7 +758,9 @@ class Parser {
   }
 
  private:
-  std::vector<Token> t_;
+  std::string src_;
+  size_t at_ = 0;          // next character of src_ to tokenize
+  std::vector<Token> t_;   // tokens pulled so far
   size_t p_ = 0;
   int line_;
   int max_depth_;
@@ -801,7 +809,7 @@ class Builder {
         continue;
       }
       if (seg.kind == Seg::Expr) {
-        Parser p(tokenize(seg.body, seg.line), seg.line, max_depth_);
+        Parser p(seg.body, seg.line, max_depth_);
         auto n = std::make_shared<Node>();
         n->kind = Node::Output;
         n->expr = p.expression();
@@ -815,7 +823,7 @@ class Builder {
       if (h.empty()) syntax(seg.line, "empty or malformed {% %} tag");
       if (std::find(stops.begin(), stops.end(), h) != stops.end()) return body;
       i_++;
-      Parser p(tokenize(rest(seg), seg.line), seg.line, max_depth_);
+      Parser p(rest(seg), seg.line, max_depth_);
       auto n = std::make_shared<Node>();
       n->line = seg.line;
       if (h == "if") {
@@ -827,7 +835,7 @@ class Builder {
           n->branches.push_back({cond, b});
           if (i_ >= s_.size()) syntax(seg.line, "if without endif");
           std::string h2 = head(s_[i_]);
-          Parser p2(tokenize(rest(s_[i_]), s_[i_].line), s_[i_].line, max_depth_);
+          Parser p2(rest(s_[i_]), s_[i_].line, max_depth_);
           i_++;
           if (h2 == "elif") {
             cond = p2.expression();
@@ -899,8 +907,10 @@ struct LoopSignal {
   bool brk = false, cont = false;
 };
 
-// What one JSON node (a value's slot and header) counts for in the work count, beside its string bytes.
-constexpr uint64_t kNodeBytes = 32;
+// What one JSON node counts for in the work count, beside its string bytes: about what it occupies (its
+// slot, its header, an object entry's key), so the work bound also bounds the memory values hold.
+constexpr uint64_t kNodeBytes = 64;
+constexpr uint64_t kScalarBytes = 16;  // a number, bool or null: a slot, no allocation
 
 // The first occurrence of needle in hay at or after `from` (npos if none), in linear time: glibc's memmem is
 // the two-way algorithm, where std::string::find compares at every position (quadratic on hostile input).
@@ -961,7 +971,7 @@ class Renderer {
     while (!todo.empty()) {
       auto [j, d] = todo.back();
       todo.pop_back();
-      m.cost += kNodeBytes;
+      m.cost += j->is_primitive() && !j->is_string() ? kScalarBytes : kNodeBytes;
       if (j->is_string()) {
         m.cost += j->get_ref<const std::string &>().size();
       } else if (j->is_array()) {
@@ -1521,7 +1531,7 @@ class Renderer {
         for (__int128 i = lo; st > 0 ? i < hi : i > hi; i += st) {
           step();
           if (l.size() >= lim_.max_items) runtime_error("a list exceeds the item limit (" + std::to_string(lim_.max_items) + ")");
-          charge(kNodeBytes);
+          charge(kScalarBytes);
           l.push_back(int64_t(i));
         }
         return {std::move(l)};

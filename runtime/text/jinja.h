@@ -28,7 +28,7 @@ struct Limits {
   size_t max_string = size_t(16) << 20;
   size_t max_items = size_t(1) << 20;
   uint64_t max_steps = 5'000'000;               // loop iterations + statements + expressions evaluated
-  uint64_t max_work = uint64_t(512) << 20;      // bytes copied, produced or scanned (32 per JSON node)
+  uint64_t max_work = uint64_t(256) << 20;      // bytes copied, produced or scanned (64 per JSON node)
   int max_depth = 200;                          // nesting of expressions and blocks
   int max_value_depth = kMaxTemplateValueDepth;  // nesting of lists and dicts in values
 };
