@@ -1272,6 +1272,8 @@ class Renderer {
     auto opt = [&](int k, int64_t def) { return e.args[size_t(k)] ? as_int(eval(*e.args[size_t(k)], d), "slice index") : def; };
     int64_t step = opt(3, 1);
     if (step == 0) runtime_error("slice step cannot be zero");
+    // Calls push(first, count) for each run of consecutive indices: one run when step is 1 (a substring
+    // is copied at once), one index per run otherwise.
     auto do_slice = [&](int64_t n, auto &&push) {
       int64_t lo = opt(1, step > 0 ? 0 : n - 1), hi = opt(2, step > 0 ? n : -n - 1);
       auto norm = [&](int64_t v, bool is_hi) {
@@ -1281,17 +1283,23 @@ class Renderer {
       };
       lo = e.args[1] ? norm(lo, false) : lo;
       hi = e.args[2] ? norm(hi, true) : (step > 0 ? n : -1);
-      for (__int128 i = lo; step > 0 ? i < hi : i > hi; i += step) push(int64_t(i));
+      if (step == 1) {
+        if (lo < hi) push(lo, hi - lo);
+        return;
+      }
+      for (__int128 i = lo; step > 0 ? i < hi : i > hi; i += step) push(int64_t(i), int64_t(1));
     };
     if (j.is_array()) {
       json out = json::array();
-      do_slice(int64_t(j.size()), [&](int64_t i) { out.push_back(copy(j[size_t(i)])); });
+      do_slice(int64_t(j.size()), [&](int64_t first, int64_t count) {
+        for (int64_t i = first; i < first + count; i++) out.push_back(copy(j[size_t(i)]));
+      });
       return {std::move(out)};
     }
     if (j.is_string()) {
       const std::string &s = j.get_ref<const std::string &>();
       std::string out;
-      do_slice(int64_t(s.size()), [&](int64_t i) { out += s[size_t(i)]; });
+      do_slice(int64_t(s.size()), [&](int64_t first, int64_t count) { out.append(s, size_t(first), size_t(count)); });
       charge(out.size());
       return {json(std::move(out))};
     }
