@@ -23,7 +23,7 @@ int json_text_depth(std::string_view text, int limit) {
     } else if (c == '[' || c == '{') {
       if (++depth > deepest && (deepest = depth) > limit) return deepest;
     } else if (c == ']' || c == '}') {
-      depth--;  // unbalanced text is the parser's error to report; only the deepest point matters here
+      depth -= depth > 0;  // unbalanced text is the parser's error to report; only the deepest point matters here
     }
   }
   return deepest;

@@ -1201,7 +1201,7 @@ class Renderer {
   Value item(Value &&obj, const Value &key) {
     if (obj.undefined) runtime_error("subscript of an undefined value");
     const json &j = obj.j(), &k = key.j();
-    if (j.is_object() && k.is_string()) return attr(std::move(obj), k.get<std::string>());
+    if (j.is_object() && k.is_string()) return attr(std::move(obj), k.get_ref<const std::string &>());
     if ((j.is_array() || j.is_string()) && k.is_number_integer()) {
       int64_t i = k.get<int64_t>(), n = j.is_array() ? int64_t(j.size()) : int64_t(j.get_ref<const std::string &>().size());
       if (i < 0) i += n;
@@ -1257,7 +1257,8 @@ class Renderer {
         for (size_t k = 0; k + 1 < e.args.size(); k += 2) {
           Value key = eval(*e.args[k], d);
           if (!key.j().is_string()) runtime_error("dict keys must be strings");
-          m[key.j().get<std::string>()] = take(eval(*e.args[k + 1], d), 1);
+          charge(key.j().get_ref<const std::string &>().size());
+          m[key.j().get_ref<const std::string &>()] = take(eval(*e.args[k + 1], d), 1);
         }
         return {std::move(m)};
       }
@@ -1354,7 +1355,7 @@ class Renderer {
         r = std::find(y.begin(), y.end(), x) != y.end();
       } else if (y.is_object() && x.is_string()) {
         charge(y.size());
-        r = y.contains(x.get<std::string>());
+        r = y.contains(x.get_ref<const std::string &>());
       } else if (!b.undefined && !y.is_null()) {
         runtime_error("'in' needs a string, list or mapping on its right");
       } else {
@@ -1501,7 +1502,7 @@ class Renderer {
     std::tm tm{};
     localtime_r(&t, &tm);
     for (size_t cap = 256;; cap *= 4) {
-      if (cap > lim_.max_string * 4) too_long("strftime_now's result", lim_.max_string);
+      if (cap / 4 > lim_.max_string) too_long("strftime_now's result", lim_.max_string);
       charge(cap);
       std::string buf(cap, '\0');
       const size_t n = std::strftime(buf.data(), cap, fmt.c_str(), &tm);
@@ -1635,7 +1636,7 @@ class Renderer {
       if (m == "items") {
         json l = json::array();
         for (auto it = oj.begin(); it != oj.end(); ++it)
-          if (it.key() != "__namespace__") l.push_back(json::array({json(it.key()), copy(it.value(), 2)}));
+          if (it.key() != "__namespace__") l.push_back(json::array({copy(json(it.key())), copy(it.value(), 2)}));
         return {std::move(l)};
       }
       if (m == "keys" || m == "values") {
@@ -1647,12 +1648,13 @@ class Renderer {
       if (m == "get") {
         if (a.empty() || !a[0].j().is_string()) runtime_error("get needs a string key");
         charge(oj.size());
-        auto it = oj.find(a[0].j().get<std::string>());
+        auto it = oj.find(a[0].j().get_ref<const std::string &>());
         if (it != oj.end()) return sub(std::move(obj), *it);
         return a.size() > 1 ? std::move(a[1]) : Value{json()};
       }
     } else if (oj.is_array()) {
-      const json needle = a.empty() ? json() : a[0].j();
+      static const json none;
+      const json &needle = a.empty() ? none : a[0].j();  // read in place, as every argument
       if (m == "index") {
         measure(oj);
         auto it = std::find(oj.begin(), oj.end(), needle);
@@ -1743,7 +1745,7 @@ class Renderer {
     if (f == "items") {
       json l = json::array();
       if (j.is_object())
-        for (auto it = j.begin(); it != j.end(); ++it) l.push_back(json::array({json(it.key()), copy(it.value(), 2)}));
+        for (auto it = j.begin(); it != j.end(); ++it) l.push_back(json::array({copy(json(it.key())), copy(it.value(), 2)}));
       return {std::move(l)};
     }
     if (f == "int") {
