@@ -367,6 +367,12 @@ DSRT_API dsrt_status dsrt_chat_template(const dsrt_model *m, const char **tmpl);
  * NULL. *prompt_out is NUL-terminated; free with dsrt_free. */
 DSRT_API dsrt_status dsrt_chat_apply(const dsrt_model *m, const char *messages_json, const char *tools_json,
                                      const char *kwargs_json, int32_t flags, char **prompt_out);
+/* dsrt_chat_apply with the prompt's length: *prompt_len = its bytes, not counting the terminating NUL. A
+ * message's content may hold U+0000; the prompt keeps it as a byte 0, so only the length tells where it ends.
+ * dsrt_session_append_chat tokenizes exactly these bytes: dsrt_tokenize(m, prompt, prompt_len,
+ * DSRT_TOKENIZE_PARSE_SPECIAL, ...) gives the tokens it appends. JSON input nests at most 256 levels. */
+DSRT_API dsrt_status dsrt_chat_apply_n(const dsrt_model *m, const char *messages_json, const char *tools_json,
+                                       const char *kwargs_json, int32_t flags, char **prompt_out, size_t *prompt_len);
 
 /* ---------------------------------------------------------------- streaming generation ---------- */
 

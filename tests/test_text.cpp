@@ -231,7 +231,7 @@ TEST_CASE("the Jinja interpreter: whitespace control, loops, filters, tests, lim
       CHECK(std::string(e.what()).find(needle) != std::string::npos);
     }
   };
-  fails("{% for i in range(100000000) %}{% endfor %}", "step limit");
+  fails("{% for i in range(100000000) %}{% endfor %}", "item limit");  // a list of at most Limits::max_items
   fails("{% for i in range(1000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}", "limit");
   fails("{{ 'x' * 100000000 }}", "limit");
   fails("{{ raise_exception('bad role') }}", "bad role");

@@ -19,6 +19,7 @@
 
 #include "backend/backend.h"
 #include "core/file.h"
+#include "core/json.h"
 #include "core/status.h"
 #include "dist/mapping.h"
 #include "dsrt.h"
@@ -306,10 +307,11 @@ int cmd_template(const Args &a) {
   Loaded l;
   load_tokenizer_only(a, l);
   char *out = nullptr;
-  check(dsrt_chat_apply(l.model, messages.c_str(), tools.empty() ? nullptr : tools.c_str(),
-                        kwargs.empty() ? nullptr : kwargs.c_str(),
-                        a.has("--add-generation-prompt") ? DSRT_CHAT_ADD_GENERATION_PROMPT : 0, &out));
-  std::fwrite(out, 1, std::strlen(out), stdout);
+  size_t len = 0;  // a message's content may hold U+0000: print every byte of the prompt
+  check(dsrt_chat_apply_n(l.model, messages.c_str(), tools.empty() ? nullptr : tools.c_str(),
+                          kwargs.empty() ? nullptr : kwargs.c_str(),
+                          a.has("--add-generation-prompt") ? DSRT_CHAT_ADD_GENERATION_PROMPT : 0, &out, &len));
+  std::fwrite(out, 1, len, stdout);
   dsrt_free(out);
   return 0;
 }
@@ -598,7 +600,7 @@ double host_copy_bandwidth() {  // bytes read + written per second for a large m
 void print_op_table(dsrt_engine *e, int steps, bool gpu) {
   char *json = nullptr;
   check(dsrt_engine_profile_json(e, &json));
-  const auto j = nlohmann::json::parse(json);
+  const auto j = dsrt::parse_json_sorted(json, "the engine profile", DSRT_ERR_FORMAT);
   dsrt_free(json);
   double total = 0;
   for (const auto &r : j) total += r["ms"].get<double>();

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "api/system_info.h"
+#include "core/json.h"
 #include "core/log.h"
 #include "core/status.h"
 #include "dsrt.h"
@@ -130,11 +131,7 @@ void copy_out(const T *src, size_t n, T *dst, size_t cap, size_t *n_out) {
 
 namespace {
 nlohmann::ordered_json parse_json_arg(const char *s, const char *what) {
-  try {
-    return nlohmann::ordered_json::parse(s);
-  } catch (const std::exception &e) {
-    dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, " is not valid JSON (", e.what(), ")");
-  }
+  return dsrt::parse_json(s, what, DSRT_ERR_INVALID_ARGUMENT);
 }
 }  // namespace
 
@@ -689,6 +686,11 @@ dsrt_status dsrt_chat_template(const dsrt_model *m, const char **tmpl) {
 
 dsrt_status dsrt_chat_apply(const dsrt_model *m, const char *messages_json, const char *tools_json, const char *kwargs_json,
                             int32_t flags, char **prompt_out) {
+  return dsrt_chat_apply_n(m, messages_json, tools_json, kwargs_json, flags, prompt_out, nullptr);
+}
+
+dsrt_status dsrt_chat_apply_n(const dsrt_model *m, const char *messages_json, const char *tools_json, const char *kwargs_json,
+                              int32_t flags, char **prompt_out, size_t *prompt_len) {
   return guarded([&] {
     DSRT_REQUIRE(m && messages_json && prompt_out, "model, messages_json or prompt_out is NULL");
     const dsrt::Tokenizer &t = m->model->tok();
@@ -704,7 +706,9 @@ dsrt_status dsrt_chat_apply(const dsrt_model *m, const char *messages_json, cons
     ctx["bos_token"] = t.bos_text;
     ctx["eos_token"] = t.eos_text;
     dsrt::ChatTemplate tmpl(t.chat_template.empty() ? dsrt::ChatTemplate::builtin_deepseek_v3() : t.chat_template);
-    *prompt_out = dup_string(tmpl.render(ctx));
+    const std::string prompt = tmpl.render(ctx);
+    *prompt_out = dup_string(prompt);
+    if (prompt_len) *prompt_len = prompt.size();
   });
 }
 

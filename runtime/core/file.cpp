@@ -9,6 +9,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "core/json.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -65,21 +66,10 @@ std::string read_text_file(const std::string &path, uint64_t max_bytes) {
   return text;
 }
 
-std::string json_error_position(const std::exception &e) {
-  if (auto *pe = dynamic_cast<const nlohmann::json::parse_error *>(&e))
-    return "syntax error at byte " + std::to_string(pe->byte);
-  if (dynamic_cast<const nlohmann::json::exception *>(&e)) return "malformed";
-  return e.what();  // not a parser message (e.g. std::bad_alloc): holds no file contents
-}
 
 nlohmann::json read_json_file(const std::string &path, uint64_t max_bytes, bool want_object) {
   const std::string text = read_text_file(path, max_bytes);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception &e) {
-    failf(DSRT_ERR_FORMAT, path, ": not valid JSON (", json_error_position(e), ")");
-  }
+  const nlohmann::json j = parse_json_sorted(text, path.c_str(), DSRT_ERR_FORMAT);
   if (want_object && !j.is_object()) failf(DSRT_ERR_FORMAT, path, ": not a JSON object");
   return j;
 }

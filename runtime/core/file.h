@@ -31,6 +31,6 @@ nlohmann::json read_json_file(const std::string &path, uint64_t max_bytes = kTok
 
 // Where a JSON text stops being JSON, for messages that must not quote the text (nlohmann's own messages
 // quote the last token read, which would echo a secret file a symlink points at).
-std::string json_error_position(const std::exception &e);
+
 
 }  // namespace dsrt

@@ -2,6 +2,7 @@
 // from the cached tokens is appended (the common prefix stays in the KV cache).
 #include <nlohmann/json.hpp>
 
+#include "core/json.h"
 #include "core/status.h"
 #include "engine/engine.h"
 #include "text/chat_template.h"
@@ -38,12 +39,8 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
 void Session::append_chat(const std::string &messages_json, const std::string &tools_json, bool add_generation_prompt) {
   const Model &m = engine_->model();
   const Tokenizer &t = m.tok();
-  nlohmann::ordered_json add;
-  try {
-    add = nlohmann::ordered_json::parse(messages_json);
-  } catch (const std::exception &e) {
-    failf(DSRT_ERR_INVALID_ARGUMENT, "messages are not valid JSON (", e.what(), ")");
-  }
+  // Depth-bounded (core/json.h): the conversions below and the template recurse over the values.
+  nlohmann::ordered_json add = parse_json(messages_json, "messages", DSRT_ERR_INVALID_ARGUMENT);
   if (add.is_object()) add = nlohmann::ordered_json::array({add});
   if (!add.is_array()) fail(DSRT_ERR_INVALID_ARGUMENT, "messages must be a JSON array of {\"role\", \"content\"} objects");
   for (auto &msg : add)
@@ -53,22 +50,17 @@ void Session::append_chat(const std::string &messages_json, const std::string &t
   for (auto &msg : add) all.push_back(msg);
   nlohmann::ordered_json ctx;
   ctx["messages"] = all;
-  if (!tools_json.empty()) tools_json_ = tools_json;
-  if (!tools_json_.empty()) {
-    try {
-      ctx["tools"] = nlohmann::ordered_json::parse(tools_json_);
-    } catch (const std::exception &e) {
-      failf(DSRT_ERR_INVALID_ARGUMENT, "tools are not valid JSON (", e.what(), ")");
-    }
-  }
+  const std::string tools = tools_json.empty() ? tools_json_ : tools_json;
+  if (!tools.empty()) ctx["tools"] = parse_json(tools, "tools", DSRT_ERR_INVALID_ARGUMENT);
   ctx["add_generation_prompt"] = add_generation_prompt;
   ctx["bos_token"] = t.bos_text;
   ctx["eos_token"] = t.eos_text;
   ChatTemplate tmpl(t.chat_template.empty() ? ChatTemplate::builtin_deepseek_v3() : t.chat_template);
-  const std::string prompt = tmpl.render(ctx);
+  const std::string prompt = tmpl.render(ctx, &cancel_flag_);
   // The template writes BOS itself: tokenize without adding one (no double BOS).
   replace_tail(t.encode(prompt, true));
   messages_ = std::move(all);
+  tools_json_ = tools;
 }
 
 }  // namespace dsrt

@@ -165,6 +165,7 @@ Event Session::finish_turn(Finish why, int32_t token) {
     engine_->pool_->unreserve(kv_);
     engine_->work_cv_.notify_one();
   }
+  cancel_flag_.store(0);  // a cancel ends this turn, not the session's later calls
   Event ev;
   ev.done = true;
   ev.finish = why;

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/file.h"
+#include "core/json.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -115,12 +116,7 @@ std::vector<float> ModelConfig::rope_inv_freq() const {
 }
 
 ModelConfig parse_model_config(const std::string &text, const std::string &src) {
-  json root;
-  try {
-    root = json::parse(text);
-  } catch (const json::exception &e) {
-    failf(DSRT_ERR_FORMAT, src, ": not valid JSON (", json_error_position(e), ")");
-  }
+  const json root = parse_json_sorted(text, src.c_str(), DSRT_ERR_FORMAT);
   if (!root.is_object()) failf(DSRT_ERR_FORMAT, src, ": top level is not an object");
   ModelConfig c;
   const json *top = &root;

@@ -14,6 +14,7 @@
 
 #include "core/fault.h"
 #include "core/file.h"
+#include "core/json.h"
 #include "core/status.h"
 
 namespace dsrt {

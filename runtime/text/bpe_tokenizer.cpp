@@ -10,6 +10,7 @@
 #include <queue>
 #include <unordered_map>
 
+#include "core/json.h"
 #include "core/status.h"
 #include "core/file.h"
 #include "text/tokenizer.h"
@@ -367,7 +368,7 @@ std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_
 }
 
 std::unique_ptr<Tokenizer> make_tiktoken_tokenizer(const std::string &path, int64_t model_vocab, const std::string &tc_text) {
-  const json tc = json::parse(tc_text);
+  const json tc = parse_json_sorted(tc_text, "tokenizer_config.json", DSRT_ERR_FORMAT);
   auto t = std::make_unique<BytePairTokenizer>();
   t->kind_ = "tiktoken";
   // The split pattern of Kimi-K2 / Moonlight (tokenization_kimi.py pat_str). Character-class intersection

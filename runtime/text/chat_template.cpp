@@ -7,7 +7,9 @@ namespace dsrt {
 ChatTemplate::ChatTemplate(const std::string &source) : t_(std::make_unique<jinja::Template>(source)) {}
 ChatTemplate::~ChatTemplate() = default;
 
-std::string ChatTemplate::render(const nlohmann::ordered_json &context) const { return t_->render(context); }
+std::string ChatTemplate::render(const nlohmann::ordered_json &context, const std::atomic<int> *cancel) const {
+  return t_->render(context, cancel);
+}
 
 // DeepSeek-V3's chat template as published in its tokenizer_config.json: used when a checkpoint has none.
 const char *ChatTemplate::builtin_deepseek_v3() {

@@ -6,10 +6,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
+#include <deque>
 #include <functional>
 #include <map>
+#include <string_view>
 
+#include "core/json.h"
 #include "core/status.h"
 
 namespace dsrt::jinja {
@@ -23,16 +27,26 @@ namespace {
 }
 [[noreturn]] void runtime_error(const std::string &msg) { failf(DSRT_ERR_FORMAT, "chat template: ", msg); }
 
+[[noreturn]] void too_long(const char *what, size_t limit) {
+  failf(DSRT_ERR_FORMAT, "chat template: ", what, " exceeds the string size limit (", limit, " bytes)");
+}
+
 // ---------------------------------------------------------------- values
+// A template value: JSON plus "undefined". What a variable, attribute or item names is borrowed (`ref`
+// points into the scopes, the context or the template's literals, all of which outlive the expression
+// being evaluated), so reading a 16 MB message copies nothing; only what an operation makes is owned.
 struct Value {
-  json j;
+  json own;
+  const json *ref = nullptr;
   bool undefined = false;
-  static Value undef() { return {json(), true}; }
+  static Value undef() { return {json(), nullptr, true}; }
+  static Value borrow(const json &j) { return {json(), &j, false}; }
+  const json &j() const { return ref ? *ref : own; }
 };
 
 bool truthy(const Value &v) {
   if (v.undefined) return false;
-  const json &j = v.j;
+  const json &j = v.j();
   if (j.is_null()) return false;
   if (j.is_boolean()) return j.get<bool>();
   if (j.is_number_integer()) return j.get<int64_t>() != 0;
@@ -65,43 +79,61 @@ std::string py_str_literal(const std::string &s) {
   return out + q;
 }
 
-std::string py_repr(const json &j);
-std::string to_str(const Value &v) {
-  if (v.undefined) return "";
-  const json &j = v.j;
-  if (j.is_string()) return j.get<std::string>();
-  return py_repr(j);
+// Python's repr(j) appended to out; fails once out passes `limit` bytes. Recursion is bounded by the
+// values' nesting bound (Limits::max_value_depth).
+void repr_into(const json &j, std::string &out, size_t limit) {
+  if (j.is_null()) out += "None";
+  else if (j.is_boolean()) out += j.get<bool>() ? "True" : "False";
+  else if (j.is_number_integer()) out += std::to_string(j.get<int64_t>());
+  else if (j.is_number_unsigned()) out += std::to_string(j.get<uint64_t>());
+  else if (j.is_number_float()) out += py_float(j.get<double>());
+  else if (j.is_string()) {
+    if (out.size() + j.get_ref<const std::string &>().size() > limit) too_long("a value's text", limit);
+    out += py_str_literal(j.get_ref<const std::string &>());
+  } else if (j.is_array()) {
+    out += '[';
+    for (size_t i = 0; i < j.size(); i++) {
+      if (i) out += ", ";
+      repr_into(j[i], out, limit);
+    }
+    out += ']';
+  } else {
+    out += '{';
+    bool first = true;
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      out += (first ? "" : ", ") + py_str_literal(it.key()) + ": ";
+      repr_into(it.value(), out, limit);
+      first = false;
+    }
+    out += '}';
+  }
+  if (out.size() > limit) too_long("a value's text", limit);
 }
+// For messages: short, whatever the value's size.
 std::string py_repr(const json &j) {
-  if (j.is_null()) return "None";
-  if (j.is_boolean()) return j.get<bool>() ? "True" : "False";
-  if (j.is_number_integer()) return std::to_string(j.get<int64_t>());
-  if (j.is_number_unsigned()) return std::to_string(j.get<uint64_t>());
-  if (j.is_number_float()) return py_float(j.get<double>());
-  if (j.is_string()) return py_str_literal(j.get<std::string>());
   std::string out;
-  if (j.is_array()) {
-    out = "[";
-    for (size_t i = 0; i < j.size(); i++) out += (i ? ", " : "") + py_repr(j[i]);
-    return out + "]";
+  try {
+    repr_into(j, out, 200);
+  } catch (const Error &) {
+    out.resize(std::min<size_t>(out.size(), 200));
+    out += "...";
   }
-  out = "{";
-  bool first = true;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    out += (first ? "" : ", ") + py_str_literal(it.key()) + ": " + py_repr(it.value());
-    first = false;
-  }
-  return out + "}";
+  return out;
 }
 
-void dumps(const json &j, int indent, int level, std::string &out) {
+// json.dumps into out; fails once out would pass `limit` bytes (checked before each indent is appended, so
+// a huge indent costs nothing). Recursion is bounded by the values' nesting bound.
+void dumps(const json &j, int64_t indent, int level, std::string &out, size_t limit = SIZE_MAX) {
   auto nl = [&](int lv) {
     if (indent < 0) return;
+    if (uint64_t(indent) * uint64_t(lv) + 1 > limit - std::min(limit, out.size())) too_long("tojson's result", limit);
     out += '\n';
-    out.append(size_t(indent * lv), ' ');
+    out.append(size_t(indent) * size_t(lv), ' ');
   };
+  if (out.size() > limit) too_long("tojson's result", limit);
   if (j.is_string()) {
     const std::string &s = j.get_ref<const std::string &>();
+    if (out.size() + s.size() > limit) too_long("tojson's result", limit);
     out += '"';
     for (unsigned char c : s) {
       switch (c) {
@@ -132,7 +164,7 @@ void dumps(const json &j, int indent, int level, std::string &out) {
     for (size_t i = 0; i < j.size(); i++) {
       if (i) out += indent < 0 ? ", " : ",";
       nl(level + 1);
-      dumps(j[i], indent, level + 1, out);
+      dumps(j[i], indent, level + 1, out, limit);
     }
     nl(level);
     out += ']';
@@ -147,9 +179,9 @@ void dumps(const json &j, int indent, int level, std::string &out) {
       if (!first) out += indent < 0 ? ", " : ",";
       first = false;
       nl(level + 1);
-      dumps(json(it.key()), indent, level + 1, out);
+      dumps(json(it.key()), indent, level + 1, out, limit);
       out += ": ";
-      dumps(it.value(), indent, level + 1, out);
+      dumps(it.value(), indent, level + 1, out, limit);
     }
     nl(level);
     out += '}';
@@ -287,9 +319,9 @@ struct Token {
   double f = 0;
 };
 
-std::vector<Token> tokenize(const std::string &src, int line) {
-  std::vector<Token> out;
-  size_t i = 0;
+// The token at src[i...], advancing i past it; End at the end. The parser pulls tokens one at a time, so
+// an expression too deep to parse is refused after its first few hundred tokens, whatever its length.
+Token next_token(const std::string &src, size_t &i, int line) {
   while (i < src.size()) {
     char c = src[i];
     if (std::isspace(uint8_t(c))) {
@@ -299,8 +331,9 @@ std::vector<Token> tokenize(const std::string &src, int line) {
     if (std::isalpha(uint8_t(c)) || c == '_') {
       size_t j = i;
       while (j < src.size() && (std::isalnum(uint8_t(src[j])) || src[j] == '_')) j++;
-      out.push_back({Tk::Name, src.substr(i, j - i)});
+      Token t{Tk::Name, src.substr(i, j - i)};
       i = j;
+      return t;
     } else if (std::isdigit(uint8_t(c))) {
       size_t j = i;
       bool is_float = false;
@@ -327,8 +360,8 @@ std::vector<Token> tokenize(const std::string &src, int line) {
       } catch (const std::exception &) {
         syntax(line, "bad number " + num);
       }
-      out.push_back(t);
       i = j;
+      return t;
     } else if (c == '\'' || c == '"') {
       std::string s;
       size_t j = i + 1;
@@ -349,26 +382,25 @@ std::vector<Token> tokenize(const std::string &src, int line) {
         }
       }
       if (j >= src.size()) syntax(line, "unterminated string");
-      out.push_back({Tk::Str, s});
       i = j + 1;
+      return {Tk::Str, s};
     } else {
-      static const char *ops[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~", "<", ">", "(", ")",
-                                  "[", "]", "{", "}", ",", ".", ":", "|", "="};
-      bool found = false;
-      for (const char *op : ops) {
-        size_t n = std::strlen(op);
-        if (src.compare(i, n, op) == 0) {
-          out.push_back({Tk::Op, op});
-          i += n;
-          found = true;
-          break;
-        }
-      }
-      if (!found) syntax(line, std::string("unexpected character '") + c + "'");
+      // Two-character operators first, then one character: a direct match per character (a template of
+      // millions of operators tokenizes in linear time, with a small constant).
+      static constexpr std::string_view two[] = {"//", "**", "==", "!=", "<=", ">="};
+      static constexpr std::string_view one = "+-*/%~<>()[]{},.:|=";
+      const std::string_view rest(src.data() + i, std::min<size_t>(2, src.size() - i));
+      size_t n = 0;
+      for (std::string_view op : two)
+        if (rest == op) n = 2;
+      if (!n && one.find(c) != std::string_view::npos) n = 1;
+      if (!n) syntax(line, std::string("unexpected character '") + c + "'");
+      Token t{Tk::Op, src.substr(i, n)};
+      i += n;
+      return t;
     }
   }
-  out.push_back({Tk::End, ""});
-  return out;
+  return {Tk::End, ""};
 }
 
 // ---------------------------------------------------------------- AST
@@ -382,6 +414,8 @@ struct Expr {
   std::vector<std::pair<std::string, ExprP>> kwargs;
   bool negated = false;
   int line = 0;
+  int height = 1;  // of this subtree: the parser keeps it within Limits::max_depth, which bounds the
+                   // recursion of evaluating and of destroying the tree
 };
 
 }  // namespace
@@ -404,11 +438,17 @@ namespace {
 
 class Parser {
  public:
-  Parser(std::vector<Token> t, int line) : t_(std::move(t)), line_(line) {}
-  const Token &peek(size_t k = 0) const { return t_[std::min(p_ + k, t_.size() - 1)]; }
-  bool is_op(const char *op, size_t k = 0) const { return peek(k).kind == Tk::Op && peek(k).s == op; }
-  bool is_name(const char *n, size_t k = 0) const { return peek(k).kind == Tk::Name && peek(k).s == n; }
-  Token take() { return t_[std::min(p_++, t_.size() - 1)]; }
+  Parser(std::string src, int line, int max_depth) : src_(std::move(src)), line_(line), max_depth_(max_depth) {}
+  const Token &peek(size_t k = 0) {
+    while (t_.size() <= p_ + k && (t_.empty() || t_.back().kind != Tk::End)) t_.push_back(next_token(src_, at_, line_));
+    return t_[std::min(p_ + k, t_.size() - 1)];
+  }
+  bool is_op(const char *op, size_t k = 0) { return peek(k).kind == Tk::Op && peek(k).s == op; }
+  bool is_name(const char *n, size_t k = 0) { return peek(k).kind == Tk::Name && peek(k).s == n; }
+  Token take() {
+    peek();
+    return t_[std::min(p_++, t_.size() - 1)];
+  }
   void expect_op(const char *op) {
     if (!is_op(op)) syntax(line_, std::string("expected '") + op + "', found '" + peek().s + "'");
     p_++;
@@ -417,7 +457,7 @@ class Parser {
     if (peek().kind != Tk::Name) syntax(line_, "expected a name, found '" + peek().s + "'");
     return take().s;
   }
-  bool at_end() const { return peek().kind == Tk::End; }
+  bool at_end() { return peek().kind == Tk::End; }
   void expect_end() {
     if (!at_end()) syntax(line_, "unexpected '" + peek().s + "'");
   }
@@ -428,9 +468,30 @@ class Parser {
     e->line = line_;
     return e;
   }
+  // Called on each node once its operands are attached: a left-leaning chain (`a + b + ...`, `x.a.b...`,
+  // `s|upper|upper...`) is built by loops, not recursion, so its height is checked here, node by node.
+  ExprP seal(ExprP e) {
+    int h = 0;
+    for (const ExprP &a : e->args)
+      if (a) h = std::max(h, a->height);
+    for (const auto &kv : e->kwargs) h = std::max(h, kv.second->height);
+    e->height = h + 1;
+    if (e->height > max_depth_) syntax(line_, "expression nested too deeply (limit " + std::to_string(max_depth_) + ")");
+    return e;
+  }
+  // Each recursive descent (parentheses, brackets, call arguments, `not`, unary minus) holds one of these:
+  // the parser's own recursion stops at the same bound, before the stack can run out.
+  struct Descent {
+    Parser &p;
+    explicit Descent(Parser &parser) : p(parser) {
+      if (++p.nesting_ > p.max_depth_ / 2)
+        syntax(p.line_, "expression nested too deeply (limit " + std::to_string(p.max_depth_ / 2) + ")");
+    }
+    ~Descent() { p.nesting_--; }
+  };
 
   ExprP expression(int depth = 0) {
-    if (depth > 100) syntax(line_, "expression nested too deeply");
+    Descent guard(*this);
     ExprP e = or_expr(depth);
     if (is_name("if")) {  // a if cond else b
       take();
@@ -442,7 +503,7 @@ class Parser {
         other = expression(depth + 1);
       }
       c->args = {e, cond, other};
-      return c;
+      return seal(c);
     }
     return e;
   }
@@ -450,7 +511,7 @@ class Parser {
     auto e = make(Expr::Bin);
     e->name = op;
     e->args = {a, b};
-    return e;
+    return seal(e);
   }
   ExprP or_expr(int d) {
     ExprP e = and_expr(d);
@@ -470,10 +531,11 @@ class Parser {
   }
   ExprP not_expr(int d) {
     if (is_name("not")) {
+      Descent guard(*this);
       take();
       auto e = make(Expr::Not);
       e->args = {not_expr(d + 1)};
-      return e;
+      return seal(e);
     }
     return compare(d);
   }
@@ -522,10 +584,11 @@ class Parser {
   }
   ExprP unary(int d) {
     if (is_op("-")) {
+      Descent guard(*this);
       take();
       auto e = make(Expr::Neg);
       e->args = {unary(d + 1)};
-      return e;
+      return seal(e);
     }
     if (is_op("+")) take();
     ExprP e = postfix(primary(d), d);
@@ -552,7 +615,7 @@ class Parser {
         auto a = make(Expr::Attr);
         a->name = peek().kind == Tk::Int ? std::to_string(take().i) : expect_name();
         a->args = {e};
-        e = a;
+        e = seal(a);
       } else if (is_op("[")) {
         take();
         ExprP lo = nullptr, hi = nullptr, step = nullptr;
@@ -566,18 +629,18 @@ class Parser {
           }
           auto s = make(Expr::Slice);
           s->args = {e, lo, hi, step};
-          e = s;
+          e = seal(s);
         } else {
           auto it = make(Expr::Item);
           it->args = {e, lo};
-          e = it;
+          e = seal(it);
         }
         expect_op("]");
       } else if (is_op("(")) {
         auto c = make(Expr::Call);
         c->args = {e};
         call_args(*c, d);
-        e = c;
+        e = seal(c);
       } else {
         return e;
       }
@@ -591,7 +654,7 @@ class Parser {
         f->name = expect_name();
         f->args = {e};
         if (is_op("(")) call_args(*f, d);
-        e = f;
+        e = seal(f);
       } else if (is_name("is")) {
         take();
         auto t = make(Expr::Test);
@@ -608,14 +671,14 @@ class Parser {
                     !is_name("if") && !is_name("not") && !is_name("in"))) {
           t->args.push_back(primary(d));  // `is divisibleby 3`, `is sameas none`
         }
-        e = t;
+        e = seal(t);
       } else {
         return e;
       }
     }
   }
   ExprP primary(int d) {
-    const Token &t = peek();
+    const Token t = peek();  // a copy: pulling more tokens may move the buffer
     if (t.kind == Tk::Str) {
       auto e = make(Expr::Lit);
       std::string s = take().s;
@@ -664,7 +727,7 @@ class Parser {
           if (is_op(")")) break;
           l->args.push_back(expression(d + 1));
         }
-        e = l;
+        e = seal(l);
       }
       expect_op(")");
       return e;
@@ -677,7 +740,7 @@ class Parser {
         if (!is_op("]")) expect_op(",");
       }
       expect_op("]");
-      return l;
+      return seal(l);
     }
     if (is_op("{")) {
       take();
@@ -689,21 +752,25 @@ class Parser {
         if (!is_op("}")) expect_op(",");
       }
       expect_op("}");
-      return m;
+      return seal(m);
     }
     syntax(line_, "unexpected '" + t.s + "'");
   }
 
  private:
-  std::vector<Token> t_;
+  std::string src_;
+  size_t at_ = 0;          // next character of src_ to tokenize
+  std::vector<Token> t_;   // tokens pulled so far
   size_t p_ = 0;
   int line_;
+  int max_depth_;
+  int nesting_ = 0;
 };
 
 // Statements: builds the tree from the segment list.
 class Builder {
  public:
-  explicit Builder(std::vector<Segment> segs) : s_(std::move(segs)) {}
+  Builder(std::vector<Segment> segs, int max_depth) : s_(std::move(segs)), max_depth_(max_depth) {}
 
   Body parse_all() {
     Body b = parse_body({});
@@ -742,7 +809,7 @@ class Builder {
         continue;
       }
       if (seg.kind == Seg::Expr) {
-        Parser p(tokenize(seg.body, seg.line), seg.line);
+        Parser p(seg.body, seg.line, max_depth_);
         auto n = std::make_shared<Node>();
         n->kind = Node::Output;
         n->expr = p.expression();
@@ -756,7 +823,7 @@ class Builder {
       if (h.empty()) syntax(seg.line, "empty or malformed {% %} tag");
       if (std::find(stops.begin(), stops.end(), h) != stops.end()) return body;
       i_++;
-      Parser p(tokenize(rest(seg), seg.line), seg.line);
+      Parser p(rest(seg), seg.line, max_depth_);
       auto n = std::make_shared<Node>();
       n->line = seg.line;
       if (h == "if") {
@@ -768,7 +835,7 @@ class Builder {
           n->branches.push_back({cond, b});
           if (i_ >= s_.size()) syntax(seg.line, "if without endif");
           std::string h2 = head(s_[i_]);
-          Parser p2(tokenize(rest(s_[i_]), s_[i_].line), s_[i_].line);
+          Parser p2(rest(s_[i_]), s_[i_].line, max_depth_);
           i_++;
           if (h2 == "elif") {
             cond = p2.expression();
@@ -832,6 +899,7 @@ class Builder {
 
   std::vector<Segment> s_;
   size_t i_ = 0;
+  int max_depth_;
 };
 
 // ---------------------------------------------------------------- evaluator
@@ -839,21 +907,146 @@ struct LoopSignal {
   bool brk = false, cont = false;
 };
 
+// What one JSON node counts for in the work count, beside its string bytes: about what it occupies (its
+// slot, its header, an object entry's key), so the work bound also bounds the memory values hold.
+constexpr uint64_t kNodeBytes = 64;
+constexpr uint64_t kScalarBytes = 16;  // a number, bool or null: a slot, no allocation
+
+// The first occurrence of needle in hay at or after `from` (npos if none), in linear time: glibc's memmem is
+// the two-way algorithm, where std::string::find compares at every position (quadratic on hostile input).
+size_t find_sub(std::string_view hay, std::string_view needle, size_t from = 0) {
+  if (from > hay.size()) return std::string::npos;
+  if (needle.empty()) return from;
+  const void *p = memmem(hay.data() + from, hay.size() - from, needle.data(), needle.size());
+  return p ? size_t(static_cast<const char *>(p) - hay.data()) : std::string::npos;
+}
+
 class Renderer {
  public:
-  Renderer(const Limits &lim) : lim_(lim) {}
-  std::vector<std::map<std::string, json>> scopes;
+  Renderer(const Limits &lim, const json &context, const std::atomic<int> *cancel)
+      : lim_(lim), context_(context), cancel_(cancel) {}
+  // A deque: pushing a scope never moves the others, so values borrowed from them stay valid.
+  std::deque<std::map<std::string, json>> scopes;
   std::string out;
 
   void step() {
     if (++steps_ > lim_.max_steps) runtime_error("the template ran too long (step limit)");
+    if (cancel_ && cancel_->load(std::memory_order_relaxed)) fail(DSRT_ERR_CANCELLED, "chat template: rendering was cancelled");
   }
-  void emit(const std::string &s) {
+  // Bytes copied, produced or scanned: their total bounds a render's time and the memory its values hold,
+  // where the step count alone does not (one step may copy 16 MB).
+  void charge(uint64_t bytes) {
+    work_ += bytes;
+    if (work_ > lim_.max_work)
+      failf(DSRT_ERR_FORMAT, "chat template: the template did too much work (work limit: ", lim_.max_work,
+            " bytes copied, produced or scanned)");
+  }
+  // Before making a string of n bytes.
+  void will_make(size_t n, const char *what) {
+    if (n > lim_.max_string) too_long(what, lim_.max_string);
+    charge(n);
+  }
+  void emit(std::string_view s) {
+    if (out.size() + s.size() > lim_.max_output)
+      runtime_error("the rendered prompt exceeds the output size limit (" + std::to_string(lim_.max_output) + " bytes)");
+    charge(s.size());
     out += s;
-    if (out.size() > lim_.max_output) runtime_error("the rendered prompt exceeds the output size limit");
+  }
+  void emit_value(const Value &v) {
+    if (v.undefined) return;
+    if (v.j().is_string()) return emit(v.j().get_ref<const std::string &>());
+    std::string s;
+    repr_into(v.j(), s, lim_.max_output);
+    emit(s);
   }
 
-  json *lookup(const std::string &n) {
+  // One walk over a value (charged: the walk is work too): its work count and its nesting.
+  struct Measure {
+    uint64_t cost = 0;
+    int depth = 0;
+  };
+  Measure measure(const json &v) {
+    Measure m;
+    std::vector<std::pair<const json *, int>> todo{{&v, 0}};
+    while (!todo.empty()) {
+      auto [j, d] = todo.back();
+      todo.pop_back();
+      m.cost += j->is_primitive() && !j->is_string() ? kScalarBytes : kNodeBytes;
+      if (j->is_string()) {
+        m.cost += j->get_ref<const std::string &>().size();
+      } else if (j->is_array()) {
+        m.depth = std::max(m.depth, d + 1);
+        for (const json &c : *j) todo.push_back({&c, d + 1});
+      } else if (j->is_object()) {
+        m.depth = std::max(m.depth, d + 1);
+        for (auto it = j->begin(); it != j->end(); ++it) {
+          m.cost += it.key().size();
+          todo.push_back({&it.value(), d + 1});
+        }
+      }
+    }
+    charge(m.cost);
+    return m;
+  }
+  // A copy of x that will sit `wrap` levels inside a new container: charged, and refused past the values'
+  // nesting bound, so nothing recursive (copy, ==, tojson) ever walks deeper than Limits::max_value_depth.
+  json copy(const json &x, int wrap = 0) {
+    const Measure m = measure(x);
+    if (m.depth + wrap > lim_.max_value_depth)
+      runtime_error("a value nests deeper than the limit (" + std::to_string(lim_.max_value_depth) + " levels)");
+    return x;
+  }
+  // v's JSON to keep: moved out when v owns it (already paid for), copied when borrowed.
+  json take(Value &&v, int wrap = 0) {
+    if (v.undefined) return json();
+    if (v.ref) return copy(*v.ref, wrap);
+    if (wrap && v.own.is_structured()) {
+      const Measure m = measure(v.own);
+      if (m.depth + wrap > lim_.max_value_depth)
+        runtime_error("a value nests deeper than the limit (" + std::to_string(lim_.max_value_depth) + " levels)");
+    }
+    return std::move(v.own);
+  }
+  // A child of parent: borrowed when parent is, moved out when parent is owned (and about to die).
+  static Value sub(Value &&parent, const json &child) {
+    if (parent.ref) return Value::borrow(child);
+    return {std::move(const_cast<json &>(child))};
+  }
+  // Jinja's str(v), viewed: a string's own bytes, or repr written into holder.
+  std::string_view text_of(const Value &v, std::string &holder) {
+    if (v.undefined) return {};
+    if (v.j().is_string()) return v.j().get_ref<const std::string &>();
+    repr_into(v.j(), holder, lim_.max_string);
+    charge(holder.size());
+    return holder;
+  }
+  std::string to_str(const Value &v) {
+    std::string holder;
+    std::string_view t = text_of(v, holder);
+    if (t.data() == holder.data()) return holder;
+    will_make(t.size(), "a string");
+    return std::string(t);
+  }
+  void charge_compare(const json &x, const json &y) {
+    if (x.is_string() && y.is_string())
+      charge(std::min(x.get_ref<const std::string &>().size(), y.get_ref<const std::string &>().size()) + 1);
+    else if (x.is_structured() && x.type() == y.type())
+      measure(x);
+    else
+      charge(1);
+  }
+
+  // Variables the template set (innermost scope first), then the caller's context, read in place.
+  const json *lookup(const std::string &n) {
+    if (json *v = lookup_set(n)) return v;
+    if (context_.is_object()) {
+      charge(context_.size());
+      auto it = context_.find(n);
+      if (it != context_.end()) return &*it;
+    }
+    return nullptr;
+  }
+  json *lookup_set(const std::string &n) {
     for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
       auto f = it->find(n);
       if (f != it->end()) return &f->second;
@@ -867,7 +1060,7 @@ class Renderer {
       step();
       switch (n->kind) {
         case Node::Text: emit(n->text); break;
-        case Node::Output: emit(to_str(eval(*n->expr, 0))); break;
+        case Node::Output: emit_value(eval(*n->expr, 0)); break;
         case Node::If: {
           bool done = false;
           for (auto &[cond, body] : n->branches)
@@ -881,13 +1074,14 @@ class Renderer {
         }
         case Node::For: run_for(*n, depth); break;
         case Node::Set: {
-          json v = eval(*n->expr, 0).j;
           const std::string &t = n->targets[0];
           size_t dot = t.find('.');
           if (dot == std::string::npos) {
+            json v = take(eval(*n->expr, 0));  // a copy before the old value is replaced: `set x = x`
             scopes.back()[t] = std::move(v);
           } else {
-            json *ns = lookup(t.substr(0, dot));
+            json v = take(eval(*n->expr, 0), 1);  // `set ns.a = ns` copies ns before ns changes
+            json *ns = lookup_set(t.substr(0, dot));
             if (!ns || !ns->is_object() || !ns->contains("__namespace__"))
               runtime_error("cannot set an attribute of '" + t.substr(0, dot) + "': not a namespace");
             (*ns)[t.substr(dot + 1)] = std::move(v);
@@ -902,56 +1096,72 @@ class Renderer {
   }
 
   void run_for(const Node &n, int depth) {
-    Value it = eval(*n.expr, 0);
-    json items = json::array();
-    if (it.undefined || it.j.is_null()) {
-      items = json::array();
-    } else if (it.j.is_array()) {
-      items = it.j;
-    } else if (it.j.is_object()) {
-      for (auto k = it.j.begin(); k != it.j.end(); ++k)
-        if (k.key() != "__namespace__") items.push_back(k.key());
-    } else if (it.j.is_string()) {
-      const std::string &s = it.j.get_ref<const std::string &>();
-      for (size_t i = 0; i < s.size();) {  // by character
-        size_t l = 1;
-        uint8_t c = uint8_t(s[i]);
-        if (c >= 0xf0) l = 4;
-        else if (c >= 0xe0) l = 3;
-        else if (c >= 0xc0) l = 2;
-        items.push_back(s.substr(i, l));
-        i += l;
+    std::vector<json> items;
+    {
+      Value it = eval(*n.expr, 0);
+      const json &j = it.j();
+      if (it.undefined || j.is_null()) {
+      } else if (j.is_array()) {
+        if (it.ref) measure(j);  // copied: the body may reassign the variable being iterated
+        items.reserve(j.size());
+        for (const json &x : j) items.push_back(it.ref ? x : std::move(const_cast<json &>(x)));
+      } else if (j.is_object()) {
+        for (auto k = j.begin(); k != j.end(); ++k)
+          if (k.key() != "__namespace__") {
+            charge(kNodeBytes + k.key().size());
+            items.push_back(k.key());
+          }
+      } else if (j.is_string()) {
+        const std::string &s = j.get_ref<const std::string &>();
+        charge(uint64_t(s.size()) * kNodeBytes);  // a value per character
+        for (size_t i = 0; i < s.size();) {       // by character
+          size_t l = 1;
+          uint8_t c = uint8_t(s[i]);
+          if (c >= 0xf0) l = 4;
+          else if (c >= 0xe0) l = 3;
+          else if (c >= 0xc0) l = 2;
+          items.push_back(s.substr(i, l));
+          i += l;
+        }
+      } else {
+        runtime_error("cannot iterate over " + py_repr(j));
       }
-    } else {
-      runtime_error("cannot iterate over " + py_repr(it.j));
     }
     // `for x in xs if cond` filters before loop.* is computed, as Jinja2 does.
-    std::vector<json> kept;
-    for (auto &x : items) {
-      if (n.filter) {
+    if (n.filter) {
+      size_t kept = 0;
+      for (size_t i = 0; i < items.size(); i++) {
+        step();
         scopes.emplace_back();
-        bind(n, x);
+        bind(n, items[i]);
         bool ok = truthy(eval(*n.filter, 0));
         scopes.pop_back();
-        if (!ok) continue;
+        if (ok && kept != i) items[kept] = std::move(items[i]);
+        kept += ok;
       }
-      kept.push_back(x);
+      items.resize(kept);
     }
-    if (kept.empty()) {
+    if (items.empty()) {
       LoopSignal s;
       run(n.else_body, s, depth + 1);
       return;
     }
-    for (size_t i = 0; i < kept.size(); i++) {
+    const size_t len = items.size();
+    for (size_t i = 0; i < len; i++) {
       step();
       scopes.emplace_back();
-      bind(n, kept[i]);
-      const size_t len = kept.size();
-      scopes.back()["loop"] = {{"index", i + 1},       {"index0", i},
-                               {"first", i == 0},      {"last", i + 1 == len},
-                               {"length", len},        {"revindex", len - i},
-                               {"revindex0", len - i - 1}, {"previtem", i ? kept[i - 1] : json()},
-                               {"nextitem", i + 1 < len ? kept[i + 1] : json()}};
+      bind(n, items[i]);
+      json loop = json::object();
+      loop["index"] = i + 1;
+      loop["index0"] = i;
+      loop["first"] = i == 0;
+      loop["last"] = i + 1 == len;
+      loop["length"] = len;
+      loop["revindex"] = len - i;
+      loop["revindex0"] = len - i - 1;
+      loop["previtem"] = i ? copy(items[i - 1], 1) : json();
+      loop["nextitem"] = i + 1 < len ? copy(items[i + 1], 1) : json();
+      scopes.back()["loop"] = std::move(loop);
       LoopSignal sig;
       run(n.body, sig, depth + 1);
       scopes.pop_back();
@@ -961,11 +1171,11 @@ class Renderer {
 
   void bind(const Node &n, const json &x) {
     if (n.targets.size() == 1) {
-      scopes.back()[n.targets[0]] = x;
+      scopes.back()[n.targets[0]] = copy(x);
       return;
     }
     if (!x.is_array() || x.size() != n.targets.size()) runtime_error("cannot unpack " + py_repr(x));
-    for (size_t k = 0; k < n.targets.size(); k++) scopes.back()[n.targets[k]] = x[k];
+    for (size_t k = 0; k < n.targets.size(); k++) scopes.back()[n.targets[k]] = copy(x[k]);
   }
 
   // Python's ints do not overflow; ours are int64 and become floats past that range, never wrap (UB).
@@ -975,27 +1185,29 @@ class Renderer {
   }
 
   static int64_t as_int(const Value &v, const char *what) {
-    if (v.j.is_number_integer()) return v.j.get<int64_t>();
-    if (v.j.is_boolean()) return v.j.get<bool>();
-    runtime_error(std::string(what) + " must be an integer, got " + (v.undefined ? "undefined" : py_repr(v.j)));
+    if (v.j().is_number_integer()) return v.j().get<int64_t>();
+    if (v.j().is_boolean()) return v.j().get<bool>();
+    runtime_error(std::string(what) + " must be an integer, got " + (v.undefined ? "undefined" : py_repr(v.j())));
   }
 
-  Value attr(const Value &obj, const std::string &name) {
+  Value attr(Value &&obj, const std::string &name) {
     if (obj.undefined) runtime_error("'" + name + "' of an undefined value");
-    if (obj.j.is_object()) {
-      auto it = obj.j.find(name);
-      return it == obj.j.end() ? Value::undef() : Value{*it};
-    }
-    return Value::undef();
+    const json &j = obj.j();
+    if (!j.is_object()) return Value::undef();
+    charge(j.size());  // an ordered object is searched key by key
+    auto it = j.find(name);
+    return it == j.end() ? Value::undef() : sub(std::move(obj), *it);
   }
-  Value item(const Value &obj, const Value &key) {
+  Value item(Value &&obj, const Value &key) {
     if (obj.undefined) runtime_error("subscript of an undefined value");
-    if (obj.j.is_object() && key.j.is_string()) return attr(obj, key.j.get<std::string>());
-    if ((obj.j.is_array() || obj.j.is_string()) && key.j.is_number_integer()) {
-      int64_t i = key.j.get<int64_t>(), n = obj.j.is_array() ? int64_t(obj.j.size()) : int64_t(obj.j.get_ref<const std::string &>().size());
+    const json &j = obj.j(), &k = key.j();
+    if (j.is_object() && k.is_string()) return attr(std::move(obj), k.get_ref<const std::string &>());
+    if ((j.is_array() || j.is_string()) && k.is_number_integer()) {
+      int64_t i = k.get<int64_t>(), n = j.is_array() ? int64_t(j.size()) : int64_t(j.get_ref<const std::string &>().size());
       if (i < 0) i += n;
       if (i < 0 || i >= n) return Value::undef();
-      return obj.j.is_array() ? Value{obj.j[size_t(i)]} : Value{std::string(1, obj.j.get_ref<const std::string &>()[size_t(i)])};
+      if (j.is_array()) return sub(std::move(obj), j[size_t(i)]);
+      return {json(std::string(1, j.get_ref<const std::string &>()[size_t(i)]))};
     }
     return Value::undef();
   }
@@ -1005,13 +1217,17 @@ class Renderer {
     step();
     const int d = depth + 1;
     switch (e.kind) {
-      case Expr::Lit: return {e.lit};
+      case Expr::Lit: return Value::borrow(e.lit);
       case Expr::Var: {
-        json *v = lookup(e.name);
-        return v ? Value{*v} : Value::undef();
+        const json *v = lookup(e.name);
+        return v ? Value::borrow(*v) : Value::undef();
       }
       case Expr::Attr: return attr(eval(*e.args[0], d), e.name);
-      case Expr::Item: return item(eval(*e.args[0], d), eval(*e.args[1], d));
+      case Expr::Item: {
+        Value obj = eval(*e.args[0], d);
+        Value key = eval(*e.args[1], d);
+        return item(std::move(obj), key);
+      }
       case Expr::Slice: return slice(e, d);
       case Expr::Call: return call(e, d);
       case Expr::Filter: return filter(e, d);
@@ -1022,9 +1238,10 @@ class Renderer {
       case Expr::Not: return {json(!truthy(eval(*e.args[0], d)))};
       case Expr::Neg: {
         Value v = eval(*e.args[0], d);
-        if (v.j.is_number_integer()) return {py_int(-__int128(v.j.get<int64_t>()))};
-        if (v.j.is_number()) return {json(-v.j.get<double>())};
-        runtime_error("cannot negate " + py_repr(v.j));
+        const json &j = v.j();
+        if (j.is_number_integer()) return {py_int(-__int128(j.get<int64_t>()))};
+        if (j.is_number()) return {json(-j.get<double>())};
+        runtime_error("cannot negate " + py_repr(j));
       }
       case Expr::Cond: {
         if (truthy(eval(*e.args[1], d))) return eval(*e.args[0], d);
@@ -1032,17 +1249,18 @@ class Renderer {
       }
       case Expr::List: {
         json l = json::array();
-        for (auto &a : e.args) l.push_back(eval(*a, d).j);
-        return {l};
+        for (auto &a : e.args) l.push_back(take(eval(*a, d), 1));
+        return {std::move(l)};
       }
       case Expr::Dict: {
         json m = json::object();
         for (size_t k = 0; k + 1 < e.args.size(); k += 2) {
           Value key = eval(*e.args[k], d);
-          if (!key.j.is_string()) runtime_error("dict keys must be strings");
-          m[key.j.get<std::string>()] = eval(*e.args[k + 1], d).j;
+          if (!key.j().is_string()) runtime_error("dict keys must be strings");
+          charge(key.j().get_ref<const std::string &>().size());
+          m[key.j().get_ref<const std::string &>()] = take(eval(*e.args[k + 1], d), 1);
         }
-        return {m};
+        return {std::move(m)};
       }
       case Expr::Bin: return binary(e, d);
     }
@@ -1051,9 +1269,12 @@ class Renderer {
 
   Value slice(const Expr &e, int d) {
     Value obj = eval(*e.args[0], d);
+    const json &j = obj.j();
     auto opt = [&](int k, int64_t def) { return e.args[size_t(k)] ? as_int(eval(*e.args[size_t(k)], d), "slice index") : def; };
     int64_t step = opt(3, 1);
     if (step == 0) runtime_error("slice step cannot be zero");
+    // Calls push(first, count) for each run of consecutive indices: one run when step is 1 (a substring
+    // is copied at once), one index per run otherwise.
     auto do_slice = [&](int64_t n, auto &&push) {
       int64_t lo = opt(1, step > 0 ? 0 : n - 1), hi = opt(2, step > 0 ? n : -n - 1);
       auto norm = [&](int64_t v, bool is_hi) {
@@ -1063,101 +1284,144 @@ class Renderer {
       };
       lo = e.args[1] ? norm(lo, false) : lo;
       hi = e.args[2] ? norm(hi, true) : (step > 0 ? n : -1);
-      for (__int128 i = lo; step > 0 ? i < hi : i > hi; i += step) push(int64_t(i));
+      if (step == 1) {
+        if (lo < hi) push(lo, hi - lo);
+        return;
+      }
+      for (__int128 i = lo; step > 0 ? i < hi : i > hi; i += step) push(int64_t(i), int64_t(1));
     };
-    if (obj.j.is_array()) {
+    if (j.is_array()) {
       json out = json::array();
-      do_slice(int64_t(obj.j.size()), [&](int64_t i) { out.push_back(obj.j[size_t(i)]); });
-      return {out};
+      do_slice(int64_t(j.size()), [&](int64_t first, int64_t count) {
+        for (int64_t i = first; i < first + count; i++) out.push_back(copy(j[size_t(i)]));
+      });
+      return {std::move(out)};
     }
-    if (obj.j.is_string()) {
-      const std::string &s = obj.j.get_ref<const std::string &>();
+    if (j.is_string()) {
+      const std::string &s = j.get_ref<const std::string &>();
       std::string out;
-      do_slice(int64_t(s.size()), [&](int64_t i) { out += s[size_t(i)]; });
-      return {out};
+      do_slice(int64_t(s.size()), [&](int64_t first, int64_t count) { out.append(s, size_t(first), size_t(count)); });
+      charge(out.size());
+      return {json(std::move(out))};
     }
-    runtime_error("cannot slice " + py_repr(obj.j));
+    runtime_error("cannot slice " + py_repr(j));
+  }
+
+  // s * n, the size checked before anything is made (a count of 2^63 costs nothing).
+  Value repeat(const std::string &s, int64_t n) {
+    if (n <= 0 || s.empty()) return {json("")};
+    if (uint64_t(n) > lim_.max_string / s.size()) too_long("string repetition", lim_.max_string);
+    will_make(s.size() * size_t(n), "string repetition");
+    std::string r;
+    r.reserve(s.size() * size_t(n));
+    for (int64_t k = 0; k < n; k++) r += s;
+    return {json(std::move(r))};
   }
 
   Value binary(const Expr &e, int d) {
     const std::string &op = e.name;
     if (op == "and") {
       Value a = eval(*e.args[0], d);
-      return truthy(a) ? eval(*e.args[1], d) : a;
+      return truthy(a) ? eval(*e.args[1], d) : std::move(a);
     }
     if (op == "or") {
       Value a = eval(*e.args[0], d);
-      return truthy(a) ? a : eval(*e.args[1], d);
+      return truthy(a) ? std::move(a) : eval(*e.args[1], d);
     }
     Value a = eval(*e.args[0], d), b = eval(*e.args[1], d);
-    if (op == "~") return {json(to_str(a) + to_str(b))};
-    if (op == "==") return {json(!a.undefined && !b.undefined ? a.j == b.j : a.undefined == b.undefined)};
-    if (op == "!=") return {json(!(!a.undefined && !b.undefined ? a.j == b.j : a.undefined == b.undefined))};
+    const json &x = a.j(), &y = b.j();
+    if (op == "~") {
+      std::string ha, hb;
+      std::string_view sa = text_of(a, ha), sb = text_of(b, hb);
+      will_make(sa.size() + sb.size(), "'~'");
+      std::string r;
+      r.reserve(sa.size() + sb.size());
+      r.append(sa).append(sb);
+      return {json(std::move(r))};
+    }
+    if (op == "==" || op == "!=") {
+      charge_compare(x, y);
+      const bool eq = !a.undefined && !b.undefined ? x == y : a.undefined == b.undefined;
+      return {json(op == "==" ? eq : !eq)};
+    }
     if (op == "in" || op == "not in") {
       bool r = false;
-      if (b.j.is_string() && a.j.is_string())
-        r = b.j.get_ref<const std::string &>().find(a.j.get_ref<const std::string &>()) != std::string::npos;
-      else if (b.j.is_array())
-        r = std::find(b.j.begin(), b.j.end(), a.j) != b.j.end();
-      else if (b.j.is_object() && a.j.is_string())
-        r = b.j.contains(a.j.get<std::string>());
-      else if (!b.undefined && !b.j.is_null())
+      if (y.is_string() && x.is_string()) {
+        const std::string &hay = y.get_ref<const std::string &>(), &needle = x.get_ref<const std::string &>();
+        charge(hay.size() + needle.size());
+        r = find_sub(hay, needle) != std::string::npos;
+      } else if (y.is_array()) {
+        measure(y);
+        r = std::find(y.begin(), y.end(), x) != y.end();
+      } else if (y.is_object() && x.is_string()) {
+        charge(y.size());
+        r = y.contains(x.get_ref<const std::string &>());
+      } else if (!b.undefined && !y.is_null()) {
         runtime_error("'in' needs a string, list or mapping on its right");
-      else
+      } else {
         runtime_error("'in' over an undefined value");
+      }
       return {json(op == "in" ? r : !r)};
     }
     if (a.undefined || b.undefined) runtime_error("operator '" + op + "' on an undefined value");
     if (op == "+") {
-      if (a.j.is_string() && b.j.is_string()) return {json(a.j.get<std::string>() + b.j.get<std::string>())};
-      if (a.j.is_array() && b.j.is_array()) {
-        json r = a.j;
-        for (auto &x : b.j) r.push_back(x);
-        return {r};
+      if (x.is_string() && y.is_string()) {
+        const std::string &p = x.get_ref<const std::string &>(), &q = y.get_ref<const std::string &>();
+        will_make(p.size() + q.size(), "'+'");
+        std::string r;
+        r.reserve(p.size() + q.size());
+        r.append(p).append(q);
+        return {json(std::move(r))};
+      }
+      if (x.is_array() && y.is_array()) {
+        if (x.size() + y.size() > lim_.max_items) runtime_error("a list exceeds the item limit (" + std::to_string(lim_.max_items) + ")");
+        json r = take(std::move(a));
+        if (b.ref) {
+          measure(y);
+          for (const json &v : y) r.push_back(v);
+        } else {
+          for (json &v : b.own) r.push_back(std::move(v));
+        }
+        return {std::move(r)};
       }
     }
-    if (op == "*" && a.j.is_string() && b.j.is_number_integer()) {
-      std::string r;
-      for (int64_t k = 0; k < b.j.get<int64_t>(); k++) {
-        r += a.j.get<std::string>();
-        if (r.size() > lim_.max_output) runtime_error("string repetition exceeds the output limit");
-      }
-      return {json(r)};
-    }
-    if (a.j.is_number() && b.j.is_number()) {
-      const bool ints = a.j.is_number_integer() && b.j.is_number_integer();
-      const double x = a.j.get<double>(), y = b.j.get<double>();
-      if (op == "<") return {json(x < y)};
-      if (op == ">") return {json(x > y)};
-      if (op == "<=") return {json(x <= y)};
-      if (op == ">=") return {json(x >= y)};
+    if (op == "*" && x.is_string() && y.is_number_integer()) return repeat(x.get_ref<const std::string &>(), y.get<int64_t>());
+    if (op == "*" && x.is_number_integer() && y.is_string()) return repeat(y.get_ref<const std::string &>(), x.get<int64_t>());
+    if (x.is_number() && y.is_number()) {
+      const bool ints = x.is_number_integer() && y.is_number_integer();
+      const double p = x.get<double>(), q = y.get<double>();
+      if (op == "<") return {json(p < q)};
+      if (op == ">") return {json(p > q)};
+      if (op == "<=") return {json(p <= q)};
+      if (op == ">=") return {json(p >= q)};
       if (ints) {
-        const __int128 p = a.j.get<int64_t>(), q = b.j.get<int64_t>();
-        if (op == "+") return {py_int(p + q)};
-        if (op == "-") return {py_int(p - q)};
-        if (op == "*") return {py_int(p * q)};
+        const __int128 pi = x.get<int64_t>(), qi = y.get<int64_t>();
+        if (op == "+") return {py_int(pi + qi)};
+        if (op == "-") return {py_int(pi - qi)};
+        if (op == "*") return {py_int(pi * qi)};
         if (op == "//" || op == "%") {
-          if (q == 0) runtime_error("division by zero");
-          const __int128 rem = ((p % q) + q) % q;  // Python: the remainder takes the divisor's sign
-          return {py_int(op == "%" ? rem : (p - rem) / q)};
+          if (qi == 0) runtime_error("division by zero");
+          const __int128 rem = ((pi % qi) + qi) % qi;  // Python: the remainder takes the divisor's sign
+          return {py_int(op == "%" ? rem : (pi - rem) / qi)};
         }
       }
-      if (op == "+") return {json(x + y)};
-      if (op == "-") return {json(x - y)};
-      if (op == "*") return {json(x * y)};
-      if (y == 0 && (op == "/" || op == "//" || op == "%")) runtime_error("division by zero");
-      if (op == "/") return {json(x / y)};
-      if (op == "//") return {json(std::floor(x / y))};
-      if (op == "%") return {json(x - y * std::floor(x / y))};
+      if (op == "+") return {json(p + q)};
+      if (op == "-") return {json(p - q)};
+      if (op == "*") return {json(p * q)};
+      if (q == 0 && (op == "/" || op == "//" || op == "%")) runtime_error("division by zero");
+      if (op == "/") return {json(p / q)};
+      if (op == "//") return {json(std::floor(p / q))};
+      if (op == "%") return {json(p - q * std::floor(p / q))};
     }
-    if (a.j.is_string() && b.j.is_string()) {
-      const auto &x = a.j.get_ref<const std::string &>(), &y = b.j.get_ref<const std::string &>();
-      if (op == "<") return {json(x < y)};
-      if (op == ">") return {json(x > y)};
-      if (op == "<=") return {json(x <= y)};
-      if (op == ">=") return {json(x >= y)};
+    if (x.is_string() && y.is_string()) {
+      const auto &p = x.get_ref<const std::string &>(), &q = y.get_ref<const std::string &>();
+      charge_compare(x, y);
+      if (op == "<") return {json(p < q)};
+      if (op == ">") return {json(p > q)};
+      if (op == "<=") return {json(p <= q)};
+      if (op == ">=") return {json(p >= q)};
     }
-    runtime_error("unsupported operands for '" + op + "': " + py_repr(a.j) + " and " + py_repr(b.j));
+    runtime_error("unsupported operands for '" + op + "': " + py_repr(x) + " and " + py_repr(y));
   }
 
   std::vector<Value> args_of(const Expr &e, size_t first, int d) {
@@ -1171,30 +1435,100 @@ class Renderer {
     return Value::undef();
   }
 
-  static std::string strip(const std::string &s, const std::string &chars, bool left, bool right) {
+  std::string strip(std::string_view s, std::string_view chars, bool left, bool right) {
+    bool strip_it[256] = {};  // a table: `chars` may be long
+    for (unsigned char c : chars) strip_it[c] = true;
     size_t a = 0, b = s.size();
     if (left)
-      while (a < b && chars.find(s[a]) != std::string::npos) a++;
+      while (a < b && strip_it[uint8_t(s[a])]) a++;
     if (right)
-      while (b > a && chars.find(s[b - 1]) != std::string::npos) b--;
-    return s.substr(a, b - a);
+      while (b > a && strip_it[uint8_t(s[b - 1])]) b--;
+    charge(chars.size() + (s.size() - (b - a)));
+    will_make(b - a, "strip's result");
+    return std::string(s.substr(a, b - a));
+  }
+  std::string replace_all(std::string_view s, std::string_view from, std::string_view to) {
+    charge(s.size() + from.size());
+    if (from.empty()) {
+      will_make(s.size(), "replace's result");
+      return std::string(s);
+    }
+    std::string r;
+    size_t i = 0;
+    for (size_t j; (j = find_sub(s, from, i)) != std::string::npos; i = j + from.size()) {
+      if (r.size() + (j - i) + to.size() > lim_.max_string) too_long("replace's result", lim_.max_string);
+      r.append(s.substr(i, j - i)).append(to);
+    }
+    if (r.size() + (s.size() - i) > lim_.max_string) too_long("replace's result", lim_.max_string);
+    r.append(s.substr(i));
+    charge(r.size());
+    return r;
+  }
+  std::string join(const json &list, std::string_view sep) {
+    std::string r;
+    for (size_t k = 0; k < list.size(); k++) {
+      std::string holder;
+      std::string_view piece = text_of(Value::borrow(list[k]), holder);
+      if (r.size() + (k ? sep.size() : 0) + piece.size() > lim_.max_string) too_long("join's result", lim_.max_string);
+      if (k) r.append(sep);
+      r.append(piece);
+      charge(kNodeBytes);
+    }
+    charge(r.size());
+    return r;
+  }
+  std::string upper_lower(std::string_view s, bool upper) {
+    will_make(s.size(), "a string");
+    std::string r(s);
+    for (auto &c : r) c = char(upper ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
+    return r;
+  }
+  std::string title_case(std::string_view s, bool title) {
+    will_make(s.size(), "a string");
+    std::string r(s);
+    bool start = true;
+    for (auto &c : r) {
+      c = char(start ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
+      start = title ? !std::isalpha(uint8_t(c)) : false;
+    }
+    return r;
+  }
+  // The current local time formatted; the buffer grows until the result fits (never a truncated or
+  // unterminated buffer), up to the string size limit.
+  std::string strftime_now(std::string fmt) {
+    fmt.resize(std::strlen(fmt.c_str()));  // strftime reads up to a NUL
+    fmt += '|';  // a sentinel: strftime returning 0 then always means "does not fit", never "empty"
+    std::time_t t = std::time(nullptr);
+    std::tm tm{};
+    localtime_r(&t, &tm);
+    for (size_t cap = 256;; cap *= 4) {
+      if (cap / 4 > lim_.max_string) too_long("strftime_now's result", lim_.max_string);
+      charge(cap);
+      std::string buf(cap, '\0');
+      const size_t n = std::strftime(buf.data(), cap, fmt.c_str(), &tm);
+      if (n > 0) {
+        buf.resize(n - 1);
+        if (buf.size() > lim_.max_string) too_long("strftime_now's result", lim_.max_string);
+        return buf;
+      }
+    }
   }
 
   Value call(const Expr &e, int d) {
     const Expr &callee = *e.args[0];
     std::vector<Value> a = args_of(e, 1, d);
-    auto arg_str = [&](size_t k, const char *def) -> std::string {
-      if (k < a.size() && a[k].j.is_string()) return a[k].j.get<std::string>();
-      if (k < a.size() && !a[k].undefined && !a[k].j.is_null()) runtime_error("expected a string argument");
+    auto arg_str = [&](size_t k, const char *def) -> std::string_view {
+      if (k < a.size() && a[k].j().is_string()) return a[k].j().get_ref<const std::string &>();
+      if (k < a.size() && !a[k].undefined && !a[k].j().is_null()) runtime_error("expected a string argument");
       return def;
     };
     if (callee.kind == Expr::Var) {
       const std::string &f = callee.name;
       if (f == "namespace" || f == "dict") {
         json ns = json::object();
-        for (auto &[k, v] : e.kwargs) ns[k] = eval(*v, d).j;
+        for (auto &[k, v] : e.kwargs) ns[k] = take(eval(*v, d), 1);
         if (f == "namespace") ns["__namespace__"] = true;
-        return {ns};
+        return {std::move(ns)};
       }
       if (f == "range") {
         int64_t lo = 0, hi = 0, st = 1;
@@ -1205,294 +1539,314 @@ class Renderer {
         json l = json::array();
         for (__int128 i = lo; st > 0 ? i < hi : i > hi; i += st) {
           step();
+          if (l.size() >= lim_.max_items) runtime_error("a list exceeds the item limit (" + std::to_string(lim_.max_items) + ")");
+          charge(kScalarBytes);
           l.push_back(int64_t(i));
         }
-        return {l};
+        return {std::move(l)};
       }
       if (f == "raise_exception") runtime_error("raise_exception: " + (a.empty() ? std::string() : to_str(a[0])));
-      if (f == "strftime_now") {
-        char buf[256];
-        std::time_t t = std::time(nullptr);
-        std::tm tm{};
-        localtime_r(&t, &tm);
-        std::strftime(buf, sizeof buf, arg_str(0, "%Y-%m-%d").c_str(), &tm);
-        return {json(std::string(buf))};
-      }
+      if (f == "strftime_now") return {json(strftime_now(std::string(arg_str(0, "%Y-%m-%d"))))};
       runtime_error("unknown function '" + f + "'");
     }
     if (callee.kind != Expr::Attr) runtime_error("only functions and methods can be called");
     Value obj = eval(*callee.args[0], d);
+    const json &oj = obj.j();
     const std::string &m = callee.name;
     if (obj.undefined) runtime_error("method '" + m + "' of an undefined value");
-    if (obj.j.is_string()) {
-      const std::string s = obj.j.get<std::string>();
+    if (oj.is_string()) {
+      const std::string &s = oj.get_ref<const std::string &>();
       if (m == "strip" || m == "lstrip" || m == "rstrip") return {json(strip(s, arg_str(0, " \t\n\r\f\v"), m != "rstrip", m != "lstrip"))};
-      if (m == "upper" || m == "lower") {
-        std::string r = s;
-        for (auto &c : r) c = char(m == "upper" ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
-        return {json(r)};
-      }
+      if (m == "upper" || m == "lower") return {json(upper_lower(s, m == "upper"))};
       if (m == "startswith" || m == "endswith") {
-        std::string p = arg_str(0, "");
-        bool r = m == "startswith" ? s.rfind(p, 0) == 0 : s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+        std::string_view p = arg_str(0, "");
+        charge(p.size());
+        bool r = m == "startswith" ? std::string_view(s).substr(0, p.size()) == p
+                                   : s.size() >= p.size() && std::string_view(s).substr(s.size() - p.size()) == p;
         return {json(r)};
       }
       if (m == "split" || m == "rsplit") {
         json parts = json::array();
+        auto add = [&](std::string_view part) {
+          if (parts.size() >= lim_.max_items) runtime_error("a list exceeds the item limit (" + std::to_string(lim_.max_items) + ")");
+          charge(kNodeBytes + part.size());
+          parts.push_back(std::string(part));
+        };
+        charge(s.size());
         int64_t maxsplit = a.size() > 1 ? as_int(a[1], "maxsplit") : -1;
-        if (a.empty() || a[0].j.is_null()) {  // split on runs of whitespace
+        if (a.empty() || a[0].j().is_null()) {  // split on runs of whitespace
           size_t i = 0;
           while (i < s.size()) {
             while (i < s.size() && std::isspace(uint8_t(s[i]))) i++;
             if (i >= s.size()) break;
             size_t j = i;
             while (j < s.size() && !std::isspace(uint8_t(s[j]))) j++;
-            parts.push_back(s.substr(i, j - i));
+            add(std::string_view(s).substr(i, j - i));
             i = j;
           }
-          return {parts};
+          return {std::move(parts)};
         }
-        std::string sep = arg_str(0, "");
+        std::string_view sep = arg_str(0, "");
         if (sep.empty()) runtime_error("empty separator");
         if (m == "split") {
           size_t i = 0;
           for (int64_t n = 0; maxsplit < 0 || n < maxsplit; n++) {
-            size_t j = s.find(sep, i);
+            size_t j = find_sub(s, sep, i);
             if (j == std::string::npos) break;
-            parts.push_back(s.substr(i, j - i));
+            add(std::string_view(s).substr(i, j - i));
             i = j + sep.size();
           }
-          parts.push_back(s.substr(i));
-        } else {
-          std::vector<std::string> rev;
-          size_t end = s.size();
+          add(std::string_view(s).substr(i));
+        } else {  // from the right: a forward search over the reversed strings (linear, as split's)
+          charge(s.size() + sep.size());
+          const std::string rs(s.rbegin(), s.rend()), rsep(sep.rbegin(), sep.rend());
+          std::vector<std::string_view> rev;
+          size_t i = 0;  // in rs
           for (int64_t n = 0; maxsplit < 0 || n < maxsplit; n++) {
-            if (end < sep.size()) break;
-            size_t j = s.rfind(sep, end - sep.size());
+            size_t j = find_sub(rs, rsep, i);
             if (j == std::string::npos) break;
-            rev.push_back(s.substr(j + sep.size(), end - j - sep.size()));
-            end = j;
+            rev.push_back(std::string_view(s).substr(s.size() - j, j - i));
+            i = j + sep.size();
           }
-          rev.push_back(s.substr(0, end));
-          for (auto it = rev.rbegin(); it != rev.rend(); ++it) parts.push_back(*it);
+          rev.push_back(std::string_view(s).substr(0, s.size() - i));
+          for (auto it = rev.rbegin(); it != rev.rend(); ++it) add(*it);
         }
-        return {parts};
+        return {std::move(parts)};
       }
-      if (m == "replace") {
-        std::string from = arg_str(0, ""), to = arg_str(1, ""), r;
-        if (from.empty()) return {json(s)};
-        size_t i = 0;
-        for (size_t j; (j = s.find(from, i)) != std::string::npos; i = j + from.size()) r += s.substr(i, j - i) + to;
-        r += s.substr(i);
-        if (r.size() > lim_.max_output) runtime_error("replace result exceeds the output limit");
-        return {json(r)};
-      }
+      if (m == "replace") return {json(replace_all(s, arg_str(0, ""), arg_str(1, "")))};
       if (m == "find") {
-        size_t p = s.find(arg_str(0, ""));
+        charge(s.size());
+        size_t p = find_sub(s, arg_str(0, ""));
         return {json(p == std::string::npos ? int64_t(-1) : int64_t(p))};
       }
       if (m == "count") {
-        std::string sub = arg_str(0, "");
+        std::string_view sub = arg_str(0, "");
+        charge(s.size());
         int64_t n = 0;
         if (!sub.empty())
-          for (size_t p = s.find(sub); p != std::string::npos; p = s.find(sub, p + sub.size())) n++;
+          for (size_t p = find_sub(s, sub); p != std::string::npos; p = find_sub(s, sub, p + sub.size())) n++;
         return {json(n)};
       }
-      if (m == "title" || m == "capitalize") {
-        std::string r = s;
-        bool start = true;
-        for (auto &c : r) {
-          if (m == "capitalize") {
-            c = char(start ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
-            start = false;
-          } else {
-            c = char(start ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
-            start = !std::isalpha(uint8_t(c));
-          }
-        }
-        return {json(r)};
-      }
+      if (m == "title" || m == "capitalize") return {json(title_case(s, m == "title"))};
       if (m == "join") {
-        if (a.empty() || !a[0].j.is_array()) runtime_error("join needs a list");
-        std::string r;
-        for (size_t k = 0; k < a[0].j.size(); k++) r += (k ? s : "") + to_str({a[0].j[k]});
-        return {json(r)};
+        if (a.empty() || !a[0].j().is_array()) runtime_error("join needs a list");
+        return {json(join(a[0].j(), s))};
       }
-    } else if (obj.j.is_object()) {
+    } else if (oj.is_object()) {
       if (m == "items") {
         json l = json::array();
-        for (auto it = obj.j.begin(); it != obj.j.end(); ++it)
-          if (it.key() != "__namespace__") l.push_back({it.key(), it.value()});
-        return {l};
+        for (auto it = oj.begin(); it != oj.end(); ++it)
+          if (it.key() != "__namespace__") l.push_back(json::array({copy(json(it.key())), copy(it.value(), 2)}));
+        return {std::move(l)};
       }
       if (m == "keys" || m == "values") {
         json l = json::array();
-        for (auto it = obj.j.begin(); it != obj.j.end(); ++it)
-          if (it.key() != "__namespace__") l.push_back(m == "keys" ? json(it.key()) : it.value());
-        return {l};
+        for (auto it = oj.begin(); it != oj.end(); ++it)
+          if (it.key() != "__namespace__") l.push_back(m == "keys" ? copy(json(it.key())) : copy(it.value(), 1));
+        return {std::move(l)};
       }
       if (m == "get") {
-        if (a.empty() || !a[0].j.is_string()) runtime_error("get needs a string key");
-        auto it = obj.j.find(a[0].j.get<std::string>());
-        if (it != obj.j.end()) return {*it};
-        return a.size() > 1 ? a[1] : Value{json()};
+        if (a.empty() || !a[0].j().is_string()) runtime_error("get needs a string key");
+        charge(oj.size());
+        auto it = oj.find(a[0].j().get_ref<const std::string &>());
+        if (it != oj.end()) return sub(std::move(obj), *it);
+        return a.size() > 1 ? std::move(a[1]) : Value{json()};
       }
-    } else if (obj.j.is_array()) {
+    } else if (oj.is_array()) {
+      static const json none;
+      const json &needle = a.empty() ? none : a[0].j();  // read in place, as every argument
       if (m == "index") {
-        auto it = std::find(obj.j.begin(), obj.j.end(), a.empty() ? json() : a[0].j);
-        if (it == obj.j.end()) runtime_error("index: value not in list");
-        return {json(int64_t(it - obj.j.begin()))};
+        measure(oj);
+        auto it = std::find(oj.begin(), oj.end(), needle);
+        if (it == oj.end()) runtime_error("index: value not in list");
+        return {json(int64_t(it - oj.begin()))};
       }
-      if (m == "count") return {json(int64_t(std::count(obj.j.begin(), obj.j.end(), a.empty() ? json() : a[0].j)))};
+      if (m == "count") {
+        measure(oj);
+        return {json(int64_t(std::count(oj.begin(), oj.end(), needle)))};
+      }
     }
-    runtime_error("unknown method '" + m + "' of " + py_repr(obj.j).substr(0, 40));
+    runtime_error("unknown method '" + m + "' of " + py_repr(oj).substr(0, 40));
   }
 
   Value filter(const Expr &e, int d) {
     Value v = eval(*e.args[0], d);
     std::vector<Value> a = args_of(e, 1, d);
     const std::string &f = e.name;
+    const json &j = v.j();
     if (f == "default" || f == "d") {
       bool boolean = (a.size() > 1 && truthy(a[1])) || truthy(kwarg(e, "boolean", d));
-      if (v.undefined || (boolean && !truthy(v))) return a.empty() ? Value{json("")} : a[0];
+      if (v.undefined || (boolean && !truthy(v))) return a.empty() ? Value{json("")} : std::move(a[0]);
       return v;
     }
     if (f == "tojson") {
-      Value ind = a.empty() ? kwarg(e, "indent", d) : a[0];
+      Value ind = a.empty() ? kwarg(e, "indent", d) : std::move(a[0]);
+      int64_t indent = ind.j().is_number_integer() ? ind.j().get<int64_t>() : -1;
+      if (indent < 0) indent = -1;
+      if (indent > int64_t(lim_.max_string)) too_long("tojson's result", lim_.max_string);
+      measure(j);
       std::string s;
-      dumps(v.undefined ? json() : v.j, ind.j.is_number_integer() ? int(ind.j.get<int64_t>()) : -1, 0, s);
-      return {json(s)};
+      dumps(v.undefined ? json() : j, indent, 0, s, lim_.max_string);
+      charge(s.size());
+      return {json(std::move(s))};
     }
     if (v.undefined && f != "string" && f != "length" && f != "count")
       runtime_error("filter '" + f + "' on an undefined value");
     if (f == "safe" || f == "e" || f == "escape" || f == "forceescape") return v;  // autoescape is off
     if (f == "string") return {json(to_str(v))};
-    if (f == "trim") return {json(strip(to_str(v), a.empty() ? " \t\n\r\f\v" : to_str(a[0]), true, true))};
-    if (f == "upper" || f == "lower") {
-      std::string r = to_str(v);
-      for (auto &c : r) c = char(f == "upper" ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
-      return {json(r)};
+    std::string holder;
+    if (f == "trim") {
+      std::string chars_holder;
+      std::string_view chars = a.empty() ? std::string_view(" \t\n\r\f\v") : text_of(a[0], chars_holder);
+      return {json(strip(text_of(v, holder), chars, true, true))};
     }
+    if (f == "upper" || f == "lower") return {json(upper_lower(text_of(v, holder), f == "upper"))};
     if (f == "length" || f == "count") {
       if (v.undefined) return {json(0)};
-      if (v.j.is_string()) {  // characters, not bytes
+      if (j.is_string()) {  // characters, not bytes
+        charge(j.get_ref<const std::string &>().size());
         int64_t n = 0;
-        for (unsigned char c : v.j.get_ref<const std::string &>()) n += (c & 0xc0) != 0x80;
+        for (unsigned char c : j.get_ref<const std::string &>()) n += (c & 0xc0) != 0x80;
         return {json(n)};
       }
-      if (v.j.is_array() || v.j.is_object()) return {json(int64_t(v.j.size()) - int64_t(v.j.contains("__namespace__")))};
-      runtime_error("length of " + py_repr(v.j));
+      if (j.is_array()) return {json(int64_t(j.size()))};
+      if (j.is_object()) {
+        charge(j.size());
+        return {json(int64_t(j.size()) - int64_t(j.contains("__namespace__")))};
+      }
+      runtime_error("length of " + py_repr(j));
     }
     if (f == "first" || f == "last") {
-      if (v.j.is_array()) return v.j.empty() ? Value::undef() : Value{f == "first" ? v.j.front() : v.j.back()};
-      if (v.j.is_string() && !v.j.get_ref<const std::string &>().empty()) {
-        const std::string &s = v.j.get_ref<const std::string &>();
+      if (j.is_array()) return j.empty() ? Value::undef() : sub(std::move(v), f == "first" ? j.front() : j.back());
+      if (j.is_string() && !j.get_ref<const std::string &>().empty()) {
+        const std::string &s = j.get_ref<const std::string &>();
         return {json(std::string(1, f == "first" ? s.front() : s.back()))};
       }
       return Value::undef();
     }
     if (f == "join") {
-      std::string sep = a.empty() ? "" : to_str(a[0]), r;
-      if (!v.j.is_array()) runtime_error("join needs a list");
-      for (size_t k = 0; k < v.j.size(); k++) r += (k ? sep : "") + to_str({v.j[k]});
-      return {json(r)};
+      if (!j.is_array()) runtime_error("join needs a list");
+      std::string sep_holder;
+      return {json(join(j, a.empty() ? std::string_view() : text_of(a[0], sep_holder)))};
     }
     if (f == "list") {
-      if (v.j.is_array()) return v;
+      if (j.is_array()) return v;
       json l = json::array();
-      if (v.j.is_object())
-        for (auto it = v.j.begin(); it != v.j.end(); ++it) l.push_back(it.key());
-      else if (v.j.is_string())
-        for (char c : v.j.get<std::string>()) l.push_back(std::string(1, c));
-      return {l};
+      if (j.is_object()) {
+        for (auto it = j.begin(); it != j.end(); ++it) l.push_back(copy(json(it.key())));
+      } else if (j.is_string()) {
+        const std::string &s = j.get_ref<const std::string &>();
+        if (s.size() > lim_.max_items) runtime_error("a list exceeds the item limit (" + std::to_string(lim_.max_items) + ")");
+        charge(uint64_t(s.size()) * kNodeBytes);
+        for (char c : s) l.push_back(std::string(1, c));
+      }
+      return {std::move(l)};
     }
     if (f == "items") {
       json l = json::array();
-      if (v.j.is_object())
-        for (auto it = v.j.begin(); it != v.j.end(); ++it) l.push_back({it.key(), it.value()});
-      return {l};
+      if (j.is_object())
+        for (auto it = j.begin(); it != j.end(); ++it) l.push_back(json::array({copy(json(it.key())), copy(it.value(), 2)}));
+      return {std::move(l)};
     }
     if (f == "int") {
-      if (v.j.is_number_integer()) return v;
-      if (v.j.is_number()) {
-        const double x = std::trunc(v.j.get<double>());
+      if (j.is_number_integer()) return v;
+      if (j.is_number()) {
+        const double x = std::trunc(j.get<double>());
         if (std::isnan(x)) runtime_error("cannot convert NaN to an integer");
         return {x >= -9.2e18 && x <= 9.2e18 ? json(int64_t(x)) : json(x)};
       }
-      if (v.j.is_string()) try {
-          return {json(int64_t(std::stoll(v.j.get<std::string>())))};
+      if (j.is_string()) {
+        charge(j.get_ref<const std::string &>().size());
+        try {
+          return {json(int64_t(std::stoll(j.get<std::string>())))};
         } catch (const std::exception &) {
           return {json(0)};
         }
+      }
       return {json(0)};
     }
     if (f == "float") {
-      if (v.j.is_number()) return {json(v.j.get<double>())};
+      if (j.is_number()) return {json(j.get<double>())};
       return {json(0.0)};
     }
-    if (f == "abs" && v.j.is_number()) return {v.j.is_number_integer() ? py_int(v.j.get<int64_t>() < 0 ? -__int128(v.j.get<int64_t>()) : __int128(v.j.get<int64_t>())) : json(std::fabs(v.j.get<double>()))};
+    if (f == "abs" && j.is_number())
+      return {j.is_number_integer() ? py_int(j.get<int64_t>() < 0 ? -__int128(j.get<int64_t>()) : __int128(j.get<int64_t>()))
+                                    : json(std::fabs(j.get<double>()))};
     if (f == "reverse") {
-      if (v.j.is_array()) return {json(json::array_t(v.j.rbegin(), v.j.rend()))};
-      std::string s = to_str(v);
+      if (j.is_array()) {
+        json r = json::array();
+        for (auto it = j.rbegin(); it != j.rend(); ++it) r.push_back(copy(*it));
+        return {std::move(r)};
+      }
+      std::string_view s = text_of(v, holder);
+      will_make(s.size(), "a string");
       return {json(std::string(s.rbegin(), s.rend()))};
     }
     if (f == "replace") {
       if (a.size() < 2) runtime_error("replace needs two arguments");
-      std::string s = to_str(v), from = to_str(a[0]), to = to_str(a[1]), r;
-      if (from.empty()) return {json(s)};
-      size_t i = 0;
-      for (size_t j; (j = s.find(from, i)) != std::string::npos; i = j + from.size()) r += s.substr(i, j - i) + to;
-      return {json(r + s.substr(i))};
+      std::string from_holder, to_holder;
+      return {json(replace_all(text_of(v, holder), text_of(a[0], from_holder), text_of(a[1], to_holder)))};
     }
-    if (f == "capitalize" || f == "title") {
-      std::string r = to_str(v);
-      bool start = true;
-      for (auto &c : r) {
-        c = char(start ? std::toupper(uint8_t(c)) : std::tolower(uint8_t(c)));
-        start = f == "title" ? !std::isalpha(uint8_t(c)) : false;
-      }
-      return {json(r)};
-    }
+    if (f == "capitalize" || f == "title") return {json(title_case(text_of(v, holder), f == "title"))};
     runtime_error("unknown filter '" + f + "'");
   }
 
   bool test(const Expr &e, int d) {
     Value v = eval(*e.args[0], d);
+    const json &j = v.j();
     const std::string &t = e.name;
     if (t == "defined") return !v.undefined;
     if (t == "undefined") return v.undefined;
-    if (t == "none") return !v.undefined && v.j.is_null();
-    if (t == "string") return !v.undefined && v.j.is_string();
-    if (t == "number") return !v.undefined && v.j.is_number();
-    if (t == "integer") return !v.undefined && v.j.is_number_integer();
-    if (t == "float") return !v.undefined && v.j.is_number_float();
-    if (t == "boolean") return !v.undefined && v.j.is_boolean();
-    if (t == "true") return !v.undefined && v.j.is_boolean() && v.j.get<bool>();
-    if (t == "false") return !v.undefined && v.j.is_boolean() && !v.j.get<bool>();
-    if (t == "mapping") return !v.undefined && v.j.is_object();
-    if (t == "sequence" || t == "iterable") return !v.undefined && (v.j.is_array() || v.j.is_string() || v.j.is_object());
+    if (t == "none") return !v.undefined && j.is_null();
+    if (t == "string") return !v.undefined && j.is_string();
+    if (t == "number") return !v.undefined && j.is_number();
+    if (t == "integer") return !v.undefined && j.is_number_integer();
+    if (t == "float") return !v.undefined && j.is_number_float();
+    if (t == "boolean") return !v.undefined && j.is_boolean();
+    if (t == "true") return !v.undefined && j.is_boolean() && j.get<bool>();
+    if (t == "false") return !v.undefined && j.is_boolean() && !j.get<bool>();
+    if (t == "mapping") return !v.undefined && j.is_object();
+    if (t == "sequence" || t == "iterable") return !v.undefined && (j.is_array() || j.is_string() || j.is_object());
     if (t == "callable") return false;
-    if (t == "odd" || t == "even") return v.j.is_number_integer() && (v.j.get<int64_t>() % 2 != 0) == (t == "odd");
+    if (t == "odd" || t == "even") return j.is_number_integer() && (j.get<int64_t>() % 2 != 0) == (t == "odd");
     std::vector<Value> a = args_of(e, 1, d);
-    if (t == "eq" || t == "equalto" || t == "sameas" || t == "==") return !a.empty() && !v.undefined && v.j == a[0].j;
-    if (t == "ne") return a.empty() || v.j != a[0].j;
-    if (t == "in") return !a.empty() && a[0].j.is_array() && std::find(a[0].j.begin(), a[0].j.end(), v.j) != a[0].j.end();
+    if (t == "eq" || t == "equalto" || t == "sameas" || t == "==") {
+      if (a.empty() || v.undefined) return false;
+      charge_compare(j, a[0].j());
+      return j == a[0].j();
+    }
+    if (t == "ne") {
+      if (a.empty()) return true;
+      charge_compare(j, a[0].j());
+      return j != a[0].j();
+    }
+    if (t == "in") {
+      if (a.empty() || !a[0].j().is_array()) return false;
+      measure(a[0].j());
+      return std::find(a[0].j().begin(), a[0].j().end(), j) != a[0].j().end();
+    }
     if (t == "divisibleby") {
       int64_t q = a.empty() ? 0 : as_int(a[0], "divisibleby");
-      return q != 0 && v.j.is_number_integer() && __int128(v.j.get<int64_t>()) % q == 0;
+      return q != 0 && j.is_number_integer() && __int128(j.get<int64_t>()) % q == 0;
     }
     runtime_error("unknown test '" + t + "'");
   }
 
  private:
-  Limits lim_;
-  uint64_t steps_ = 0;
+  const Limits &lim_;
+  const json &context_;
+  const std::atomic<int> *cancel_;
+  uint64_t steps_ = 0, work_ = 0;
 };
 
 }  // namespace
 
 Template::Template(const std::string &source, Limits limits) : limits_(limits) {
-  Builder b(lex(source));
+  // The recursive parts (parser, evaluator, destructors, value walks) get a few hundred bytes of stack per
+  // level: past these caps no thread's stack is safe, whatever the caller asks.
+  limits_.max_depth = std::clamp(limits_.max_depth, 1, kMaxTemplateDepth);
+  limits_.max_value_depth = std::clamp(limits_.max_value_depth, 1, kMaxTemplateValueDepth);
+  Builder b(lex(source), limits_.max_depth);
   root_ = std::make_shared<Node>();
   root_->kind = Node::If;
   root_->branches.push_back({nullptr, b.parse_all()});
@@ -1500,18 +1854,19 @@ Template::Template(const std::string &source, Limits limits) : limits_(limits) {
 
 Template::~Template() = default;
 
-std::string Template::render(const json &context) const {
-  Renderer r(limits_);
-  r.scopes.emplace_back();
-  if (context.is_object())
-    for (auto it = context.begin(); it != context.end(); ++it) r.scopes.back()[it.key()] = it.value();
-  r.scopes.emplace_back();  // the template's own top-level `set`s
+std::string Template::render(const json &context, const std::atomic<int> *cancel) const {
+  if (json_value_depth(context, limits_.max_value_depth) > limits_.max_value_depth)
+    failf(DSRT_ERR_INVALID_ARGUMENT, "chat template: the variables nest deeper than ", limits_.max_value_depth, " levels");
+  Renderer r(limits_, context, cancel);
+  r.scopes.emplace_back();  // the template's own top-level `set`s; the context is read in place beneath them
   LoopSignal sig;
   r.run(root_->branches[0].second, sig, 0);
-  return r.out;
+  return std::move(r.out);
 }
 
 std::string python_json_dumps(const json &v, int indent) {
+  if (json_value_depth(v, kMaxTemplateValueDepth) > kMaxTemplateValueDepth)
+    failf(DSRT_ERR_INVALID_ARGUMENT, "JSON value nests deeper than ", kMaxTemplateValueDepth, " levels");
   std::string s;
   dumps(v, indent, 0, s);
   return s;

@@ -1,4 +1,4 @@
-// The Jinja-subset interpreter on arbitrary templates, with the limits (steps, output size, depth) that
+// The Jinja-subset interpreter on arbitrary templates, with the limits (depth, sizes, steps, work) that
 // make hostile templates fail cleanly.
 #include "fuzz_common.h"
 #include "text/jinja.h"
@@ -13,7 +13,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n) {
     "add_generation_prompt": true, "bos_token": "<s>", "eos_token": "</s>"})");
   dsrt::jinja::Limits lim;
   lim.max_output = 1 << 20;
+  lim.max_string = 1 << 20;
   lim.max_steps = 200000;
+  lim.max_work = 32 << 20;  // bytes copied, produced or scanned: keeps each input to milliseconds
   try {
     dsrt::jinja::Template t(std::string(reinterpret_cast<const char *>(data), n), lim);
     (void)t.render(ctx);
