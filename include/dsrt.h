@@ -9,7 +9,9 @@
  *   - Handles are opaque and reference counted: a session keeps its engine alive, an engine its model.
  *     dsrt_X_free releases the caller's reference; dsrt_X_free(NULL) does nothing.
  *   - Params structs start with `struct_size`; fill them with dsrt_X_params_init(&p, sizeof p) and then set
- *     fields. Fields are only ever appended. No bool, no enum-typed field, no struct by value.
+ *     fields. Fields are only ever appended. No bool, no enum-typed field, no struct by value. A struct_size
+ *     above DSRT_MAX_STRUCT_SIZE is DSRT_ERR_INVALID_ARGUMENT (an _init given such a size sets struct_size
+ *     to 0 and writes nothing else), so a garbage size never makes the library read or write past a struct.
  *   - Strings are UTF-8; paths are NUL-terminated.
  *   - Threads: model and engine calls are safe from any thread. A session is used by one thread at a time,
  *     except dsrt_session_stats. Sessions on different threads may step at once: the engine batches them.
@@ -99,6 +101,8 @@ DSRT_API dsrt_status dsrt_system_info(char **json_out);
 #define DSRT_STRUCT_GEN_PARAMS      8
 #define DSRT_STRUCT_EVENT           9
 DSRT_API size_t dsrt_struct_size(int32_t struct_id);
+/* The largest struct_size any call accepts: far above every struct of this header and its successors. */
+#define DSRT_MAX_STRUCT_SIZE 4096
 
 /* ---------------------------------------------------------------- cancellation ------------------ */
 
@@ -126,10 +130,15 @@ typedef struct dsrt_model dsrt_model;
 /* Called on the loading thread. Return non-zero to abort the load (DSRT_ERR_CANCELLED). */
 typedef int32_t (*dsrt_progress_fn)(int32_t stage, uint64_t done, uint64_t total, void *user_data);
 
+/* n_threads may be at most this many times the machine's hardware threads: each thread is a stack and a
+ * scheduling slot, and a pool far larger than the machine only adds contention. */
+#define DSRT_MAX_THREADS_PER_CORE 4
+
 typedef struct dsrt_model_params {
   uint32_t struct_size;
   int32_t backend;            /* DSRT_BACKEND_*; default AUTO */
-  int32_t n_threads;          /* CPU threads; 0 = all hardware threads */
+  int32_t n_threads;          /* CPU threads; 0 = all hardware threads; at most DSRT_MAX_THREADS_PER_CORE x
+                                 the hardware threads (more, or < 0, is DSRT_ERR_INVALID_ARGUMENT) */
   int32_t validate_scales;    /* 1 (default): check every FP8 block scale is finite and > 0 */
   int32_t load_mtp;           /* 1 (default): load the MTP layer when the checkpoint has one */
   dsrt_progress_fn progress_fn;

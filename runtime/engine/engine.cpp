@@ -395,11 +395,7 @@ void Session::append(const int32_t *tokens, size_t n) {
 }
 
 void Session::append_text(std::string_view text, bool parse_special, bool add_bos) {
-  const Tokenizer &t = engine_->model().tok();
-  std::vector<int32_t> ids;
-  if (add_bos && t.bos_id >= 0) ids.push_back(t.bos_id);
-  std::vector<int32_t> body = t.encode(text, parse_special);
-  ids.insert(ids.end(), body.begin(), body.end());
+  const std::vector<int32_t> ids = engine_->model().tok().encode_prompt(text, add_bos, parse_special);
   append(ids.data(), ids.size());
 }
 

@@ -4,6 +4,7 @@
 // Every output element is computed in an order that does not depend on the batch or the thread count, so
 // a sequence's results are bitwise the same alone or batched.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -33,6 +34,12 @@ inline void axpy(float a, const float *x, float *y, int64_t n) {
   for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
 }
 
+// KV bytes that the live CPU pools of this process may still allocate: a pool promises its whole size at
+// kv_init and hands the promise back page by page as it allocates (from then on the page shows in the
+// system's free memory) and when it is freed. available_memory() subtracts it, so engines sized by
+// kv_memory_fraction share the memory instead of each being given the same free bytes.
+std::atomic<int64_t> g_kv_bytes_promised{0};
+
 // Scratch that grows per thread and is reused.
 float *thread_scratch(size_t n, int slot = 0) {
   thread_local HostVec<float> bufs[3];
@@ -54,11 +61,14 @@ class CpuBackend final : public ArenaBackend {
         pool_(opt.n_threads) {}
   ~CpuBackend() override {
     for (float *p : pages_) mi_free(p);
+    g_kv_bytes_promised.fetch_sub(kv_promised_);
   }
   const char *name() const override { return "cpu"; }
   size_t available_memory() const override {
     const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
-    return pages > 0 && size > 0 ? size_t(pages) * size_t(size) : 0;
+    if (pages <= 0 || size <= 0) return 0;
+    const int64_t free_bytes = int64_t(pages) * int64_t(size), promised = g_kv_bytes_promised.load();
+    return free_bytes > promised ? size_t(free_bytes - promised) : 1;  // 1: known, and less than a page
   }
 
   // ---- profiling
@@ -92,6 +102,9 @@ class CpuBackend final : public ArenaBackend {
     kv_ = spec;
     for (float *p : pages_) mi_free(p);
     pages_.assign(size_t(spec.max_pages), nullptr);
+    const int64_t promise = spec.max_pages * int64_t(page_floats() * sizeof(float));
+    g_kv_bytes_promised.fetch_add(promise - kv_promised_);
+    kv_promised_ = promise;
   }
 
   // Pages are allocated on first use, so a large pool costs only what the sessions touch. Called only from
@@ -102,10 +115,14 @@ class CpuBackend final : public ArenaBackend {
     if (!p) {
       p = fault::alloc_should_fail() ? nullptr : static_cast<float *>(mi_zalloc_aligned(page_floats() * sizeof(float), 64));
       if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate a KV page");
+      const int64_t bytes = int64_t(page_floats() * sizeof(float));
+      kv_promised_ -= bytes;
+      g_kv_bytes_promised.fetch_sub(bytes);
     }
     return p;
   }
   size_t page_floats() const { return size_t(kv_.n_layers * kPageTokens * kv_.width); }
+  int64_t kv_promised_ = 0;  // this pool's part of g_kv_bytes_promised
   // The cache entry of position pos of a sequence in cache layer `layer`.
   float *kv_slot(const SeqSlice &s, int64_t layer, int64_t pos) {
     int64_t pg = pos / kPageTokens;
