@@ -313,7 +313,8 @@ DSRT_API dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_pa
 DSRT_API dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int32_t flags,
                                    int32_t *tokens, size_t cap, size_t *n_out);
 #define DSRT_DETOKENIZE_SKIP_SPECIAL 1  /* leave out control tokens (DSRT_TOKEN_ATTR_CONTROL) */
-/* Bytes of the tokens into buf[cap] (not NUL-terminated; may hold invalid UTF-8 for partial tokens). */
+/* Bytes of the tokens into buf[cap] (not NUL-terminated; may hold invalid UTF-8 for partial tokens). An id
+ * outside the vocabulary is DSRT_ERR_INVALID_ARGUMENT naming it (here and in dsrt_detok_push). */
 DSRT_API dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n, int32_t flags,
                                      char *buf, size_t cap, size_t *n_out);
 DSRT_API dsrt_status dsrt_token_bytes(const dsrt_model *m, int32_t token, char *buf, size_t cap, size_t *n_out);
@@ -378,11 +379,13 @@ typedef struct dsrt_gen_params {
   uint64_t seed;
   int32_t ignore_eos;         /* 1: end-of-generation tokens are never sampled */
   int32_t skip_special;       /* 1 (default): text leaves out control tokens */
-  const int32_t *stop_tokens; /* copied at start */
+  const int32_t *stop_tokens; /* copied at start; an id outside [0, n_vocab) is DSRT_ERR_INVALID_ARGUMENT */
   size_t n_stop_tokens;
   const char *const *stop_strings;  /* NUL-terminated UTF-8, copied at start; never appear in the text */
   size_t n_stop_strings;
-  const int32_t *logit_bias_tokens; /* added to those tokens' logits */
+  const int32_t *logit_bias_tokens; /* added to those tokens' logits; ids in [0, n_vocab), values finite or
+                                       -inf (a ban), else DSRT_ERR_INVALID_ARGUMENT at start. Bias and bans
+                                       that leave no token to sample fail the step with that code */
   const float *logit_bias_values;
   size_t n_logit_bias;
   dsrt_cancel *cancel;        /* optional: checked per prefill chunk and per decode step */
