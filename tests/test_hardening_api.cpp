@@ -144,18 +144,16 @@ TEST_CASE("100 KB runs of each character class round-trip through every tokenize
       {"cjk", "中文字符测试漢字"},   {"spaces", " "},
       {"punctuation", "!?.,;:-()"},  {"emoji", "😀🚀👍🏽"},
       {"mixed", "word 42 中文 !? 😀\n\tnext"}};
-  for (const char *kind : {"deepseek-v3", "kimi-k2", "llama2-spm"}) {
+  for (const std::string kind : {"deepseek-v3", "kimi-k2", "llama2-spm"}) {
     const Tokenizer &t = shipped(kind);
     for (auto &[name, unit] : classes) {
       CAPTURE(kind);
-      CAPTURE(name);
+      const std::string class_name = name;
+      CAPTURE(class_name);
       const std::string text = repeat_to(unit, 100 * 1024);
-      const auto t0 = std::chrono::steady_clock::now();
       const auto ids = t.encode(text, false);
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       CHECK(!ids.empty());
       CHECK(t.decode(ids, false) == text);
-      MESSAGE(kind << " " << name << ": " << text.size() << " bytes -> " << ids.size() << " ids in " << s << " s");
     }
   }
 }

@@ -61,7 +61,8 @@ struct RegexBounds {
   static constexpr uint32_t kHeapLimitPerKiB = 256;               // KiB of backtracking frames per KiB of subject
   static constexpr uint32_t kHeapLimitMaxKiB = 1u << 20;          // 1 GiB
 
-  static size_t jit_stack(size_t n) { return std::clamp(kJitStackMin + n * kJitStackPerByte, kJitStackMin, kJitStackMax); }
+  // Spans up to 2 KiB fit PCRE2's default stack (on the machine stack, no allocation).
+  static size_t jit_stack(size_t n) { return std::clamp(n * kJitStackPerByte, kJitStackMin, kJitStackMax); }
   static uint32_t match_limit(size_t n) {
     return uint32_t(std::min<uint64_t>(kMatchLimitBase + uint64_t(n) * kMatchLimitPerByte, UINT32_MAX));
   }
