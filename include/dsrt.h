@@ -9,7 +9,9 @@
  *   - Handles are opaque and reference counted: a session keeps its engine alive, an engine its model.
  *     dsrt_X_free releases the caller's reference; dsrt_X_free(NULL) does nothing.
  *   - Params structs start with `struct_size`; fill them with dsrt_X_params_init(&p, sizeof p) and then set
- *     fields. Fields are only ever appended. No bool, no enum-typed field, no struct by value.
+ *     fields. Fields are only ever appended. No bool, no enum-typed field, no struct by value. A struct_size
+ *     above DSRT_MAX_STRUCT_SIZE is DSRT_ERR_INVALID_ARGUMENT (an _init given such a size sets struct_size
+ *     to 0 and writes nothing else), so a garbage size never makes the library read or write past a struct.
  *   - Strings are UTF-8; paths are NUL-terminated.
  *   - Threads: model and engine calls are safe from any thread. A session is used by one thread at a time,
  *     except dsrt_session_stats. Sessions on different threads may step at once: the engine batches them.
@@ -108,6 +110,8 @@ DSRT_API void dsrt_set_log_callback(dsrt_log_fn fn, void *user_data);
 #define DSRT_STRUCT_GEN_PARAMS      8
 #define DSRT_STRUCT_EVENT           9
 DSRT_API size_t dsrt_struct_size(int32_t struct_id);
+/* The largest struct_size any call accepts: far above every struct of this header and its successors. */
+#define DSRT_MAX_STRUCT_SIZE 4096
 
 /* ---------------------------------------------------------------- cancellation ------------------ */
 
@@ -136,10 +140,15 @@ typedef struct dsrt_model dsrt_model;
 /* Called on the loading thread. Return non-zero to abort the load (DSRT_ERR_CANCELLED). */
 typedef int32_t (*dsrt_progress_fn)(int32_t stage, uint64_t done, uint64_t total, void *user_data);
 
+/* n_threads may be at most this many times the machine's hardware threads: each thread is a stack and a
+ * scheduling slot, and a pool far larger than the machine only adds contention. */
+#define DSRT_MAX_THREADS_PER_CORE 4
+
 typedef struct dsrt_model_params {
   uint32_t struct_size;
   int32_t backend;            /* DSRT_BACKEND_*; default AUTO */
-  int32_t n_threads;          /* CPU threads; 0 = all hardware threads */
+  int32_t n_threads;          /* CPU threads; 0 = all hardware threads; at most DSRT_MAX_THREADS_PER_CORE x
+                                 the hardware threads (more, or < 0, is DSRT_ERR_INVALID_ARGUMENT) */
   int32_t validate_scales;    /* 1 (default): check every FP8 block scale is finite and > 0 */
   int32_t load_mtp;           /* 1 (default): load the MTP layer when the checkpoint has one */
   dsrt_progress_fn progress_fn;
@@ -328,7 +337,8 @@ DSRT_API dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_pa
 DSRT_API dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int32_t flags,
                                    int32_t *tokens, size_t cap, size_t *n_out);
 #define DSRT_DETOKENIZE_SKIP_SPECIAL 1  /* leave out control tokens (DSRT_TOKEN_ATTR_CONTROL) */
-/* Bytes of the tokens into buf[cap] (not NUL-terminated; may hold invalid UTF-8 for partial tokens). */
+/* Bytes of the tokens into buf[cap] (not NUL-terminated; may hold invalid UTF-8 for partial tokens). An id
+ * outside the vocabulary is DSRT_ERR_INVALID_ARGUMENT naming it (here and in dsrt_detok_push). */
 DSRT_API dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n, int32_t flags,
                                      char *buf, size_t cap, size_t *n_out);
 DSRT_API dsrt_status dsrt_token_bytes(const dsrt_model *m, int32_t token, char *buf, size_t cap, size_t *n_out);
@@ -399,11 +409,13 @@ typedef struct dsrt_gen_params {
   uint64_t seed;
   int32_t ignore_eos;         /* 1: end-of-generation tokens are never sampled */
   int32_t skip_special;       /* 1 (default): text leaves out control tokens */
-  const int32_t *stop_tokens; /* copied at start */
+  const int32_t *stop_tokens; /* copied at start; an id outside [0, n_vocab) is DSRT_ERR_INVALID_ARGUMENT */
   size_t n_stop_tokens;
   const char *const *stop_strings;  /* NUL-terminated UTF-8, copied at start; never appear in the text */
   size_t n_stop_strings;
-  const int32_t *logit_bias_tokens; /* added to those tokens' logits */
+  const int32_t *logit_bias_tokens; /* added to those tokens' logits; ids in [0, n_vocab), values finite or
+                                       -inf (a ban), else DSRT_ERR_INVALID_ARGUMENT at start. Bias and bans
+                                       that leave no token to sample fail the step with that code */
   const float *logit_bias_values;
   size_t n_logit_bias;
   dsrt_cancel *cancel;        /* optional: checked per prefill chunk and per decode step */

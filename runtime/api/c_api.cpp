@@ -12,6 +12,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "core/status.h"
+#include "core/thread_pool.h"
 #include "dsrt.h"
 #include "engine/engine.h"
 #include "model/model.h"
@@ -70,7 +71,8 @@ dsrt_status guarded(F &&fn) noexcept {
   if (!(cond)) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, what)
 
 // Reads a caller's params struct: the first struct_size bytes, defaults for the rest. A larger struct is
-// accepted only if the fields this library does not know are zero.
+// accepted only if the fields this library does not know are zero; beyond DSRT_MAX_STRUCT_SIZE the size is
+// garbage (scanning it would read past the caller's struct).
 template <class T>
 T read_params(const T *p, void (*init)(T *, size_t), const char *what) {
   T out;
@@ -78,6 +80,9 @@ T read_params(const T *p, void (*init)(T *, size_t), const char *what) {
   if (!p) return out;
   const uint32_t n = p->struct_size;
   if (n < sizeof(uint32_t)) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, ".struct_size is ", n, ": call its _init first");
+  if (n > DSRT_MAX_STRUCT_SIZE)
+    dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, ".struct_size is ", n, ", above DSRT_MAX_STRUCT_SIZE (",
+                DSRT_MAX_STRUCT_SIZE, "): call its _init first");
   if (n > sizeof(T)) {
     const unsigned char *b = reinterpret_cast<const unsigned char *>(p);
     for (size_t i = sizeof(T); i < n; i++)
@@ -93,7 +98,8 @@ template <class T>
 void write_out(T *dst, T &src, const char *what) {
   DSRT_REQUIRE(dst, std::string(what) + " is NULL");
   const uint32_t n = dst->struct_size;
-  if (n < sizeof(uint32_t)) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, "->struct_size is ", n, ": set it to sizeof");
+  if (n < sizeof(uint32_t) || n > DSRT_MAX_STRUCT_SIZE)
+    dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, what, "->struct_size is ", n, ": set it to sizeof (at most DSRT_MAX_STRUCT_SIZE)");
   src.struct_size = uint32_t(std::min<size_t>(n, sizeof(T)));
   std::memcpy(dst, &src, src.struct_size);
 }
@@ -101,6 +107,10 @@ void write_out(T *dst, T &src, const char *what) {
 template <class T>
 void init_struct(T *p, size_t size, const T &defaults) {
   if (!p || size < sizeof(uint32_t)) return;
+  if (size > DSRT_MAX_STRUCT_SIZE) {  // a garbage size: touch only struct_size, which every struct has
+    p->struct_size = 0;
+    return;
+  }
   T d = defaults;
   d.struct_size = uint32_t(std::min(size, sizeof(T)));
   std::memset(p, 0, size);
@@ -138,7 +148,9 @@ nlohmann::ordered_json parse_json_arg(const char *s, const char *what) {
 namespace {
 void gen_params_defaults(dsrt_gen_params *p, size_t size) { dsrt_gen_params_init(p, size, nullptr); }
 
-dsrt::GenParams to_gen(const dsrt_gen_params &p) {
+// n_vocab: the model's embedding rows; stop tokens and logit-bias ids outside them are errors naming the id
+// (they could never match or apply: ignoring them would hide the caller's mistake).
+dsrt::GenParams to_gen(const dsrt_gen_params &p, int64_t n_vocab) {
   DSRT_REQUIRE(p.temperature >= 0.0f && p.temperature < 1e6f, "temperature must be in [0, 1e6)");
   DSRT_REQUIRE(p.top_p > 0.0f && p.top_p <= 1.0f, "top_p must be in (0, 1]");
   DSRT_REQUIRE(p.min_p >= 0.0f && p.min_p <= 1.0f, "min_p must be in [0, 1]");
@@ -158,12 +170,24 @@ dsrt::GenParams to_gen(const dsrt_gen_params &p) {
   g.sampling.presence_penalty = p.presence_penalty;
   g.sampling.frequency_penalty = p.frequency_penalty;
   g.sampling.penalty_window = p.penalty_window;
-  for (size_t i = 0; i < p.n_logit_bias; i++) g.sampling.logit_bias.push_back({p.logit_bias_tokens[i], p.logit_bias_values[i]});
+  for (size_t i = 0; i < p.n_logit_bias; i++) {
+    const int32_t id = p.logit_bias_tokens[i];
+    const float v = p.logit_bias_values[i];
+    if (id < 0 || id >= n_vocab)
+      dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "logit bias ", i, " names token id ", id, ", outside the vocabulary [0, ", n_vocab, ")");
+    if (std::isnan(v) || v == INFINITY)
+      dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "logit bias ", i, " (token id ", id, ") is ", v, ": it must be finite or -inf (a ban)");
+    g.sampling.logit_bias.push_back({id, v});
+  }
   g.max_new_tokens = p.max_new_tokens;
   g.ignore_eos = p.ignore_eos != 0;
   g.skip_special = p.skip_special != 0;
   g.has_seed = p.has_seed != 0;
   g.seed = p.seed;
+  for (size_t i = 0; i < p.n_stop_tokens; i++)
+    if (p.stop_tokens[i] < 0 || p.stop_tokens[i] >= n_vocab)
+      dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "stop token ", i, " is id ", p.stop_tokens[i], ", outside the vocabulary [0, ",
+                  n_vocab, ")");
   g.stop_tokens.assign(p.stop_tokens, p.stop_tokens + p.n_stop_tokens);
   for (size_t i = 0; i < p.n_stop_strings; i++) {
     DSRT_REQUIRE(p.stop_strings[i], "a stop string is NULL");
@@ -325,6 +349,10 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     }
     lo.cancel = p.cancel ? &p.cancel->flag : nullptr;
     lo.tokenizer_only = p.tokenizer_only != 0;
+    const int64_t max_threads = dsrt::ThreadPool::max_threads();
+    if (p.n_threads < 0 || p.n_threads > max_threads)
+      dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "n_threads ", p.n_threads, " must be in [0, ", max_threads,
+                  "] (0: all hardware threads; at most DSRT_MAX_THREADS_PER_CORE x the hardware threads)");
     lo.shard_access = p.use_mmap != 0 ? dsrt::ShardAccess::Map : dsrt::ShardAccess::Copy;
     DSRT_REQUIRE(p.n_devices >= 0 && (p.n_devices == 0 || p.devices), "devices is NULL with n_devices > 0");
     if (backend == DSRT_BACKEND_CUDA) {
@@ -411,7 +439,9 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     if (p.precision != DSRT_PRECISION_AUTO && p.precision != DSRT_PRECISION_FP32 && p.precision != DSRT_PRECISION_FP8)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown precision ", p.precision);
     eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8;
-    DSRT_REQUIRE(p.kv_memory_fraction >= 0.0f && p.kv_memory_fraction <= 0.95f, "kv_memory_fraction must be in [0, 0.95]");
+    if (!(p.kv_memory_fraction >= 0.0f && p.kv_memory_fraction <= 0.95f))  // NaN fails too
+      dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "kv_memory_fraction ", p.kv_memory_fraction,
+                  " must be in (0, 0.95], or 0 to size the pool by max_tokens");
     eo.kv_memory_fraction = p.kv_memory_fraction;
     DSRT_REQUIRE(p.mtp_drafts >= 0 && p.mtp_drafts <= 4, "mtp_drafts must be in [0, 4]");
     eo.mtp_drafts = p.mtp_drafts;
@@ -589,12 +619,8 @@ dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int
   return guarded([&] {
     DSRT_REQUIRE(m, "model is NULL");
     DSRT_REQUIRE(text || len == 0, "text is NULL");
-    const dsrt::Tokenizer &t = m->model->tok();
-    std::vector<int32_t> ids;
-    if ((flags & DSRT_TOKENIZE_ADD_SPECIAL) && t.add_bos && t.bos_id >= 0) ids.push_back(t.bos_id);
-    std::vector<int32_t> body = t.encode(std::string_view(text ? text : "", len), flags & DSRT_TOKENIZE_PARSE_SPECIAL);
-    ids.insert(ids.end(), body.begin(), body.end());
-    if ((flags & DSRT_TOKENIZE_ADD_SPECIAL) && t.add_eos && t.eos_id >= 0) ids.push_back(t.eos_id);
+    const std::vector<int32_t> ids = m->model->tok().encode_prompt(
+        std::string_view(text ? text : "", len), flags & DSRT_TOKENIZE_ADD_SPECIAL, flags & DSRT_TOKENIZE_PARSE_SPECIAL);
     copy_out(ids.data(), ids.size(), tokens, cap, n_out);
   });
 }
@@ -750,14 +776,15 @@ dsrt_status dsrt_session_start(dsrt_session *s, const dsrt_gen_params *params) {
   return guarded([&] {
     DSRT_REQUIRE(s, "session is NULL");
     dsrt_gen_params p = read_params(params, gen_params_defaults, "dsrt_gen_params");
-    s->session->start(to_gen(p));
+    s->session->start(to_gen(p, s->session->vocab()));
   });
 }
 
 dsrt_status dsrt_session_next(dsrt_session *s, dsrt_event *ev) {
   dsrt_status st = guarded([&] {
     DSRT_REQUIRE(s && ev, "session or ev is NULL");
-    DSRT_REQUIRE(ev->struct_size >= sizeof(uint32_t), "ev->struct_size is not set");
+    DSRT_REQUIRE(ev->struct_size >= sizeof(uint32_t) && ev->struct_size <= DSRT_MAX_STRUCT_SIZE,
+                 "ev->struct_size is not set (or above DSRT_MAX_STRUCT_SIZE)");
     s->last_event = s->session->next();
     fill_event(s, ev, int32_t(s->session->stats().generated_tokens));
   });

@@ -134,7 +134,8 @@ class Backend {
   }
   virtual Device device() const = 0;
   // Bytes of memory this backend could still allocate (device memory on a GPU, available RAM on the CPU);
-  // sizes the KV pool from a fraction. 0 when unknown.
+  // sizes the KV pool from a fraction. 0 when unknown. The CPU backend subtracts what other live CPU KV
+  // pools of the process may still allocate, so several engines do not each claim the same free memory.
   virtual size_t available_memory() const = 0;
   // Copies one page's contents (all layers) to another page: used when a session forks or keeps a prefix.
   virtual void kv_copy_page(int32_t src, int32_t dst) = 0;

@@ -1,5 +1,5 @@
 // Test hook: fail the N-th host allocation that dsrt makes through its own allocation points (mimalloc
-// vectors, scratch arenas, KV pages, shard mappings, tokenizer tables), so tests can prove that running out
+// vectors, scratch arenas, KV pages, shard mappings, tokenizer tables, thread starts), so tests can prove that running out
 // of memory returns DSRT_ERR_OUT_OF_MEMORY and leaves models and sessions usable. Off unless a test arms it.
 #pragma once
 #include <atomic>

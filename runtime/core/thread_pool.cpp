@@ -1,22 +1,47 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <system_error>
+
+#include "core/fault.h"
+#include "core/status.h"
 
 namespace dsrt {
 
+int ThreadPool::max_threads() { return DSRT_MAX_THREADS_PER_CORE * int(std::max(1u, std::thread::hardware_concurrency())); }
+
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  if (n_threads > max_threads())
+    failf(DSRT_ERR_INVALID_ARGUMENT, "n_threads ", n_threads, " is more than ", max_threads(),
+          " (DSRT_MAX_THREADS_PER_CORE x this machine's hardware threads)");
   n_threads_ = n_threads;
-  for (int i = 1; i < n_threads_; i++) workers_.emplace_back([this, i] { worker_loop(i); });
+  workers_.reserve(size_t(n_threads_));
+  try {
+    for (int i = 1; i < n_threads_; i++) {
+      if (fault::alloc_should_fail()) throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+      workers_.emplace_back([this, i] { worker_loop(i); });
+    }
+  } catch (const std::exception &e) {
+    // The destructor does not run for a constructor that throws: stop and join what started here, or
+    // those threads would outlive the pool they wait on.
+    const size_t started = workers_.size();
+    stop_and_join();
+    failf(DSRT_ERR_OUT_OF_MEMORY, "started ", started + 1, " of ", n_threads_, " CPU threads (the caller's included); the next failed: ",
+          e.what());
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_and_join(); }
+
+void ThreadPool::stop_and_join() {
   {
     std::lock_guard lk(mu_);
     stop_ = true;
   }
   cv_work_.notify_all();
   for (auto &t : workers_) t.join();
+  workers_.clear();
 }
 
 void ThreadPool::worker_loop(int) {

@@ -12,12 +12,16 @@ namespace dsrt {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int n_threads);  // n_threads <= 0: all hardware threads
+  // n_threads <= 0: all hardware threads. More than max_threads() is DSRT_ERR_INVALID_ARGUMENT; a thread
+  // that cannot start is DSRT_ERR_OUT_OF_MEMORY after the ones already started have been joined.
+  explicit ThreadPool(int n_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool &) = delete;
   ThreadPool &operator=(const ThreadPool &) = delete;
 
   int size() const { return n_threads_; }
+  // DSRT_MAX_THREADS_PER_CORE (dsrt.h) x the machine's hardware threads.
+  static int max_threads();
   // Calls fn(begin, end) on disjoint chunks covering [0, n), each at least `grain` long (except the last).
   // Blocks until all chunks are done; an exception thrown by fn (the first one) is rethrown here after every
   // chunk has finished. Calls from several threads are serialised.
@@ -25,6 +29,7 @@ class ThreadPool {
 
  private:
   void worker_loop(int id);
+  void stop_and_join();
   int n_threads_;
   std::vector<std::thread> workers_;
   std::mutex run_mu_;  // one parallel_for at a time

@@ -5,7 +5,27 @@
 #include <numeric>
 #include <unordered_map>
 
+#include "core/status.h"
+
 namespace dsrt {
+
+// NaN or +inf in a logits row means the forward went wrong (bad weights, an overflow): any token drawn from
+// it would be emitted with DSRT_OK. -inf is a mask and allowed. `x < INFINITY` is false for both.
+[[noreturn]] static void non_finite_logit(int64_t id, double x) {
+  failf(DSRT_ERR_INTERNAL, "the model produced non-finite logits (", std::isnan(x) ? "NaN" : "+inf", " at token id ", id, ")");
+}
+
+// A logit that bias or penalties made NaN or +inf (callers outside the C API, which checks bias values).
+[[noreturn]] static void non_finite_adjusted(int64_t id, double x) {
+  failf(DSRT_ERR_INVALID_ARGUMENT, "logit bias or penalties made token id ", id, "'s logit ", x, ": bias must be finite or -inf");
+}
+
+// Every id masked: a sampler that emitted token 0 here would invent output. any_raw_finite tells whether
+// the model or the caller's bias and bans took the last candidate away.
+[[noreturn]] static void nothing_to_sample(bool any_raw_finite) {
+  if (!any_raw_finite) fail(DSRT_ERR_INTERNAL, "the model produced no finite logit: no token can be sampled");
+  fail(DSRT_ERR_INVALID_ARGUMENT, "logit bias and bans leave no token to sample (every logit is -inf)");
+}
 
 static uint64_t splitmix64(uint64_t &x) {
   uint64_t z = (x += 0x9e3779b97f4a7c15ull);
@@ -46,8 +66,10 @@ static std::vector<std::pair<int32_t, double>> adjusted_logits(const float *logi
     if (fresh) touched.push_back({id, double(logits[id])});
     return touched[it->second].second;
   };
-  for (auto [id, b] : p.logit_bias)
-    if (id >= 0 && id < n) adjust(id) += b;
+  for (auto [id, b] : p.logit_bias) {
+    if (id < 0 || id >= n) failf(DSRT_ERR_INVALID_ARGUMENT, "logit bias names token id ", id, ", outside the vocabulary [0, ", n, ")");
+    adjust(id) += b;
+  }
   if (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
     size_t from = p.penalty_window > 0 && n_hist > size_t(p.penalty_window) ? n_hist - size_t(p.penalty_window) : 0;
     std::unordered_map<int32_t, int> count;
@@ -67,12 +89,19 @@ static std::vector<std::pair<int32_t, double>> adjusted_logits(const float *logi
 std::vector<double> sampling_distribution(const float *logits, int64_t n, const SamplingParams &p,
                                           const int32_t *hist, size_t n_hist, const std::vector<int32_t> &banned) {
   std::vector<double> l(logits, logits + n);
-  for (auto [id, v] : adjusted_logits(logits, n, p, hist, n_hist, banned)) l[size_t(id)] = v;
-  for (auto &v : l)
-    if (std::isnan(v)) v = -INFINITY;
+  bool any_raw_finite = false;
+  for (int64_t i = 0; i < n; i++) {
+    if (!(l[size_t(i)] < INFINITY)) non_finite_logit(i, l[size_t(i)]);
+    any_raw_finite = any_raw_finite || l[size_t(i)] > -INFINITY;
+  }
+  for (auto [id, v] : adjusted_logits(logits, n, p, hist, n_hist, banned)) {
+    if (!(v < INFINITY)) non_finite_adjusted(id, v);
+    l[size_t(id)] = v;
+  }
   std::vector<double> prob(size_t(n), 0.0);
   int64_t best = int64_t(std::max_element(l.begin(), l.end()) - l.begin());  // ties: the lowest id
-  if (!(p.temperature > 0.0f) || !std::isfinite(l[size_t(best)])) {
+  if (n == 0 || l[size_t(best)] == -INFINITY) nothing_to_sample(any_raw_finite);
+  if (!(p.temperature > 0.0f)) {
     prob[size_t(best)] = 1.0;
     return prob;
   }
@@ -138,22 +167,26 @@ static int32_t greedy_token(const float *logits, int64_t n, const SamplingParams
   }
   int64_t best = -1;
   double bv = -INFINITY;
-  for (int64_t i = 0; i < n; i++) {  // ties: the lowest id; NaN counts as -inf
+  bool any_raw_finite = false;
+  for (int64_t i = 0; i < n; i++) {  // ties: the lowest id
+    const double v = double(logits[i]);
+    if (!(v < INFINITY)) non_finite_logit(i, v);
+    any_raw_finite = any_raw_finite || v > -INFINITY;
     if (!skip.empty() && skip[size_t(i)]) continue;
-    const double v = std::isnan(logits[i]) ? -INFINITY : double(logits[i]);
     if (v > bv || (best < 0 && v == bv)) {
       best = i;
       bv = v;
     }
   }
-  for (auto &[id, v0] : touched) {
-    const double v = std::isnan(v0) ? -INFINITY : v0;
+  for (auto &[id, v] : touched) {
+    if (!(v < INFINITY)) non_finite_adjusted(id, v);
     if (v > bv || (v == bv && (best < 0 || id < best))) {
       best = id;
       bv = v;
     }
   }
-  return int32_t(std::max<int64_t>(best, 0));
+  if (best < 0 || bv == -INFINITY) nothing_to_sample(any_raw_finite);
+  return int32_t(best);
 }
 
 int32_t sample_token(const float *logits, int64_t n, const SamplingParams &p, const int32_t *hist, size_t n_hist,

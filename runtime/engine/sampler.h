@@ -39,6 +39,9 @@ struct SamplingParams {
 // The distribution the sampler draws from (after bias, penalties, masks, temperature and truncation), as
 // probabilities over the vocabulary; for greedy, a one-hot vector. `banned` ids (EOS under ignore_eos, ids
 // with no token) get probability 0. Exposed so tests can check each sampler exactly.
+// Errors (both functions), never a token: a NaN or +inf logit is DSRT_ERR_INTERNAL naming the first such id
+// (-inf is a mask); a logit-bias id outside [0, n_vocab) and bias + bans that leave every logit at -inf are
+// DSRT_ERR_INVALID_ARGUMENT (DSRT_ERR_INTERNAL when the model's own logits were all -inf).
 std::vector<double> sampling_distribution(const float *logits, int64_t n_vocab, const SamplingParams &p,
                                           const int32_t *history, size_t n_history, const std::vector<int32_t> &banned);
 

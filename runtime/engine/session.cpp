@@ -47,12 +47,9 @@ void Session::append(const int32_t *tokens, size_t n) {
   pending_.insert(pending_.end(), tokens, tokens + n);
 }
 
-void Session::append_text(std::string_view text, bool parse_special, bool add_bos) {
-  const Tokenizer &t = engine_->model().tok();
-  std::vector<int32_t> ids;
-  if (add_bos && t.bos_id >= 0) ids.push_back(t.bos_id);
-  std::vector<int32_t> body = t.encode(text, parse_special);
-  ids.insert(ids.end(), body.begin(), body.end());
+void Session::append_text(std::string_view text, bool parse_special, bool add_special) {
+  // The tokenizer's one prompt path (BOS by its add_bos_token rule), as dsrt_tokenize: the two never disagree.
+  const std::vector<int32_t> ids = engine_->model().tok().encode_prompt(text, add_special, parse_special, &cancel_flag_);
   append(ids.data(), ids.size());
 }
 

@@ -5,7 +5,9 @@
 #include <pcre2.h>
 
 #include <algorithm>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <unordered_map>
@@ -45,9 +47,34 @@ std::string pcre2_pattern(const std::string &p) {
   return out;
 }
 
+// What one pcre2_match call may spend, sized for its subject (a pre-tokenizer regex from a file can
+// backtrack catastrophically; the shipped ones need stack and steps linear in the longest match).
+// Measured with Kimi-K2's split pattern (the most demanding we ship) on one 100 KB run of letters: 1 MiB
+// of JIT stack (~8.4 bytes per byte of match) and ~105,000 match-limit steps (~1 per byte); runs of digits,
+// CJK, spaces, punctuation and emoji need less.
+struct RegexBounds {
+  static constexpr size_t kJitStackPerByte = 16;                  // 2x the measured need
+  static constexpr size_t kJitStackMin = size_t(32) << 10;        // PCRE2's own default
+  static constexpr size_t kJitStackMax = size_t(256) << 20;       // one match of ~16 MB of letters
+  static constexpr uint32_t kMatchLimitBase = 10'000'000;         // PCRE2's default
+  static constexpr uint32_t kMatchLimitPerByte = 8;               // 8x the measured need
+  static constexpr uint32_t kHeapLimitBaseKiB = 20 << 10;         // interpreter only (no JIT): PCRE2's default
+  static constexpr uint32_t kHeapLimitPerKiB = 256;               // KiB of backtracking frames per KiB of subject
+  static constexpr uint32_t kHeapLimitMaxKiB = 1u << 20;          // 1 GiB
+
+  // Spans up to 2 KiB fit PCRE2's default stack (on the machine stack, no allocation).
+  static size_t jit_stack(size_t n) { return std::clamp(n * kJitStackPerByte, kJitStackMin, kJitStackMax); }
+  static uint32_t match_limit(size_t n) {
+    return uint32_t(std::min<uint64_t>(kMatchLimitBase + uint64_t(n) * kMatchLimitPerByte, UINT32_MAX));
+  }
+  static uint32_t heap_limit_kib(size_t n) {
+    return uint32_t(std::min<uint64_t>(kHeapLimitBaseKiB + (uint64_t(n) >> 10) * kHeapLimitPerKiB, kHeapLimitMaxKiB));
+  }
+};
+
 class Regex {
  public:
-  Regex(const std::string &pattern, const std::string &where) {
+  Regex(const std::string &pattern, const std::string &where) : where_(where) {
     int err;
     PCRE2_SIZE off;
     std::string p = pcre2_pattern(pattern);
@@ -59,21 +86,41 @@ class Regex {
       failf(DSRT_ERR_FORMAT, where, ": pre-tokenizer regex does not compile at offset ", off, ": ",
             reinterpret_cast<char *>(msg));
     }
-    pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE);  // falls back to the interpreter if JIT is unavailable
+    jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;  // the interpreter runs it if JIT is unavailable
   }
   ~Regex() { pcre2_code_free(code_); }
   Regex(const Regex &) = delete;
   Regex &operator=(const Regex &) = delete;
 
-  // Calls fn(begin, end) for each match in text (valid UTF-8) left to right.
+  // Calls fn(begin, end) for each match in text (valid UTF-8) left to right. Every match error (a limit of
+  // RegexBounds reached, or anything else PCRE2 reports) throws: a failed match never ends the text early.
+  // cancel is read before each match.
   template <class F>
-  void for_each_match(std::string_view text, F &&fn) const {
-    pcre2_match_data *md = pcre2_match_data_create_from_pattern(code_, nullptr);
+  void for_each_match(std::string_view text, const std::atomic<int> *cancel, F &&fn) const {
+    std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> md(
+        pcre2_match_data_create_from_pattern(code_, nullptr), pcre2_match_data_free);
+    std::unique_ptr<pcre2_match_context, decltype(&pcre2_match_context_free)> mc(pcre2_match_context_create(nullptr),
+                                                                                 pcre2_match_context_free);
+    if (!md || !mc) throw std::bad_alloc();
+    std::unique_ptr<pcre2_jit_stack, decltype(&pcre2_jit_stack_free)> stack(nullptr, pcre2_jit_stack_free);
+    const size_t stack_bytes = RegexBounds::jit_stack(text.size());
+    if (jit_ && stack_bytes > RegexBounds::kJitStackMin) {  // reserved, then committed only as the match grows
+      stack.reset(pcre2_jit_stack_create(RegexBounds::kJitStackMin, stack_bytes, nullptr));
+      if (!stack) throw std::bad_alloc();
+      pcre2_jit_stack_assign(mc.get(), nullptr, stack.get());
+    }
+    const uint32_t match_limit = RegexBounds::match_limit(text.size()), heap_kib = RegexBounds::heap_limit_kib(text.size());
+    pcre2_set_match_limit(mc.get(), match_limit);
+    pcre2_set_depth_limit(mc.get(), match_limit);
+    pcre2_set_heap_limit(mc.get(), heap_kib);
     size_t pos = 0;
     while (pos < text.size()) {
-      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
-      if (rc < 0) break;
-      PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+      if (cancel && cancel->load(std::memory_order_relaxed)) fail(DSRT_ERR_CANCELLED, "tokenization cancelled");
+      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, PCRE2_NO_UTF_CHECK,
+                           md.get(), mc.get());
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) match_failed(rc, pos, text.size(), stack_bytes, match_limit, heap_kib);
+      PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md.get());
       size_t b = ov[0], e = ov[1];
       if (e == b) {  // an empty match: step over one character
         pos = b + 1;
@@ -83,11 +130,29 @@ class Regex {
       fn(b, e);
       pos = e;
     }
-    pcre2_match_data_free(md);
   }
 
  private:
+  [[noreturn]] void match_failed(int rc, size_t pos, size_t n, size_t stack_bytes, uint32_t match_limit,
+                                 uint32_t heap_kib) const {
+    const char *what = rc == PCRE2_ERROR_JIT_STACKLIMIT ? "JIT stack"
+                       : rc == PCRE2_ERROR_MATCHLIMIT   ? "match limit"
+                       : rc == PCRE2_ERROR_DEPTHLIMIT   ? "depth limit"
+                       : rc == PCRE2_ERROR_HEAPLIMIT    ? "heap limit"
+                                                        : nullptr;
+    if (what)
+      failf(DSRT_ERR_INVALID_ARGUMENT, "tokenizing: the pre-tokenizer regex of ", where_, " exceeded its ", what,
+            " (JIT stack ", stack_bytes >> 10, " KiB, match limit ", match_limit, " steps, heap ", heap_kib,
+            " KiB for a ", n, "-byte span) at byte ", pos, " of the span: the text is beyond this tokenizer's bounds");
+    PCRE2_UCHAR msg[256];
+    pcre2_get_error_message(rc, msg, sizeof msg);
+    failf(DSRT_ERR_INTERNAL, "tokenizing: PCRE2 match error ", rc, " (", reinterpret_cast<char *>(msg), ") at byte ", pos,
+          " of a ", n, "-byte span with the pre-tokenizer regex of ", where_);
+  }
+
   pcre2_code *code_ = nullptr;
+  bool jit_ = false;
+  std::string where_;
 };
 
 class BytePairTokenizer : public Tokenizer {
@@ -104,7 +169,7 @@ class BytePairTokenizer : public Tokenizer {
 
   // Regex splitting runs over valid UTF-8; a byte that is not part of a valid character is a piece of its
   // own (its byte token), so any byte string round-trips.
-  void encode_ordinary(std::string_view span, std::vector<int32_t> &out) const override {
+  void encode_ordinary(std::string_view span, std::vector<int32_t> &out, const std::atomic<int> *cancel) const override {
     size_t i = 0;
     while (i < span.size()) {
       size_t j = i;
@@ -113,7 +178,7 @@ class BytePairTokenizer : public Tokenizer {
         if (!l) break;
         j += l;
       }
-      if (j > i) split_and_merge(span.substr(i, j - i), out);
+      if (j > i) split_and_merge(span.substr(i, j - i), out, cancel);
       if (j < span.size()) {
         out.push_back(byte_id[uint8_t(span[j])]);
         j++;
@@ -122,14 +187,14 @@ class BytePairTokenizer : public Tokenizer {
     }
   }
 
-  void split_and_merge(std::string_view span, std::vector<int32_t> &out) const {
+  void split_and_merge(std::string_view span, std::vector<int32_t> &out, const std::atomic<int> *cancel) const {
     std::vector<std::pair<size_t, size_t>> pieces = {{0, span.size()}}, next;
     for (const Stage &st : stages) {
       next.clear();
       for (const auto &piece : pieces) {
         const size_t pb = piece.first, pe = piece.second;  // plain names: lambdas cannot capture bindings in clang 14
         size_t last = pb;
-        st.re->for_each_match(span.substr(pb, pe - pb), [&](size_t b, size_t e) {
+        st.re->for_each_match(span.substr(pb, pe - pb), cancel, [&](size_t b, size_t e) {
           if (st.keep_gaps && pb + b > last) next.push_back({last, pb + b});
           next.push_back({pb + b, pb + e});
           last = pb + e;
@@ -282,12 +347,26 @@ std::string b64decode(std::string_view s, bool *ok) {
   return out;
 }
 
+// A token id written in decimal (a tiktoken rank, an added_tokens_decoder key): its value, or -1 when the text
+// is not 1 to 10 digits.
+int64_t decimal_id(std::string_view s) {
+  while (!s.empty() && (s.back() == '\r' || s.back() == ' ')) s.remove_suffix(1);
+  if (s.empty() || s.size() > 10) return -1;
+  int64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return -1;
+    v = v * 10 + (c - '0');
+  }
+  return v;
+}
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_t model_vocab) {
   const json j = read_json_file(path);
   auto t = std::make_unique<BytePairTokenizer>();
   t->kind_ = "bpe";
+  t->set_id_limit(model_vocab, path);
   const json &model = j.value("model", json::object());
   if (model.value("type", "") != "BPE") failf(DSRT_ERR_UNSUPPORTED, path, ": model.type is not BPE");
   if (!model.contains("vocab") || !model["vocab"].is_object()) failf(DSRT_ERR_FORMAT, path, ": model.vocab missing");
@@ -332,11 +411,10 @@ std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_
   std::string bytes;
   for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
     if (!it.value().is_number_integer()) failf(DSRT_ERR_FORMAT, path, ": vocab id of ", it.key(), " is not an integer");
-    int64_t id = it.value().get<int64_t>();
-    if (id < 0 || id > (int64_t(1) << 24)) failf(DSRT_ERR_FORMAT, path, ": vocab id ", id, " out of range");
+    const int32_t id = t->checked_file_id(it.value().get<int64_t>(), path);
     if (!byte_level_to_bytes(it.key(), table, &bytes)) bytes = it.key();
-    t->set_piece(int32_t(id), bytes);
-    by_text[it.key()] = int32_t(id);
+    t->set_piece(id, bytes);
+    by_text[it.key()] = id;
   }
   int32_t rank = 0;
   for (auto &m : model["merges"]) {
@@ -361,7 +439,9 @@ std::unique_ptr<Tokenizer> make_hf_bpe_tokenizer(const std::string &path, int64_
   }
   for (auto &a : j.value("added_tokens", json::array())) {
     if (!a.contains("id") || !a.contains("content")) failf(DSRT_ERR_FORMAT, path, ": added token without id or content");
-    t->add_special(a.at("id").get<int32_t>(), a.at("content").get<std::string>(), a.value("special", false));
+    if (!a["id"].is_number_integer()) failf(DSRT_ERR_FORMAT, path, ": added token id ", a["id"].dump(), " is not an integer");
+    t->add_special(t->checked_file_id(a["id"].get<int64_t>(), path), a.at("content").get<std::string>(),
+                   a.value("special", false));
   }
   t->finish(model_vocab, path);
   return t;
@@ -371,6 +451,7 @@ std::unique_ptr<Tokenizer> make_tiktoken_tokenizer(const std::string &path, int6
   const json tc = parse_json_sorted(tc_text, "tokenizer_config.json", DSRT_ERR_FORMAT);
   auto t = std::make_unique<BytePairTokenizer>();
   t->kind_ = "tiktoken";
+  t->set_id_limit(model_vocab, path);
   // The split pattern of Kimi-K2 / Moonlight (tokenization_kimi.py pat_str). Character-class intersection
   // [X&&[^\p{Han}]] is written as (?:(?!\p{Han})[X]), which PCRE2 can express.
   const std::string nh_upper = "(?:(?!\\p{Han})[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}])";
@@ -392,9 +473,9 @@ std::unique_ptr<Tokenizer> make_tiktoken_tokenizer(const std::string &path, int6
     size_t sp = line.find(' ');
     bool ok = sp != std::string::npos;
     std::string bytes = ok ? b64decode(line.substr(0, sp), &ok) : "";
-    long long rank = ok ? std::atoll(std::string(line.substr(sp + 1)).c_str()) : -1;
-    if (!ok || rank < 0 || rank > (1 << 24)) failf(DSRT_ERR_FORMAT, path, ": line ", line_no, " is not \"base64 rank\"");
-    t->set_piece(int32_t(rank), bytes);
+    const int64_t rank = ok ? decimal_id(line.substr(sp + 1)) : -1;
+    if (!ok || rank < 0) failf(DSRT_ERR_FORMAT, path, ": line ", line_no, " is not \"base64 rank\"");
+    t->set_piece(t->checked_file_id(rank, path), bytes);
   }
   const int32_t n_base = int32_t(t->pieces_.size());
   // Every concatenation of two tokens that is itself a token merges at that token's rank.
@@ -409,8 +490,12 @@ std::unique_ptr<Tokenizer> make_tiktoken_tokenizer(const std::string &path, int6
     }
   }
   if (auto it = tc.find("added_tokens_decoder"); it != tc.end() && it->is_object())
-    for (auto a = it->begin(); a != it->end(); ++a)
-      t->add_special(int32_t(std::atoll(a.key().c_str())), a.value().value("content", ""), a.value().value("special", true));
+    for (auto a = it->begin(); a != it->end(); ++a) {
+      const int64_t id = decimal_id(a.key());
+      if (id < 0) failf(DSRT_ERR_FORMAT, "tokenizer_config.json: added_tokens_decoder key \"", a.key(), "\" is not a token id");
+      t->add_special(t->checked_file_id(id, "tokenizer_config.json"), a.value().value("content", ""),
+                     a.value().value("special", true));
+    }
   // Ids between the base vocabulary and the embedding rows are reserved special tokens (tokenization_kimi.py).
   for (int64_t id = n_base; id < model_vocab; id++)
     if (size_t(id) >= t->pieces_.size() || (t->attrs_[size_t(id)] & kTokenUnused))

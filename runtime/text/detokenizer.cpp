@@ -11,6 +11,7 @@ Detokenizer::Detokenizer(const Tokenizer &t, bool skip_special, std::vector<std:
 }
 
 const std::string &Detokenizer::push(int32_t token) {
+  tok_.check_id(token);
   out_.clear();
   if (stopped_) return out_;
   const uint8_t a = tok_.attr(token);

@@ -14,7 +14,8 @@ class Detokenizer {
  public:
   Detokenizer(const Tokenizer &t, bool skip_special, std::vector<std::string> stop_strings = {});
   // Text that is final after this token ("" if none). After a stop string completes, returns the text
-  // before it, stopped() turns true and later calls return "".
+  // before it, stopped() turns true and later calls return "". An id outside the vocabulary is
+  // DSRT_ERR_INVALID_ARGUMENT (Tokenizer::check_id) and changes nothing.
   const std::string &push(int32_t token);
   const std::string &flush();
   bool stopped() const { return stopped_; }

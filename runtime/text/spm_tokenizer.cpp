@@ -11,7 +11,10 @@ class SpmTokenizer : public Tokenizer {
  public:
   sentencepiece::SentencePieceProcessor sp;
 
-  void encode_ordinary(std::string_view text, std::vector<int32_t> &out) const override {
+  // sentencepiece encodes a span in one call: cancel is read before it (Tokenizer::encode reads it between
+  // spans).
+  void encode_ordinary(std::string_view text, std::vector<int32_t> &out, const std::atomic<int> *cancel) const override {
+    if (cancel && cancel->load(std::memory_order_relaxed)) fail(DSRT_ERR_CANCELLED, "tokenization cancelled");
     std::vector<int> ids;
     auto st = sp.Encode(text, &ids);
     if (!st.ok()) fail(DSRT_ERR_INTERNAL, "sentencepiece: " + st.ToString());

@@ -1,6 +1,7 @@
 #include "text/tokenizer.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "core/fault.h"
@@ -72,15 +73,48 @@ std::unique_ptr<Tokenizer> Tokenizer::load_files(const std::string &dir, int64_t
   return t;
 }
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special) const {
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special, const std::atomic<int> *cancel) const {
   std::vector<int32_t> out;
   for (const Segment &seg : split_specials(text, parse_special)) {
+    if (cancel && cancel->load(std::memory_order_relaxed)) fail(DSRT_ERR_CANCELLED, "tokenization cancelled");
     if (seg.id >= 0)
       out.push_back(seg.id);
     else
-      encode_ordinary(text.substr(seg.begin, seg.end - seg.begin), out);
+      encode_ordinary(text.substr(seg.begin, seg.end - seg.begin), out, cancel);
   }
   return out;
+}
+
+std::vector<int32_t> Tokenizer::encode_prompt(std::string_view text, bool add_special, bool parse_special,
+                                              const std::atomic<int> *cancel) const {
+  std::vector<int32_t> ids;
+  if (add_special && add_bos && bos_id >= 0) ids.push_back(bos_id);
+  std::vector<int32_t> body = encode(text, parse_special, cancel);
+  ids.insert(ids.end(), body.begin(), body.end());
+  if (add_special && add_eos && eos_id >= 0) ids.push_back(eos_id);
+  return ids;
+}
+
+void Tokenizer::check_id(int32_t id) const {
+  if (id < 0 || id >= n_tokens())
+    failf(DSRT_ERR_INVALID_ARGUMENT, "token id ", id, " is outside the vocabulary [0, ", n_tokens(), ")");
+}
+
+void Tokenizer::set_id_limit(int64_t model_vocab, const std::string &path) {
+  if (model_vocab > 0) {
+    id_limit_ = model_vocab;
+    return;
+  }
+  std::error_code ec;
+  const auto bytes = std::filesystem::file_size(path, ec);
+  id_limit_ = std::max<int64_t>(kMinIdLimit, ec ? 0 : int64_t(std::min<uintmax_t>(bytes, INT32_MAX)));
+}
+
+int32_t Tokenizer::checked_file_id(int64_t id, const std::string &where) const {
+  if (id < 0 || id >= id_limit_)
+    failf(DSRT_ERR_FORMAT, where, ": token id ", id, " is outside the vocabulary (ids must be below ", id_limit_,
+          ": the model's vocab_size, or without a model config the tokenizer file's size in bytes)");
+  return int32_t(id);
 }
 
 const std::string &Tokenizer::token_bytes(int32_t id) const {
@@ -90,6 +124,7 @@ const std::string &Tokenizer::token_bytes(int32_t id) const {
 
 std::string Tokenizer::decode(const std::vector<int32_t> &ids, bool skip_special) const {
   std::string out;
+  for (int32_t id : ids) check_id(id);
   for (int32_t id : ids) {
     if (skip_special && (attr(id) & kTokenControl)) continue;  // HF's skip_special_tokens: tokens marked special
     out += token_bytes(id);

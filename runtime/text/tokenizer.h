@@ -2,6 +2,7 @@
 // tiktoken.model (Kimi-K2, Moonlight), sentencepiece tokenizer.model. One interface; token text is raw
 // bytes (a token may hold part of a UTF-8 character).
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -28,14 +29,23 @@ class Tokenizer {
   static std::unique_ptr<Tokenizer> load(const std::string &dir, int64_t model_vocab);
 
   // Ids of the text's exact bytes. parse_special: strings of added/special tokens are matched as those
-  // tokens (as Hugging Face tokenizers does); otherwise they are ordinary text.
-  std::vector<int32_t> encode(std::string_view text, bool parse_special) const;
+  // tokens (as Hugging Face tokenizers does); otherwise they are ordinary text. cancel (optional) is read
+  // before each pre-token chunk: non-zero ends the call with DSRT_ERR_CANCELLED. Text beyond the split
+  // regex's bounds (bpe_tokenizer.cpp) is DSRT_ERR_INVALID_ARGUMENT, never a shorter result.
+  std::vector<int32_t> encode(std::string_view text, bool parse_special, const std::atomic<int> *cancel = nullptr) const;
+  // The ids of a prompt: encode, plus BOS/EOS when add_special and tokenizer_config.json's add_bos_token /
+  // add_eos_token ask for them. The one path of dsrt_tokenize and dsrt_session_append_text.
+  std::vector<int32_t> encode_prompt(std::string_view text, bool add_special, bool parse_special,
+                                     const std::atomic<int> *cancel = nullptr) const;
   const std::string &token_bytes(int32_t id) const;  // "" for out-of-range ids
   uint8_t attr(int32_t id) const { return id >= 0 && size_t(id) < attrs_.size() ? attrs_[size_t(id)] : uint8_t(kTokenUnused); }
   int32_t n_tokens() const { return int32_t(pieces_.size()); }
   // Decodes ids to bytes; skip_special leaves out control tokens (those tokenizer.json marks special, as
-  // Hugging Face's skip_special_tokens does). Invalid UTF-8 is kept as is.
+  // Hugging Face's skip_special_tokens does). Invalid UTF-8 is kept as is. An id outside [0, n_tokens())
+  // is DSRT_ERR_INVALID_ARGUMENT naming it.
   std::string decode(const std::vector<int32_t> &ids, bool skip_special) const;
+  // DSRT_ERR_INVALID_ARGUMENT naming the id unless 0 <= id < n_tokens().
+  void check_id(int32_t id) const;
   // The id of a token whose text is exactly `s` (special tokens first), or -1.
   int32_t find_token(std::string_view s) const;
   // sentencepiece drops the space it prepended to the first word when decoding.
@@ -49,8 +59,16 @@ class Tokenizer {
 
  protected:
   // Ids of text that holds no special token (the model-specific part of encode).
-  virtual void encode_ordinary(std::string_view text, std::vector<int32_t> &out) const = 0;
+  virtual void encode_ordinary(std::string_view text, std::vector<int32_t> &out, const std::atomic<int> *cancel) const = 0;
   static std::unique_ptr<Tokenizer> load_files(const std::string &dir, int64_t model_vocab, const nlohmann::json &tc);
+  // Ids read from files must lie below id_limit_ before any table grows to hold them: the model's
+  // vocab_size when the loader knows it, otherwise the tokenizer file's size in bytes (a file defines at
+  // most one token per byte), at least kMinIdLimit. A forged id of 2^31-1 is then DSRT_ERR_FORMAT, not a
+  // 64 GiB table.
+  static constexpr int64_t kMinIdLimit = int64_t(1) << 16;
+  void set_id_limit(int64_t model_vocab, const std::string &path);
+  int32_t checked_file_id(int64_t id, const std::string &where) const;  // the id, or DSRT_ERR_FORMAT
+  int64_t id_limit_ = kMinIdLimit;
   void add_special(int32_t id, const std::string &text, bool special);
   void finish_specials();  // builds the matcher for parse_special
   // Splits text into ordinary spans and special-token ids (in order). span: (begin, end) or id >= 0.

@@ -5,6 +5,7 @@
 // Every output element is computed in an order that does not depend on the batch or the thread count, so
 // a sequence's results are bitwise the same alone or batched.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -34,6 +35,12 @@ inline void axpy(float a, const float *x, float *y, int64_t n) {
   for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
 }
 
+// KV bytes that the live CPU pools of this process may still allocate: a pool promises its whole size at
+// kv_init and hands the promise back page by page as it allocates (from then on the page shows in the
+// system's free memory) and when it is freed. available_memory() subtracts it, so engines sized by
+// kv_memory_fraction share the memory instead of each being given the same free bytes.
+std::atomic<int64_t> g_kv_bytes_promised{0};
+
 // Scratch that grows per thread and is reused.
 float *thread_scratch(size_t n, int slot = 0) {
   thread_local HostVec<float> bufs[3];
@@ -56,12 +63,15 @@ class CpuBackend final : public ArenaBackend {
         pool_(opt.n_threads) {}
   ~CpuBackend() override {
     for (void *p : pages_) mi_free(p);
+    g_kv_bytes_promised.fetch_sub(kv_promised_);
   }
   const char *name() const override { return "cpu"; }
   DType default_kv_dtype() const override { return DType::F32; }
   size_t available_memory() const override {
     const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
-    return pages > 0 && size > 0 ? size_t(pages) * size_t(size) : 0;
+    if (pages <= 0 || size <= 0) return 0;
+    const int64_t free_bytes = int64_t(pages) * int64_t(size), promised = g_kv_bytes_promised.load();
+    return free_bytes > promised ? size_t(free_bytes - promised) : 1;  // 1: known, and less than a page
   }
 
   // ---- profiling
@@ -97,6 +107,9 @@ class CpuBackend final : public ArenaBackend {
     for (void *p : pages_) mi_free(p);
     kv_ = spec;
     pages_.assign(size_t(spec.max_pages), nullptr);
+    const int64_t promise = spec.max_pages * int64_t(kv_.page_bytes());
+    g_kv_bytes_promised.fetch_add(promise - kv_promised_);
+    kv_promised_ = promise;
   }
 
   // Pages are allocated on first use, so a large pool costs only what the sessions touch. Called only from
@@ -107,9 +120,13 @@ class CpuBackend final : public ArenaBackend {
     if (!p) {
       p = fault::alloc_should_fail() ? nullptr : mi_zalloc_aligned(kv_.page_bytes(), 64);
       if (!p) fail(DSRT_ERR_OUT_OF_MEMORY, "CPU backend: cannot allocate a KV page");
+      const int64_t bytes = int64_t(kv_.page_bytes());
+      kv_promised_ -= bytes;
+      g_kv_bytes_promised.fetch_sub(bytes);
     }
     return static_cast<char *>(p);
   }
+  int64_t kv_promised_ = 0;  // this pool's part of g_kv_bytes_promised
   bool kv_bf16() const { return kv_.dtype == DType::BF16; }
   // The cache entry (width values in the pool's dtype) of position pos in cache layer `layer`, given the
   // sequence's page table.
