@@ -269,7 +269,8 @@ TEST_CASE("a logit bias of -inf on every token is an error, not token 0") {
     CHECK(code == DSRT_ERR_INVALID_ARGUMENT);
     CHECK(msg.find("no token to sample") != std::string::npos);
   }
-  // The same through the C API: the turn fails instead of emitting token 0 with DSRT_OK.
+  // The same through the C API: the turn ends with an error (DONE, FINISH_ERROR, the status in the event and
+  // the text in dsrt_last_error) instead of emitting token 0.
   Model m(tiny("no-qlora"));
   Engine e(m);
   Session s(e);
@@ -288,8 +289,13 @@ TEST_CASE("a logit bias of -inf on every token is an error, not token 0") {
   dsrt_event ev;
   ev.struct_size = sizeof ev;
   const dsrt_status st = dsrt_session_next(s.s, &ev);
-  CHECK(st == DSRT_ERR_INVALID_ARGUMENT);
+  CHECK(st == DSRT_OK);
+  CHECK(ev.type == DSRT_EVENT_DONE);
+  CHECK(ev.finish_reason == DSRT_FINISH_ERROR);
+  CHECK(ev.status == DSRT_ERR_INVALID_ARGUMENT);
+  CHECK(ev.token == -1);
   CHECK(std::string(dsrt_last_error()).find("no token to sample") != std::string::npos);
+  CHECK(dsrt_session_next(s.s, &ev) == DSRT_ERR_BAD_STATE);  // the turn is over
 }
 
 // ---- item 7: threads

@@ -198,6 +198,7 @@ Event Session::next() {
   if (logits_rows_ == 0) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
   const int64_t V = m.cfg.vocab_size;
   bool accepted = false;  // the token is an accepted draft, already in the cache
+  try {
   if (!drafts_.empty()) {
     // The step verified [sampled token, drafts...]: logits_ row 0 predicts the first draft's position. Sample
     // that token as always (same distribution, same random draw); if it is the draft, the draft's cache entry
@@ -219,6 +220,12 @@ Event Session::next() {
   } else {  // unlocked: this session is idle with nothing pending, so no step writes its logits
     tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
                        tokens_.size(), banned_, rng_);
+  }
+  } catch (const Error &e) {  // non-finite logits, nothing left to sample: the turn ends with the error
+    Event ev = finish_turn(Finish::Error, -1);
+    ev.status = e.code();
+    ev.error = e.what();
+    return ev;
   }
   if (!accepted) {  // room was checked above; the flag goes with the token (steps read it to draft)
     std::lock_guard lk(engine_->mu_);
