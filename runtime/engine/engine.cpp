@@ -141,10 +141,12 @@ void Engine::loop() {
     }
     StepRunner step(*this);
     if (step.plan()) {
+      stepping_ = true;
       lk.unlock();
       step.run();
       lk.lock();
       last_step_tokens_ = step.commit();
+      stepping_ = false;
       steps_done_++;
       done_cv_.notify_all();
       // Decode rows first: sessions that just got their logits in a generation turn are given the moment their
@@ -187,15 +189,12 @@ void Engine::run_between_steps(const std::function<void()> &fn) {
 int64_t Engine::step() {
   std::unique_lock lk(mu_);
   step_requests_++;
-  if (!has_work()) {
-    step_requests_--;
-    return 0;
-  }
-  work_cv_.notify_one();
   const uint64_t before = steps_done_;
-  done_cv_.wait(lk, [&] { return steps_done_ > before; });
+  work_cv_.notify_one();
+  // The step this call asked for, or the one in flight when there is nothing else to run.
+  done_cv_.wait(lk, [&] { return steps_done_ > before || (!stepping_ && !has_work()); });
   step_requests_--;
-  return last_step_tokens_;
+  return steps_done_ > before ? last_step_tokens_ : 0;
 }
 
 void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2) {

@@ -110,7 +110,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   EngineStats stats_;
   uint64_t steps_done_ = 0;
   int64_t last_step_tokens_ = 0;
-  int step_requests_ = 0;  // Engine::step() callers waiting: every pending session is runnable
+  int step_requests_ = 0;
+  bool stepping_ = false;  // a step is between plan and commit  // Engine::step() callers waiting: every pending session is runnable
   std::deque<std::function<void()>> jobs_;
   std::vector<Session *> expect_;  // sessions about to sample after the last step (Engine::loop)
   bool stop_ = false;

@@ -153,6 +153,7 @@ class MirrorBackend final : public dsrt::Backend {
     const auto &[a, b] = it->second;
     dsrt::Tensor y = x;
     y.data = static_cast<char *>(b.data) + (static_cast<char *>(x.data) - static_cast<char *>(a.data));
+    y.device = b.device;
     if (copy) {
       std::vector<float> h(size_t(x.rows * x.cols) * dsrt::dtype_size(x.dtype) / sizeof(float) + 1);
       t_->to_host(x, h.data());
