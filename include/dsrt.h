@@ -459,9 +459,12 @@ DSRT_API void dsrt_session_cancel(dsrt_session *s);
 
 /* A new session with a copy of this one's tokens, KV cache, conversation and random state. */
 DSRT_API dsrt_status dsrt_session_fork(dsrt_session *s, dsrt_session **out);
-/* Session state (tokens, conversation, random state, latent KV) as a blob: magic, format version and the
- * model's fingerprint lead it; loading it into a session of another model is DSRT_ERR_VERSION_MISMATCH.
- * *buf is freed with dsrt_free. */
+/* Session state (tokens, conversation, random state, latent KV) as a blob: magic, format version, a hash of
+ * every weight byte and the model's fingerprint lead it, a checksum ends it. Loading it into a session of
+ * another model, or of one whose weights differ, is DSRT_ERR_VERSION_MISMATCH; a corrupt blob (checksum,
+ * lengths, non-finite values, ids) is DSRT_ERR_FORMAT; a blob that is refused leaves the session as it was.
+ * The first save or load of a model reads all of its weights once (cached in the model). Blobs of format 1
+ * (the format before the checksum) are refused. *buf is freed with dsrt_free. */
 DSRT_API dsrt_status dsrt_session_state_save(dsrt_session *s, void **buf, size_t *n);
 DSRT_API dsrt_status dsrt_session_state_load(dsrt_session *s, const void *buf, size_t n);
 

@@ -7,6 +7,7 @@
 #include "backend/backend.h"
 #include "core/file.h"
 #include "model/config.h"
+#include "model/identity.h"
 #include "model/placement.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
@@ -66,6 +67,7 @@ class Model {
   std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer files
   GenerationDefaults gen_defaults;
   std::string fingerprint;  // sha256 over config.json and every tensor's name, dtype, shape and first bytes
+  mutable ModelIdentity identity;  // every weight byte hashed, on first use (model/identity.h)
   Placement placement;      // where each weight lives, planned at load
   // The weights' copies on each device, made by the backends that need them and shared by every engine of
   // the model (two engines on one GPU hold one copy).
