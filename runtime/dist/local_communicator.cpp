@@ -77,7 +77,8 @@ class LocalCommunicator final : public Communicator {
 
   void all_reduce_sum(Tensor x, Group g) override {
     require_host(x, "all_reduce_sum");
-    auto [hub, me] = member(g);
+    Hub &hub = *group(g);
+    const int me = index_in(g);
     if (hub.size() == 1) return;
     const size_t n = size_t(x.rows * x.cols);
     hub.ptrs_[size_t(me)] = x.data;
@@ -96,7 +97,8 @@ class LocalCommunicator final : public Communicator {
   void all_gather_cols(Tensor local, Tensor out, Group g) override {
     require_host(local, "all_gather_cols");
     require_host(out, "all_gather_cols");
-    auto [hub, me] = member(g);
+    Hub &hub = *group(g);
+    const int me = index_in(g);
     hub.ptrs_[size_t(me)] = local.data;
     hub.counts_[size_t(me)] = {local.cols};
     hub.arrive_and_wait();
@@ -118,7 +120,8 @@ class LocalCommunicator final : public Communicator {
                     const std::vector<int64_t> &recv_counts, Group g) override {
     require_host(send, "all_to_all_v");
     require_host(recv, "all_to_all_v");
-    auto [hub, me] = member(g);
+    Hub &hub = *group(g);
+    const int me = index_in(g);
     if (int(send_counts.size()) != hub.size() || int(recv_counts.size()) != hub.size())
       fail(DSRT_ERR_INTERNAL, "all_to_all_v: one count per rank of the group");
     hub.ptrs_[size_t(me)] = send.data;
@@ -162,10 +165,8 @@ class LocalCommunicator final : public Communicator {
   }
 
  private:
-  std::pair<Hub &, int> member(Group g) {
-    if (g == Group::World) return {*world_, map_.rank};
-    return {*tensor_, map_.tp_rank()};
-  }
+  Hub *group(Group g) { return g == Group::World ? world_.get() : tensor_.get(); }
+  int index_in(Group g) const { return g == Group::World ? map_.rank : map_.tp_rank(); }
   Mapping map_;
   std::shared_ptr<Hub> world_, tensor_;
   std::shared_ptr<AbortState> abort_;
