@@ -3,6 +3,7 @@
 // checkpoint dtype (FP8 e4m3 with 128x128 block scales, BF16, F16, F32).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 typedef struct CUstream_st *cudaStream_t;
 
@@ -72,11 +73,47 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
                             int64_t q_stride, int64_t rows, int64_t n_past, const DevMatrix &kv_b, int64_t nh,
                             int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch, float *out,
                             int64_t out_stride, cudaStream_t s);
+// The two absorption products of the absorbed form, over `rows` consecutive query rows:
+// qcat [rows, nh, dc + dr] = (q_nope[r, h] W_UK[h], q_pe[r, h]), and out[r, h*dv + v] = W_UV[h][v, :] . olat[r, h].
+void mla_q_absorb(const float *q, int64_t q_stride, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn,
+                  int64_t dr, int64_t dv, float *qcat, cudaStream_t s);
+void mla_out_absorb(const float *olat, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv,
+                    float *out, int64_t out_stride, cudaStream_t s);
 // Naive attention (spec §3.8) over decompressed keys/values: kvd [n_ctx, nh*(dn+dv)] (kv_b applied to each
 // cached latent), pe [n_ctx, dr]; same row/position convention as above.
 void mla_attention_naive(const float *q, int64_t q_stride, int64_t rows, int64_t n_past, const float *kvd,
                          const float *pe, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch,
                          float *out, int64_t out_stride, cudaStream_t s);
+
+// ---- mla_flash.cu: the absorbed form's attention on tensor cores over a BF16 cache, for every sequence of a
+// step in one launch (decode rows, MTP verification rows and prefill chunks alike): olat [q-rows, dc] from
+// qcat [q-rows, dc + dr], a q-row being (batch row r, head h) at index r * nh + h. The launch's blocks and key
+// splits are planned once per step (mla_flash_plan) and uploaded; every layer reuses them.
+constexpr int kMlaFlashRows = 64;  // q-rows per block
+constexpr int kMlaFlashTile = 32;  // keys per tile
+struct MlaSeq {
+  int32_t row0, n_new, n_past, page0;  // as SeqSlice; page0 indexes the step's page array
+};
+struct MlaWorkItem {  // one block: up to 64 q-rows of one sequence against key tiles [tile0, tile1) of 32
+  int32_t qrow0, nq, qoff, n_past, n_kv, page0, tile0, tile1, slot;  // slot < 0: no split, writes olat
+};
+struct MlaCombineItem {  // the splits slot0 .. slot0 + n_splits - 1 of one block's q-rows
+  int32_t qrow0, nq, slot0, n_splits;
+};
+struct MlaFlashPlan {
+  std::vector<MlaWorkItem> items;     // in block order
+  std::vector<int32_t> block_items;   // block b runs items [block_items[b], block_items[b + 1])
+  std::vector<MlaCombineItem> combine;
+  int32_t n_slots = 0;
+};
+bool mla_flash_supported(int64_t dc, int64_t dr);
+// mla_flash_plan.cpp (no CUDA needed). n_sm: the GPU's multiprocessors; the step's key tiles are cut into one equal run per SM.
+MlaFlashPlan mla_flash_plan(const std::vector<MlaSeq> &seqs, int64_t nh, int n_sm);
+int64_t mla_flash_workspace_floats(int32_t n_slots, int64_t dc);
+void mla_flash_attend(const KvCacheView &kv, int64_t layer, const int32_t *pages, const float *qcat, int64_t nh,
+                      int64_t dc, int64_t dr, float scale, const MlaWorkItem *items, const int32_t *block_items,
+                      int32_t n_blocks, const MlaCombineItem *combine, int32_t n_combine, int32_t n_slots, float *ws,
+                      float *olat, cudaStream_t s);
 
 // ---- moe.cu: DeepSeekMoE routing (spec §4) of `rows` tokens from fp32 router logits [rows, E].
 struct RouteParams {

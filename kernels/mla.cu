@@ -262,6 +262,26 @@ void mla_gather(const KvCacheView &kv, int64_t layer, const int32_t *pages, int6
   check_launch("mla_gather");
 }
 
+void mla_q_absorb(const float *q, int64_t qs, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dr,
+                  int64_t dv, float *qcat, cudaStream_t s) {
+  if (rows == 0) return;
+  const int64_t dc = kv_b.cols;
+  q_absorb_kernel<8><<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8)), 256, 0, s>>>(
+      q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
+  check_launch("mla q_absorb");
+}
+
+void mla_out_absorb(const float *olat, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv,
+                    float *out, int64_t os, cudaStream_t s) {
+  const int64_t dc = kv_b.cols;
+  const unsigned blocks = unsigned((nh * dv + 7) / 8);
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    out_absorb_kernel<8><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
+  for (; r < rows; r++) out_absorb_kernel<1><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
+  check_launch("mla out_absorb");
+}
+
 void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t *pages, const float *q, int64_t qs,
                             int64_t rows, int64_t n_past, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dr,
                             int64_t dv, float scale, float *scratch, float *out, int64_t os, cudaStream_t s) {
@@ -270,9 +290,7 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
   const int64_t dc = kv.width - dr, n_ctx = n_past + rows;
   auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };  // each part 256-byte aligned (float4 loads)
   float *p = scratch, *qcat = p + up64(rows * nh * n_ctx), *olat = qcat + up64(rows * nh * kv.width);
-  q_absorb_kernel<8><<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8)), 256, 0, s>>>(
-      q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
-  check_launch("mla q_absorb");
+  mla_q_absorb(q, qs, rows, kv_b, nh, dn, dr, dv, qcat, s);
   const size_t smem = size_t((kv.width + 1) / 2 * 2) * sizeof(float) + size_t((n_ctx + kPage - 1) / kPage) * sizeof(void *);
   if (smem > 200 * 1024) throw std::runtime_error("mla_attention_absorbed: context too long for one block's page table");
   auto attend = [&](auto kernel) {
@@ -284,12 +302,7 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
   else
     attend(attend_latent_kernel<float>);
   check_launch("mla attend_latent");
-  const unsigned blocks = unsigned((nh * dv + 7) / 8);
-  int64_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    out_absorb_kernel<8><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
-  for (; r < rows; r++) out_absorb_kernel<1><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
-  check_launch("mla out_absorb");
+  mla_out_absorb(olat, rows, kv_b, nh, dn, dv, out, os, s);
 }
 
 int64_t mla_absorbed_scratch_floats(int64_t rows, int64_t nh, int64_t n_ctx, int64_t width) {

@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "core/dtype.h"
+#include "kernels.h"
 #include "model/config.h"
 
 using namespace dsrt;
@@ -627,4 +628,95 @@ TEST_CASE("BF16 latent cache: kv_write/kv_read round trip, kv_copy_page, page si
   }
   auto be = backend();
   CHECK_THROWS(be->kv_init({L, W, 8, DType::F8_E4M3}));
+}
+
+// The schedule of the GPU's tensor-core MLA kernel (kernels/mla_flash_plan.cpp, plain C++): every q-block's key
+// tiles are handed out exactly once, in contiguous segments; blocks get equal runs of tiles (all but the last
+// exactly `run`), at most one block per SM; a q-block cut into several segments has consecutive partial slots
+// and one combine item naming them.
+TEST_CASE("MLA flash plan: each q-block's keys once, equal runs per SM, split q-blocks merged") {
+  namespace kk = dsrt::kernels;
+  struct Case {
+    std::vector<kk::MlaSeq> seqs;
+    int64_t nh;
+    int n_sm;
+  };
+  std::vector<kk::MlaSeq> ragged;
+  for (int i = 0, row = 0, page = 0; i < 64; i++) {
+    const int n_new = i % 9 == 0 ? 3 : 1, n_past = (i * 37) % 301;
+    ragged.push_back({row, n_new, n_past, page});
+    row += n_new;
+    page += (n_past + n_new + 63) / 64;
+  }
+  const std::vector<Case> cases = {
+      {{{0, 1, 4095, 0}}, 128, 132},               // decode, batch 1, 4k context, V3's heads
+      {{{0, 1, 65535, 0}}, 128, 132},              // 64k context
+      {{{0, 1, 0, 0}}, 4, 132},                    // the first token of a tiny model
+      {ragged, 16, 132},                           // 64 ragged sequences
+      {{{0, 512, 60000, 0}}, 128, 132},            // a prefill chunk after a long prefix
+      {{{0, 5, 0, 0}, {5, 77, 100, 1}, {82, 1, 3, 5}}, 16, 7},  // a mix on a small GPU
+  };
+  for (const Case &c : cases) {
+    const kk::MlaFlashPlan p = kk::mla_flash_plan(c.seqs, c.nh, c.n_sm);
+    const int32_t n_blocks = int32_t(p.block_items.size()) - 1;
+    REQUIRE(n_blocks >= 1);
+    CHECK(n_blocks <= c.n_sm);
+    CHECK(p.block_items.front() == 0);
+    CHECK(p.block_items.back() == int32_t(p.items.size()));
+    std::vector<int64_t> tiles_of_block;
+    for (int32_t b = 0; b < n_blocks; b++) {
+      CHECK(p.block_items[size_t(b)] < p.block_items[size_t(b) + 1]);
+      int64_t t = 0;
+      for (int32_t i = p.block_items[size_t(b)]; i < p.block_items[size_t(b) + 1]; i++)
+        t += p.items[size_t(i)].tile1 - p.items[size_t(i)].tile0;
+      tiles_of_block.push_back(t);
+    }
+    const int64_t run = tiles_of_block.front();
+    for (int32_t b = 0; b + 1 < n_blocks; b++) CHECK(tiles_of_block[size_t(b)] == run);
+    CHECK(tiles_of_block.back() <= run);
+    // every q-block of every sequence: its tiles once, its segments' slots and its combine item
+    std::vector<int> slot_seen(size_t(p.n_slots), 0);
+    size_t n_split_qblocks = 0;
+    for (const kk::MlaSeq &s : c.seqs)
+      for (int64_t q = 0; q < s.n_new * c.nh; q += kk::kMlaFlashRows) {
+        const int32_t qrow0 = int32_t(s.row0 * c.nh + q);
+        const int32_t nq = int32_t(std::min<int64_t>(kk::kMlaFlashRows, s.n_new * c.nh - q));
+        const int32_t n_kv = s.n_past + int32_t((q + nq - 1) / c.nh) + 1;
+        std::vector<const kk::MlaWorkItem *> segs;
+        for (const auto &it : p.items)
+          if (it.qrow0 == qrow0) segs.push_back(&it);
+        REQUIRE(!segs.empty());
+        int32_t next = 0;
+        for (const auto *it : segs) {
+          CHECK(it->nq == nq);
+          CHECK(it->n_kv == n_kv);
+          CHECK(it->n_past == s.n_past);
+          CHECK(it->page0 == s.page0);
+          CHECK(it->qoff == q);
+          CHECK(it->tile0 == next);
+          CHECK(it->tile1 > it->tile0);
+          next = it->tile1;
+        }
+        CHECK(next == (n_kv + kk::kMlaFlashTile - 1) / kk::kMlaFlashTile);
+        if (segs.size() == 1) {
+          CHECK(segs[0]->slot == -1);
+          continue;
+        }
+        n_split_qblocks++;
+        const auto comb = std::find_if(p.combine.begin(), p.combine.end(), [&](const kk::MlaCombineItem &ci) { return ci.qrow0 == qrow0; });
+        REQUIRE(comb != p.combine.end());
+        CHECK(comb->nq == nq);
+        CHECK(comb->n_splits == int32_t(segs.size()));
+        for (size_t k = 0; k < segs.size(); k++) {
+          CHECK(segs[k]->slot == comb->slot0 + int32_t(k));
+          REQUIRE(segs[k]->slot >= 0);
+          REQUIRE(segs[k]->slot < p.n_slots);
+          slot_seen[size_t(segs[k]->slot)]++;
+        }
+      }
+    CHECK(p.combine.size() == n_split_qblocks);
+    for (int v : slot_seen) CHECK(v == 1);
+    MESSAGE(c.seqs.size() << " sequences, " << c.nh << " heads, " << c.n_sm << " SMs: " << n_blocks << " blocks of "
+                          << run << " tiles, " << p.items.size() << " segments, " << p.combine.size() << " q-blocks split");
+  }
 }

@@ -615,11 +615,11 @@ void print_op_table(dsrt_engine *e, int steps, bool gpu) {
 
 int cmd_bench(const Args &a) {
   if (a.has("--help")) {
-    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128] [--gen 32]\n"
+    std::printf("usage: dsrt bench --model DIR [--prompt 512,4096] [--batch 1,8,32,128] [--ctx 128,4096] [--gen 32]\n"
                 "       (defaults: those lists on a GPU; --prompt 64 --batch 1 on the CPU)\n"
                 "                  [--profile] [--max-batch-tokens N]\n"
                 "Prefill tokens/s for each prompt length (one sequence) and decode tokens/s for each batch (sessions of\n"
-                "--ctx tokens decoding --gen steps together), each beside its roofline: bytes that must move per step\n"
+                "each --ctx tokens, forks of one prefilled context, decoding --gen steps together), each beside its roofline: bytes that must move per step\n"
                 "(weights touched + latent cache read) over the measured copy bandwidth (device memory on a GPU, one\n"
                 "CPU thread's memcpy on the CPU). --profile adds a per-op time table for each batch size.\n%s",
                 kCommonHelp);
@@ -632,13 +632,17 @@ int cmd_bench(const Args &a) {
   const bool on_gpu = be == DSRT_BACKEND_CUDA || (be == DSRT_BACKEND_AUTO && cuda_devices(nullptr) > 0);
   const std::vector<int> prompts = int_list(a, "--prompt", on_gpu ? "512,4096" : "64"),
                          batches = int_list(a, "--batch", on_gpu ? "1,8,32,128" : "1");
-  const int ctx = int(a.num("--ctx", 128)), gen = int(a.num("--gen", 32));
-  if (ctx < 1 || gen < 1) throw Fail{"--ctx and --gen must be >= 1"};
+  const std::vector<int> ctxs = int_list(a, "--ctx", "128");
+  const int gen = int(a.num("--gen", 32));
+  if (*std::min_element(ctxs.begin(), ctxs.end()) < 1 || gen < 1) throw Fail{"--ctx and --gen must be >= 1"};
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   const int max_prompt = *std::max_element(prompts.begin(), prompts.end());
+  const int max_ctx = *std::max_element(ctxs.begin(), ctxs.end());
   Loaded l;
   auto pages = [](int tokens) { return (tokens + 63) / 64 * 64; };  // the KV pool hands out 64-token pages
-  load(a, l, std::max(pages(max_prompt), max_batch * pages(ctx + gen + 1)));
+  // The decode sessions of a batch are forks of one prefilled context (each holds its own copy of the cache,
+  // so a step reads B contexts' latents as B independent chats would), plus that context while forking.
+  load(a, l, std::max(pages(max_prompt), (max_batch + 1) * pages(max_ctx + gen + 1)));
   dsrt_model_info info;
   info.struct_size = sizeof info;
   check(dsrt_model_info_get(l.model, &info));
@@ -683,54 +687,61 @@ int cmd_bench(const Args &a) {
     std::printf("\n");
   }
 
-  for (int B : batches) {
-    std::vector<dsrt_session *> ss(static_cast<size_t>(B));
-    for (int i = 0; i < B; i++) {
-      check(dsrt_session_create(l.engine, &sp, &ss[size_t(i)]));
-      auto t = tokens(ctx, i);
-      check(dsrt_session_append_tokens(ss[size_t(i)], t.data(), t.size()));
+  for (int ctx : ctxs) {
+    // One context prefilled once (timed: a prompt of ctx tokens), forked for every decoding session.
+    dsrt_session *base = nullptr;
+    check(dsrt_session_create(l.engine, &sp, &base));
+    {
+      auto t = tokens(ctx, 1);
+      check(dsrt_session_append_tokens(base, t.data(), t.size()));
+      auto t0 = now();
+      check(dsrt_session_eval(base, nullptr));
+      const double dt = secs(t0);
+      std::printf("context %d: prefilled in %.3f s = %.1f tokens/s\n", ctx, dt, ctx / dt);
     }
-    while (true) {  // prefill every session, batched by the engine
-      int32_t n = 0;
-      check(dsrt_engine_step(l.engine, &n));
-      if (n == 0) break;
-    }
-    double t_forward = 0;
-    auto decode_step = [&] {
-      for (auto *s : ss) {
-        int32_t tok;
-        check(dsrt_session_sample(s, nullptr, &tok));
-        check(dsrt_session_append_tokens(s, &tok, 1));
+    for (int B : batches) {
+      std::vector<dsrt_session *> ss(static_cast<size_t>(B));
+      for (int i = 0; i < B; i++) check(dsrt_session_fork(base, &ss[size_t(i)]));
+      double t_forward = 0;
+      auto decode_step = [&] {
+        for (auto *s : ss) {
+          int32_t tok;
+          check(dsrt_session_sample(s, nullptr, &tok));
+          check(dsrt_session_append_tokens(s, &tok, 1));
+        }
+        int32_t n;
+        auto t1 = now();
+        check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
+        t_forward += secs(t1);
+      };
+      decode_step();  // warm-up: first-use uploads and allocations
+      const bool profile = a.has("--profile");
+      if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
+      t_forward = 0;
+      auto t0 = now();
+      for (int g = 1; g < gen; g++) decode_step();
+      const double dt = secs(t0), steps = gen - 1;
+      std::printf("  batch %d ctx %d step: %.3f ms = forward %.3f ms (engine step, logits to host) + sampling %.3f ms\n", B,
+                  ctx, 1e3 * dt / steps, 1e3 * t_forward / steps, 1e3 * (dt - t_forward) / steps);
+      const double bytes = sc.step_bytes(B, ctx + gen / 2), roof = bw / bytes, rate = steps / dt;
+      std::printf("decode batch %4d ctx %6d: %8.2f steps/s = %9.1f tokens/s; roofline %.1f MB/step (latent cache %.1f MB) "
+                  "/ %.0f GB/s = %.1f steps/s; %5.1f%% of it\n",
+                  B, ctx, rate, rate * B, bytes / 1e6, (bytes - sc.step_bytes(B, 0)) / 1e6, bw / 1e9, roof,
+                  100.0 * rate / roof);
+      if (profile) {
+        print_op_table(l.engine, int(steps), gpu);
+        check(dsrt_engine_set_profiling(l.engine, 0));
       }
-      int32_t n;
-      auto t1 = now();
-      check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
-      t_forward += secs(t1);
-    };
-    decode_step();  // warm-up: first-use uploads and allocations
-    const bool profile = a.has("--profile");
-    if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
-    t_forward = 0;
-    auto t0 = now();
-    for (int g = 1; g < gen; g++) decode_step();
-    const double dt = secs(t0), steps = gen - 1;
-    std::printf("  batch %d step: %.3f ms = forward %.3f ms (engine step, logits to host) + sampling %.3f ms\n", B,
-                1e3 * dt / steps, 1e3 * t_forward / steps, 1e3 * (dt - t_forward) / steps);
-    const double bytes = sc.step_bytes(B, ctx + gen / 2), roof = bw / bytes, rate = steps / dt;
-    std::printf("decode batch %4d: %8.2f steps/s = %9.1f tokens/s; roofline %.1f MB/step / %.0f GB/s = %.1f steps/s; "
-                "%5.1f%% of it\n",
-                B, rate, rate * B, bytes / 1e6, bw / 1e9, roof, 100.0 * rate / roof);
-    if (profile) {
-      print_op_table(l.engine, int(steps), gpu);
-      check(dsrt_engine_set_profiling(l.engine, 0));
+      for (auto *s : ss) {  // a session the engine could not serve (KV pool) would make the figures lie
+        dsrt_session_stats st;
+        st.struct_size = sizeof st;
+        check(dsrt_session_stats_get(s, &st));
+        if (st.n_tokens != ctx + gen)
+          throw Fail{"a session did not decode every step (" + std::to_string(st.n_tokens) + " tokens)"};
+        dsrt_session_free(s);
+      }
     }
-    for (auto *s : ss) {  // a session the engine could not serve (KV pool) would make the figures lie
-      dsrt_session_stats st;
-      st.struct_size = sizeof st;
-      check(dsrt_session_stats_get(s, &st));
-      if (st.n_tokens != ctx + gen) throw Fail{"a session did not decode every step (" + std::to_string(st.n_tokens) + " tokens)"};
-      dsrt_session_free(s);
-    }
+    dsrt_session_free(base);
   }
   return 0;
 }

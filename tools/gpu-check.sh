@@ -4,11 +4,14 @@
 #   models  transformers' DeepseekV3ForCausalLM in fp32 on every tiny preset vs dsrt's logits and greedy
 #           tokens (the test data in tests/data/reference/)
 #   text    tokenizer ids and rendered chat templates from the reference libraries (tests/data/text/)
-#   v3      dsrt bench --profile on the v3-layers preset (DeepSeek-V3 layer shapes, made there)
-#   cuda    the GPU suite (CUDA backend vs CPU, op by op and end to end), compute-sanitizer memcheck and
+#   v3      dsrt bench --profile on the v3-layers preset (DeepSeek-V3 layer shapes, made there); V3_PROMPTS,
+#           V3_BATCHES, V3_CTX, V3_GEN (comma lists) and V3_TIMEOUT choose the table
+#   tests   the GPU suite alone (CUDA backend vs CPU, op by op and end to end)
+#   cuda    the GPU suite, compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
 #           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
 #           the Debian -dev packages the build needs) with their three shared libraries.
+# The exit status is non-zero when any stage fails (a test, a sanitizer, a bench, a reference comparison).
 set -uo pipefail
 : "${OUT:?run through the device tool}"
 export PYTHONUNBUFFERED=1
@@ -26,33 +29,51 @@ PY
 echo "cuBLASLt from: ${lt_dir:-not found}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+status=0
+fail() { echo "FAILED: $*"; status=1; }
+gpu_env() {
+  export LD_LIBRARY_PATH="$PWD/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  bin=.carry/gpu/bin
+}
+gpu_tests() {  # the GPU suite; its summary lines and every relative error it reports
+  $bin/dsrt_gpu_tests "$@" >"$OUT/gpu_tests.log" 2>&1 || fail "dsrt_gpu_tests $*"
+  grep -E "MESSAGE: .*(CUDA vs CPU|worst relative L2|relative L2 per sequence)|ERROR|test cases" "$OUT/gpu_tests.log" | cut -c1-220
+}
 for stage in $stages; do
   case "$stage" in
     models)
       models=""
       for d in .carry/tiny/*/; do [ -d "$d" ] && models="$models $(basename "$d")=$d"; done
-      python3 tools/reference/hf_reference.py --out "$OUT" --dsrt .carry/dsrt $models 2>&1 | tee "$OUT/models.log" ;;
+      python3 tools/reference/hf_reference.py --out "$OUT" --dsrt .carry/dsrt $models 2>&1 | tee "$OUT/models.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || fail "models" ;;
     text)
-      python3 tools/reference/text_reference.py --data tests/data/text --tokenizers .carry/tokenizers --out "$OUT" 2>&1 | tee "$OUT/text.log" ;;
-    cuda)
-      export LD_LIBRARY_PATH="$PWD/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-      bin=.carry/gpu/bin
+      python3 tools/reference/text_reference.py --data tests/data/text --tokenizers .carry/tokenizers --out "$OUT" 2>&1 | tee "$OUT/text.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || fail "text" ;;
+    tests)  # the GPU suite alone
+      gpu_env
       $bin/dsrt info
-      $bin/dsrt_gpu_tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "MESSAGE: .*(CUDA vs CPU|worst relative L2 [0-9.]*e-0[0-4])|ERROR|test cases"
-      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*,op by op*" >"$OUT/memcheck.log" 2>&1
+      gpu_tests ;;
+    cuda)
+      gpu_env
+      $bin/dsrt info
+      gpu_tests
+      compute-sanitizer --tool memcheck --error-exitcode 3 $bin/dsrt_gpu_tests -tce="end to end*,op by op*" >"$OUT/memcheck.log" 2>&1 || fail "memcheck"
       grep -m3 -A6 "Invalid\|Error" "$OUT/memcheck.log"; tail -2 "$OUT/memcheck.log"
-      compute-sanitizer --tool racecheck --error-exitcode 3 $bin/dsrt_gpu_tests -tc="MLA*,MoE*" >"$OUT/racecheck.log" 2>&1
+      compute-sanitizer --tool racecheck --error-exitcode 3 $bin/dsrt_gpu_tests -tc="MLA*,MoE*" -tce="*40000*" >"$OUT/racecheck.log" 2>&1 || fail "racecheck"
       grep -m3 -A6 "Warning\|Error" "$OUT/racecheck.log"; tail -2 "$OUT/racecheck.log"
       for p in partial-yarn no-qlora v3-mini bf16; do
         $bin/dsrt make-tiny --preset $p --out /tmp/tiny-$p 2>/dev/null
         $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --batch 1,8 --gen 16 2>&1 | tee -a "$OUT/bench.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || fail "bench $p"
       done ;;
     v3)  # DeepSeek-V3 layer shapes (~16 GB written to /tmp): decode and prefill beside their rooflines
-      export LD_LIBRARY_PATH="$PWD/.carry/gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-      bin=.carry/gpu/bin
+      gpu_env
       [ -f /tmp/v3-layers/config.json ] || /usr/bin/time -f "make-tiny v3-layers: %e s" $bin/dsrt make-tiny --preset v3-layers --out /tmp/v3-layers
-      timeout 400 $bin/dsrt bench --model /tmp/v3-layers --backend cuda --prompt ${V3_PROMPTS:-512,4096} \
-        --batch ${V3_BATCHES:-1,8,32,128} --ctx 128 --gen 16 --profile 2>&1 | tee "$OUT/bench-v3.log" ;;
+      timeout "${V3_TIMEOUT:-400}" $bin/dsrt bench --model /tmp/v3-layers --backend cuda --prompt ${V3_PROMPTS:-512,4096} \
+        --batch ${V3_BATCHES:-1,8,32,128} --ctx ${V3_CTX:-128} --gen ${V3_GEN:-16} --profile 2>&1 | tee "$OUT/bench-v3.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || fail "bench v3-layers" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+[ "$status" = 0 ] && echo "gpu-check: every stage passed ($stages)" || echo "gpu-check: FAILED ($stages)"
+exit "$status"

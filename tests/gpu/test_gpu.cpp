@@ -198,7 +198,7 @@ TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms,
   std::mt19937 rng(25);
   auto c = cpu(), g = gpu();
   CHECK(g->default_kv_dtype() == DType::BF16);
-  const MlaDims d{4, 32, 16, 24, 96, 0.15f};
+  const MlaDims d{4, 32, 16, 24, 128, 0.15f};  // shapes the tensor-core kernel has
   const int n_prev = 70, n_new = 5, n_ctx = n_prev + n_new, W = int(d.latent + d.rope);
   HostWeight norm(d.latent, 1, DType::BF16, rng), kv_b(d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng, 0.5f);
   RopeTable rt;
@@ -249,21 +249,23 @@ TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms,
   CHECK(not_bf16 == 0);
   CHECK(beyond_ulp == 0);
   CHECK(differ <= n_ctx * W / 1000);
-  // Attention over each backend's own cache: at most 1e-3 of the values one ulp (<= 2^-7 relative) off is a
-  // relative L2 of at most sqrt(1e-3) * 2^-7 = 2.5e-4 in the cache, and no more in the attention output.
-  CHECK(rel(res[1][0], res[0][0]) < 5e-4);
-  CHECK(rel(res[1][1], res[0][1]) < 5e-4);
+  // Attention over each backend's own cache: the GPU's BF16 path is the tensor-core kernel (q and the
+  // probabilities rounded to bf16: see the flash test), within its 8e-3; the cache's rare one-ulp entries add
+  // at most sqrt(1e-3) * 2^-7 = 2.5e-4.
+  MESSAGE("BF16 cache, attention CUDA vs CPU: naive " << rel(res[1][0], res[0][0]) << ", absorbed " << rel(res[1][1], res[0][1]));
+  CHECK(rel(res[1][0], res[0][0]) < 8e-3);
+  CHECK(rel(res[1][1], res[0][1]) < 8e-3);
   // Over identical caches: the CPU's entries into the GPU pool (kv_write of bf16 values is exact), read back
-  // bitwise, then attention within the F32 test's 1e-5.
+  // bitwise, then attention within the same bound; both forms are one kernel on the GPU.
   g->kv_write(pages.data(), n_ctx, cache[0].data());
   std::vector<float> back(cache[0].size());
   g->kv_read(pages.data(), n_ctx, back.data());
   CHECK(back == cache[0]);
   std::vector<float> same[2];
   attend(*g, same);
-  CHECK(rel(same[0], res[0][0]) < 1e-5);
-  CHECK(rel(same[1], res[0][1]) < 1e-5);
-  CHECK(rel(same[1], res[0][0]) < 1e-5);
+  CHECK(rel(same[0], res[0][0]) < 8e-3);
+  CHECK(rel(same[1], res[0][1]) < 8e-3);
+  CHECK(same[1] == same[0]);
   // kv_copy_page: page 0 becomes page 3 (all layers), so the table {0, 1} reads what {3, 1} holds.
   g->kv_copy_page(3, 0);
   const std::vector<int32_t> copied = {0, 1};
@@ -282,6 +284,80 @@ TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms,
   int64_t unrounded = 0;
   for (size_t i = 0; i < vals.size(); i++) unrounded += got[1][i] != bf16_to_f32(f32_to_bf16(vals[i]));
   CHECK(unrounded == 0);
+}
+
+// The tensor-core attention of the BF16 cache (kernels/mla_flash.cu) against the CPU's fp32 absorbed form over
+// the same bf16 cache entries (kv_write rounds alike on both): decode rows at contexts 1, 63, 64, 65, 4096 and
+// 40000, MTP-style rows, prefill chunks against a cached prefix and fresh prompts, ragged batches of up to 64
+// sequences, V3's latent shapes with 128 and 16 heads and a tiny preset's shapes, pages scattered over the pool.
+// The kernel rounds q and the probabilities to bf16 (2^-9 relative each) for mma: measured relative L2 errors
+// are printed; the bound is 8e-3 per sequence.
+TEST_CASE("MLA flash attention (BF16 cache, tensor cores) vs the CPU: contexts 1 to 40000, batches 1 to 64") {
+  struct Case {
+    const char *name;
+    MlaDims d;
+    std::vector<std::pair<int, int>> seqs;  // (n_past, n_new)
+  };
+  std::mt19937 rng(41);
+  std::vector<std::pair<int, int>> many;
+  std::uniform_int_distribution<int> past(0, 300);
+  for (int i = 0; i < 64; i++) many.push_back({past(rng), i % 9 == 0 ? 3 : 1});
+  const MlaDims v3_128{128, 128, 64, 128, 512, 0.01f}, v3_16{16, 128, 64, 128, 512, 0.01f}, tiny{4, 32, 16, 24, 128, 0.1f};
+  const std::vector<Case> cases = {
+      {"decode, 128 heads, contexts 1/63/64/65/4096", v3_128, {{0, 1}, {62, 1}, {63, 1}, {64, 1}, {4095, 1}}},
+      {"context 40000 and 4 verification rows at 39996, 16 heads", v3_16, {{39999, 1}, {39996, 4}}},
+      {"64 ragged sequences, 16 heads", v3_16, many},
+      {"prefill chunks: 77 rows after 100 cached, a 130-row prompt, decode rows", v3_16, {{100, 77}, {0, 130}, {5, 1}, {64, 2}}},
+      {"128 heads, a 70-row chunk after 1000 cached", v3_128, {{1000, 70}}},
+      {"tiny shapes (latent 128, rope 16, 4 heads)", tiny, {{0, 5}, {70, 3}, {0, 1}, {200, 1}}},
+  };
+  for (const Case &cs : cases) {
+    CAPTURE(std::string(cs.name));
+    const MlaDims &d = cs.d;
+    const int W = int(d.latent + d.rope), nh = int(d.n_heads);
+    HostWeight kv_b(d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng, 0.5f);
+    // a page table per sequence, pages handed out in a shuffled order
+    int total_pages = 0;
+    for (auto [np, nn] : cs.seqs) total_pages += (np + nn + 63) / 64;
+    std::vector<int32_t> perm(size_t(total_pages + 3));
+    for (size_t i = 0; i < perm.size(); i++) perm[i] = int32_t(i);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    Batch b;
+    std::vector<std::vector<float>> contents;
+    int used = 0;
+    for (auto [np, nn] : cs.seqs) {
+      const int n_pages = (np + nn + 63) / 64;
+      b.add_seq(nn, np, perm.data() + used, n_pages);  // before its rows: they start at the batch's current end
+      for (int i = 0; i < nn; i++) {
+        b.tokens.push_back(0);
+        b.positions.push_back(np + i);
+      }
+      used += n_pages;
+      contents.push_back(randn(size_t(np + nn) * 2 * W, rng));
+    }
+    const int T = int(b.tokens.size());
+    auto q = randn(size_t(T) * nh * (d.nope + d.rope), rng);
+    std::vector<float> out[2];
+    int k = 0;
+    for (Backend *be : {cpu().release(), gpu().release()}) {
+      std::unique_ptr<Backend> own(be);
+      be->kv_init({2, W, int64_t(perm.size()), DType::BF16});
+      for (size_t i = 0; i < cs.seqs.size(); i++)
+        be->kv_write(b.pages_of(b.seqs[i]), cs.seqs[i].first + cs.seqs[i].second, contents[i].data());
+      be->begin_step();
+      Tensor tq = put(*be, q, T, nh * (d.nope + d.rope)), o = be->alloc(T, nh * d.v);
+      be->mla_attention(1, tq, kv_b.w, d, b, AttnForm::Absorbed, o);
+      out[k++] = get(*be, o);
+    }
+    double worst = 0;
+    for (const SeqSlice &s : b.seqs) {
+      const size_t off = size_t(s.row0) * nh * d.v, n = size_t(s.n_new) * nh * d.v;
+      const double e = testing::rel_l2(out[1].data() + off, out[0].data() + off, n);
+      worst = std::max(worst, e);
+      CHECK_MESSAGE(e < 8e-3, "sequence at row ", s.row0, " (", s.n_past, " cached, ", s.n_new, " new)");
+    }
+    MESSAGE(cs.name << ": worst relative L2 per sequence " << worst);
+  }
 }
 
 TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
@@ -323,7 +399,8 @@ TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
 // Every op of a real forward pass (an 80-token prefill over two pages, then a one-token decode step) run on
 // the CUDA backend and on the CPU with the CUDA backend's inputs: each op's own error, named. Both latent cache
 // dtypes: each backend writes its own cache, so with BF16 an entry may differ by one bf16 ulp where the two
-// fp32 values straddle a rounding midpoint (see the BF16 MLA test): attention's bound is then 5e-4 instead of 1e-4.
+// fp32 values straddle a rounding midpoint (see the BF16 MLA test), and the GPU's BF16 attention runs on tensor
+// cores with q and the probabilities in bf16 (see the flash test): attention's bound is then 8e-3 instead of 1e-4.
 TEST_CASE("op by op through the model on every preset") {
   for (const std::string &preset : testing::preset_names())
   for (DType kv : {DType::F32, DType::BF16}) {
@@ -357,7 +434,7 @@ TEST_CASE("op by op through the model on every preset") {
       MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache) " << op << ": " << e.calls << " calls, worst relative L2 "
                      << e.worst << " at call " << e.worst_call);
       const bool attention = op.rfind("mla_attention", 0) == 0;
-      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : attention && kv == DType::BF16 ? 5e-4 : 1e-4), op);
+      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : attention && kv == DType::BF16 ? 8e-3 : 1e-4), op);
     }
   }
 }
@@ -397,12 +474,12 @@ std::vector<float> cpu_session(const std::string &dir, const std::vector<int32_t
 
 // The CUDA engine (through the C API; its pool is the GPU's default BF16) against the CPU reference with a pool
 // of the same dtype, teacher-forced on the GPU's greedy tokens: the prompt's 80 rows of logits and the 23 decode
-// steps' logits within 1e-3 (relative L2), and every GPU token the CPU's argmax unless the CPU's top two are
-// within 0.02 there. Why 1e-3: with fp32 activations both compute each cache entry in fp32 and round it alike,
-// except where the two fp32 values straddle a bf16 midpoint (one ulp, 2^-8 relative, at a fraction ~1e-4 of
-// the entries); simulated on the CPU by perturbing every cache entry by a relative 3e-6 before rounding, the
-// logits of these presets moved by at most 4.6e-4 (1e-6: 1.4e-4), while a BF16 cache against an F32 one moves
-// them by 1.4e-3 to 1.9e-3. The F32 comparison (the CPU reference's own dtype) is the one before: 1e-5.
+// steps' logits within 1e-2 (relative L2), and every GPU token the CPU's argmax unless the CPU's top two are
+// within 0.1 there. Why: the GPU's BF16 attention takes bf16 operands on tensor cores (q and the probabilities
+// rounded to bf16, 2^-9 relative: attention outputs within 8e-3 of the CPU's, the flash test) and the cache's
+// entries may differ by one ulp where two fp32 values straddle a bf16 midpoint; a BF16 cache against an F32
+// one moves these presets' logits by 1.4e-3 to 1.9e-3 on its own. The F32 comparison (the CPU reference's own
+// dtype, fp32 kernels on the GPU) keeps 1e-5 and 0.02.
 TEST_CASE("weights belong to the model: two engines on one GPU hold one copy, and their outputs agree") {
   dsrt::LoadOptions lo;
   lo.devices = {Device::cuda(0)};
@@ -483,11 +560,11 @@ TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU 
       const int32_t top = int32_t(std::max_element(l, l + V) - l);
       exact += top == greedy[i];
       CAPTURE(i);
-      CHECK(l[top] - l[greedy[i]] <= 0.02f);
+      CHECK(l[top] - l[greedy[i]] <= (kv == DType::F32 ? 0.02f : 0.1f));
     }
     MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache on both): CUDA vs CPU max relative L2 over 80 prompt rows and 23 decode steps = "
                    << worst << "; " << exact << " of 24 greedy tokens the CPU's argmax");
-    CHECK(worst < (kv == DType::F32 ? 1e-5 : 1e-3));
+    CHECK(worst < (kv == DType::F32 ? 1e-5 : 1e-2));
   }
 }
 

@@ -77,6 +77,7 @@ class CudaBackend final : public ArenaBackend {
     cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     if (opt.fp8_activations) gemm_ = std::make_unique<Fp8Gemm>(stream_);
+    cuda_check(cudaDeviceGetAttribute(&n_sm_, cudaDevAttrMultiProcessorCount, opt.device), "SM count");
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
@@ -92,6 +93,8 @@ class CudaBackend final : public ArenaBackend {
     gemm_.reset();
     cudaFreeHost(staging_);
     cudaFree(kv_.base);
+    cudaFree(plan_buf_);
+    cudaFree(flash_ws_);
     cudaStreamDestroy(stream_);
   }
   const char *name() const override { return "cuda"; }
@@ -104,6 +107,8 @@ class CudaBackend final : public ArenaBackend {
     if (gemm_) gemm_->release();
     collect_op_times();
     staged_ = 0;
+    flash_plans_.clear();
+    plan_used_ = 0;
     ArenaBackend::begin_step();
   }
 
@@ -239,6 +244,7 @@ class CudaBackend final : public ArenaBackend {
   }
   void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, AttnForm form,
                      Tensor out) override {
+    if (kv_.dtype == k::kBF16 && k::mla_flash_supported(d.latent, d.rope)) return mla_flash(layer, q, kv_b, d, b, out);
     const auto timer_ = timed("mla_attention", nullptr);
     for (const SeqSlice &s : b.seqs) {
       const int64_t n_ctx = s.n_past + s.n_new;
@@ -260,6 +266,104 @@ class CudaBackend final : public ArenaBackend {
       }
     }
   }
+  // The BF16 cache's attention for both forms (equal in exact arithmetic, spec §3.9): the absorbed form on
+  // tensor cores, every sequence of the step in one launch per layer (kernels/mla_flash.cu). The naive form's
+  // decompressed keys would cost [n_ctx, nh * (dn + dv)] per prefill chunk and a score row per query; the
+  // absorbed kernel needs neither. The F32 pool keeps the fp32 kernels (the exact reference path).
+  void mla_flash(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, Tensor out) {
+    if (b.seqs.empty()) return;
+    int32_t r0 = b.seqs[0].row0, r1 = 0, covered = 0;
+    for (const SeqSlice &s : b.seqs) {
+      r0 = std::min(r0, s.row0);
+      r1 = std::max(r1, s.row0 + s.n_new);
+      covered += s.n_new;
+    }
+    const int64_t nh = d.n_heads, W = kv_.width, rows = r1 - r0;
+    const FlashPlan &plan = flash_plan(b, nh, d.latent, r0);
+    const k::DevMatrix wkv = dev(kv_b);
+    Tensor qcat = alloc(rows * nh, W), olat = alloc(rows * nh, d.latent);
+    {
+      const auto timer_ = timed("mla_absorb_q", nullptr);
+      k::mla_q_absorb(q.f32() + int64_t(r0) * q.cols, q.cols, rows, wkv, nh, d.nope, d.rope, d.v, qcat.f32(), stream_);
+    }
+    {
+      const auto timer_ = timed("mla_attend", nullptr);
+      k::mla_flash_attend(kv_, layer, plan.pages, qcat.f32(), nh, d.latent, d.rope, d.softmax_scale, plan.items,
+                          plan.block_items, plan.n_blocks, plan.combine, plan.n_combine, plan.n_slots, flash_ws_,
+                          olat.f32(), stream_);
+    }
+    const auto timer_ = timed("mla_absorb_out", nullptr);
+    if (covered == rows) {  // the sequences' rows are one range (the usual case): one launch
+      k::mla_out_absorb(olat.f32(), rows, wkv, nh, d.nope, d.v, out.f32() + int64_t(r0) * out.cols, out.cols, stream_);
+      return;
+    }
+    for (const SeqSlice &s : b.seqs)  // rows between them belong to another call's sequences: leave them
+      k::mla_out_absorb(olat.f32() + int64_t(s.row0 - r0) * nh * d.latent, s.n_new, wkv, nh, d.nope, d.v,
+                        out.f32() + int64_t(s.row0) * out.cols, out.cols, stream_);
+  }
+
+  // A step's flash attention plan (blocks, key splits, page table), made at the first layer and reused by the
+  // others: the plan and the split workspace live in device buffers of their own (not the scratch arena, whose
+  // layer temporaries are released after each layer).
+  struct FlashPlan {
+    std::vector<SeqSlice> seqs;
+    int64_t nh = 0;
+    int32_t r0 = 0, n_blocks = 0, n_combine = 0, n_slots = 0;
+    const int32_t *pages = nullptr, *block_items = nullptr;
+    const k::MlaWorkItem *items = nullptr;
+    const k::MlaCombineItem *combine = nullptr;
+  };
+  const FlashPlan &flash_plan(const Batch &b, int64_t nh, int64_t dc, int32_t r0) {
+    auto same = [&](const FlashPlan &p) {
+      return p.nh == nh && p.r0 == r0 && p.seqs.size() == b.seqs.size() &&
+             std::memcmp(p.seqs.data(), b.seqs.data(), b.seqs.size() * sizeof(SeqSlice)) == 0;
+    };
+    for (const FlashPlan &p : flash_plans_)
+      if (same(p)) return p;
+    std::vector<k::MlaSeq> seqs;
+    for (const SeqSlice &s : b.seqs) seqs.push_back({s.row0 - r0, s.n_new, s.n_past, s.page0});
+    const k::MlaFlashPlan kp = k::mla_flash_plan(seqs, nh, n_sm_);
+    auto up256 = [](size_t n) { return (n + 255) / 256 * 256; };
+    const size_t pb = up256(b.pages.size() * 4), ib = up256(kp.items.size() * sizeof(k::MlaWorkItem)),
+                 bb = up256(kp.block_items.size() * 4), cb = up256(kp.combine.size() * sizeof(k::MlaCombineItem));
+    if (plan_used_ + pb + ib + bb + cb > plan_cap_) {  // grow: the step's earlier plans point into the old buffer
+      sync();
+      flash_plans_.clear();
+      cudaFree(plan_buf_);
+      plan_buf_ = nullptr;
+      plan_used_ = 0;
+      plan_cap_ = std::max(2 * (pb + ib + bb + cb), size_t(1) << 20);
+      cuda_check(cudaMalloc(&plan_buf_, plan_cap_), "attention plan");
+    }
+    const size_t ws = size_t(k::mla_flash_workspace_floats(kp.n_slots, dc)) * sizeof(float);
+    if (ws > flash_ws_bytes_) {
+      sync();  // earlier launches of this step may still read the workspace
+      cudaFree(flash_ws_);
+      flash_ws_ = nullptr;
+      flash_ws_bytes_ = std::max(ws, 2 * flash_ws_bytes_);
+      cuda_check(cudaMalloc(&flash_ws_, flash_ws_bytes_), "attention split workspace");
+    }
+    char *base = static_cast<char *>(plan_buf_) + plan_used_;
+    stage_copy(base, b.pages.data(), b.pages.size() * 4);
+    stage_copy(base + pb, kp.items.data(), kp.items.size() * sizeof(k::MlaWorkItem));
+    stage_copy(base + pb + ib, kp.block_items.data(), kp.block_items.size() * 4);
+    stage_copy(base + pb + ib + bb, kp.combine.data(), kp.combine.size() * sizeof(k::MlaCombineItem));
+    plan_used_ += pb + ib + bb + cb;
+    FlashPlan p;
+    p.seqs = b.seqs;
+    p.nh = nh;
+    p.r0 = r0;
+    p.n_blocks = int32_t(kp.block_items.size()) - 1;
+    p.n_combine = int32_t(kp.combine.size());
+    p.n_slots = kp.n_slots;
+    p.pages = reinterpret_cast<const int32_t *>(base);
+    p.items = reinterpret_cast<const k::MlaWorkItem *>(base + pb);
+    p.block_items = reinterpret_cast<const int32_t *>(base + pb + ib);
+    p.combine = reinterpret_cast<const k::MlaCombineItem *>(base + pb + ib + bb);
+    flash_plans_.push_back(std::move(p));
+    return flash_plans_.back();
+  }
+
   void moe_route(Tensor x, const Weight &gate, const Weight &bias, const RouterParams &p, Tensor ids,
                  Tensor weights) override {
     const auto timer_ = timed("moe_route", nullptr);
@@ -420,7 +524,11 @@ class CudaBackend final : public ArenaBackend {
   // buffer fills (then one sync lets it start over).
   const void *upload(const void *src, size_t bytes) {
     void *dst = alloc(1, std::max<int64_t>(1, int64_t((bytes + 3) / 4))).data;
-    if (bytes == 0) return dst;
+    stage_copy(dst, src, bytes);
+    return dst;
+  }
+  void stage_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes == 0) return;
     const size_t need = (bytes + 255) / 256 * 256;
     if (staged_ + need > staging_cap_) {
       sync();
@@ -436,7 +544,6 @@ class CudaBackend final : public ArenaBackend {
     std::memcpy(p, src, bytes);
     staged_ += need;
     cuda_check(cudaMemcpyAsync(dst, p, bytes, cudaMemcpyHostToDevice, stream_), "metadata upload");
-    return dst;
   }
   const int32_t *upload_i32(const std::vector<int32_t> &v) {
     return static_cast<const int32_t *>(upload(v.data(), v.size() * 4));
@@ -504,6 +611,12 @@ class CudaBackend final : public ArenaBackend {
   size_t n_timed_ = 0;
   KvCacheSpec spec_;
   k::KvCacheView kv_;
+  int n_sm_ = 1;
+  std::vector<FlashPlan> flash_plans_;  // this step's attention plans (at most one per subset of sequences)
+  void *plan_buf_ = nullptr;
+  size_t plan_cap_ = 0, plan_used_ = 0;
+  float *flash_ws_ = nullptr;  // partial outputs of split key ranges
+  size_t flash_ws_bytes_ = 0;
   std::shared_ptr<CudaWeights> store_;  // the model's weights on this GPU
   std::vector<k::DevMatrix> by_id_;      // the handles this backend got from store_
   // Weights without an id (made outside a checkpoint: tests), keyed by host address and shape.
