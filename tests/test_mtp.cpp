@@ -13,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "engine/engine.h"
+#include "engine/load.h"
 #include "helpers.h"
 #include "model/model.h"
 
@@ -28,7 +29,7 @@ struct TurnResult {
 
 struct Setup {
   std::shared_ptr<dsrt::Engine> engine;
-  explicit Setup(const std::shared_ptr<dsrt::Model> &m, int drafts, Override ov = {},
+  explicit Setup(const dsrt::LoadedModel &m, int drafts, Override ov = {},
                  dsrt::AttentionPolicy att = dsrt::AttentionPolicy::Absorbed) {
     dsrt::EngineOptions eo;
     eo.max_tokens = 1024;
@@ -37,7 +38,7 @@ struct Setup {
     eo.mtp_draft_override = std::move(ov);
     dsrt::BackendOptions bo;
     bo.n_threads = 2;
-    engine = std::make_shared<dsrt::Engine>(m, dsrt::make_cpu_backend(bo), eo);
+    engine = std::make_shared<dsrt::Engine>(m.model, m.vocab, dsrt::make_cpu_backend(bo), eo);
   }
 };
 
@@ -210,7 +211,8 @@ TEST_CASE("the MTP layer's own cache: pairs run one per step give the logits of 
 TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a turn's tokens, greedy or sampled") {
   for (const std::string &preset : {std::string("v3-mini"), std::string("partial-yarn")}) {
     CAPTURE(preset);
-    auto model = dsrt::Model::load(testing::tiny(preset), {});
+    const dsrt::LoadedModel loaded = dsrt::load_model(testing::tiny(preset), {});
+    const auto &model = loaded.model;
     REQUIRE(model->w.mtp.size() == 1);
     const int32_t V = int32_t(model->cfg.vocab_size);
     const std::vector<int32_t> prompt = testing::prompt_tokens(V, 21);
@@ -218,7 +220,7 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
       CAPTURE(temperature);
       const int n = 40;
       auto plain_turn = [&](dsrt::AttentionPolicy att) {
-        Setup plain(model, 0, {}, att);
+        Setup plain(loaded, 0, {}, att);
         auto ps = plain.engine->create_session(0, false, 7);
         ps->append(prompt.data(), prompt.size());
         return turn(*ps, params(temperature, n, 11));
@@ -244,7 +246,7 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
         const TurnResult &want = mode == 3 ? want_auto : want_absorbed;
         full = prompt;
         full.insert(full.end(), want.emitted.begin(), want.emitted.end());
-        Setup spec(model, drafts, mode == 0 ? Override{} : mode == 2 ? wrong : mode == 4 ? some : right,
+        Setup spec(loaded, drafts, mode == 0 ? Override{} : mode == 2 ? wrong : mode == 4 ? some : right,
                    mode == 3 ? dsrt::AttentionPolicy::Auto : dsrt::AttentionPolicy::Absorbed);
         auto s = spec.engine->create_session(0, false, 7);
         s->append(prompt.data(), prompt.size());
@@ -273,11 +275,12 @@ TEST_CASE("MTP drafts (the module's, always right, always wrong) never change a 
 }
 
 TEST_CASE("MTP: a second turn, a truncation and a fork continue exactly like plain decoding") {
-  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  const dsrt::LoadedModel loaded = dsrt::load_model(testing::tiny("v3-mini"), {});
+  const auto &model = loaded.model;
   const int32_t V = int32_t(model->cfg.vocab_size);
   const std::vector<int32_t> prompt = testing::prompt_tokens(V, 30), more = testing::prompt_tokens(V, 9);
   auto script = [&](int drafts) {
-    Setup st(model, drafts);
+    Setup st(loaded, drafts);
     auto s = st.engine->create_session(0, false, 3);
     std::vector<std::vector<int32_t>> out;
     s->append(prompt.data(), prompt.size());
@@ -305,13 +308,14 @@ TEST_CASE("MTP: a second turn, a truncation and a fork continue exactly like pla
 }
 
 TEST_CASE("MTP: sessions batched together each emit what they emit alone") {
-  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  const dsrt::LoadedModel loaded = dsrt::load_model(testing::tiny("v3-mini"), {});
+  const auto &model = loaded.model;
   const int32_t V = int32_t(model->cfg.vocab_size);
   std::vector<std::vector<int32_t>> prompts = {testing::prompt_tokens(V, 12), testing::prompt_tokens(V, 50),
                                                {1, 2, 3}};
   std::vector<std::vector<int32_t>> alone;
   for (auto &p : prompts) {
-    Setup st(model, 0);
+    Setup st(loaded, 0);
     auto s = st.engine->create_session(0, false, 1);
     s->append(p.data(), p.size());
     alone.push_back(turn(*s, params(0, 25, 1)).emitted);
@@ -331,7 +335,7 @@ TEST_CASE("MTP: sessions batched together each emit what they emit alone") {
   };
   for (int with_oracle = 0; with_oracle < 2; with_oracle++) {
     CAPTURE(with_oracle);
-    Setup st(model, 2, with_oracle ? oracle : Override{});
+    Setup st(loaded, 2, with_oracle ? oracle : Override{});
     std::vector<std::shared_ptr<dsrt::Session>> ss;
     for (auto &p : prompts) {
       ss.push_back(st.engine->create_session(0, false, 1));
@@ -364,10 +368,11 @@ TEST_CASE("MTP: sessions batched together each emit what they emit alone") {
 }
 
 TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of the last visible token") {
-  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  const dsrt::LoadedModel loaded = dsrt::load_model(testing::tiny("v3-mini"), {});
+  const auto &model = loaded.model;
   const int32_t V = int32_t(model->cfg.vocab_size);
   const std::vector<int32_t> prompt = testing::prompt_tokens(V, 15);
-  Setup plain(model, 0);
+  Setup plain(loaded, 0);
   auto ps = plain.engine->create_session(0, false, 1);
   ps->append(prompt.data(), prompt.size());
   const TurnResult want = turn(*ps, params(0, 30, 1));
@@ -376,7 +381,7 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
   const Override some = [&](const std::vector<int32_t> &seq, int32_t) {
     return seq.size() < full.size() && seq.size() % 4 ? full[seq.size()] : 0;
   };
-  Setup spec(model, 3, some);
+  Setup spec(loaded, 3, some);
   auto s = spec.engine->create_session(0, false, 1);
   s->append(prompt.data(), prompt.size());
   s->start(params(0, 30, 1));
@@ -403,7 +408,7 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
   }
   CHECK(spec.engine->stats().mtp_accepted > 0);
   // Reference: every position's logits of the whole sequence in one prefill.
-  Setup ref(model, 0);
+  Setup ref(loaded, 0);
   auto rs = ref.engine->create_session(0, true, 1);
   rs->append(full.data(), full.size());
   rs->eval(nullptr);
@@ -416,7 +421,8 @@ TEST_CASE("MTP: mid-turn views hide undecided drafts; the logits are those of th
 }
 
 TEST_CASE("MTP: 8 threads x 3 chat turns with drafts each reply as the conversation run alone without") {
-  auto model = dsrt::Model::load(testing::tiny("v3-mini"), {});
+  const dsrt::LoadedModel loaded = dsrt::load_model(testing::tiny("v3-mini"), {});
+  const auto &model = loaded.model;
   auto conversation = [&](dsrt::Engine &e, int k, std::vector<std::vector<int32_t>> &replies) {
     auto s = e.create_session(0, false, uint64_t(k));
     for (int t = 0; t < 3; t++) {
@@ -427,10 +433,10 @@ TEST_CASE("MTP: 8 threads x 3 chat turns with drafts each reply as the conversat
   };
   std::vector<std::vector<std::vector<int32_t>>> alone(8), together(8);
   {
-    Setup st(model, 0);
+    Setup st(loaded, 0);
     for (int k = 0; k < 8; k++) conversation(*st.engine, k, alone[size_t(k)]);
   }
-  Setup st(model, 2);
+  Setup st(loaded, 2);
   std::vector<std::thread> th;
   for (int k = 0; k < 8; k++) th.emplace_back([&, k] { conversation(*st.engine, k, together[size_t(k)]); });
   for (auto &t : th) t.join();

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "engine/engine.h"
+#include "engine/load.h"
 #include "helpers.h"
 
 using namespace testing;
@@ -17,13 +18,13 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-std::shared_ptr<dsrt::Engine> make_engine(const std::shared_ptr<dsrt::Model> &m, int64_t max_batch, int64_t max_tokens) {
+std::shared_ptr<dsrt::Engine> make_engine(const dsrt::LoadedModel &m, int64_t max_batch, int64_t max_tokens) {
   dsrt::EngineOptions eo;
   eo.max_batch_tokens = max_batch;
   eo.max_tokens = max_tokens;
   dsrt::BackendOptions bo;
   bo.n_threads = 2;
-  return std::make_shared<dsrt::Engine>(m, dsrt::make_cpu_backend(bo), eo);
+  return std::make_shared<dsrt::Engine>(m.model, m.vocab, dsrt::make_cpu_backend(bo), eo);
 }
 
 dsrt::GenParams greedy(int n) {
@@ -37,8 +38,8 @@ dsrt::GenParams greedy(int n) {
 }  // namespace
 
 TEST_CASE("a decoding session keeps its pace while another session prefills 2048 tokens") {
-  auto model = dsrt::Model::load(tiny("bf16"), {});
-  const int32_t V = int32_t(model->cfg.vocab_size);
+  auto model = dsrt::load_model(tiny("bf16"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
   auto e = make_engine(model, 64, 4096);
   auto a = e->create_session(0, false, 1), b = e->create_session(0, false, 2);
   const auto pa = prompt_tokens(V, 8), pb = prompt_tokens(V, 2048);
@@ -85,10 +86,10 @@ TEST_CASE("a decoding session keeps its pace while another session prefills 2048
 }
 
 TEST_CASE("cancel from another thread ends a long prefill at the next step boundary, keeping what ran") {
-  auto model = dsrt::Model::load(tiny("bf16"), {});
+  auto model = dsrt::load_model(tiny("bf16"), {});
   auto e = make_engine(model, 32, 4096);
   auto s = e->create_session(0, false, 1);
-  const auto p = prompt_tokens(int32_t(model->cfg.vocab_size), 2048);
+  const auto p = prompt_tokens(int32_t(model.model->cfg.vocab_size), 2048);
   s->append(p.data(), p.size());
   std::atomic<int> cancel{0};
   std::thread t([&] {
@@ -113,8 +114,8 @@ TEST_CASE("cancel from another thread ends a long prefill at the next step bound
 }
 
 TEST_CASE("a running turn keeps the pages it reserved: a newcomer's prefill cannot end it early") {
-  auto model = dsrt::Model::load(tiny("no-qlora"), {});
-  const int32_t V = int32_t(model->cfg.vocab_size);
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
   auto e = make_engine(model, 64, 256);  // 4 pages
   auto a = e->create_session(0, false, 1), b = e->create_session(0, false, 2);
   const auto pa = prompt_tokens(V, 10), pb = prompt_tokens(V, 150);
@@ -148,8 +149,8 @@ TEST_CASE("a running turn keeps the pages it reserved: a newcomer's prefill cann
 }
 
 TEST_CASE("a prefill that runs out of pages part-way is rolled back; other sessions go on") {
-  auto model = dsrt::Model::load(tiny("no-qlora"), {});
-  const int32_t V = int32_t(model->cfg.vocab_size);
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
   auto e = make_engine(model, 64, 256);  // 4 pages
   auto x = e->create_session(0, false, 1), b = e->create_session(0, false, 2);
   const auto px = prompt_tokens(V, 100), pb = prompt_tokens(V, 200);
@@ -181,8 +182,8 @@ TEST_CASE("a prefill that runs out of pages part-way is rolled back; other sessi
 }
 
 TEST_CASE("many threads, each with its own session, are batched by the step thread") {
-  auto model = dsrt::Model::load(tiny("no-qlora"), {});
-  const int32_t V = int32_t(model->cfg.vocab_size);
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
   std::vector<std::vector<int32_t>> alone;
   for (int k = 0; k < 4; k++) {
     auto e = make_engine(model, 512, 0);

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/status.h"
+#include "engine/load.h"
 #include "engine/sampler.h"
 #include "model/model.h"
 #include "helpers.h"
@@ -115,9 +116,9 @@ TEST_CASE("a model without tokenizer files runs on tokens; text calls fail with 
 TEST_CASE("incremental decoding: pieces are complete UTF-8 and concatenate to the full decode") {
   TokModel tm(v3_tokenizer_dir());
   dsrt::LoadOptions lo;
-  lo.tokenizer_only = true;
-  auto model = dsrt::Model::load(v3_tokenizer_dir(), lo);
-  const dsrt::Tokenizer &t = *model->tokenizer;
+  lo.config_only = true;  // a tokenizer-only load
+  const dsrt::LoadedModel model = dsrt::load_model(v3_tokenizer_dir(), lo);
+  const dsrt::Tokenizer &t = *model.vocab->tokenizer;
   std::mt19937 rng(11);
   std::vector<int32_t> pool = t.encode("漢字 😀👍🏽 ñ é ü — “quotes” Ελληνικά עברית 🦙🦙 \xff\xfe", false);
   for (int i = 0; i < 200; i++) pool.push_back(int32_t(rng() % 128000));
@@ -158,8 +159,8 @@ TEST_CASE("incremental decoding: pieces are complete UTF-8 and concatenate to th
 }
 
 TEST_CASE("stop strings are held back until resolved and never appear in the text") {
-  auto model = dsrt::Model::load(tiny("no-qlora"), {});
-  const dsrt::Tokenizer &t = *model->tokenizer;
+  const dsrt::LoadedModel model = dsrt::load_model(tiny("no-qlora"), {});
+  const dsrt::Tokenizer &t = *model.vocab->tokenizer;
   std::vector<int32_t> ids = t.encode("The answer is 42. STOP here and more text", false);
   for (const char *stop : {"STOP", ". S", "42", "x"}) {
     CAPTURE(stop);

@@ -15,6 +15,7 @@
 #include "core/thread_pool.h"
 #include "dsrt.h"
 #include "engine/engine.h"
+#include "engine/load.h"
 #include "model/model.h"
 #include "text/chat_template.h"
 #include "text/detokenizer.h"
@@ -24,6 +25,7 @@ struct dsrt_cancel {
 };
 struct dsrt_model {
   std::shared_ptr<const dsrt::Model> model;
+  std::shared_ptr<const dsrt::Vocabulary> vocab;  // the tokenizer and the ids generation needs from it; freed first
   int32_t backend = DSRT_BACKEND_CPU;
   int32_t n_threads = 0;
 };
@@ -36,7 +38,7 @@ struct dsrt_session {
   dsrt::Event last_event;  // keeps the text of the event handed out by dsrt_session_next alive
 };
 struct dsrt_detok {
-  std::shared_ptr<const dsrt::Model> model;  // keeps the tokenizer alive
+  std::shared_ptr<const dsrt::Tokenizer> tokenizer;  // keeps the tokenizer alive (past dsrt_model_free)
   std::unique_ptr<dsrt::Detokenizer> d;
 };
 
@@ -348,7 +350,7 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
       lo.user = &cb;
     }
     lo.cancel = p.cancel ? &p.cancel->flag : nullptr;
-    lo.tokenizer_only = p.tokenizer_only != 0;
+    lo.config_only = p.tokenizer_only != 0;
     const int64_t max_threads = dsrt::ThreadPool::max_threads();
     if (p.n_threads < 0 || p.n_threads > max_threads)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "n_threads ", p.n_threads, " must be in [0, ", max_threads,
@@ -365,7 +367,9 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     }
     lo.device_memory = p.device_memory;
     auto h = std::make_unique<dsrt_model>();
-    h->model = dsrt::Model::load(dir, lo);
+    dsrt::LoadedModel lm = dsrt::load_model(dir, lo);
+    h->model = std::move(lm.model);
+    h->vocab = std::move(lm.vocab);
     h->backend = backend;
     h->n_threads = p.n_threads;
     *out = h.release();
@@ -452,7 +456,7 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     const dsrt::Placement &pl = m->model->placement;
     if (!pl.devices.empty()) eo.backend.device = pl.devices[0].device.index;
     auto h = std::make_unique<dsrt_engine>();
-    h->engine = std::make_shared<dsrt::Engine>(m->model, eo);
+    h->engine = std::make_shared<dsrt::Engine>(m->model, m->vocab, eo);
     h->backend = m->backend;
     *out = h.release();
   });
@@ -619,7 +623,7 @@ dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int
   return guarded([&] {
     DSRT_REQUIRE(m, "model is NULL");
     DSRT_REQUIRE(text || len == 0, "text is NULL");
-    const std::vector<int32_t> ids = m->model->tok().encode_prompt(
+    const std::vector<int32_t> ids = m->vocab->tok().encode_prompt(
         std::string_view(text ? text : "", len), flags & DSRT_TOKENIZE_ADD_SPECIAL, flags & DSRT_TOKENIZE_PARSE_SPECIAL);
     copy_out(ids.data(), ids.size(), tokens, cap, n_out);
   });
@@ -630,7 +634,7 @@ dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n
   return guarded([&] {
     DSRT_REQUIRE(m, "model is NULL");
     DSRT_REQUIRE(tokens || n == 0, "tokens is NULL");
-    std::string s = m->model->tok().decode(std::vector<int32_t>(tokens, tokens + n), flags & DSRT_DETOKENIZE_SKIP_SPECIAL);
+    std::string s = m->vocab->tok().decode(std::vector<int32_t>(tokens, tokens + n), flags & DSRT_DETOKENIZE_SKIP_SPECIAL);
     copy_out(s.data(), s.size(), buf, cap, n_out);
   });
 }
@@ -638,7 +642,7 @@ dsrt_status dsrt_detokenize(const dsrt_model *m, const int32_t *tokens, size_t n
 dsrt_status dsrt_token_bytes(const dsrt_model *m, int32_t token, char *buf, size_t cap, size_t *n_out) {
   return guarded([&] {
     DSRT_REQUIRE(m, "model is NULL");
-    const dsrt::Tokenizer &t = m->model->tok();
+    const dsrt::Tokenizer &t = m->vocab->tok();
     if (token < 0 || token >= t.n_tokens()) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "token ", token, " is out of range");
     const std::string &s = t.token_bytes(token);
     copy_out(s.data(), s.size(), buf, cap, n_out);
@@ -646,13 +650,13 @@ dsrt_status dsrt_token_bytes(const dsrt_model *m, int32_t token, char *buf, size
 }
 
 int32_t dsrt_token_attr(const dsrt_model *m, int32_t token) {
-  if (!m || !m->model->tokenizer) return DSRT_TOKEN_ATTR_UNUSED;
-  return m->model->tokenizer->attr(token);
+  if (!m || !m->vocab->tokenizer) return DSRT_TOKEN_ATTR_UNUSED;
+  return m->vocab->tokenizer->attr(token);
 }
 
 int32_t dsrt_special_token(const dsrt_model *m, int32_t kind) {
-  if (!m || !m->model->tokenizer) return -1;
-  const dsrt::Tokenizer &t = *m->model->tokenizer;
+  if (!m || !m->vocab->tokenizer) return -1;
+  const dsrt::Tokenizer &t = *m->vocab->tokenizer;
   switch (kind) {
     case DSRT_SPECIAL_BOS: return t.bos_id;
     case DSRT_SPECIAL_EOS: return t.eos_id;
@@ -674,8 +678,8 @@ dsrt_status dsrt_detok_create(const dsrt_model *m, int32_t flags, dsrt_detok **o
   return guarded([&] {
     DSRT_REQUIRE(m && out, "model or out is NULL");
     auto d = std::make_unique<dsrt_detok>();
-    d->model = m->model;
-    d->d = std::make_unique<dsrt::Detokenizer>(m->model->tok(), (flags & DSRT_DETOKENIZE_SKIP_SPECIAL) != 0);
+    d->d = std::make_unique<dsrt::Detokenizer>(m->vocab->tok(), (flags & DSRT_DETOKENIZE_SKIP_SPECIAL) != 0);
+    d->tokenizer = m->vocab->tokenizer;
     *out = d.release();
   });
 }
@@ -704,7 +708,7 @@ void dsrt_detok_free(dsrt_detok *d) { delete d; }
 dsrt_status dsrt_chat_template(const dsrt_model *m, const char **tmpl) {
   return guarded([&] {
     DSRT_REQUIRE(m && tmpl, "model or tmpl is NULL");
-    const dsrt::Tokenizer &t = m->model->tok();
+    const dsrt::Tokenizer &t = m->vocab->tok();
     *tmpl = t.chat_template.empty() ? nullptr : t.chat_template.c_str();
   });
 }
@@ -719,7 +723,7 @@ dsrt_status dsrt_chat_apply_n(const dsrt_model *m, const char *messages_json, co
                               int32_t flags, char **prompt_out, size_t *prompt_len) {
   return guarded([&] {
     DSRT_REQUIRE(m && messages_json && prompt_out, "model, messages_json or prompt_out is NULL");
-    const dsrt::Tokenizer &t = m->model->tok();
+    const dsrt::Tokenizer &t = m->vocab->tok();
     nlohmann::ordered_json ctx = nlohmann::ordered_json::object();
     if (kwargs_json) {
       ctx = parse_json_arg(kwargs_json, "kwargs_json");

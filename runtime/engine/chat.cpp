@@ -37,8 +37,7 @@ void Session::replace_tail(const std::vector<int32_t> &want) {
 }
 
 void Session::append_chat(const std::string &messages_json, const std::string &tools_json, bool add_generation_prompt) {
-  const Model &m = engine_->model();
-  const Tokenizer &t = m.tok();
+  const Tokenizer &t = engine_->vocab().tok();
   // Depth-bounded (core/json.h): the conversions below and the template recurse over the values.
   nlohmann::ordered_json add = parse_json(messages_json, "messages", DSRT_ERR_INVALID_ARGUMENT);
   if (add.is_object()) add = nlohmann::ordered_json::array({add});

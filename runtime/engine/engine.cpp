@@ -11,7 +11,15 @@
 
 namespace dsrt {
 
-Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions &opt) : model_(std::move(model)), opt_(opt) {
+namespace {
+// No vocabulary given: no tokenizer, generation ends at the config's EOS ids.
+std::shared_ptr<const Vocabulary> or_config_only(std::shared_ptr<const Vocabulary> vocab, const Model &m) {
+  return vocab ? std::move(vocab) : Vocabulary::make(m.dir, nullptr, m.cfg.vocab_size, m.cfg.eos_token_ids);
+}
+}  // namespace
+
+Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab, const EngineOptions &opt)
+    : model_(std::move(model)), vocab_(or_config_only(std::move(vocab), *model_)), opt_(opt) {
   if (opt_.backend_kind != BackendKind::Cpu && int64_t(opt_.tp) * opt_.ep > 1)
     fail(DSRT_ERR_UNSUPPORTED, "tensor and expert parallelism run on the CPU backend (in-process ranks) for now; "
                                "several GPUs come with the NCCL communicator");
@@ -27,8 +35,9 @@ Engine::Engine(std::shared_ptr<const Model> model, const EngineOptions &opt) : m
   init();
 }
 
-Engine::Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> backend, const EngineOptions &opt)
-    : model_(std::move(model)), opt_(opt) {
+Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab,
+               std::unique_ptr<Backend> backend, const EngineOptions &opt)
+    : model_(std::move(model)), vocab_(or_config_only(std::move(vocab), *model_)), opt_(opt) {
   opt_.tp = opt_.ep = 1;
   ranks_ = std::make_unique<RankGroup>(*model_, 1, 1, [&](int) { return std::move(backend); });
   init();

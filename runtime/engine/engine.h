@@ -22,6 +22,7 @@
 #include "engine/session.h"
 #include "model/deepseek_v3.h"
 #include "model/model.h"
+#include "text/vocabulary.h"
 
 namespace dsrt {
 
@@ -54,12 +55,16 @@ struct EngineStats {
 
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
-  Engine(std::shared_ptr<const Model> model, const EngineOptions &opt);
+  // vocab: the model's text side (engine/load.h loads both), which sessions tokenize, detokenize and stop
+  // with. Null: no tokenizer (token ids only; generation ends at the config's EOS ids).
+  Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab, const EngineOptions &opt);
   // One rank on a backend made by the caller (tests and tools).
-  Engine(std::shared_ptr<const Model> model, std::unique_ptr<Backend> backend, const EngineOptions &opt);
+  Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab, std::unique_ptr<Backend> backend,
+         const EngineOptions &opt);
   ~Engine();
 
   const Model &model() const { return *model_; }
+  const Vocabulary &vocab() const { return *vocab_; }
   const EngineOptions &options() const { return opt_; }
   int64_t capacity_tokens() const { return pool_->total() * kPageTokens; }
   bool mtp_enabled() const { return mtp_; }
@@ -98,6 +103,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   Backend &backend() { return ranks_->leader(); }
 
   std::shared_ptr<const Model> model_;
+  std::shared_ptr<const Vocabulary> vocab_;  // never null
   EngineOptions opt_;
   std::unique_ptr<RankGroup> ranks_;
   std::unique_ptr<KvPagePool> pool_;

@@ -49,7 +49,7 @@ void Session::append(const int32_t *tokens, size_t n) {
 
 void Session::append_text(std::string_view text, bool parse_special, bool add_special) {
   // The tokenizer's one prompt path (BOS by its add_bos_token rule), as dsrt_tokenize: the two never disagree.
-  const std::vector<int32_t> ids = engine_->model().tok().encode_prompt(text, add_special, parse_special, &cancel_flag_);
+  const std::vector<int32_t> ids = engine_->vocab().tok().encode_prompt(text, add_special, parse_special, &cancel_flag_);
   append(ids.data(), ids.size());
 }
 
@@ -102,7 +102,8 @@ void Session::start(const GenParams &p) {
     last_.prompt_tokens = int64_t(pending_.size());
   }
   if (p.max_new_tokens < 0) fail(DSRT_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 0");
-  if (!p.stop_strings.empty() && !m.tokenizer) m.tok();  // throws the no-tokenizer error
+  const Vocabulary &v = engine_->vocab();
+  if (!p.stop_strings.empty() && !v.tokenizer) v.tok();  // throws the no-tokenizer error
   {
     auto lk = engine_->lock_idle(*this);
     gp_ = p;
@@ -118,9 +119,9 @@ void Session::start(const GenParams &p) {
   }
   if (p.has_seed) rng_.reseed(p.seed);
   detok_.reset();
-  if (m.tokenizer) detok_ = std::make_unique<Detokenizer>(*m.tokenizer, p.skip_special, p.stop_strings);
-  eog_ = m.eog_ids();
-  banned_ = engine_->model().unused_ids;
+  if (v.tokenizer) detok_ = std::make_unique<Detokenizer>(*v.tokenizer, p.skip_special, p.stop_strings);
+  eog_ = v.eog_ids;
+  banned_ = v.unused_ids;
   if (p.ignore_eos) banned_.insert(banned_.end(), eog_.begin(), eog_.end());
   finish_pending_ = Finish::None;
   n_generated_ = 0;
@@ -276,7 +277,7 @@ int32_t Session::sample(float temperature) {
   const int64_t V = engine_->model().cfg.vocab_size;
   SamplingParams p;
   p.temperature = temperature;
-  return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, engine_->model().unused_ids, rng_);
+  return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, engine_->vocab().unused_ids, rng_);
 }
 
 // With nothing pending no step touches this session, so the views point into it directly; with tokens

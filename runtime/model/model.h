@@ -1,8 +1,10 @@
 // A loaded checkpoint: config, mapped shards, bound weights. Immutable after load, shared by engines.
+// The tokenizer and the ids generation needs from it are not here: engine/load.h loads them beside the model.
 #pragma once
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/backend.h"
 #include "core/file.h"
@@ -11,18 +13,19 @@
 #include "model/placement.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
-#include "text/tokenizer.h"
 
 namespace dsrt {
 
 struct LoadOptions {
   bool load_mtp = true;
   bool validate_scales = true;
-  // stage: 0 config, 1 shards, 2 validate, 3 text files; returns false to cancel.
+  // stage: 0 config, 1 shards, 2 validate, 3 text files (tokenizer, generation config); returns false to cancel.
   bool (*progress)(int stage, uint64_t done, uint64_t total, void *user) = nullptr;
   void *user = nullptr;
   const std::atomic<int> *cancel = nullptr;
-  bool tokenizer_only = false;  // config.json + tokenizer files only: text calls work, no weights
+  // config.json (and generation_config.json) only, no weights: the model of a tokenizer-only load
+  // (engine/load.h), on which text calls work and no engine runs.
+  bool config_only = false;
   // Placement (model/placement.h): the devices the weights go to (none: host memory, read in place) and the
   // bytes each may hold (0: what the device has free, less 1 GiB of working room).
   std::vector<Device> devices;
@@ -31,10 +34,6 @@ struct LoadOptions {
   // (Checkpoint::verify_unchanged detects it between steps). Copy: weights copied into memory at load.
   ShardAccess shard_access = ShardAccess::Map;
 };
-
-// A tokenizer-only load has no embedding to check vocab_size against: the padding ids beyond what its
-// files can hold (each id costs at least one byte of a tokenizer file) are capped by this.
-constexpr int64_t kTokenizerOnlyPaddingMax = int64_t(1) << 20;
 
 // Sampling defaults a checkpoint ships in generation_config.json (absent fields keep dsrt's defaults).
 struct GenerationDefaults {
@@ -46,9 +45,19 @@ struct GenerationDefaults {
 // Reads generation_config.json of a model directory (absent: defaults stay). Throws DSRT_ERR_FORMAT.
 void load_generation_defaults(const std::string &dir, GenerationDefaults &g);
 
+// Load progress: DSRT_ERR_CANCELLED "model load cancelled" when opt.cancel is set or opt.progress asks to stop.
+void report_load_progress(const LoadOptions &opt, int stage, uint64_t done, uint64_t total);
+
 class Model {
  public:
+  // The model alone: begin_load, load_weights (unless config_only), generation_config.json, finish_load.
+  // No tokenizer: engine/load.h's load_model reads the text files too, in the order of the stages.
   static std::shared_ptr<Model> load(const std::string &dir, const LoadOptions &opt);
+  // The steps of a load, in this order; each consults cancel and progress (DSRT_ERR_CANCELLED "model load
+  // cancelled"). Between load_weights and finish_load a caller reads the directory's other files (stage 3).
+  static std::shared_ptr<Model> begin_load(const std::string &dir, const LoadOptions &opt);  // config.json: stage 0
+  void load_weights(const LoadOptions &opt);  // the shards (stage 1), bound and checked against the config (stage 2)
+  void finish_load(const LoadOptions &opt);   // fingerprint, RoPE and MLA tables, placement, parameter count
   Model();
   ~Model();  // the last model freed hands dsrt's freed host memory back to the system
   Model(const Model &) = delete;
@@ -63,8 +72,7 @@ class Model {
   MlaDims mla;
   RouterParams router;
   uint64_t n_params = 0;  // main model (MTP excluded)
-  bool has_weights = true;
-  std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer files
+  bool has_weights = true;  // false after a config_only load
   GenerationDefaults gen_defaults;
   std::string fingerprint;  // sha256 over config.json and every tensor's name, dtype, shape and first bytes
   mutable ModelIdentity identity;  // every weight byte hashed, on first use (model/identity.h)
@@ -72,13 +80,6 @@ class Model {
   // The weights' copies on each device, made by the backends that need them and shared by every engine of
   // the model (two engines on one GPU hold one copy).
   mutable DeviceWeightRegistry device_weights;
-
-  // The tokenizer, or DSRT_ERR_UNSUPPORTED naming the directory when it has none.
-  const Tokenizer &tok() const;
-  // Ids that end generation: the config's EOS ids and the tokenizer's end-of-generation tokens.
-  std::vector<int32_t> eog_ids() const;
-  // Ids in the vocabulary that no token uses (padding rows of the embedding): never sampled. Set at load.
-  std::vector<int32_t> unused_ids;
 };
 
 }  // namespace dsrt

@@ -490,7 +490,7 @@ TEST_CASE("weights belong to the model: two engines on one GPU hold one copy, an
     EngineOptions eo;
     eo.backend_kind = BackendKind::Cuda;
     eo.max_tokens = 1024;
-    return std::make_shared<Engine>(model, eo);
+    return std::make_shared<Engine>(model, nullptr, eo);  // logits only: no tokenizer needed
   };
   auto e1 = engine();
   const auto usage1 = model->device_weights.usage();
