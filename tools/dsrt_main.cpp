@@ -543,6 +543,9 @@ struct StepCost {
   double dense_bytes = 0, expert_bytes = 0;  // per step: all non-expert weights; all routed experts
   double flops_per_token = 0;                // 2 x weights touched per token (embedding rows excluded)
   double kv_bytes_per_token = 0;             // latent cache read per context token per step (pool dtype)
+  // Attention FLOPs of one (query token, key token) pair over all layers in the absorbed form: per head the
+  // scores q_lat . c_kv + q_pe . k_pe (dc + dr) and the output P . c_kv (dc), a multiply and an add each.
+  double attn_flops_per_pair = 0;
   int64_t n_experts = 0, top_k = 0;
   // Routed experts a batch of b tokens touches, if routing were uniform: E (1 - (1 - K/E)^b).
   double experts_touched(int b) const {
@@ -581,6 +584,8 @@ StepCost step_cost(const std::string &dir, size_t kv_elem_bytes) {
   }
   if (sc.n_experts) sc.flops_per_token += 2.0 * expert_params * double(sc.top_k) / double(sc.n_experts);
   sc.kv_bytes_per_token = double(c.num_hidden_layers * c.kv_cache_width()) * double(kv_elem_bytes);
+  sc.attn_flops_per_pair = 2.0 * double(c.num_hidden_layers * c.num_attention_heads) *
+                           double(2 * c.kv_lora_rank + c.qk_rope_head_dim);
   return sc;
 }
 
@@ -597,20 +602,38 @@ double host_copy_bandwidth() {  // bytes read + written per second for a large m
   return best;
 }
 
-void print_op_table(dsrt_engine *e, int steps, bool gpu) {
+// The engine's per-op times since profiling was turned on, divided by `steps` ("per decode step"), or the
+// totals with steps = 0 (a whole prefill).
+// Returns each op's total ms.
+std::map<std::string, double> print_op_table(dsrt_engine *e, int steps, bool gpu) {
   char *json = nullptr;
   check(dsrt_engine_profile_json(e, &json));
   const auto j = dsrt::parse_json_sorted(json, "the engine profile", DSRT_ERR_FORMAT);
   dsrt_free(json);
   double total = 0;
   for (const auto &r : j) total += r["ms"].get<double>();
-  std::printf("  per-op time per decode step (%s):\n  %-36s %8s %10s %7s\n", gpu ? "CUDA events" : "wall clock", "op", "calls",
-              "us/step", "share");
+  const int div = steps > 0 ? steps : 1;
+  std::printf("  per-op time %s (%s):\n  %-36s %8s %10s %7s\n", steps > 0 ? "per decode step" : "of the whole prefill",
+              gpu ? "CUDA events" : "wall clock", "op", "calls", steps > 0 ? "us/step" : "ms", "share");
   for (const auto &r : j)
     std::printf("  %-36s %8lld %10.1f %6.1f%%\n", r["op"].get<std::string>().c_str(),
-                (long long)(r["calls"].get<int64_t>() / steps), 1e3 * r["ms"].get<double>() / steps,
+                (long long)(r["calls"].get<int64_t>() / div), (steps > 0 ? 1e3 : 1.0) * r["ms"].get<double>() / div,
                 100.0 * r["ms"].get<double>() / total);
-  std::printf("  %-36s %8s %10.1f\n", "sum", "", 1e3 * total / steps);
+  std::printf("  %-36s %8s %10.1f\n", "sum", "", (steps > 0 ? 1e3 : 1.0) * total / div);
+  std::map<std::string, double> ms;
+  for (const auto &r : j) ms[r["op"].get<std::string>()] += r["ms"].get<double>();
+  return ms;
+}
+
+// The tensor-core attention kernel's rate from a profile (when it ran): `flops` of attention and `bytes` of
+// latent cache per step (or per prefill), against the copy bandwidth `bw`.
+void print_attention_rate(const std::map<std::string, double> &ms, double flops, double bytes, double bw, int steps) {
+  auto it = ms.find("mla_attend");
+  if (it == ms.end() || it->second <= 0) return;
+  const double s = it->second / std::max(steps, 1) * 1e-3;
+  std::printf("  mla_attend: %.3f ms for %.3f TFLOP = %.1f TFLOP/s; %.1f MB of latent cache = %.0f GB/s (%.1f%% of the copy "
+              "rate)\n",
+              s * 1e3, flops / 1e12, flops / s / 1e12, bytes / 1e6, bytes / s / 1e9, 100.0 * bytes / s / bw);
 }
 
 int cmd_bench(const Args &a) {
@@ -670,6 +693,7 @@ int cmd_bench(const Args &a) {
   dsrt_session_params sp;
   dsrt_session_params_init(&sp, sizeof sp);
 
+  const bool profile = a.has("--profile");
   for (int P : prompts) {  // prefill: one sequence, chunked by the engine's max_batch_tokens
     dsrt_session *s = nullptr;
     check(dsrt_session_create(l.engine, &sp, &s));
@@ -680,11 +704,23 @@ int cmd_bench(const Args &a) {
     const double dt = secs(t0);
     dsrt_session_free(s);
     const double flops = sc.flops_per_token * P;
-    std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only)", P, dt, P / dt, flops / dt / 1e12);
+    const double attn = sc.attn_flops_per_pair * double(P) * double(P + 1) / 2.0;
+    std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only; attention adds %.2f TFLOP)", P,
+                dt, P / dt, flops / dt / 1e12, attn / 1e12);
     if (fp8_rate > 0)
       std::printf("; roofline %.3f s at the FP8 GEMM rate: %.1f%% of it", flops / (fp8_rate * 1e12),
                   100.0 * flops / (fp8_rate * 1e12) / dt);
     std::printf("\n");
+    if (profile) {  // the same prompt again, timed op by op (the timing events cost a little speed)
+      dsrt_session *s2 = nullptr;
+      check(dsrt_session_create(l.engine, &sp, &s2));
+      check(dsrt_session_append_tokens(s2, t.data(), t.size()));
+      check(dsrt_engine_set_profiling(l.engine, 1));
+      check(dsrt_session_eval(s2, nullptr));
+      print_attention_rate(print_op_table(l.engine, 0, gpu), attn, sc.kv_bytes_per_token * double(P) * double(P + 1) / 2.0, bw, 1);
+      check(dsrt_engine_set_profiling(l.engine, 0));
+      dsrt_session_free(s2);
+    }
   }
 
   for (int ctx : ctxs) {
@@ -715,7 +751,6 @@ int cmd_bench(const Args &a) {
         t_forward += secs(t1);
       };
       decode_step();  // warm-up: first-use uploads and allocations
-      const bool profile = a.has("--profile");
       if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
       t_forward = 0;
       auto t0 = now();
@@ -729,7 +764,9 @@ int cmd_bench(const Args &a) {
                   B, ctx, rate, rate * B, bytes / 1e6, (bytes - sc.step_bytes(B, 0)) / 1e6, bw / 1e9, roof,
                   100.0 * rate / roof);
       if (profile) {
-        print_op_table(l.engine, int(steps), gpu);
+        print_attention_rate(print_op_table(l.engine, int(steps), gpu),
+                             sc.attn_flops_per_pair * double(B) * double(ctx + gen / 2),
+                             sc.kv_bytes_per_token * double(B) * double(ctx + gen / 2), bw, int(steps));
         check(dsrt_engine_set_profiling(l.engine, 0));
       }
       for (auto *s : ss) {  // a session the engine could not serve (KV pool) would make the figures lie
