@@ -7,9 +7,13 @@
 // split across blocks and mla_flash_combine merges the partial results by their log-sum-exp. The split is
 // planned once per step on the host (mla_flash_plan) and read from device memory by every layer's launch.
 //
-// Arithmetic: scores q_lat . c_kv + q_pe . k_pe and the output P . c_kv take bf16 operands (the cache's own
-// values; q and the probabilities P rounded to nearest even) on mma.sync m16n8k16 with fp32 accumulation;
-// the softmax is fp32 (base 2, the scale folded into the exponent).
+// Arithmetic: mma.sync m16n8k16 on bf16 operands with fp32 accumulation; the softmax is fp32 (base 2, the
+// scale folded into the exponent). The keys are the cache's own bf16 values. The query is split into two
+// bf16 terms, q = q_hi + q_lo (q_lo = bf16(q - q_hi)), and its scores are q_hi . k + q_lo . k: a query
+// rounded once to bf16 moved scores by up to 2^-9 of |q| |k|, which on the tiny presets flipped a MoE routing
+// choice downstream (logits 14% off at one row in 80, emulated on the CPU); with the split, the scores are
+// those of the fp32 query to ~2^-17. The probabilities P go to bf16 for the P . c_kv product (in [0, 1]: the
+// same emulation moved logits by at most 6e-4). The second term costs half as many tensor FLOPs again.
 //
 // Block: 8 warps. Warp w owns query rows 16*(w%4) .. +15. For the scores it takes tokens 16*(w/4) .. +15 of
 // the tile (the two warps of a row group exchange their row maxima through shared memory); for the output it
@@ -28,6 +32,7 @@ namespace {
 constexpr int kBM = kMlaFlashRows;  // query rows per block
 constexpr int kBN = kMlaFlashTile;  // key tokens per tile
 constexpr int kThreads = 256;
+constexpr int kMaxSplits = 1024;  // segments of one q-block: at most one per block, blocks <= SMs <= this
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
@@ -68,7 +73,7 @@ struct FlashShape {
   static constexpr int LDP = kBN + 8;
   static constexpr int NT_O = DC / 16;  // 8-column output tiles per warp (its half of dc)
   static constexpr size_t smem_bytes =
-      size_t(kBM * LDS + 2 * kBN * LDS + kBM * LDP) * 2 + size_t(4 * kBM) * sizeof(float);
+      size_t(2 * kBM * LDS + 2 * kBN * LDS + kBM * LDP) * 2 + size_t(4 * kBM) * sizeof(float);
   static_assert(W % 16 == 0 && DC % 32 == 0, "tile shapes");
 };
 
@@ -79,8 +84,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   using S = FlashShape<DC, DR>;
   constexpr int W = S::W, LDS = S::LDS, LDP = S::LDP, NT_O = S::NT_O;
   extern __shared__ __align__(16) unsigned char smem[];
-  __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem);
-  __nv_bfloat16 *Ks = Qs + kBM * LDS;
+  __nv_bfloat16 *Qs = reinterpret_cast<__nv_bfloat16 *>(smem);  // q_hi
+  __nv_bfloat16 *Ql = Qs + kBM * LDS;                            // q_lo
+  __nv_bfloat16 *Ks = Ql + kBM * LDS;
   __nv_bfloat16 *Ps = Ks + 2 * kBN * LDS;
   float *red_max = reinterpret_cast<float *>(Ps + kBM * LDP);  // [2][kBM]: each token half's row maxima
   float *red_sum = red_max + 2 * kBM;                           // [2][kBM]: each token half's row sums
@@ -114,14 +120,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   load_tile(it.tile0, 0);
   cp_async_commit();
-  for (int c = tid; c < kBM * (W / 4); c += kThreads) {  // the block's query rows, fp32 -> bf16
+  for (int c = tid; c < kBM * (W / 4); c += kThreads) {  // the block's query rows, fp32 -> bf16 hi + lo
     const int r = c / (W / 4), k = (c % (W / 4)) * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (r < it.nq) v = *reinterpret_cast<const float4 *>(qcat + (int64_t(it.qrow0) + r) * W + k);
-    uint2 p;
-    p.x = pack_bf16(v.x, v.y);
-    p.y = pack_bf16(v.z, v.w);
-    *reinterpret_cast<uint2 *>(Qs + r * LDS + k) = p;
+    const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
+    const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+    uint2 hi, lo;
+    hi.x = *reinterpret_cast<const uint32_t *>(&h01);
+    hi.y = *reinterpret_cast<const uint32_t *>(&h23);
+    lo.x = pack_bf16(v.x - f01.x, v.y - f01.y);
+    lo.y = pack_bf16(v.z - f23.x, v.w - f23.y);
+    *reinterpret_cast<uint2 *>(Qs + r * LDS + k) = hi;
+    *reinterpret_cast<uint2 *>(Ql + r * LDS + k) = lo;
   }
 
   float o[NT_O][4];
@@ -141,11 +152,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll 4
     for (int kk = 0; kk < W / 16; kk++) {
-      uint32_t a[4], b[4];
-      ldmatrix_x4(a, Qs + (rg * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      uint32_t a[4], al[4], b[4];
+      const int qo = (rg * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8;
+      ldmatrix_x4(a, Qs + qo);
+      ldmatrix_x4(al, Ql + qo);
       ldmatrix_x4(b, Kb + (half * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
       mma_bf16(s[0], a, b[0], b[1]);
       mma_bf16(s[1], a, b[2], b[3]);
+      mma_bf16(s[0], al, b[0], b[1]);
+      mma_bf16(s[1], al, b[2], b[3]);
     }
     const int tok_base = tile * kBN + half * 16 + 2 * t4;
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -257,26 +272,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   }  // segments
 }
 
-// One query row of one split block: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
-__global__ void combine_kernel(const MlaCombineItem *items, const float *ws_o, const float *ws_ml, int dc, float *olat) {
+// One query row of a q-block cut into segments: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s. The
+// weights first (a thread per segment), then a thread per 4 columns sums the segments' partial rows, with
+// independent loads in flight (a thread walking the segments one load at a time took 150 us at 64 segments).
+__global__ void __launch_bounds__(128) combine_kernel(const MlaCombineItem *items, const float *ws_o,
+                                                      const float *ws_ml, int dc, float *olat) {
+  __shared__ float wgt[kMaxSplits];
+  __shared__ float red[32];
   const MlaCombineItem c = items[blockIdx.x];
   const int r = blockIdx.y;
   if (r >= c.nq) return;
-  float M = -INFINITY;
-  for (int s = 0; s < c.n_splits; s++) M = fmaxf(M, ws_ml[(int64_t(c.slot0 + s) * kBM + r) * 2]);
-  float L = 0.f;
-  for (int s = 0; s < c.n_splits; s++) {
-    const float *ml = ws_ml + (int64_t(c.slot0 + s) * kBM + r) * 2;
-    if (ml[0] != -INFINITY) L += exp2f(ml[0] - M) * ml[1];
+  const float *ml = ws_ml + (int64_t(c.slot0) * kBM + r) * 2;  // segment s: ml[s * kBM * 2]
+  float mx = -INFINITY;
+  for (int s = threadIdx.x; s < c.n_splits; s += blockDim.x) mx = fmaxf(mx, ml[int64_t(s) * kBM * 2]);
+  const float M = block_max(mx, red);
+  float sum = 0.f;
+  for (int s = threadIdx.x; s < c.n_splits; s += blockDim.x) {
+    const float m = ml[int64_t(s) * kBM * 2];
+    const float w = m == -INFINITY ? 0.f : exp2f(m - M);
+    wgt[s] = w;
+    sum += w * ml[int64_t(s) * kBM * 2 + 1];
   }
+  const float L = block_sum(sum, red);  // its barriers also publish wgt
   const float inv = L > 0.f ? 1.f / L : 0.f;
-  for (int col = threadIdx.x; col < dc; col += blockDim.x) {
-    float acc = 0.f;
+  const float *o = ws_o + (int64_t(c.slot0) * kBM + r) * dc;  // segment s: o[s * kBM * dc]
+  for (int c4 = threadIdx.x * 4; c4 < dc; c4 += blockDim.x * 4) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
     for (int s = 0; s < c.n_splits; s++) {
-      const float m = ws_ml[(int64_t(c.slot0 + s) * kBM + r) * 2];
-      if (m != -INFINITY) acc += exp2f(m - M) * ws_o[(int64_t(c.slot0 + s) * kBM + r) * dc + col];
+      const float w = wgt[s];
+      const float4 v = *reinterpret_cast<const float4 *>(o + int64_t(s) * kBM * dc + c4);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
     }
-    olat[(int64_t(c.qrow0) + r) * dc + col] = acc * inv;
+    *reinterpret_cast<float4 *>(olat + (int64_t(c.qrow0) + r) * dc + c4) =
+        make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
   }
 }
 
@@ -329,7 +361,7 @@ void mla_flash_attend(const KvCacheView &kv, int64_t layer, const int32_t *pages
                              std::to_string(dr));
   check_launch("mla_flash");
   if (n_combine > 0) {
-    combine_kernel<<<dim3(unsigned(n_combine), kBM), 128, 0, s>>>(combine, ws_o, ws_ml, int(dc), olat);
+    combine_kernel<<<dim3(unsigned(n_combine), kBM), 128, 0, s>>>(combine, ws_o, ws_ml, int(dc), olat);  // dc % 4 == 0
     check_launch("mla_flash combine");
   }
 }

@@ -34,7 +34,7 @@ MlaFlashPlan mla_flash_plan(const std::vector<MlaSeq> &seqs, int64_t nh, int n_s
   // result per segment, merged by the combine kernel. At least kMinRun tiles per block: below that, the
   // per-segment costs (loading 64 query rows, writing a partial) outweigh the keys.
   constexpr int64_t kMinRun = 4;
-  const int64_t n_blocks = std::clamp<int64_t>((total + kMinRun - 1) / kMinRun, 1, std::max(n_sm, 1));
+  const int64_t n_blocks = std::clamp<int64_t>((total + kMinRun - 1) / kMinRun, 1, std::clamp(n_sm, 1, 1024));
   const int64_t run = (total + n_blocks - 1) / n_blocks;
   std::vector<int32_t> block_of;  // per item: the run (block) it lies in
   int64_t pos = 0;                // tiles handed out so far

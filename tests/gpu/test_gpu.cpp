@@ -249,12 +249,12 @@ TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms,
   CHECK(not_bf16 == 0);
   CHECK(beyond_ulp == 0);
   CHECK(differ <= n_ctx * W / 1000);
-  // Attention over each backend's own cache: the GPU's BF16 path is the tensor-core kernel (q and the
-  // probabilities rounded to bf16: see the flash test), within its 8e-3; the cache's rare one-ulp entries add
-  // at most sqrt(1e-3) * 2^-7 = 2.5e-4.
+  // Attention over each backend's own cache: the GPU's BF16 path is the tensor-core kernel (probabilities
+  // rounded to bf16: see the flash test), within its 4e-3; the cache's rare one-ulp entries add at most
+  // sqrt(1e-3) * 2^-7 = 2.5e-4.
   MESSAGE("BF16 cache, attention CUDA vs CPU: naive " << rel(res[1][0], res[0][0]) << ", absorbed " << rel(res[1][1], res[0][1]));
-  CHECK(rel(res[1][0], res[0][0]) < 8e-3);
-  CHECK(rel(res[1][1], res[0][1]) < 8e-3);
+  CHECK(rel(res[1][0], res[0][0]) < 4e-3);
+  CHECK(rel(res[1][1], res[0][1]) < 4e-3);
   // Over identical caches: the CPU's entries into the GPU pool (kv_write of bf16 values is exact), read back
   // bitwise, then attention within the same bound; both forms are one kernel on the GPU.
   g->kv_write(pages.data(), n_ctx, cache[0].data());
@@ -263,8 +263,8 @@ TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms,
   CHECK(back == cache[0]);
   std::vector<float> same[2];
   attend(*g, same);
-  CHECK(rel(same[0], res[0][0]) < 8e-3);
-  CHECK(rel(same[1], res[0][1]) < 8e-3);
+  CHECK(rel(same[0], res[0][0]) < 4e-3);
+  CHECK(rel(same[1], res[0][1]) < 4e-3);
   CHECK(same[1] == same[0]);
   // kv_copy_page: page 0 becomes page 3 (all layers), so the table {0, 1} reads what {3, 1} holds.
   g->kv_copy_page(3, 0);
@@ -290,8 +290,9 @@ TEST_CASE("MLA with a BF16 cache: CUDA vs CPU cache write, both attention forms,
 // the same bf16 cache entries (kv_write rounds alike on both): decode rows at contexts 1, 63, 64, 65, 4096 and
 // 40000, MTP-style rows, prefill chunks against a cached prefix and fresh prompts, ragged batches of up to 64
 // sequences, V3's latent shapes with 128 and 16 heads and a tiny preset's shapes, pages scattered over the pool.
-// The kernel rounds q and the probabilities to bf16 (2^-9 relative each) for mma: measured relative L2 errors
-// are printed; the bound is 8e-3 per sequence.
+// The kernel takes q as two bf16 terms (hi + lo: scores as the fp32 query's to ~2^-17) and rounds the
+// probabilities to bf16 (2^-9 relative) for the P . c_kv product; measured relative L2 errors are printed
+// (with q rounded once they were 1.6e-3 to 3.2e-3); the bound is 4e-3 per sequence.
 TEST_CASE("MLA flash attention (BF16 cache, tensor cores) vs the CPU: contexts 1 to 40000, batches 1 to 64") {
   struct Case {
     const char *name;
@@ -354,7 +355,7 @@ TEST_CASE("MLA flash attention (BF16 cache, tensor cores) vs the CPU: contexts 1
       const size_t off = size_t(s.row0) * nh * d.v, n = size_t(s.n_new) * nh * d.v;
       const double e = testing::rel_l2(out[1].data() + off, out[0].data() + off, n);
       worst = std::max(worst, e);
-      CHECK_MESSAGE(e < 8e-3, "sequence at row ", s.row0, " (", s.n_past, " cached, ", s.n_new, " new)");
+      CHECK_MESSAGE(e < 4e-3, "sequence at row ", s.row0, " (", s.n_past, " cached, ", s.n_new, " new)");
     }
     MESSAGE(cs.name << ": worst relative L2 per sequence " << worst);
   }
@@ -400,7 +401,7 @@ TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
 // the CUDA backend and on the CPU with the CUDA backend's inputs: each op's own error, named. Both latent cache
 // dtypes: each backend writes its own cache, so with BF16 an entry may differ by one bf16 ulp where the two
 // fp32 values straddle a rounding midpoint (see the BF16 MLA test), and the GPU's BF16 attention runs on tensor
-// cores with q and the probabilities in bf16 (see the flash test): attention's bound is then 8e-3 instead of 1e-4.
+// cores with the probabilities in bf16 (see the flash test): attention's bound is then 4e-3 instead of 1e-4.
 TEST_CASE("op by op through the model on every preset") {
   for (const std::string &preset : testing::preset_names())
   for (DType kv : {DType::F32, DType::BF16}) {
@@ -434,7 +435,7 @@ TEST_CASE("op by op through the model on every preset") {
       MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache) " << op << ": " << e.calls << " calls, worst relative L2 "
                      << e.worst << " at call " << e.worst_call);
       const bool attention = op.rfind("mla_attention", 0) == 0;
-      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : attention && kv == DType::BF16 ? 8e-3 : 1e-4), op);
+      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : attention && kv == DType::BF16 ? 4e-3 : 1e-4), op);
     }
   }
 }
@@ -474,12 +475,12 @@ std::vector<float> cpu_session(const std::string &dir, const std::vector<int32_t
 
 // The CUDA engine (through the C API; its pool is the GPU's default BF16) against the CPU reference with a pool
 // of the same dtype, teacher-forced on the GPU's greedy tokens: the prompt's 80 rows of logits and the 23 decode
-// steps' logits within 1e-2 (relative L2), and every GPU token the CPU's argmax unless the CPU's top two are
-// within 0.1 there. Why: the GPU's BF16 attention takes bf16 operands on tensor cores (q and the probabilities
-// rounded to bf16, 2^-9 relative: attention outputs within 8e-3 of the CPU's, the flash test) and the cache's
-// entries may differ by one ulp where two fp32 values straddle a bf16 midpoint; a BF16 cache against an F32
-// one moves these presets' logits by 1.4e-3 to 1.9e-3 on its own. The F32 comparison (the CPU reference's own
-// dtype, fp32 kernels on the GPU) keeps 1e-5 and 0.02.
+// steps' logits within 3e-3 (relative L2), and every GPU token the CPU's argmax unless the CPU's top two are
+// within 0.05 there. Why: the GPU's BF16 attention rounds its probabilities to bf16 for the tensor cores (the
+// query stays fp32-exact as two bf16 terms); emulated on the CPU, that moved these presets' logits by at most
+// 6e-4 (rounding the query once as well: up to 0.14 at a row where a MoE routing choice flipped). Cache entries
+// may also differ by one ulp where two fp32 values straddle a bf16 midpoint (logits within 4.6e-4 when
+// simulated). The F32 comparison (the CPU reference's own dtype, fp32 kernels on the GPU) keeps 1e-5 and 0.02.
 TEST_CASE("weights belong to the model: two engines on one GPU hold one copy, and their outputs agree") {
   dsrt::LoadOptions lo;
   lo.devices = {Device::cuda(0)};
@@ -560,11 +561,11 @@ TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU 
       const int32_t top = int32_t(std::max_element(l, l + V) - l);
       exact += top == greedy[i];
       CAPTURE(i);
-      CHECK(l[top] - l[greedy[i]] <= (kv == DType::F32 ? 0.02f : 0.1f));
+      CHECK(l[top] - l[greedy[i]] <= (kv == DType::F32 ? 0.02f : 0.05f));
     }
     MESSAGE(preset << " (" << std::string(dtype_name(kv)) << " cache on both): CUDA vs CPU max relative L2 over 80 prompt rows and 23 decode steps = "
                    << worst << "; " << exact << " of 24 greedy tokens the CPU's argmax");
-    CHECK(worst < (kv == DType::F32 ? 1e-5 : 1e-2));
+    CHECK(worst < (kv == DType::F32 ? 1e-5 : 3e-3));
   }
 }
 
