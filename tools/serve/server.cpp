@@ -427,10 +427,15 @@ struct Server::Impl {
     std::string echo;
     if (r.echo) {
       if (r.prompt_is_tokens) {
-        std::vector<char> buf(g->prompt.size() * 64 + 64);
+        std::vector<char> buf(g->prompt.size() * 16 + 64);
         size_t n = 0;
-        if (dsrt_detokenize(model, g->prompt.data(), g->prompt.size(), DSRT_DETOKENIZE_SKIP_SPECIAL, buf.data(), buf.size(), &n) == DSRT_OK)
-          echo.assign(buf.data(), n);
+        dsrt_status st = dsrt_detokenize(model, g->prompt.data(), g->prompt.size(), DSRT_DETOKENIZE_SKIP_SPECIAL, buf.data(), buf.size(), &n);
+        if (st == DSRT_ERR_BUFFER_TOO_SMALL) {
+          buf.resize(n);
+          st = dsrt_detokenize(model, g->prompt.data(), g->prompt.size(), DSRT_DETOKENIZE_SKIP_SPECIAL, buf.data(), buf.size(), &n);
+        }
+        if (st != DSRT_OK) throw ApiError(400, "cannot detokenize the prompt for 'echo': " + dsrt_error(st), "prompt");
+        echo.assign(buf.data(), n);
       } else {
         echo = r.prompt;
       }
@@ -666,6 +671,7 @@ void Server::stop() {
 }
 
 int Server::active_sessions() const { return impl_->active.load(); }
+bool Server::is_running() const { return impl_->http.is_running(); }
 const std::string &Server::model_name() const { return impl_->opt.model_name; }
 
 // ---- command line

@@ -41,6 +41,7 @@ class Server {
   int bind();     // binds host:port; returns the port (the ephemeral one for port 0); throws on failure
   bool listen();  // serves until stop(); returns false if the server could not run
   void stop();    // cancels every running generation and makes listen() return; any thread
+  bool is_running() const;      // listen() is accepting connections
   int active_sessions() const;  // requests holding a session now
   const std::string &model_name() const;
 
