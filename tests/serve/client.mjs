@@ -5,11 +5,12 @@ import { spawn } from 'node:child_process';
 import { createRequire } from 'node:module';
 import assert from 'node:assert/strict';
 import path from 'node:path';
+import { readFileSync } from 'node:fs';
 
 const [dsrt, modelDir, npmDir] = process.argv.slice(2);
 const require = createRequire(path.resolve(npmDir, 'package.json'));
 const OpenAI = require('openai');
-const { version } = require('openai/package.json');
+const { version } = JSON.parse(readFileSync(path.resolve(npmDir, 'node_modules/openai/package.json'), 'utf8'));
 
 const key = 'sk-dsrt-node-test';
 const srv = spawn(dsrt, ['serve', '--model', modelDir, '--port', '0', '--threads', '2', '--api-key', key,
