@@ -12,7 +12,7 @@
 
 namespace dsrt::serve {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;  // keys in the order OpenAI writes them
 
 // An error that goes back to the client as {"error": {"message", "type", "param", "code"}} with `status`.
 struct ApiError : std::exception {
