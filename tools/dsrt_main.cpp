@@ -28,6 +28,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "repl.h"
+#include "server.h"
 #include "tiny_model.h"
 
 namespace {
@@ -811,6 +812,7 @@ void usage(FILE *f) {
                "usage: dsrt COMMAND [options]   (dsrt COMMAND --help for each)\n"
                "  generate   sample tokens after a prompt (token ids or text)\n"
                "  chat       interactive chat\n"
+               "  serve      OpenAI-compatible HTTP server (tools/serve, docs/server.md)\n"
                "  tokenize   print the ids of a file's text\n"
                "  template   print the chat template's rendering of messages\n"
                "  bench-tokenizer  tokenizer encode speed\n"
@@ -829,6 +831,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   const std::string cmd = argv[1];
+  if (cmd == "serve") return dsrt_serve_command(argc - 2, argv + 2);  // tools/serve parses its own options
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     usage(stdout);
     return 0;

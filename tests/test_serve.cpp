@@ -1,0 +1,668 @@
+// `dsrt serve` (tools/serve): the server runs in-process on an ephemeral loopback port over a tiny model and is
+// driven with cpp-httplib's client (and a raw socket for disconnects). Also unit tests of the request parser
+// and of the think/tool-call output parser.
+#include <arpa/inet.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "helpers.h"
+#include "openai_json.h"
+#include "server.h"
+#include "tool_calls.h"
+
+using namespace testing;
+using dsrt::serve::json;
+
+namespace {
+
+const char *kTinyServe = "no-qlora";
+
+struct Running {
+  dsrt::serve::Server srv;
+  int port = 0;
+  std::atomic<bool> ended{false};
+  std::thread th;
+  explicit Running(const dsrt::serve::Options &o) : srv(o) {
+    port = srv.bind();
+    th = std::thread([this] {
+      srv.listen();
+      ended = true;
+    });
+    while (!srv.is_running() && !ended) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    REQUIRE(!ended);
+  }
+  ~Running() {
+    srv.stop();
+    th.join();
+  }
+  std::unique_ptr<httplib::Client> client() const {
+    auto c = std::make_unique<httplib::Client>("127.0.0.1", port);
+    c->set_read_timeout(120, 0);
+    c->set_write_timeout(30, 0);
+    return c;
+  }
+};
+
+dsrt::serve::Options options() {
+  dsrt::serve::Options o;
+  o.model_dir = tiny(kTinyServe);
+  o.model_name = "tiny";
+  o.port = 0;
+  o.threads = 2;
+  o.log_requests = false;
+  o.max_sessions = 16;
+  o.ctx = 256;
+  o.kv_tokens = 8192;
+  o.max_body_bytes = 64 * 1024;
+  return o;
+}
+
+// One server shared by the tests that need no special options.
+Running &shared() {
+  static Running r(options());
+  return r;
+}
+
+json post(const Running &r, const std::string &path, const std::string &body, int *status = nullptr,
+          const httplib::Headers &h = {}) {
+  auto c = r.client();
+  auto res = c->Post(path.c_str(), h, body, "application/json");
+  REQUIRE(res);
+  if (status) *status = res->status;
+  if (res->body.rfind("data: ", 0) == 0) return json(res->body);  // a stream: the raw text
+  json j = json::parse(res->body, nullptr, false);
+  INFO(res->body);
+  REQUIRE(!j.is_discarded());
+  return j;
+}
+
+json chat_body(int max_tokens, bool stream = false) {
+  return {{"model", "tiny"},
+          {"messages", json::array({{{"role", "system"}, {"content", "Be brief."}},
+                                    {{"role", "user"}, {"content", "Tell me about the weather."}}})},
+          {"max_tokens", max_tokens},
+          {"temperature", 0},
+          {"ignore_eos", true},
+          {"stream", stream}};
+}
+
+// The data payloads of an SSE body, checking the framing: every event is "data: ...\n\n".
+std::vector<std::string> sse_events(const std::string &body) {
+  std::vector<std::string> out;
+  size_t i = 0;
+  while (i < body.size()) {
+    REQUIRE(body.compare(i, 6, "data: ") == 0);
+    const size_t end = body.find("\n\n", i);
+    REQUIRE(end != std::string::npos);
+    out.push_back(body.substr(i + 6, end - i - 6));
+    i = end + 2;
+  }
+  return out;
+}
+
+// The prompt's token count as dsrt renders and tokenizes it.
+size_t chat_prompt_tokens(const std::string &dir, const json &messages) {
+  Model m(dir);
+  char *p = nullptr;
+  size_t len = 0;
+  CHECK_OK(dsrt_chat_apply_n(m.m, messages.dump().c_str(), nullptr, nullptr, DSRT_CHAT_ADD_GENERATION_PROMPT, &p, &len));
+  size_t n = 0;
+  dsrt_tokenize(m.m, p, len, DSRT_TOKENIZE_PARSE_SPECIAL, nullptr, 0, &n);
+  dsrt_free(p);
+  return n;
+}
+
+// A client that sends a request and hangs up after the first bytes of the response.
+struct RawClient {
+  int fd = -1;
+  RawClient(int port, const std::string &path, const std::string &body) {
+    fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    // A small receive window: a server writing to a client that does not read soon blocks, so the stream
+    // cannot run to its end before the client hangs up.
+    const int rcvbuf = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(uint16_t(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0);
+    const std::string req = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body;
+    REQUIRE(::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == ssize_t(req.size()));
+  }
+  std::string read_until(const std::string &needle) {
+    std::string got;
+    char buf[4096];
+    while (got.find(needle) == std::string::npos) {
+      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      got.append(buf, size_t(n));
+    }
+    return got;
+  }
+  void close() {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+  ~RawClient() { close(); }
+};
+
+bool wait_for(const std::function<bool()> &pred, double seconds) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return pred();
+}
+
+}  // namespace
+
+TEST_CASE("serve: /health, /v1/models, unknown routes") {
+  Running &r = shared();
+  auto c = r.client();
+  auto h = c->Get("/health");
+  REQUIRE(h);
+  CHECK(h->status == 200);
+  CHECK(json::parse(h->body)["status"] == "ok");
+  auto m = c->Get("/v1/models");
+  REQUIRE(m);
+  CHECK(m->status == 200);
+  const json j = json::parse(m->body);
+  CHECK(j["object"] == "list");
+  REQUIRE(j["data"].size() == 1);
+  CHECK(j["data"][0]["id"] == "tiny");
+  CHECK(j["data"][0]["object"] == "model");
+  CHECK(j["data"][0]["owned_by"] == "dsrt");
+  CHECK(c->Get("/v1/models/tiny")->status == 200);
+  auto nf = c->Get("/v1/models/other");
+  CHECK(nf->status == 404);
+  CHECK(json::parse(nf->body)["error"]["code"] == "model_not_found");
+  auto u = c->Get("/v1/nothing");
+  REQUIRE(u);
+  CHECK(u->status == 404);
+  const json e = json::parse(u->body);
+  CHECK(e["error"]["type"] == "not_found_error");
+  CHECK(e["error"]["message"].get<std::string>().find("/v1/nothing") != std::string::npos);
+}
+
+TEST_CASE("serve: non-stream chat completion, field by field, equals the C API's greedy run") {
+  Running &r = shared();
+  const json body = chat_body(8);
+  int status = 0;
+  const json j = post(r, "/v1/chat/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  CHECK(j["id"].get<std::string>().rfind("chatcmpl-", 0) == 0);
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["created"].is_number_integer());
+  CHECK(j["model"] == "tiny");
+  REQUIRE(j["choices"].size() == 1);
+  const json &ch = j["choices"][0];
+  CHECK(ch["index"] == 0);
+  CHECK(ch["message"]["role"] == "assistant");
+  REQUIRE(ch["message"]["content"].is_string());
+  CHECK(ch["logprobs"].is_null());
+  CHECK(ch["finish_reason"] == "length");
+  const size_t n_prompt = chat_prompt_tokens(tiny(kTinyServe), body["messages"]);
+  CHECK(j["usage"]["prompt_tokens"] == n_prompt);
+  CHECK(j["usage"]["completion_tokens"] == 8);
+  CHECK(j["usage"]["total_tokens"] == n_prompt + 8);
+  CHECK(j["usage"]["prompt_tokens_details"]["cached_tokens"] == 0);
+
+  // The same turn through the C API directly.
+  Model m(tiny(kTinyServe));
+  dsrt_engine *e = nullptr;
+  CHECK_OK(dsrt_engine_create(m.m, nullptr, &e));
+  dsrt_session *s = nullptr;
+  CHECK_OK(dsrt_session_create(e, nullptr, &s));
+  CHECK_OK(dsrt_session_append_chat(s, body["messages"].dump().c_str(), nullptr, DSRT_CHAT_ADD_GENERATION_PROMPT));
+  dsrt_gen_params p;
+  dsrt_gen_params_init(&p, sizeof p, m.m);
+  p.max_new_tokens = 8;
+  p.temperature = 0;
+  p.ignore_eos = 1;
+  std::string text;
+  CHECK_OK(dsrt_session_generate(
+      s, &p,
+      [](const dsrt_event *ev, void *u) {
+        static_cast<std::string *>(u)->append(ev->text, ev->text_len);
+        return int32_t(0);
+      },
+      &text));
+  dsrt_session_free(s);
+  dsrt_engine_free(e);
+  CHECK(ch["message"]["content"] == text);
+}
+
+TEST_CASE("serve: streamed chat completion: OpenAI's chunk format, same text as non-stream, usage chunk, [DONE]") {
+  Running &r = shared();
+  const json full = post(r, "/v1/chat/completions", chat_body(8).dump());
+  json body = chat_body(8, true);
+  body["stream_options"] = {{"include_usage", true}};
+  auto c = r.client();
+  auto res = c->Post("/v1/chat/completions", body.dump(), "application/json");
+  REQUIRE(res);
+  CHECK(res->status == 200);
+  CHECK(res->get_header_value("Content-Type").rfind("text/event-stream", 0) == 0);
+  const auto ev = sse_events(res->body);
+  REQUIRE(ev.size() >= 4);
+  CHECK(ev.back() == "[DONE]");
+  std::string content, id;
+  int finishes = 0;
+  for (size_t i = 0; i + 1 < ev.size(); i++) {
+    const json j = json::parse(ev[i]);
+    if (i == 0) id = j["id"];
+    CHECK(j["id"] == id);
+    CHECK(j["object"] == "chat.completion.chunk");
+    CHECK(j["model"] == "tiny");
+    CHECK(j.contains("usage"));
+    if (i + 2 == ev.size()) {  // the usage chunk: no choices
+      CHECK(j["choices"].empty());
+      CHECK(j["usage"]["completion_tokens"] == 8);
+      CHECK(j["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"]);
+      continue;
+    }
+    CHECK(j["usage"].is_null());
+    REQUIRE(j["choices"].size() == 1);
+    const json &chc = j["choices"][0];
+    CHECK(chc["index"] == 0);
+    if (i == 0) {
+      CHECK(chc["delta"]["role"] == "assistant");
+      CHECK(chc["delta"]["content"] == "");
+    }
+    if (!chc["finish_reason"].is_null()) {
+      finishes++;
+      CHECK(chc["finish_reason"] == "length");
+      CHECK(chc["delta"].empty());
+      CHECK(i + 3 == ev.size());
+    } else if (chc["delta"].contains("content")) {
+      content += chc["delta"]["content"].get<std::string>();
+    }
+  }
+  CHECK(finishes == 1);
+  CHECK(content == full["choices"][0]["message"]["content"]);
+
+  // Without include_usage: no usage field at all, the finish chunk is last before [DONE].
+  const auto ev2 = sse_events(c->Post("/v1/chat/completions", chat_body(3, true).dump(), "application/json")->body);
+  REQUIRE(ev2.size() >= 3);
+  CHECK(ev2.back() == "[DONE]");
+  const json last = json::parse(ev2[ev2.size() - 2]);
+  CHECK(!last.contains("usage"));
+  CHECK(last["choices"][0]["finish_reason"] == "length");
+}
+
+TEST_CASE("serve: stop strings end the text before them with finish_reason stop") {
+  Running &r = shared();
+  const json full = post(r, "/v1/chat/completions", chat_body(24).dump());
+  const std::string text = full["choices"][0]["message"]["content"];
+  REQUIRE(text.size() >= 8);
+  // A stop string from the middle of the greedy reply (ASCII, so it cannot split a character).
+  size_t k = text.size() / 2;
+  while (k + 2 < text.size() && (uint8_t(text[k]) >= 0x80 || uint8_t(text[k + 1]) >= 0x80)) k++;
+  const std::string stop = text.substr(k, 2);
+  json body = chat_body(24);
+  body["stop"] = json::array({"\x01never", stop});
+  const json j = post(r, "/v1/chat/completions", body.dump());
+  INFO("text: ", text, " stop: ", stop);
+  CHECK(j["choices"][0]["finish_reason"] == "stop");
+  CHECK(j["choices"][0]["message"]["content"] == text.substr(0, text.find(stop)));
+  CHECK(j["usage"]["completion_tokens"].get<int>() < 24);
+}
+
+TEST_CASE("serve: /v1/completions, non-stream and stream") {
+  Running &r = shared();
+  json body = {{"model", "tiny"}, {"prompt", "Once upon a time"}, {"max_tokens", 6}, {"temperature", 0}, {"ignore_eos", true}};
+  int status = 0;
+  const json j = post(r, "/v1/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  CHECK(j["object"] == "text_completion");
+  CHECK(j["id"].get<std::string>().rfind("cmpl-", 0) == 0);
+  CHECK(j["choices"][0]["finish_reason"] == "length");
+  CHECK(j["choices"][0]["text"].is_string());
+  CHECK(j["usage"]["completion_tokens"] == 6);
+  CHECK(j["usage"]["prompt_tokens"].get<int>() > 0);
+  body["stream"] = true;
+  auto c = r.client();
+  const auto ev = sse_events(c->Post("/v1/completions", body.dump(), "application/json")->body);
+  REQUIRE(ev.back() == "[DONE]");
+  std::string text;
+  for (size_t i = 0; i + 1 < ev.size(); i++) {
+    const json k = json::parse(ev[i]);
+    CHECK(k["object"] == "text_completion");
+    text += k["choices"][0]["text"].get<std::string>();
+    if (i + 2 == ev.size()) CHECK(k["choices"][0]["finish_reason"] == "length");
+  }
+  CHECK(text == j["choices"][0]["text"]);
+  // echo, and a prompt of token ids
+  body = {{"prompt", json::array({1, 2, 3})}, {"max_tokens", 2}, {"ignore_eos", true}};
+  CHECK(post(r, "/v1/completions", body.dump())["usage"]["prompt_tokens"] == 3);
+  body = {{"prompt", "Hello"}, {"max_tokens", 2}, {"echo", true}};
+  CHECK(post(r, "/v1/completions", body.dump())["choices"][0]["text"].get<std::string>().rfind("Hello", 0) == 0);
+}
+
+TEST_CASE("serve: bad requests get OpenAI error objects with the right status, never a crash") {
+  Running &r = shared();
+  struct Case {
+    std::string body;
+    int status;
+    std::string param;
+  };
+  const std::string big_prompt = [] {
+    std::string s;
+    for (int i = 0; i < 400; i++) s += "weather tool assistant ";
+    return s;
+  }();
+  const json msgs = json::array({{{"role", "user"}, {"content", "hi"}}});
+  const std::vector<Case> cases = {
+      {"{not json", 400, ""},
+      {"", 400, ""},
+      {"[1,2]", 400, ""},
+      {"\"text\"", 400, ""},
+      {std::string(200, '[') + std::string(200, ']'), 400, ""},
+      {"{\"messages\": \"hi\"}", 400, "messages"},
+      {"{}", 400, "messages"},
+      {"{\"messages\": []}", 400, "messages"},
+      {"{\"messages\": [42]}", 400, "messages[0]"},
+      {"{\"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}]}", 400, "messages[0].role"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": 7}]}", 400, "messages[0].content"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\"}]}]}", 400, "messages[0].content"},
+      {json{{"messages", msgs}, {"max_tokens", "8"}}.dump(), 400, "max_tokens"},
+      {json{{"messages", msgs}, {"max_tokens", 0}}.dump(), 400, "max_tokens"},
+      {json{{"messages", msgs}, {"max_tokens", 1.5}}.dump(), 400, "max_tokens"},
+      {json{{"messages", msgs}, {"temperature", 3}}.dump(), 400, "temperature"},
+      {json{{"messages", msgs}, {"temperature", "hot"}}.dump(), 400, "temperature"},
+      {json{{"messages", msgs}, {"top_p", 0}}.dump(), 400, "top_p"},
+      {json{{"messages", msgs}, {"n", 2}}.dump(), 400, "n"},
+      {json{{"messages", msgs}, {"stream", "yes"}}.dump(), 400, "stream"},
+      {json{{"messages", msgs}, {"stop", json::array({1})}}.dump(), 400, "stop"},
+      {json{{"messages", msgs}, {"stop", json::array({"a", "b", "c", "d", "e"})}}.dump(), 400, "stop"},
+      {json{{"messages", msgs}, {"seed", "x"}}.dump(), 400, "seed"},
+      {json{{"messages", msgs}, {"logit_bias", {{"abc", 1}}}}.dump(), 400, "logit_bias"},
+      {json{{"messages", msgs}, {"logit_bias", {{"99999", 1}}}}.dump(), 400, "logit_bias"},
+      {json{{"messages", msgs}, {"stream_options", {{"include_usage", true}}}}.dump(), 400, "stream_options"},
+      {json{{"messages", msgs}, {"tools", "x"}}.dump(), 400, "tools"},
+      {json{{"messages", msgs}, {"tool_choice", "required"}}.dump(), 400, "tool_choice"},
+      {json{{"messages", msgs}, {"logprobs", true}}.dump(), 400, "logprobs"},
+      {json{{"messages", msgs}, {"model", "gpt-4"}}.dump(), 404, "model"},
+      {json{{"messages", json::array({{{"role", "user"}, {"content", big_prompt}}})}}.dump(), 400, "messages"},
+      {json{{"messages", msgs}, {"max_tokens", 100000}}.dump(), 400, "max_tokens"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}", 400, ""},
+  };
+  for (const auto &c : cases) {
+    INFO("body: ", c.body.substr(0, 200));
+    int status = 0;
+    const json j = post(r, "/v1/chat/completions", c.body, &status);
+    CHECK(status == c.status);
+    REQUIRE(j.contains("error"));
+    CHECK(j["error"]["message"].is_string());
+    CHECK(j["error"]["type"].is_string());
+    CHECK(j["error"].contains("code"));
+    if (!c.param.empty()) CHECK(j["error"]["param"] == c.param);
+  }
+  // The context errors give the numbers.
+  int status = 0;
+  const json ctx = post(r, "/v1/chat/completions", json{{"messages", msgs}, {"max_tokens", 100000}}.dump(), &status);
+  CHECK(ctx["error"]["code"] == "context_length_exceeded");
+  CHECK(ctx["error"]["message"].get<std::string>().find("256") != std::string::npos);
+  // A body over --max-body-bytes: 413.
+  const std::string huge = json{{"messages", json::array({{{"role", "user"}, {"content", std::string(100000, 'a')}}})}}.dump();
+  const json big = post(r, "/v1/chat/completions", huge, &status);
+  CHECK(status == 413);
+  CHECK(big["error"]["code"] == "request_too_large");
+  // Completions: missing prompt, several prompts.
+  CHECK(post(r, "/v1/completions", "{}", &status)["error"]["param"] == "prompt");
+  CHECK(status == 400);
+  post(r, "/v1/completions", json{{"prompt", json::array({"a", "b"})}}.dump(), &status);
+  CHECK(status == 400);
+  post(r, "/v1/completions", json{{"prompt", json::array({1, 999999})}}.dump(), &status);
+  CHECK(status == 400);
+  // The server still works.
+  CHECK(r.client()->Get("/health")->status == 200);
+}
+
+TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key; /health stays open") {
+  auto o = options();
+  o.api_key = "sk-test-123";
+  Running r(o);
+  auto c = r.client();
+  auto res = c->Post("/v1/chat/completions", chat_body(2).dump(), "application/json");
+  REQUIRE(res);
+  CHECK(res->status == 401);
+  json j = json::parse(res->body);
+  CHECK(j["error"]["code"] == "invalid_api_key");
+  CHECK(j["error"]["type"] == "invalid_request_error");
+  CHECK(j["error"]["param"].is_null());
+  res = c->Post("/v1/chat/completions", {{"Authorization", "Bearer sk-wrong"}}, chat_body(2).dump(), "application/json");
+  CHECK(res->status == 401);
+  CHECK(c->Get("/v1/models")->status == 401);
+  CHECK(c->Get("/health")->status == 200);
+  c->set_bearer_token_auth("sk-test-123");
+  res = c->Post("/v1/chat/completions", chat_body(2).dump(), "application/json");
+  CHECK(res->status == 200);
+  CHECK(c->Get("/v1/models")->status == 200);
+}
+
+TEST_CASE("serve: concurrent streaming clients each get exactly what a lone run gives them") {
+  Running &r = shared();
+  const int N = 8;
+  auto body = [](int i) {
+    json b = chat_body(12, true);
+    b["temperature"] = 0.9;
+    b["seed"] = 1000 + i;
+    b["messages"][1]["content"] = "Question number " + std::to_string(i) + " about tools.";
+    return b.dump();
+  };
+  auto content_of = [](const std::string &sse) {
+    std::string text;
+    for (const auto &e : sse_events(sse)) {
+      if (e == "[DONE]") continue;
+      const json j = json::parse(e);
+      const json &d = j["choices"][0]["delta"];
+      if (d.contains("content")) text += d["content"].get<std::string>();
+    }
+    return text;
+  };
+  std::vector<std::string> alone(N), together(N);
+  for (int i = 0; i < N; i++) alone[size_t(i)] = content_of(r.client()->Post("/v1/chat/completions", body(i), "application/json")->body);
+  std::vector<std::thread> ts;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < N; i++)
+    ts.emplace_back([&, i] {
+      auto c = r.client();
+      auto res = c->Post("/v1/chat/completions", body(i), "application/json");
+      if (res && res->status == 200) {
+        together[size_t(i)] = res->body;
+        ok++;
+      }
+    });
+  for (auto &t : ts) t.join();
+  REQUIRE(ok == N);
+  for (int i = 0; i < N; i++) {
+    INFO("client ", i);
+    CHECK(content_of(together[size_t(i)]) == alone[size_t(i)]);
+  }
+  // The engine batched them: some step saw more than one sequence.
+  const std::string metrics = r.client()->Get("/metrics")->body;
+  const std::string key = "\ndsrt_engine_max_batch_sequences ";
+  const size_t at = metrics.find(key);
+  REQUIRE(at != std::string::npos);
+  CHECK(std::stoi(metrics.substr(at + key.size())) > 1);
+}
+
+TEST_CASE("serve: --max-sessions gives 429 with Retry-After; a client that disconnects frees its session") {
+  auto o = options();
+  o.max_sessions = 1;
+  o.ctx = 2048;
+  Running r(o);
+  json body = chat_body(2000, true);
+  RawClient raw(r.port, "/v1/chat/completions", body.dump());
+  const std::string head = raw.read_until("data: ");
+  REQUIRE(head.find("200") != std::string::npos);
+  REQUIRE(r.srv.active_sessions() == 1);
+  auto c = r.client();
+  auto res = c->Post("/v1/chat/completions", chat_body(2).dump(), "application/json");
+  REQUIRE(res);
+  CHECK(res->status == 429);
+  CHECK(res->get_header_value("Retry-After") == "1");
+  CHECK(json::parse(res->body)["error"]["type"] == "rate_limit_error");
+  raw.close();  // mid-stream: the next write fails and the session is cancelled
+  CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
+  const std::string m = c->Get("/metrics")->body;
+  CHECK(m.find("dsrt_requests_cancelled_total 1") != std::string::npos);
+  CHECK(m.find("dsrt_requests_rejected_total 1") != std::string::npos);
+  CHECK(m.find("dsrt_kv_pages_used 0") != std::string::npos);
+  // The freed slot serves the next request.
+  CHECK(c->Post("/v1/chat/completions", chat_body(2).dump(), "application/json")->status == 200);
+}
+
+TEST_CASE("serve: /metrics in Prometheus text format") {
+  Running &r = shared();
+  post(r, "/v1/chat/completions", chat_body(3).dump());
+  auto res = r.client()->Get("/metrics");
+  REQUIRE(res);
+  CHECK(res->status == 200);
+  CHECK(res->get_header_value("Content-Type").rfind("text/plain", 0) == 0);
+  const std::string m = res->body;
+  for (const char *s : {"# TYPE dsrt_requests_total counter", "dsrt_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
+                        "# TYPE dsrt_time_to_first_token_seconds histogram", "dsrt_time_to_first_token_seconds_bucket{le=\"+Inf\"}",
+                        "dsrt_inter_token_latency_seconds_count", "dsrt_prompt_tokens_total", "dsrt_generation_tokens_total",
+                        "dsrt_kv_pages_total", "dsrt_queue_length 0", "dsrt_active_sessions"})
+    CHECK_MESSAGE(m.find(s) != std::string::npos, s);
+}
+
+TEST_CASE("serve: tools and tool messages render through the chat template") {
+  Running &r = shared();
+  json body = chat_body(3);
+  body["tools"] = json::array({{{"type", "function"},
+                                {"function", {{"name", "get_weather"}, {"description", "Weather of a city"},
+                                              {"parameters", {{"type", "object"}, {"properties", {{"city", {{"type", "string"}}}}}}}}}}});
+  body["messages"].push_back({{"role", "assistant"},
+                              {"content", ""},
+                              {"tool_calls", json::array({{{"id", "call_1"}, {"type", "function"},
+                                                           {"function", {{"name", "get_weather"}, {"arguments", "{\"city\":\"Paris\"}"}}}}})}});
+  body["messages"].push_back({{"role", "tool"}, {"tool_call_id", "call_1"}, {"content", "sunny"}});
+  body["tool_choice"] = "auto";
+  int status = 0;
+  const json j = post(r, "/v1/chat/completions", body.dump(), &status);
+  INFO(j.dump());
+  CHECK(status == 200);
+}
+
+// ---- units
+
+TEST_CASE("serve: request parsing normalises messages for the template") {
+  using namespace dsrt::serve;
+  const json b = json::parse(R"({"model": "m", "messages": [
+      {"role": "developer", "content": "sys"},
+      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+      {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "out"},
+      {"role": "assistant", "content": null}],
+    "max_completion_tokens": 5, "stop": "x", "seed": -3, "top_p": null})");
+  const ChatRequest r = parse_chat_request(b);
+  CHECK(r.messages[0]["role"] == "system");
+  CHECK(r.messages[1]["content"] == "a\nb");
+  CHECK(r.messages[2]["content"].is_null());
+  CHECK(r.messages[2]["tool_calls"][0]["function"]["arguments"] == "{\"x\":1}");
+  CHECK(r.messages[3]["tool_call_id"] == "c1");
+  CHECK(r.messages[4]["content"] == "");
+  CHECK(*r.max_tokens == 5);
+  CHECK(r.stop == std::vector<std::string>{"x"});
+  CHECK(*r.seed == -3);
+  CHECK(!r.top_p);
+  CHECK(json_depth("[[{\"a\": \"[[[[\"}]]") == 3);
+}
+
+TEST_CASE("serve: output parser: <think> to reasoning, DeepSeek tool-call tokens to tool_calls") {
+  using namespace dsrt::serve;
+  MarkerTokens m;
+  m.think_begin = 100;
+  m.think_end = 101;
+  m.calls_begin = 110;
+  m.calls_end = 111;
+  m.call_begin = 112;
+  m.call_end = 113;
+  m.sep = 114;
+  m.think_end_text = "</think>";  // a marker whose text the detokenizer shows
+  auto run = [](OutputParser &p, const std::vector<std::pair<int32_t, std::string>> &evs, std::string &content,
+                std::string &reasoning, std::vector<ToolCall> &calls, int &deltas) {
+    for (const auto &[tok, text] : evs) {
+      const ParsedDelta d = p.push(tok, text);
+      content += d.content;
+      reasoning += d.reasoning;
+      for (const auto &c : d.calls) {
+        deltas++;
+        if (c.first) calls.push_back({c.id, c.name, ""});
+        REQUIRE(!calls.empty());
+        CHECK(c.index == int(calls.size()) - 1);
+        calls.back().arguments += c.arguments;
+      }
+    }
+    const ParsedDelta d = p.finish("");
+    content += d.content;
+    for (const auto &c : d.calls) {
+      if (c.first) calls.push_back({c.id, c.name, ""});
+      REQUIRE(!calls.empty());
+      calls.back().arguments += c.arguments;
+    }
+  };
+  {  // R1: starts inside the reasoning (the prompt ended with <think>), V3 tool-call format
+    OutputParser p(m, true, true);
+    std::string content, reasoning;
+    std::vector<ToolCall> calls;
+    int deltas = 0;
+    run(p,
+        {{1, "Let me "}, {2, "think."}, {101, "</think>"}, {3, "\n\nSure."}, {110, ""}, {112, ""}, {4, "function"}, {114, ""},
+         {5, "get_weather\n"}, {6, "```json\n{\"city\": "}, {7, "\"Paris\"}\n```"}, {113, ""}, {112, ""}, {4, "function"},
+         {114, ""}, {5, "now\n```json\n{}\n```"}, {113, ""}, {111, ""}},
+        content, reasoning, calls, deltas);
+    CHECK(reasoning == "Let me think.");
+    CHECK(content == "\n\nSure.");
+    REQUIRE(calls.size() == 2);
+    CHECK(calls[0].name == "get_weather");
+    CHECK(calls[0].arguments == "{\"city\": \"Paris\"}");
+    CHECK(calls[0].id.rfind("call_", 0) == 0);
+    CHECK(calls[1].name == "now");
+    CHECK(calls[1].arguments == "{}");
+    CHECK(deltas == 4);  // name first, arguments at the call's end
+    CHECK(p.n_calls() == 2);
+  }
+  {  // V3.1 format, explicit <think>, no tools requested: tool tokens stay (empty) text
+    OutputParser p(m, true, false);
+    std::string content, reasoning;
+    std::vector<ToolCall> calls;
+    int deltas = 0;
+    run(p, {{100, ""}, {1, "hm"}, {101, ""}, {2, "ok"}, {110, ""}, {112, ""}, {5, "search"}, {114, ""}, {6, "{\"q\": 1}"}, {113, ""}, {111, ""}},
+        content, reasoning, calls, deltas);
+    CHECK(reasoning == "hm");
+    CHECK(content == "ok");
+    REQUIRE(calls.size() == 1);
+    CHECK(calls[0].name == "search");
+    CHECK(calls[0].arguments == "{\"q\": 1}");
+    OutputParser plain(m, false, false);
+    std::string c2, r2;
+    std::vector<ToolCall> k2;
+    run(plain, {{1, "a"}, {110, ""}, {2, "b"}}, c2, r2, k2, deltas);
+    CHECK(c2 == "ab");
+    CHECK(k2.empty());
+  }
+  {  // a call cut off by the length limit is closed with what it has
+    OutputParser p(m, true, false);
+    std::string content, reasoning;
+    std::vector<ToolCall> calls;
+    int deltas = 0;
+    run(p, {{110, ""}, {112, ""}, {5, "f"}, {114, ""}, {6, "{\"a\":"}}, content, reasoning, calls, deltas);
+    REQUIRE(calls.size() == 1);
+    CHECK(calls[0].name == "f");
+    CHECK(calls[0].arguments == "{\"a\":");
+  }
+}
