@@ -10,7 +10,7 @@
 #   cuda    the GPU suite, compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
 #           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
-#           the Debian -dev packages the build needs) with their three shared libraries.
+#           the Debian -dev packages the build needs) with the shared libraries tools/carry-gpu.sh copies.
 # The exit status is non-zero when any stage fails (a test, a sanitizer, a bench, a reference comparison).
 set -uo pipefail
 : "${OUT:?run through the device tool}"

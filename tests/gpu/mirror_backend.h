@@ -29,6 +29,7 @@ class MirrorBackend final : public dsrt::Backend {
       : t_(std::move(test)), r_(std::move(ref)) {}
 
   std::map<std::string, OpError> errors;  // by op name
+  bool per_weight = false;                 // linear errors by weight label and row count, not only by dtype
   int64_t call = 0;
 
   const char *name() const override { return "mirror"; }
@@ -83,7 +84,9 @@ class MirrorBackend final : public dsrt::Backend {
   void linear(dsrt::Tensor x, const dsrt::Weight &w, dsrt::Tensor out) override {
     r_->linear(ref(x), w, ref(out, false));
     t_->linear(x, w, out);
-    compare(std::string("linear ") + dsrt::dtype_name(w.dtype), out);
+    compare(std::string("linear ") + dsrt::dtype_name(w.dtype) +
+                (per_weight ? " " + dsrt::op_label_of_weight(w.name()) + " M=" + std::to_string(x.rows) : ""),
+            out);
   }
   void add(dsrt::Tensor x, dsrt::Tensor y) override {
     r_->add(ref(x), ref(y));

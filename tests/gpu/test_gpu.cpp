@@ -440,6 +440,46 @@ TEST_CASE("op by op through the model on every preset") {
   }
 }
 
+// Every op of the same forward with FP8 activations (cuBLASLt's block-scaled GEMM for GEMMs of >= 32 rows) on
+// an F32 cache, each linear named by weight and row count: a GEMM's activations quantised per token per 128
+// channels to e4m3 (3 mantissa bits: about 3.6% RMS per element) move its output by a few percent against the
+// CPU's fp32 activations; every other op stays within 1e-4 of the CPU given the same inputs.
+TEST_CASE("op by op with FP8 activations: each GEMM within the e4m3 quantisation error") {
+  if (cublaslt_status().rfind("cuBLASLt ", 0) != 0) return;
+  for (const std::string &preset : testing::preset_names()) {
+    CAPTURE(preset);
+    LoadOptions lo;
+    auto model = Model::load(testing::tiny(preset), lo);
+    BackendOptions opt;
+    opt.fp8_activations = true;
+    testing::MirrorBackend be(make_backend(BackendKind::Cuda, opt), cpu());
+    be.per_weight = true;
+    KvCacheSpec spec;
+    spec.n_layers = model->cfg.num_hidden_layers + int64_t(model->w.mtp.size());
+    spec.width = model->cfg.kv_cache_width();
+    spec.max_pages = 4;
+    spec.dtype = DType::F32;
+    be.kv_init(spec);
+    const int32_t V = int32_t(model->cfg.vocab_size);
+    const auto prompt = testing::prompt_tokens(V, 80);
+    std::vector<float> logits(static_cast<size_t>(V));
+    Batch b;
+    for (int32_t i = 0; i < 80; i++) {
+      b.tokens.push_back(prompt[size_t(i)]);
+      b.positions.push_back(i);
+    }
+    b.seqs.push_back({0, 80, 0, 0, 2});
+    b.pages = {2, 0};
+    forward(*model, be, b, {79}, AttentionPolicy::Auto, logits.data());
+    for (const auto &[op, e] : be.errors) {
+      MESSAGE(preset << " FP8 activations: " << op << ": " << e.calls << " calls, worst relative L2 " << e.worst << " at call "
+                     << e.worst_call);
+      const bool gemm = op.rfind("linear F8_E4M3", 0) == 0;
+      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : gemm ? 8e-2 : 1e-4), op);
+    }
+  }
+}
+
 // The CPU reference of one engine session, run through forward() on a CPU pool of the given cache dtype (the
 // engine asks its backend for the dtype, so a CPU engine would use F32): the prompt in one step (logits of every
 // row), then one-token decode steps feeding `fed` (the tokens the GPU chose); returns the prompt rows' logits,
@@ -617,7 +657,10 @@ TEST_CASE("FP8 GEMM (cuBLASLt, FP8 activations) vs fp64 on the same quantised in
   std::vector<std::unique_ptr<HostWeight>> keep;
   for (auto [N, K, M] : {std::tuple{576, 7168, 64}, std::tuple{1536, 7168, 200}, std::tuple{7168, 2048, 33},
                          std::tuple{512, 512, 80}, std::tuple{7168, 512, 80}, std::tuple{512, 7168, 80},
-                         std::tuple{1024, 1024, 80}, std::tuple{24576, 1536, 64}, std::tuple{2048, 1024, 80}}) {
+                         std::tuple{1024, 1024, 80}, std::tuple{24576, 1536, 64}, std::tuple{2048, 1024, 80},
+                         // K with 1, 2, 3 and 5 blocks of 128 (block-scale rows padded to 4 on the device)
+                         std::tuple{512, 128, 80}, std::tuple{512, 256, 48}, std::tuple{384, 384, 40},
+                         std::tuple{256, 640, 33}}) {
     CAPTURE(N);
     CAPTURE(K);
     CAPTURE(M);
@@ -664,8 +707,7 @@ TEST_CASE("FP8 GEMM (cuBLASLt, FP8 activations) vs fp64 on the same quantised in
 // step's logits stay within 2e-2 (relative L2) and pick the CPU's token wherever its top-2 margin exceeds 0.5.
 // Known to fail today (relative L2 0.5-0.7 on no-qlora and v3-mini) although every GEMM shape of those
 // presets matches fp64 when run alone (the test above): the whole-model FP8 path is under investigation.
-TEST_CASE("end to end with FP8 activations: logits within 2e-2 and greedy tokens where the margin is clear" *
-          doctest::may_fail()) {
+TEST_CASE("end to end with FP8 activations: logits within 2e-2 and greedy tokens where the margin is clear") {
   for (const std::string &preset : testing::preset_names()) {
     CAPTURE(preset);
     const std::string dir = testing::tiny(preset);

@@ -472,7 +472,7 @@ class CudaBackend final : public ArenaBackend {
   }
   static size_t weight_bytes(const Weight &w) {
     size_t b = size_t(w.rows * w.cols) * dtype_size(w.dtype);
-    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);
+    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);  // (+ padding, below)
     return b;
   }
   // Its bytes as stored, plus FP8 block scales.
@@ -490,12 +490,21 @@ class CudaBackend final : public ArenaBackend {
     cuda_check(cudaMemcpyAsync(p, w.data, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
     m.data = p;
     if (w.dtype == DType::F8_E4M3) {
-      const size_t sb = size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);
+      // Rows of block scales padded to a multiple of 4: cuBLASLt reads BLK128x128 scales with that leading
+      // dimension. Unpadded, every GEMM whose K has 1-3 (mod 4) blocks of 128 (K = 128, 256: the tiny
+      // presets' hidden sizes) took the scales of the wrong output blocks (relative error 0.3-0.87 op by op
+      // with FP8 activations) while K = 512, 1024, 2048, 7168 were exact. dsrt's own kernels read the
+      // padded rows through scale_cols.
+      const int64_t brows = (w.rows + 127) / 128, ld = (w.scale_cols + 3) / 4 * 4;
+      const size_t sb = size_t(brows * ld) * sizeof(float);
+      std::vector<float> padded(size_t(brows * ld), 0.0f);
+      for (int64_t r = 0; r < brows; r++)
+        std::memcpy(padded.data() + r * ld, w.scale + r * w.scale_cols, size_t(w.scale_cols) * sizeof(float));
       void *sp = nullptr;
       cuda_check(cudaMalloc(&sp, sb), "weight scales");
-      cuda_check(cudaMemcpyAsync(sp, w.scale, sb, cudaMemcpyHostToDevice, stream_), "scale upload");
+      cuda_check(cudaMemcpyAsync(sp, padded.data(), sb, cudaMemcpyHostToDevice, stream_), "scale upload");
       m.scale = static_cast<const float *>(sp);
-      m.scale_cols = w.scale_cols;
+      m.scale_cols = ld;
     }
     sync();
     return m;

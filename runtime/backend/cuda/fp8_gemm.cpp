@@ -91,7 +91,8 @@ double fp8_gemm_tflops(int device, int64_t m, int64_t n, int64_t k) {
     Fp8Gemm g(st);
     const int64_t mp = Fp8Gemm::padded_rows(m);
     void *w = nullptr, *ws = nullptr, *x = nullptr, *out = nullptr, *xq = nullptr, *xs = nullptr, *tmp = nullptr;
-    const size_t sb = size_t((n + 127) / 128 * (k / 128)) * sizeof(float);
+    const int64_t ld = (k / 128 + 3) / 4 * 4;  // block-scale rows padded to a multiple of 4 (cuda_backend.cpp)
+    const size_t sb = size_t((n + 127) / 128 * ld) * sizeof(float);
     bool ok = g.available() && cudaMalloc(&w, size_t(n * k)) == cudaSuccess && cudaMalloc(&ws, sb) == cudaSuccess &&
               cudaMalloc(&x, size_t(m * k) * 4) == cudaSuccess && cudaMalloc(&out, size_t(m * n) * 4) == cudaSuccess &&
               cudaMalloc(&xq, size_t(mp * k)) == cudaSuccess && cudaMalloc(&xs, size_t(mp * k / 128) * 4) == cudaSuccess &&
@@ -106,7 +107,7 @@ double fp8_gemm_tflops(int device, int64_t m, int64_t n, int64_t k) {
       dm.rows = n;
       dm.cols = k;
       dm.scale = static_cast<const float *>(ws);
-      dm.scale_cols = k / 128;
+      dm.scale_cols = ld;
       auto once = [&] {
         return g.run(static_cast<const float *>(x), m, dm, static_cast<float *>(out), static_cast<uint8_t *>(xq),
                      static_cast<float *>(xs), tmp);
