@@ -442,8 +442,11 @@ TEST_CASE("op by op through the model on every preset") {
 
 // Every op of the same forward with FP8 activations (cuBLASLt's block-scaled GEMM for GEMMs of >= 32 rows) on
 // an F32 cache, each linear named by weight and row count: a GEMM's activations quantised per token per 128
-// channels to e4m3 (3 mantissa bits: about 3.6% RMS per element) move its output by a few percent against the
-// CPU's fp32 activations; every other op stays within 1e-4 of the CPU given the same inputs.
+// channels to e4m3 (3 mantissa bits) move its output by 2-3% against the CPU's fp32 activations (measured
+// 2.2e-2 to 2.7e-2 on an H200), and so do the ops with GEMMs inside (the naive attention's decompression of
+// the latents, the prefill expert path); every other op stays within 1e-4 of the CPU given the same inputs.
+// This test found the block-scale padding bug (cuda_backend.cpp, upload): GEMMs with K = 128 or 256 were
+// 0.33-0.87 off while K >= 512 were right.
 TEST_CASE("op by op with FP8 activations: each GEMM within the e4m3 quantisation error") {
   if (cublaslt_status().rfind("cuBLASLt ", 0) != 0) return;
   for (const std::string &preset : testing::preset_names()) {
@@ -474,7 +477,7 @@ TEST_CASE("op by op with FP8 activations: each GEMM within the e4m3 quantisation
     for (const auto &[op, e] : be.errors) {
       MESSAGE(preset << " FP8 activations: " << op << ": " << e.calls << " calls, worst relative L2 " << e.worst << " at call "
                      << e.worst_call);
-      const bool gemm = op.rfind("linear F8_E4M3", 0) == 0;
+      const bool gemm = op.rfind("linear F8_E4M3", 0) == 0 || op == "mla_attention naive" || op == "moe_experts";
       CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : gemm ? 8e-2 : 1e-4), op);
     }
   }
@@ -707,7 +710,14 @@ TEST_CASE("FP8 GEMM (cuBLASLt, FP8 activations) vs fp64 on the same quantised in
 // step's logits stay within 2e-2 (relative L2) and pick the CPU's token wherever its top-2 margin exceeds 0.5.
 // Known to fail today (relative L2 0.5-0.7 on no-qlora and v3-mini) although every GEMM shape of those
 // presets matches fp64 when run alone (the test above): the whole-model FP8 path is under investigation.
-TEST_CASE("end to end with FP8 activations: logits within 2e-2 and greedy tokens where the margin is clear") {
+// The whole model with FP8 activations (an 80-token prefill through cuBLASLt's block-scaled GEMMs, then 23
+// one-token decode steps, teacher-forced on the CPU's greedy tokens) against the CPU's fp32 activations. Each
+// prefill GEMM is 2-3% off by its e4m3 activations (op-by-op test above), so a step's logits are a few percent
+// off; where that noise flips a near-tied MoE routing choice, a row's logits move by more (v3-mini: 0.16 at
+// one step). The bounds: the median step within 4e-2, at most 3 of 24 steps beyond 8e-2, and the greedy token
+// equal wherever the CPU's top two logits are more than 0.5 apart. (Before the block-scale padding fix every
+// step of no-qlora and v3-mini was 0.3-0.7 off.)
+TEST_CASE("end to end with FP8 activations: the median step within 4e-2, greedy tokens where the margin is clear") {
   for (const std::string &preset : testing::preset_names()) {
     CAPTURE(preset);
     const std::string dir = testing::tiny(preset);
@@ -729,13 +739,13 @@ TEST_CASE("end to end with FP8 activations: logits within 2e-2 and greedy tokens
     auto prompt = testing::prompt_tokens(V, 80);
     cs.append(prompt);
     gs.append(prompt);
-    double worst = 0;
+    std::vector<double> errs;
     int checked = 0;
     for (int step = 0; step < 24; step++) {
       cs.eval();
       gs.eval();
       const auto lc = cs.logits(), lg = gs.logits();
-      worst = std::max(worst, testing::rel_l2(lg.data(), lc.data(), size_t(V)));
+      errs.push_back(testing::rel_l2(lg.data(), lc.data(), size_t(V)));
       std::vector<float> sorted(lc);
       std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
       const int32_t tc = cs.greedy(), tg = gs.greedy();
@@ -746,9 +756,17 @@ TEST_CASE("end to end with FP8 activations: logits within 2e-2 and greedy tokens
       cs.append({tc});
       gs.append({tc});
     }
-    MESSAGE(preset << ": FP8-activation CUDA vs CPU, max relative L2 over 24 steps = " << worst << "; " << checked
-                   << " of 24 steps had a clear margin");
-    CHECK(worst < 2e-2);
+    std::vector<double> sorted_errs(errs);
+    std::sort(sorted_errs.begin(), sorted_errs.end());
+    const double median = sorted_errs[sorted_errs.size() / 2];
+    const auto beyond = std::count_if(errs.begin(), errs.end(), [](double e) { return e > 8e-2; });
+    std::string all;
+    for (double e : errs) all += " " + std::to_string(e).substr(0, 7);
+    MESSAGE(preset << ": FP8-activation CUDA vs CPU, relative L2 per step: median " << median << ", max "
+                   << sorted_errs.back() << ", " << beyond << " beyond 8e-2; " << checked
+                   << " of 24 steps had a clear margin; steps:" << all);
+    CHECK(median < 4e-2);
+    CHECK(beyond <= 3);
   }
 }
 
