@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     const float mn0 = fmaxf(m0, fmaxf(red_max[row0], red_max[kBM + row0]));
     const float mn1 = fmaxf(m1, fmaxf(red_max[row1], red_max[kBM + row1]));
-    // A row that has seen no key yet keeps max -inf: its factor is 1 (its accumulators are zero) and every
-    // probability exp2(-inf - 0) is 0.
+    // A row that has seen no key yet keeps max -inf: its factor exp2(-inf) is 0 (its accumulators are zero
+    // anyway) and every probability exp2(-inf - 0) is 0; no NaN from -inf - -inf.
     const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
     const float al0 = exp2f(m0 - base0), al1 = exp2f(m1 - base1);
     m0 = mn0;
@@ -345,6 +345,7 @@ void mla_flash_attend(const KvCacheView &kv, int64_t layer, const int32_t *pages
                       float *olat, cudaStream_t s) {
   if (n_blocks == 0) return;
   if (kv.dtype != kBF16) throw std::runtime_error("mla_flash_attend: needs a BF16 latent cache");
+  if (kv.width != dc + dr) throw std::runtime_error("mla_flash_attend: cache width is not kv_lora_rank + rope");
   float *ws_o = ws, *ws_ml = ws + int64_t(n_slots) * kBM * dc;
   if (dc == 512 && dr == 64)
     launch_flash<512, 64>(kv, layer, pages, qcat, nh, scale, items, block_items, n_blocks, ws_o, ws_ml, olat, s);

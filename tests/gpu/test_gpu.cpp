@@ -361,6 +361,62 @@ TEST_CASE("MLA flash attention (BF16 cache, tensor cores) vs the CPU: contexts 1
   }
 }
 
+// The step's attention plan is made once and reused by later calls of the step: two batches with the same
+// sequence slices over different pages (the MTP layer's catch-up batch beside the main forward) must each
+// read their own pages, and a call over a subset of the step's sequences with rows between them (the Auto
+// policy's naive and absorbed subsets) must leave the other rows' output alone.
+TEST_CASE("MLA flash attention: equal slices over other pages in one step, and subsets with rows between them") {
+  std::mt19937 rng(43);
+  const MlaDims d{16, 128, 64, 128, 512, 0.01f};
+  const int W = int(d.latent + d.rope), nh = int(d.n_heads), qw = nh * int(d.nope + d.rope), ow = nh * int(d.v);
+  HostWeight kv_b(d.n_heads * (d.nope + d.v), d.latent, DType::F8_E4M3, rng, 0.5f);
+  auto contents = randn(size_t(8 * 64) * 2 * W, rng);  // pages 0-7, positions 0..511 of page order 0..7
+  const std::vector<int32_t> all_pages = {0, 1, 2, 3, 4, 5, 6, 7};
+  auto make = [](std::vector<std::pair<int, int>> seqs, std::vector<int32_t> pages) {
+    Batch b;
+    int used = 0;
+    for (auto [np, nn] : seqs) {
+      const int n_pages = (np + nn + 63) / 64;
+      b.add_seq(nn, np, pages.data() + used, n_pages);
+      used += n_pages;
+      for (int i = 0; i < nn; i++) {
+        b.tokens.push_back(0);
+        b.positions.push_back(np + i);
+      }
+    }
+    return b;
+  };
+  const Batch a = make({{100, 1}}, {0, 1}), c = make({{100, 1}}, {5, 6});  // equal slices, other pages
+  const Batch three = make({{70, 2}, {30, 5}, {90, 1}}, {2, 3, 4, 7, 0, 1});
+  std::vector<SeqSlice> outer = {three.seqs[0], three.seqs[2]};
+  auto q1 = randn(size_t(qw), rng), q3 = randn(size_t(8) * qw, rng);
+  std::vector<float> got[2][3];
+  int k = 0;
+  for (Backend *be : {cpu().release(), gpu().release()}) {
+    std::unique_ptr<Backend> own(be);
+    be->kv_init({2, W, 8, DType::BF16});
+    be->kv_write(all_pages.data(), 512, contents.data());
+    be->begin_step();  // one step for all four calls
+    Tensor t1 = put(*be, q1, 1, qw), t3 = put(*be, q3, 8, qw);
+    Tensor oa = be->alloc(1, ow), oc = be->alloc(1, ow);
+    Tensor o3 = put(*be, std::vector<float>(size_t(8) * ow, 7.0f), 8, ow);  // rows 2-6 must keep the 7s
+    be->mla_attention(1, t1, kv_b.w, d, a, AttnForm::Absorbed, oa);
+    be->mla_attention(1, t1, kv_b.w, d, c, AttnForm::Absorbed, oc);
+    be->mla_attention(1, t3, kv_b.w, d, three.with_seqs(outer), AttnForm::Absorbed, o3);
+    got[k][0] = get(*be, oa);
+    got[k][1] = get(*be, oc);
+    got[k][2] = get(*be, o3);
+    k++;
+  }
+  CHECK(rel(got[1][0], got[0][0]) < 4e-3);
+  CHECK(rel(got[1][1], got[0][1]) < 4e-3);
+  CHECK(rel(got[0][1], got[0][0]) > 0.1);  // the two page sets differ, so must the outputs
+  CHECK(rel(got[1][2], got[0][2]) < 4e-3);
+  int kept = 0;
+  for (size_t i = size_t(2) * ow; i < size_t(7) * ow; i++) kept += got[1][2][i] == 7.0f;
+  CHECK(kept == 5 * ow);
+}
+
 TEST_CASE("MoE: routing with biases ~2 and the expert sum") {
   std::mt19937 rng(24);
   auto c = cpu(), g = gpu();

@@ -147,7 +147,8 @@ class CudaBackend final : public ArenaBackend {
         if (store_->by_id_.count(w->id)) continue;  // another engine of the model uploaded it
       }
       need += size_t(w->rows * w->cols) * dtype_size(w->dtype);
-      if (w->dtype == DType::F8_E4M3) need += size_t(((w->rows + 127) / 128) * w->scale_cols) * sizeof(float);
+      if (w->dtype == DType::F8_E4M3)  // (+ at most 3 padding floats per 128 rows on the device: see upload)
+        need += size_t(((w->rows + 127) / 128) * w->scale_cols) * sizeof(float);
     }
     size_t free_b = 0, total_b = 0;
     cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
@@ -288,7 +289,7 @@ class CudaBackend final : public ArenaBackend {
     }
     {
       const auto timer_ = timed("mla_attend", nullptr);
-      k::mla_flash_attend(kv_, layer, plan.pages, qcat.f32(), nh, d.latent, d.rope, d.softmax_scale, plan.items,
+      k::mla_flash_attend(kv_, layer, plan.dev_pages, qcat.f32(), nh, d.latent, d.rope, d.softmax_scale, plan.items,
                           plan.block_items, plan.n_blocks, plan.combine, plan.n_combine, plan.n_slots, flash_ws_,
                           olat.f32(), stream_);
     }
@@ -307,16 +308,18 @@ class CudaBackend final : public ArenaBackend {
   // layer temporaries are released after each layer).
   struct FlashPlan {
     std::vector<SeqSlice> seqs;
-    int64_t nh = 0;
+    std::vector<int32_t> pages;  // the batch's page tables: two batches of one step (the MTP layer's catch-up
+                                 // and the main forward) may have equal slices over different pages
+    int64_t nh = 0, dc = 0;
     int32_t r0 = 0, n_blocks = 0, n_combine = 0, n_slots = 0;
-    const int32_t *pages = nullptr, *block_items = nullptr;
+    const int32_t *dev_pages = nullptr, *block_items = nullptr;
     const k::MlaWorkItem *items = nullptr;
     const k::MlaCombineItem *combine = nullptr;
   };
   const FlashPlan &flash_plan(const Batch &b, int64_t nh, int64_t dc, int32_t r0) {
     auto same = [&](const FlashPlan &p) {
-      return p.nh == nh && p.r0 == r0 && p.seqs.size() == b.seqs.size() &&
-             std::memcmp(p.seqs.data(), b.seqs.data(), b.seqs.size() * sizeof(SeqSlice)) == 0;
+      return p.nh == nh && p.dc == dc && p.r0 == r0 && p.seqs.size() == b.seqs.size() &&
+             std::memcmp(p.seqs.data(), b.seqs.data(), b.seqs.size() * sizeof(SeqSlice)) == 0 && p.pages == b.pages;
     };
     for (const FlashPlan &p : flash_plans_)
       if (same(p)) return p;
@@ -332,16 +335,20 @@ class CudaBackend final : public ArenaBackend {
       cudaFree(plan_buf_);
       plan_buf_ = nullptr;
       plan_used_ = 0;
-      plan_cap_ = std::max(2 * (pb + ib + bb + cb), size_t(1) << 20);
-      cuda_check(cudaMalloc(&plan_buf_, plan_cap_), "attention plan");
+      plan_cap_ = 0;  // stays 0 if the allocation throws: the next step retries rather than using a null buffer
+      const size_t cap = std::max(2 * (pb + ib + bb + cb), size_t(1) << 20);
+      cuda_check(cudaMalloc(&plan_buf_, cap), "attention plan");
+      plan_cap_ = cap;
     }
     const size_t ws = size_t(k::mla_flash_workspace_floats(kp.n_slots, dc)) * sizeof(float);
     if (ws > flash_ws_bytes_) {
       sync();  // earlier launches of this step may still read the workspace
       cudaFree(flash_ws_);
       flash_ws_ = nullptr;
-      flash_ws_bytes_ = std::max(ws, 2 * flash_ws_bytes_);
-      cuda_check(cudaMalloc(&flash_ws_, flash_ws_bytes_), "attention split workspace");
+      const size_t bytes = std::max(ws, 2 * flash_ws_bytes_);
+      flash_ws_bytes_ = 0;  // as above
+      cuda_check(cudaMalloc(&flash_ws_, bytes), "attention split workspace");
+      flash_ws_bytes_ = bytes;
     }
     char *base = static_cast<char *>(plan_buf_) + plan_used_;
     stage_copy(base, b.pages.data(), b.pages.size() * 4);
@@ -351,12 +358,14 @@ class CudaBackend final : public ArenaBackend {
     plan_used_ += pb + ib + bb + cb;
     FlashPlan p;
     p.seqs = b.seqs;
+    p.pages = b.pages;
     p.nh = nh;
+    p.dc = dc;
     p.r0 = r0;
     p.n_blocks = int32_t(kp.block_items.size()) - 1;
     p.n_combine = int32_t(kp.combine.size());
     p.n_slots = kp.n_slots;
-    p.pages = reinterpret_cast<const int32_t *>(base);
+    p.dev_pages = reinterpret_cast<const int32_t *>(base);
     p.items = reinterpret_cast<const k::MlaWorkItem *>(base + pb);
     p.block_items = reinterpret_cast<const int32_t *>(base + pb + ib);
     p.combine = reinterpret_cast<const k::MlaCombineItem *>(base + pb + ib + bb);
@@ -545,8 +554,10 @@ class CudaBackend final : public ArenaBackend {
       if (need > staging_cap_) {
         cudaFreeHost(staging_);
         staging_ = nullptr;
-        staging_cap_ = std::max(need, size_t(4) << 20);
-        cuda_check(cudaMallocHost(&staging_, staging_cap_), "pinned staging buffer");
+        const size_t cap = std::max(need, size_t(4) << 20);
+        staging_cap_ = 0;  // stays 0 if the allocation throws: a later upload retries it
+        cuda_check(cudaMallocHost(&staging_, cap), "pinned staging buffer");
+        staging_cap_ = cap;
       }
     }
     char *p = static_cast<char *>(staging_) + staged_;
