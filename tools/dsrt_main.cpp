@@ -694,16 +694,22 @@ int cmd_bench(const Args &a) {
   dsrt_session_params sp;
   dsrt_session_params_init(&sp, sizeof sp);
 
-  const bool profile = a.has("--profile");
-  for (int P : prompts) {  // prefill: one sequence, chunked by the engine's max_batch_tokens
+  // A new session holding `t`, evaluated (one sequence, chunked by the engine's max_batch_tokens); *dt: the
+  // seconds the evaluation took.
+  auto prefilled = [&](const std::vector<int32_t> &t, double *dt) {
     dsrt_session *s = nullptr;
     check(dsrt_session_create(l.engine, &sp, &s));
-    auto t = tokens(P, 0);
     check(dsrt_session_append_tokens(s, t.data(), t.size()));
     auto t0 = now();
     check(dsrt_session_eval(s, nullptr));
-    const double dt = secs(t0);
-    dsrt_session_free(s);
+    *dt = secs(t0);
+    return s;
+  };
+  const bool profile = a.has("--profile");
+  for (int P : prompts) {
+    const auto t = tokens(P, 0);
+    double dt = 0, dt2 = 0;
+    dsrt_session_free(prefilled(t, &dt));
     const double flops = sc.flops_per_token * P;
     const double attn = sc.attn_flops_per_pair * double(P) * double(P + 1) / 2.0;
     std::printf("prefill %5d tokens: %8.3f s = %9.1f tokens/s, %7.2f TFLOP/s (weights only; attention adds %.2f TFLOP)", P,
@@ -713,29 +719,18 @@ int cmd_bench(const Args &a) {
                   100.0 * flops / (fp8_rate * 1e12) / dt);
     std::printf("\n");
     if (profile) {  // the same prompt again, timed op by op (the timing events cost a little speed)
-      dsrt_session *s2 = nullptr;
-      check(dsrt_session_create(l.engine, &sp, &s2));
-      check(dsrt_session_append_tokens(s2, t.data(), t.size()));
       check(dsrt_engine_set_profiling(l.engine, 1));
-      check(dsrt_session_eval(s2, nullptr));
+      dsrt_session_free(prefilled(t, &dt2));
       print_attention_rate(print_op_table(l.engine, 0, gpu), attn, sc.kv_bytes_per_token * double(P) * double(P + 1) / 2.0, bw, 1);
       check(dsrt_engine_set_profiling(l.engine, 0));
-      dsrt_session_free(s2);
     }
   }
 
   for (int ctx : ctxs) {
     // One context prefilled once (timed: a prompt of ctx tokens), forked for every decoding session.
-    dsrt_session *base = nullptr;
-    check(dsrt_session_create(l.engine, &sp, &base));
-    {
-      auto t = tokens(ctx, 1);
-      check(dsrt_session_append_tokens(base, t.data(), t.size()));
-      auto t0 = now();
-      check(dsrt_session_eval(base, nullptr));
-      const double dt = secs(t0);
-      std::printf("context %d: prefilled in %.3f s = %.1f tokens/s\n", ctx, dt, ctx / dt);
-    }
+    double dt = 0;
+    dsrt_session *base = prefilled(tokens(ctx, 1), &dt);
+    std::printf("context %d: prefilled in %.3f s = %.1f tokens/s\n", ctx, dt, ctx / dt);
     for (int B : batches) {
       std::vector<dsrt_session *> ss(static_cast<size_t>(B));
       for (int i = 0; i < B; i++) check(dsrt_session_fork(base, &ss[size_t(i)]));
