@@ -161,7 +161,10 @@ class Backend {
   virtual void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
                                const Batch &b) = 0;
   // q [T, nh*(dn+dr)] with RoPE applied; attends causally over cache layer `layer` (which already holds the
-  // step's tokens); out [T, nh*dv]. kv_b [nh*(dn+dv), dc] supplies W_UK / W_UV.
+  // step's tokens); out [T, nh*dv], rows of sequences outside b.seqs untouched. kv_b [nh*(dn+dv), dc] supplies
+  // W_UK / W_UV. The form is the arithmetic asked for; the two are equal in exact arithmetic (spec §3.9), and a
+  // backend may compute either with the other: CUDA runs both as its tensor-core absorbed kernel over a BF16
+  // cache (the naive form's decompressed keys grow with the context).
   virtual void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b,
                              AttnForm form, Tensor out) = 0;
   // Router (spec §4): ids [T, K] (I32) and weights [T, K].
