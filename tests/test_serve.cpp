@@ -451,51 +451,87 @@ TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key
   CHECK(c->Get("/v1/models")->status == 200);
 }
 
-TEST_CASE("serve: concurrent streaming clients each get exactly what a lone run gives them") {
-  Running &r = shared();
-  const int N = 8;
+TEST_CASE("serve: 32 concurrent streaming clients each get exactly the chunks a lone run gives them") {
+  // Its own server: the shared one allows 16 sessions. 32 clients, a few tokens each, so the test stays short
+  // on a 2-core CI box while every step still batches many sequences.
+  auto o = options();
+  o.max_sessions = 32;
+  Running r(o);
+  const int N = 32, kTokens = 6;
   auto body = [](int i) {
-    json b = chat_body(12, true);
+    json b = chat_body(kTokens, true);
     b["temperature"] = 0.9;
     b["seed"] = 1000 + i;
+    b["stream_options"] = {{"include_usage", true}};
     b["messages"][1]["content"] = "Question number " + std::to_string(i) + " about tools.";
     return b.dump();
   };
-  auto content_of = [](const std::string &sse) {
-    std::string text;
-    for (const auto &e : sse_events(sse)) {
-      if (e == "[DONE]") continue;
-      const json j = json::parse(e);
-      const json &d = j["choices"][0]["delta"];
-      if (d.contains("content")) text += d["content"].get<std::string>();
+  // A stream as its sequence of content deltas (one per token with text: a lost or repeated chunk changes it),
+  // checking one id, one finish chunk, the usage chunk and [DONE].
+  auto deltas_of = [&](const std::string &sse) {
+    std::vector<std::string> out;
+    const auto ev = sse_events(sse);
+    REQUIRE(ev.size() >= 4);
+    CHECK(ev.back() == "[DONE]");
+    const std::string id = json::parse(ev[0])["id"];
+    int finishes = 0;
+    for (size_t i = 0; i + 1 < ev.size(); i++) {
+      const json j = json::parse(ev[i]);
+      CHECK(j["id"] == id);
+      if (j["choices"].empty()) {  // the usage chunk, last before [DONE]
+        CHECK(i + 2 == ev.size());
+        CHECK(j["usage"]["completion_tokens"] == kTokens);
+        continue;
+      }
+      const json &ch = j["choices"][0];
+      if (!ch["finish_reason"].is_null()) {
+        finishes++;
+        CHECK(ch["finish_reason"] == "length");
+      }
+      const json &d = ch["delta"];
+      if (d.contains("content")) out.push_back(d["content"].get<std::string>());
+      if (d.contains("reasoning_content")) out.push_back("R:" + d["reasoning_content"].get<std::string>());
     }
-    return text;
+    CHECK(finishes == 1);
+    return out;
   };
-  std::vector<std::string> alone(N), together(N);
-  for (int i = 0; i < N; i++) alone[size_t(i)] = content_of(r.client()->Post("/v1/chat/completions", body(i), "application/json")->body);
+  std::vector<std::vector<std::string>> alone(N), together(N);
+  auto c = r.client();
+  for (int i = 0; i < N; i++) {
+    auto res = c->Post("/v1/chat/completions", body(i), "application/json");
+    REQUIRE(res);
+    REQUIRE(res->status == 200);
+    alone[size_t(i)] = deltas_of(res->body);
+  }
+  std::vector<std::string> raw(N);
+  std::vector<int> status(N, 0);
   std::vector<std::thread> ts;
-  std::atomic<int> ok{0};
   for (int i = 0; i < N; i++)
     ts.emplace_back([&, i] {
-      auto c = r.client();
-      auto res = c->Post("/v1/chat/completions", body(i), "application/json");
-      if (res && res->status == 200) {
-        together[size_t(i)] = res->body;
-        ok++;
+      auto cc = r.client();
+      auto res = cc->Post("/v1/chat/completions", body(i), "application/json");
+      if (res) {
+        status[size_t(i)] = res->status;
+        raw[size_t(i)] = res->body;
       }
     });
   for (auto &t : ts) t.join();
-  REQUIRE(ok == N);
   for (int i = 0; i < N; i++) {
     INFO("client ", i);
-    CHECK(content_of(together[size_t(i)]) == alone[size_t(i)]);
+    REQUIRE(status[size_t(i)] == 200);
+    together[size_t(i)] = deltas_of(raw[size_t(i)]);
+    CHECK(together[size_t(i)] == alone[size_t(i)]);
   }
-  // The engine batched them: some step saw more than one sequence.
-  const std::string metrics = r.client()->Get("/metrics")->body;
+  // Different seeds and prompts: the clients did not all get one stream.
+  CHECK(alone[0] != alone[1]);
+  // The engine batched them: some step saw many sequences.
+  const std::string metrics = c->Get("/metrics")->body;
   const std::string key = "\ndsrt_engine_max_batch_sequences ";
   const size_t at = metrics.find(key);
   REQUIRE(at != std::string::npos);
-  CHECK(std::stoi(metrics.substr(at + key.size())) > 1);
+  CHECK(std::stoi(metrics.substr(at + key.size())) > 4);
+  CHECK(metrics.find("dsrt_requests_rejected_total 0") != std::string::npos);
+  CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
 }
 
 TEST_CASE("serve: --max-sessions gives 429 with Retry-After; a client that disconnects frees its session") {
