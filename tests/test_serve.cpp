@@ -391,7 +391,9 @@ TEST_CASE("serve: bad requests get OpenAI error objects with the right status, n
       {json{{"messages", msgs}, {"stream_options", {{"include_usage", true}}}}.dump(), 400, "stream_options"},
       {json{{"messages", msgs}, {"tools", "x"}}.dump(), 400, "tools"},
       {json{{"messages", msgs}, {"tool_choice", "required"}}.dump(), 400, "tool_choice"},
-      {json{{"messages", msgs}, {"logprobs", true}}.dump(), 400, "logprobs"},
+      {json{{"messages", msgs}, {"logprobs", 1}}.dump(), 400, "logprobs"},
+      {json{{"messages", msgs}, {"top_logprobs", 2}}.dump(), 400, "top_logprobs"},
+      {json{{"messages", msgs}, {"logprobs", true}, {"top_logprobs", 21}}.dump(), 400, "top_logprobs"},
       {json{{"messages", msgs}, {"model", "gpt-4"}}.dump(), 404, "model"},
       {json{{"messages", json::array({{{"role", "user"}, {"content", big_prompt}}})}}.dump(), 400, "messages"},
       {json{{"messages", msgs}, {"max_tokens", 100000}}.dump(), 400, "max_tokens"},
@@ -425,8 +427,137 @@ TEST_CASE("serve: bad requests get OpenAI error objects with the right status, n
   CHECK(status == 400);
   post(r, "/v1/completions", json{{"prompt", json::array({1, 999999})}}.dump(), &status);
   CHECK(status == 400);
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"logprobs", 6}}.dump(), &status)["error"]["param"] == "logprobs");
+  CHECK(status == 400);
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"logprobs", 2}, {"echo", true}}.dump(), &status)["error"]["code"] ==
+        "unsupported");
+  CHECK(status == 400);
   // The server still works.
   CHECK(r.client()->Get("/health")->status == 200);
+}
+
+namespace {
+// Checks one chat logprobs entry's shape ({"token", "logprob", "bytes", "top_logprobs"}, in that order) and
+// that greedy decoding picked the most likely token.
+void check_chat_entry(const json &e, size_t n_top) {
+  std::vector<std::string> keys;
+  for (auto it = e.begin(); it != e.end(); ++it) keys.push_back(it.key());
+  CHECK(keys == std::vector<std::string>{"token", "logprob", "bytes", "top_logprobs"});
+  REQUIRE(e["token"].is_string());
+  REQUIRE(e["logprob"].is_number());
+  CHECK(e["logprob"].get<double>() <= 0.0);
+  REQUIRE(e["bytes"].is_array());
+  const std::string tok = e["token"];
+  if (json(tok).dump().find("\\ufffd") == std::string::npos) {  // valid UTF-8: bytes are the token's
+    std::string b;
+    for (const auto &x : e["bytes"]) b += char(x.get<int>());
+    CHECK(b == tok);
+  }
+  REQUIRE(e["top_logprobs"].size() == n_top);
+  double prev = 0.0;
+  for (const auto &a : e["top_logprobs"]) {
+    CHECK(a.size() == 3);
+    CHECK(a["token"].is_string());
+    CHECK(a["bytes"].is_array());
+    CHECK(a["logprob"].get<double>() <= prev + 1e-9);
+    prev = a["logprob"].get<double>();
+  }
+  if (n_top) {
+    CHECK(e["top_logprobs"][0]["token"] == e["token"]);
+    CHECK(e["top_logprobs"][0]["logprob"].get<double>() == doctest::Approx(e["logprob"].get<double>()));
+  }
+}
+}  // namespace
+
+TEST_CASE("serve: logprobs and top_logprobs in OpenAI's shapes (chat and completions, stream and not)") {
+  Running &r = shared();
+  const int kTokens = 5;
+  json body = chat_body(kTokens);
+  body["logprobs"] = true;
+  body["top_logprobs"] = 3;
+  int status = 0;
+  const json j = post(r, "/v1/chat/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  const json &lp = j["choices"][0]["logprobs"];
+  INFO(lp.dump());
+  REQUIRE(lp.is_object());
+  CHECK(lp["refusal"].is_null());
+  REQUIRE(lp["content"].size() == size_t(kTokens));
+  for (const auto &e : lp["content"]) check_chat_entry(e, 3);
+  // logprobs without top_logprobs: empty alternatives; without logprobs: null.
+  body["top_logprobs"] = 0;
+  const json j0 = post(r, "/v1/chat/completions", body.dump());
+  REQUIRE(j0["choices"][0]["logprobs"]["content"].size() == size_t(kTokens));
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    check_chat_entry(j0["choices"][0]["logprobs"]["content"][i], 0);
+    CHECK(j0["choices"][0]["logprobs"]["content"][i]["token"] == lp["content"][i]["token"]);
+  }
+  CHECK(post(r, "/v1/chat/completions", chat_body(2).dump())["choices"][0]["logprobs"].is_null());
+
+  // Streamed: every token's entry in exactly one chunk, the same figures as the non-streamed reply.
+  body = chat_body(kTokens, true);
+  body["logprobs"] = true;
+  body["top_logprobs"] = 3;
+  json streamed = json::array();
+  for (const auto &ev : sse_events(r.client()->Post("/v1/chat/completions", body.dump(), "application/json")->body)) {
+    if (ev == "[DONE]") continue;
+    const json k = json::parse(ev);
+    const json &l = k["choices"][0]["logprobs"];
+    if (l.is_null()) continue;
+    CHECK(l["refusal"].is_null());
+    for (const auto &e : l["content"]) streamed.push_back(e);
+  }
+  REQUIRE(streamed.size() == size_t(kTokens));
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    check_chat_entry(streamed[i], 3);
+    CHECK(streamed[i]["token"] == lp["content"][i]["token"]);
+    CHECK(streamed[i]["logprob"].get<double>() == doctest::Approx(lp["content"][i]["logprob"].get<double>()).epsilon(1e-4));
+  }
+
+  // Completions: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}.
+  json cb = {{"prompt", "Once upon a time"}, {"max_tokens", kTokens}, {"temperature", 0}, {"ignore_eos", true}, {"logprobs", 2}};
+  const json c = post(r, "/v1/completions", cb.dump(), &status);
+  REQUIRE(status == 200);
+  const json &cl = c["choices"][0]["logprobs"];
+  INFO(cl.dump());
+  std::vector<std::string> keys;
+  for (auto it = cl.begin(); it != cl.end(); ++it) keys.push_back(it.key());
+  CHECK(keys == std::vector<std::string>{"tokens", "token_logprobs", "top_logprobs", "text_offset"});
+  REQUIRE(cl["tokens"].size() == size_t(kTokens));
+  REQUIRE(cl["token_logprobs"].size() == size_t(kTokens));
+  REQUIRE(cl["top_logprobs"].size() == size_t(kTokens));
+  REQUIRE(cl["text_offset"].size() == size_t(kTokens));
+  CHECK(cl["text_offset"][0] == 0);
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    const json &top = cl["top_logprobs"][i];
+    CHECK(top.is_object());
+    CHECK(top.size() >= 1);
+    CHECK(top.size() <= 3);  // the 2 best, and the sampled token when it is not among them
+    const std::string tok = cl["tokens"][i];
+    REQUIRE(top.contains(tok));
+    CHECK(top[tok].get<double>() == doctest::Approx(cl["token_logprobs"][i].get<double>()));
+    for (auto it = top.begin(); it != top.end(); ++it) CHECK(it.value().get<double>() <= top[tok].get<double>() + 1e-6);  // greedy
+    if (i) CHECK(cl["text_offset"][i].get<int64_t>() >= cl["text_offset"][i - 1].get<int64_t>());
+  }
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"max_tokens", 2}}.dump())["choices"][0]["logprobs"].is_null());
+  cb["stream"] = true;
+  std::vector<std::string> tokens;
+  std::vector<double> values;
+  for (const auto &ev : sse_events(r.client()->Post("/v1/completions", cb.dump(), "application/json")->body)) {
+    if (ev == "[DONE]") continue;
+    const json k = json::parse(ev);
+    const json &l = k["choices"][0]["logprobs"];
+    if (l.is_null()) continue;
+    for (size_t i = 0; i < l["tokens"].size(); i++) {
+      tokens.push_back(l["tokens"][i]);
+      values.push_back(l["token_logprobs"][i]);
+    }
+  }
+  REQUIRE(tokens.size() == size_t(kTokens));
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    CHECK(tokens[i] == cl["tokens"][i]);
+    CHECK(values[i] == doctest::Approx(cl["token_logprobs"][i].get<double>()).epsilon(1e-4));
+  }
 }
 
 TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key; /health stays open") {
