@@ -13,6 +13,7 @@
 #include <memory>
 #include <thread>
 
+#include "bench_serve.h"
 #include "helpers.h"
 #include "openai_json.h"
 #include "server.h"
@@ -722,6 +723,37 @@ TEST_CASE("serve: tools and tool messages render through the chat template") {
   const json j = post(r, "/v1/chat/completions", body.dump(), &status);
   INFO(j.dump());
   CHECK(status == 200);
+}
+
+TEST_CASE("serve: bench-serve drives concurrent streaming clients and reports percentiles") {
+  dsrt::serve::BenchServeOptions o;
+  o.model_dir = tiny(kTinyServe);
+  o.clients = 4;
+  o.requests = 8;
+  o.max_tokens = 5;
+  o.prompt_words = 8;
+  o.threads = 2;
+  o.kv_tokens = 4096;
+  o.ctx = 256;
+  const dsrt::serve::BenchServeResult r = dsrt::serve::run_bench_serve(o);
+  INFO(r.first_error);
+  CHECK(r.completed == 8);
+  CHECK(r.failed == 0);
+  CHECK(r.completion_tokens == 8 * 5);
+  CHECK(r.requests_per_second > 0);
+  CHECK(r.n_itl > 0);
+  for (int i = 0; i < 3; i++) {
+    CHECK(std::isfinite(r.ttft_ms[i]));
+    CHECK(std::isfinite(r.itl_ms[i]));
+    CHECK(std::isfinite(r.tpot_ms[i]));
+    CHECK(r.ttft_ms[i] > 0);
+    if (i) {
+      CHECK(r.ttft_ms[i] >= r.ttft_ms[i - 1]);
+      CHECK(r.itl_ms[i] >= r.itl_ms[i - 1]);
+    }
+  }
+  const char *bad[] = {"--model", "x", "--clients", "0"};
+  CHECK_THROWS_AS(dsrt::serve::parse_bench_serve_options(4, const_cast<char **>(bad)), std::invalid_argument);
 }
 
 // ---- units
