@@ -284,6 +284,13 @@ TEST_CASE("dsrt_session_token_logprobs: log-softmax of the raw logits the token 
   int32_t tok = -1;
   float lp = 0;
   CHECK(dsrt_session_token_logprobs(s, &tok, &lp, nullptr, nullptr, 0, nullptr) == DSRT_ERR_BAD_STATE);  // nothing sampled
+  {  // keeping is off by default: a sample keeps nothing
+    CHECK_OK(dsrt_session_eval(s, nullptr));
+    int32_t t = -1;
+    CHECK_OK(dsrt_session_sample(s, nullptr, &t));
+    CHECK(dsrt_session_token_logprobs(s, &tok, &lp, nullptr, nullptr, 0, nullptr) == DSRT_ERR_BAD_STATE);
+  }
+  CHECK_OK(dsrt_session_keep_logprobs(s, 1));
   const int kSteps = 6, kTop = 5;
   // Reference: greedy decoding by hand (eval, logits, sample), each step checked against dsrt_session_logits.
   std::vector<int32_t> ref_tokens;
@@ -321,6 +328,7 @@ TEST_CASE("dsrt_session_token_logprobs: log-softmax of the raw logits the token 
   // are of the raw logits; greedy here so the tokens match) gives the same logprobs event by event.
   dsrt_session *g = nullptr;
   CHECK_OK(dsrt_session_create(e, nullptr, &g));
+  CHECK_OK(dsrt_session_keep_logprobs(g, 1));
   CHECK_OK(dsrt_session_append_tokens(g, prompt, 5));
   dsrt_gen_params p;
   dsrt_gen_params_init(&p, sizeof p, m.m);

@@ -616,6 +616,13 @@ dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_params *par
   });
 }
 
+dsrt_status dsrt_session_keep_logprobs(dsrt_session *s, int32_t keep) {
+  return guarded([&] {
+    DSRT_REQUIRE(s, "session is NULL");
+    s->session->keep_logprobs(keep != 0);
+  });
+}
+
 dsrt_status dsrt_session_token_logprobs(dsrt_session *s, int32_t *token_out, float *logprob_out, int32_t *top_tokens,
                                         float *top_logprobs, size_t cap, size_t *n_top_out) {
   return guarded([&] {

@@ -287,12 +287,15 @@ int32_t Session::sample(float temperature) {
 }
 
 void Session::keep_sampled(const float *row, int32_t tok) {
+  if (!keep_logprobs_) return;
   sampled_row_.assign(row, row + vocab());
   sampled_token_ = tok;
 }
 
 float Session::token_logprobs(size_t n_top, int32_t *token, std::vector<std::pair<int32_t, float>> &top) const {
-  if (sampled_token_ < 0) fail(DSRT_ERR_BAD_STATE, "no sampled token yet: logprobs follow dsrt_session_next or dsrt_session_sample");
+  if (sampled_token_ < 0)
+    fail(DSRT_ERR_BAD_STATE, "no sampled token kept: logprobs follow dsrt_session_next or dsrt_session_sample "
+                             "while dsrt_session_keep_logprobs is on");
   const float *x = sampled_row_.data();
   const size_t V = sampled_row_.size();
   float mx = -INFINITY;

@@ -78,6 +78,8 @@ class Session {
   // it was sampled (before bias, penalties, temperature and truncation): that token's logprob, and the n_top
   // most likely tokens (descending, ties to the lower id) into top. DSRT_ERR_BAD_STATE before any sample.
   float token_logprobs(size_t n_top, int32_t *token, std::vector<std::pair<int32_t, float>> &top) const;
+  // Whether samples keep their logits row for token_logprobs (a copy of n_vocab floats each; off by default).
+  void keep_logprobs(bool keep) { keep_logprobs_ = keep; }
 
   // Generation turns: start() then next() until an event is done; cancel() from any thread.
   void start(const GenParams &p);
@@ -142,6 +144,7 @@ class Session {
   bool sampled_pending_ = false;  // pending_ is the one token next() sampled
   // The last sampled token and the raw logits row it was drawn from (token_logprobs); only this session's
   // own thread touches them, so no step can replace them underneath.
+  std::atomic<bool> keep_logprobs_{false};
   int32_t sampled_token_ = -1;
   std::vector<float> sampled_row_;
   void keep_sampled(const float *row, int32_t tok);

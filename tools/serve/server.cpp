@@ -237,7 +237,9 @@ struct Server::Impl {
   // Creates the session, appends the prompt and starts the turn; errors here are still HTTP errors.
   std::unique_ptr<Session> start(Gen &g) {
     auto s = std::make_unique<Session>(*this, g.seed);
-    dsrt_status st = dsrt_session_append_tokens(s->s, g.prompt.data(), g.prompt.size());
+    dsrt_status st = g.logprobs ? dsrt_session_keep_logprobs(s->s, 1) : DSRT_OK;
+    if (st != DSRT_OK) throw ApiError(500, "cannot keep logprobs: " + dsrt_error(st));
+    st = dsrt_session_append_tokens(s->s, g.prompt.data(), g.prompt.size());
     if (st == DSRT_ERR_CONTEXT_FULL) throw ApiError(400, "the prompt does not fit the context: " + dsrt_error(st), "messages", "context_length_exceeded");
     if (st != DSRT_OK) throw ApiError(400, "cannot append the prompt: " + dsrt_error(st));
     st = dsrt_session_start(s->s, &g.gp);
