@@ -326,6 +326,22 @@ DSRT_API void dsrt_sampling_params_init(dsrt_sampling_params *p, size_t size);
  * Does not append it. p may be NULL (greedy). */
 DSRT_API dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_params *p, int32_t *token_out);
 
+/* Whether the session keeps, at each sample, the logits row the token was drawn from, for
+ * dsrt_session_token_logprobs (off by default: keeping costs a copy of n_vocab floats per sampled token). */
+DSRT_API dsrt_status dsrt_session_keep_logprobs(dsrt_session *s, int32_t keep);
+/* Log-probabilities of the token this session sampled last (a TOKEN event of dsrt_session_next, a DONE event
+ * that carries a token, or dsrt_session_sample) while dsrt_session_keep_logprobs was on: the log-softmax, over
+ * the whole vocabulary, of the raw logits row that token was drawn from — before logit bias, penalties,
+ * temperature and top-k/top-p/min-p, so the figures do not depend on the sampling parameters (OpenAI's and
+ * vLLM's default). The session copies that row when it samples, so this never races with the engine's step
+ * thread and may be called while other sessions step. *token_out and *logprob_out (each optional) = the token and its logprob; top_tokens and top_logprobs
+ * (both NULL with cap 0) get the min(cap, n_vocab) most likely tokens of the row, most likely first (ties: the
+ * lower id first), *n_top_out (optional) their count. DSRT_ERR_BAD_STATE before the session has sampled with
+ * keeping on. */
+DSRT_API dsrt_status dsrt_session_token_logprobs(dsrt_session *s, int32_t *token_out, float *logprob_out,
+                                                 int32_t *top_tokens, float *top_logprobs, size_t cap,
+                                                 size_t *n_top_out);
+
 /* ---------------------------------------------------------------- text ------------------------- */
 /* Text calls need the checkpoint's tokenizer files (tokenizer.json, tiktoken.model or tokenizer.model);
  * without them they fail with DSRT_ERR_UNSUPPORTED. All are thread-safe. */

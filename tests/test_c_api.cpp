@@ -1,6 +1,8 @@
 // The C ABI rules: versions, struct sizes and struct_size handling, NULLs, error text, load progress/cancel.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -256,4 +258,114 @@ TEST_CASE("the KV pool can be sized as a share of the backend's free memory") {
   CHECK(std::string(dsrt_last_error()).find("KV page") != std::string::npos);
   p.kv_memory_fraction = 1.5f;
   CHECK(dsrt_engine_create(m.m, &p, &e) == DSRT_ERR_INVALID_ARGUMENT);
+}
+
+namespace {
+// Log-softmax of one logits row, in double.
+std::vector<double> log_softmax(const float *x, size_t n) {
+  double mx = -INFINITY;
+  for (size_t i = 0; i < n; i++) mx = std::max(mx, double(x[i]));
+  double sum = 0;
+  for (size_t i = 0; i < n; i++) sum += std::exp(double(x[i]) - mx);
+  std::vector<double> out(n);
+  for (size_t i = 0; i < n; i++) out[i] = double(x[i]) - mx - std::log(sum);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("dsrt_session_token_logprobs: log-softmax of the raw logits the token was sampled from") {
+  Model m(tiny("no-qlora"));
+  dsrt_engine *e = nullptr;
+  CHECK_OK(dsrt_engine_create(m.m, nullptr, &e));
+  dsrt_session *s = nullptr;
+  CHECK_OK(dsrt_session_create(e, nullptr, &s));
+  const int32_t prompt[] = {1, 5, 9, 14, 3};
+  CHECK_OK(dsrt_session_append_tokens(s, prompt, 5));
+  int32_t tok = -1;
+  float lp = 0;
+  CHECK(dsrt_session_token_logprobs(s, &tok, &lp, nullptr, nullptr, 0, nullptr) == DSRT_ERR_BAD_STATE);  // nothing sampled
+  {  // keeping is off by default: a sample keeps nothing
+    CHECK_OK(dsrt_session_eval(s, nullptr));
+    int32_t t = -1;
+    CHECK_OK(dsrt_session_sample(s, nullptr, &t));
+    CHECK(dsrt_session_token_logprobs(s, &tok, &lp, nullptr, nullptr, 0, nullptr) == DSRT_ERR_BAD_STATE);
+  }
+  CHECK_OK(dsrt_session_keep_logprobs(s, 1));
+  const int kSteps = 6, kTop = 5;
+  // Reference: greedy decoding by hand (eval, logits, sample), each step checked against dsrt_session_logits.
+  std::vector<int32_t> ref_tokens;
+  std::vector<float> ref_lp;
+  for (int i = 0; i < kSteps; i++) {
+    CHECK_OK(dsrt_session_eval(s, nullptr));
+    const float *logits = nullptr;
+    size_t rows = 0, V = 0;
+    CHECK_OK(dsrt_session_logits(s, &logits, &rows, &V));
+    const std::vector<double> ls = log_softmax(logits + (rows - 1) * V, V);
+    int32_t t = -1;
+    CHECK_OK(dsrt_session_sample(s, nullptr, &t));
+    int32_t top_t[kTop];
+    float top_l[kTop];
+    size_t n_top = 0;
+    CHECK_OK(dsrt_session_token_logprobs(s, &tok, &lp, top_t, top_l, kTop, &n_top));
+    CHECK(tok == t);
+    REQUIRE(n_top == size_t(kTop));
+    CHECK(lp == doctest::Approx(ls[size_t(t)]).epsilon(1e-5));
+    CHECK(top_t[0] == t);  // greedy: the sampled token is the most likely one
+    CHECK(lp == top_l[0]);
+    for (int k = 0; k < kTop; k++) {
+      CHECK(top_l[k] == doctest::Approx(ls[size_t(top_t[k])]).epsilon(1e-5));
+      if (k) CHECK(top_l[k] <= top_l[k - 1]);
+    }
+    // The top list is the row's best: no token outside it is more likely than its last.
+    size_t better = 0;
+    for (size_t v = 0; v < V; v++) better += ls[v] > double(top_l[kTop - 1]) + 1e-6;
+    CHECK(better < size_t(kTop));
+    ref_tokens.push_back(t);
+    ref_lp.push_back(lp);
+    CHECK_OK(dsrt_session_append_tokens(s, &t, 1));
+  }
+  // A generation turn on a fresh session (penalties and a high temperature do not change the figures, which
+  // are of the raw logits; greedy here so the tokens match) gives the same logprobs event by event.
+  dsrt_session *g = nullptr;
+  CHECK_OK(dsrt_session_create(e, nullptr, &g));
+  CHECK_OK(dsrt_session_keep_logprobs(g, 1));
+  CHECK_OK(dsrt_session_append_tokens(g, prompt, 5));
+  dsrt_gen_params p;
+  dsrt_gen_params_init(&p, sizeof p, m.m);
+  p.max_new_tokens = kSteps;
+  p.temperature = 0;
+  p.ignore_eos = 1;
+  p.repetition_penalty = 1.0f;
+  CHECK_OK(dsrt_session_start(g, &p));
+  for (int i = 0;; i++) {
+    dsrt_event ev;
+    ev.struct_size = sizeof ev;
+    CHECK_OK(dsrt_session_next(g, &ev));
+    if (ev.type == DSRT_EVENT_DONE) {
+      CHECK(i == kSteps);
+      break;
+    }
+    REQUIRE(i < kSteps);
+    size_t n_top = 99;
+    CHECK_OK(dsrt_session_token_logprobs(g, &tok, &lp, nullptr, nullptr, 0, &n_top));
+    CHECK(n_top == 0);
+    CHECK(tok == ev.token);
+    CHECK(tok == ref_tokens[size_t(i)]);
+    CHECK(lp == doctest::Approx(ref_lp[size_t(i)]).epsilon(1e-4));
+  }
+  // Arguments: a top buffer missing with cap > 0; a cap above the vocabulary gives the whole vocabulary.
+  CHECK(dsrt_session_token_logprobs(g, nullptr, nullptr, nullptr, nullptr, 3, nullptr) == DSRT_ERR_INVALID_ARGUMENT);
+  CHECK(dsrt_session_token_logprobs(nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr) == DSRT_ERR_INVALID_ARGUMENT);
+  const size_t V = size_t(m.vocab());
+  std::vector<int32_t> all_t(V + 10);
+  std::vector<float> all_l(V + 10);
+  size_t n_all = 0;
+  CHECK_OK(dsrt_session_token_logprobs(g, nullptr, nullptr, all_t.data(), all_l.data(), all_t.size(), &n_all));
+  CHECK(n_all == V);
+  double total = 0;
+  for (size_t i = 0; i < n_all; i++) total += std::exp(double(all_l[i]));
+  CHECK(total == doctest::Approx(1.0).epsilon(1e-4));
+  dsrt_session_free(g);
+  dsrt_session_free(s);
+  dsrt_engine_free(e);
 }

@@ -13,6 +13,7 @@
 #include <memory>
 #include <thread>
 
+#include "bench_serve.h"
 #include "helpers.h"
 #include "openai_json.h"
 #include "server.h"
@@ -391,7 +392,9 @@ TEST_CASE("serve: bad requests get OpenAI error objects with the right status, n
       {json{{"messages", msgs}, {"stream_options", {{"include_usage", true}}}}.dump(), 400, "stream_options"},
       {json{{"messages", msgs}, {"tools", "x"}}.dump(), 400, "tools"},
       {json{{"messages", msgs}, {"tool_choice", "required"}}.dump(), 400, "tool_choice"},
-      {json{{"messages", msgs}, {"logprobs", true}}.dump(), 400, "logprobs"},
+      {json{{"messages", msgs}, {"logprobs", 1}}.dump(), 400, "logprobs"},
+      {json{{"messages", msgs}, {"top_logprobs", 2}}.dump(), 400, "top_logprobs"},
+      {json{{"messages", msgs}, {"logprobs", true}, {"top_logprobs", 21}}.dump(), 400, "top_logprobs"},
       {json{{"messages", msgs}, {"model", "gpt-4"}}.dump(), 404, "model"},
       {json{{"messages", json::array({{{"role", "user"}, {"content", big_prompt}}})}}.dump(), 400, "messages"},
       {json{{"messages", msgs}, {"max_tokens", 100000}}.dump(), 400, "max_tokens"},
@@ -425,8 +428,137 @@ TEST_CASE("serve: bad requests get OpenAI error objects with the right status, n
   CHECK(status == 400);
   post(r, "/v1/completions", json{{"prompt", json::array({1, 999999})}}.dump(), &status);
   CHECK(status == 400);
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"logprobs", 6}}.dump(), &status)["error"]["param"] == "logprobs");
+  CHECK(status == 400);
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"logprobs", 2}, {"echo", true}}.dump(), &status)["error"]["code"] ==
+        "unsupported");
+  CHECK(status == 400);
   // The server still works.
   CHECK(r.client()->Get("/health")->status == 200);
+}
+
+namespace {
+// Checks one chat logprobs entry's shape ({"token", "logprob", "bytes", "top_logprobs"}, in that order) and
+// that greedy decoding picked the most likely token.
+void check_chat_entry(const json &e, size_t n_top) {
+  std::vector<std::string> keys;
+  for (auto it = e.begin(); it != e.end(); ++it) keys.push_back(it.key());
+  CHECK(keys == std::vector<std::string>{"token", "logprob", "bytes", "top_logprobs"});
+  REQUIRE(e["token"].is_string());
+  REQUIRE(e["logprob"].is_number());
+  CHECK(e["logprob"].get<double>() <= 0.0);
+  REQUIRE(e["bytes"].is_array());
+  const std::string tok = e["token"];
+  if (json(tok).dump().find("\\ufffd") == std::string::npos) {  // valid UTF-8: bytes are the token's
+    std::string b;
+    for (const auto &x : e["bytes"]) b += char(x.get<int>());
+    CHECK(b == tok);
+  }
+  REQUIRE(e["top_logprobs"].size() == n_top);
+  double prev = 0.0;
+  for (const auto &a : e["top_logprobs"]) {
+    CHECK(a.size() == 3);
+    CHECK(a["token"].is_string());
+    CHECK(a["bytes"].is_array());
+    CHECK(a["logprob"].get<double>() <= prev + 1e-9);
+    prev = a["logprob"].get<double>();
+  }
+  if (n_top) {
+    CHECK(e["top_logprobs"][0]["token"] == e["token"]);
+    CHECK(e["top_logprobs"][0]["logprob"].get<double>() == doctest::Approx(e["logprob"].get<double>()));
+  }
+}
+}  // namespace
+
+TEST_CASE("serve: logprobs and top_logprobs in OpenAI's shapes (chat and completions, stream and not)") {
+  Running &r = shared();
+  const int kTokens = 5;
+  json body = chat_body(kTokens);
+  body["logprobs"] = true;
+  body["top_logprobs"] = 3;
+  int status = 0;
+  const json j = post(r, "/v1/chat/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  const json &lp = j["choices"][0]["logprobs"];
+  INFO(lp.dump());
+  REQUIRE(lp.is_object());
+  CHECK(lp["refusal"].is_null());
+  REQUIRE(lp["content"].size() == size_t(kTokens));
+  for (const auto &e : lp["content"]) check_chat_entry(e, 3);
+  // logprobs without top_logprobs: empty alternatives; without logprobs: null.
+  body["top_logprobs"] = 0;
+  const json j0 = post(r, "/v1/chat/completions", body.dump());
+  REQUIRE(j0["choices"][0]["logprobs"]["content"].size() == size_t(kTokens));
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    check_chat_entry(j0["choices"][0]["logprobs"]["content"][i], 0);
+    CHECK(j0["choices"][0]["logprobs"]["content"][i]["token"] == lp["content"][i]["token"]);
+  }
+  CHECK(post(r, "/v1/chat/completions", chat_body(2).dump())["choices"][0]["logprobs"].is_null());
+
+  // Streamed: every token's entry in exactly one chunk, the same figures as the non-streamed reply.
+  body = chat_body(kTokens, true);
+  body["logprobs"] = true;
+  body["top_logprobs"] = 3;
+  json streamed = json::array();
+  for (const auto &ev : sse_events(r.client()->Post("/v1/chat/completions", body.dump(), "application/json")->body)) {
+    if (ev == "[DONE]") continue;
+    const json k = json::parse(ev);
+    const json &l = k["choices"][0]["logprobs"];
+    if (l.is_null()) continue;
+    CHECK(l["refusal"].is_null());
+    for (const auto &e : l["content"]) streamed.push_back(e);
+  }
+  REQUIRE(streamed.size() == size_t(kTokens));
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    check_chat_entry(streamed[i], 3);
+    CHECK(streamed[i]["token"] == lp["content"][i]["token"]);
+    CHECK(streamed[i]["logprob"].get<double>() == doctest::Approx(lp["content"][i]["logprob"].get<double>()).epsilon(1e-4));
+  }
+
+  // Completions: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}.
+  json cb = {{"prompt", "Once upon a time"}, {"max_tokens", kTokens}, {"temperature", 0}, {"ignore_eos", true}, {"logprobs", 2}};
+  const json c = post(r, "/v1/completions", cb.dump(), &status);
+  REQUIRE(status == 200);
+  const json &cl = c["choices"][0]["logprobs"];
+  INFO(cl.dump());
+  std::vector<std::string> keys;
+  for (auto it = cl.begin(); it != cl.end(); ++it) keys.push_back(it.key());
+  CHECK(keys == std::vector<std::string>{"tokens", "token_logprobs", "top_logprobs", "text_offset"});
+  REQUIRE(cl["tokens"].size() == size_t(kTokens));
+  REQUIRE(cl["token_logprobs"].size() == size_t(kTokens));
+  REQUIRE(cl["top_logprobs"].size() == size_t(kTokens));
+  REQUIRE(cl["text_offset"].size() == size_t(kTokens));
+  CHECK(cl["text_offset"][0] == 0);
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    const json &top = cl["top_logprobs"][i];
+    CHECK(top.is_object());
+    CHECK(top.size() >= 1);
+    CHECK(top.size() <= 3);  // the 2 best, and the sampled token when it is not among them
+    const std::string tok = cl["tokens"][i];
+    REQUIRE(top.contains(tok));
+    CHECK(top[tok].get<double>() == doctest::Approx(cl["token_logprobs"][i].get<double>()));
+    for (auto it = top.begin(); it != top.end(); ++it) CHECK(it.value().get<double>() <= top[tok].get<double>() + 1e-6);  // greedy
+    if (i) CHECK(cl["text_offset"][i].get<int64_t>() >= cl["text_offset"][i - 1].get<int64_t>());
+  }
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"max_tokens", 2}}.dump())["choices"][0]["logprobs"].is_null());
+  cb["stream"] = true;
+  std::vector<std::string> tokens;
+  std::vector<double> values;
+  for (const auto &ev : sse_events(r.client()->Post("/v1/completions", cb.dump(), "application/json")->body)) {
+    if (ev == "[DONE]") continue;
+    const json k = json::parse(ev);
+    const json &l = k["choices"][0]["logprobs"];
+    if (l.is_null()) continue;
+    for (size_t i = 0; i < l["tokens"].size(); i++) {
+      tokens.push_back(l["tokens"][i]);
+      values.push_back(l["token_logprobs"][i]);
+    }
+  }
+  REQUIRE(tokens.size() == size_t(kTokens));
+  for (size_t i = 0; i < size_t(kTokens); i++) {
+    CHECK(tokens[i] == cl["tokens"][i]);
+    CHECK(values[i] == doctest::Approx(cl["token_logprobs"][i].get<double>()).epsilon(1e-4));
+  }
 }
 
 TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key; /health stays open") {
@@ -451,51 +583,87 @@ TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key
   CHECK(c->Get("/v1/models")->status == 200);
 }
 
-TEST_CASE("serve: concurrent streaming clients each get exactly what a lone run gives them") {
-  Running &r = shared();
-  const int N = 8;
+TEST_CASE("serve: 32 concurrent streaming clients each get exactly the chunks a lone run gives them") {
+  // Its own server: the shared one allows 16 sessions. 32 clients, a few tokens each, so the test stays short
+  // on a 2-core CI box while every step still batches many sequences.
+  auto o = options();
+  o.max_sessions = 32;
+  Running r(o);
+  const int N = 32, kTokens = 6;
   auto body = [](int i) {
-    json b = chat_body(12, true);
+    json b = chat_body(kTokens, true);
     b["temperature"] = 0.9;
     b["seed"] = 1000 + i;
+    b["stream_options"] = {{"include_usage", true}};
     b["messages"][1]["content"] = "Question number " + std::to_string(i) + " about tools.";
     return b.dump();
   };
-  auto content_of = [](const std::string &sse) {
-    std::string text;
-    for (const auto &e : sse_events(sse)) {
-      if (e == "[DONE]") continue;
-      const json j = json::parse(e);
-      const json &d = j["choices"][0]["delta"];
-      if (d.contains("content")) text += d["content"].get<std::string>();
+  // A stream as its sequence of content deltas (one per token with text: a lost or repeated chunk changes it),
+  // checking one id, one finish chunk, the usage chunk and [DONE].
+  auto deltas_of = [&](const std::string &sse) {
+    std::vector<std::string> out;
+    const auto ev = sse_events(sse);
+    REQUIRE(ev.size() >= 4);
+    CHECK(ev.back() == "[DONE]");
+    const std::string id = json::parse(ev[0])["id"];
+    int finishes = 0;
+    for (size_t i = 0; i + 1 < ev.size(); i++) {
+      const json j = json::parse(ev[i]);
+      CHECK(j["id"] == id);
+      if (j["choices"].empty()) {  // the usage chunk, last before [DONE]
+        CHECK(i + 2 == ev.size());
+        CHECK(j["usage"]["completion_tokens"] == kTokens);
+        continue;
+      }
+      const json &ch = j["choices"][0];
+      if (!ch["finish_reason"].is_null()) {
+        finishes++;
+        CHECK(ch["finish_reason"] == "length");
+      }
+      const json &d = ch["delta"];
+      if (d.contains("content")) out.push_back(d["content"].get<std::string>());
+      if (d.contains("reasoning_content")) out.push_back("R:" + d["reasoning_content"].get<std::string>());
     }
-    return text;
+    CHECK(finishes == 1);
+    return out;
   };
-  std::vector<std::string> alone(N), together(N);
-  for (int i = 0; i < N; i++) alone[size_t(i)] = content_of(r.client()->Post("/v1/chat/completions", body(i), "application/json")->body);
+  std::vector<std::vector<std::string>> alone(N), together(N);
+  auto c = r.client();
+  for (int i = 0; i < N; i++) {
+    auto res = c->Post("/v1/chat/completions", body(i), "application/json");
+    REQUIRE(res);
+    REQUIRE(res->status == 200);
+    alone[size_t(i)] = deltas_of(res->body);
+  }
+  std::vector<std::string> raw(N);
+  std::vector<int> status(N, 0);
   std::vector<std::thread> ts;
-  std::atomic<int> ok{0};
   for (int i = 0; i < N; i++)
     ts.emplace_back([&, i] {
-      auto c = r.client();
-      auto res = c->Post("/v1/chat/completions", body(i), "application/json");
-      if (res && res->status == 200) {
-        together[size_t(i)] = res->body;
-        ok++;
+      auto cc = r.client();
+      auto res = cc->Post("/v1/chat/completions", body(i), "application/json");
+      if (res) {
+        status[size_t(i)] = res->status;
+        raw[size_t(i)] = res->body;
       }
     });
   for (auto &t : ts) t.join();
-  REQUIRE(ok == N);
   for (int i = 0; i < N; i++) {
     INFO("client ", i);
-    CHECK(content_of(together[size_t(i)]) == alone[size_t(i)]);
+    REQUIRE(status[size_t(i)] == 200);
+    together[size_t(i)] = deltas_of(raw[size_t(i)]);
+    CHECK(together[size_t(i)] == alone[size_t(i)]);
   }
-  // The engine batched them: some step saw more than one sequence.
-  const std::string metrics = r.client()->Get("/metrics")->body;
+  // Different seeds and prompts: the clients did not all get one stream.
+  CHECK(alone[0] != alone[1]);
+  // The engine batched them: some step saw many sequences.
+  const std::string metrics = c->Get("/metrics")->body;
   const std::string key = "\ndsrt_engine_max_batch_sequences ";
   const size_t at = metrics.find(key);
   REQUIRE(at != std::string::npos);
-  CHECK(std::stoi(metrics.substr(at + key.size())) > 1);
+  CHECK(std::stoi(metrics.substr(at + key.size())) > 4);
+  CHECK(metrics.find("dsrt_requests_rejected_total 0") != std::string::npos);
+  CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
 }
 
 TEST_CASE("serve: --max-sessions gives 429 with Retry-After; a client that disconnects frees its session") {
@@ -555,6 +723,37 @@ TEST_CASE("serve: tools and tool messages render through the chat template") {
   const json j = post(r, "/v1/chat/completions", body.dump(), &status);
   INFO(j.dump());
   CHECK(status == 200);
+}
+
+TEST_CASE("serve: bench-serve drives concurrent streaming clients and reports percentiles") {
+  dsrt::serve::BenchServeOptions o;
+  o.model_dir = tiny(kTinyServe);
+  o.clients = 4;
+  o.requests = 8;
+  o.max_tokens = 5;
+  o.prompt_words = 8;
+  o.threads = 2;
+  o.kv_tokens = 4096;
+  o.ctx = 256;
+  const dsrt::serve::BenchServeResult r = dsrt::serve::run_bench_serve(o);
+  INFO(r.first_error);
+  CHECK(r.completed == 8);
+  CHECK(r.failed == 0);
+  CHECK(r.completion_tokens == 8 * 5);
+  CHECK(r.requests_per_second > 0);
+  CHECK(r.n_itl > 0);
+  for (int i = 0; i < 3; i++) {
+    CHECK(std::isfinite(r.ttft_ms[i]));
+    CHECK(std::isfinite(r.itl_ms[i]));
+    CHECK(std::isfinite(r.tpot_ms[i]));
+    CHECK(r.ttft_ms[i] > 0);
+    if (i) {
+      CHECK(r.ttft_ms[i] >= r.ttft_ms[i - 1]);
+      CHECK(r.itl_ms[i] >= r.itl_ms[i - 1]);
+    }
+  }
+  const char *bad[] = {"--model", "x", "--clients", "0"};
+  CHECK_THROWS_AS(dsrt::serve::parse_bench_serve_options(4, const_cast<char **>(bad)), std::invalid_argument);
 }
 
 // ---- units

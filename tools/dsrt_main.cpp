@@ -28,6 +28,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "repl.h"
+#include "bench_serve.h"
 #include "server.h"
 #include "tiny_model.h"
 
@@ -808,6 +809,7 @@ void usage(FILE *f) {
                "  generate   sample tokens after a prompt (token ids or text)\n"
                "  chat       interactive chat\n"
                "  serve      OpenAI-compatible HTTP server (tools/serve, docs/server.md)\n"
+               "  bench-serve  concurrent streaming clients against an in-process server: requests/s, TTFT, ITL\n"
                "  tokenize   print the ids of a file's text\n"
                "  template   print the chat template's rendering of messages\n"
                "  bench-tokenizer  tokenizer encode speed\n"
@@ -827,6 +829,7 @@ int main(int argc, char **argv) {
   }
   const std::string cmd = argv[1];
   if (cmd == "serve") return dsrt_serve_command(argc - 2, argv + 2);  // tools/serve parses its own options
+  if (cmd == "bench-serve") return dsrt_bench_serve_command(argc - 2, argv + 2);
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     usage(stdout);
     return 0;

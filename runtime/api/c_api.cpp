@@ -616,6 +616,32 @@ dsrt_status dsrt_session_sample(dsrt_session *s, const dsrt_sampling_params *par
   });
 }
 
+dsrt_status dsrt_session_keep_logprobs(dsrt_session *s, int32_t keep) {
+  return guarded([&] {
+    DSRT_REQUIRE(s, "session is NULL");
+    s->session->keep_logprobs(keep != 0);
+  });
+}
+
+dsrt_status dsrt_session_token_logprobs(dsrt_session *s, int32_t *token_out, float *logprob_out, int32_t *top_tokens,
+                                        float *top_logprobs, size_t cap, size_t *n_top_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(s, "session is NULL");
+    DSRT_REQUIRE((top_tokens && top_logprobs) || cap == 0, "top_tokens or top_logprobs is NULL with cap > 0");
+    if (n_top_out) *n_top_out = 0;
+    std::vector<std::pair<int32_t, float>> top;
+    int32_t tok = -1;
+    const float lp = s->session->token_logprobs(cap, &tok, top);
+    for (size_t i = 0; i < top.size(); i++) {
+      top_tokens[i] = top[i].first;
+      top_logprobs[i] = top[i].second;
+    }
+    if (token_out) *token_out = tok;
+    if (logprob_out) *logprob_out = lp;
+    if (n_top_out) *n_top_out = top.size();
+  });
+}
+
 // ---- text
 
 dsrt_status dsrt_tokenize(const dsrt_model *m, const char *text, size_t len, int32_t flags, int32_t *tokens, size_t cap,

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "core/status.h"
@@ -208,6 +209,7 @@ Event Session::next() {
     std::lock_guard lk(engine_->mu_);
     tok = sample_token(logits_.data(), V, gp_.sampling, tokens_.data(), tokens_.size() - drafts_.size(), banned_,
                        rng_);
+    keep_sampled(logits_.data(), tok);
     if (tok == drafts_.front()) {
       accepted = true;
       last_.mtp_accepted++;
@@ -221,6 +223,7 @@ Event Session::next() {
   } else {  // unlocked: this session is idle with nothing pending, so no step writes its logits
     tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
                        tokens_.size(), banned_, rng_);
+    keep_sampled(logits_.data() + size_t((logits_rows_ - 1) * V), tok);
   }
   } catch (const Error &e) {  // non-finite logits, nothing left to sample: the turn ends with the error
     Event ev = finish_turn(Finish::Error, -1);
@@ -277,7 +280,40 @@ int32_t Session::sample(float temperature) {
   const int64_t V = engine_->model().cfg.vocab_size;
   SamplingParams p;
   p.temperature = temperature;
-  return sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, p, nullptr, 0, engine_->vocab().unused_ids, rng_);
+  const float *row = logits_.data() + size_t((logits_rows_ - 1) * V);
+  const int32_t tok = sample_token(row, V, p, nullptr, 0, engine_->vocab().unused_ids, rng_);
+  keep_sampled(row, tok);
+  return tok;
+}
+
+void Session::keep_sampled(const float *row, int32_t tok) {
+  if (!keep_logprobs_) return;
+  sampled_row_.assign(row, row + vocab());
+  sampled_token_ = tok;
+}
+
+float Session::token_logprobs(size_t n_top, int32_t *token, std::vector<std::pair<int32_t, float>> &top) const {
+  if (sampled_token_ < 0)
+    fail(DSRT_ERR_BAD_STATE, "no sampled token kept: logprobs follow dsrt_session_next or dsrt_session_sample "
+                             "while dsrt_session_keep_logprobs is on");
+  const float *x = sampled_row_.data();
+  const size_t V = sampled_row_.size();
+  float mx = -INFINITY;
+  for (size_t i = 0; i < V; i++) mx = std::max(mx, x[i]);
+  double sum = 0.0;
+  for (size_t i = 0; i < V; i++) sum += std::exp(double(x[i]) - double(mx));
+  const double lse = double(mx) + std::log(sum);  // the row was sampled from, so it is finite somewhere
+  top.clear();
+  n_top = std::min(n_top, V);
+  if (n_top > 0) {
+    std::vector<int32_t> ids(V);
+    for (size_t i = 0; i < V; i++) ids[i] = int32_t(i);
+    std::partial_sort(ids.begin(), ids.begin() + std::ptrdiff_t(n_top), ids.end(),
+                      [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+    for (size_t i = 0; i < n_top; i++) top.push_back({ids[i], float(double(x[ids[i]]) - lse)});
+  }
+  if (token) *token = sampled_token_;
+  return float(double(x[sampled_token_]) - lse);
 }
 
 // With nothing pending no step touches this session, so the views point into it directly; with tokens

@@ -74,6 +74,12 @@ class Session {
   void reset();
   int32_t sample(float temperature);
   std::shared_ptr<Session> fork();
+  // Log-softmax of the raw logits row the last sampled token (next() or sample()) was drawn from, copied when
+  // it was sampled (before bias, penalties, temperature and truncation): that token's logprob, and the n_top
+  // most likely tokens (descending, ties to the lower id) into top. DSRT_ERR_BAD_STATE before any sample.
+  float token_logprobs(size_t n_top, int32_t *token, std::vector<std::pair<int32_t, float>> &top) const;
+  // Whether samples keep their logits row for token_logprobs (a copy of n_vocab floats each; off by default).
+  void keep_logprobs(bool keep) { keep_logprobs_ = keep; }
 
   // Generation turns: start() then next() until an event is done; cancel() from any thread.
   void start(const GenParams &p);
@@ -136,6 +142,12 @@ class Session {
   std::vector<float> logits_snapshot_;   // logits_view()
   std::vector<int32_t> tokens_snapshot_;  // tokens_view()
   bool sampled_pending_ = false;  // pending_ is the one token next() sampled
+  // The last sampled token and the raw logits row it was drawn from (token_logprobs); only this session's
+  // own thread touches them, so no step can replace them underneath.
+  std::atomic<bool> keep_logprobs_{false};
+  int32_t sampled_token_ = -1;
+  std::vector<float> sampled_row_;
+  void keep_sampled(const float *row, int32_t tok);
 
   // Chat and generation.
   nlohmann::ordered_json messages_ = nlohmann::ordered_json::array();

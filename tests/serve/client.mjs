@@ -84,6 +84,31 @@ await test('chat.completions.stream helper: finalChatCompletion', async () => {
   assert.equal(deltas, reference);
 });
 
+await test('logprobs / top_logprobs: non-stream, and the stream helper accumulating them', async () => {
+  const req = { model: 'tiny', messages, max_tokens: 8, temperature: 0, ignore_eos: true, logprobs: true, top_logprobs: 2 };
+  const r = await client.chat.completions.create(req);
+  const content = r.choices[0].logprobs.content;
+  assert.equal(content.length, 8);
+  for (const e of content) {
+    assert.equal(typeof e.token, 'string');
+    assert.ok(e.logprob <= 0);
+    assert.ok(Array.isArray(e.bytes));
+    assert.equal(e.top_logprobs.length, 2);
+    assert.equal(e.top_logprobs[0].token, e.token);  // greedy
+  }
+  const final = await client.chat.completions.stream(req).finalChatCompletion();
+  const streamed = final.choices[0].logprobs.content;
+  assert.equal(streamed.length, 8);
+  assert.deepEqual(streamed.map((e) => e.token), content.map((e) => e.token));
+  const c = await client.completions.create({ model: 'tiny', prompt: 'Once upon a time', max_tokens: 4, temperature: 0,
+                                              ignore_eos: true, logprobs: 2 });
+  const lp = c.choices[0].logprobs;
+  assert.equal(lp.tokens.length, 4);
+  assert.equal(lp.token_logprobs.length, 4);
+  assert.equal(lp.top_logprobs.length, 4);
+  assert.equal(lp.text_offset.length, 4);
+});
+
 await test('tools, tool_choice and a tool round trip in the messages', async () => {
   const tools = [{ type: 'function', function: { name: 'get_weather', description: 'Weather of a city',
                    parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } } }];

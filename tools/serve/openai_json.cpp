@@ -323,7 +323,10 @@ ChatRequest parse_chat_request(const json &b) {
     if (!lp->is_boolean()) bad("logprobs", "expected a boolean");
     r.logprobs = lp->get<bool>();
   }
-  if (auto tl = integer(b, "top_logprobs", 0, 20)) r.top_logprobs = *tl;
+  if (auto tl = integer(b, "top_logprobs", 0, 20)) {
+    if (!r.logprobs) bad("top_logprobs", "'logprobs' must be true when 'top_logprobs' is given");
+    r.top_logprobs = *tl;
+  }
   return r;
 }
 
@@ -365,6 +368,8 @@ CompletionRequest parse_completion_request(const json &b) {
     if (!lp->is_number_integer() || lp->get<int64_t>() < 0 || lp->get<int64_t>() > 5) bad("logprobs", "expected an integer in [0, 5]");
     r.logprobs = true;
     r.top_logprobs = lp->get<int64_t>();
+    if (r.echo)
+      throw ApiError(400, "'logprobs' with 'echo' is not supported (the prompt tokens' log-probabilities)", "logprobs", "unsupported");
   }
   return r;
 }
@@ -378,9 +383,52 @@ json usage_json(const Usage &u) {
           {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}}};
 }
 
+namespace {
+// JSON has no -inf: a token the model rules out gets OpenAI's floor.
+double finite_logprob(double lp) { return std::isfinite(lp) ? std::max(lp, -9999.0) : -9999.0; }
+json bytes_of(const std::string &s) {
+  json b = json::array();
+  for (unsigned char c : s) b.push_back(int(c));
+  return b;
+}
+}  // namespace
+
+json chat_logprobs(const std::vector<TokenLogprob> &lp) {
+  json content = json::array();
+  for (const auto &t : lp) {
+    json top = json::array();
+    for (const auto &a : t.top)
+      top.push_back({{"token", a.token}, {"logprob", finite_logprob(a.logprob)}, {"bytes", bytes_of(a.token)}});
+    content.push_back({{"token", t.token}, {"logprob", finite_logprob(t.logprob)}, {"bytes", bytes_of(t.token)}, {"top_logprobs", top}});
+  }
+  return {{"content", content}, {"refusal", nullptr}};
+}
+
+json completion_logprobs(const std::vector<TokenLogprob> &lp, const std::vector<int64_t> &offsets) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
+  for (size_t i = 0; i < lp.size(); i++) {
+    const auto &t = lp[i];
+    tokens.push_back(t.token);
+    lps.push_back(finite_logprob(t.logprob));
+    json top = json::object();
+    for (const auto &a : t.top)
+      if (!top.contains(a.token)) top[a.token] = finite_logprob(a.logprob);
+    if (!top.contains(t.token)) top[t.token] = finite_logprob(t.logprob);
+    tops.push_back(top);
+    offs.push_back(i < offsets.size() ? offsets[i] : 0);
+  }
+  return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
+}
+
+int64_t utf8_chars(const std::string &s) {
+  int64_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
 json chat_completion(const std::string &id, int64_t created, const std::string &model, const std::string &content,
                      const std::string &reasoning, const std::vector<ToolCall> &calls, const std::string &finish,
-                     const Usage &u) {
+                     const Usage &u, const json &logprobs) {
   json msg = {{"role", "assistant"}, {"content", content}};
   if (!reasoning.empty()) msg["reasoning_content"] = reasoning;
   if (!calls.empty()) {
@@ -395,18 +443,18 @@ json chat_completion(const std::string &id, int64_t created, const std::string &
           {"created", created},
           {"model", model},
           {"system_fingerprint", nullptr},
-          {"choices", json::array({{{"index", 0}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", finish}}})},
+          {"choices", json::array({{{"index", 0}, {"message", msg}, {"logprobs", logprobs}, {"finish_reason", finish}}})},
           {"usage", usage_json(u)}};
 }
 
 json chat_chunk(const std::string &id, int64_t created, const std::string &model, const json &delta, const json &finish,
-                bool with_usage) {
+                bool with_usage, const json &logprobs) {
   json c = {{"id", id},
             {"object", "chat.completion.chunk"},
             {"created", created},
             {"model", model},
             {"system_fingerprint", nullptr},
-            {"choices", json::array({{{"index", 0}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", finish}}})}};
+            {"choices", json::array({{{"index", 0}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", finish}}})}};
   if (with_usage) c["usage"] = nullptr;
   return c;
 }
@@ -417,24 +465,24 @@ json usage_chunk(const std::string &id, int64_t created, const std::string &mode
 }
 
 json text_completion(const std::string &id, int64_t created, const std::string &model, const std::string &text,
-                     const std::string &finish, const Usage &u) {
+                     const std::string &finish, const Usage &u, const json &logprobs) {
   return {{"id", id},
           {"object", "text_completion"},
           {"created", created},
           {"model", model},
           {"system_fingerprint", nullptr},
-          {"choices", json::array({{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish}}})},
+          {"choices", json::array({{{"index", 0}, {"text", text}, {"logprobs", logprobs}, {"finish_reason", finish}}})},
           {"usage", usage_json(u)}};
 }
 
 json text_chunk(const std::string &id, int64_t created, const std::string &model, const std::string &text,
-                const json &finish, bool with_usage) {
+                const json &finish, bool with_usage, const json &logprobs) {
   json c = {{"id", id},
             {"object", "text_completion"},
             {"created", created},
             {"model", model},
             {"system_fingerprint", nullptr},
-            {"choices", json::array({{{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish}}})}};
+            {"choices", json::array({{{"index", 0}, {"text", text}, {"logprobs", logprobs}, {"finish_reason", finish}}})}};
   if (with_usage) c["usage"] = nullptr;
   return c;
 }

@@ -88,20 +88,39 @@ struct ToolCall {
   std::string id, name, arguments;
 };
 
-// "stop" | "length" | "tool_calls" | ... as OpenAI spells them.
+// One generated token's log-probability and its most likely alternatives (token = the token's bytes).
+struct TokenLogprob {
+  struct Alt {
+    std::string token;
+    double logprob = 0;
+  };
+  std::string token;
+  double logprob = 0;
+  std::vector<Alt> top;
+};
+// Chat's choice "logprobs": {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": null}.
+json chat_logprobs(const std::vector<TokenLogprob> &lp);
+// Completions' choice "logprobs": {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"};
+// each top_logprobs object holds the alternatives and the sampled token (OpenAI: up to logprobs + 1 entries).
+// offsets: each token's character offset in the choice's text.
+json completion_logprobs(const std::vector<TokenLogprob> &lp, const std::vector<int64_t> &offsets);
+
+// "stop" | "length" | "tool_calls" | ... as OpenAI spells them. logprobs: the choice's (null when not asked).
 json chat_completion(const std::string &id, int64_t created, const std::string &model, const std::string &content,
                      const std::string &reasoning, const std::vector<ToolCall> &calls, const std::string &finish,
-                     const Usage &u);
+                     const Usage &u, const json &logprobs = nullptr);
 // One streaming chunk; delta is the choice's delta object; finish null while running; with_usage adds "usage": null.
 json chat_chunk(const std::string &id, int64_t created, const std::string &model, const json &delta,
-                const json &finish, bool with_usage);
+                const json &finish, bool with_usage, const json &logprobs = nullptr);
 // The last chunk of a stream with include_usage: no choices, the usage.
 json usage_chunk(const std::string &id, int64_t created, const std::string &model, const char *object, const Usage &u);
 
 json text_completion(const std::string &id, int64_t created, const std::string &model, const std::string &text,
-                     const std::string &finish, const Usage &u);
+                     const std::string &finish, const Usage &u, const json &logprobs = nullptr);
 json text_chunk(const std::string &id, int64_t created, const std::string &model, const std::string &text,
-                const json &finish, bool with_usage);
+                const json &finish, bool with_usage, const json &logprobs = nullptr);
+// Characters (code points) of UTF-8 text, for text_offset.
+int64_t utf8_chars(const std::string &s);
 
 // "data: <json>\n\n"
 std::string sse(const json &v);

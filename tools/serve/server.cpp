@@ -165,6 +165,8 @@ struct Server::Impl {
     std::vector<int32_t> bias_ids;
     std::vector<float> bias_values;
     uint64_t seed = 0;
+    bool logprobs = false;  // each token's log-probability (dsrt_session_token_logprobs) ...
+    size_t top_logprobs = 0;  // ... and this many alternatives
     Clock::time_point arrival = Clock::now();
   };
 
@@ -228,15 +230,16 @@ struct Server::Impl {
     g.gp.logit_bias_tokens = g.bias_ids.empty() ? nullptr : g.bias_ids.data();
     g.gp.logit_bias_values = g.bias_values.empty() ? nullptr : g.bias_values.data();
     g.gp.n_logit_bias = g.bias_ids.size();
-    if (r.logprobs)
-      throw ApiError(400, "'logprobs' is not supported: dsrt's C API does not expose the log-probabilities of sampled tokens",
-                     "logprobs", "unsupported");
+    g.logprobs = r.logprobs;
+    g.top_logprobs = size_t(std::max<int64_t>(r.top_logprobs, 0));
   }
 
   // Creates the session, appends the prompt and starts the turn; errors here are still HTTP errors.
   std::unique_ptr<Session> start(Gen &g) {
     auto s = std::make_unique<Session>(*this, g.seed);
-    dsrt_status st = dsrt_session_append_tokens(s->s, g.prompt.data(), g.prompt.size());
+    dsrt_status st = g.logprobs ? dsrt_session_keep_logprobs(s->s, 1) : DSRT_OK;
+    if (st != DSRT_OK) throw ApiError(500, "cannot keep logprobs: " + dsrt_error(st));
+    st = dsrt_session_append_tokens(s->s, g.prompt.data(), g.prompt.size());
     if (st == DSRT_ERR_CONTEXT_FULL) throw ApiError(400, "the prompt does not fit the context: " + dsrt_error(st), "messages", "context_length_exceeded");
     if (st != DSRT_OK) throw ApiError(400, "cannot append the prompt: " + dsrt_error(st));
     st = dsrt_session_start(s->s, &g.gp);
@@ -252,11 +255,28 @@ struct Server::Impl {
     bool client_gone = false;
   };
 
-  // Runs the turn to its end; on_token(token, text) returns false when the client is gone (the session is then
-  // cancelled at its next step); on_done(text) gets the final flush.
-  Outcome run(Session &s, Gen &g, const std::function<bool(int32_t, const std::string &)> &on_token,
+  // The log-probability of the token the session just sampled and its g.top_logprobs alternatives, from the C
+  // API (raw logits, copied by the session when it sampled: no race with the step thread).
+  bool token_logprob(Session &s, const Gen &g, TokenLogprob &out) {
+    int32_t tok = -1;
+    float lp = 0;
+    std::vector<int32_t> ids(g.top_logprobs);
+    std::vector<float> lps(g.top_logprobs);
+    size_t n = 0;
+    if (dsrt_session_token_logprobs(s.s, &tok, &lp, ids.data(), lps.data(), ids.size(), &n) != DSRT_OK) return false;
+    out.token = token_text(model, tok);
+    out.logprob = lp;
+    out.top.clear();
+    for (size_t i = 0; i < n; i++) out.top.push_back({token_text(model, ids[i]), lps[i]});
+    return true;
+  }
+
+  // Runs the turn to its end; on_token(token, text, logprob) returns false when the client is gone (the session
+  // is then cancelled at its next step); logprob is null unless g.logprobs; on_done(text) gets the final flush.
+  Outcome run(Session &s, Gen &g, const std::function<bool(int32_t, const std::string &, const TokenLogprob *)> &on_token,
               const std::function<void(const std::string &)> &on_done) {
     Outcome o;
+    TokenLogprob lp;
     Clock::time_point last{};
     bool cancelled = false;
     while (true) {
@@ -286,7 +306,8 @@ struct Server::Impl {
         if (o.completion_tokens == 1) metrics.ttft(seconds_since(g.arrival));
         else metrics.inter_token(std::chrono::duration<double>(Clock::now() - last).count());
         last = Clock::now();
-        if (!cancelled && !on_token(ev.token, text)) {
+        const TokenLogprob *lpp = g.logprobs && token_logprob(s, g, lp) ? &lp : nullptr;
+        if (!cancelled && !on_token(ev.token, text, lpp)) {
           dsrt_session_cancel(s.s);
           cancelled = o.client_gone = true;
         }
@@ -353,12 +374,19 @@ struct Server::Impl {
           if (!calls.empty()) calls.back().arguments += c.arguments;
         }
       };
+      std::vector<TokenLogprob> lps;
       Outcome o = run(
-          *session, *g, [&](int32_t tok, const std::string &text) { absorb(parser->push(tok, text)); return true; },
+          *session, *g,
+          [&](int32_t tok, const std::string &text, const TokenLogprob *lp) {
+            if (lp) lps.push_back(*lp);
+            absorb(parser->push(tok, text));
+            return true;
+          },
           [&](const std::string &text) { absorb(parser->finish(text)); });
       if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
       Usage u{int64_t(g->prompt.size()), o.completion_tokens, 0};
-      res.set_content(dump(chat_completion(id, created_at, name, content, reasoning, calls, finish_reason(o.finish, !calls.empty()), u)),
+      res.set_content(dump(chat_completion(id, created_at, name, content, reasoning, calls, finish_reason(o.finish, !calls.empty()), u,
+                                           g->logprobs ? chat_logprobs(lps) : json(nullptr))),
                       "application/json");
       return;
     }
@@ -368,8 +396,17 @@ struct Server::Impl {
     res.set_chunked_content_provider(
         "text/event-stream",
         [this, g, slot, session, parser, id, name, created_at, include_usage](size_t, httplib::DataSink &sink) {
+          // Token logprobs wait for the next chunk sent (a token whose text is held back, a marker token), so
+          // every token's entry is in exactly one chunk; what is left goes with the finish chunk.
+          std::vector<TokenLogprob> lps;
+          auto take_logprobs = [&]() -> json {
+            if (lps.empty()) return nullptr;
+            json j = chat_logprobs(lps);
+            lps.clear();
+            return j;
+          };
           auto send = [&](const json &delta, const json &finish) {
-            const std::string s = sse(chat_chunk(id, created_at, name, delta, finish, include_usage));
+            const std::string s = sse(chat_chunk(id, created_at, name, delta, finish, include_usage, take_logprobs()));
             return sink.write(s.data(), s.size());
           };
           bool ok = send({{"role", "assistant"}, {"content", ""}}, nullptr);
@@ -393,14 +430,19 @@ struct Server::Impl {
             return false;
           }
           Outcome o = run(
-              *session, *g, [&](int32_t tok, const std::string &text) { return emit(parser->push(tok, text)); },
+              *session, *g,
+              [&](int32_t tok, const std::string &text, const TokenLogprob *lp) {
+                if (lp) lps.push_back(*lp);
+                return emit(parser->push(tok, text));
+              },
               [&](const std::string &text) { emit(parser->finish(text)); });
           if (o.client_gone || !ok) return false;
           std::string tail;
           if (o.finish == DSRT_FINISH_ERROR) {
             tail = sse(error_body("generation failed: " + o.error, "server_error", "", ""));
           } else {
-            tail = sse(chat_chunk(id, created_at, name, json::object(), finish_reason(o.finish, parser->n_calls() > 0), include_usage));
+            tail = sse(chat_chunk(id, created_at, name, json::object(), finish_reason(o.finish, parser->n_calls() > 0), include_usage,
+                                  take_logprobs()));
             if (include_usage)
               tail += sse(usage_chunk(id, created_at, name, "chat.completion.chunk",
                                       Usage{int64_t(g->prompt.size()), o.completion_tokens, 0}));
@@ -446,12 +488,26 @@ struct Server::Impl {
     const int64_t created_at = unix_now();
     if (!r.stream) {
       std::string text = echo;
+      std::vector<TokenLogprob> lps;
+      std::vector<int64_t> offsets;  // each token's offset: the characters of the text emitted before it
+      int64_t chars = utf8_chars(text);
       Outcome o = run(
-          *session, *g, [&](int32_t, const std::string &t) { text += t; return true; },
+          *session, *g,
+          [&](int32_t, const std::string &t, const TokenLogprob *lp) {
+            if (lp) {
+              lps.push_back(*lp);
+              offsets.push_back(chars);
+            }
+            text += t;
+            chars += utf8_chars(t);
+            return true;
+          },
           [&](const std::string &t) { text += t; });
       if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
       Usage u{int64_t(g->prompt.size()), o.completion_tokens, 0};
-      res.set_content(dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u)), "application/json");
+      res.set_content(dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u,
+                                           g->logprobs ? completion_logprobs(lps, offsets) : json(nullptr))),
+                      "application/json");
       return;
     }
     const bool include_usage = r.include_usage;
@@ -459,8 +515,19 @@ struct Server::Impl {
     res.set_chunked_content_provider(
         "text/event-stream",
         [this, g, slot, session, id, name, created_at, include_usage, echo](size_t, httplib::DataSink &sink) {
+          // As in chat: token logprobs go with the next chunk sent, what is left with the finish chunk.
+          std::vector<TokenLogprob> lps;
+          std::vector<int64_t> offsets;
+          int64_t chars = utf8_chars(echo);
+          auto take_logprobs = [&]() -> json {
+            if (lps.empty()) return nullptr;
+            json j = completion_logprobs(lps, offsets);
+            lps.clear();
+            offsets.clear();
+            return j;
+          };
           auto send = [&](const std::string &text) {
-            const std::string s = sse(text_chunk(id, created_at, name, text, nullptr, include_usage));
+            const std::string s = sse(text_chunk(id, created_at, name, text, nullptr, include_usage, take_logprobs()));
             return sink.write(s.data(), s.size());
           };
           if (!echo.empty() && !send(echo)) {
@@ -470,7 +537,15 @@ struct Server::Impl {
           }
           bool ok = true;
           Outcome o = run(
-              *session, *g, [&](int32_t, const std::string &t) { return t.empty() || (ok = send(t)); },
+              *session, *g,
+              [&](int32_t, const std::string &t, const TokenLogprob *lp) {
+                if (lp) {
+                  lps.push_back(*lp);
+                  offsets.push_back(chars);
+                }
+                chars += utf8_chars(t);
+                return t.empty() || (ok = send(t));
+              },
               [&](const std::string &t) {
                 if (!t.empty()) ok = send(t);
               });
@@ -479,7 +554,7 @@ struct Server::Impl {
           if (o.finish == DSRT_FINISH_ERROR) {
             tail = sse(error_body("generation failed: " + o.error, "server_error", "", ""));
           } else {
-            tail = sse(text_chunk(id, created_at, name, "", finish_reason(o.finish, false), include_usage));
+            tail = sse(text_chunk(id, created_at, name, "", finish_reason(o.finish, false), include_usage, take_logprobs()));
             if (include_usage)
               tail += sse(usage_chunk(id, created_at, name, "text_completion", Usage{int64_t(g->prompt.size()), o.completion_tokens, 0}));
           }
