@@ -129,14 +129,7 @@ const char *bench_serve_usage() {
 
 BenchServeOptions parse_bench_serve_options(int argc, char **argv) {
   BenchServeOptions o;
-  auto integer = [](const std::string &opt, const std::string &v, long long lo, long long hi) {
-    char *end = nullptr;
-    errno = 0;
-    const long long n = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end || errno || n < lo || n > hi)
-      throw std::invalid_argument(opt + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got \"" + v + "\"");
-    return n;
-  };
+  const auto integer = option_integer;
   for (int i = 0; i < argc; i++) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {

@@ -770,17 +770,19 @@ const char *usage_text() {
          "  --quiet              no per-request log line on stderr\n";
 }
 
+long long option_integer(const std::string &opt, const std::string &v, long long lo, long long hi) {
+  char *end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end || errno || n < lo || n > hi)
+    throw std::invalid_argument(opt + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got \"" + v + "\"");
+  return n;
+}
+
 Options parse_options(int argc, char **argv) {
+  const auto integer = option_integer;
   Options o;
   if (const char *k = std::getenv("DSRT_API_KEY")) o.api_key = k;
-  auto integer = [](const std::string &opt, const std::string &v, long long lo, long long hi) {
-    char *end = nullptr;
-    errno = 0;
-    const long long n = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end || errno || n < lo || n > hi)
-      throw std::invalid_argument(opt + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got \"" + v + "\"");
-    return n;
-  };
   for (int i = 0; i < argc; i++) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {

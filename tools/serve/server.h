@@ -26,6 +26,8 @@ struct Options {
   bool log_requests = true;        // one line per request on stderr
 };
 
+// The value of an integer option within [lo, hi], or std::invalid_argument naming the option (serve, bench-serve).
+long long option_integer(const std::string &opt, const std::string &v, long long lo, long long hi);
 // Options from the arguments after `dsrt serve`. Throws std::invalid_argument naming the bad option.
 Options parse_options(int argc, char **argv);
 const char *usage_text();
