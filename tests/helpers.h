@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -39,6 +40,18 @@ inline fs::path fresh_dir(const std::string &name) {
   return d;
 }
 
+// A file's bytes (the file must exist) / a file written with these bytes.
+inline std::string slurp(const fs::path &p) {
+  std::ifstream f(p, std::ios::binary);
+  REQUIRE_MESSAGE(f.good(), "missing " << p.string());
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+inline void spit(const fs::path &p, const std::string &s) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f << s;
+  REQUIRE(f.good());
+}
+
 // The preset's checkpoint with seed 1 (the seed the reference data was made with), written once.
 inline std::string tiny(const std::string &preset) {
   static std::map<std::string, std::string> made;
@@ -49,6 +62,13 @@ inline std::string tiny(const std::string &preset) {
   fs::path d = temp_root() / ("tiny-" + preset);
   dsrt::tools::make_tiny_model(*p, d.string(), 1);
   return made[preset] = d.string();
+}
+
+// A fresh copy of a tiny preset's checkpoint, to damage.
+inline fs::path copy_of(const std::string &preset = "no-qlora", const std::string &dir = "copy") {
+  fs::path d = fresh_dir(dir);
+  for (auto &e : fs::directory_iterator(tiny(preset))) fs::copy_file(e.path(), d / e.path().filename());
+  return d;
 }
 
 inline std::vector<std::string> preset_names() {

@@ -32,20 +32,6 @@ namespace {
 
 const std::string kShared = DSRT_SHARED_DATA "/tokenizers";
 
-std::string slurp(const fs::path &p) {
-  std::ifstream f(p, std::ios::binary);
-  REQUIRE_MESSAGE(f.good(), "missing " << p);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-void spit(const fs::path &p, const std::string &s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-  REQUIRE(f.good());
-}
-
 // The status and message of a dsrt::Error thrown by fn (DSRT_OK if none).
 template <class F>
 std::pair<dsrt_status, std::string> error_of(F &&fn) {

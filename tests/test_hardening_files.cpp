@@ -27,23 +27,6 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string slurp(const fs::path &p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-void spit(const fs::path &p, const std::string &s) {
-  std::ofstream f(p, std::ios::binary | std::ios::trunc);
-  f << s;
-}
-
-fs::path copy_of(const std::string &preset = "no-qlora") {
-  fs::path d = fresh_dir("files");
-  for (auto &e : fs::directory_iterator(tiny(preset))) fs::copy_file(e.path(), d / e.path().filename());
-  return d;
-}
-
 // dsrt_model_load's status and message.
 struct Load {
   dsrt_status code;

@@ -142,12 +142,6 @@ Turn sampled(Model &m, dsrt_session *s, int n) {
   return pull(s, &p);
 }
 
-std::string read_file(const std::string &path) {
-  std::ifstream f(path, std::ios::binary);
-  REQUIRE(f.good());
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
 // A copy of a tiny checkpoint with one byte of one weight changed, far past the first 16 bytes the old
 // fingerprint looked at: the low byte of a BF16 embedding element in the middle (its lowest mantissa bit).
 std::string patched_copy(const std::string &src) {
@@ -510,7 +504,7 @@ TEST_CASE("a rejected load leaves tokens, logits, stats, conversation and random
     bad.push_back({"deep messages", f.str()});
   }
   bad.push_back({"another model", other_blob});
-  bad.push_back({"format 1 seed", read_file(std::string(DSRT_TEST_DATA) + "/../fuzz/corpus/session_state/tiny-after-one-turn.bin")});
+  bad.push_back({"format 1 seed", slurp(std::string(DSRT_TEST_DATA) + "/../fuzz/corpus/session_state/tiny-after-one-turn.bin")});
   for (auto &[why, bb] : bad) {
     INFO(why);
     CHECK(load(a.s, bb) != DSRT_OK);
@@ -588,7 +582,7 @@ TEST_CASE("fuzz seeds: the format-1 seeds are refused cleanly; the format-2 seed
   Session s(e);
   for (const char *old : {"crash-logit-rows-overflow.bin", "empty.bin", "tiny-after-one-turn.bin"}) {
     INFO(old);
-    CHECK(load(s.s, read_file(dir + old)) == DSRT_ERR_VERSION_MISMATCH);
+    CHECK(load(s.s, slurp(dir + old)) == DSRT_ERR_VERSION_MISMATCH);
   }
   // The format-2 seeds, made here; DSRT_WRITE_STATE_SEEDS=<dir> writes them (tests/fuzz/corpus/session_state).
   std::vector<std::pair<std::string, std::string>> seeds;
@@ -617,7 +611,7 @@ TEST_CASE("fuzz seeds: the format-1 seeds are refused cleanly; the format-2 seed
     INFO(name);
     Session y(e), z(e);
     CHECK_OK(load(y.s, b));
-    CHECK_OK(load(z.s, read_file(dir + name)));  // the committed seed passes checksum, identity and values
+    CHECK_OK(load(z.s, slurp(dir + name)));  // the committed seed passes checksum, identity and values
     CHECK(snap(z.s).tokens == snap(y.s).tokens);
   }
 }
