@@ -31,6 +31,47 @@ void rms_norm(const float *x, const DevMatrix &w, float eps, int64_t rows, int64
   check_launch("rms_norm");
 }
 
+// x += y, then out = x / sqrt(mean(x^2) + eps) * w: the residual add and the next block's pre-norm in one
+// pass (each row's sum is kept in registers between the two).
+__global__ void add_rms_norm_kernel(float *x, const float *y, DevMatrix w, float eps, int64_t n, float *out) {
+  __shared__ float red[32];
+  constexpr int kPer = 8;  // values per thread held in registers (n <= 8 * blockDim.x), else re-read
+  float *xr = x + blockIdx.x * n;
+  const float *yr = y + blockIdx.x * n;
+  float *yo = out + blockIdx.x * n;
+  float v[kPer];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPer; j++) {
+    const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
+    v[j] = 0.0f;
+    if (i < n) {
+      v[j] = xr[i] + yr[i];
+      xr[i] = v[j];
+      ss += v[j] * v[j];
+    }
+  }
+  for (int64_t i = threadIdx.x + int64_t(kPer) * blockDim.x; i < n; i += blockDim.x) {
+    const float t = xr[i] + yr[i];
+    xr[i] = t;
+    ss += t * t;
+  }
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(n) + eps);
+#pragma unroll
+  for (int j = 0; j < kPer; j++) {
+    const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
+    if (i < n) yo[i] = v[j] * inv * load_w(w, i, 0);
+  }
+  for (int64_t i = threadIdx.x + int64_t(kPer) * blockDim.x; i < n; i += blockDim.x) yo[i] = xr[i] * inv * load_w(w, i, 0);
+}
+void add_rms_norm(float *x, const float *y, const DevMatrix &w, float eps, int64_t rows, int64_t n, float *out,
+                  cudaStream_t s) {
+  if (rows == 0) return;
+  add_rms_norm_kernel<<<unsigned(rows), rows < 64 ? 1024 : 256, 0, s>>>(x, y, w, eps, n, out);
+  check_launch("add_rms_norm");
+}
+
 __global__ void add_kernel(float *x, const float *y, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) x[i] += y[i];
 }
