@@ -138,52 +138,6 @@ __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const i
   }
 }
 
-// acc[r] += W_r[n_r, :] . x_r[:] for R weight rows, each with its own activation row x_r (16-byte aligned):
-// the down projections of a token's experts, each applied to its own expert's hidden row.
-template <int R>
-__device__ __forceinline__ void rows_dot_each(const DevMatrix *const (&w)[R], const int64_t (&n)[R],
-                                              const float *const (&x)[R], int lane, float (&acc)[R]) {
-  const int64_t K = w[0]->cols;
-  if (w[0]->dtype == kFP8 && K % 16 == 0) {
-    for (int64_t k = int64_t(lane) * 16; k < K; k += 32 * 16) {
-      uint4 raw[R];
-#pragma unroll
-      for (int r = 0; r < R; r++) raw[r] = __ldg(reinterpret_cast<const uint4 *>(static_cast<const uint8_t *>(w[r]->data) + n[r] * K + k));
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        float wv[16];
-        fp8x16_to_f32(raw[r], wv);
-        const float4 *xv = reinterpret_cast<const float4 *>(x[r] + k);
-        float part = 0.0f;
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-          const float4 v = xv[q];
-          part += wv[4 * q] * v.x + wv[4 * q + 1] * v.y + wv[4 * q + 2] * v.z + wv[4 * q + 3] * v.w;
-        }
-        acc[r] += part * w[r]->scale[(n[r] / 128) * w[r]->scale_cols + k / 128];
-      }
-    }
-  } else if (w[0]->dtype == kBF16 && K % 8 == 0) {
-    for (int64_t k = int64_t(lane) * 8; k < K; k += 32 * 8) {
-      uint4 raw[R];
-#pragma unroll
-      for (int r = 0; r < R; r++) raw[r] = __ldg(reinterpret_cast<const uint4 *>(static_cast<const uint16_t *>(w[r]->data) + n[r] * K + k));
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        const uint16_t *b = reinterpret_cast<const uint16_t *>(&raw[r]);
-        const float4 a = reinterpret_cast<const float4 *>(x[r] + k)[0], c = reinterpret_cast<const float4 *>(x[r] + k)[1];
-        acc[r] += bf16_bits_to_f32(b[0]) * a.x + bf16_bits_to_f32(b[1]) * a.y + bf16_bits_to_f32(b[2]) * a.z +
-                  bf16_bits_to_f32(b[3]) * a.w + bf16_bits_to_f32(b[4]) * c.x + bf16_bits_to_f32(b[5]) * c.y +
-                  bf16_bits_to_f32(b[6]) * c.z + bf16_bits_to_f32(b[7]) * c.w;
-      }
-    }
-  } else {
-    for (int64_t k = lane; k < K; k += 32)
-#pragma unroll
-      for (int r = 0; r < R; r++) acc[r] += load_w(*w[r], n[r], k) * x[r][k];
-  }
-}
-
 // One row: rows_dot with R = 1.
 template <int MT>
 __device__ __forceinline__ void row_dot(const DevMatrix &w, int64_t n, const float *x, int64_t xs, int lane, float *acc) {

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32) swiglu_kernel(const float *__rest
 template <int MT>
 void launch_swiglu(const float *x, const DevMatrix &wg, const DevMatrix &wu, float *g, float *u, float *act,
                    GemvSplit split, cudaStream_t s) {
-  const int G = gemv_split(wg, MT, split).k_split;
+  const int G = gemv_split(wg, MT, {split.k_split, 1}).k_split;  // a warp's rows: one of gate and one of up
   const unsigned grid = unsigned((wg.rows + kWarps / G - 1) / (kWarps / G));
   switch (G) {
     case 8: swiglu_kernel<MT, 8><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
@@ -193,16 +193,17 @@ void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t l
   check_launch("widen_rows");
 }
 
+// The cut, from a sweep of every cut over V3's decode shapes on an H200 (dsrt bench --ops --sweep, docs/perf.md):
+// more rows per warp always paid (each x chunk, 4 bytes per FP8 weight, is read once for all of them), four
+// where N is moderate, two where N is large (enough warps anyway) or tiny (too few rows to share); then the
+// fewest K slices that still give ~24 warps per SM (3,072 on 132 SMs).
 GemvSplit gemv_split(const DevMatrix &w, int64_t mt, GemvSplit want) {
   GemvSplit c = want;
-  if (c.k_split <= 0) {  // slices of at least 2 KiB of a row: 64 bytes (four 16-byte loads) per lane
-    const int64_t row_bytes = w.cols * (w.dtype == kFP8 ? 1 : w.dtype == kF32 ? 4 : 2);
+  if (c.rows_per_warp <= 0) c.rows_per_warp = w.rows > 1024 && w.rows <= 8192 && mt <= 2 ? 4 : 2;
+  if (c.k_split <= 0) {
+    const int64_t groups = (w.rows + c.rows_per_warp - 1) / c.rows_per_warp, want_warps = 24 * int64_t(sm_count());
     c.k_split = 1;
-    while (c.k_split < kWarps && row_bytes / (2 * c.k_split) >= 2048) c.k_split *= 2;
-  }
-  if (c.rows_per_warp <= 0) {  // more rows per warp reuse each x chunk more, while >= 4 blocks per SM remain
-    const int64_t blocks = (w.rows + kWarps / c.k_split - 1) / (kWarps / c.k_split), want_blocks = 4 * int64_t(sm_count());
-    c.rows_per_warp = mt <= 2 && blocks >= 4 * want_blocks ? 4 : blocks >= 2 * want_blocks ? 2 : 1;
+    while (c.k_split < kWarps && groups * c.k_split < want_warps && w.cols / (2 * c.k_split) >= 128) c.k_split *= 2;
   }
   if (c.k_split != 1 && c.k_split != 2 && c.k_split != 4 && c.k_split != 8)
     throw std::runtime_error("gemv_split: K split must be 1, 2, 4 or 8");

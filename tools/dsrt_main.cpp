@@ -670,7 +670,7 @@ int cmd_bench(const Args &a) {
                          batches = int_list(a, "--batch", on_gpu ? "1,8,32,128" : "1");
   const std::vector<int> ctxs = int_list(a, "--ctx", "128");
   const int gen = int(a.num("--gen", 32));
-  if (*std::min_element(ctxs.begin(), ctxs.end()) < 1 || gen < 3) throw Fail{"--ctx must be >= 1 and --gen >= 3 (two warm-up steps)"};
+  if (*std::min_element(ctxs.begin(), ctxs.end()) < 1 || gen < 4) throw Fail{"--ctx must be >= 1 and --gen >= 4 (three warm-up steps)"};
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   const int max_prompt = *std::max_element(prompts.begin(), prompts.end());
   const int max_ctx = *std::max_element(ctxs.begin(), ctxs.end());
@@ -747,10 +747,13 @@ int cmd_bench(const Args &a) {
       std::vector<dsrt_session *> ss(static_cast<size_t>(B));
       for (int i = 0; i < B; i++) check(dsrt_session_fork(base, &ss[size_t(i)]));
       double t_forward = 0;
+      dsrt_sampling_params greedy;
+      dsrt_sampling_params_init(&greedy, sizeof greedy);
+      greedy.temperature = 0;  // argmax: the sampler's cheapest path; a step's cost is the forward's
       auto decode_step = [&] {
         for (auto *s : ss) {
           int32_t tok;
-          check(dsrt_session_sample(s, nullptr, &tok));
+          check(dsrt_session_sample(s, &greedy, &tok));
           check(dsrt_session_append_tokens(s, &tok, 1));
         }
         int32_t n;
@@ -758,8 +761,9 @@ int cmd_bench(const Args &a) {
         check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
         t_forward += secs(t1);
       };
-      decode_step();  // warm-up: first-use uploads and allocations; the step's graph is captured at the second
-      decode_step();
+      // Warm-up: first-use uploads and allocations; the step's CUDA graph is captured at the second step, and
+      // the device time of a step is read at the next one's start.
+      for (int w = 0; w < 3; w++) decode_step();
       if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
       t_forward = 0;
       auto engine_stats = [&] {
@@ -770,8 +774,8 @@ int cmd_bench(const Args &a) {
       };
       const dsrt_engine_stats st0 = engine_stats();
       auto t0 = now();
-      for (int g = 2; g < gen; g++) decode_step();
-      const double dt = secs(t0), steps = gen - 2;
+      for (int g = 3; g < gen; g++) decode_step();
+      const double dt = secs(t0), steps = gen - 3;
       const dsrt_engine_stats st1 = engine_stats();  // device time lags a step: the window is shifted by one
       const double gpu = (st1.device_seconds - st0.device_seconds) / steps;
       std::printf("  batch %d ctx %d step: %.3f ms = forward %.3f ms (engine step, logits to host) + sampling %.3f ms\n", B,
