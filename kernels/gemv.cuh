@@ -33,10 +33,23 @@ __device__ __forceinline__ void k_slice(const DevMatrix &w, int g, int G, int64_
   hi = min(K, lo + per);
 }
 
+// A weight chunk, read once: through the non-coherent path without allocating in L1, which the activation
+// chunks (read once per row) then keep to themselves.
+__device__ __forceinline__ uint4 load_stream(const void *p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 // acc[r][t] += W_r[n_r, lo:hi] . x[t * xs + lo:hi] for R weight rows (of matrices with the same shape and
 // dtype) and MT activation rows, summed over this lane's share; the caller warp-reduces. Each x chunk is
 // loaded once and used for all R rows: with one row per warp, fp32 x traffic (4 bytes per weight) capped the
-// FP8 GEMV near 1.2 TB/s on an H100. x rows must be 16-byte aligned (xs % 4 == 0); lo from k_slice.
+// FP8 GEMV near 1.2 TB/s on an H100. The next iteration's weight chunks are loaded before this one's
+// arithmetic, so loads stay in flight while a lane converts and multiplies (FP8 costs twice BF16's
+// arithmetic per byte: without the prefetch the FP8 shapes stopped near 2.8 TB/s on an H200 while the BF16
+// head streamed at 4.5). x rows must be 16-byte aligned (xs % 4 == 0); lo from k_slice.
 template <int MT, int R>
 __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const int64_t (&n)[R], const float *x,
                                          int64_t xs, int lane, float (&acc)[R][MT], int64_t lo = 0,
@@ -51,16 +64,26 @@ __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const i
       row[r] = static_cast<const uint8_t *>(w[r]->data) + n[r] * KW;
       srow[r] = w[r]->scale + (n[r] / 128) * w[r]->scale_cols;
     }
-    constexpr int U = R >= 4 ? 1 : 4 / R;  // 16-byte loads in flight per lane: R * U
-    for (int64_t k0 = lo + int64_t(lane) * 16; k0 < K; k0 += 32 * 16 * U) {
-      uint4 raw[R][U];
+    constexpr int U = R >= 4 ? 1 : 4 / R;  // 16-byte loads per lane and iteration: R * U
+    constexpr int64_t kStep = 32 * 16 * U;
+    uint4 next[R][U];
+    auto fetch = [&](int64_t k0) {
 #pragma unroll
       for (int u = 0; u < U; u++)
 #pragma unroll
         for (int r = 0; r < R; r++) {
           const int64_t k = k0 + u * 32 * 16;
-          raw[r][u] = k < K ? __ldg(reinterpret_cast<const uint4 *>(row[r] + k)) : make_uint4(0, 0, 0, 0);
+          next[r][u] = k < K ? load_stream(row[r] + k) : make_uint4(0, 0, 0, 0);
         }
+    };
+    fetch(lo + int64_t(lane) * 16);
+    for (int64_t k0 = lo + int64_t(lane) * 16; k0 < K; k0 += kStep) {
+      uint4 raw[R][U];
+#pragma unroll
+      for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++) raw[r][u] = next[r][u];
+      if (k0 + kStep < K) fetch(k0 + kStep);
 #pragma unroll
       for (int u = 0; u < U; u++) {
         const int64_t k = k0 + u * 32 * 16;
@@ -100,15 +123,25 @@ __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const i
 #pragma unroll
     for (int r = 0; r < R; r++) row[r] = static_cast<const uint16_t *>(w[r]->data) + n[r] * KW;
     constexpr int U = R >= 4 ? 1 : 4 / R;
-    for (int64_t k0 = lo + int64_t(lane) * 8; k0 < K; k0 += 32 * 8 * U) {
-      uint4 raw[R][U];
+    constexpr int64_t kStep = 32 * 8 * U;
+    uint4 next[R][U];
+    auto fetch = [&](int64_t k0) {
 #pragma unroll
       for (int u = 0; u < U; u++)
 #pragma unroll
         for (int r = 0; r < R; r++) {
           const int64_t k = k0 + u * 32 * 8;
-          raw[r][u] = k < K ? __ldg(reinterpret_cast<const uint4 *>(row[r] + k)) : make_uint4(0, 0, 0, 0);
+          next[r][u] = k < K ? load_stream(row[r] + k) : make_uint4(0, 0, 0, 0);
         }
+    };
+    fetch(lo + int64_t(lane) * 8);
+    for (int64_t k0 = lo + int64_t(lane) * 8; k0 < K; k0 += kStep) {
+      uint4 raw[R][U];
+#pragma unroll
+      for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++) raw[r][u] = next[r][u];
+      if (k0 + kStep < K) fetch(k0 + kStep);
 #pragma unroll
       for (int u = 0; u < U; u++) {
         const int64_t k = k0 + u * 32 * 8;

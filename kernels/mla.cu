@@ -145,6 +145,51 @@ __global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t q
   }
 }
 
+// The same product for one query row (decode): a block per head, a lane owns 16 columns (one 16-byte FP8
+// load per weight row: the 4-byte loads above left the decode launch latency-bound at ~25 us).
+constexpr int kAbsorbMaxDc = 512;
+__global__ void __launch_bounds__(256) q_absorb_row_kernel(const float *q, DevMatrix kv_b, int64_t dn, int64_t dr,
+                                                          int64_t dv, float *qcat) {
+  __shared__ float part[8][kAbsorbMaxDc];
+  const int64_t dc = kv_b.cols, h = blockIdx.x, kvw = dn + dv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t c0 = int64_t(lane) * 16;
+  const float *qh = q + h * (dn + dr);
+  float acc[16];
+#pragma unroll
+  for (int j = 0; j < 16; j++) acc[j] = 0.0f;
+  if (c0 < dc) {
+#pragma unroll 4
+    for (int64_t d = warp; d < dn; d += 8) {
+      const int64_t row = h * kvw + d;
+      float wv[16];
+      if (kv_b.dtype == kFP8) {
+        fp8x16_to_f32(load_stream(static_cast<const uint8_t *>(kv_b.data) + row * dc + c0), wv);
+        const float sc = kv_b.scale[(row / 128) * kv_b.scale_cols + c0 / 128];
+#pragma unroll
+        for (int j = 0; j < 16; j++) wv[j] *= sc;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 16; j++) wv[j] = load_w(kv_b, row, c0 + j);
+      }
+      const float qv = qh[d];
+#pragma unroll
+      for (int j = 0; j < 16; j++) acc[j] += qv * wv[j];
+    }
+#pragma unroll
+    for (int j = 0; j < 16; j++) part[warp][c0 + j] = acc[j];
+  }
+  __syncthreads();
+  float *out = qcat + h * (dc + dr);
+  for (int64_t c = threadIdx.x; c < dc; c += blockDim.x) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; w++) v += part[w][c];
+    out[c] = v;
+  }
+  for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) out[dc + k] = qh[dn + k];
+}
+
 // Per (row, head): scores of qcat against every cached latent (c_kv . q_lat + k_pe . q_pe), softmax, and
 // o_lat = sum_j p_j c_kv[j] into olat [rows, nh, dc]. Row i sits at position n_past + i. Keys are walked
 // page by page from a page table staged in shared memory, so consecutive keys' loads are independent (a
@@ -277,8 +322,8 @@ void mla_q_absorb(const float *q, int64_t qs, int64_t rows, const DevMatrix &kv_
   if (rows == 0) return;
   const int64_t dc = kv_b.cols;
   const dim3 grid(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8));
-  if (rows == 1)  // decode: no registers or loop trips for rows that are not there
-    q_absorb_kernel<1><<<grid, 256, 0, s>>>(q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
+  if (rows == 1 && dc % 16 == 0 && dc <= kAbsorbMaxDc)  // decode
+    q_absorb_row_kernel<<<unsigned(nh), 256, 0, s>>>(q, kv_b, dn, dr, dv, qcat);
   else
     q_absorb_kernel<8><<<grid, 256, 0, s>>>(q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
   check_launch("mla q_absorb");

@@ -160,22 +160,38 @@ static int32_t draw(const std::vector<double> &prob, Rng &rng) {
 static int32_t greedy_token(const float *logits, int64_t n, const SamplingParams &p, const int32_t *hist, size_t n_hist,
                             const std::vector<int32_t> &banned) {
   const auto touched = adjusted_logits(logits, n, p, hist, n_hist, banned);
-  std::vector<char> skip;
-  if (!touched.empty()) {
-    skip.assign(size_t(n), 0);
-    for (auto &t : touched) skip[size_t(t.first)] = 1;
+  std::vector<int32_t> skip;  // the touched ids, sorted: they compete with their adjusted values below
+  for (auto &t : touched) skip.push_back(t.first);
+  std::sort(skip.begin(), skip.end());
+  auto skipped = [&](int64_t i) { return std::binary_search(skip.begin(), skip.end(), int32_t(i)); };
+  // The raw maximum in branch-free passes the compiler vectorises (a scalar compare-and-branch loop in
+  // double took ~0.35 ms a token over V3's 129,280 logits): the maximum and whether any logit is +inf or
+  // NaN, then the first id holding the maximum that is not touched.
+  float m = -INFINITY;
+  bool bad = false;
+  for (int64_t i = 0; i < n; i++) {
+    const float v = logits[i];
+    bad |= !(v < INFINITY);
+    m = v > m ? v : m;
   }
+  if (bad)
+    for (int64_t i = 0; i < n; i++)
+      if (!(logits[i] < INFINITY)) non_finite_logit(i, double(logits[i]));
+  const bool any_raw_finite = m > -INFINITY;
   int64_t best = -1;
   double bv = -INFINITY;
-  bool any_raw_finite = false;
-  for (int64_t i = 0; i < n; i++) {  // ties: the lowest id
-    const double v = double(logits[i]);
-    if (!(v < INFINITY)) non_finite_logit(i, v);
-    any_raw_finite = any_raw_finite || v > -INFINITY;
-    if (!skip.empty() && skip[size_t(i)]) continue;
-    if (v > bv || (best < 0 && v == bv)) {
-      best = i;
-      bv = v;
+  for (const float *it = logits; best < 0 && (it = std::find(it, logits + n, m)) != logits + n; ++it)
+    if (!skipped(it - logits)) best = it - logits;
+  if (best >= 0) {
+    bv = double(m);
+  } else {  // every id holding the maximum is touched: the best of the others, ties to the lowest id
+    for (int64_t i = 0; i < n; i++) {
+      const double v = double(logits[i]);
+      if (skipped(i)) continue;
+      if (v > bv || (best < 0 && v == bv)) {
+        best = i;
+        bv = v;
+      }
     }
   }
   for (auto &[id, v] : touched) {

@@ -562,9 +562,11 @@ class CudaBackend final : public ArenaBackend {
   void flush() {
     release_held();
     meta_->flush_copies(*rec_);
-    if (rec_->deferred() && rec_->pending() > 0) note_gpu_start();
+    const bool work = rec_->deferred() && rec_->pending() > 0;
+    if (work) note_gpu_start();
     rec_->flush();
-    if (step_started_) cudaEventRecord(step_ev_[1], stream_);
+    if (work) cudaEventRecord(step_ev_[1], stream_);  // (not at the next step's sync: the host's time between
+                                                      // steps is not the GPU's)
   }
   void sync() {
     flush();
