@@ -65,38 +65,50 @@ __global__ void __launch_bounds__(kWarps * 32) linear_kernel(const float *__rest
   }
 }
 
-// linear_kernel for the gate and up rows of a SwiGLU together (R = 2: row n of each), with its epilogue.
+// linear_kernel for the gate and up rows of a SwiGLU together, with its epilogue: a warp reads NR rows of
+// each (NR = 2 for up to two token rows: four rows per x chunk; 1 above), rows n0 .. n0 + NR - 1.
 template <int MT, int G>
 __global__ void __launch_bounds__(kWarps * 32) swiglu_kernel(const float *__restrict__ x, DevMatrix wg, DevMatrix wu,
                                                             float *g_out, float *__restrict__ u_out, float *act) {
+  constexpr int NR = MT <= 2 ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
-  const int64_t n = int64_t(blockIdx.x) * (kWarps / G) + warp / G, N = wg.rows;
-  float acc[2][MT];
+  const int64_t n0 = (int64_t(blockIdx.x) * (kWarps / G) + warp / G) * NR, N = wg.rows;
+  float acc[2 * NR][MT];
 #pragma unroll
-  for (int t = 0; t < MT; t++) acc[0][t] = acc[1][t] = 0.0f;
-  if (n < N) {
-    const DevMatrix *ws[2] = {&wg, &wu};
-    const int64_t ns[2] = {n, n};
+  for (int r = 0; r < 2 * NR; r++)
+#pragma unroll
+    for (int t = 0; t < MT; t++) acc[r][t] = 0.0f;
+  if (n0 < N) {
+    const DevMatrix *ws[2 * NR];
+    int64_t ns[2 * NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) {  // rows: gate n0.., then up n0..
+      ws[r] = &wg;
+      ws[NR + r] = &wu;
+      ns[r] = ns[NR + r] = n0 + r < N ? n0 + r : N - 1;
+    }
     int64_t lo, hi;
     k_slice(wg, g, G, lo, hi);
-    rows_dot<MT, 2>(ws, ns, x, wg.cols, lane, acc, lo, hi);
+    rows_dot<MT, 2 * NR>(ws, ns, x, wg.cols, lane, acc, lo, hi);
   }
-  __shared__ float part[kWarps][2 * MT];
+  __shared__ float part[kWarps][2 * NR * MT];
 #pragma unroll
-  for (int r = 0; r < 2; r++)
+  for (int r = 0; r < 2 * NR; r++)
 #pragma unroll
     for (int t = 0; t < MT; t++) {
       const float v = warp_sum(acc[r][t]);
       if (lane == 0) part[warp][r * MT + t] = v;
     }
   __syncthreads();
-  if (g == 0 && lane < MT && n < N) {
-    const int t = lane;
+  if (g == 0 && lane < NR * MT) {
+    const int r = lane / MT, t = lane % MT;
+    const int64_t n = n0 + r;
+    if (n >= N) return;
     float gv = 0.0f, uv = 0.0f;
 #pragma unroll
     for (int j = 0; j < G; j++) {
-      gv += part[warp + j][t];
-      uv += part[warp + j][MT + t];
+      gv += part[warp + j][r * MT + t];
+      uv += part[warp + j][(NR + r) * MT + t];
     }
     u_out[t * N + n] = uv;
     if (g_out != act) g_out[t * N + n] = gv;
@@ -107,8 +119,10 @@ __global__ void __launch_bounds__(kWarps * 32) swiglu_kernel(const float *__rest
 template <int MT>
 void launch_swiglu(const float *x, const DevMatrix &wg, const DevMatrix &wu, float *g, float *u, float *act,
                    GemvSplit split, cudaStream_t s) {
-  const int G = gemv_split(wg, MT, {split.k_split, 1}).k_split;  // a warp's rows: one of gate and one of up
-  const unsigned grid = unsigned((wg.rows + kWarps / G - 1) / (kWarps / G));
+  constexpr int NR = MT <= 2 ? 2 : 1;                                // a warp's rows of gate (and of up)
+  const int G = gemv_split(wg, MT, {split.k_split, NR}).k_split;
+  const int64_t per_block = int64_t(kWarps / G) * NR;
+  const unsigned grid = unsigned((wg.rows + per_block - 1) / per_block);
   switch (G) {
     case 8: swiglu_kernel<MT, 8><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
     case 4: swiglu_kernel<MT, 4><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
@@ -193,15 +207,15 @@ void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t l
   check_launch("widen_rows");
 }
 
-// The cut, from a sweep of every cut over V3's decode shapes on an H200 (dsrt bench --ops --sweep, docs/perf.md):
-// more rows per warp always paid (each x chunk, 4 bytes per FP8 weight, is read once for all of them), four
-// where N is moderate, two where N is large (enough warps anyway) or tiny (too few rows to share); then the
-// fewest K slices that still give ~24 warps per SM (3,072 on 132 SMs).
+// The cut, from sweeps of every cut over V3's decode shapes on an H200 (dsrt bench --ops --sweep, docs/perf.md):
+// with the weight loads prefetched, four FP8 rows per warp won on every shape (each x chunk, 4 bytes per
+// FP8 weight, is read once for all of them), two for BF16 (half the arithmetic per byte); then the fewest
+// K slices that give ~12 warps per SM (long per-warp streams beat more, shorter ones).
 GemvSplit gemv_split(const DevMatrix &w, int64_t mt, GemvSplit want) {
   GemvSplit c = want;
-  if (c.rows_per_warp <= 0) c.rows_per_warp = w.rows > 1024 && w.rows <= 8192 && mt <= 2 ? 4 : 2;
+  if (c.rows_per_warp <= 0) c.rows_per_warp = w.dtype == kFP8 && mt <= 2 ? 4 : 2;
   if (c.k_split <= 0) {
-    const int64_t groups = (w.rows + c.rows_per_warp - 1) / c.rows_per_warp, want_warps = 24 * int64_t(sm_count());
+    const int64_t groups = (w.rows + c.rows_per_warp - 1) / c.rows_per_warp, want_warps = 12 * int64_t(sm_count());
     c.k_split = 1;
     while (c.k_split < kWarps && groups * c.k_split < want_warps && w.cols / (2 * c.k_split) >= 128) c.k_split *= 2;
   }

@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *
   out[t * H + n0 + j] = sum;
 }
 
-// The K split of a row group: as linear.cu's gemv_split, the fewest slices that give ~24 warps per SM.
+// The K split of a row group: as linear.cu's gemv_split, the fewest slices that give ~12 warps per SM.
 int expert_split(int64_t groups, int64_t cols) {
   int sms = 132;
   {
@@ -226,7 +226,7 @@ int expert_split(int64_t groups, int64_t cols) {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   }
   int G = 1;
-  while (G < kWarps && groups * G < 24 * int64_t(sms) && cols / (2 * G) >= 128) G *= 2;
+  while (G < kWarps && groups * G < 12 * int64_t(sms) && cols / (2 * G) >= 128) G *= 2;
   return G;
 }
 
