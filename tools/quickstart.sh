@@ -25,6 +25,6 @@ build/dsrt generate --model "$model" --prompt "Once upon a time" -n 32 --tempera
 echo
 echo "Built: build/dsrt (the command), build/libdsrt.so (the C library), build/dsrt_example_c (a C program"
 echo "using it), build/dsrt_chat. Next, try:"
-echo "  build/dsrt chat --model $model                 # an interactive chat (/help inside)"
-echo "  build/dsrt generate --help                       # every option, with its default"
-echo "  cmake --install build --prefix ~/.local         # the library, dsrt.h, dsrt.pc and the CMake package"
+printf '  %-56s # %s\n' "build/dsrt chat --model $model" "an interactive chat (/help inside)" \
+  "build/dsrt generate --help" "every option, with its default" \
+  "cmake --install build --prefix ~/.local" "the library, dsrt.h, dsrt.pc, the CMake package"

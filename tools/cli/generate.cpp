@@ -151,14 +151,11 @@ int run_ids(const GenerateOptions &o) {
 struct Streamed {
   size_t tokens = 0;
   bool ends_with_newline = true;
-  Clock::time_point first;
 };
 
 int32_t on_event(const dsrt_event *ev, void *user) {
   auto *st = static_cast<Streamed *>(user);
-  if (ev->token >= 0) {
-    if (st->tokens++ == 0) st->first = Clock::now();
-  }
+  if (ev->token >= 0) st->tokens++;
   if (ev->text_len) {
     std::fwrite(ev->text, 1, ev->text_len, stdout);
     std::fflush(stdout);
@@ -210,13 +207,11 @@ int run_text(const GenerateOptions &o) {
     if (!o.gen.max_tokens) p.max_new_tokens = 256;
     p.cancel = g_cancel;
     t0 = Clock::now();
-    out.first = t0;
     check(dsrt_session_generate(s, &p, on_event, &out));
   }
   if (!out.ends_with_newline || out.tokens == 0) std::fputc('\n', stdout);
   std::fflush(stdout);
-  // The first token comes from the prefill's logits: decode speed counts the steps after it.
-  summary(o, prompt.size(), prompt_s, out.tokens, out.tokens ? since(out.first) : 0.0);
+  summary(o, prompt.size(), prompt_s, out.tokens, prefilled ? since(t0) : 0.0);
   if (o.engine.mtp) {
     dsrt_session_stats ss;
     ss.struct_size = sizeof ss;
