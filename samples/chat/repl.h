@@ -1,4 +1,5 @@
-/* The chat REPL of samples/chat, also behind `dsrt chat`. Uses the dsrt C API only. */
+/* The chat REPL of samples/chat: `dsrt chat` and the dsrt_chat program (tools/cli/chat.cpp declares their
+ * options once, with CLI11) run it. Uses the dsrt C API only. */
 #ifndef DSRT_SAMPLES_CHAT_REPL_H
 #define DSRT_SAMPLES_CHAT_REPL_H
 #include <stdint.h>

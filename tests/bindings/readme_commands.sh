@@ -15,7 +15,7 @@ reply() {  # the sample's stdout must hold a reply of some text
 case $lang in
   go)
     # README: cd samples/go && PKG_CONFIG_PATH=$PWD/../../build/pkgconfig go run . MODEL_DIR
-    (cd samples/go && echo Hello | PKG_CONFIG_PATH="$build/pkgconfig" GOFLAGS=-mod=mod GOPROXY=off go run . "$model") | reply
+    (cd samples/go && echo Hello | PKG_CONFIG_PATH="$build/pkgconfig" GOPROXY=off go run . "$model") | reply
     ;;
   rust)
     # README: DSRT_LIB_DIR=$PWD/build cargo build --release --manifest-path samples/rust/Cargo.toml
