@@ -213,3 +213,33 @@ TEST_CASE("Ctrl-C in generate stops at the next step and prints what was generat
   REQUIRE(!text.empty());
   CHECK(text.back() == '\n');
 }
+
+namespace {
+
+int32_t record_progress(int32_t stage, uint64_t done, uint64_t total, void *user) {
+  auto *last = static_cast<std::map<int32_t, std::pair<uint64_t, uint64_t>> *>(user);
+  CHECK(done <= total);
+  (*last)[stage] = {done, total};
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("load progress (the display's source) ends at 100% in every stage, FP8 and BF16 checkpoints alike") {
+  for (const char *preset : {"v3-mini", "partial-yarn", "bf16"}) {  // FP8 + MTP, FP8 with partial blocks, BF16
+    CAPTURE(preset);
+    std::map<int32_t, std::pair<uint64_t, uint64_t>> last;
+    dsrt_model_params mp;
+    dsrt_model_params_init(&mp, sizeof mp);
+    mp.progress_fn = record_progress;
+    mp.progress_user_data = &last;
+    dsrt_model *m = nullptr;
+    REQUIRE(dsrt_model_load(tiny(preset).c_str(), &mp, &m) == DSRT_OK);
+    dsrt_model_free(m);
+    for (int32_t stage : {0, 1, 2, 3}) {
+      CAPTURE(stage);
+      REQUIRE(last.count(stage) == 1);
+      CHECK(last[stage].first == last[stage].second);
+    }
+  }
+}
