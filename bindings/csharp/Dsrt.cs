@@ -204,7 +204,19 @@ public sealed class CancelHandle : DsrtHandle {
 
 public static class Library {
   public static string Version { get { return Native.FromUtf8z(Native.dsrt_version_string()); } }
-  public static void CheckVersion() { Native.Check(Native.dsrt_check_version(Native.ApiVersion)); }
+  // Also the first call into libdsrt: a missing native library becomes a DsrtException that says where it is
+  // looked for, instead of a bare DllNotFoundException.
+  public static void CheckVersion() {
+    int st;
+    try {
+      st = Native.dsrt_check_version(Native.ApiVersion);
+    } catch (DllNotFoundException e) {
+      throw new DsrtException(-1, "the native library libdsrt.so was not found (" + e.Message + "). Install dsrt " +
+          "(cmake --install build; then ldconfig for /usr/local), or run with LD_LIBRARY_PATH set to the folder " +
+          "holding libdsrt.so (the CMake build folder).");
+    }
+    Native.Check(st);
+  }
   public static int StructSize(int id) { return (int)Native.dsrt_struct_size(id); }
   // This binding's layouts, to compare with StructSize.
   public static int BindingStructSize(int id) {

@@ -2,11 +2,13 @@
 // models. Every C call goes through a shim in this file's preamble that also copies dsrt_last_error() in
 // the same C call: a goroutine may move to another OS thread between two cgo calls, and the error text is
 // per thread. Handles have Close(); a finalizer frees what was not closed.
+//
+// cgo finds libdsrt through pkg-config (dsrt.pc): installed (cmake --install build), or the build tree's
+// PKG_CONFIG_PATH=<build>/pkgconfig. The .pc file records an RPATH, so programs run without LD_LIBRARY_PATH.
 package dsrt
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../include
-#cgo LDFLAGS: -ldsrt
+#cgo pkg-config: dsrt
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

@@ -109,7 +109,10 @@ void Model::finish_load(const LoadOptions &opt) {
             c.topk_method,      c.norm_topk_prob,      c.routed_scaling_factor};
   for (auto &[name, t] : ckpt->all()) {
     std::string d = name + "|" + dtype_name(t->dtype);
-    for (int64_t x : t->shape) d += "|" + std::to_string(x);
+    for (int64_t x : t->shape) {
+      d += '|';  // not "|" + std::to_string(x): GCC 12 warns falsely (-Wrestrict, its bug 105329) on that form
+      d += std::to_string(x);
+    }
     fp.update(d.data(), d.size());
     fp.update(t->data, std::min<uint64_t>(t->nbytes, 16));
   }

@@ -135,6 +135,7 @@ struct Binder {
         failf(DSRT_ERR_UNSUPPORTED, where(s), " is not 4-byte aligned in its file");
       w.scale = reinterpret_cast<const float *>(s->data);
       w.scale_cols = sw[1];
+      done++;  // the scale tensor is one of the checkpoint's tensors that progress counts
       mw.bytes += s->nbytes;
       if (opt.validate_scales) {
         const int64_t n = sw[0] * sw[1];
@@ -237,6 +238,9 @@ void bind_weights(const ModelConfig &cfg, const Checkpoint &ckpt, const BindOpti
   for (auto &[name, _] : ckpt.all())
     if (!b.used.count(name)) mw.unknown.push_back(name);
   for (size_t i = 0; i < mw.all.size(); i++) mw.all[i]->id = int32_t(i);
+  // Skipped MTP layers and unknown tensors are not bound: the stage still ends at total.
+  if (opt.progress && b.done < b.total && !opt.progress(b.total, b.total, opt.user))
+    fail(DSRT_ERR_CANCELLED, "model load cancelled");
 }
 
 }  // namespace dsrt

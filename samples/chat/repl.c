@@ -38,6 +38,24 @@ static int32_t on_progress(int32_t stage, uint64_t done, uint64_t total, void *u
   return g_interrupted ? 1 : 0;
 }
 
+/* 1 if s is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF). */
+static int valid_utf8(const unsigned char *s) {
+  while (*s) {
+    unsigned c = *s, n = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : 9;
+    if (n == 9) return 0;
+    unsigned cp = n == 0 ? c : c & (0x3f >> n);
+    for (unsigned i = 1; i <= n; i++) {
+      if ((s[i] & 0xc0) != 0x80) return 0;
+      cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) || cp > 0x10ffff ||
+        (cp >= 0xd800 && cp <= 0xdfff))
+      return 0;
+    s += n + 1;
+  }
+  return 1;
+}
+
 /* JSON string literal of s (UTF-8 passes through). */
 static char *json_string(const char *s) {
   size_t n = strlen(s), k = 0;
@@ -192,10 +210,14 @@ int chat_repl(const struct chat_options *opt) {
   sigaction(SIGINT, &sa, NULL);
 
   dsrt_model_params mp;
-  dsrt_model_params_init(&mp, sizeof mp);
-  mp.n_threads = opt->n_threads;
-  mp.use_mmap = opt->no_mmap ? 0 : 1;
-  if (interactive) mp.progress_fn = on_progress;
+  if (opt->model_params) {
+    mp = *opt->model_params;
+  } else {
+    dsrt_model_params_init(&mp, sizeof mp);
+    mp.n_threads = opt->n_threads;
+    mp.use_mmap = opt->no_mmap ? 0 : 1;
+  }
+  if (interactive && !mp.progress_fn) mp.progress_fn = on_progress;
   mp.cancel = g_cancel;
   if (dsrt_model_load(opt->model_dir, &mp, &m) != DSRT_OK) {
     fprintf(stderr, "\ndsrt: %s\n", dsrt_last_error());
@@ -203,9 +225,21 @@ int chat_repl(const struct chat_options *opt) {
   }
   dsrt_cancel_reset(g_cancel);
   dsrt_engine_params ep;
-  dsrt_engine_params_init(&ep, sizeof ep);
-  ep.max_tokens = opt->max_ctx;
-  ep.mtp_drafts = opt->mtp;
+  if (opt->engine_params) {
+    ep = *opt->engine_params;
+  } else {
+    dsrt_engine_params_init(&ep, sizeof ep);
+    ep.max_tokens = opt->max_ctx;
+    ep.mtp_drafts = opt->mtp;
+  }
+  if (ep.mtp_drafts > 0) { /* without an MTP layer the engine would run silently without drafts */
+    dsrt_model_info info;
+    info.struct_size = sizeof info;
+    if (dsrt_model_info_get(m, &info) == DSRT_OK && info.n_mtp_layers == 0) {
+      fprintf(stderr, "dsrt: --mtp: this checkpoint has no MTP layer\n");
+      goto done;
+    }
+  }
   if (dsrt_engine_create(m, &ep, &e) != DSRT_OK || dsrt_session_create(e, NULL, &s) != DSRT_OK) {
     fprintf(stderr, "dsrt: %s\n", dsrt_last_error());
     goto done;
@@ -214,9 +248,11 @@ int chat_repl(const struct chat_options *opt) {
   dsrt_gen_params_init(&gp, sizeof gp, m);
   if (opt->temperature >= 0) gp.temperature = opt->temperature;
   gp.max_new_tokens = opt->max_new_tokens;
+  if (opt->gen_setup) opt->gen_setup(&gp, opt->gen_setup_user);
   gp.cancel = g_cancel;
   if (interactive) fprintf(stderr, "dsrt %s: chatting with %s (/help for commands)\n", dsrt_version_string(), opt->model_dir);
-  int started = 0; /* the conversation has a first message */
+  int started = 0;    /* the conversation has a first message */
+  int undo_empty = 0; /* /undo returns to an empty conversation (the first exchange is the last one) */
   for (;;) {
     if (interactive) {
       fputs("> ", stdout);
@@ -242,9 +278,17 @@ int chat_repl(const struct chat_options *opt) {
         }
         dsrt_session_reset(s);
         started = 0;
+        undo_empty = 0;
+        dsrt_free(undo);
+        undo = NULL;
         puts("(new conversation)");
       } else if (!strcmp(line, "/undo")) {
-        if (!undo) {
+        if (undo_empty) {
+          dsrt_session_reset(s);
+          started = 0;
+          undo_empty = 0;
+          puts("(last exchange removed)");
+        } else if (!undo) {
           puts("(nothing to undo)");
         } else if (dsrt_session_state_load(s, undo, undo_n) != DSRT_OK) {
           printf("(undo failed: %s)\n", dsrt_last_error());
@@ -275,6 +319,9 @@ int chat_repl(const struct chat_options *opt) {
             printf("(load failed: %s)\n", dsrt_last_error());
           else {
             started = 1;
+            undo_empty = 0;
+            dsrt_free(undo);
+            undo = NULL;
             printf("(conversation loaded from %s)\n", arg);
           }
           free(buf);
@@ -298,10 +345,15 @@ int chat_repl(const struct chat_options *opt) {
     }
     /* A user message: remember the state for /undo, append it, stream the reply. A Ctrl-C from here on
      * (during the prefill too) stops this reply. */
+    if (!valid_utf8((const unsigned char *)line)) {
+      puts("(that line is not valid UTF-8 text; it was not sent)");
+      continue;
+    }
     dsrt_cancel_reset(g_cancel);
     g_interrupted = 0;
     dsrt_free(undo);
     undo = NULL;
+    undo_empty = !started;
     if (started && dsrt_session_state_save(s, &undo, &undo_n) != DSRT_OK) undo = NULL;
     char *content = json_string(line);
     char *sys = system_prompt && !started ? json_string(system_prompt) : NULL;
@@ -318,11 +370,20 @@ int chat_repl(const struct chat_options *opt) {
     free(msgs);
     if (st != DSRT_OK) {
       printf("(error: %s)\n", dsrt_last_error());
+      undo_empty = 0;
       continue;
     }
     started = 1;
     pr.thinking = 0;
     if (dsrt_session_generate(s, &gp, on_event, &pr) != DSRT_OK) printf("(error: %s)\n", dsrt_last_error());
+    if (opt->verbose) {
+      dsrt_session_stats ss;
+      ss.struct_size = sizeof ss;
+      if (dsrt_session_stats_get(s, &ss) == DSRT_OK)
+        fprintf(stderr, "[prompt %d tokens (%d reused), %.1f tokens/s; reply %d tokens, %.1f tokens/s]\n", ss.prompt_tokens,
+                ss.reused_tokens, ss.ttft_seconds > 0 ? ss.prompt_tokens / ss.ttft_seconds : 0.0, ss.generated_tokens,
+                ss.decode_tokens_per_second);
+    }
     g_interrupted = 0; /* a Ctrl-C during the reply stopped the reply; it does not also leave the program */
   }
   rc = 0;

@@ -1,6 +1,6 @@
 // A minimal streaming chat over the dsrt C# binding: each stdin line is a user message; the reply streams
 // to stdout; Ctrl-C stops the current reply.
-// build: mcs -r:Dsrt.dll -out:Chat.exe Chat.cs      run: mono Chat.exe MODEL_DIR
+// build: mcs -r:Dsrt.dll -out:Chat.exe Chat.cs      run: mono Chat.exe MODEL_DIR   (or dotnet run: Chat.csproj)
 using System;
 using System.Text;
 using System.Threading;
@@ -22,7 +22,12 @@ static class Chat {
       Console.Error.WriteLine("usage: mono Chat.exe MODEL_DIR");
       return 2;
     }
-    Library.CheckVersion();
+    try {
+      Library.CheckVersion();
+    } catch (DsrtException e) {
+      Console.Error.WriteLine("dsrt: " + e.Message);
+      return 1;
+    }
     using (var model = new Model(args[0]))
     using (var engine = new Engine(model))
     using (var session = new Session(engine)) {

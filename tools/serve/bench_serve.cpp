@@ -275,8 +275,17 @@ int dsrt_bench_serve_command(int argc, char **argv) {
       return 0;
     }
   try {
+    return run_bench_serve_command(parse_bench_serve_options(argc, argv));
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "dsrt bench-serve: %s\n", e.what());
+    return 1;
+  }
+}
+
+int run_bench_serve_command(const dsrt::serve::BenchServeOptions &o) {
+  using namespace dsrt::serve;
+  try {
     signal(SIGPIPE, SIG_IGN);
-    const BenchServeOptions o = parse_bench_serve_options(argc, argv);
     const BenchServeResult r = run_bench_serve(o);
     std::printf("dsrt bench-serve: %s (dsrt %s)\n", o.model_dir.c_str(), dsrt_version_string());
     std::printf("  %d clients, %d requests (%d completed, %d failed), %d tokens each, %.0f prompt tokens on average, "

@@ -42,3 +42,5 @@ BenchServeResult run_bench_serve(const BenchServeOptions &o);
 
 // `dsrt bench-serve ARGS...` (argv[0] is the first option): returns the exit status.
 int dsrt_bench_serve_command(int argc, char **argv);
+// Runs and reports the load of already-parsed options: returns the exit status.
+int run_bench_serve_command(const dsrt::serve::BenchServeOptions &o);

@@ -826,7 +826,16 @@ int dsrt_serve_command(int argc, char **argv) {
       return 0;
     }
   try {
-    const Options o = parse_options(argc, argv);
+    return run_serve(parse_options(argc, argv));
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "dsrt serve: %s\n", e.what());
+    return 1;
+  }
+}
+
+int run_serve(const dsrt::serve::Options &o) {
+  using namespace dsrt::serve;
+  try {
     // SIGINT/SIGTERM stop the server from a thread of ours (a signal handler may not take locks).
     sigset_t set;
     sigemptyset(&set);

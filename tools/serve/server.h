@@ -57,3 +57,5 @@ class Server {
 
 // `dsrt serve ARGS...` (argv[0] is the first option, not the program): returns the exit status.
 int dsrt_serve_command(int argc, char **argv);
+// Runs the server of already-parsed options until SIGINT/SIGTERM: returns the exit status (`dsrt serve`).
+int run_serve(const dsrt::serve::Options &o);
