@@ -29,6 +29,7 @@
 #include "model/weights.h"
 #include "repl.h"
 #include "bench_serve.h"
+#include "dist_cli.h"
 #include "server.h"
 #include "tiny_model.h"
 
@@ -69,7 +70,7 @@ const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--tempera
                          "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
                          "--attention", "--ctx", "--text-file", "--messages", "--tools", "--kwargs", "--system",
                          "--top-p", "--top-k", "--min-p", "--stop", "--repeat", "--mtp-drafts", "--tp", "--ep",
-                         "--gpu-memory"};
+                         "--gpu-memory", "--world", "--rank", "--coordinator"};
 
 Args parse(int argc, char **argv, int first) {
   Args a;
@@ -130,6 +131,19 @@ struct Loaded {
   }
 };
 
+// Ranks in several processes (tools/dist_cli.h).
+dsrt::tools::DistArgs dist_args(const Args &a) {
+  dsrt::tools::DistArgs d;
+  d.model = a.get("--model");
+  d.coordinator = a.get("--coordinator");
+  d.world = int(a.num("--world", 0));
+  d.rank = int(a.num("--rank", -1));
+  d.tp = int(a.num("--tp", 0));
+  d.ep = int(a.num("--ep", 0));
+  d.threads = int(a.num("--threads", 0));
+  return d;
+}
+
 void load(const Args &a, Loaded &l, int max_tokens = 0) {
   dsrt_model_params mp;
   dsrt_model_params_init(&mp, sizeof mp);
@@ -152,7 +166,8 @@ void load(const Args &a, Loaded &l, int max_tokens = 0) {
   ep.mtp_drafts = a.has("--mtp") ? int32_t(a.num("--mtp-drafts", 1)) : 0;
   ep.tp = int32_t(a.num("--tp", 1));
   ep.ep = int32_t(a.num("--ep", 1));
-  check(dsrt_engine_create(l.model, &ep, &l.engine));
+  const dsrt_dist_params dp = dsrt::tools::dist_params(dist_args(a));
+  check(dsrt_engine_create_dist(l.model, &ep, &dp, &l.engine));
 }
 
 const char *kCommonHelp =
@@ -165,6 +180,10 @@ const char *kCommonHelp =
     "  --mtp-drafts N       with --mtp: tokens drafted per step, 1-4 (default 1)\n"
     "  --tp N, --ep N       tensor- and expert-parallel ranks (tp * ep in-process ranks on the CPU backend;\n"
     "                       output identical in format to one rank)\n"
+    "  --world W, --rank R, --coordinator HOST:PORT\n"
+    "                       ranks in W processes (CPU backend; start the command W times, R = 0..W-1; rank 0\n"
+    "                       listens at HOST:PORT and writes the output, the others print nothing); default\n"
+    "                       from mpirun, srun or torchrun variables when a coordinator is known\n"
     "  --gpu-memory BYTES   GPU memory the weights may take (default: what is free, less 1 GiB)\n"
     "  --no-mmap            copy the weights into memory at load instead of mapping the shards: use it when\n"
     "                       the checkpoint's files may change while dsrt runs (costs RAM and load time)\n";
@@ -816,6 +835,7 @@ void usage(FILE *f) {
                "  eval       write the logits of every position to a file\n"
                "  inspect    describe and validate a checkpoint\n"
                "  bench      prefill and decode speed beside the roofline\n"
+               "  worker     a follower rank of ranks in several processes\n"
                "  make-tiny  write a random tiny checkpoint in the published layout\n"
                "  info       version, build and devices\n");
 }
@@ -834,6 +854,24 @@ int main(int argc, char **argv) {
     usage(stdout);
     return 0;
   }
+  if (cmd == "worker") {
+    try {
+      const Args args = parse(argc, argv, 2);
+      if (args.has("--help")) {
+        std::printf("usage: dsrt worker --model DIR --coordinator HOST:PORT --rank R --world W [--tp N] [--ep N] [--threads N]\n"
+                    "Runs follower rank R (1..W-1) of the engine that rank 0 (dsrt eval|generate|serve ... --rank 0)\n"
+                    "runs; exits 0 when rank 0 is done, 1 when the group fails. Rank and world default to mpirun's,\n"
+                    "srun's or torchrun's variables, the coordinator to DSRT_COORDINATOR or MASTER_ADDR:MASTER_PORT.\n");
+        return 0;
+      }
+      return dsrt::tools::run_worker(dist_args(args), "worker");
+    } catch (const Fail &f) {
+      std::fprintf(stderr, "dsrt worker: %s\n", f.msg.c_str());
+    } catch (const dsrt::Error &e) {
+      std::fprintf(stderr, "dsrt worker: %s: %s\n", dsrt_status_string(e.code()), e.what());
+    }
+    return 1;
+  }
   std::map<std::string, std::function<int(const Args &)>> cmds = {
       {"generate", cmd_generate}, {"eval", cmd_eval},           {"inspect", cmd_inspect},
       {"bench", cmd_bench},       {"make-tiny", cmd_make_tiny}, {"info", cmd_info},
@@ -845,7 +883,11 @@ int main(int argc, char **argv) {
     return 2;
   }
   try {
-    return it->second(parse(argc, argv, 2));
+    const Args args = parse(argc, argv, 2);
+    // Ranks in several processes: a follower rank of eval/generate runs the worker instead (prints nothing).
+    if ((cmd == "eval" || cmd == "generate") && !args.has("--help") && dsrt::tools::is_follower(dist_args(args)))
+      return dsrt::tools::run_worker(dist_args(args), cmd.c_str());
+    return it->second(args);
   } catch (const Fail &f) {
     std::fprintf(stderr, "dsrt %s: %s\n", cmd.c_str(), f.msg.c_str());
   } catch (const dsrt::Error &e) {
