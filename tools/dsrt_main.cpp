@@ -859,9 +859,10 @@ int main(int argc, char **argv) {
       const Args args = parse(argc, argv, 2);
       if (args.has("--help")) {
         std::printf("usage: dsrt worker --model DIR --coordinator HOST:PORT --rank R --world W [--tp N] [--ep N] [--threads N]\n"
-                    "Runs follower rank R (1..W-1) of the engine that rank 0 (dsrt eval|generate|serve ... --rank 0)\n"
-                    "runs; exits 0 when rank 0 is done, 1 when the group fails. Rank and world default to mpirun's,\n"
-                    "srun's or torchrun's variables, the coordinator to DSRT_COORDINATOR or MASTER_ADDR:MASTER_PORT.\n");
+                    "Runs follower rank R (1..W-1) of the engine that rank 0 runs (dsrt eval|generate ... --rank 0, or a\n"
+                    "program on dsrt_engine_create_dist); exits 0 when rank 0 is done, 1 when the group fails. Rank and\n"
+                    "world default to mpirun's, srun's or torchrun's variables, the coordinator to DSRT_COORDINATOR or\n"
+                    "MASTER_ADDR:MASTER_PORT.\n");
         return 0;
       }
       return dsrt::tools::run_worker(dist_args(args), "worker");
