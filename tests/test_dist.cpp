@@ -16,12 +16,16 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
+#include <random>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
 
 #include "core/status.h"
+#include "dist/communicator.h"
 #include "dist/gloo_communicator.h"
+#include "dist/process_group.h"
 #include "dist/launcher_env.h"
 #include "dist/rendezvous.h"
 #include "helpers.h"
@@ -548,4 +552,113 @@ TEST_CASE("C API: dsrt_dist_params defaults and argument errors") {
   p.rank = 0;
   CHECK(dsrt_engine_create_dist(m.m, nullptr, &p, &e) == DSRT_OK);  // a world of 1 is a plain engine
   dsrt_engine_free(e);
+}
+
+TEST_CASE("Gloo collectives across ranks give what the in-process group gives; abort reaches the others") {
+  if (!dsrt::gloo_available()) return;
+  struct Split {
+    int tp, ep;
+  };
+  for (Split sp : {Split{2, 1}, Split{2, 2}, Split{1, 4}}) {
+    const int W = sp.tp * sp.ep;
+    CAPTURE(W);
+    CAPTURE(sp.tp);
+    // Each rank's inputs, from the rank alone.
+    auto values = [](int rank, size_t n, float scale) {
+      std::vector<float> v(n);
+      std::mt19937 g(uint32_t(rank * 7919 + int(n)));
+      std::normal_distribution<float> d(0.0f, scale);
+      for (float &x : v) x = d(g);
+      return v;
+    };
+    struct Result {
+      std::vector<float> world_sum, tensor_sum, gathered, exchanged;
+      std::string step;
+    };
+    // The ranks' collectives on `comms[r]`, one thread per rank.
+    auto run = [&](std::vector<std::unique_ptr<dsrt::Communicator>> &comms) {
+      std::vector<Result> out(static_cast<size_t>(W));
+      std::vector<std::thread> t;
+      std::vector<std::string> errors(static_cast<size_t>(W));
+      for (int r = 0; r < W; r++)
+        t.emplace_back([&, r] {
+          try {
+            dsrt::Communicator &c = *comms[size_t(r)];
+            Result &o = out[size_t(r)];
+            o.world_sum = values(r, 3 * 37, 1e3f);  // large values: the order of the sum shows
+            c.all_reduce_sum({o.world_sum.data(), dsrt::DType::F32, 3, 37, dsrt::Device::host()}, dsrt::Communicator::Group::World);
+            o.tensor_sum = values(r + 100, 2 * 5, 1.0f);
+            c.all_reduce_sum({o.tensor_sum.data(), dsrt::DType::F32, 2, 5, dsrt::Device::host()}, dsrt::Communicator::Group::Tensor);
+            // uneven column blocks: 7 columns over the tp group
+            const dsrt::Range cols = dsrt::Mapping::split(7, sp.tp, c.mapping().tp_rank());
+            std::vector<float> local = values(r + 200, size_t(3 * cols.size()), 1.0f);
+            o.gathered.assign(3 * 7, 0.0f);
+            c.all_gather_cols({local.data(), dsrt::DType::F32, 3, cols.size(), dsrt::Device::host()},
+                              {o.gathered.data(), dsrt::DType::F32, 3, 7, dsrt::Device::host()}, dsrt::Communicator::Group::Tensor);
+            // rank r sends (r + k) % 3 rows of width 4 to rank k
+            std::vector<int64_t> sc(static_cast<size_t>(W)), rc(static_cast<size_t>(W));
+            int64_t ns = 0, nr = 0;
+            for (int k = 0; k < W; k++) {
+              ns += sc[size_t(k)] = (r + k) % 3;
+              nr += rc[size_t(k)] = (k + r) % 3;
+            }
+            std::vector<float> send = values(r + 300, size_t(ns * 4), 1.0f);
+            o.exchanged.assign(size_t(nr * 4), 0.0f);
+            c.all_to_all_v({send.data(), dsrt::DType::F32, ns, 4, dsrt::Device::host()}, sc,
+                           {o.exchanged.data(), dsrt::DType::F32, nr, 4, dsrt::Device::host()}, rc, dsrt::Communicator::Group::World);
+            o.step = r == 0 ? std::string(100000, 'x') + "step" : "";
+            c.broadcast(o.step, 0);
+            c.barrier();
+          } catch (const std::exception &e) {
+            errors[size_t(r)] = e.what();
+          }
+        });
+      for (auto &x : t) x.join();
+      for (int r = 0; r < W; r++) CHECK(errors[size_t(r)] == "");
+      return out;
+    };
+    std::vector<std::unique_ptr<dsrt::Communicator>> local = dsrt::make_local_group(sp.tp, sp.ep), gloo(static_cast<size_t>(W));
+    const std::string coord = "127.0.0.1:" + std::to_string(free_port());
+    {
+      std::vector<std::thread> t;
+      std::vector<std::string> errors(static_cast<size_t>(W));
+      for (int r = 0; r < W; r++)
+        t.emplace_back([&, r] {
+          try {
+            gloo[size_t(r)] = dsrt::join_process_group({W, r, sp.tp, sp.ep, coord, 5000}, "ckpt");
+          } catch (const std::exception &e) {
+            errors[size_t(r)] = e.what();
+          }
+        });
+      for (auto &x : t) x.join();
+      for (int r = 0; r < W; r++) REQUIRE(errors[size_t(r)] == "");
+    }
+    const std::vector<Result> want = run(local), got = run(gloo);
+    for (int r = 0; r < W; r++) {
+      CAPTURE(r);
+      CHECK(got[size_t(r)].world_sum == want[size_t(r)].world_sum);  // bitwise: the same sums in the same order
+      CHECK(got[size_t(r)].world_sum == got[0].world_sum);
+      CHECK(got[size_t(r)].tensor_sum == want[size_t(r)].tensor_sum);
+      CHECK(got[size_t(r)].gathered == want[size_t(r)].gathered);
+      CHECK(got[size_t(r)].exchanged == want[size_t(r)].exchanged);
+      CHECK(got[size_t(r)].step == want[0].step);
+    }
+    // One rank aborts: the others' next collective fails at once (its connections are closed), not after
+    // the 5 s timeout, and so does the aborted rank's own.
+    gloo[size_t(W - 1)]->abort("test abort");
+    const auto t0 = Clock::now();
+    std::vector<std::thread> t;
+    std::vector<dsrt_status> codes(static_cast<size_t>(W), DSRT_OK);
+    for (int r = 0; r < W; r++)
+      t.emplace_back([&, r] {
+        try {
+          gloo[size_t(r)]->barrier();
+        } catch (const dsrt::Error &e) {
+          codes[size_t(r)] = e.code();
+        }
+      });
+    for (auto &x : t) x.join();
+    CHECK(Clock::now() - t0 < std::chrono::milliseconds(4000));
+    for (int r = 0; r < W; r++) CHECK(codes[size_t(r)] == DSRT_ERR_IO);
+  }
 }
