@@ -253,6 +253,10 @@ typedef struct dsrt_engine_stats {
   double forward_seconds;     /* wall time spent in forward steps */
   uint64_t mtp_drafted;       /* MTP drafts verified */
   uint64_t mtp_accepted;      /* ... and kept */
+  double device_seconds;      /* GPU time of the forward steps (CUDA events from a step's first launch to its
+                                 results back on the host; lags one step); 0 on the CPU */
+  uint64_t graph_replays;     /* CUDA: step segments replayed from a CUDA graph ... */
+  uint64_t graph_captures;    /* ... and captured into one (a segment is captured the second time it is seen) */
 } dsrt_engine_stats;
 
 DSRT_API void dsrt_engine_params_init(dsrt_engine_params *p, size_t size);

@@ -3,13 +3,15 @@
 
 namespace dsrt::kernels {
 
+// Decode-sized ops have one or a few rows: the grid spans the columns too (grid y) (a block per row walking 7168
+// columns one load at a time after another took ~30 us).
 __global__ void embed_kernel(DevMatrix table, const int32_t *ids, int64_t n, float *out) {
-  const int64_t r = blockIdx.x, H = table.cols, id = ids[r];
-  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) out[r * H + c] = load_w(table, id, c);
+  const int64_t r = blockIdx.x, H = table.cols, id = ids[r], c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c < H) out[r * H + c] = load_w(table, id, c);
 }
 void embed(const DevMatrix &table, const int32_t *ids, int64_t n, float *out, cudaStream_t s) {
   if (n == 0) return;
-  embed_kernel<<<unsigned(n), 256, 0, s>>>(table, ids, n, out);
+  embed_kernel<<<dim3(unsigned(n), grid_for(table.cols, 256)), 256, 0, s>>>(table, ids, n, out);
   check_launch("embed");
 }
 
@@ -29,6 +31,47 @@ void rms_norm(const float *x, const DevMatrix &w, float eps, int64_t rows, int64
   // Few rows (decode): a wide block per row, or a single SM walks the row with little parallelism.
   rms_norm_kernel<<<unsigned(rows), rows < 64 ? 1024 : 256, 0, s>>>(x, w, eps, n, xs, out, os);
   check_launch("rms_norm");
+}
+
+// x += y, then out = x / sqrt(mean(x^2) + eps) * w: the residual add and the next block's pre-norm in one
+// pass (each row's sum is kept in registers between the two).
+__global__ void add_rms_norm_kernel(float *x, const float *y, DevMatrix w, float eps, int64_t n, float *out) {
+  __shared__ float red[32];
+  constexpr int kPer = 8;  // values per thread held in registers (n <= 8 * blockDim.x), else re-read
+  float *xr = x + blockIdx.x * n;
+  const float *yr = y + blockIdx.x * n;
+  float *yo = out + blockIdx.x * n;
+  float v[kPer];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPer; j++) {
+    const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
+    v[j] = 0.0f;
+    if (i < n) {
+      v[j] = xr[i] + yr[i];
+      xr[i] = v[j];
+      ss += v[j] * v[j];
+    }
+  }
+  for (int64_t i = threadIdx.x + int64_t(kPer) * blockDim.x; i < n; i += blockDim.x) {
+    const float t = xr[i] + yr[i];
+    xr[i] = t;
+    ss += t * t;
+  }
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(n) + eps);
+#pragma unroll
+  for (int j = 0; j < kPer; j++) {
+    const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
+    if (i < n) yo[i] = v[j] * inv * load_w(w, i, 0);
+  }
+  for (int64_t i = threadIdx.x + int64_t(kPer) * blockDim.x; i < n; i += blockDim.x) yo[i] = xr[i] * inv * load_w(w, i, 0);
+}
+void add_rms_norm(float *x, const float *y, const DevMatrix &w, float eps, int64_t rows, int64_t n, float *out,
+                  cudaStream_t s) {
+  if (rows == 0) return;
+  add_rms_norm_kernel<<<unsigned(rows), rows < 64 ? 1024 : 256, 0, s>>>(x, y, w, eps, n, out);
+  check_launch("add_rms_norm");
 }
 
 __global__ void add_kernel(float *x, const float *y, int64_t n) {
@@ -66,26 +109,25 @@ __device__ __forceinline__ void rotate(float *v, int64_t i, float pos, const flo
 
 __global__ void rope_kernel(float *x, int64_t rs, int64_t nh, int64_t hd, int64_t off, const float *inv_freq,
                             int64_t nf, float attn, const int32_t *pos) {
-  const int64_t r = blockIdx.x;
-  for (int64_t k = threadIdx.x; k < nh * nf; k += blockDim.x) {
-    const int64_t h = k / nf, i = k % nf;
-    rotate(x + r * rs + h * hd + off, i, float(pos[r]), inv_freq, attn);
-  }
+  const int64_t r = blockIdx.x, k = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;  // a thread per (head, pair)
+  if (k >= nh * nf) return;
+  const int64_t h = k / nf, i = k % nf;
+  rotate(x + r * rs + h * hd + off, i, float(pos[r]), inv_freq, attn);
 }
 void rope(float *x, int64_t rows, int64_t rs, int64_t nh, int64_t hd, int64_t off, const float *inv_freq, int64_t nf,
           float attn, const int32_t *positions, cudaStream_t s) {
   if (rows == 0) return;
-  rope_kernel<<<unsigned(rows), 128, 0, s>>>(x, rs, nh, hd, off, inv_freq, nf, attn, positions);
+  rope_kernel<<<dim3(unsigned(rows), grid_for(nh * nf, 128)), 128, 0, s>>>(x, rs, nh, hd, off, inv_freq, nf, attn, positions);
   check_launch("rope");
 }
 
 __global__ void gather_rows_kernel(const float *x, int64_t cols, const int32_t *rows, float *out) {
-  const int64_t r = blockIdx.x, src = rows[r];
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[r * cols + c] = x[src * cols + c];
+  const int64_t r = blockIdx.x, src = rows[r], c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c < cols) out[r * cols + c] = x[src * cols + c];
 }
 void gather_rows(const float *x, int64_t cols, const int32_t *rows, int64_t n, float *out, cudaStream_t s) {
   if (n == 0) return;
-  gather_rows_kernel<<<unsigned(n), 256, 0, s>>>(x, cols, rows, out);
+  gather_rows_kernel<<<dim3(unsigned(n), grid_for(cols, 256)), 256, 0, s>>>(x, cols, rows, out);
   check_launch("gather_rows");
 }
 

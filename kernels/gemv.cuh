@@ -22,25 +22,37 @@ __device__ __forceinline__ void fp8x16_to_f32(const uint4 &raw, float *out) {
   }
 }
 
-// acc[r][t] += W_r[n_r, :] . x[t * xs + :] for R weight rows (of matrices with the same shape and dtype)
-// and MT activation rows, summed over this lane's share; the caller warp-reduces. Each x chunk is loaded
-// once and used for all R rows: with one row per warp, fp32 x traffic (4 bytes per weight) capped the FP8
-// GEMV near 1.2 TB/s on an H100. x rows must be 16-byte aligned (xs % 4 == 0).
+// The columns [lo, hi) that slice g of G takes of a row of K: slices are whole 16-byte loads (16 FP8 or 8
+// BF16 values; single values for other dtypes or ragged K), so a chunk never straddles two slices or an FP8
+// scale block of 128.
+__device__ __forceinline__ void k_slice(const DevMatrix &w, int g, int G, int64_t &lo, int64_t &hi) {
+  const int64_t K = w.cols;
+  const int64_t unit = w.dtype == kFP8 && K % 16 == 0 ? 16 : w.dtype == kBF16 && K % 8 == 0 ? 8 : 1;
+  const int64_t per = (K / unit + G - 1) / G * unit;
+  lo = min(K, int64_t(g) * per);
+  hi = min(K, lo + per);
+}
+
+// acc[r][t] += W_r[n_r, lo:hi] . x[t * xs + lo:hi] for R weight rows (of matrices with the same shape and
+// dtype) and MT activation rows, summed over this lane's share; the caller warp-reduces. Each x chunk is
+// loaded once and used for all R rows: with one row per warp, fp32 x traffic (4 bytes per weight) capped the
+// FP8 GEMV near 1.2 TB/s on an H100. x rows must be 16-byte aligned (xs % 4 == 0); lo from k_slice.
 template <int MT, int R>
 __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const int64_t (&n)[R], const float *x,
-                                         int64_t xs, int lane, float (&acc)[R][MT]) {
-  const int64_t K = w[0]->cols;
+                                         int64_t xs, int lane, float (&acc)[R][MT], int64_t lo = 0,
+                                         int64_t hi = -1) {
+  const int64_t K = hi < 0 ? w[0]->cols : hi, KW = w[0]->cols;
   const int32_t dtype = w[0]->dtype;
-  if (dtype == kFP8 && K % 16 == 0) {
+  if (dtype == kFP8 && KW % 16 == 0) {
     const uint8_t *row[R];
     const float *srow[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      row[r] = static_cast<const uint8_t *>(w[r]->data) + n[r] * K;
+      row[r] = static_cast<const uint8_t *>(w[r]->data) + n[r] * KW;
       srow[r] = w[r]->scale + (n[r] / 128) * w[r]->scale_cols;
     }
     constexpr int U = R >= 4 ? 1 : 4 / R;  // 16-byte loads in flight per lane: R * U
-    for (int64_t k0 = int64_t(lane) * 16; k0 < K; k0 += 32 * 16 * U) {
+    for (int64_t k0 = lo + int64_t(lane) * 16; k0 < K; k0 += 32 * 16 * U) {
       uint4 raw[R][U];
 #pragma unroll
       for (int u = 0; u < U; u++)
@@ -83,12 +95,12 @@ __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const i
         }
       }
     }
-  } else if (dtype == kBF16 && K % 8 == 0) {
+  } else if (dtype == kBF16 && KW % 8 == 0) {
     const uint16_t *row[R];
 #pragma unroll
-    for (int r = 0; r < R; r++) row[r] = static_cast<const uint16_t *>(w[r]->data) + n[r] * K;
+    for (int r = 0; r < R; r++) row[r] = static_cast<const uint16_t *>(w[r]->data) + n[r] * KW;
     constexpr int U = R >= 4 ? 1 : 4 / R;
-    for (int64_t k0 = int64_t(lane) * 8; k0 < K; k0 += 32 * 8 * U) {
+    for (int64_t k0 = lo + int64_t(lane) * 8; k0 < K; k0 += 32 * 8 * U) {
       uint4 raw[R][U];
 #pragma unroll
       for (int u = 0; u < U; u++)
@@ -116,7 +128,7 @@ __device__ __forceinline__ void rows_dot(const DevMatrix *const (&w)[R], const i
       }
     }
   } else {  // any shape and dtype, one element at a time
-    for (int64_t k = lane; k < K; k += 32)
+    for (int64_t k = lo + lane; k < K; k += 32)
 #pragma unroll
       for (int r = 0; r < R; r++) {
         const float wv = load_w(*w[r], n[r], k);

@@ -26,6 +26,9 @@ void embed(const DevMatrix &table, const int32_t *ids, int64_t n, float *out, cu
 void rms_norm(const float *x, const DevMatrix &w, float eps, int64_t rows, int64_t n, int64_t x_stride,
               float *out, int64_t out_stride, cudaStream_t s);
 void add(float *x, const float *y, int64_t n, cudaStream_t s);
+// x += y, then out = rms_norm(x) * w (rows of width n, contiguous; out must not alias y).
+void add_rms_norm(float *x, const float *y, const DevMatrix &w, float eps, int64_t rows, int64_t n, float *out,
+                  cudaStream_t s);
 void silu_mul(const float *gate, const float *up, float *out, int64_t n, cudaStream_t s);
 // In-place interleaved RoPE on columns [h*head_dim + rope_off, + 2*n_freq) of each head, row r at positions[r].
 void rope(float *x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_off,
@@ -36,7 +39,17 @@ void scatter_add_rows(const float *y, int64_t cols, const int32_t *rows, const f
                       cudaStream_t s);
 
 // ---- linear.cu: out[t, n] = sum_k x[t, k] W[n, k] for t < m; x [m, K] and out [m, N] contiguous
-void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s);
+// How the GEMV kernel cuts a matrix: the warps of a row group split each row's K into k_split slices (1, 2,
+// 4, 8), and each warp streams rows_per_warp rows at once (1, 2, 4). 0 = chosen from the shape.
+struct GemvSplit {
+  int k_split = 0, rows_per_warp = 0;
+};
+GemvSplit gemv_split(const DevMatrix &w, int64_t m, GemvSplit want = {});
+void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s, GemvSplit split = {});
+// A SwiGLU's two projections in one pass over x: g = x Wg^T, u = x Wu^T, act = silu(g) * u (Wg and Wu of one
+// shape and dtype). act may alias g (then g's raw values are not kept) but not u.
+void linear_swiglu(const float *x, int64_t m, const DevMatrix &wg, const DevMatrix &wu, float *g, float *u, float *act,
+                   cudaStream_t s, GemvSplit split = {});
 // FP8 activations for the block-scaled GEMM: per row, per 128 channels, s = amax / 448 and xq = e4m3(x / s);
 // xq [m, k] bytes, xs [k/128, ld_s] floats (M-major, ld_s >= m). k must be a multiple of 128.
 void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s);
@@ -44,10 +57,11 @@ void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8
 void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out, cudaStream_t s);
 
 // ---- moe.cu: the routed experts of T tokens (K slots each: ids, weights [T, K]) on the device.
-// Expert e's matrices are gate[e], up[e] [I, H] and down[e] [H, I] (device arrays); h [T*K, I] and
-// y [T*K, H] are scratch; out [T, H] is overwritten. Reads each selected expert once per slot: decode sizes.
+// Expert e's matrices are gate[e], up[e] [I, H] and down[e] [H, I] (device arrays, all of expert_dtype);
+// h [T*K, I] is scratch; out [T, H] is overwritten. Reads each selected expert once per slot: decode sizes.
+// K <= 32.
 void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
-                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, float *h, float *y,
+                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
                       float *out, cudaStream_t s);
 
 // ---- mla.cu: the paged latent cache holds [page][layer][64][width] values, width = latent + rope, in fp32

@@ -1,5 +1,6 @@
 // Linear layers out = x W^T with W read in its checkpoint dtype. This is the memory-bound decode shape:
-// a warp streams 1, 2 or 4 weight rows once (gemv.cuh) and dots them with up to 8 token rows at a time.
+// a warp streams a slice of 1, 2 or 4 weight rows once (gemv.cuh) and dots them with up to 8 token rows at
+// a time; the warps of a row group split K (gemv_split picks the split per shape).
 // Large-M prefill will move to cuBLASLt's block-scaled FP8 GEMM (spec §5.3); this kernel is the reference.
 #include "gemv.cuh"
 
@@ -9,31 +10,111 @@ namespace {
 
 constexpr int kWarps = 8;
 
-// A warp per R consecutive rows (rows past the end repeat the last row and are not written).
-template <int MT, int R>
+// A block of kWarps warps in kWarps / G row groups of G warps. Each group owns R consecutive rows (rows past
+// the end repeat the last row and are not written); its G warps take one slice of K each (k_slice), and the
+// slices' sums are added in slice order through shared memory, so the result does not depend on timing.
+// Splitting K keeps every SM streaming when N is small (kv_a: 576 rows of 7168) and gives each warp a few
+// kilobytes of a long row (o_proj: 16384) instead of all of it.
+template <int MT, int R, int G>
 __global__ void __launch_bounds__(kWarps * 32) linear_kernel(const float *__restrict__ x, DevMatrix w,
                                                             float *__restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t n0 = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
-  if (n0 >= w.rows) return;
-  const DevMatrix *ws[R];
-  int64_t ns[R];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
+  const int64_t n0 = (int64_t(blockIdx.x) * (kWarps / G) + warp / G) * R;
   float acc[R][MT];
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    ws[r] = &w;
-    ns[r] = n0 + r < w.rows ? n0 + r : w.rows - 1;
-#pragma unroll
-    for (int t = 0; t < MT; t++) acc[r][t] = 0.0f;
-  }
-  rows_dot<MT, R>(ws, ns, x, w.cols, lane, acc);
 #pragma unroll
   for (int r = 0; r < R; r++)
 #pragma unroll
+    for (int t = 0; t < MT; t++) acc[r][t] = 0.0f;
+  if (n0 < w.rows) {
+    const DevMatrix *ws[R];
+    int64_t ns[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      ws[r] = &w;
+      ns[r] = n0 + r < w.rows ? n0 + r : w.rows - 1;
+    }
+    int64_t lo, hi;
+    k_slice(w, g, G, lo, hi);
+    rows_dot<MT, R>(ws, ns, x, w.cols, lane, acc, lo, hi);
+  }
+  if constexpr (G == 1) {
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int t = 0; t < MT; t++) {
+        const float v = warp_sum(acc[r][t]);
+        if (lane == 0 && n0 + r < w.rows) out[t * w.rows + n0 + r] = v;
+      }
+  } else {
+    __shared__ float part[kWarps][R * MT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+      for (int t = 0; t < MT; t++) {
+        const float v = warp_sum(acc[r][t]);
+        if (lane == 0) part[warp][r * MT + t] = v;
+      }
+    __syncthreads();
+    if (g == 0 && lane < R * MT) {
+      const int r = lane / MT, t = lane % MT;
+      float v = 0.0f;
+#pragma unroll
+      for (int j = 0; j < G; j++) v += part[warp + j][lane];
+      if (n0 + r < w.rows) out[t * w.rows + n0 + r] = v;
+    }
+  }
+}
+
+// linear_kernel for the gate and up rows of a SwiGLU together (R = 2: row n of each), with its epilogue.
+template <int MT, int G>
+__global__ void __launch_bounds__(kWarps * 32) swiglu_kernel(const float *__restrict__ x, DevMatrix wg, DevMatrix wu,
+                                                            float *g_out, float *__restrict__ u_out, float *act) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
+  const int64_t n = int64_t(blockIdx.x) * (kWarps / G) + warp / G, N = wg.rows;
+  float acc[2][MT];
+#pragma unroll
+  for (int t = 0; t < MT; t++) acc[0][t] = acc[1][t] = 0.0f;
+  if (n < N) {
+    const DevMatrix *ws[2] = {&wg, &wu};
+    const int64_t ns[2] = {n, n};
+    int64_t lo, hi;
+    k_slice(wg, g, G, lo, hi);
+    rows_dot<MT, 2>(ws, ns, x, wg.cols, lane, acc, lo, hi);
+  }
+  __shared__ float part[kWarps][2 * MT];
+#pragma unroll
+  for (int r = 0; r < 2; r++)
+#pragma unroll
     for (int t = 0; t < MT; t++) {
       const float v = warp_sum(acc[r][t]);
-      if (lane == 0 && n0 + r < w.rows) out[t * w.rows + n0 + r] = v;
+      if (lane == 0) part[warp][r * MT + t] = v;
     }
+  __syncthreads();
+  if (g == 0 && lane < MT && n < N) {
+    const int t = lane;
+    float gv = 0.0f, uv = 0.0f;
+#pragma unroll
+    for (int j = 0; j < G; j++) {
+      gv += part[warp + j][t];
+      uv += part[warp + j][MT + t];
+    }
+    u_out[t * N + n] = uv;
+    if (g_out != act) g_out[t * N + n] = gv;
+    act[t * N + n] = gv / (1.0f + expf(-gv)) * uv;
+  }
+}
+
+template <int MT>
+void launch_swiglu(const float *x, const DevMatrix &wg, const DevMatrix &wu, float *g, float *u, float *act,
+                   GemvSplit split, cudaStream_t s) {
+  const int G = gemv_split(wg, MT, {split.k_split, 1}).k_split;  // a warp's rows: one of gate and one of up
+  const unsigned grid = unsigned((wg.rows + kWarps / G - 1) / (kWarps / G));
+  switch (G) {
+    case 8: swiglu_kernel<MT, 8><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
+    case 4: swiglu_kernel<MT, 4><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
+    case 2: swiglu_kernel<MT, 2><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
+    default: swiglu_kernel<MT, 1><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
+  }
 }
 
 int sm_count() {
@@ -46,21 +127,28 @@ int sm_count() {
   return n;
 }
 
+template <int MT, int R, int G>
+void launch_rg(const float *x, const DevMatrix &w, float *out, cudaStream_t s) {
+  const int64_t per_block = int64_t(kWarps / G) * R;
+  linear_kernel<MT, R, G><<<unsigned((w.rows + per_block - 1) / per_block), kWarps * 32, 0, s>>>(x, w, out);
+}
 template <int MT, int R>
-void launch_r(const float *x, const DevMatrix &w, float *out, cudaStream_t s) {
-  const int64_t per_block = int64_t(kWarps) * R;
-  linear_kernel<MT, R><<<unsigned((w.rows + per_block - 1) / per_block), kWarps * 32, 0, s>>>(x, w, out);
+void launch_r(const float *x, const DevMatrix &w, float *out, int g, cudaStream_t s) {
+  switch (g) {
+    case 8: return launch_rg<MT, R, 8>(x, w, out, s);
+    case 4: return launch_rg<MT, R, 4>(x, w, out, s);
+    case 2: return launch_rg<MT, R, 2>(x, w, out, s);
+    default: return launch_rg<MT, R, 1>(x, w, out, s);
+  }
 }
 
-// More rows per warp reuse each x chunk more, fewer keep enough warps in flight: the largest R that still
-// gives two blocks per SM.
 template <int MT>
-void launch(const float *x, const DevMatrix &w, float *out, cudaStream_t s) {
-  const int64_t want = 2 * int64_t(sm_count()) * kWarps;
+void launch(const float *x, const DevMatrix &w, float *out, GemvSplit split, cudaStream_t s) {
+  const GemvSplit c = gemv_split(w, MT, split);
   if constexpr (MT <= 2)
-    if (w.rows >= want * 4) return launch_r<MT, 4>(x, w, out, s);
-  if (w.rows >= want * 2) return launch_r<MT, 2>(x, w, out, s);
-  launch_r<MT, 1>(x, w, out, s);
+    if (c.rows_per_warp == 4) return launch_r<MT, 4>(x, w, out, c.k_split, s);
+  if (c.rows_per_warp >= 2) return launch_r<MT, 2>(x, w, out, c.k_split, s);
+  launch_r<MT, 1>(x, w, out, c.k_split, s);
 }
 
 // One warp per 128-channel group of a row: e4m3 values x / s with s = amax / 448 (DeepSeek's act_quant),
@@ -105,20 +193,59 @@ void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t l
   check_launch("widen_rows");
 }
 
-void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s) {
+// The cut, from a sweep of every cut over V3's decode shapes on an H200 (dsrt bench --ops --sweep, docs/perf.md):
+// more rows per warp always paid (each x chunk, 4 bytes per FP8 weight, is read once for all of them), four
+// where N is moderate, two where N is large (enough warps anyway) or tiny (too few rows to share); then the
+// fewest K slices that still give ~24 warps per SM (3,072 on 132 SMs).
+GemvSplit gemv_split(const DevMatrix &w, int64_t mt, GemvSplit want) {
+  GemvSplit c = want;
+  if (c.rows_per_warp <= 0) c.rows_per_warp = w.rows > 1024 && w.rows <= 8192 && mt <= 2 ? 4 : 2;
+  if (c.k_split <= 0) {
+    const int64_t groups = (w.rows + c.rows_per_warp - 1) / c.rows_per_warp, want_warps = 24 * int64_t(sm_count());
+    c.k_split = 1;
+    while (c.k_split < kWarps && groups * c.k_split < want_warps && w.cols / (2 * c.k_split) >= 128) c.k_split *= 2;
+  }
+  if (c.k_split != 1 && c.k_split != 2 && c.k_split != 4 && c.k_split != 8)
+    throw std::runtime_error("gemv_split: K split must be 1, 2, 4 or 8");
+  if (c.rows_per_warp != 1 && c.rows_per_warp != 2 && c.rows_per_warp != 4)
+    throw std::runtime_error("gemv_split: rows per warp must be 1, 2 or 4");
+  if (c.rows_per_warp == 4 && mt > 2) c.rows_per_warp = 2;
+  return c;
+}
+
+void linear(const float *x, int64_t m, const DevMatrix &w, float *out, cudaStream_t s, GemvSplit split) {
   const int64_t K = w.cols, N = w.rows;
   int64_t t = 0;
-  for (; t + 8 <= m; t += 8) launch<8>(x + t * K, w, out + t * N, s);
+  for (; t + 8 <= m; t += 8) launch<8>(x + t * K, w, out + t * N, split, s);
   if (m - t >= 4) {
-    launch<4>(x + t * K, w, out + t * N, s);
+    launch<4>(x + t * K, w, out + t * N, split, s);
     t += 4;
   }
   if (m - t >= 2) {
-    launch<2>(x + t * K, w, out + t * N, s);
+    launch<2>(x + t * K, w, out + t * N, split, s);
     t += 2;
   }
-  if (m - t >= 1) launch<1>(x + t * K, w, out + t * N, s);
+  if (m - t >= 1) launch<1>(x + t * K, w, out + t * N, split, s);
   check_launch("linear");
+}
+
+void linear_swiglu(const float *x, int64_t m, const DevMatrix &wg, const DevMatrix &wu, float *g, float *u, float *act,
+                   cudaStream_t s, GemvSplit split) {
+  if (wg.rows != wu.rows || wg.cols != wu.cols || wg.dtype != wu.dtype)
+    throw std::runtime_error("linear_swiglu: gate and up differ in shape or dtype");
+  const int64_t K = wg.cols, N = wg.rows;
+  int64_t t = 0;
+  for (; t + 8 <= m; t += 8) launch_swiglu<8>(x + t * K, wg, wu, g + t * N, u + t * N, act + t * N, split, s);
+  if (m - t >= 4) {
+    launch_swiglu<4>(x + t * K, wg, wu, g + t * N, u + t * N, act + t * N, split, s);
+    t += 4;
+  }
+  if (m - t >= 2) {
+    launch_swiglu<2>(x + t * K, wg, wu, g + t * N, u + t * N, act + t * N, split, s);
+    t += 2;
+  }
+  if (m - t >= 1) launch_swiglu<1>(x + t * K, wg, wu, g + t * N, u + t * N, act + t * N, split, s);
+  check_launch("linear_swiglu");
 }
 
 }  // namespace dsrt::kernels

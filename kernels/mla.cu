@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t q
 #pragma unroll
     for (int j = 0; j < 4; j++) acc[t][j] = 0.0f;
   const bool fp8_fast = kv_b.dtype == kFP8 && dc % 4 == 0;
+#pragma unroll 4  // four weight loads in flight per lane
   for (int64_t d = warp; d < dn && c0 < dc; d += 8) {
     const int64_t row = h * kvw + d;
     float wv[4];
@@ -184,23 +185,32 @@ __global__ void __launch_bounds__(256) attend_latent_kernel(KvCacheView kv, int6
   }
 }
 
-// out[r, h*dv + v] = W_UV[h][v, :] . o_lat[r, h]: a warp per (h, v), MT rows at a time (gemv.cuh).
+// out[r, h*dv + v] = W_UV[h][v, :] . o_lat[r, h]: a warp per four consecutive v of one head (dv % 4 == 0),
+// which share each chunk of o_lat[r, h], MT rows at a time (gemv.cuh).
 template <int MT>
 __global__ void __launch_bounds__(256) out_absorb_kernel(const float *olat, DevMatrix kv_b, int64_t nh, int64_t dn,
                                                         int64_t dv, float *out, int64_t os) {
   const int lane = threadIdx.x & 31;
-  const int64_t hv = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int64_t hv = (int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5)) * 4;
   if (hv >= nh * dv) return;
   const int64_t h = hv / dv, v = hv % dv, dc = kv_b.cols;
-  float acc[MT];
+  const DevMatrix *ws[4] = {&kv_b, &kv_b, &kv_b, &kv_b};
+  int64_t ns[4];
+  float acc[4][MT];
 #pragma unroll
-  for (int t = 0; t < MT; t++) acc[t] = 0.0f;
-  row_dot<MT>(kv_b, h * (dn + dv) + dn + v, olat + h * dc, nh * dc, lane, acc);
+  for (int j = 0; j < 4; j++) {
+    ns[j] = h * (dn + dv) + dn + v + j;
 #pragma unroll
-  for (int t = 0; t < MT; t++) {
-    const float a = warp_sum(acc[t]);
-    if (lane == 0) out[t * os + hv] = a;
+    for (int t = 0; t < MT; t++) acc[j][t] = 0.0f;
   }
+  rows_dot<MT, 4>(ws, ns, olat + h * dc, nh * dc, lane, acc);
+#pragma unroll
+  for (int j = 0; j < 4; j++)
+#pragma unroll
+    for (int t = 0; t < MT; t++) {
+      const float a = warp_sum(acc[j][t]);
+      if (lane == 0) out[t * os + hv + j] = a;
+    }
 }
 
 __global__ void naive_kernel(const float *q, int64_t qs, int64_t n_past, const float *kvd, const float *pe, int64_t nh,
@@ -266,18 +276,22 @@ void mla_q_absorb(const float *q, int64_t qs, int64_t rows, const DevMatrix &kv_
                   int64_t dv, float *qcat, cudaStream_t s) {
   if (rows == 0) return;
   const int64_t dc = kv_b.cols;
-  q_absorb_kernel<8><<<dim3(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8)), 256, 0, s>>>(
-      q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
+  const dim3 grid(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8));
+  if (rows == 1)  // decode: no registers or loop trips for rows that are not there
+    q_absorb_kernel<1><<<grid, 256, 0, s>>>(q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
+  else
+    q_absorb_kernel<8><<<grid, 256, 0, s>>>(q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
   check_launch("mla q_absorb");
 }
 
 void mla_out_absorb(const float *olat, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv,
                     float *out, int64_t os, cudaStream_t s) {
   const int64_t dc = kv_b.cols;
-  const unsigned blocks = unsigned((nh * dv + 7) / 8);
+  if (dv % 4) throw std::runtime_error("mla_out_absorb: v_head_dim must be a multiple of 4");
+  const unsigned blocks = unsigned((nh * dv / 4 + 7) / 8);
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8)
-    out_absorb_kernel<8><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
+  for (; r + 4 <= rows; r += 4)
+    out_absorb_kernel<4><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
   for (; r < rows; r++) out_absorb_kernel<1><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
   check_launch("mla out_absorb");
 }

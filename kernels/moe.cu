@@ -113,79 +113,153 @@ void moe_route(const float *logits, int64_t rows, const DevMatrix &bias, const R
 // Entirely on the device: the routing ids never come to the host, so a decode step has no sync here and can
 // be captured in a graph. Each (token, slot) reads its expert's gate/up rows and then its down rows once
 // (gemv.cuh); the K expert outputs of a token are combined in ascending expert order, the order the CPU
-// reference adds them in.
+// reference adds them in, by the down kernel itself.
 
 namespace dsrt::kernels {
 
 namespace {
 
 constexpr int kWarps = 8;
+constexpr int kMaxTopK = 32;
 
-// h[s, r] = silu(gate_e[r] . x[t]) * (up_e[r] . x[t]) for slot s = (t, k), e = ids[s]; grid (ceil(I/8), T*K)
+// h[s, r] = silu(gate_e[r] . x[t]) * (up_e[r] . x[t]) for slot s = (t, k), e = ids[s]; grid
+// (ceil(I / (2 * kWarps / G)), T*K). A warp reads two rows of gate and the same two of up in one pass over
+// x (four rows per x chunk); a row group of G warps splits K as linear.cu does.
+template <int G>
 __global__ void __launch_bounds__(kWarps * 32) gate_up_kernel(const float *__restrict__ x, int64_t H, int64_t I,
                                                              const int32_t *__restrict__ ids, int64_t K,
                                                              const DevMatrix *__restrict__ gate,
                                                              const DevMatrix *__restrict__ up, float *__restrict__ h) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5), s = blockIdx.y;
-  if (r >= I) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
+  const int64_t r = (int64_t(blockIdx.x) * (kWarps / G) + warp / G) * 2, s = blockIdx.y;
   const int32_t e = ids[s];
-  const float *xt = x + (s / K) * H;
-  const DevMatrix *ws[2] = {&gate[e], &up[e]};  // one pass over x for both rows
-  const int64_t ns[2] = {r, r};
-  float acc[2][1] = {{0.0f}, {0.0f}};
-  rows_dot<1, 2>(ws, ns, xt, H, lane, acc);
-  const float g = warp_sum(acc[0][0]), u = warp_sum(acc[1][0]);
-  if (lane == 0) h[s * I + r] = g / (1.0f + expf(-g)) * u;
-}
-
-// y[s, n] = down_e[n] . h[s]; grid (ceil(H/8), T*K)
-__global__ void __launch_bounds__(kWarps * 32) down_kernel(const float *__restrict__ h, int64_t H, int64_t I,
-                                                          const int32_t *__restrict__ ids,
-                                                          const DevMatrix *__restrict__ down, float *__restrict__ y) {
-  const int lane = threadIdx.x & 31;
-  const int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5), s = blockIdx.y;
-  if (n >= H) return;
-  float acc = 0.0f;
-  row_dot<1>(down[ids[s]], n, h + s * I, I, lane, &acc);
-  acc = warp_sum(acc);
-  if (lane == 0) y[s * H + n] = acc;
-}
-
-// out[t, n] = sum over the token's slots, ascending expert id, of w[s] * y[s, n]
-__global__ void combine_kernel(const float *__restrict__ y, int64_t H, const int32_t *__restrict__ ids,
-                               const float *__restrict__ w, int64_t K, float *__restrict__ out) {
-  const int64_t t = blockIdx.y;
-  const int32_t *it = ids + t * K;
-  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < H; n += int64_t(gridDim.x) * blockDim.x) {
-    float acc = 0.0f;
-    int32_t last = -1;
-    for (int64_t j = 0; j < K; j++) {  // K <= a few dozen: pick the next larger id each time
-      int64_t best = -1;
-      for (int64_t i = 0; i < K; i++)
-        if (it[i] > last && (best < 0 || it[i] < it[best])) best = i;
-      if (best < 0) break;
-      last = it[best];
-      acc += w[t * K + best] * y[(t * K + best) * H + n];
-    }
-    out[t * H + n] = acc;
+  float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
+  if (r < I) {
+    const int64_t r1 = r + 1 < I ? r + 1 : r;
+    const DevMatrix *ws[4] = {&gate[e], &gate[e], &up[e], &up[e]};
+    const int64_t ns[4] = {r, r1, r, r1};
+    int64_t lo, hi;
+    k_slice(gate[e], g, G, lo, hi);
+    rows_dot<1, 4>(ws, ns, x + (s / K) * H, H, lane, acc, lo, hi);
   }
+  float v[4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) v[j] = warp_sum(acc[j][0]);
+  if constexpr (G > 1) {
+    __shared__ float part[kWarps][4];
+    if (lane == 0)
+#pragma unroll
+      for (int j = 0; j < 4; j++) part[warp][j] = v[j];
+    __syncthreads();
+    if (g != 0) return;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      v[j] = 0.0f;
+      for (int q = 0; q < G; q++) v[j] += part[warp + q][j];
+    }
+  }
+  if (lane == 0 && r < I) {
+    h[s * I + r] = v[0] / (1.0f + expf(-v[0])) * v[2];
+    if (r + 1 < I) h[s * I + r + 1] = v[1] / (1.0f + expf(-v[1])) * v[3];
+  }
+}
+
+// out[t, n] = sum over the token's K slots, ascending expert id (the CPU reference's order), of
+// w[s] * (down_e[n] . h[s]); grid (ceil(H / (4 * kWarps / G)), T). A warp reads four consecutive rows of one
+// expert's down matrix per slot, so each chunk of the slot's h row serves four rows; a row group of G warps
+// splits I. The K products of a row meet in shared memory: no scratch rows, no combine pass.
+template <int G>
+__global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *__restrict__ h, int64_t H, int64_t I,
+                                                                  const int32_t *__restrict__ ids,
+                                                                  const float *__restrict__ w, int64_t K,
+                                                                  const DevMatrix *__restrict__ down,
+                                                                  float *__restrict__ out) {
+  __shared__ float part[kWarps][4][kMaxTopK];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
+  const int64_t n0 = (int64_t(blockIdx.x) * (kWarps / G) + warp / G) * 4, t = blockIdx.y;
+  const int32_t *it = ids + t * K;
+  for (int64_t k = 0; k < K; k++) {
+    float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
+    if (n0 < H) {
+      const DevMatrix &d = down[it[k]];
+      const DevMatrix *ws[4] = {&d, &d, &d, &d};
+      int64_t ns[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) ns[j] = n0 + j < H ? n0 + j : H - 1;
+      int64_t lo, hi;
+      k_slice(d, g, G, lo, hi);
+      rows_dot<1, 4>(ws, ns, h + (t * K + k) * I, I, lane, acc, lo, hi);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float v = warp_sum(acc[j][0]);
+      if (lane == 0) part[warp][j][k] = v;
+    }
+  }
+  if constexpr (G > 1)
+    __syncthreads();
+  else
+    __syncwarp();
+  if (g != 0 || lane >= 4 || n0 + lane >= H) return;
+  const int j = lane;  // lanes 0-3: one output row each
+  float sum = 0.0f;
+  int32_t last = -1;
+  for (int64_t q = 0; q < K; q++) {  // K <= a few dozen: pick the next larger id each time
+    int64_t best = -1;
+    for (int64_t i = 0; i < K; i++)
+      if (it[i] > last && (best < 0 || it[i] < it[best])) best = i;
+    if (best < 0) break;
+    last = it[best];
+    float v = 0.0f;
+    for (int p = 0; p < G; p++) v += part[warp + p][j][best];
+    sum += w[t * K + best] * v;
+  }
+  out[t * H + n0 + j] = sum;
+}
+
+// The K split of a row group: as linear.cu's gemv_split, the fewest slices that give ~24 warps per SM.
+int expert_split(int64_t groups, int64_t cols) {
+  int sms = 132;
+  {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  int G = 1;
+  while (G < kWarps && groups * G < 24 * int64_t(sms) && cols / (2 * G) >= 128) G *= 2;
+  return G;
 }
 
 }  // namespace
 
 void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
-                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, float *h, float *y,
+                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
                       float *out, cudaStream_t s) {
   if (T == 0) return;
   if (H % 4 || I % 4) throw std::runtime_error("moe_experts_gemv: hidden and intermediate sizes must be multiples of 4");
+  if (K > kMaxTopK) throw std::runtime_error("moe_experts_gemv: more than 32 experts per token");
+  (void)expert_dtype;
   const unsigned slots = unsigned(T * K);
-  gate_up_kernel<<<dim3(unsigned((I + kWarps - 1) / kWarps), slots), kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h);
-  check_launch("moe gate_up");
-  down_kernel<<<dim3(unsigned((H + kWarps - 1) / kWarps), slots), kWarps * 32, 0, s>>>(h, H, I, ids, down, y);
+  {
+    const int G = expert_split((I + 1) / 2 * int64_t(slots), H);
+    const dim3 grid(unsigned((I + 2 * (kWarps / G) - 1) / (2 * (kWarps / G))), slots);
+    switch (G) {
+      case 8: gate_up_kernel<8><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
+      case 4: gate_up_kernel<4><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
+      case 2: gate_up_kernel<2><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
+      default: gate_up_kernel<1><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
+    }
+    check_launch("moe gate_up");
+  }
+  const int G = expert_split((H + 3) / 4 * T, I);
+  const dim3 grid(unsigned((H + 4 * (kWarps / G) - 1) / (4 * (kWarps / G))), unsigned(T));
+  switch (G) {
+    case 8: down_combine_kernel<8><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
+    case 4: down_combine_kernel<4><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
+    case 2: down_combine_kernel<2><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
+    default: down_combine_kernel<1><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
+  }
   check_launch("moe down");
-  combine_kernel<<<dim3(unsigned((H + 255) / 256), unsigned(T)), 256, 0, s>>>(y, H, ids, w, K, out);
-  check_launch("moe combine");
 }
 
 }  // namespace dsrt::kernels

@@ -28,6 +28,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "repl.h"
+#include "bench_ops.h"
 #include "bench_serve.h"
 #include "dist_cli.h"
 #include "server.h"
@@ -70,7 +71,7 @@ const char *kValued[] = {"--model", "--tokens", "--logits-out", "-n", "--tempera
                          "--seed", "--preset", "--out", "--prompt", "--gen", "--batch", "--max-batch-tokens",
                          "--attention", "--ctx", "--text-file", "--messages", "--tools", "--kwargs", "--system",
                          "--top-p", "--top-k", "--min-p", "--stop", "--repeat", "--mtp-drafts", "--tp", "--ep",
-                         "--gpu-memory", "--world", "--rank", "--coordinator"};
+                         "--gpu-memory", "--rows", "--world", "--rank", "--coordinator"};
 
 Args parse(int argc, char **argv, int first) {
   Args a;
@@ -665,11 +666,21 @@ int cmd_bench(const Args &a) {
                 "Prefill tokens/s for each prompt length (one sequence) and decode tokens/s for each batch (sessions of\n"
                 "each --ctx tokens, forks of one prefilled context, decoding --gen steps together), each beside its roofline: bytes that must move per step\n"
                 "(weights touched + latent cache read) over the measured copy bandwidth (device memory on a GPU, one\n"
-                "CPU thread's memcpy on the CPU). --profile adds a per-op time table for each batch size.\n%s",
+                "CPU thread's memcpy on the CPU). --profile adds a per-op time table for each batch size.\n"
+                "       dsrt bench --ops [--rows N] [--sweep]   (GPU; no model)\n"
+                "Every weight-streaming kernel of a V3 decode step on V3's shapes, GB/s against the copy rate; --sweep\n"
+                "also times each cut of the GEMV kernel (K slices x rows per warp).\n%s",
                 kCommonHelp);
     return 0;
   }
   using namespace dsrt;
+  if (a.has("--ops")) {
+    tools::BenchOpsOptions o;
+    o.rows = int(a.num("--rows", 1));
+    o.sweep = a.has("--sweep");
+    if (o.rows < 1 || o.rows > 8) throw Fail{"--rows must be 1 to 8"};
+    return tools::bench_ops(o);
+  }
   // Defaults: the issue's GPU table (prefill 512 and 4096, decode at batch 1 to 128) on a GPU, a quick run on
   // the CPU reference.
   const int be = backend_of(a);
@@ -678,7 +689,7 @@ int cmd_bench(const Args &a) {
                          batches = int_list(a, "--batch", on_gpu ? "1,8,32,128" : "1");
   const std::vector<int> ctxs = int_list(a, "--ctx", "128");
   const int gen = int(a.num("--gen", 32));
-  if (*std::min_element(ctxs.begin(), ctxs.end()) < 1 || gen < 1) throw Fail{"--ctx and --gen must be >= 1"};
+  if (*std::min_element(ctxs.begin(), ctxs.end()) < 1 || gen < 4) throw Fail{"--ctx must be >= 1 and --gen >= 4 (three warm-up steps)"};
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   const int max_prompt = *std::max_element(prompts.begin(), prompts.end());
   const int max_ctx = *std::max_element(ctxs.begin(), ctxs.end());
@@ -755,10 +766,13 @@ int cmd_bench(const Args &a) {
       std::vector<dsrt_session *> ss(static_cast<size_t>(B));
       for (int i = 0; i < B; i++) check(dsrt_session_fork(base, &ss[size_t(i)]));
       double t_forward = 0;
+      dsrt_sampling_params greedy;
+      dsrt_sampling_params_init(&greedy, sizeof greedy);
+      greedy.temperature = 0;  // argmax: the sampler's cheapest path; a step's cost is the forward's
       auto decode_step = [&] {
         for (auto *s : ss) {
           int32_t tok;
-          check(dsrt_session_sample(s, nullptr, &tok));
+          check(dsrt_session_sample(s, &greedy, &tok));
           check(dsrt_session_append_tokens(s, &tok, 1));
         }
         int32_t n;
@@ -766,14 +780,31 @@ int cmd_bench(const Args &a) {
         check(dsrt_engine_step(l.engine, &n));  // one step decodes every session together
         t_forward += secs(t1);
       };
-      decode_step();  // warm-up: first-use uploads and allocations
+      // Warm-up: first-use uploads and allocations; the step's CUDA graph is captured at the second step, and
+      // the device time of a step is read at the next one's start.
+      for (int w = 0; w < 3; w++) decode_step();
       if (profile) check(dsrt_engine_set_profiling(l.engine, 1));
       t_forward = 0;
+      auto engine_stats = [&] {
+        dsrt_engine_stats st;
+        st.struct_size = sizeof st;
+        check(dsrt_engine_stats_get(l.engine, &st));
+        return st;
+      };
+      const dsrt_engine_stats st0 = engine_stats();
       auto t0 = now();
-      for (int g = 1; g < gen; g++) decode_step();
-      const double dt = secs(t0), steps = gen - 1;
+      for (int g = 3; g < gen; g++) decode_step();
+      const double dt = secs(t0), steps = gen - 3;
+      const dsrt_engine_stats st1 = engine_stats();  // device time lags a step: the window is shifted by one
+      const double gpu = (st1.device_seconds - st0.device_seconds) / steps;
       std::printf("  batch %d ctx %d step: %.3f ms = forward %.3f ms (engine step, logits to host) + sampling %.3f ms\n", B,
                   ctx, 1e3 * dt / steps, 1e3 * t_forward / steps, 1e3 * (dt - t_forward) / steps);
+      if (gpu > 0)
+        std::printf("  batch %d ctx %d GPU time %.3f ms/step; host overhead (step - GPU) %.1f us/step, of it sampling %.1f us; "
+                    "graph segments replayed %llu, captured %llu\n",
+                    B, ctx, 1e3 * gpu, 1e6 * (dt / steps - gpu), 1e6 * (dt - t_forward) / steps,
+                    (unsigned long long)(st1.graph_replays - st0.graph_replays),
+                    (unsigned long long)(st1.graph_captures - st0.graph_captures));
       const double bytes = sc.step_bytes(B, ctx + gen / 2), roof = bw / bytes, rate = steps / dt;
       std::printf("decode batch %4d ctx %6d: %8.2f steps/s = %9.1f tokens/s; roofline %.1f MB/step (latent cache %.1f MB) "
                   "/ %.0f GB/s = %.1f steps/s; %5.1f%% of it\n",

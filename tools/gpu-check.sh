@@ -6,6 +6,9 @@
 #   text    tokenizer ids and rendered chat templates from the reference libraries (tests/data/text/)
 #   v3      dsrt bench --profile on the v3-layers preset (DeepSeek-V3 layer shapes, made there); V3_PROMPTS,
 #           V3_BATCHES, V3_CTX, V3_GEN (comma lists) and V3_TIMEOUT choose the table
+#   decode  dsrt bench (no per-op events) on v3-layers, with CUDA graphs and without (DSRT_CUDA_GRAPHS=0):
+#           step time, GPU time and host overhead; V3_BATCHES, V3_CTX, V3_GEN as for v3
+#   ops     dsrt bench --ops --sweep: every GEMV shape of a V3 decode step against the copy rate
 #   tests   the GPU suite alone (CUDA backend vs CPU, op by op and end to end)
 #   cuda    the GPU suite, compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
@@ -65,6 +68,18 @@ for stage in $stages; do
         $bin/dsrt make-tiny --preset $p --out /tmp/tiny-$p 2>/dev/null
         $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --batch 1,8 --gen 16 2>&1 | tee -a "$OUT/bench.log"
         [ "${PIPESTATUS[0]}" = 0 ] || fail "bench $p"
+      done ;;
+    ops)
+      gpu_env
+      $bin/dsrt bench --ops --sweep 2>&1 | tee "$OUT/ops.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || fail "bench --ops" ;;
+    decode)
+      gpu_env
+      [ -f /tmp/v3-layers/config.json ] || /usr/bin/time -f "make-tiny v3-layers: %e s" $bin/dsrt make-tiny --preset v3-layers --out /tmp/v3-layers
+      for graphs in 1 0; do
+        DSRT_CUDA_GRAPHS=$graphs timeout "${V3_TIMEOUT:-400}" $bin/dsrt bench --model /tmp/v3-layers --backend cuda --prompt 512 \
+          --batch ${V3_BATCHES:-1,8,32} --ctx ${V3_CTX:-128,4096} --gen ${V3_GEN:-32} 2>&1 | tee "$OUT/decode-graphs$graphs.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || fail "decode bench (graphs $graphs)"
       done ;;
     v3)  # DeepSeek-V3 layer shapes (~16 GB written to /tmp): decode and prefill beside their rooflines
       gpu_env

@@ -72,6 +72,8 @@ internal static class Native {
     public ulong n_steps, n_tokens, max_batch_seqs;
     public double forward_seconds;
     public ulong mtp_drafted, mtp_accepted;
+    public double device_seconds;
+    public ulong graph_replays, graph_captures;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct SessionParams {

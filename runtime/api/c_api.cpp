@@ -555,6 +555,9 @@ dsrt_status dsrt_engine_stats_get(const dsrt_engine *e, dsrt_engine_stats *out) 
     o.forward_seconds = s.forward_seconds;
     o.mtp_drafted = s.mtp_drafted;
     o.mtp_accepted = s.mtp_accepted;
+    o.device_seconds = s.backend.device_seconds;
+    o.graph_replays = s.backend.graph_replays;
+    o.graph_captures = s.backend.graph_captures;
     write_out(out, o, "out");
   });
 }

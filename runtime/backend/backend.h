@@ -111,6 +111,12 @@ class DeviceWeightRegistry {
   std::vector<std::pair<Device, std::shared_ptr<DeviceWeights>>> stores_;
 };
 
+// What a backend counts over its life (dsrt_engine_stats, dsrt bench).
+struct BackendCounters {
+  double device_seconds = 0;  // GPU time of the steps (first launch to last result copied back); 0 on the CPU
+  uint64_t graph_replays = 0, graph_captures = 0, eager_segments = 0;  // CUDA: how step segments were launched
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -183,6 +189,7 @@ class Backend {
   // clears the record; op_times() waits for queued work and lists ops by total time, longest first.
   virtual void set_profiling(bool on) = 0;
   virtual std::vector<OpTime> op_times() = 0;
+  virtual BackendCounters counters() const { return {}; }
 };
 
 struct BackendOptions {
@@ -191,6 +198,11 @@ struct BackendOptions {
   // CUDA: GEMMs of many rows quantise activations to FP8 (per token per 128 channels) and run on cuBLASLt's
   // block-scaled FP8 path; false keeps fp32 activations everywhere (the CPU reference's numbers).
   bool fp8_activations = false;
+  // CUDA: replay repeated step segments from CUDA graphs (DSRT_CUDA_GRAPHS=0 turns them off too).
+  bool cuda_graphs = true;
+  // CUDA: force the GEMV kernel's cut of every matrix (K slices per row: 1/2/4/8; rows per warp: 1/2/4);
+  // 0 = chosen per shape. For `dsrt bench --ops` sweeps.
+  int gemv_k_split = 0, gemv_rows_per_warp = 0;
 };
 
 enum class BackendKind { Cpu, Cuda };

@@ -56,6 +56,7 @@ struct EngineStats {
   uint64_t n_steps = 0, n_tokens = 0, max_batch_seqs = 0;
   uint64_t mtp_drafted = 0, mtp_accepted = 0;
   double forward_seconds = 0.0;
+  BackendCounters backend;  // rank 0's
 };
 
 class Engine : public std::enable_shared_from_this<Engine> {

@@ -310,6 +310,7 @@ int64_t StepRunner::commit() {
   if (failed_) return 0;
   const int64_t T = step_.batch.n_tokens();
   e_.stats_.forward_seconds += seconds_;
+  e_.stats_.backend = e_.ranks_->leader().counters();  // (device time lags a step: read at the next begin_step)
   e_.stats_.n_steps++;
   e_.stats_.n_tokens += uint64_t(T);
   e_.stats_.max_batch_seqs = std::max<uint64_t>(e_.stats_.max_batch_seqs, work_.size());

@@ -8,6 +8,7 @@
 #endif
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <tuple>
@@ -85,13 +86,15 @@ double rel(const std::vector<float> &a, const std::vector<float> &b) { return te
 
 }  // namespace
 
-TEST_CASE("linear: FP8 (partial blocks), BF16, F32 weights, 1 to 13 token rows") {
+TEST_CASE("linear: FP8 (partial blocks), BF16, F32 weights, 1 to 13 token rows, K split 1 to 8 ways") {
   std::mt19937 rng(21);
   auto c = cpu(), g = gpu();
   // The backend keeps a weight's device copy by host address: every weight stays alive to the end.
   std::vector<std::unique_ptr<HostWeight>> keep;
+  // (576, 7168) and (130, 16384) are cut into 2-8 K slices per row (gemv_split), the others into one.
   for (DType dt : {DType::F8_E4M3, DType::BF16, DType::F32})
-    for (auto [N, K] : {std::pair{576, 512}, std::pair{200, 320}, std::pair{129, 100}})
+    for (auto [N, K] : {std::pair{576, 512}, std::pair{200, 320}, std::pair{129, 100}, std::pair{576, 7168},
+                        std::pair{130, 16384}})
       for (int M : {1, 3, 8, 13}) {
         CAPTURE(std::string(dtype_name(dt)));
         CAPTURE(N);
@@ -611,6 +614,112 @@ TEST_CASE("weights belong to the model: two engines on one GPU hold one copy, an
     lg.emplace_back(v.data, v.data + model->cfg.vocab_size);
   }
   CHECK(lg[0] == lg[1]);
+}
+
+// A run's every logit row and token, for comparing a run with CUDA graphs against one without: batches that
+// change shape (a session joins mid-decode with its prefill, another leaves), a turn cancelled mid-way, and
+// MTP drafts on the presets that have an MTP layer. Graph replays launch exactly the eager launches, so the
+// two runs must agree bit for bit.
+struct GraphRun {
+  std::vector<float> logits;
+  std::vector<int32_t> tokens;
+  uint64_t replays = 0, captures = 0;
+};
+GraphRun graph_scenario(const std::string &dir, bool graphs) {
+  setenv("DSRT_CUDA_GRAPHS", graphs ? "1" : "0", 1);
+  GraphRun r;
+  dsrt_model_params mp;
+  dsrt_model_params_init(&mp, sizeof mp);
+  mp.backend = DSRT_BACKEND_CUDA;
+  testing::Model m(dir);
+  dsrt_model *mm = nullptr;
+  REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mm) == DSRT_OK);
+  std::swap(m.m, mm);
+  dsrt_model_free(mm);
+  dsrt_model_info info;
+  info.struct_size = sizeof info;
+  REQUIRE(dsrt_model_info_get(m.m, &info) == DSRT_OK);
+  const int V = info.n_vocab;
+  dsrt_engine_params ep;
+  dsrt_engine_params_init(&ep, sizeof ep);
+  ep.mtp_drafts = info.n_mtp_layers > 0 ? 2 : 0;
+  dsrt_engine *e = nullptr;
+  REQUIRE(dsrt_engine_create(m.m, &ep, &e) == DSRT_OK);
+  auto keep = [&](dsrt_session *s) {
+    const float *l;
+    size_t rows, v;
+    REQUIRE(dsrt_session_logits(s, &l, &rows, &v) == DSRT_OK);
+    r.logits.insert(r.logits.end(), l + (rows - 1) * v, l + rows * v);
+    int32_t t;
+    REQUIRE(dsrt_session_sample(s, nullptr, &t) == DSRT_OK);
+    r.tokens.push_back(t);
+    return t;
+  };
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  dsrt_session *a = nullptr, *b = nullptr, *c = nullptr;
+  REQUIRE(dsrt_session_create(e, &sp, &a) == DSRT_OK);
+  auto pa = testing::prompt_tokens(V, 40);
+  REQUIRE(dsrt_session_append_tokens(a, pa.data(), pa.size()) == DSRT_OK);
+  REQUIRE(dsrt_session_eval(a, nullptr) == DSRT_OK);
+  for (int step = 0; step < 30; step++) {
+    if (step == 10) {  // b joins: its prefill rides in a's decode steps
+      REQUIRE(dsrt_session_create(e, &sp, &b) == DSRT_OK);
+      auto pb = testing::prompt_tokens(V, 23);
+      REQUIRE(dsrt_session_append_tokens(b, pb.data() + 1, pb.size() - 1) == DSRT_OK);
+    } else if (b && step > 10) {
+      int32_t t = keep(b);
+      REQUIRE(dsrt_session_append_tokens(b, &t, 1) == DSRT_OK);
+    }
+    if (step == 20) {  // b leaves
+      dsrt_session_free(b);
+      b = nullptr;
+    }
+    int32_t t = keep(a);
+    REQUIRE(dsrt_session_append_tokens(a, &t, 1) == DSRT_OK);
+    int32_t n = 0;
+    REQUIRE(dsrt_engine_step(e, &n) == DSRT_OK);
+  }
+  // A turn cancelled after 3 tokens, then a's turn (with MTP drafts where the preset has the layer).
+  REQUIRE(dsrt_session_create(e, &sp, &c) == DSRT_OK);
+  auto pc = testing::prompt_tokens(V, 17);
+  REQUIRE(dsrt_session_append_tokens(c, pc.data(), pc.size()) == DSRT_OK);
+  dsrt_gen_params gp = testing::greedy_params(m, 40);
+  REQUIRE(dsrt_session_start(c, &gp) == DSRT_OK);
+  for (int i = 0;; i++) {
+    dsrt_event ev;
+    ev.struct_size = sizeof ev;
+    REQUIRE(dsrt_session_next(c, &ev) == DSRT_OK);
+    if (ev.token >= 0) r.tokens.push_back(ev.token);
+    if (ev.type == DSRT_EVENT_DONE) break;
+    if (i == 3) dsrt_session_cancel(c);
+  }
+  const testing::Turn ta = testing::pull(a, &gp);
+  r.tokens.insert(r.tokens.end(), ta.tokens.begin(), ta.tokens.end());
+  dsrt_engine_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE(dsrt_engine_stats_get(e, &st) == DSRT_OK);
+  r.replays = st.graph_replays;
+  r.captures = st.graph_captures;
+  dsrt_session_free(c);
+  dsrt_session_free(a);
+  dsrt_engine_free(e);
+  unsetenv("DSRT_CUDA_GRAPHS");
+  return r;
+}
+
+TEST_CASE("CUDA graphs: replayed steps equal eager launches bit for bit (joins, leaves, cancel, MTP; every preset)") {
+  for (const std::string &preset : testing::preset_names()) {
+    CAPTURE(preset);
+    const std::string dir = testing::tiny(preset);
+    const GraphRun eager = graph_scenario(dir, false), graph = graph_scenario(dir, true);
+    CHECK(eager.replays == 0);
+    CHECK(graph.replays > 0);
+    CHECK(graph.tokens == eager.tokens);
+    CHECK(graph.logits == eager.logits);
+    MESSAGE(preset << ": " << graph.tokens.size() << " tokens, " << graph.replays << " segment replays, " << graph.captures
+                   << " captures; eager and graph runs identical: " << (graph.logits == eager.logits));
+  }
 }
 
 TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU backend") {

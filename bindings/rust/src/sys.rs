@@ -109,6 +109,9 @@ pub struct dsrt_engine_stats {
     pub forward_seconds: f64,
     pub mtp_drafted: u64,
     pub mtp_accepted: u64,
+    pub device_seconds: f64,
+    pub graph_replays: u64,
+    pub graph_captures: u64,
 }
 
 #[repr(C)]

@@ -1,6 +1,9 @@
 // Host side of the CUDA backend: device memory (weights uploaded in their checkpoint dtype on first use,
 // a scratch arena, the paged latent KV pool), per-step batch metadata, and the launches of kernels/.
-// Every op matches the CPU backend's contract (backend.h); tests/gpu compares them op by op.
+// Every op matches the CPU backend's contract (backend.h); tests/gpu compares them op by op. Launches go
+// through a LaunchRecorder (launch_recorder.h): a step's launches between host syncs are replayed from a
+// CUDA graph when the same segment ran before. Two pairs of ops are fused on the way: a residual add
+// followed by the RMSNorm of its sum, and the gate and up projections followed by their SiLU-mul.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,6 +16,7 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "backend/cuda/fp8_gemm.h"
+#include "backend/cuda/launch_recorder.h"
 #include "backend/scratch_arena.h"
 #include "core/status.h"
 #include "kernels.h"
@@ -73,14 +77,28 @@ class CudaBackend final : public ArenaBackend {
               cuda_check(cudaMalloc(&p, n), "scratch arena");
               return p;
             },
-            [](void *p) { cudaFree(p); }, size_t(256) << 20, 256) {
+            [](void *p) { cudaFree(p); }, size_t(256) << 20, 256),
+        gemv_{opt.gemv_k_split, opt.gemv_rows_per_warp} {
     cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    rec_ = std::make_unique<LaunchRecorder>(stream_);
+    const char *graphs = std::getenv("DSRT_CUDA_GRAPHS");
+    rec_->set_graphs(opt.cuda_graphs && !(graphs && std::string(graphs) == "0"));
+    cuda_check(cudaEventCreate(&step_ev_[0]), "cudaEventCreate");
+    cuda_check(cudaEventCreate(&step_ev_[1]), "cudaEventCreate");
     if (opt.fp8_activations) gemm_ = std::make_unique<Fp8Gemm>(stream_);
     cuda_check(cudaDeviceGetAttribute(&n_sm_, cudaDevAttrMultiProcessorCount, opt.device), "SM count");
   }
   ~CudaBackend() override {
+    try {
+      flush();
+    } catch (...) {  // a failing launch at teardown: nothing left to report it to
+    }
     cudaStreamSynchronize(stream_);
+    rec_.reset();
+    meta_.reset();
+    cudaEventDestroy(step_ev_[0]);
+    cudaEventDestroy(step_ev_[1]);
     for (auto &[_, m] : weights_) {
       cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
@@ -91,9 +109,7 @@ class CudaBackend final : public ArenaBackend {
       cudaEventDestroy(b);
     }
     gemm_.reset();
-    cudaFreeHost(staging_);
     cudaFree(kv_.base);
-    cudaFree(plan_buf_);
     cudaFree(flash_ws_);
     cudaStreamDestroy(stream_);
   }
@@ -106,10 +122,22 @@ class CudaBackend final : public ArenaBackend {
     sync();
     if (gemm_) gemm_->release();
     collect_op_times();
-    staged_ = 0;
+    if (step_started_) {
+      float ms = 0;
+      if (cudaEventElapsedTime(&ms, step_ev_[0], step_ev_[1]) == cudaSuccess) counters_.device_seconds += ms * 1e-3;
+      cudaGetLastError();
+      step_started_ = false;
+    }
+    meta_->reset();
     flash_plans_.clear();
-    plan_used_ = 0;
     ArenaBackend::begin_step();
+  }
+  BackendCounters counters() const override {
+    BackendCounters c = counters_;
+    c.graph_replays = rec_->stats().replays;
+    c.graph_captures = rec_->stats().captures;
+    c.eager_segments = rec_->stats().eager_segments;
+    return c;
   }
 
   // ---- profiling
@@ -118,6 +146,7 @@ class CudaBackend final : public ArenaBackend {
     n_timed_ = 0;
     clear_op_times();
     profiling_ = on;
+    rec_->set_deferred(!on);  // per-op events need each launch at once, between its two events
   }
   std::vector<OpTime> op_times() override {
     sync();
@@ -162,6 +191,8 @@ class CudaBackend final : public ArenaBackend {
   void kv_init(const KvCacheSpec &spec) override {
     if (spec.dtype != DType::F32 && spec.dtype != DType::BF16)
       failf(DSRT_ERR_UNSUPPORTED, "CUDA backend: latent KV cache in ", dtype_name(spec.dtype), " (F32 or BF16 only)");
+    sync();
+    rec_->clear_graphs();  // they point into the old pool
     cudaFree(kv_.base);
     kv_ = {};
     spec_ = spec;
@@ -173,6 +204,7 @@ class CudaBackend final : public ArenaBackend {
   void kv_copy_page(int32_t src, int32_t dst) override {
     const size_t pb = spec_.page_bytes();
     char *base = static_cast<char *>(kv_.base);
+    flush();
     cuda_check(cudaMemcpyAsync(base + size_t(dst) * pb, base + size_t(src) * pb, pb, cudaMemcpyDeviceToDevice, stream_),
                "kv_copy_page");
     sync();
@@ -183,6 +215,7 @@ class CudaBackend final : public ArenaBackend {
     const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
     std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
     char *out = spec_.dtype == DType::BF16 ? reinterpret_cast<char *>(h.data()) : reinterpret_cast<char *>(dst);
+    flush();
     for (int64_t pos = 0; pos < n; pos++)
       for (int64_t l = 0; l < spec_.n_layers; l++, out += w * es)
         cuda_check(cudaMemcpyAsync(out, slot(pages, l, pos), w * es, cudaMemcpyDeviceToHost, stream_), "kv_read");
@@ -194,6 +227,7 @@ class CudaBackend final : public ArenaBackend {
     std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
     for (size_t i = 0; i < h.size(); i++) h[i] = f32_to_bf16(src[i]);
     const char *in = spec_.dtype == DType::BF16 ? reinterpret_cast<const char *>(h.data()) : reinterpret_cast<const char *>(src);
+    flush();
     for (int64_t pos = 0; pos < n; pos++)
       for (int64_t l = 0; l < spec_.n_layers; l++, in += w * es)
         cuda_check(cudaMemcpyAsync(slot(pages, l, pos), in, w * es, cudaMemcpyHostToDevice, stream_), "kv_write");
@@ -203,11 +237,24 @@ class CudaBackend final : public ArenaBackend {
   // ---- ops
   void embed(const Weight &table, const Batch &b, Tensor out) override {
     const auto timer_ = timed("embed", nullptr);
-    k::embed(dev(table), upload_i32(b.tokens), b.n_tokens(), out.f32(), stream_);
+    go([](cudaStream_t s, k::DevMatrix t, const int32_t *ids, int64_t n, float *o) { k::embed(t, ids, n, o, s); },
+       dev(table), upload_i32(b.tokens), b.n_tokens(), out.f32());
   }
   void rms_norm(Tensor x, const Weight &w, float eps, Tensor out) override {
+    const k::DevMatrix dw = dev(w);
+    if (held_add_.x == x.f32() && held_add_.n == x.rows * x.cols) {  // h += y; xn = norm(h): one pass
+      const HeldAdd a = held_add_;
+      held_add_ = {};
+      const auto timer_ = timed("add_rms_norm", nullptr);
+      go([](cudaStream_t s, float *x, const float *y, k::DevMatrix w, float eps, int64_t rows, int64_t n, float *o) {
+        k::add_rms_norm(x, y, w, eps, rows, n, o, s);
+      }, a.x, a.y, dw, eps, x.rows, x.cols, out.f32());
+      return;
+    }
     const auto timer_ = timed("rms_norm", nullptr);
-    k::rms_norm(x.f32(), dev(w), eps, x.rows, x.cols, x.cols, out.f32(), out.cols, stream_);
+    go([](cudaStream_t s, const float *x, k::DevMatrix w, float eps, int64_t rows, int64_t n, float *o, int64_t os) {
+      k::rms_norm(x, w, eps, rows, n, n, o, os, s);
+    }, x.f32(), dw, eps, x.rows, x.cols, out.f32(), out.cols);
   }
   void linear(Tensor x, const Weight &w, Tensor out) override {
     const auto timer_ = timed("linear", &w);
@@ -215,20 +262,50 @@ class CudaBackend final : public ArenaBackend {
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shape mismatch");
     check_device(x, "linear");
     check_device(out, "linear");
-    matmul(x.f32(), x.rows, dev(w), out.f32());
+    const k::DevMatrix dw = dev(w);
+    // Held for a following silu_mul of this and the previous linear (the gate and up projections of a
+    // SwiGLU), which then run as one kernel.
+    if (!profiling_ && rec_->deferred() && !gemm_path(x.rows, dw)) {
+      const HeldLinear l{x.f32(), x.rows, dw, out.f32()};
+      const bool pairs = n_held_lin_ == 1 && held_lin_[0].x == l.x && held_lin_[0].m == l.m &&
+                         held_lin_[0].w.rows == dw.rows && held_lin_[0].w.cols == dw.cols && held_lin_[0].w.dtype == dw.dtype;
+      if (held_add_.x || (n_held_lin_ > 0 && !pairs)) release_held();
+      held_lin_[n_held_lin_++] = l;
+      return;
+    }
+    matmul(x.f32(), x.rows, dw, out.f32());
   }
   void add(Tensor x, Tensor y) override {
-    const auto timer_ = timed("add", nullptr);
-    k::add(x.f32(), y.f32(), x.rows * x.cols, stream_);
+    if (profiling_ || !rec_->deferred()) {
+      const auto timer_ = timed("add", nullptr);
+      go([](cudaStream_t s, float *x, const float *y, int64_t n) { k::add(x, y, n, s); }, x.f32(), y.f32(), x.rows * x.cols);
+      return;
+    }
+    release_held();
+    held_add_ = {x.f32(), y.f32(), x.rows * x.cols};  // launched with the next op, or fused into a following rms_norm
   }
   void silu_mul(Tensor gate, Tensor up, Tensor out) override {
+    const int64_t n = gate.rows * gate.cols;
+    if (n_held_lin_ == 2 && held_lin_[0].out == gate.f32() && held_lin_[1].out == up.f32() &&
+        held_lin_[0].m * held_lin_[0].w.rows == n && held_lin_[1].m * held_lin_[1].w.rows == n) {
+      const HeldLinear g = held_lin_[0], u = held_lin_[1];
+      n_held_lin_ = 0;
+      release_held();
+      go([](cudaStream_t s, const float *x, int64_t m, k::DevMatrix wg, k::DevMatrix wu, float *go_, float *uo, float *o,
+            k::GemvSplit sp) { k::linear_swiglu(x, m, wg, wu, go_, uo, o, s, sp); },
+         g.x, g.m, g.w, u.w, g.out, u.out, out.f32(), gemv_);
+      return;
+    }
     const auto timer_ = timed("silu_mul", nullptr);
-    k::silu_mul(gate.f32(), up.f32(), out.f32(), gate.rows * gate.cols, stream_);
+    go([](cudaStream_t s, const float *g, const float *u, float *o, int64_t n) { k::silu_mul(g, u, o, n, s); },
+       gate.f32(), up.f32(), out.f32(), n);
   }
   void rope(Tensor x, int64_t n_heads, int64_t head_dim, int64_t rope_off, const RopeTable &rt, const Batch &b) override {
     const auto timer_ = timed("rope", nullptr);
-    k::rope(x.f32(), x.rows, x.cols, n_heads, head_dim, rope_off, upload_f32(rt.inv_freq), int64_t(rt.inv_freq.size()),
-            rt.attn_factor, upload_i32(b.positions), stream_);
+    go([](cudaStream_t s, float *x, int64_t rows, int64_t cols, int64_t nh, int64_t hd, int64_t off, const float *f,
+          int64_t nf, float attn, const int32_t *pos) { k::rope(x, rows, cols, nh, hd, off, f, nf, attn, pos, s); },
+       x.f32(), x.rows, x.cols, n_heads, head_dim, rope_off, upload_f32(rt.inv_freq), int64_t(rt.inv_freq.size()),
+       rt.attn_factor, upload_i32(b.positions));
   }
   void mla_cache_write(int64_t layer, Tensor kv, const Weight &kv_norm, float eps, const RopeTable &rt,
                        const Batch &b) override {
@@ -240,8 +317,11 @@ class CudaBackend final : public ArenaBackend {
         if (pos / kPageTokens >= s.n_pages) failf(DSRT_ERR_INTERNAL, "position ", pos, " beyond the page table");
         slots[size_t(s.row0 + i)] = int32_t(b.pages_of(s)[pos / kPageTokens] * kPageTokens + pos % kPageTokens);
       }
-    k::mla_cache_write(kv_, layer, kv.f32(), kv.rows, kv_norm.rows, dev(kv_norm), eps, upload_f32(rt.inv_freq),
-                       int64_t(rt.inv_freq.size()), rt.attn_factor, upload_i32(b.positions), upload_i32(slots), stream_);
+    go([](cudaStream_t s, k::KvCacheView kv, int64_t layer, const float *src, int64_t rows, int64_t latent,
+          k::DevMatrix nw, float eps, const float *f, int64_t nf, float attn, const int32_t *pos, const int32_t *slots) {
+      k::mla_cache_write(kv, layer, src, rows, latent, nw, eps, f, nf, attn, pos, slots, s);
+    }, kv_, layer, kv.f32(), kv.rows, kv_norm.rows, dev(kv_norm), eps, upload_f32(rt.inv_freq),
+       int64_t(rt.inv_freq.size()), rt.attn_factor, upload_i32(b.positions), upload_i32(slots));
   }
   void mla_attention(int64_t layer, Tensor q, const Weight &kv_b, const MlaDims &d, const Batch &b, AttnForm form,
                      Tensor out) override {
@@ -256,14 +336,24 @@ class CudaBackend final : public ArenaBackend {
       const float *qs = q.f32() + int64_t(s.row0) * q.cols;
       float *os = out.f32() + int64_t(s.row0) * out.cols;
       if (form == AttnForm::Absorbed) {
-        k::mla_attention_absorbed(kv_, layer, pages, qs, q.cols, s.n_new, s.n_past, dev(kv_b), d.n_heads, d.nope, d.rope,
-                                  d.v, d.softmax_scale, scratch.f32(), os, out.cols, stream_);
+        go([](cudaStream_t st, k::KvCacheView kv, int64_t layer, const int32_t *pages, const float *q, int64_t qs,
+              int64_t rows, int64_t n_past, k::DevMatrix wkv, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale,
+              float *scratch, float *o, int64_t os) {
+          k::mla_attention_absorbed(kv, layer, pages, q, qs, rows, n_past, wkv, nh, dn, dr, dv, scale, scratch, o, os, st);
+        }, kv_, layer, pages, qs, q.cols, int64_t(s.n_new), int64_t(s.n_past), dev(kv_b), d.n_heads, d.nope, d.rope, d.v,
+           d.softmax_scale, scratch.f32(), os, out.cols);
       } else {  // decompress every cached latent through kv_b, then attend
         Tensor lat = alloc(n_ctx, d.latent), pe = alloc(n_ctx, d.rope), kvd = alloc(n_ctx, kv_b.rows);
-        k::mla_gather(kv_, layer, pages, n_ctx, d.latent, lat.f32(), pe.f32(), stream_);
+        go([](cudaStream_t st, k::KvCacheView kv, int64_t layer, const int32_t *pages, int64_t n, int64_t latent,
+              float *lat, float *pe) { k::mla_gather(kv, layer, pages, n, latent, lat, pe, st); },
+           kv_, layer, pages, n_ctx, d.latent, lat.f32(), pe.f32());
         matmul(lat.f32(), n_ctx, dev(kv_b), kvd.f32());
-        k::mla_attention_naive(qs, q.cols, s.n_new, s.n_past, kvd.f32(), pe.f32(), d.n_heads, d.nope, d.rope, d.v,
-                               d.softmax_scale, scratch.f32(), os, out.cols, stream_);
+        go([](cudaStream_t st, const float *q, int64_t qs, int64_t rows, int64_t n_past, const float *kvd, const float *pe,
+              int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch, float *o, int64_t os) {
+          k::mla_attention_naive(q, qs, rows, n_past, kvd, pe, nh, dn, dr, dv, scale, scratch, o, os, st);
+        }, qs, q.cols, int64_t(s.n_new), int64_t(s.n_past), static_cast<const float *>(kvd.f32()),
+           static_cast<const float *>(pe.f32()), d.n_heads, d.nope, d.rope, d.v, d.softmax_scale, scratch.f32(), os,
+           out.cols);
       }
     }
   }
@@ -283,29 +373,41 @@ class CudaBackend final : public ArenaBackend {
     const FlashPlan &plan = flash_plan(b, nh, d.latent, r0);
     const k::DevMatrix wkv = dev(kv_b);
     Tensor qcat = alloc(rows * nh, W), olat = alloc(rows * nh, d.latent);
+    auto out_absorb = [](cudaStream_t st, const float *olat, int64_t rows, k::DevMatrix wkv, int64_t nh, int64_t dn,
+                         int64_t dv, float *o, int64_t os) { k::mla_out_absorb(olat, rows, wkv, nh, dn, dv, o, os, st); };
     {
       const auto timer_ = timed("mla_absorb_q", nullptr);
-      k::mla_q_absorb(q.f32() + int64_t(r0) * q.cols, q.cols, rows, wkv, nh, d.nope, d.rope, d.v, qcat.f32(), stream_);
+      go([](cudaStream_t st, const float *q, int64_t qs, int64_t rows, k::DevMatrix wkv, int64_t nh, int64_t dn,
+            int64_t dr, int64_t dv, float *qcat) { k::mla_q_absorb(q, qs, rows, wkv, nh, dn, dr, dv, qcat, st); },
+         static_cast<const float *>(q.f32() + int64_t(r0) * q.cols), q.cols, rows, wkv, nh, d.nope, d.rope, d.v,
+         qcat.f32());
     }
     {
       const auto timer_ = timed("mla_attend", nullptr);
-      k::mla_flash_attend(kv_, layer, plan.dev_pages, qcat.f32(), nh, d.latent, d.rope, d.softmax_scale, plan.items,
-                          plan.block_items, plan.n_blocks, plan.combine, plan.n_combine, plan.n_slots, flash_ws_,
-                          olat.f32(), stream_);
+      go([](cudaStream_t st, k::KvCacheView kv, int64_t layer, const int32_t *pages, const float *qcat, int64_t nh,
+            int64_t dc, int64_t dr, float scale, const k::MlaWorkItem *items, const int32_t *block_items, int32_t n_blocks,
+            const k::MlaCombineItem *combine, int32_t n_combine, int32_t n_slots, float *ws, float *olat) {
+        k::mla_flash_attend(kv, layer, pages, qcat, nh, dc, dr, scale, items, block_items, n_blocks, combine, n_combine,
+                            n_slots, ws, olat, st);
+      }, kv_, layer, plan.dev_pages, static_cast<const float *>(qcat.f32()), nh, d.latent, d.rope, d.softmax_scale,
+         plan.items, plan.block_items, plan.n_blocks, plan.combine, plan.n_combine, plan.n_slots, flash_ws_, olat.f32());
     }
     const auto timer_ = timed("mla_absorb_out", nullptr);
     if (covered == rows) {  // the sequences' rows are one range (the usual case): one launch
-      k::mla_out_absorb(olat.f32(), rows, wkv, nh, d.nope, d.v, out.f32() + int64_t(r0) * out.cols, out.cols, stream_);
+      go(out_absorb, static_cast<const float *>(olat.f32()), rows, wkv, nh, d.nope, d.v, out.f32() + int64_t(r0) * out.cols,
+         out.cols);
       return;
     }
     for (const SeqSlice &s : b.seqs)  // rows between them belong to another call's sequences: leave them
-      k::mla_out_absorb(olat.f32() + int64_t(s.row0 - r0) * nh * d.latent, s.n_new, wkv, nh, d.nope, d.v,
-                        out.f32() + int64_t(s.row0) * out.cols, out.cols, stream_);
+      go(out_absorb, static_cast<const float *>(olat.f32() + int64_t(s.row0 - r0) * nh * d.latent), int64_t(s.n_new), wkv,
+         nh, d.nope, d.v, out.f32() + int64_t(s.row0) * out.cols, out.cols);
   }
 
   // A step's flash attention plan (blocks, key splits, page table), made at the first layer and reused by the
-  // others: the plan and the split workspace live in device buffers of their own (not the scratch arena, whose
-  // layer temporaries are released after each layer).
+  // others; it lives in the step's metadata (MetaStaging), which outlives the layers' scratch. Its arrays
+  // are padded to power-of-two capacities and the launch always has one block per SM (blocks past the plan's
+  // find no items; padded combine items have no rows), so that a decode step's launch arguments stay the same
+  // while its context grows and its graph keeps being replayed.
   struct FlashPlan {
     std::vector<SeqSlice> seqs;
     std::vector<int32_t> pages;  // the batch's page tables: two batches of one step (the MTP layer's catch-up
@@ -316,6 +418,11 @@ class CudaBackend final : public ArenaBackend {
     const k::MlaWorkItem *items = nullptr;
     const k::MlaCombineItem *combine = nullptr;
   };
+  static size_t pow2_at_least(size_t n, size_t lo) {
+    size_t c = lo;
+    while (c < n) c *= 2;
+    return c;
+  }
   const FlashPlan &flash_plan(const Batch &b, int64_t nh, int64_t dc, int32_t r0) {
     auto same = [&](const FlashPlan &p) {
       return p.nh == nh && p.dc == dc && p.r0 == r0 && p.seqs.size() == b.seqs.size() &&
@@ -325,37 +432,25 @@ class CudaBackend final : public ArenaBackend {
       if (same(p)) return p;
     std::vector<k::MlaSeq> seqs;
     for (const SeqSlice &s : b.seqs) seqs.push_back({s.row0 - r0, s.n_new, s.n_past, s.page0});
-    const k::MlaFlashPlan kp = k::mla_flash_plan(seqs, nh, n_sm_);
-    auto up256 = [](size_t n) { return (n + 255) / 256 * 256; };
-    const size_t pb = up256(b.pages.size() * 4), ib = up256(kp.items.size() * sizeof(k::MlaWorkItem)),
-                 bb = up256(kp.block_items.size() * 4), cb = up256(kp.combine.size() * sizeof(k::MlaCombineItem));
-    if (plan_used_ + pb + ib + bb + cb > plan_cap_) {  // grow: the step's earlier plans point into the old buffer
-      sync();
-      flash_plans_.clear();
-      cudaFree(plan_buf_);
-      plan_buf_ = nullptr;
-      plan_used_ = 0;
-      plan_cap_ = 0;  // stays 0 if the allocation throws: the next step retries rather than using a null buffer
-      const size_t cap = std::max(2 * (pb + ib + bb + cb), size_t(1) << 20);
-      cuda_check(cudaMalloc(&plan_buf_, cap), "attention plan");
-      plan_cap_ = cap;
-    }
-    const size_t ws = size_t(k::mla_flash_workspace_floats(kp.n_slots, dc)) * sizeof(float);
+    k::MlaFlashPlan kp = k::mla_flash_plan(seqs, nh, n_sm_);
+    const int32_t n_items = int32_t(kp.items.size());
+    kp.block_items.resize(size_t(std::max<int64_t>(int64_t(kp.block_items.size()), n_sm_ + 1)), n_items);
+    kp.combine.resize(pow2_at_least(kp.combine.size(), 4), k::MlaCombineItem{0, 0, 0, 0});
+    kp.items.resize(pow2_at_least(kp.items.size(), 64), k::MlaWorkItem{});
+    const int32_t n_slots = int32_t(pow2_at_least(size_t(kp.n_slots), 16));
+    std::vector<int32_t> pages = b.pages;
+    pages.resize(pow2_at_least(pages.size(), 64), 0);
+    const size_t ws = size_t(k::mla_flash_workspace_floats(n_slots, dc)) * sizeof(float);
     if (ws > flash_ws_bytes_) {
       sync();  // earlier launches of this step may still read the workspace
+      rec_->clear_graphs();  // and graphs point into it
       cudaFree(flash_ws_);
       flash_ws_ = nullptr;
       const size_t bytes = std::max(ws, 2 * flash_ws_bytes_);
-      flash_ws_bytes_ = 0;  // as above
+      flash_ws_bytes_ = 0;  // stays 0 if the allocation throws: the next plan retries
       cuda_check(cudaMalloc(&flash_ws_, bytes), "attention split workspace");
       flash_ws_bytes_ = bytes;
     }
-    char *base = static_cast<char *>(plan_buf_) + plan_used_;
-    stage_copy(base, b.pages.data(), b.pages.size() * 4);
-    stage_copy(base + pb, kp.items.data(), kp.items.size() * sizeof(k::MlaWorkItem));
-    stage_copy(base + pb + ib, kp.block_items.data(), kp.block_items.size() * 4);
-    stage_copy(base + pb + ib + bb, kp.combine.data(), kp.combine.size() * sizeof(k::MlaCombineItem));
-    plan_used_ += pb + ib + bb + cb;
     FlashPlan p;
     p.seqs = b.seqs;
     p.pages = b.pages;
@@ -364,11 +459,12 @@ class CudaBackend final : public ArenaBackend {
     p.r0 = r0;
     p.n_blocks = int32_t(kp.block_items.size()) - 1;
     p.n_combine = int32_t(kp.combine.size());
-    p.n_slots = kp.n_slots;
-    p.dev_pages = reinterpret_cast<const int32_t *>(base);
-    p.items = reinterpret_cast<const k::MlaWorkItem *>(base + pb);
-    p.block_items = reinterpret_cast<const int32_t *>(base + pb + ib);
-    p.combine = reinterpret_cast<const k::MlaCombineItem *>(base + pb + ib + bb);
+    p.n_slots = n_slots;
+    p.dev_pages = static_cast<const int32_t *>(meta_->put(pages.data(), pages.size() * 4));
+    p.items = static_cast<const k::MlaWorkItem *>(meta_->put(kp.items.data(), kp.items.size() * sizeof(k::MlaWorkItem)));
+    p.block_items = static_cast<const int32_t *>(meta_->put(kp.block_items.data(), kp.block_items.size() * 4));
+    p.combine = static_cast<const k::MlaCombineItem *>(
+        meta_->put(kp.combine.data(), kp.combine.size() * sizeof(k::MlaCombineItem)));
     flash_plans_.push_back(std::move(p));
     return flash_plans_.back();
   }
@@ -377,27 +473,35 @@ class CudaBackend final : public ArenaBackend {
                  Tensor weights) override {
     const auto timer_ = timed("moe_route", nullptr);
     Tensor logits = alloc(x.rows, p.n_experts);
-    k::linear(x.f32(), x.rows, dev(gate), logits.f32(), stream_);
+    go([](cudaStream_t s, const float *x, int64_t m, k::DevMatrix w, float *o, k::GemvSplit sp) { k::linear(x, m, w, o, s, sp); },
+       static_cast<const float *>(x.f32()), x.rows, dev(gate), logits.f32(), gemv_);
     k::RouteParams rp{int32_t(p.n_experts), int32_t(p.top_k), int32_t(p.n_group), int32_t(p.topk_group),
                       p.scoring == ScoringFunc::Sigmoid ? 1 : 0,
                       p.method == TopkMethod::NoauxTc ? 0 : p.method == TopkMethod::GroupLimitedGreedy ? 1 : 2,
                       p.norm_topk_prob ? 1 : 0, p.routed_scaling_factor};
-    k::moe_route(logits.f32(), x.rows, bias ? dev(bias) : k::DevMatrix{}, rp, ids.i32(), weights.f32(), stream_);
+    go([](cudaStream_t s, const float *l, int64_t rows, k::DevMatrix bias, k::RouteParams rp, int32_t *ids, float *w) {
+      k::moe_route(l, rows, bias, rp, ids, w, s);
+    }, static_cast<const float *>(logits.f32()), x.rows, bias ? dev(bias) : k::DevMatrix{}, rp, ids.i32(), weights.f32());
   }
   // Reference expert path: the routing decisions come to the host, tokens are grouped by expert, each
   // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
-    if (T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0) {
+    if (T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32) {
       const k::DevMatrix *tab = expert_table(experts);
-      Tensor h = alloc(T * K, I), y = alloc(T * K, H);
-      k::moe_experts_gemv(x.f32(), T, H, I, ids.i32(), weights.f32(), K, tab, tab + experts.size(),
-                          tab + 2 * experts.size(), h.f32(), y.f32(), out.f32(), stream_);
+      Tensor h = alloc(T * K, I);
+      go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
+            const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, int32_t dt, float *h, float *o) {
+        k::moe_experts_gemv(x, T, H, I, ids, w, K, g, u, d, dt, h, o, s);
+      }, static_cast<const float *>(x.f32()), T, H, I, static_cast<const int32_t *>(ids.i32()),
+         static_cast<const float *>(weights.f32()), K, tab, tab + experts.size(), tab + 2 * experts.size(),
+         dev_dtype(experts[0].gate.dtype), h.f32(), out.f32());
       return;
     }
     std::vector<int32_t> hid(size_t(T * K));
     std::vector<float> hw(size_t(T * K));
+    flush();
     cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
     cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
     sync();
@@ -408,7 +512,8 @@ class CudaBackend final : public ArenaBackend {
         if (e < 0 || size_t(e) >= experts.size()) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
         by_expert[size_t(e)].push_back({int32_t(t), hw[size_t(t * K + j)]});
       }
-    cuda_check(cudaMemsetAsync(out.data, 0, size_t(T * H) * sizeof(float), stream_), "moe out");
+    go([](cudaStream_t s, void *o, size_t n) { cuda_check(cudaMemsetAsync(o, 0, n, s), "moe out"); }, out.data,
+       size_t(T * H) * sizeof(float));
     for (size_t e = 0; e < experts.size(); e++) {
       auto &toks = by_expert[e];
       if (toks.empty()) continue;
@@ -422,30 +527,49 @@ class CudaBackend final : public ArenaBackend {
       const int32_t *drows = upload_i32(rows);
       const float *dw = upload_f32(w);
       Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
-      k::gather_rows(x.f32(), H, drows, n, xe.f32(), stream_);
+      go(gather_launch, static_cast<const float *>(x.f32()), H, drows, n, xe.f32());
       matmul(xe.f32(), n, dev(experts[e].gate), g.f32());
       matmul(xe.f32(), n, dev(experts[e].up), u.f32());
-      k::silu_mul(g.f32(), u.f32(), g.f32(), n * inter, stream_);
+      go([](cudaStream_t s, const float *g, const float *u, float *o, int64_t n) { k::silu_mul(g, u, o, n, s); },
+         static_cast<const float *>(g.f32()), static_cast<const float *>(u.f32()), g.f32(), n * inter);
       matmul(g.f32(), n, dev(experts[e].down), y.f32());
-      k::scatter_add_rows(y.f32(), H, drows, dw, n, out.f32(), stream_);
+      go([](cudaStream_t s, const float *y, int64_t cols, const int32_t *rows, const float *w, int64_t n, float *o) {
+        k::scatter_add_rows(y, cols, rows, w, n, o, s);
+      }, static_cast<const float *>(y.f32()), H, drows, dw, n, out.f32());
     }
   }
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
     const auto timer_ = timed("gather_rows", nullptr);
-    k::gather_rows(x.f32(), x.cols, upload_i32(rows), int64_t(rows.size()), out.f32(), stream_);
+    go(gather_launch, static_cast<const float *>(x.f32()), x.cols, upload_i32(rows), int64_t(rows.size()), out.f32());
   }
+  static constexpr auto gather_launch = [](cudaStream_t s, const float *x, int64_t cols, const int32_t *rows, int64_t n,
+                                          float *o) { k::gather_rows(x, cols, rows, n, o, s); };
   void to_host(Tensor t, float *dst) override {
+    flush();
     cuda_check(cudaMemcpyAsync(dst, t.data, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyDeviceToHost, stream_),
                "to_host");
+    if (step_started_) cudaEventRecord(step_ev_[1], stream_);  // the step's GPU time includes bringing results back
     sync();
   }
 
   void from_host(Tensor t, const void *src) override {
+    flush();
     cuda_check(cudaMemcpyAsync(t.data, src, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyHostToDevice, stream_),
                "from_host");
     sync();
   }
-  void sync() { cuda_check(cudaStreamSynchronize(stream_), "stream"); }
+  // Runs what was recorded (held ops, metadata copies, launches) and waits for the GPU.
+  void flush() {
+    release_held();
+    meta_->flush_copies(*rec_);
+    if (rec_->deferred() && rec_->pending() > 0) note_gpu_start();
+    rec_->flush();
+    if (step_started_) cudaEventRecord(step_ev_[1], stream_);
+  }
+  void sync() {
+    flush();
+    cuda_check(cudaStreamSynchronize(stream_), "stream");
+  }
 
  private:
   // The cache entry of position pos in `layer` (width values in the pool's dtype).
@@ -496,6 +620,7 @@ class CudaBackend final : public ArenaBackend {
     // On our stream: a legacy-stream cudaMemcpy from pageable memory may return before its DMA lands, and
     // our non-blocking stream would not wait for it (found on the H100: the first lm_head GEMV read a
     // half-uploaded matrix).
+    flush();  // recorded launches first: the copies below go straight to the stream
     cuda_check(cudaMemcpyAsync(p, w.data, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
     m.data = p;
     if (w.dtype == DType::F8_E4M3) {
@@ -521,9 +646,11 @@ class CudaBackend final : public ArenaBackend {
 
   // out [m, N] = x [m, K] W^T: cuBLASLt's block-scaled FP8 GEMM for many rows (FP8 activations), else the
   // fp32-activation GEMV kernels (decode, BF16 weights, shapes cuBLASLt refuses, fp8_activations off).
+  bool gemm_path(int64_t m, const k::DevMatrix &w) const { return gemm_ && m >= kMinGemmRows && Fp8Gemm::eligible(w); }
   void matmul(const float *x, int64_t m, const k::DevMatrix &w, float *out) {
     bool done = false;
-    if (gemm_ && m >= kMinGemmRows && Fp8Gemm::eligible(w)) {
+    if (gemm_path(m, w)) {
+      flush();  // cuBLASLt enqueues on the stream itself: what was recorded goes first
       const uint64_t mark = scratch_mark();
       const int64_t mp = Fp8Gemm::padded_rows(m);
       Tensor xq = alloc(1, (mp * w.cols + 3) / 4, DType::I32), xs = alloc(w.cols / 128, mp), tmp = alloc(mp, w.rows);
@@ -534,41 +661,52 @@ class CudaBackend final : public ArenaBackend {
       log(LogLevel::Debug, "dsrt: GEMM M=" + std::to_string(m) + " N=" + std::to_string(w.rows) + " K=" +
                                std::to_string(w.cols) + ": " +
                                (done ? "cuBLASLt FP8" : !gemm_ ? "GEMV (fp32 activations requested)" : "GEMV"));
-    if (!done) k::linear(x, m, w, out, stream_);
+    if (!done)
+      go([](cudaStream_t s, const float *x, int64_t m, k::DevMatrix w, float *o, k::GemvSplit sp) { k::linear(x, m, w, o, s, sp); },
+         x, m, w, out, gemv_);
   }
 
-  // Small per-step metadata (token ids, positions, page tables, rope frequencies) goes through a pinned
-  // staging buffer into the scratch arena: the host vector may die at once, and no sync is needed until the
-  // buffer fills (then one sync lets it start over).
-  const void *upload(const void *src, size_t bytes) {
-    void *dst = alloc(1, std::max<int64_t>(1, int64_t((bytes + 3) / 4))).data;
-    stage_copy(dst, src, bytes);
-    return dst;
+  // Launches go through the recorder; held ops (an add or gate/up projections waiting to be fused with the
+  // next op) are launched first.
+  template <class F, class... A>
+  void go(F f, A... args) {
+    release_held();
+    launch_now(f, args...);
   }
-  void stage_copy(void *dst, const void *src, size_t bytes) {
-    if (bytes == 0) return;
-    const size_t need = (bytes + 255) / 256 * 256;
-    if (staged_ + need > staging_cap_) {
-      sync();
-      staged_ = 0;
-      if (need > staging_cap_) {
-        cudaFreeHost(staging_);
-        staging_ = nullptr;
-        const size_t cap = std::max(need, size_t(4) << 20);
-        staging_cap_ = 0;  // stays 0 if the allocation throws: a later upload retries it
-        cuda_check(cudaMallocHost(&staging_, cap), "pinned staging buffer");
-        staging_cap_ = cap;
-      }
+  template <class F, class... A>
+  void launch_now(F f, A... args) {
+    if (!rec_->deferred()) {  // at once: the metadata it reads must be on the device first
+      note_gpu_start();
+      meta_->flush_copies(*rec_);
     }
-    char *p = static_cast<char *>(staging_) + staged_;
-    std::memcpy(p, src, bytes);
-    staged_ += need;
-    cuda_check(cudaMemcpyAsync(dst, p, bytes, cudaMemcpyHostToDevice, stream_), "metadata upload");
+    rec_->launch(f, args...);
   }
+  void note_gpu_start() {
+    if (step_started_) return;
+    step_started_ = true;
+    cudaEventRecord(step_ev_[0], stream_);
+  }
+  void release_held() {
+    if (held_add_.x) {
+      const HeldAdd a = held_add_;
+      held_add_ = {};
+      launch_now([](cudaStream_t s, float *x, const float *y, int64_t n) { k::add(x, y, n, s); }, a.x, a.y, a.n);
+    }
+    for (int i = 0; i < n_held_lin_; i++) {
+      const HeldLinear &l = held_lin_[i];
+      launch_now([](cudaStream_t s, const float *x, int64_t m, k::DevMatrix w, float *o, k::GemvSplit sp) {
+        k::linear(x, m, w, o, s, sp);
+      }, l.x, l.m, l.w, l.out, gemv_);
+    }
+    n_held_lin_ = 0;
+  }
+
+  // Small per-step metadata (token ids, positions, page tables, rope frequencies): into the step's
+  // MetaStaging, copied at the start of the segment that reads it (the host vector may die at once).
   const int32_t *upload_i32(const std::vector<int32_t> &v) {
-    return static_cast<const int32_t *>(upload(v.data(), v.size() * 4));
+    return static_cast<const int32_t *>(meta_->put(v.data(), v.size() * 4));
   }
-  const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(upload(v.data(), v.size() * 4)); }
+  const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(meta_->put(v.data(), v.size() * 4)); }
 
   // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use).
   const k::DevMatrix *expert_table(const std::vector<FfnWeights> &experts) {
@@ -579,6 +717,7 @@ class CudaBackend final : public ArenaBackend {
       for (const FfnWeights &f : experts) tab.push_back(dev(f.*part));
     k::DevMatrix *d = nullptr;
     cuda_check(cudaMalloc(&d, tab.size() * sizeof(k::DevMatrix)), "expert table");
+    flush();
     cuda_check(cudaMemcpyAsync(d, tab.data(), tab.size() * sizeof(k::DevMatrix), cudaMemcpyHostToDevice, stream_),
                "expert table");
     sync();
@@ -622,8 +761,28 @@ class CudaBackend final : public ArenaBackend {
   const bool debug_ = std::getenv("DSRT_DEBUG_GEMM") != nullptr;  // one stderr line per GEMM: which path  // token x slot pairs up to which experts run on the device
 
   cudaStream_t stream_ = nullptr;
-  void *staging_ = nullptr;
-  size_t staging_cap_ = 0, staged_ = 0;
+  std::unique_ptr<LaunchRecorder> rec_;
+  std::unique_ptr<MetaStaging> meta_ = std::make_unique<MetaStaging>();
+  const k::GemvSplit gemv_;
+  // Ops held for fusion (never both at once): an add, and one or two linears of the same input.
+  struct HeldAdd {
+    float *x = nullptr;
+    const float *y = nullptr;
+    int64_t n = 0;
+  };
+  struct HeldLinear {
+    const float *x = nullptr;
+    int64_t m = 0;
+    k::DevMatrix w;
+    float *out = nullptr;
+  };
+  HeldAdd held_add_;
+  HeldLinear held_lin_[2];
+  int n_held_lin_ = 0;
+  // GPU time of the current step: events at its first launch and after its last; summed at the next step.
+  cudaEvent_t step_ev_[2] = {nullptr, nullptr};
+  bool step_started_ = false;
+  BackendCounters counters_;
   std::map<const void *, k::DevMatrix *> expert_tables_;
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events_;
@@ -633,8 +792,6 @@ class CudaBackend final : public ArenaBackend {
   k::KvCacheView kv_;
   int n_sm_ = 1;
   std::vector<FlashPlan> flash_plans_;  // this step's attention plans (at most one per subset of sequences)
-  void *plan_buf_ = nullptr;
-  size_t plan_cap_ = 0, plan_used_ = 0;
   float *flash_ws_ = nullptr;  // partial outputs of split key ranges
   size_t flash_ws_bytes_ = 0;
   std::shared_ptr<CudaWeights> store_;  // the model's weights on this GPU
