@@ -61,7 +61,8 @@ extern "C" {
 typedef int32_t dsrt_status;
 #define DSRT_OK                      0
 #define DSRT_ERR_INVALID_ARGUMENT    1  /* NULL handle or pointer, bad value, struct_size too small */
-#define DSRT_ERR_IO                  2  /* a file is missing or cannot be read */
+#define DSRT_ERR_IO                  2  /* a file is missing or cannot be read; another rank cannot be reached,
+                                          died or did not answer within the timeout */
 #define DSRT_ERR_FORMAT              3  /* a checkpoint file or config is malformed or inconsistent */
 #define DSRT_ERR_UNSUPPORTED         4  /* valid but not supported (dtype, architecture, unknown struct fields) */
 #define DSRT_ERR_OUT_OF_MEMORY       5
@@ -109,6 +110,7 @@ DSRT_API void dsrt_set_log_callback(dsrt_log_fn fn, void *user_data);
 #define DSRT_STRUCT_SESSION_STATS   7
 #define DSRT_STRUCT_GEN_PARAMS      8
 #define DSRT_STRUCT_EVENT           9
+#define DSRT_STRUCT_DIST_PARAMS     10
 DSRT_API size_t dsrt_struct_size(int32_t struct_id);
 /* The largest struct_size any call accepts: far above every struct of this header and its successors. */
 #define DSRT_MAX_STRUCT_SIZE 4096
@@ -260,6 +262,44 @@ typedef struct dsrt_engine_stats {
 DSRT_API void dsrt_engine_params_init(dsrt_engine_params *p, size_t size);
 DSRT_API dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *p, dsrt_engine **out);
 DSRT_API void dsrt_engine_free(dsrt_engine *e);
+
+/* Ranks in several processes (and hosts), CPU backend (docs/engine.md, "Ranks in several processes"). Every
+ * process loads the same checkpoint; rank 0 creates the engine with dsrt_engine_create_dist and serves sessions,
+ * ranks 1..world-1 call dsrt_worker_run, which returns when rank 0's engine is freed. The ranks meet at rank 0's
+ * rendezvous (TCP, at `coordinator`), which checks that they agree on the world size, the ranks, tp x ep, the dsrt
+ * version and the checkpoint, then connect through Gloo (a build without Gloo: DSRT_ERR_UNSUPPORTED). A rank
+ * that dies or hangs fails the current step on every other rank within timeout_ms (DSRT_ERR_IO; tokens already
+ * emitted are kept) and the group is then unusable; a worker whose rank 0 died returns DSRT_ERR_IO. A write to a
+ * dead peer must not raise SIGPIPE: joining sets SIGPIPE to ignored when it has the default disposition. */
+typedef struct dsrt_dist_params {
+  uint32_t struct_size;
+  int32_t world;              /* ranks in all processes; 0 (default): from the launcher's environment when a
+                                 coordinator is known (OMPI_COMM_WORLD_SIZE, SLURM_NTASKS, WORLD_SIZE), else 1 */
+  int32_t rank;               /* this process's rank; -1 (default): from the launcher (OMPI_COMM_WORLD_RANK,
+                                 SLURM_PROCID, RANK) */
+  const char *coordinator;    /* "HOST:PORT" where rank 0 serves the rendezvous (copied); NULL (default):
+                                 $DSRT_COORDINATOR, else $MASTER_ADDR:$MASTER_PORT */
+  int32_t tp;                 /* the split, tp * ep == world; 0 (default): the engine params' tp and ep when they
+                                 multiply to the world, else what the other one leaves (tp = world, ep = 1 for both 0) */
+  int32_t ep;
+  int32_t timeout_ms;         /* how long a rank waits for another (joining, each collective); 0 (default):
+                                 $DSRT_DIST_TIMEOUT_MS, else 120000. An idle worker waits for rank 0's next step
+                                 as long as rank 0's process lives. */
+} dsrt_dist_params;
+
+DSRT_API void dsrt_dist_params_init(dsrt_dist_params *p, size_t size);
+/* As dsrt_engine_create, as rank 0 of the ranks `dist` describes: returns once every rank has joined (or fails:
+ * DSRT_ERR_INVALID_ARGUMENT for a wrong world size, a duplicate rank or a split that does not divide the model,
+ * DSRT_ERR_VERSION_MISMATCH for another dsrt version or checkpoint, DSRT_ERR_IO for a rank missing after the
+ * timeout or an address rank 0 cannot listen at). A world of 1 is dsrt_engine_create; a rank other than 0 is
+ * DSRT_ERR_INVALID_ARGUMENT (it runs dsrt_worker_run). */
+DSRT_API dsrt_status dsrt_engine_create_dist(dsrt_model *m, const dsrt_engine_params *p, const dsrt_dist_params *dist,
+                                             dsrt_engine **out);
+/* Runs follower rank dist->rank (1..world-1) of rank 0's engine on this thread: joins (errors as above), then
+ * computes every step rank 0 sends until rank 0's engine is freed (DSRT_OK) or the group fails (DSRT_ERR_IO:
+ * rank 0 died, or a rank died or hung mid-step). The model must be the checkpoint rank 0 loaded, loaded on the
+ * CPU backend (n_threads: this process's threads). */
+DSRT_API dsrt_status dsrt_worker_run(dsrt_model *m, const dsrt_dist_params *dist);
 /* Runs one forward step over the pending tokens of every session (up to max_batch_tokens).
  * *n_tokens_out (optional) = tokens processed; 0 when nothing was pending. */
 DSRT_API dsrt_status dsrt_engine_step(dsrt_engine *e, int32_t *n_tokens_out);

@@ -283,6 +283,7 @@ size_t dsrt_struct_size(int32_t id) {
     case DSRT_STRUCT_SESSION_STATS: return sizeof(dsrt_session_stats);
     case DSRT_STRUCT_GEN_PARAMS: return sizeof(dsrt_gen_params);
     case DSRT_STRUCT_EVENT: return sizeof(dsrt_event);
+    case DSRT_STRUCT_DIST_PARAMS: return sizeof(dsrt_dist_params);
     default: return 0;
   }
 }
@@ -421,7 +422,54 @@ void dsrt_engine_params_init(dsrt_engine_params *p, size_t size) {
   init_struct(p, size, d);
 }
 
+namespace {
+// The dist params with what they leave open resolved from the environment (dist/launcher_env.h); the engine
+// params' tp x ep stand in for an open split.
+dsrt::DistSpec dist_spec(const dsrt_dist_params *dist, int32_t tp, int32_t ep) {
+  const dsrt_dist_params d = read_params(dist, dsrt_dist_params_init, "dsrt_dist_params");
+  DSRT_REQUIRE(d.world >= 0 && d.world <= 1024, "world must be in [0, 1024]");
+  DSRT_REQUIRE(d.rank >= -1, "rank must be >= -1");
+  DSRT_REQUIRE(d.tp >= 0 && d.ep >= 0 && d.timeout_ms >= 0, "tp, ep and timeout_ms must be >= 0");
+  dsrt::DistSpec s;
+  s.world = d.world;
+  s.rank = d.rank;
+  if (d.coordinator) s.coordinator = d.coordinator;
+  s.tp = d.tp;
+  s.ep = d.ep;
+  s.timeout_ms = d.timeout_ms;
+  s = dsrt::resolve_dist_spec(s);
+  if (s.world > 1 && d.tp == 0 && d.ep == 0 && int64_t(tp) * ep == s.world) s.tp = tp, s.ep = ep;
+  return s;
+}
+}  // namespace
+
+void dsrt_dist_params_init(dsrt_dist_params *p, size_t size) {
+  dsrt_dist_params d{};
+  d.rank = -1;
+  init_struct(p, size, d);
+}
+
 dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, dsrt_engine **out) {
+  return dsrt_engine_create_dist(m, params, nullptr, out);
+}
+
+dsrt_status dsrt_worker_run(dsrt_model *m, const dsrt_dist_params *dist) {
+  return guarded([&] {
+    DSRT_REQUIRE(m, "model is NULL");
+    if (!m->model->has_weights) dsrt::fail(DSRT_ERR_UNSUPPORTED, "the model was loaded with tokenizer_only: no worker can run it");
+    const dsrt::DistSpec s = dist_spec(dist, 1, 1);
+    if (s.world < 2) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "a worker needs a world of >= 2 ranks, got ", s.world);
+    if (s.rank == 0) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, "rank 0 creates the engine (dsrt_engine_create_dist), it is not a worker");
+    if (m->backend != DSRT_BACKEND_CPU)
+      dsrt::fail(DSRT_ERR_UNSUPPORTED, "ranks in several processes run on the CPU backend for now: load the model with DSRT_BACKEND_CPU");
+    dsrt::BackendOptions bo;
+    bo.n_threads = m->n_threads;
+    dsrt::run_follower_process(*m->model, s, dsrt::BackendKind::Cpu, bo);
+  });
+}
+
+dsrt_status dsrt_engine_create_dist(dsrt_model *m, const dsrt_engine_params *params, const dsrt_dist_params *dist,
+                                    dsrt_engine **out) {
   return guarded([&] {
     DSRT_REQUIRE(m, "model is NULL");
     DSRT_REQUIRE(out, "out is NULL");
@@ -452,6 +500,8 @@ dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *params, 
     DSRT_REQUIRE(p.tp >= 1 && p.ep >= 1 && int64_t(p.tp) * p.ep <= 1024, "tp and ep must be >= 1 (and tp * ep <= 1024)");
     eo.tp = p.tp;
     eo.ep = p.ep;
+    if (dist) eo.dist = dist_spec(dist, p.tp, p.ep);
+    if (eo.dist.world < 2) eo.dist = {};
     eo.backend_kind = m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu;
     const dsrt::Placement &pl = m->model->placement;
     if (!pl.devices.empty()) eo.backend.device = pl.devices[0].device.index;

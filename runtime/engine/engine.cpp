@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "core/status.h"
+#include "dist/process_group.h"
 #include "engine/step_runner.h"
 
 namespace dsrt {
@@ -20,9 +21,24 @@ std::shared_ptr<const Vocabulary> or_config_only(std::shared_ptr<const Vocabular
 
 Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab, const EngineOptions &opt)
     : model_(std::move(model)), vocab_(or_config_only(std::move(vocab), *model_)), opt_(opt) {
-  if (opt_.backend_kind != BackendKind::Cpu && int64_t(opt_.tp) * opt_.ep > 1)
-    fail(DSRT_ERR_UNSUPPORTED, "tensor and expert parallelism run on the CPU backend (in-process ranks) for now; "
-                               "several GPUs come with the NCCL communicator");
+  if (opt_.backend_kind != BackendKind::Cpu && (int64_t(opt_.tp) * opt_.ep > 1 || opt_.dist.world > 1))
+    fail(DSRT_ERR_UNSUPPORTED, "tensor and expert parallelism run on the CPU backend (in-process ranks or CPU ranks "
+                               "in several processes) for now; several GPUs come with the NCCL communicator");
+  if (opt_.dist.world > 1) {  // rank 0 of ranks in several processes
+    const DistSpec &d = opt_.dist;
+    if (d.rank != 0)
+      failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", d.rank, " of ", d.world, " is a follower: it runs a worker "
+            "(dsrt worker, dsrt_worker_run), not an engine");
+    if (opt_.mtp_drafts > 0 && !model_->w.mtp.empty())
+      fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with tensor or expert parallelism are not supported yet: set mtp_drafts 0");
+    opt_.tp = d.tp;
+    opt_.ep = d.ep;
+    Mapping{d.world, 0, d.tp, d.ep}.check_divides(model_->cfg);  // before joining: the followers check the same
+    auto be = make_backend(opt_.backend_kind, opt_.backend);
+    ranks_ = std::make_unique<RankGroup>(*model_, join_process_group(d, model_->fingerprint), std::move(be));
+    init();
+    return;
+  }
   const int world = std::max(1, opt_.tp) * std::max(1, opt_.ep);
   ranks_ = std::make_unique<RankGroup>(*model_, opt_.tp, opt_.ep, [&](int) {
     BackendOptions bo = opt_.backend;
@@ -75,7 +91,7 @@ void Engine::init() {
   const int64_t n_pages = KvPagePool::pages_for(opt_.max_tokens);
   if (n_pages > (int64_t(1) << 30)) failf(DSRT_ERR_INVALID_ARGUMENT, "max_tokens ", opt_.max_tokens, " is too large");
   spec.max_pages = n_pages;
-  ranks_->for_each_backend([&](Backend &be) { be.kv_init(spec); });
+  ranks_->kv_init(spec);
   pool_ = std::make_unique<KvPagePool>(n_pages);
   stats_.pages_total = n_pages;
   loop_ = std::thread([this] { loop(); });

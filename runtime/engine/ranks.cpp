@@ -1,9 +1,120 @@
 #include "engine/ranks.h"
 
+#include <cstring>
+
 #include "core/log.h"
 #include "core/status.h"
+#include "dist/process_group.h"
+#include "model/placement.h"
 
 namespace dsrt {
+namespace {
+
+// Rank 0's messages to its followers: a tag, then the payload.
+enum class Msg : uint32_t {
+  Forward = 1,   // Step::encode
+  Stop = 2,      // leave the loop
+  KvInit = 3,    // n_layers, width, max_pages, dtype: prepare weights, then the KV pool (followers in
+                 // other processes only; in-process followers' backends are set up by rank 0 directly)
+  CopyPages = 4, // (from, to) pairs
+  KvWrite = 5,   // n_tokens, n_pages, pages, floats
+};
+
+void put(std::string &o, const void *p, size_t n) { o.append(static_cast<const char *>(p), n); }
+template <class T>
+void put(std::string &o, T v) {
+  put(o, &v, sizeof v);
+}
+std::string message(Msg m) {
+  std::string o;
+  put(o, uint32_t(m));
+  return o;
+}
+
+struct Reader {
+  std::string_view b;
+  size_t at = 0;
+  void take(void *p, size_t n) {
+    if (b.size() - at < n) fail(DSRT_ERR_FORMAT, "rank 0's message is truncated");
+    std::memcpy(p, b.data() + at, n);
+    at += n;
+  }
+  template <class T>
+  T get() {
+    T v;
+    take(&v, sizeof v);
+    return v;
+  }
+  void done() const {
+    if (at != b.size()) fail(DSRT_ERR_FORMAT, "rank 0's message has trailing bytes");
+  }
+};
+
+// The weights a follower computes with: everything bound except the MTP layer (MTP drafts run on rank 0 only,
+// and are refused with several ranks).
+std::vector<const Weight *> follower_weights(const Model &m) {
+  std::vector<const Weight *> used;
+  for (const Weight *w : m.w.all)
+    if (w->data && m.placement.part.at(size_t(w->id)) != Placement::Part::Mtp) used.push_back(w);
+  return used;
+}
+
+// Runs rank 0's messages until Stop, or throws.
+void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
+  for (;;) {
+    std::string bytes;
+    comm.broadcast(bytes, 0);
+    Reader in{bytes};
+    const auto kind = Msg(in.get<uint32_t>());
+    switch (kind) {
+      case Msg::Stop:
+        return;
+      case Msg::Forward: {
+        const Step step = Step::decode(std::string_view(bytes).substr(4));
+        dsrt::forward(shard, be, comm, step.batch, step.logit_rows, step.policy, nullptr);
+        break;
+      }
+      case Msg::KvInit: {
+        KvCacheSpec spec;
+        spec.n_layers = in.get<int64_t>();
+        spec.width = in.get<int64_t>();
+        spec.max_pages = in.get<int64_t>();
+        spec.dtype = DType(in.get<int32_t>());
+        in.done();
+        be.prepare_weights(shard.model->device_weights, follower_weights(*shard.model));
+        be.kv_init(spec);
+        break;
+      }
+      case Msg::CopyPages: {
+        const auto n = in.get<uint64_t>();
+        if (n > bytes.size() / 8) fail(DSRT_ERR_FORMAT, "rank 0's page copy message is malformed");
+        for (uint64_t i = 0; i < n; i++) {
+          const auto from = in.get<int32_t>(), to = in.get<int32_t>();
+          be.kv_copy_page(from, to);
+        }
+        in.done();
+        break;
+      }
+      case Msg::KvWrite: {
+        const auto n_tok = in.get<int64_t>();
+        const auto n_pages = in.get<uint64_t>();
+        if (n_pages > bytes.size() / 4 || n_tok < 0) fail(DSRT_ERR_FORMAT, "rank 0's cache write message is malformed");
+        std::vector<int32_t> pages(n_pages);
+        in.take(pages.data(), n_pages * 4);
+        const size_t floats = (bytes.size() - in.at) / 4;
+        std::vector<float> data(floats);
+        in.take(data.data(), floats * 4);
+        in.done();
+        be.kv_write(pages.data(), n_tok, data.data());
+        break;
+      }
+      default:
+        failf(DSRT_ERR_FORMAT, "unknown message ", uint32_t(kind), " from rank 0");
+    }
+  }
+}
+
+}  // namespace
 
 RankGroup::RankGroup(const Model &model, int tp, int ep,
                      const std::function<std::unique_ptr<Backend>(int rank)> &make_backend) {
@@ -27,12 +138,20 @@ RankGroup::RankGroup(const Model &model, int tp, int ep,
                                                std::to_string(tp) + " x ep " + std::to_string(ep) + ")");
 }
 
+RankGroup::RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend)
+    : remote_(true) {
+  if (comm->mapping().rank != 0) fail(DSRT_ERR_INTERNAL, "a rank group is led by rank 0");
+  ranks_.resize(1);
+  Rank &k = ranks_[0];
+  k.shard = ModelShard::bind(model, comm->mapping());
+  k.comm = std::move(comm);
+  k.backend = std::move(backend);
+}
+
 RankGroup::~RankGroup() {
-  if (ranks_.size() > 1) {
-    Step stop;
-    stop.kind = Step::Kind::Stop;
-    std::string bytes = stop.encode();
+  if (world() > 1) {
     try {
+      std::string bytes = message(Msg::Stop);
       ranks_[0].comm->broadcast(bytes, 0);
     } catch (const std::exception &) {  // the group already failed: its followers have left
     }
@@ -42,17 +161,20 @@ RankGroup::~RankGroup() {
 }
 
 void RankGroup::follow(Rank &r) {
-  for (;;) {
-    try {
-      std::string bytes;
-      r.comm->broadcast(bytes, 0);
-      const Step step = Step::decode(bytes);
-      if (step.kind == Step::Kind::Stop) return;
-      dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, nullptr);
-    } catch (const std::exception &e) {
-      r.comm->abort("rank " + std::to_string(r.comm->mapping().rank) + ": " + e.what());
-      return;
-    }
+  try {
+    follow_messages(r.shard, *r.backend, *r.comm);
+  } catch (const std::exception &e) {
+    r.comm->abort("rank " + std::to_string(r.comm->mapping().rank) + ": " + e.what());
+  }
+}
+
+void RankGroup::send(const std::string &m) {
+  std::string bytes = m;
+  try {
+    ranks_[0].comm->broadcast(bytes, 0);
+  } catch (const std::exception &e) {
+    ranks_[0].comm->abort(std::string("rank 0: ") + e.what());
+    throw;
   }
 }
 
@@ -60,11 +182,47 @@ void RankGroup::for_each_backend(const std::function<void(Backend &)> &fn) {
   for (Rank &r : ranks_) fn(*r.backend);
 }
 
+void RankGroup::kv_init(const KvCacheSpec &spec) {
+  for_each_backend([&](Backend &be) { be.kv_init(spec); });
+  if (!remote_) return;
+  std::string m = message(Msg::KvInit);
+  put(m, spec.n_layers);
+  put(m, spec.width);
+  put(m, spec.max_pages);
+  put(m, int32_t(spec.dtype));
+  send(m);
+}
+
+void RankGroup::kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to) {
+  for_each_backend([&](Backend &be) {
+    for (auto [from, to] : from_to) be.kv_copy_page(from, to);
+  });
+  if (!remote_) return;
+  std::string m = message(Msg::CopyPages);
+  put(m, uint64_t(from_to.size()));
+  for (auto [from, to] : from_to) {
+    put(m, from);
+    put(m, to);
+  }
+  send(m);
+}
+
+void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats) {
+  for_each_backend([&](Backend &be) { be.kv_write(pages.data(), n_tokens, src); });
+  if (!remote_) return;
+  std::string m = message(Msg::KvWrite);
+  put(m, n_tokens);
+  put(m, uint64_t(pages.size()));
+  put(m, pages.data(), pages.size() * 4);
+  put(m, src, n_floats * sizeof(float));
+  send(m);
+}
+
 void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out) {
   Rank &r = ranks_[0];
   try {
-    if (ranks_.size() > 1) {
-      std::string bytes = step.encode();
+    if (world() > 1) {
+      std::string bytes = message(Msg::Forward) + step.encode();
       r.comm->broadcast(bytes, 0);
     }
     dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out, hidden_out);
@@ -72,6 +230,24 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out)
     r.comm->abort(std::string("rank 0: ") + e.what());
     throw;
   }
+}
+
+void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt) {
+  if (spec.world < 2 || spec.rank < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "a follower is rank 1..world-1 of a world of >= 2, not rank ", spec.rank, " of ", spec.world);
+  if (kind != BackendKind::Cpu)
+    fail(DSRT_ERR_UNSUPPORTED, "ranks in several processes run on the CPU backend for now (several GPUs come with the NCCL communicator)");
+  const Mapping m{spec.world, spec.rank, spec.tp, spec.ep};
+  m.check_divides(model.cfg);  // before joining: rank 0 checks the same and the group would not start
+  const ModelShard shard = ModelShard::bind(model, m);
+  auto be = make_backend(kind, opt);
+  auto comm = join_process_group(spec, model.fingerprint);
+  try {
+    follow_messages(shard, *be, *comm);
+  } catch (const std::exception &e) {
+    comm->abort("rank " + std::to_string(spec.rank) + ": " + e.what());
+    throw;
+  }
+  log(LogLevel::Info, "dsrt: rank " + std::to_string(spec.rank) + ": rank 0 stopped the group");
 }
 
 }  // namespace dsrt

@@ -1,16 +1,19 @@
 // The ranks an engine runs its forward on (design.md §5): one per device share of the Mapping, each with its
 // own backend, communicator and ModelShard. Rank 0 is driven by the engine's step thread; every other rank
-// runs a follower loop that receives each step (plain data) from rank 0 and runs the same forward in
-// lockstep. Here the followers are threads of this process (CPU ranks); ranks in other processes are the
-// same loop behind another Communicator.
+// runs a follower loop that receives rank 0's messages (each step as plain data, and the few backend jobs
+// that must reach every rank's cache: the KV pool's set-up, page copies, cache writes) and runs the same
+// forward in lockstep. The followers are either threads of this process (in-process ranks) or other
+// processes (run_follower_process, behind the Gloo communicator): the same loop either way.
 #pragma once
 #include <functional>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
 #include "dist/communicator.h"
+#include "dist/launcher_env.h"
 #include "engine/step.h"
 #include "model/shard.h"
 
@@ -18,18 +21,27 @@ namespace dsrt {
 
 class RankGroup {
  public:
-  // tp * ep ranks of `model`, each with a backend made by make_backend(rank). Throws
+  // tp * ep ranks of `model` in this process, each with a backend made by make_backend(rank). Throws
   // DSRT_ERR_INVALID_ARGUMENT when the mapping does not divide the model.
   RankGroup(const Model &model, int tp, int ep, const std::function<std::unique_ptr<Backend>(int rank)> &make_backend);
-  ~RankGroup();  // stops the followers
+  // Rank 0 of ranks in several processes: `comm` is rank 0's, joined to the others (join_process_group);
+  // the other ranks run run_follower_process.
+  RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend);
+  ~RankGroup();  // stops the followers (threads joined; processes told to leave)
 
-  int world() const { return int(ranks_.size()); }
+  int world() const { return ranks_[0].comm->mapping().world; }
+  bool remote() const { return remote_; }
   Backend &leader() { return *ranks_[0].backend; }
   Communicator &leader_comm() { return *ranks_[0].comm; }
   const ModelShard &leader_shard() const { return ranks_[0].shard; }
-  // Runs fn on every rank's backend, from the calling thread, between steps (followers are then waiting for
-  // the next step and do not touch their backends): KV pool set-up, page copies, state restore.
+  // Runs fn on the backend of every rank of this process, from the calling thread, between steps (followers
+  // are then waiting for rank 0's next message and do not touch their backends). Ranks in other processes
+  // are not reached: what they need goes through the calls below.
   void for_each_backend(const std::function<void(Backend &)> &fn);
+  // Backend jobs for every rank, here and in other processes, between steps.
+  void kv_init(const KvCacheSpec &spec);  // followers in other processes also prepare their weights
+  void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
+  void kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats);
   // One forward step on every rank; rank 0's logits of step.logit_rows to logits_out (host).
   void forward(const Step &step, float *logits_out, Tensor *hidden_out = nullptr);
 
@@ -41,7 +53,14 @@ class RankGroup {
     std::thread thread;
   };
   void follow(Rank &r);
+  void send(const std::string &message);  // to every follower; aborts the group when it fails
   std::vector<Rank> ranks_;
+  bool remote_ = false;
 };
+
+// A follower rank in its own process (`dsrt worker`, dsrt_worker_run): joins the group of `spec` (resolved,
+// world > 1, rank > 0) through the rendezvous, then runs rank 0's steps on `model` until rank 0 stops the
+// group (returns) or the group fails (throws: rank 0 died or hung, a collective failed).
+void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt);
 
 }  // namespace dsrt

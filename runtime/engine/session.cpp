@@ -74,11 +74,7 @@ std::shared_ptr<Session> Session::fork() {
   }
   // The copy runs on the step thread between steps, on every rank: the pages are this session's (no step
   // writes below its cached length) and the new session's (not yet visible to anyone).
-  engine_->run_between_steps([&] {
-    engine_->ranks_->for_each_backend([&](Backend &be) {
-      for (auto [from, to] : copies) be.kv_copy_page(from, to);
-    });
-  });
+  engine_->run_between_steps([&] { engine_->ranks_->kv_copy_pages(copies); });
   auto lk = engine_->lock_idle(*this);
   s->tokens_ = tokens_;
   s->pending_ = pending_;

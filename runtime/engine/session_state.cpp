@@ -241,9 +241,7 @@ void Session::load_state(const std::string &blob) {
   };
   try {
     if (n_tok > 0)  // every rank's cache, on the step thread between steps
-      engine_->run_between_steps([&] {
-        engine_->ranks_->for_each_backend([&](Backend &be) { be.kv_write(fresh.pages.data(), int64_t(n_tok), kv.data()); });
-      });
+      engine_->run_between_steps([&] { engine_->ranks_->kv_write(fresh.pages, int64_t(n_tok), kv.data(), kv.size()); });
   } catch (const Error &e) {
     give_back();
     if (in_place) failf(e.code(), e.what(), " (while loading a session state; the session is now empty)");

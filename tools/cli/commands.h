@@ -14,6 +14,7 @@ void add_bench(CLI::App &app, int &rc);            // bench.cpp
 void add_text_commands(CLI::App &app, int &rc);    // text.cpp: tokenize, template, bench-tokenizer
 void add_serve_commands(CLI::App &app, int &rc);   // serve.cpp: serve, bench-serve
 void add_tool_commands(CLI::App &app, int &rc);    // tools.cpp: make-tiny, info
+void add_worker(CLI::App &app, int &rc);           // dist.cpp: worker (ranks in several processes)
 
 // The app every dsrt program starts from: help formatted as "usage: NAME ...", defaults shown.
 void setup_app(CLI::App &app);

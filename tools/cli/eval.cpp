@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "commands.h"
+#include "dist.h"
 #include "load.h"
 
 namespace dsrt::cli {
@@ -14,13 +15,14 @@ namespace {
 struct EvalOptions {
   ModelOptions model;
   EngineOptions engine;
+  DistOptions dist;
   std::vector<int32_t> tokens;
   std::string logits_out;
 };
 
-int run_eval(const EvalOptions &o) {
+int run_eval(const EvalOptions &o, const dsrt_dist_params *dist) {
   Loaded l;
-  load(o.model, o.engine, l, int(o.tokens.size()));
+  load(o.model, o.engine, l, int(o.tokens.size()), nullptr, dist);
   dsrt_session_params sp;
   dsrt_session_params_init(&sp, sizeof sp);
   sp.logits_all = 1;
@@ -54,7 +56,11 @@ void add_eval(CLI::App &app, int &rc) {
       ->type_name("IDS");
   cmd->add_option("--logits-out", o->logits_out, "the file to write")->required()->type_name("FILE");
   add_engine_options(*cmd, o->engine);
-  cmd->callback([o, &rc] { rc = run_eval(*o); });
+  add_dist_options(*cmd, o->dist);
+  cmd->callback([o, cmd, &rc] {
+    rc = run_as_rank(*cmd, o->model, o->engine, o->dist, "eval",
+                     [&](const dsrt_dist_params *d) { return run_eval(*o, d); });
+  });
 }
 
 }  // namespace dsrt::cli

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "dist.h"
 #include "load.h"
 #include "progress.h"
 
@@ -24,6 +25,7 @@ namespace {
 struct GenerateOptions {
   ModelOptions model;
   EngineOptions engine;
+  DistOptions dist;
   GenOptions gen;
   std::string tokens, prompt, prompt_file;
   bool print_ids = false;
@@ -98,7 +100,7 @@ void summary(const GenerateOptions &o, size_t prompt, double prompt_s, size_t ge
                gen_s > 0 ? double(generated) / gen_s : 0.0);
 }
 
-int run_ids(const GenerateOptions &o) {
+int run_ids(const GenerateOptions &o, const dsrt_dist_params *dist) {
   const std::vector<int32_t> prompt = parse_tokens(o.tokens);
   const int n = o.gen.max_tokens.value_or(16);
   if (n < 1) throw Usage{"-n must be >= 1 with --tokens (0, no limit, applies to a text prompt)"};
@@ -108,7 +110,7 @@ int run_ids(const GenerateOptions &o) {
                 " tokens) plus -n " + std::to_string(n)};
   SigintScope sigint;
   Loaded l;
-  load(o.model, o.engine, l, o.gen.ctx ? o.gen.ctx : int(need), g_cancel);
+  load(o.model, o.engine, l, o.gen.ctx ? o.gen.ctx : int(need), g_cancel, dist);
   dsrt_session_params sp;
   dsrt_session_params_init(&sp, sizeof sp);
   sp.seed = o.gen.seed.value_or(0);
@@ -176,11 +178,11 @@ std::string read_prompt_file(const std::string &path) {
   return ss.str();
 }
 
-int run_text(const GenerateOptions &o) {
+int run_text(const GenerateOptions &o, const dsrt_dist_params *dist) {
   const std::string text = o.prompt_file.empty() ? o.prompt : read_prompt_file(o.prompt_file);
   SigintScope sigint;
   Loaded l;
-  load(o.model, o.engine, l, o.gen.ctx, g_cancel);
+  load(o.model, o.engine, l, o.gen.ctx, g_cancel, dist);
   dsrt_session_params sp;
   dsrt_session_params_init(&sp, sizeof sp);
   sp.seed = o.gen.seed.value_or(0);
@@ -226,10 +228,10 @@ int run_text(const GenerateOptions &o) {
   return 0;
 }
 
-int run_generate(const GenerateOptions &o) {
-  if (!o.tokens.empty()) return run_ids(o);
+int run_generate(const GenerateOptions &o, const dsrt_dist_params *dist) {
+  if (!o.tokens.empty()) return run_ids(o, dist);
   if (o.prompt.empty() && o.prompt_file.empty()) throw Usage{"give the prompt: --tokens IDS, -p TEXT or -f FILE"};
-  return run_text(o);
+  return run_text(o, dist);
 }
 
 }  // namespace
@@ -257,7 +259,11 @@ void add_generate(CLI::App &app, int &rc) {
                   "end of text or a full context)");
   for (const char *text_only : {"--top-p", "--top-k", "--min-p", "--stop"}) cmd->get_option(text_only)->excludes(tok);
   add_engine_options(*cmd, o->engine);
-  cmd->callback([o, &rc] { rc = run_generate(*o); });
+  add_dist_options(*cmd, o->dist);
+  cmd->callback([o, cmd, &rc] {
+    rc = run_as_rank(*cmd, o->model, o->engine, o->dist, "generate",
+                     [&](const dsrt_dist_params *d) { return run_generate(*o, d); });
+  });
 }
 
 }  // namespace dsrt::cli

@@ -4,7 +4,8 @@
 
 namespace dsrt::cli {
 
-void load(const ModelOptions &mo, const EngineOptions &eo, Loaded &l, int max_tokens, dsrt_cancel *cancel) {
+void load(const ModelOptions &mo, const EngineOptions &eo, Loaded &l, int max_tokens, dsrt_cancel *cancel,
+          const dsrt_dist_params *dist) {
   dsrt_model_params mp = model_params(mo);
   Progress progress(mo.quiet);
   if (progress.enabled()) {
@@ -17,7 +18,7 @@ void load(const ModelOptions &mo, const EngineOptions &eo, Loaded &l, int max_to
   check(st);
   check_mtp(eo, l.model);
   const dsrt_engine_params ep = engine_params(eo, max_tokens);
-  check(dsrt_engine_create(l.model, &ep, &l.engine));
+  check(dist ? dsrt_engine_create_dist(l.model, &ep, dist, &l.engine) : dsrt_engine_create(l.model, &ep, &l.engine));
 }
 
 void load_tokenizer_only(const std::string &dir, Loaded &l) {

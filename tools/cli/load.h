@@ -17,7 +17,9 @@ struct Loaded {
 };
 
 // Loads the model (progress on a terminal) and creates an engine of `max_tokens` KV capacity (0: the default).
-void load(const ModelOptions &mo, const EngineOptions &eo, Loaded &l, int max_tokens, dsrt_cancel *cancel = nullptr);
+// dist: rank 0 of ranks in several processes (dsrt_engine_create_dist); null: dsrt_engine_create.
+void load(const ModelOptions &mo, const EngineOptions &eo, Loaded &l, int max_tokens, dsrt_cancel *cancel = nullptr,
+          const dsrt_dist_params *dist = nullptr);
 // config.json and the tokenizer only.
 void load_tokenizer_only(const std::string &dir, Loaded &l);
 

@@ -26,6 +26,7 @@ int main(int argc, char **argv) {
   add_inspect(app, rc);
   add_bench(app, rc);
   add_tool_commands(app, rc);
+  add_worker(app, rc);
   if (argc < 2) {
     std::fputs(app.help().c_str(), stderr);
     return 2;
