@@ -256,6 +256,7 @@ void Session::load_state(const std::string &blob) {
   engine_->release_pages(*this, 0);  // the old pages, if any (none when replaced in place)
   engine_->pool_->unreserve(kv_);
   kv_.pages = std::move(fresh.pages);
+  published_ = 0;
   tokens_ = std::move(t);
   pending_ = std::move(p);
   pending_started_ = false;
