@@ -425,3 +425,43 @@ TEST_CASE("prefix cache: with MTP drafts the tokens are those of plain decoding"
   b.reset();
   check_all_free(*e);
 }
+
+TEST_CASE("prefix cache: C API (limit, stats, a session's cached tokens, struct size)") {
+  Model m(tiny("no-qlora"));
+  Engine e(m, DSRT_ATTENTION_AUTO);
+  CHECK(dsrt_struct_size(DSRT_STRUCT_PREFIX_CACHE_STATS) == sizeof(dsrt_prefix_cache_stats));
+  dsrt_prefix_cache_stats st;
+  st.struct_size = sizeof st;
+  CHECK_OK(dsrt_engine_prefix_cache_stats(e.e, &st));
+  CHECK(st.max_pages == -1);  // on by default, the whole pool
+  CHECK(st.pages == 0);
+  CHECK(dsrt_engine_set_prefix_cache(e.e, -2) == DSRT_ERR_INVALID_ARGUMENT);
+  CHECK(dsrt_engine_set_prefix_cache(nullptr, 1) == DSRT_ERR_INVALID_ARGUMENT);
+  int32_t n = -1;
+  CHECK(dsrt_session_cached_tokens(nullptr, &n) == DSRT_ERR_INVALID_ARGUMENT);
+  const auto p = prompt_tokens(m.vocab(), 130);
+  std::vector<float> la, lb;
+  {
+    Session a(e);
+    a.append(p);
+    a.eval();
+    CHECK_OK(dsrt_session_cached_tokens(a.s, &n));
+    CHECK(n == 0);
+    la = a.logits();
+  }
+  Session b(e);
+  b.append(p);
+  b.eval();
+  CHECK_OK(dsrt_session_cached_tokens(b.s, &n));
+  CHECK(n == 127);  // 2 full pages, less the 3 tokens the automatic attention form evaluates again
+  lb = b.logits();
+  CHECK(la == lb);
+  CHECK_OK(dsrt_engine_prefix_cache_stats(e.e, &st));
+  CHECK(st.hits == 1);
+  CHECK(st.cached_tokens == 127);
+  CHECK(st.pages == 2);
+  CHECK_OK(dsrt_engine_set_prefix_cache(e.e, 0));
+  CHECK_OK(dsrt_engine_prefix_cache_stats(e.e, &st));
+  CHECK(st.max_pages == 0);
+  CHECK(st.pages == 0);
+}

@@ -304,7 +304,7 @@ TEST_CASE("serve: streamed chat completion: OpenAI's chunk format, same text as 
 TEST_CASE("serve: the second request of a conversation reports its cached prompt tokens (stream and non-stream)") {
   Running r(options());  // an engine of its own: nothing cached before this test
   std::string long_text;
-  for (int i = 0; i < 40; i++) long_text += "The weather report for day " + std::to_string(i) + " says sunny. ";
+  for (int i = 0; i < 4; i++) long_text += "The weather report for day " + std::to_string(i) + " says sunny. ";
   json msgs = json::array({{{"role", "system"}, {"content", "Be brief."}}, {{"role", "user"}, {"content", long_text}}});
   json body = {{"model", "tiny"}, {"messages", msgs}, {"max_tokens", 6}, {"temperature", 0}, {"ignore_eos", true}};
   const size_t n1 = chat_prompt_tokens(tiny(kTinyServe), msgs);
@@ -769,6 +769,34 @@ TEST_CASE("serve: tools and tool messages render through the chat template") {
   const json j = post(r, "/v1/chat/completions", body.dump(), &status);
   INFO(j.dump());
   CHECK(status == 200);
+}
+
+TEST_CASE("serve: tool_choice naming a function shows the model that function only; none shows none") {
+  json body = chat_body(3);
+  auto fn = [](const char *name) {
+    return json{{"type", "function"}, {"function", {{"name", name}, {"parameters", {{"type", "object"}}}}}};
+  };
+  body["tools"] = json::array({fn("get_weather"), fn("get_time"), fn("get_news")});
+  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+  const dsrt::serve::ChatRequest r = dsrt::serve::parse_chat_request(body);
+  CHECK(r.tool_choice_named);
+  REQUIRE(r.tools.size() == 1);
+  CHECK(r.tools[0]["function"]["name"] == "get_time");
+  body["tool_choice"] = "auto";
+  CHECK(dsrt::serve::parse_chat_request(body).tools.size() == 3);
+  // Through the server: a named function renders like a request that gives only that function.
+  Running &srv = shared();
+  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+  int status = 0;
+  const json named = post(srv, "/v1/chat/completions", body.dump(), &status);
+  CHECK(status == 200);
+  json alone = body;
+  alone["tools"] = json::array({fn("get_time")});
+  alone.erase("tool_choice");
+  const json one = post(srv, "/v1/chat/completions", alone.dump(), &status);
+  CHECK(status == 200);
+  CHECK(named["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]);
+  CHECK(named["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"]);
 }
 
 TEST_CASE("serve: bench-serve drives concurrent streaming clients and reports percentiles") {

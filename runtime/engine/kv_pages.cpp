@@ -75,6 +75,18 @@ void KvPagePool::unref(int32_t page) {
   }
 }
 
+int64_t KvPagePool::releasable(const PageHolding &h) const {
+  int64_t n = 0;
+  for (int32_t p : h.pages) n += refs_[size_t(p)] == 1 || (refs_[size_t(p)] == 2 && index_.holds(p)) ? 1 : 0;
+  return n;
+}
+
+int64_t KvPagePool::shared_from(const PageHolding &h, size_t first) const {
+  int64_t n = 0;
+  for (size_t i = first; i < h.pages.size(); i++) n += shared(h.pages[i]) ? 1 : 0;
+  return n;
+}
+
 void KvPagePool::shrink(PageHolding &h, int64_t keep_tokens) {
   const size_t keep = size_t(pages_for(keep_tokens));
   while (h.pages.size() > keep) {  // the last page first: a conversation's deepest pages are evicted first

@@ -66,6 +66,10 @@ class KvPagePool {
   // Whether h can take n more available pages (its reservation, then unreserved ones).
   bool affordable(const PageHolding &h, int64_t n) const { return n <= h.reserved + unreserved(); }
   void unref(int32_t page);
+  // The pages of h that would become available if h let go of them (held by it alone, or by it and the cache).
+  int64_t releasable(const PageHolding &h) const;
+  // The pages of h from table index `first` on that other holders share.
+  int64_t shared_from(const PageHolding &h, size_t first) const;
 
   // The prefix cache.
   bool cache_enabled() const { return cache_limit_ != 0; }

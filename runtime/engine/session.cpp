@@ -106,8 +106,13 @@ void Session::start(const GenParams &p) {
     // session that starts later cannot take them and end this turn early.
     const int64_t room = p.max_new_tokens > 0 ? p.max_new_tokens + engine_->opt_.mtp_drafts : max_ctx_;
     const int64_t want = std::min<int64_t>(max_ctx_, int64_t(tokens_.size() + pending_.size()) + room);
+    // Pages it holds that others share (a fork's, a truncation into a cached page) are copied before it writes
+    // into them: one more page each.
+    int64_t first_written = int64_t(tokens_.size());
+    if (engine_->mtp_) first_written = std::min(first_written, mtp_pos_);
+    const int64_t copies = engine_->pool_->shared_from(kv_, size_t(first_written / kPageTokens));
     engine_->pool_->unreserve(kv_);
-    engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()));
+    engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()) + copies);
   }
   if (p.has_seed) rng_.reseed(p.seed);
   detok_.reset();
