@@ -108,9 +108,10 @@ void KvPagePool::unreserve(PageHolding &h) {
 }
 
 void KvPagePool::share(const PageHolding &from, PageHolding &to, int64_t n) {
-  for (int32_t p : std::vector<int32_t>(from.pages.begin(), from.pages.begin() + std::min<int64_t>(n, int64_t(from.pages.size())))) {
-    refs_[size_t(p)]++;
-    to.pages.push_back(p);
+  const size_t k = size_t(std::clamp<int64_t>(n, 0, int64_t(from.pages.size())));
+  for (size_t i = 0; i < k; i++) {
+    refs_[size_t(from.pages[i])]++;
+    to.pages.push_back(from.pages[i]);
   }
 }
 
