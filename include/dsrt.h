@@ -499,7 +499,8 @@ DSRT_API dsrt_status dsrt_session_generate(dsrt_session *s, const dsrt_gen_param
 /* Ends the current turn at its next step as CANCELLED. Any thread, while the session handle is alive. */
 DSRT_API void dsrt_session_cancel(dsrt_session *s);
 
-/* A new session with a copy of this one's tokens, KV cache, conversation and random state. */
+/* A new session with a copy of this one's tokens, KV cache, conversation and random state. The KV pages are
+ * shared, not copied: each of the two copies a shared page when it first writes into it (one page each). */
 DSRT_API dsrt_status dsrt_session_fork(dsrt_session *s, dsrt_session **out);
 /* Session state (tokens, conversation, random state, latent KV) as a blob: magic, format version, a hash of
  * every weight byte and the model's fingerprint lead it, a checksum ends it. Loading it into a session of

@@ -343,7 +343,9 @@ SessionStats Session::stats() const {
 
 int64_t Session::adopt_cached_prefix() {
   KvPagePool &pool = *engine_->pool_;
-  if (logits_all_ || pending_.empty() || !drafts_.empty() || !pool.cache_enabled()) return 0;
+  // Not for a turn's sampled token (a decode row: at most the rest of its page to gain, for a walk over the
+  // whole sequence under the engine lock).
+  if (logits_all_ || pending_.empty() || sampled_pending_ || !drafts_.empty() || !pool.cache_enabled()) return 0;
   const int64_t n_past = int64_t(tokens_.size()), total = n_past + int64_t(pending_.size());
   if (total / kPageTokens <= n_past / kPageTokens) return 0;  // no full page beyond those it holds
   std::vector<int32_t> seq(tokens_);
