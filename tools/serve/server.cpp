@@ -1,13 +1,8 @@
 // `dsrt serve`: see server.h. Written against include/dsrt.h only.
 #include "server.h"
 
-#include <arpa/inet.h>
-#include <dirent.h>
 #include <httplib.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -30,55 +25,6 @@
 #include "tool_calls.h"
 
 namespace dsrt::serve {
-
-namespace {
-// cpp-httplib 0.11 gives a handler no view of its connection. A non-streaming request finds its socket by the
-// client's address and port (unique among this process's connected sockets; the connection stays open while
-// its handler runs, so the descriptor is stable meanwhile) and peeks at it between tokens: an orderly close or
-// a reset by the client reads as 0 bytes or an error, pipelined bytes of a next request as data. -1: not found
-// (the request then runs to its end, as before).
-int client_socket(const httplib::Request &req) {
-  DIR *d = opendir("/proc/self/fd");
-  if (!d) return -1;
-  int found = -1;
-  while (dirent *e = readdir(d)) {
-    char *end = nullptr;
-    const long fd = std::strtol(e->d_name, &end, 10);
-    if (!end || *end != 0 || fd < 0 || fd == dirfd(d)) continue;
-    struct stat st;
-    if (fstat(int(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    sockaddr_storage a{};
-    socklen_t len = sizeof a;
-    if (getpeername(int(fd), reinterpret_cast<sockaddr *>(&a), &len) != 0) continue;
-    char host[INET6_ADDRSTRLEN] = {0};
-    int port = -1;
-    if (a.ss_family == AF_INET) {
-      const auto *v4 = reinterpret_cast<const sockaddr_in *>(&a);
-      inet_ntop(AF_INET, &v4->sin_addr, host, sizeof host);
-      port = ntohs(v4->sin_port);
-    } else if (a.ss_family == AF_INET6) {
-      const auto *v6 = reinterpret_cast<const sockaddr_in6 *>(&a);
-      inet_ntop(AF_INET6, &v6->sin6_addr, host, sizeof host);
-      port = ntohs(v6->sin6_port);
-    } else {
-      continue;
-    }
-    if (port == req.remote_port && req.remote_addr == host) {
-      found = int(fd);
-      break;
-    }
-  }
-  closedir(d);
-  return found;
-}
-
-bool client_gone(int fd) {
-  if (fd < 0) return false;
-  char c;
-  const ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-}
-}  // namespace
 
 namespace {
 
@@ -432,13 +378,12 @@ struct Server::Impl {
         }
       };
       std::vector<TokenLogprob> lps;
-      const int client = client_socket(req);
       Outcome o = run(
           *session, *g,
           [&](int32_t tok, const std::string &text, const TokenLogprob *lp) {
             if (lp) lps.push_back(*lp);
             absorb(parser->push(tok, text));
-            return !client_gone(client);
+            return true;
           },
           [&](const std::string &text) { absorb(parser->finish(text)); });
       if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
@@ -549,7 +494,6 @@ struct Server::Impl {
       std::vector<TokenLogprob> lps;
       std::vector<int64_t> offsets;  // each token's offset: the characters of the text emitted before it
       int64_t chars = utf8_chars(text);
-      const int client = client_socket(req);
       Outcome o = run(
           *session, *g,
           [&](int32_t, const std::string &t, const TokenLogprob *lp) {
@@ -559,7 +503,7 @@ struct Server::Impl {
             }
             text += t;
             chars += utf8_chars(t);
-            return !client_gone(client);
+            return true;
           },
           [&](const std::string &t) { text += t; });
       if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
