@@ -111,6 +111,7 @@ DSRT_API void dsrt_set_log_callback(dsrt_log_fn fn, void *user_data);
 #define DSRT_STRUCT_GEN_PARAMS      8
 #define DSRT_STRUCT_EVENT           9
 #define DSRT_STRUCT_DIST_PARAMS     10
+#define DSRT_STRUCT_PREFIX_CACHE_STATS 11
 DSRT_API size_t dsrt_struct_size(int32_t struct_id);
 /* The largest struct_size any call accepts: far above every struct of this header and its successors. */
 #define DSRT_MAX_STRUCT_SIZE 4096
@@ -311,6 +312,27 @@ DSRT_API dsrt_status dsrt_engine_set_profiling(dsrt_engine *e, int32_t enable);
  * longest total first; linear layers are named by weight, without the layer number. Free with dsrt_free. */
 DSRT_API dsrt_status dsrt_engine_profile_json(dsrt_engine *e, char **json_out);
 
+/* Prefix cache. Every full KV page (64 tokens) a session fills is kept, keyed by its token ids from
+ * position 0: a later prompt that starts with the same tokens (the same conversation's earlier turns, a
+ * common system prompt) takes those pages instead of prefilling them. Pages are shared between sessions
+ * and the cache, never written while shared (a session about to write into a shared page copies it first),
+ * and only whole pages of identical token ids at identical positions are shared, so the results are those of
+ * a full prefill (bitwise on the CPU backend). Cached pages no session holds are evicted, least recently used
+ * first, when a session needs pages; they never take pages a session holds or has reserved. On by default
+ * (limit: the whole pool); dsrt_session_cached_tokens says how much of a turn's prompt came from it. */
+typedef struct dsrt_prefix_cache_stats {
+  uint32_t struct_size;
+  int32_t max_pages;          /* the limit: -1 = the whole pool, 0 = off */
+  int32_t pages;              /* pages the cache holds now (some of them also held by sessions) */
+  uint64_t hits;              /* pending runs that started from cached pages */
+  uint64_t cached_tokens;     /* tokens those pages held, not prefilled */
+} dsrt_prefix_cache_stats;
+
+/* Sets the prefix cache's limit in pages: -1 = the whole pool (default), 0 = off (the cached pages no session
+ * holds are freed at once), n > 0 = at most n pages. Any thread. */
+DSRT_API dsrt_status dsrt_engine_set_prefix_cache(dsrt_engine *e, int32_t max_pages);
+DSRT_API dsrt_status dsrt_engine_prefix_cache_stats(const dsrt_engine *e, dsrt_prefix_cache_stats *out);
+
 /* ---------------------------------------------------------------- session ----------------------- */
 
 /* One sequence (conversation) with its KV pages. Tokens appended are pending until a step runs them. */
@@ -357,6 +379,10 @@ DSRT_API dsrt_status dsrt_session_tokens(dsrt_session *s, const int32_t **tokens
 DSRT_API dsrt_status dsrt_session_truncate(dsrt_session *s, size_t n_keep);
 DSRT_API dsrt_status dsrt_session_reset(dsrt_session *s);
 DSRT_API dsrt_status dsrt_session_stats_get(const dsrt_session *s, dsrt_session_stats *out);
+/* Of the pending tokens evaluated since the last dsrt_session_start (or the session's creation), how many came
+ * from the prefix cache rather than a prefill: with prompt_tokens of dsrt_session_stats, the part of the
+ * turn's prompt served from the cache (OpenAI's usage.prompt_tokens_details.cached_tokens). */
+DSRT_API dsrt_status dsrt_session_cached_tokens(const dsrt_session *s, int32_t *n_out);
 
 /* ---------------------------------------------------------------- sampling ---------------------- */
 
@@ -517,7 +543,8 @@ DSRT_API dsrt_status dsrt_session_generate(dsrt_session *s, const dsrt_gen_param
 /* Ends the current turn at its next step as CANCELLED. Any thread, while the session handle is alive. */
 DSRT_API void dsrt_session_cancel(dsrt_session *s);
 
-/* A new session with a copy of this one's tokens, KV cache, conversation and random state. */
+/* A new session with a copy of this one's tokens, KV cache, conversation and random state. The KV pages are
+ * shared, not copied: each of the two copies a shared page when it first writes into it (one page each). */
 DSRT_API dsrt_status dsrt_session_fork(dsrt_session *s, dsrt_session **out);
 /* Session state (tokens, conversation, random state, latent KV) as a blob: magic, format version, a hash of
  * every weight byte and the model's fingerprint lead it, a checksum ends it. Loading it into a session of

@@ -301,6 +301,50 @@ TEST_CASE("serve: streamed chat completion: OpenAI's chunk format, same text as 
   CHECK(last["choices"][0]["finish_reason"] == "length");
 }
 
+TEST_CASE("serve: the second request of a conversation reports its cached prompt tokens (stream and non-stream)") {
+  Running r(options());  // an engine of its own: nothing cached before this test
+  std::string long_text;
+  for (int i = 0; i < 4; i++) long_text += "The weather report for day " + std::to_string(i) + " says sunny. ";
+  json msgs = json::array({{{"role", "system"}, {"content", "Be brief."}}, {{"role", "user"}, {"content", long_text}}});
+  json body = {{"model", "tiny"}, {"messages", msgs}, {"max_tokens", 6}, {"temperature", 0}, {"ignore_eos", true}};
+  const size_t n1 = chat_prompt_tokens(tiny(kTinyServe), msgs);
+  REQUIRE(n1 >= 64);  // at least one full page to share
+  REQUIRE(n1 + 40 <= 256);
+  const json first = post(r, "/v1/chat/completions", body.dump());
+  CHECK(first["usage"]["prompt_tokens"] == n1);
+  CHECK(first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0);
+  // The conversation goes on: its earlier turn is a prefix of the new prompt.
+  msgs.push_back({{"role", "assistant"}, {"content", first["choices"][0]["message"]["content"]}});
+  msgs.push_back({{"role", "user"}, {"content", "And tomorrow?"}});
+  body["messages"] = msgs;
+  const json second = post(r, "/v1/chat/completions", body.dump());
+  const int64_t cached = second["usage"]["prompt_tokens_details"]["cached_tokens"];
+  CHECK(cached > 0);
+  CHECK(cached % 64 == 0);  // whole pages
+  CHECK(cached <= int64_t(n1));
+  CHECK(cached < second["usage"]["prompt_tokens"].get<int64_t>());
+  // Streamed, with include_usage: the usage chunk says the same, and the text is the same as without cache
+  // (the same request, now all of its full pages cached).
+  body["stream"] = true;
+  body["stream_options"] = {{"include_usage", true}};
+  auto res = r.client()->Post("/v1/chat/completions", body.dump(), "application/json");
+  REQUIRE(res);
+  const auto ev = sse_events(res->body);
+  REQUIRE(ev.size() >= 3);
+  const json usage = json::parse(ev[ev.size() - 2])["usage"];
+  CHECK(usage["prompt_tokens_details"]["cached_tokens"].get<int64_t>() >= cached);
+  std::string content;
+  for (size_t i = 0; i + 2 < ev.size(); i++) {
+    const json j = json::parse(ev[i]);
+    if (!j["choices"].empty() && j["choices"][0]["delta"].contains("content"))
+      content += j["choices"][0]["delta"]["content"].get<std::string>();
+  }
+  CHECK(content == second["choices"][0]["message"]["content"]);
+  const std::string m = r.client()->Get("/metrics")->body;
+  CHECK(m.find("dsrt_prefix_cache_hits_total 2\n") != std::string::npos);
+  CHECK(m.find("dsrt_prefix_cache_pages ") != std::string::npos);
+}
+
 TEST_CASE("serve: stop strings end the text before them with finish_reason stop") {
   Running &r = shared();
   const json full = post(r, "/v1/chat/completions", chat_body(24).dump());
@@ -725,6 +769,34 @@ TEST_CASE("serve: tools and tool messages render through the chat template") {
   const json j = post(r, "/v1/chat/completions", body.dump(), &status);
   INFO(j.dump());
   CHECK(status == 200);
+}
+
+TEST_CASE("serve: tool_choice naming a function shows the model that function only; none shows none") {
+  json body = chat_body(3);
+  auto fn = [](const char *name) {
+    return json{{"type", "function"}, {"function", {{"name", name}, {"parameters", {{"type", "object"}}}}}};
+  };
+  body["tools"] = json::array({fn("get_weather"), fn("get_time"), fn("get_news")});
+  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+  const dsrt::serve::ChatRequest r = dsrt::serve::parse_chat_request(body);
+  CHECK(r.tool_choice_named);
+  REQUIRE(r.tools.size() == 1);
+  CHECK(r.tools[0]["function"]["name"] == "get_time");
+  body["tool_choice"] = "auto";
+  CHECK(dsrt::serve::parse_chat_request(body).tools.size() == 3);
+  // Through the server: a named function renders like a request that gives only that function.
+  Running &srv = shared();
+  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+  int status = 0;
+  const json named = post(srv, "/v1/chat/completions", body.dump(), &status);
+  CHECK(status == 200);
+  json alone = body;
+  alone["tools"] = json::array({fn("get_time")});
+  alone.erase("tool_choice");
+  const json one = post(srv, "/v1/chat/completions", alone.dump(), &status);
+  CHECK(status == 200);
+  CHECK(named["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]);
+  CHECK(named["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"]);
 }
 
 TEST_CASE("serve: bench-serve drives concurrent streaming clients and reports percentiles") {

@@ -284,6 +284,7 @@ size_t dsrt_struct_size(int32_t id) {
     case DSRT_STRUCT_GEN_PARAMS: return sizeof(dsrt_gen_params);
     case DSRT_STRUCT_EVENT: return sizeof(dsrt_event);
     case DSRT_STRUCT_DIST_PARAMS: return sizeof(dsrt_dist_params);
+    case DSRT_STRUCT_PREFIX_CACHE_STATS: return sizeof(dsrt_prefix_cache_stats);
     default: return 0;
   }
 }
@@ -562,6 +563,27 @@ dsrt_status dsrt_engine_stats_get(const dsrt_engine *e, dsrt_engine_stats *out) 
   });
 }
 
+dsrt_status dsrt_engine_set_prefix_cache(dsrt_engine *e, int32_t max_pages) {
+  return guarded([&] {
+    DSRT_REQUIRE(e, "engine is NULL");
+    DSRT_REQUIRE(max_pages >= -1, "max_pages must be -1 (the whole pool), 0 (off) or a page count");
+    e->engine->set_prefix_cache(max_pages);
+  });
+}
+
+dsrt_status dsrt_engine_prefix_cache_stats(const dsrt_engine *e, dsrt_prefix_cache_stats *out) {
+  return guarded([&] {
+    DSRT_REQUIRE(e, "engine is NULL");
+    dsrt::EngineStats s = e->engine->stats();
+    dsrt_prefix_cache_stats o{};
+    o.max_pages = int32_t(std::clamp<int64_t>(s.prefix_cache_limit, -1, INT32_MAX));
+    o.pages = int32_t(s.pages_cached);
+    o.hits = s.prefix_hits;
+    o.cached_tokens = s.prefix_tokens;
+    write_out(out, o, "out");
+  });
+}
+
 // ---- session
 void dsrt_session_params_init(dsrt_session_params *p, size_t size) {
   dsrt_session_params d{};
@@ -650,6 +672,13 @@ dsrt_status dsrt_session_stats_get(const dsrt_session *s, dsrt_session_stats *ou
     o.mtp_drafted = int32_t(st.mtp_drafted);
     o.mtp_accepted = int32_t(st.mtp_accepted);
     write_out(out, o, "out");
+  });
+}
+
+dsrt_status dsrt_session_cached_tokens(const dsrt_session *s, int32_t *n_out) {
+  return guarded([&] {
+    DSRT_REQUIRE(s && n_out, "session or n_out is NULL");
+    *n_out = int32_t(s->session->stats().cached_tokens);
   });
 }
 

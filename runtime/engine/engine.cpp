@@ -92,7 +92,7 @@ void Engine::init() {
   if (n_pages > (int64_t(1) << 30)) failf(DSRT_ERR_INVALID_ARGUMENT, "max_tokens ", opt_.max_tokens, " is too large");
   spec.max_pages = n_pages;
   ranks_->kv_init(spec);
-  pool_ = std::make_unique<KvPagePool>(n_pages);
+  pool_ = std::make_unique<KvPagePool>(n_pages, opt_.prefix_cache_pages);
   stats_.pages_total = n_pages;
   loop_ = std::thread([this] { loop(); });
 }
@@ -250,6 +250,7 @@ void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<
         if (s.pending_started_ && int64_t(s.tokens_.size()) > s.run_start_) {
           s.forget_mtp_after(s.run_start_);
           s.tokens_.resize(size_t(s.run_start_));
+          s.published_ = std::min<int64_t>(s.published_, s.run_start_ / kPageTokens);
           s.logits_.clear();
           s.logits_rows_ = 0;
         }
@@ -270,7 +271,14 @@ EngineStats Engine::stats() const {
   EngineStats s = stats_;
   s.n_sessions = int64_t(sessions_.size());
   s.pages_used = pool_->used();
+  s.pages_cached = pool_->cached();
+  s.prefix_cache_limit = pool_->cache_limit();
   return s;
+}
+
+void Engine::set_prefix_cache(int64_t max_pages) {
+  std::lock_guard lk(mu_);  // between steps: a step's plan and commit take the lock
+  pool_->set_cache_limit(max_pages);
 }
 
 uint64_t Engine::steps_done() const {

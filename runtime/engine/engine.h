@@ -47,6 +47,9 @@ struct EngineOptions {
   // rank 0 (resolved with resolve_dist_spec; tp x ep from here), which serves the rendezvous at
   // dist.coordinator and sends every step to the followers (run_follower_process). CPU backend only.
   DistSpec dist;
+  // The prefix cache (kv_pages.h): the most pages it may hold; -1: as many as the pool has (cached pages nobody
+  // holds are evicted when a session needs pages), 0: off.
+  int64_t prefix_cache_pages = -1;
   BackendKind backend_kind = BackendKind::Cpu;
   BackendOptions backend;
 };
@@ -57,6 +60,10 @@ struct EngineStats {
   uint64_t mtp_drafted = 0, mtp_accepted = 0;
   double forward_seconds = 0.0;
   BackendCounters backend;  // rank 0's
+  // The prefix cache: pending runs that started from cached pages, the tokens those pages held (not prefilled),
+  // and the pages the cache holds now (some also held by sessions).
+  uint64_t prefix_hits = 0, prefix_tokens = 0;
+  int64_t pages_cached = 0, prefix_cache_limit = -1;
 };
 
 class Engine : public std::enable_shared_from_this<Engine> {
@@ -84,6 +91,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // when a cancel flag is set first. Throws the session's step failure (its pending run rolled back).
   void eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2 = nullptr);
   EngineStats stats() const;
+  // The prefix cache's size limit (EngineOptions::prefix_cache_pages); 0 turns it off and frees the cached
+  // pages no session holds.
+  void set_prefix_cache(int64_t max_pages);
   // Per-op times of the backend (Backend::set_profiling / op_times), rank 0.
   void set_profiling(bool on);
   std::vector<OpTime> op_times();

@@ -64,18 +64,12 @@ void Session::reset() {
 
 std::shared_ptr<Session> Session::fork() {
   auto s = engine_->create_session(max_ctx_, logits_all_, 0);
-  std::vector<std::pair<int32_t, int32_t>> copies;  // (from, to) pages
-  {
-    auto lk = engine_->lock_idle(*this);
-    drop_drafts();
-    if (!engine_->ensure_pages(*s, int64_t(tokens_.size())))
-      fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for a copy of this session");
-    for (size_t i = 0; i < s->kv_.pages.size(); i++) copies.push_back({kv_.pages[i], s->kv_.pages[i]});
-  }
-  // The copy runs on the step thread between steps, on every rank: the pages are this session's (no step
-  // writes below its cached length) and the new session's (not yet visible to anyone).
-  engine_->run_between_steps([&] { engine_->ranks_->kv_copy_pages(copies); });
+  // The new session shares every page (no copy): whichever of the two writes into a shared page first takes
+  // a copy of it then (StepRunner, copy-on-write).
   auto lk = engine_->lock_idle(*this);
+  drop_drafts();
+  engine_->pool_->share(kv_, s->kv_, KvPagePool::pages_for(int64_t(tokens_.size())));
+  s->published_ = published_;
   s->tokens_ = tokens_;
   s->pending_ = pending_;
   s->logits_ = logits_;
@@ -97,6 +91,7 @@ void Session::start(const GenParams &p) {
     std::lock_guard lk(engine_->mu_);
     if (tokens_.empty() && pending_.empty()) fail(DSRT_ERR_BAD_STATE, "nothing to generate from: append a prompt first");
     last_.prompt_tokens = int64_t(pending_.size());
+    last_.cached_tokens = 0;
   }
   if (p.max_new_tokens < 0) fail(DSRT_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 0");
   const Vocabulary &v = engine_->vocab();
@@ -111,8 +106,13 @@ void Session::start(const GenParams &p) {
     // session that starts later cannot take them and end this turn early.
     const int64_t room = p.max_new_tokens > 0 ? p.max_new_tokens + engine_->opt_.mtp_drafts : max_ctx_;
     const int64_t want = std::min<int64_t>(max_ctx_, int64_t(tokens_.size() + pending_.size()) + room);
+    // Pages it holds that others share (a fork's, a truncation into a cached page) are copied before it writes
+    // into them: one more page each.
+    int64_t first_written = int64_t(tokens_.size());
+    if (engine_->mtp_) first_written = std::min(first_written, mtp_pos_);
+    const int64_t copies = engine_->pool_->shared_from(kv_, size_t(first_written / kPageTokens));
     engine_->pool_->unreserve(kv_);
-    engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()));
+    engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()) + copies);
   }
   if (p.has_seed) rng_.reseed(p.seed);
   detok_.reset();
@@ -260,6 +260,7 @@ void Session::truncate(size_t n_keep) {
     failf(DSRT_ERR_INVALID_ARGUMENT, "truncate to ", n_keep, " tokens, but the session holds ", tokens_.size());
   if (n_keep < tokens_.size()) forget_mtp_after(int64_t(n_keep));
   tokens_.resize(n_keep);
+  published_ = std::min<int64_t>(published_, int64_t(n_keep) / kPageTokens);
   pending_.clear();
   pending_started_ = false;
   sampled_pending_ = false;
@@ -340,5 +341,73 @@ SessionStats Session::stats() const {
   return s;
 }
 
+int64_t Session::adopt_cached_prefix() {
+  KvPagePool &pool = *engine_->pool_;
+  // Not for a turn's sampled token (a decode row: at most the rest of its page to gain, for a walk over the
+  // whole sequence under the engine lock).
+  if (logits_all_ || pending_.empty() || sampled_pending_ || !drafts_.empty() || !pool.cache_enabled()) return 0;
+  const int64_t n_past = int64_t(tokens_.size()), total = n_past + int64_t(pending_.size());
+  if (total / kPageTokens <= n_past / kPageTokens) return 0;  // no full page beyond those it holds
+  std::vector<int32_t> seq(tokens_);
+  seq.insert(seq.end(), pending_.begin(), pending_.end());
+  const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens);
+  // The session keeps its own full pages (same tokens, same values); cached pages replace the rest, as far as
+  // the pool has room for those that are idle.
+  const int64_t keep = n_past / kPageTokens;
+  int64_t m = keep, cost = 0;
+  while (m < int64_t(w.pages.size())) {
+    const int64_t c = pool.is_idle(w.pages[size_t(m)]) ? 1 : 0;
+    if (!pool.affordable(kv_, cost + c)) break;
+    cost += c;
+    m++;
+  }
+  // At least one token is evaluated (its logits are the run's result); under the automatic attention form, at
+  // least three, so that the tail is a prefill chunk like the full prompt's (a chunk of 1 or 2 tokens would take
+  // the absorbed form, equal only in exact arithmetic). The last cached page is then copied, not shared.
+  const int64_t min_tail = engine_->opt_.attention == AttentionPolicy::Auto ? 3 : 1;
+  const int64_t n_cached = std::min(m * kPageTokens, total - std::min(min_tail, total));
+  if (n_cached <= n_past) return 0;
+  pool.shrink(kv_, keep * kPageTokens);  // its partial page, if any: the cached one holds the same and more
+  for (int64_t k = keep; k < m; k++) pool.adopt(kv_, w.pages[size_t(k)]);
+  const int64_t taken = n_cached - n_past;
+  tokens_.insert(tokens_.end(), pending_.begin(), pending_.begin() + taken);
+  pending_.erase(pending_.begin(), pending_.begin() + taken);
+  // MTP: the cached pages' MTP layer holds their writer's entries; this session's own go on from here.
+  mtp_pos_ = n_cached;
+  mtp_hidden_.clear();
+  published_ = std::min<int64_t>(published_, keep);
+  last_.cached_tokens += taken;
+  engine_->stats_.prefix_hits++;
+  engine_->stats_.prefix_tokens += uint64_t(taken);
+  return taken;
+}
+
+bool Session::make_writable(int64_t from, std::vector<PageCopy> &copies) {
+  KvPagePool &pool = *engine_->pool_;
+  const size_t first = size_t(std::max<int64_t>(from, 0) / kPageTokens);
+  int64_t n = 0;
+  for (size_t i = first; i < kv_.pages.size(); i++) n += pool.shared(kv_.pages[i]) ? 1 : 0;
+  if (n == 0) return true;
+  if (!pool.affordable(kv_, n)) return false;
+  for (size_t i = first; i < kv_.pages.size(); i++) {
+    if (!pool.shared(kv_.pages[i])) continue;
+    const int32_t to = pool.take(kv_);
+    if (to < 0) fail(DSRT_ERR_INTERNAL, "KV page pool: no page for a copy that was counted");
+    copies.push_back({i, kv_.pages[i], to});
+    kv_.pages[i] = to;
+  }
+  return true;
+}
+
+void Session::publish_pages() {
+  KvPagePool &pool = *engine_->pool_;
+  if (!pool.cache_enabled()) return;
+  int64_t n_final = int64_t(tokens_.size() - drafts_.size());
+  if (engine_->mtp_) n_final = std::min(n_final, mtp_pos_);  // the MTP layer's entries are final below mtp_pos_
+  const int64_t full = std::min<int64_t>(n_final / kPageTokens, int64_t(kv_.pages.size()));
+  if (full <= published_) return;
+  pool.publish(tokens_.data(), full, kv_);
+  published_ = full;
+}
 
 }  // namespace dsrt

@@ -54,6 +54,7 @@ struct SessionStats {
   double ttft_seconds = 0.0;     // last turn: start to first token
   double decode_tokens_per_second = 0.0;  // last turn, after the first token
   int64_t mtp_drafted = 0, mtp_accepted = 0;  // last turn: MTP drafts verified, and kept
+  int64_t cached_tokens = 0;  // since the last turn started: pending tokens taken from the prefix cache
 };
 
 class Session {
@@ -111,6 +112,17 @@ class Session {
   void forget_mtp_after(int64_t n_keep);  // the cache is cut to n_keep tokens (engine lock held)
   void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
   bool cancel_requested() const;  // any of the turn's, the eval's or the session's own cancel flags
+  // The prefix cache (engine lock held, on the step thread, the session not in flight):
+  // At the start of a pending run: the cached full pages that continue the session's tokens with its pending
+  // ones replace their prefill (at least one pending token is left to evaluate, for the logits; three under the
+  // automatic attention form). Returns the tokens taken.
+  int64_t adopt_cached_prefix();
+  // Before a step writes positions from `from` on: every page of the table from there that another holder
+  // shares is replaced by a fresh page, listed in copies (the old page stays held until the step commits).
+  // false (nothing changed) when the pool has no room for the copies.
+  bool make_writable(int64_t from, std::vector<PageCopy> &copies);
+  // After a step: the full pages whose contents are final go to the prefix cache.
+  void publish_pages();
 
   std::shared_ptr<Engine> engine_;
   int64_t max_ctx_;
@@ -121,6 +133,7 @@ class Session {
   bool pending_started_ = false;  // a step took part of the pending run (logits_all accumulates)
   int64_t run_start_ = 0;         // tokens_.size() when the pending run started (a failed run goes back here)
   PageHolding kv_;
+  int64_t published_ = 0;  // full pages already offered to the prefix cache
   HostVec<float> logits_;
   int64_t logits_rows_ = 0;
   dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session

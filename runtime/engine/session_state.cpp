@@ -218,7 +218,7 @@ void Session::load_state(const std::string &blob) {
     auto lk = engine_->lock_idle(*this);
     if (turn_active_) fail(DSRT_ERR_BAD_STATE, "cannot load state in the middle of a generation turn");
     if (!engine_->pool_->grow(fresh, int64_t(n_tok))) {
-      if (engine_->pool_->unreserved() + int64_t(kv_.pages.size()) < KvPagePool::pages_for(int64_t(n_tok)))
+      if (engine_->pool_->unreserved() + engine_->pool_->releasable(kv_) < KvPagePool::pages_for(int64_t(n_tok)))
         fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for this state");
       in_place = true;
       drop_drafts();
@@ -254,6 +254,7 @@ void Session::load_state(const std::string &blob) {
   engine_->release_pages(*this, 0);  // the old pages, if any (none when replaced in place)
   engine_->pool_->unreserve(kv_);
   kv_.pages = std::move(fresh.pages);
+  published_ = 0;
   tokens_ = std::move(t);
   pending_ = std::move(p);
   pending_started_ = false;

@@ -20,9 +20,13 @@ bool StepRunner::plan() {
       if (e_.runnable(*s) && s->sampled_pending_ == bool(decode)) order.push_back(s);
   for (Session *s : order) {
     if (budget == 0) break;
+    const bool first_chunk = !s->pending_started_;
+    if (first_chunk) {
+      s->run_start_ = int64_t(s->tokens_.size());
+      if (s->adopt_cached_prefix() > 0) s->pending_started_ = true;  // a failed step rolls the adoption back too
+    }
     const int64_t n_past = int64_t(s->tokens_.size());
     const int64_t n = std::min<int64_t>(int64_t(s->pending_.size()), budget);
-    if (!s->pending_started_) s->run_start_ = n_past;
     // MTP: a session that just sampled a token in a turn gets drafts of the tokens after it, as many as the
     // budget and the context have room for.
     int64_t want = 0;
@@ -33,7 +37,11 @@ bool StepRunner::plan() {
                       s->drafts_.empty() && rows > 0 && s->mtp_pos_ + rows == n_past && want >= 1;
       if (!ok || !e_.ensure_pages(*s, n_past + n + want)) want = 0;  // drafts are optional
     }
-    if (!e_.ensure_pages(*s, n_past + n)) {
+    // The lowest position this step writes: the MTP catch-up starts at the waiting rows' position.
+    const int64_t rows_waiting = int64_t(s->mtp_hidden_.size()) / H;
+    const int64_t write_from = e_.mtp_ && rows_waiting > 0 && s->mtp_pos_ + rows_waiting == n_past ? s->mtp_pos_ : n_past;
+    std::vector<PageCopy> copies;
+    if (!e_.ensure_pages(*s, n_past + n) || !s->make_writable(write_from, copies)) {
       if (s->demand_ == 0) continue;  // nobody waits for it: it stays pending for a later step
       s->failed_ = DSRT_ERR_CONTEXT_FULL;
       s->failed_msg_ = "the engine's KV pool is full (" + std::to_string(e_.capacity_tokens()) +
@@ -47,7 +55,8 @@ bool StepRunner::plan() {
     w.n_pending = int32_t(n);
     w.n_drafts = int32_t(want);
     w.n_past = n_past;
-    w.first_chunk = !s->pending_started_;
+    w.first_chunk = first_chunk;
+    w.copies = std::move(copies);
     w.pages = s->kv_.pages;
     Batch &b = step_.batch;
     b.add_seq(int32_t(n + want), int32_t(n_past), w.pages.data(), int32_t(w.pages.size()));
@@ -95,6 +104,12 @@ void StepRunner::run() {
   try {
     // Mapped shards that changed under us would feed the forward garbage (or SIGBUS): fail the step instead.
     if (e_.model_->ckpt) e_.model_->ckpt->verify_unchanged();
+    // Copy-on-write: shared pages this step writes into were replaced by fresh ones at plan; they get their
+    // contents first, on every rank (the followers wait for the step and do not touch their backends).
+    std::vector<std::pair<int32_t, int32_t>> copies;
+    for (const Work &w : work_)
+      for (const PageCopy &c : w.copies) copies.push_back({c.from, c.to});
+    if (!copies.empty()) e_.ranks_->kv_copy_pages(copies);  // (ranks in other processes too)
     if (std::any_of(work_.begin(), work_.end(), [](const Work &w) { return w.n_drafts > 0; })) draft();
     logits_.resize(step_.logit_rows.size() * size_t(e_.model_->cfg.vocab_size));
     Tensor hidden;
@@ -270,6 +285,10 @@ int64_t StepRunner::commit() {
   for (Work &w : work_) {
     Session &s = *w.s;
     s.in_flight_ = false;
+    for (const PageCopy &c : w.copies) {  // the copy or the shared page it replaced goes
+      if (failed_) s.kv_.pages[c.index] = c.from;
+      e_.pool_->unref(failed_ ? c.to : c.from);
+    }
     if (failed_) {
       // The step's pages go back. Sessions whose thread waits for this step get the error (their pending run is
       // rolled back there); the others keep their pending tokens for a later step.
@@ -304,6 +323,7 @@ int64_t StepRunner::commit() {
       s.mtp_pos_ = w.mtp_pos;
       s.mtp_hidden_ = std::move(w.mtp_hidden);
     }
+    s.publish_pages();
     s.last_.mtp_drafted += w.n_drafts;
     e_.stats_.mtp_drafted += uint64_t(w.n_drafts);
   }

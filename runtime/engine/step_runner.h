@@ -9,6 +9,7 @@
 
 #include "core/memory.h"
 #include "core/status.h"
+#include "engine/kv_pages.h"
 #include "engine/step.h"
 
 namespace dsrt {
@@ -40,6 +41,7 @@ class StepRunner {
     bool first_chunk;        // starts a pending run: a new logits set
     int64_t logit_row0 = 0, n_logit_rows = 0;
     std::vector<int32_t> pages;
+    std::vector<PageCopy> copies;  // copy-on-write before the forward (Session::make_writable)
     // MTP state, advanced by the draft pass and the catch-up, written back at commit.
     int64_t mtp_pos = 0;
     std::vector<float> mtp_hidden;

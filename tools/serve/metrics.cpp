@@ -114,6 +114,12 @@ std::string Metrics::render(const Gauges &g) const {
   o += "dsrt_engine_max_batch_sequences " + std::to_string(g.max_batch_seqs) + "\n";
   head("dsrt_engine_forward_seconds_total", "counter", "Wall time spent in forward steps.");
   o += "dsrt_engine_forward_seconds_total " + num(g.forward_seconds) + "\n";
+  head("dsrt_prefix_cache_hits_total", "counter", "Prompts that started from the prefix cache's pages.");
+  o += "dsrt_prefix_cache_hits_total " + std::to_string(g.prefix_hits) + "\n";
+  head("dsrt_prefix_cache_tokens_total", "counter", "Prompt tokens served from the prefix cache, not prefilled.");
+  o += "dsrt_prefix_cache_tokens_total " + std::to_string(g.prefix_tokens) + "\n";
+  head("dsrt_prefix_cache_pages", "gauge", "KV pages held by the prefix cache (some also in use by sessions).");
+  o += "dsrt_prefix_cache_pages " + std::to_string(g.prefix_pages) + "\n";
   return o;
 }
 

@@ -29,6 +29,8 @@ struct Gauges {
   int64_t kv_pages_used = 0, kv_pages_total = 0, kv_page_tokens = 0;
   uint64_t engine_steps = 0, engine_tokens = 0, max_batch_seqs = 0;
   double forward_seconds = 0;
+  uint64_t prefix_hits = 0, prefix_tokens = 0;
+  int64_t prefix_pages = 0;
 };
 
 class Metrics {

@@ -311,8 +311,14 @@ ChatRequest parse_chat_request(const json &b) {
       bad("tool_choice", "needs 'tools'");
     if (r.tool_choice_named) {
       bool found = false;
-      for (const auto &t : r.tools) found = found || t["function"]["name"] == r.tool_choice;
+      json only = json::array();
+      for (const auto &t : r.tools)
+        if (t["function"]["name"] == r.tool_choice) {
+          found = true;
+          only.push_back(t);
+        }
       if (!found) bad("tool_choice", "names a function that is not in 'tools'");
+      r.tools = std::move(only);  // the named function is the only one the model is shown
     }
   }
   if (const json *kw = field(b, "chat_template_kwargs")) {

@@ -61,7 +61,8 @@ struct SamplingRequest {
 struct ChatRequest : SamplingRequest {
   json messages;          // normalised for the chat template: [{"role", "content" (string or null), ...}]
   json tools;             // null, or [{"type": "function", "function": {"name", ...}}]
-  std::string tool_choice = "auto";  // none | auto | required | the forced function's name (tool_choice_named)
+  std::string tool_choice = "auto";  // none | auto | required | the forced function's name (tool_choice_named:
+                                     // tools then holds that function only)
   bool tool_choice_named = false;
   json template_kwargs;   // null or object (chat_template_kwargs)
 };

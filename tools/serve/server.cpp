@@ -252,6 +252,7 @@ struct Server::Impl {
     int finish = DSRT_FINISH_NONE;
     std::string error;
     int64_t completion_tokens = 0;
+    int64_t cached_tokens = 0;  // prompt tokens served from the engine's prefix cache
     bool client_gone = false;
   };
 
@@ -319,6 +320,8 @@ struct Server::Impl {
       if (!cancelled) on_done(text);
       break;
     }
+    int32_t cached = 0;
+    if (dsrt_session_cached_tokens(s.s, &cached) == DSRT_OK) o.cached_tokens = cached;
     if (o.client_gone) metrics.cancelled();
     metrics.tokens(int64_t(g.prompt.size()), o.completion_tokens);
     metrics.duration(seconds_since(g.arrival));
@@ -384,7 +387,7 @@ struct Server::Impl {
           },
           [&](const std::string &text) { absorb(parser->finish(text)); });
       if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
-      Usage u{int64_t(g->prompt.size()), o.completion_tokens, 0};
+      Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
       res.set_content(dump(chat_completion(id, created_at, name, content, reasoning, calls, finish_reason(o.finish, !calls.empty()), u,
                                            g->logprobs ? chat_logprobs(lps) : json(nullptr))),
                       "application/json");
@@ -445,7 +448,7 @@ struct Server::Impl {
                                   take_logprobs()));
             if (include_usage)
               tail += sse(usage_chunk(id, created_at, name, "chat.completion.chunk",
-                                      Usage{int64_t(g->prompt.size()), o.completion_tokens, 0}));
+                                      Usage{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens}));
           }
           tail += sse_done();
           if (!sink.write(tail.data(), tail.size())) return false;
@@ -504,7 +507,7 @@ struct Server::Impl {
           },
           [&](const std::string &t) { text += t; });
       if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
-      Usage u{int64_t(g->prompt.size()), o.completion_tokens, 0};
+      Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
       res.set_content(dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u,
                                            g->logprobs ? completion_logprobs(lps, offsets) : json(nullptr))),
                       "application/json");
@@ -556,7 +559,7 @@ struct Server::Impl {
           } else {
             tail = sse(text_chunk(id, created_at, name, "", finish_reason(o.finish, false), include_usage, take_logprobs()));
             if (include_usage)
-              tail += sse(usage_chunk(id, created_at, name, "text_completion", Usage{int64_t(g->prompt.size()), o.completion_tokens, 0}));
+              tail += sse(usage_chunk(id, created_at, name, "text_completion", Usage{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens}));
           }
           tail += sse_done();
           if (!sink.write(tail.data(), tail.size())) return false;
@@ -586,6 +589,14 @@ struct Server::Impl {
       g.engine_tokens = es.n_tokens;
       g.max_batch_seqs = es.max_batch_seqs;
       g.forward_seconds = es.forward_seconds;
+    }
+    dsrt_prefix_cache_stats pc;
+    std::memset(&pc, 0, sizeof pc);
+    pc.struct_size = sizeof pc;
+    if (dsrt_engine_prefix_cache_stats(engine, &pc) == DSRT_OK) {
+      g.prefix_hits = pc.hits;
+      g.prefix_tokens = pc.cached_tokens;
+      g.prefix_pages = pc.pages;
     }
     return g;
   }

@@ -1,0 +1,68 @@
+#include "engine/prefix_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/hash.h"
+
+namespace dsrt {
+
+uint64_t PrefixIndex::chain(uint64_t prev_key, const int32_t *ids) {
+  unsigned char buf[8 + kPageTokens * sizeof(int32_t)];
+  std::memcpy(buf, &prev_key, 8);
+  std::memcpy(buf + 8, ids, kPageTokens * sizeof(int32_t));
+  return hash64(buf, sizeof buf);
+}
+
+int32_t PrefixIndex::step(Walk &w, const int32_t *ids) const {
+  const uint64_t key = chain(w.key, ids);
+  auto it = by_key_.find(key);
+  if (it == by_key_.end()) return -1;
+  const Entry &e = it->second;
+  if (e.parent_serial != w.serial || !std::equal(e.ids.begin(), e.ids.end(), ids)) return -1;  // a collision
+  w.pages.push_back(e.page);
+  w.key = key;
+  w.serial = e.serial;
+  return e.page;
+}
+
+PrefixIndex::Walk PrefixIndex::match(const int32_t *tokens, int64_t n, int64_t max_pages) const {
+  Walk w;
+  const int64_t full = std::min(n / kPageTokens, max_pages);
+  for (int64_t k = 0; k < full; k++)
+    if (step(w, tokens + k * kPageTokens) < 0) break;
+  return w;
+}
+
+bool PrefixIndex::insert(Walk &w, const int32_t *ids, int32_t page) {
+  const uint64_t key = chain(w.key, ids);
+  if (by_key_.count(key) || page_key_.count(page)) return false;
+  Entry e;
+  e.parent_serial = w.serial;
+  e.serial = next_serial_++;
+  e.page = page;
+  std::copy(ids, ids + kPageTokens, e.ids.begin());
+  by_key_.emplace(key, e);
+  page_key_.emplace(page, key);
+  w.pages.push_back(page);
+  w.key = key;
+  w.serial = e.serial;
+  return true;
+}
+
+void PrefixIndex::erase_page(int32_t page) {
+  auto it = page_key_.find(page);
+  if (it == page_key_.end()) return;
+  by_key_.erase(it->second);
+  page_key_.erase(it);
+}
+
+std::vector<int32_t> PrefixIndex::pages() const {
+  std::vector<int32_t> v;
+  v.reserve(page_key_.size());
+  for (const auto &[page, key] : page_key_) v.push_back(page);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+}  // namespace dsrt
