@@ -87,10 +87,12 @@ inline std::vector<std::string> preset_names() {
 
 struct Model {
   dsrt_model *m = nullptr;
-  explicit Model(const std::string &dir, int threads = 2) {
+  // backend: DSRT_BACKEND_* (the GPU suite loads on CUDA); -1: the params' default.
+  explicit Model(const std::string &dir, int threads = 2, int32_t backend = -1) {
     dsrt_model_params p;
     dsrt_model_params_init(&p, sizeof p);
     p.n_threads = threads;
+    if (backend >= 0) p.backend = backend;
     CHECK_OK(dsrt_model_load(dir.c_str(), &p, &m));
   }
   ~Model() { dsrt_model_free(m); }

@@ -628,14 +628,7 @@ struct GraphRun {
 GraphRun graph_scenario(const std::string &dir, bool graphs) {
   setenv("DSRT_CUDA_GRAPHS", graphs ? "1" : "0", 1);
   GraphRun r;
-  dsrt_model_params mp;
-  dsrt_model_params_init(&mp, sizeof mp);
-  mp.backend = DSRT_BACKEND_CUDA;
-  testing::Model m(dir);
-  dsrt_model *mm = nullptr;
-  REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mm) == DSRT_OK);
-  std::swap(m.m, mm);
-  dsrt_model_free(mm);
+  testing::Model m(dir, 2, DSRT_BACKEND_CUDA);
   dsrt_model_info info;
   info.struct_size = sizeof info;
   REQUIRE(dsrt_model_info_get(m.m, &info) == DSRT_OK);
@@ -727,14 +720,7 @@ TEST_CASE("end to end on every preset: CUDA logits and greedy tokens vs the CPU 
   for (const std::string &preset : testing::preset_names()) {
     CAPTURE(preset);
     const std::string dir = testing::tiny(preset);
-    dsrt_model_params mp;
-    dsrt_model_params_init(&mp, sizeof mp);
-    mp.backend = DSRT_BACKEND_CUDA;
-    testing::Model m(dir);
-    dsrt_model *mm = nullptr;
-    REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mm) == DSRT_OK);
-    std::swap(m.m, mm);
-    dsrt_model_free(mm);
+    testing::Model m(dir, 2, DSRT_BACKEND_CUDA);
     const int V = m.vocab();
     testing::Engine e(m, DSRT_ATTENTION_AUTO, 512, 0, DSRT_PRECISION_FP32);
     const auto prompt = testing::prompt_tokens(V, 80);
