@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -53,6 +54,24 @@ inline void spit(const fs::path &p, const std::string &s) {
 }
 
 // The preset's checkpoint with seed 1 (the seed the reference data was made with), written once.
+// A shell command's exit status, stdout and stderr (the CLI suites run the dsrt binary through it).
+struct ShellRun {
+  int code;
+  std::string out, err;
+};
+inline ShellRun run_shell(const std::string &cmd_line) {
+  const fs::path err = fresh_dir("shell") / "stderr.txt";
+  const std::string cmd = cmd_line + " 2>" + err.string();
+  FILE *p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  return {WEXITSTATUS(status), out, slurp(err)};
+}
+
 inline std::string tiny(const std::string &preset) {
   static std::map<std::string, std::string> made;
   auto it = made.find(preset);

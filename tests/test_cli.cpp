@@ -11,26 +11,9 @@ using namespace testing;
 
 namespace {
 
-struct Run {
-  int code;
-  std::string out, err;
-};
+using Run = ShellRun;
 
-Run run(const std::string &args) {
-  fs::path err = fresh_dir("cli") / "stderr.txt";
-  std::string cmd = std::string(DSRT_CLI_PATH) + " " + args + " 2>" + err.string();
-  FILE *p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  std::ifstream ef(err);
-  std::stringstream es;
-  es << ef.rdbuf();
-  return {WEXITSTATUS(status), out, es.str()};
-}
+Run run(const std::string &args) { return run_shell(std::string(DSRT_CLI_PATH) + " " + args); }
 
 std::string join(const std::vector<int32_t> &v) {
   std::string s;

@@ -17,23 +17,7 @@ using namespace testing;
 
 namespace {
 
-struct Run {
-  int code;
-  std::string out, err;
-};
-
-Run run_shell(const std::string &cmd_line) {
-  fs::path err = fresh_dir("cli-opt") / "stderr.txt";
-  const std::string cmd = cmd_line + " 2>" + err.string();
-  FILE *p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = pclose(p);
-  return {WEXITSTATUS(status), out, slurp(err)};
-}
+using Run = ShellRun;
 
 Run cli(const std::string &args) { return run_shell(std::string(DSRT_CLI_PATH) + " " + args); }
 

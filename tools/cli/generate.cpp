@@ -100,6 +100,16 @@ void summary(const GenerateOptions &o, size_t prompt, double prompt_s, size_t ge
                gen_s > 0 ? double(generated) / gen_s : 0.0);
 }
 
+// The session a generate run decodes in, seeded from the options.
+std::unique_ptr<dsrt_session, void (*)(dsrt_session *)> new_session(const Loaded &l, const GenOptions &g) {
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  sp.seed = g.seed.value_or(0);
+  dsrt_session *s = nullptr;
+  check(dsrt_session_create(l.engine, &sp, &s));
+  return {s, dsrt_session_free};
+}
+
 int run_ids(const GenerateOptions &o, const dsrt_dist_params *dist) {
   const std::vector<int32_t> prompt = parse_tokens(o.tokens);
   const int n = o.gen.max_tokens.value_or(16);
@@ -111,12 +121,8 @@ int run_ids(const GenerateOptions &o, const dsrt_dist_params *dist) {
   SigintScope sigint;
   Loaded l;
   load(o.model, o.engine, l, o.gen.ctx ? o.gen.ctx : int(need), g_cancel, dist);
-  dsrt_session_params sp;
-  dsrt_session_params_init(&sp, sizeof sp);
-  sp.seed = o.gen.seed.value_or(0);
-  dsrt_session *s = nullptr;
-  check(dsrt_session_create(l.engine, &sp, &s));
-  std::unique_ptr<dsrt_session, void (*)(dsrt_session *)> guard(s, dsrt_session_free);
+  const auto guard = new_session(l, o.gen);
+  dsrt_session *s = guard.get();
   dsrt_sampling_params smp;
   dsrt_sampling_params_init(&smp, sizeof smp);
   smp.temperature = o.gen.temperature.value_or(0.0f);
@@ -183,12 +189,8 @@ int run_text(const GenerateOptions &o, const dsrt_dist_params *dist) {
   SigintScope sigint;
   Loaded l;
   load(o.model, o.engine, l, o.gen.ctx, g_cancel, dist);
-  dsrt_session_params sp;
-  dsrt_session_params_init(&sp, sizeof sp);
-  sp.seed = o.gen.seed.value_or(0);
-  dsrt_session *s = nullptr;
-  check(dsrt_session_create(l.engine, &sp, &s));
-  std::unique_ptr<dsrt_session, void (*)(dsrt_session *)> guard(s, dsrt_session_free);
+  const auto guard = new_session(l, o.gen);
+  dsrt_session *s = guard.get();
   const int32_t flags = DSRT_TOKENIZE_ADD_SPECIAL | DSRT_TOKENIZE_PARSE_SPECIAL;
   size_t n = 0;
   dsrt_status st = dsrt_tokenize(l.model, text.data(), text.size(), flags, nullptr, 0, &n);
