@@ -103,6 +103,61 @@ TEST_CASE("linear: FP8 with partial blocks, BF16 and F32 equal the dequantised m
   }
 }
 
+// FP8 activations on the CPU (BackendOptions::fp8_activations, DSRT_PRECISION_FP8): the reference for the GPU's
+// FP8 path. GEMMs of >= kFp8ActivationMinRows rows with FP8 weights multiply activations rounded per 128
+// channels (s = amax / 448, e4m3 nearest even, times s); fewer rows, and other weights, stay fp32.
+TEST_CASE("FP8 activations on the CPU: e4m3 rounding per 128 channels for GEMMs of >= 8 rows, fp32 below") {
+  BackendOptions o;
+  o.n_threads = 2;
+  o.fp8_activations = true;
+  auto q = make_cpu_backend(o), f = backend(2);
+  // Through an identity matrix (e4m3 1.0, scale 1) the output is the rounded activations themselves.
+  std::vector<uint8_t> eye(128 * 128, 0);
+  for (int i = 0; i < 128; i++) eye[size_t(i * 128 + i)] = f32_to_fp8_e4m3(1.0f);
+  std::vector<float> one{1.0f};
+  Weight id;
+  id.dtype = DType::F8_E4M3;
+  id.rows = id.cols = 128;
+  id.data = eye.data();
+  id.scale = one.data();
+  id.scale_cols = 1;
+  for (int T : {7, 8}) {
+    CAPTURE(T);
+    q->begin_step();
+    Tensor x = q->alloc(T, 128), y = q->alloc(T, 128);
+    for (int t = 0; t < T; t++)
+      for (int c = 0; c < 128; c++) x.f32()[t * 128 + c] = c == 0 ? 448.0f : c == 1 ? 1.0625f : c == 2 ? 3.3f : c == 3 ? -0.01f : 0.0f;
+    q->linear(x, id, y);
+    // amax 448: s = 1. 1.0625 is halfway between e4m3's 1.0 and 1.125 (even: 1.0); 3.3 -> 3.25 (spacing 0.25
+    // in [2, 4)); -0.01 -> -0.009765625 (subnormal 5 x 2^-9).
+    const float want[4] = {448.0f, T >= 8 ? 1.0f : 1.0625f, T >= 8 ? 3.25f : 3.3f, T >= 8 ? -0.009765625f : -0.01f};
+    for (int t = 0; t < T; t++)
+      for (int c = 0; c < 4; c++) CHECK(y.f32()[t * 128 + c] == want[c]);
+  }
+  std::mt19937 rng(11);
+  for (DType dt : {DType::F8_E4M3, DType::BF16}) {
+    OwnedWeight ow(200, 256, dt, rng);
+    for (int T : {1, 7, 8, 33}) {
+      CAPTURE(T);
+      q->begin_step();
+      f->begin_step();
+      Tensor x = q->alloc(T, 256), yq = q->alloc(T, 200), xf = f->alloc(T, 256), yf = f->alloc(T, 200);
+      fill(x, rng);
+      q->linear(x, ow.w, yq);
+      const bool rounds = T >= kFp8ActivationMinRows && dt == DType::F8_E4M3;
+      for (int64_t i = 0; i < T * 256; i += 128) {  // the rounding written out, on the fp32 backend's input
+        float amax = 0;
+        for (int64_t j = i; j < i + 128; j++) amax = std::max(amax, std::fabs(x.f32()[j]));
+        const float sc = amax / 448.0f;
+        for (int64_t j = i; j < i + 128; j++)
+          xf.f32()[j] = rounds ? fp8_e4m3_to_f32(f32_to_fp8_e4m3(x.f32()[j] / sc)) * sc : x.f32()[j];
+      }
+      f->linear(xf, ow.w, yf);
+      CHECK(std::equal(yq.f32(), yq.f32() + T * 200, yf.f32()));
+    }
+  }
+}
+
 TEST_CASE("results do not depend on the thread count") {
   std::mt19937 rng(2);
   OwnedWeight ow(300, 256, DType::F8_E4M3, rng);

@@ -491,7 +491,9 @@ dsrt_status dsrt_engine_create_dist(dsrt_model *m, const dsrt_engine_params *par
     eo.backend.n_threads = m->n_threads;
     if (p.precision != DSRT_PRECISION_AUTO && p.precision != DSRT_PRECISION_FP32 && p.precision != DSRT_PRECISION_FP8)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown precision ", p.precision);
-    eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8;
+    // AUTO: FP8 activations on a GPU (tensor cores for GEMMs of many rows), the fp32 reference on the CPU.
+    eo.backend.fp8_activations = p.precision == DSRT_PRECISION_FP8 ||
+                                 (p.precision == DSRT_PRECISION_AUTO && m->backend == DSRT_BACKEND_CUDA);
     if (!(p.kv_memory_fraction >= 0.0f && p.kv_memory_fraction <= 0.95f))  // NaN fails too
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "kv_memory_fraction ", p.kv_memory_fraction,
                   " must be in (0, 0.95], or 0 to size the pool by max_tokens");

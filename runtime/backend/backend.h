@@ -192,11 +192,18 @@ class Backend {
   virtual BackendCounters counters() const { return {}; }
 };
 
+// GEMMs of at least this many rows quantise activations to FP8 (when BackendOptions::fp8_activations is on):
+// the linears of a step with that many token rows, and the routed experts of a step with that many tokens
+// (whatever each expert receives). Fewer rows read each weight once on the GEMV path anyway.
+constexpr int64_t kFp8ActivationMinRows = 8;
+
 struct BackendOptions {
   int n_threads = 0;  // CPU threads, 0 = all
   int device = 0;     // CUDA device index
-  // CUDA: GEMMs of many rows quantise activations to FP8 (per token per 128 channels) and run on cuBLASLt's
-  // block-scaled FP8 path; false keeps fp32 activations everywhere (the CPU reference's numbers).
+  // GEMMs of at least kFp8ActivationMinRows rows with FP8 weights quantise their activations to FP8 (per token
+  // per 128 channels, e4m3, scale amax / 448): CUDA runs them on tensor cores; the CPU rounds the activations
+  // the same way and multiplies in fp32, the reference for the GPU's FP8 path. false: fp32 activations
+  // everywhere (the CPU reference's numbers).
   bool fp8_activations = false;
   // CUDA: replay repeated step segments from CUDA graphs (DSRT_CUDA_GRAPHS=0 turns them off too).
   bool cuda_graphs = true;

@@ -499,22 +499,20 @@ TEST_CASE("op by op through the model on every preset") {
   }
 }
 
-// Every op of the same forward with FP8 activations (cuBLASLt's block-scaled GEMM for GEMMs of >= 32 rows) on
-// an F32 cache, each linear named by weight and row count: a GEMM's activations quantised per token per 128
-// channels to e4m3 (3 mantissa bits) move its output by 2-3% against the CPU's fp32 activations (measured
-// 2.2e-2 to 2.7e-2 on an H200), and so do the ops with GEMMs inside (the naive attention's decompression of
-// the latents, the prefill expert path); every other op stays within 1e-4 of the CPU given the same inputs.
-// This test found the block-scale padding bug (cuda_backend.cpp, upload): GEMMs with K = 128 or 256 were
-// 0.33-0.87 off while K >= 512 were right.
-TEST_CASE("op by op with FP8 activations: each GEMM within the e4m3 quantisation error") {
-  if (cublaslt_status().rfind("cuBLASLt ", 0) != 0) return;
+// Every op of the same forward with FP8 activations on an F32 cache, against the CPU rounding activations the
+// same way (BackendOptions::fp8_activations on the CPU), each linear named by weight and row count. Given the
+// same inputs both quantise to the same e4m3 values, so a GEMM differs only by the order of its fp32 sums; the
+// routed experts also quantise their SwiGLU output, whose last-bit differences can move an e4m3 rounding.
+// The first version of this test (against fp32 activations) found the block-scale padding bug (cuda_backend.cpp,
+// upload): GEMMs with K = 128 or 256 were 0.33-0.87 off while K >= 512 were right.
+TEST_CASE("op by op with FP8 activations: every op within 1e-4 of the CPU's FP8 rounding (experts 2e-3)") {
   for (const std::string &preset : testing::preset_names()) {
     CAPTURE(preset);
     LoadOptions lo;
     auto model = Model::load(testing::tiny(preset), lo);
     BackendOptions opt;
     opt.fp8_activations = true;
-    testing::MirrorBackend be(make_backend(BackendKind::Cuda, opt), cpu());
+    testing::MirrorBackend be(make_backend(BackendKind::Cuda, opt), make_cpu_backend(opt));
     be.per_weight = true;
     KvCacheSpec spec;
     spec.n_layers = model->cfg.num_hidden_layers + int64_t(model->w.mtp.size());
@@ -536,8 +534,7 @@ TEST_CASE("op by op with FP8 activations: each GEMM within the e4m3 quantisation
     for (const auto &[op, e] : be.errors) {
       MESSAGE(preset << " FP8 activations: " << op << ": " << e.calls << " calls, worst relative L2 " << e.worst << " at call "
                      << e.worst_call);
-      const bool gemm = op.rfind("linear F8_E4M3", 0) == 0 || op == "mla_attention naive" || op == "moe_experts";
-      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : gemm ? 8e-2 : 1e-4), op);
+      CHECK_MESSAGE(e.worst < (op == "moe_route ids" ? 0.5 : op == "moe_experts" ? 2e-3 : 1e-4), op);
     }
   }
 }
@@ -857,68 +854,53 @@ TEST_CASE("FP8 GEMM (cuBLASLt, FP8 activations) vs fp64 on the same quantised in
   }
 }
 
-// The default precision: prefill GEMMs with FP8 activations. Teacher-forced on the CPU's greedy tokens, every
-// step's logits stay within 2e-2 (relative L2) and pick the CPU's token wherever its top-2 margin exceeds 0.5.
-// Known to fail today (relative L2 0.5-0.7 on no-qlora and v3-mini) although every GEMM shape of those
-// presets matches fp64 when run alone (the test above): the whole-model FP8 path is under investigation.
-// The whole model with FP8 activations (an 80-token prefill through cuBLASLt's block-scaled GEMMs, then 23
-// one-token decode steps, teacher-forced on the CPU's greedy tokens) against the CPU's fp32 activations. Each
-// prefill GEMM is 2-3% off by its e4m3 activations (the op-by-op test above bounds every GEMM: the check of
-// the implementation); the whole model amplifies that noise by a factor that depends on the model: measured
-// on an H200, no-qlora's steps had a median of 7.4e-3 and a max of 2.7e-2, v3-mini's 2.4e-2 and 0.16 (6 of
-// 24 steps beyond 8e-2, all in its first 16 steps: the decode steps read latents the prefill wrote through
-// FP8 GEMMs). Issue 10's 2e-2 for every step is not met by v3-mini; the bounds here are the median step within
-// 4e-2 (the block-scale padding bug put every step of no-qlora and v3-mini at 0.3-0.7) and the greedy token
-// equal wherever the CPU's top two logits are more than 0.5 apart.
-TEST_CASE("end to end with FP8 activations: the median step within 4e-2, greedy tokens where the margin is clear") {
+// The default precision on a GPU (AUTO = FP8 activations for GEMMs of >= 8 rows): an 80-token prefill
+// through FP8 GEMMs, then 23 one-token decode steps, teacher-forced on the CPU's greedy tokens. Against the CPU
+// with the same activation rounding (DSRT_PRECISION_FP8 on the CPU: e4m3 per 128 channels, fp32 arithmetic)
+// every step must be within issue 10's 2e-2 and pick the CPU's token wherever its top-2 margin exceeds 0.5:
+// that checks the implementation. Against the CPU's fp32 activations the difference is the quantisation
+// itself, which each GEMM moves by 2-3% and the random tiny models amplify (measured on an H200: no-qlora's
+// steps median 7.4e-3, max 2.7e-2; v3-mini's median 2.4e-2, max 0.16 in its first steps): bounded by the median.
+TEST_CASE("end to end with FP8 activations (the GPU default): every step within 2e-2 of the CPU's FP8 rounding") {
   for (const std::string &preset : testing::preset_names()) {
     CAPTURE(preset);
     const std::string dir = testing::tiny(preset);
-    dsrt_model_params mp;
-    dsrt_model_params_init(&mp, sizeof mp);
-    mp.backend = DSRT_BACKEND_CPU;
-    dsrt_model *mc = nullptr, *mg = nullptr;
-    REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mc) == DSRT_OK);
-    mp.backend = DSRT_BACKEND_CUDA;
-    REQUIRE(dsrt_model_load(dir.c_str(), &mp, &mg) == DSRT_OK);
-    testing::Model cm(dir), gm(dir);
-    std::swap(cm.m, mc);
-    std::swap(gm.m, mg);
-    dsrt_model_free(mc);
-    dsrt_model_free(mg);
+    testing::Model cm(dir, 0, DSRT_BACKEND_CPU), gm(dir, 0, DSRT_BACKEND_CUDA);
     const int32_t V = cm.vocab();
-    testing::Engine ce(cm), ge(gm, DSRT_ATTENTION_AUTO, 512, 0, DSRT_PRECISION_FP8);
-    testing::Session cs(ce), gs(ge);
+    testing::Engine c32(cm, DSRT_ATTENTION_AUTO, 512, 0, DSRT_PRECISION_FP32),
+        c8(cm, DSRT_ATTENTION_AUTO, 512, 0, DSRT_PRECISION_FP8), ge(gm);  // ge: AUTO
+    testing::Session s32(c32), s8(c8), gs(ge);
     auto prompt = testing::prompt_tokens(V, 80);
-    cs.append(prompt);
-    gs.append(prompt);
-    std::vector<double> errs;
+    for (auto *s : {&s32, &s8, &gs}) s->append(prompt);
+    std::vector<double> errs8, errs32;
     int checked = 0;
     for (int step = 0; step < 24; step++) {
-      cs.eval();
-      gs.eval();
-      const auto lc = cs.logits(), lg = gs.logits();
-      errs.push_back(testing::rel_l2(lg.data(), lc.data(), size_t(V)));
-      std::vector<float> sorted(lc);
-      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
-      const int32_t tc = cs.greedy(), tg = gs.greedy();
-      if (sorted[0] - sorted[1] > 0.5f) {
-        CHECK(tg == tc);
+      for (auto *s : {&s32, &s8, &gs}) s->eval();
+      const auto l32 = s32.logits(), l8 = s8.logits(), lg = gs.logits();
+      errs8.push_back(testing::rel_l2(lg.data(), l8.data(), size_t(V)));
+      errs32.push_back(testing::rel_l2(lg.data(), l32.data(), size_t(V)));
+      CHECK_MESSAGE(errs8.back() < 2e-2, "step " << step);
+      std::vector<float> top(l8);
+      std::partial_sort(top.begin(), top.begin() + 2, top.end(), std::greater<float>());
+      const int32_t t8 = s8.greedy(), tg = gs.greedy();
+      if (top[0] - top[1] > 0.5f) {
+        CHECK_MESSAGE(tg == t8, "step " << step);
         checked++;
       }
-      cs.append({tc});
-      gs.append({tc});
+      for (auto *s : {&s32, &s8, &gs}) s->append({t8});
     }
-    std::vector<double> sorted_errs(errs);
-    std::sort(sorted_errs.begin(), sorted_errs.end());
-    const double median = sorted_errs[sorted_errs.size() / 2];
-    const auto beyond = std::count_if(errs.begin(), errs.end(), [](double e) { return e > 8e-2; });
+    auto summary = [](std::vector<double> e) {
+      std::sort(e.begin(), e.end());
+      return std::make_pair(e[e.size() / 2], e.back());
+    };
+    const auto [med8, max8] = summary(errs8);
+    const auto [med32, max32] = summary(errs32);
     std::string all;
-    for (double e : errs) all += " " + std::to_string(e).substr(0, 7);
-    MESSAGE(preset << ": FP8-activation CUDA vs CPU, relative L2 per step: median " << median << ", max "
-                   << sorted_errs.back() << ", " << beyond << " beyond 8e-2; " << checked
+    for (double e : errs8) all += " " + std::to_string(e).substr(0, 7);
+    MESSAGE(preset << ": FP8 CUDA vs CPU with FP8 rounding, relative L2 per step: median " << med8 << ", max " << max8
+                   << "; vs CPU fp32 activations: median " << med32 << ", max " << max32 << "; " << checked
                    << " of 24 steps had a clear margin; steps:" << all);
-    CHECK(median < 4e-2);
+    CHECK(med32 < 4e-2);
   }
 }
 

@@ -72,7 +72,7 @@ void add_engine_options(CLI::App &app, EngineOptions &o) {
   app.add_option("--max-batch-tokens", o.max_batch_tokens, "tokens in one forward step (the prefill chunk)")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
-  app.add_option("--precision", o.precision, "GPU GEMM activations: auto, fp32 or fp8 (fp8 is experimental)")
+  app.add_option("--precision", o.precision, "GEMM activations: fp8 (GEMMs of >= 8 rows, W8A8) or fp32; auto = fp8 on a GPU, fp32 on the CPU")
       ->transform(choice<int>({{"auto", DSRT_PRECISION_AUTO}, {"fp32", DSRT_PRECISION_FP32}, {"fp8", DSRT_PRECISION_FP8}}))
       ->option_text("auto|fp32|fp8 (default auto)");
   app.add_option("--attention", o.attention, "MLA form: auto, naive or absorbed")

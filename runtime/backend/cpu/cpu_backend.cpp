@@ -13,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "backend/scratch_arena.h"
+#include "core/dtype.h"
 #include "core/memory.h"
 #include "core/status.h"
 #include "core/thread_pool.h"
@@ -33,6 +34,18 @@ inline float dot(const float *a, const float *b, int64_t n) {
 
 inline void axpy(float a, const float *x, float *y, int64_t n) {
   for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+// FP8 activations as the GPU makes them (kernels::quantize_rows_fp8): each 128-channel group of a row scaled
+// by s = amax / 448 (1 for an all-zero group), rounded to e4m3 (nearest even, saturating) and scaled back, so
+// an fp32 GEMM over the result is the block-scaled FP8 GEMM's arithmetic up to the order of its sums.
+void round_rows_to_fp8(const float *x, int64_t rows, int64_t k, float *out) {
+  for (int64_t i = 0; i < rows * k; i += 128) {
+    float amax = 0.0f;
+    for (int64_t j = i; j < i + 128; j++) amax = std::max(amax, std::fabs(x[j]));
+    const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+    for (int64_t j = i; j < i + 128; j++) out[j] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[j] / s)) * s;
+  }
 }
 
 // KV bytes that the live CPU pools of this process may still allocate: a pool promises its whole size at
@@ -60,7 +73,8 @@ class CpuBackend final : public ArenaBackend {
               return p;
             },
             [](void *p) { mi_free(p); }, size_t(64) << 20, 64),
-        pool_(opt.n_threads) {}
+        pool_(opt.n_threads),
+        fp8_activations_(opt.fp8_activations) {}
   ~CpuBackend() override {
     for (void *p : pages_) mi_free(p);
     g_kv_bytes_promised.fetch_sub(kv_promised_);
@@ -200,6 +214,20 @@ class CpuBackend final : public ArenaBackend {
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shapes x[", x.rows, ",", x.cols, "] W[", w.rows, ",", w.cols,
             "] out[", out.rows, ",", out.cols, "]");
+    multiply(fp8_input(x, x.rows, w), w, out);
+  }
+
+  // x itself, or x rounded to FP8 activations when a GEMM of `step_rows` rows with weight w quantises them
+  // on the GPU (BackendOptions::fp8_activations, kFp8ActivationMinRows).
+  Tensor fp8_input(Tensor x, int64_t step_rows, const Weight &w) {
+    if (!fp8_activations_ || step_rows < kFp8ActivationMinRows || w.dtype != DType::F8_E4M3 || x.cols % 128) return x;
+    Tensor q = alloc(x.rows, x.cols);
+    const int64_t K = x.cols;
+    pool_.parallel_for(x.rows, 1, [&](int64_t a, int64_t b) { round_rows_to_fp8(x.f32() + a * K, b - a, K, q.f32() + a * K); });
+    return q;
+  }
+
+  void multiply(Tensor x, const Weight &w, Tensor out) {
     constexpr int64_t kTile = 8;
     const int64_t K = w.cols, N = w.rows, T = x.rows;
     const int64_t n_tiles = (N + kTile - 1) / kTile;
@@ -300,7 +328,7 @@ class CpuBackend final : public ArenaBackend {
       std::memcpy(lat.f32() + j * d.latent, e, size_t(d.latent) * sizeof(float));
       std::memcpy(kpe.f32() + j * d.rope, e + d.latent, size_t(d.rope) * sizeof(float));
     }
-    linear(lat, kv_b, kvd);  // [n_ctx, nh*(dn+dv)]: head h = [k_nope (dn) ; v (dv)]
+    multiply(lat, kv_b, kvd);  // [n_ctx, nh*(dn+dv)]: head h = [k_nope (dn) ; v (dv)]
     pool_.parallel_for(int64_t(s.n_new) * d.n_heads, 1, [&](int64_t a, int64_t bnd) {
       float *p = thread_scratch(size_t(n_ctx), 1);
       for (int64_t w = a; w < bnd; w++) {
@@ -376,7 +404,7 @@ class CpuBackend final : public ArenaBackend {
     const auto timer_ = timed("moe_route", nullptr);
     const int64_t E = p.n_experts, T = x.rows;
     Tensor logits = alloc(T, E);
-    linear(x, gate, logits);  // fp32 router logits
+    multiply(x, gate, logits);  // fp32 router logits
     pool_.parallel_for(T, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> s(static_cast<size_t>(E)), u(static_cast<size_t>(E));
       for (int64_t t = t0; t < t1; t++) {
@@ -462,17 +490,22 @@ class CpuBackend final : public ArenaBackend {
         by_expert[size_t(e)].push_back({int32_t(t), weights.f32()[t * K + k]});
       }
     std::fill(out.f32(), out.f32() + T * H, 0.0f);
+    // FP8 activations follow the step's token count, as on the GPU, whatever rows each expert gets.
+    const Weight *any = nullptr;
+    for (const FfnWeights &f : experts)
+      if (f.gate) any = &f.gate;
+    const Tensor xin = any ? fp8_input(x, T, *any) : x;
     for (size_t e = 0; e < experts.size(); e++) {
       auto &toks = by_expert[e];
       if (toks.empty() || !experts[e].gate) continue;  // absent: another rank's expert (Mapping)
       const int64_t n = int64_t(toks.size()), inter = experts[e].gate.rows;
       Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
       for (int64_t i = 0; i < n; i++)
-        std::memcpy(xe.f32() + i * H, x.f32() + int64_t(toks[size_t(i)].first) * H, size_t(H) * sizeof(float));
-      linear(xe, experts[e].gate, g);
-      linear(xe, experts[e].up, u);
+        std::memcpy(xe.f32() + i * H, xin.f32() + int64_t(toks[size_t(i)].first) * H, size_t(H) * sizeof(float));
+      multiply(xe, experts[e].gate, g);
+      multiply(xe, experts[e].up, u);
       silu_mul(g, u, g);
-      linear(g, experts[e].down, y);
+      multiply(fp8_input(g, T, experts[e].down), experts[e].down, y);
       for (int64_t i = 0; i < n; i++)
         axpy(toks[size_t(i)].second, y.f32() + i * H, out.f32() + int64_t(toks[size_t(i)].first) * H, H);
     }
@@ -493,6 +526,7 @@ class CpuBackend final : public ArenaBackend {
 
  private:
   ThreadPool pool_;
+  const bool fp8_activations_;
   KvCacheSpec kv_;
   std::vector<void *> pages_;  // each kv_.page_bytes(), allocated on first use
 };

@@ -648,7 +648,7 @@ class CudaBackend final : public ArenaBackend {
 
   // out [m, N] = x [m, K] W^T: cuBLASLt's block-scaled FP8 GEMM for many rows (FP8 activations), else the
   // fp32-activation GEMV kernels (decode, BF16 weights, shapes cuBLASLt refuses, fp8_activations off).
-  bool gemm_path(int64_t m, const k::DevMatrix &w) const { return gemm_ && m >= kMinGemmRows && Fp8Gemm::eligible(w); }
+  bool gemm_path(int64_t m, const k::DevMatrix &w) const { return gemm_ && m >= kFp8ActivationMinRows && Fp8Gemm::eligible(w); }
   void matmul(const float *x, int64_t m, const k::DevMatrix &w, float *out) {
     bool done = false;
     if (gemm_path(m, w)) {
@@ -758,7 +758,6 @@ class CudaBackend final : public ArenaBackend {
   }
 
   static constexpr int64_t kDeviceExpertSlots = 256;
-  static constexpr int64_t kMinGemmRows = 32;  // below this the GEMV kernels read each weight once anyway
   std::unique_ptr<Fp8Gemm> gemm_;
   const bool debug_ = std::getenv("DSRT_DEBUG_GEMM") != nullptr;  // one stderr line per GEMM: which path  // token x slot pairs up to which experts run on the device
 
