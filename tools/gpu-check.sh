@@ -5,7 +5,8 @@
 #           tokens (the test data in tests/data/reference/)
 #   text    tokenizer ids and rendered chat templates from the reference libraries (tests/data/text/)
 #   v3      dsrt bench --profile on the v3-layers preset (DeepSeek-V3 layer shapes, made there); V3_PROMPTS,
-#           V3_BATCHES, V3_CTX, V3_GEN (comma lists) and V3_TIMEOUT choose the table
+#           V3_BATCHES, V3_CTX, V3_GEN (comma lists) and V3_TIMEOUT choose the table; V3_ARGS adds options
+#           (e.g. --max-batch-tokens 4096 --precision fp32)
 #   decode  dsrt bench (no per-op events) on v3-layers, with CUDA graphs and without (DSRT_CUDA_GRAPHS=0):
 #           step time, GPU time and host overhead; V3_BATCHES, V3_CTX, V3_GEN as for v3
 #   ops     dsrt bench --ops --sweep: every GEMV shape of a V3 decode step against the copy rate
@@ -85,7 +86,7 @@ for stage in $stages; do
       gpu_env
       [ -f /tmp/v3-layers/config.json ] || /usr/bin/time -f "make-tiny v3-layers: %e s" $bin/dsrt make-tiny --preset v3-layers --out /tmp/v3-layers
       timeout "${V3_TIMEOUT:-400}" $bin/dsrt bench --model /tmp/v3-layers --backend cuda --prompt ${V3_PROMPTS:-512,4096} \
-        --batch ${V3_BATCHES:-1,8,32,128} --ctx ${V3_CTX:-128} --gen ${V3_GEN:-16} --profile 2>&1 | tee "$OUT/bench-v3.log"
+        --batch ${V3_BATCHES:-1,8,32,128} --ctx ${V3_CTX:-128} --gen ${V3_GEN:-16} --profile ${V3_ARGS:-} 2>&1 | tee "$OUT/bench-v3.log"
       [ "${PIPESTATUS[0]}" = 0 ] || fail "bench v3-layers" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
