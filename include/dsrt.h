@@ -166,8 +166,13 @@ typedef struct dsrt_model_params {
   const int32_t *devices;     /* CUDA device indices the weights are placed on (n_devices of them); NULL: device 0 */
   int32_t n_devices;          /* today at most 1 */
   uint64_t device_memory;     /* bytes of each device the weights may take; 0 = what is free, less 1 GiB of
-                                 working room. Too small for the weights: DSRT_ERR_OUT_OF_MEMORY at load,
-                                 naming the bytes needed. */
+                                 working room. The non-expert weights must fit (DSRT_ERR_OUT_OF_MEMORY at
+                                 load, naming the bytes needed); routed experts fill the rest, whole experts
+                                 round robin over the layers, and those that do not fit stay in host memory,
+                                 where the GPU reads them in place over PCIe (expert offload; the memory they
+                                 lie in is pinned). dsrt inspect --placement shows the split. */
+  float device_memory_fraction; /* (0, 1]: the weights may take this share of the device's free memory at load
+                                   (instead of device_memory); 0 = off */
 } dsrt_model_params;
 
 DSRT_API void dsrt_model_params_init(dsrt_model_params *p, size_t size);

@@ -42,6 +42,9 @@ TEST_CASE("bad command lines: exit status 2, one line on stderr naming the optio
       {"generate -m " + m + " -p hi --print-ids", "--print-ids"},             // --print-ids with a text prompt
       {"generate -m " + m + " --tokens 1 -p hi", "--prompt"},                 // two prompts
       {"generate -m " + m + " --tokens 1 --backend tpu", "--backend"},        // not a choice
+      {"generate -m " + m + " --tokens 1 --gpu-memory lots", "--gpu-memory"}, // not a size
+      {"generate -m " + m + " --tokens 1 --gpu-memory 40X", "--gpu-memory"},  // unknown unit
+      {"generate -m " + m + " --tokens 1 --gpu-memory 0", "--gpu-memory"},    // no budget
       {"generate -m " + m + " --tokens 1,2 -n 4 --ctx 3", "--ctx"},           // context smaller than the request
       {"generate -m " + m + " --tokens 1 -n 0", "-n"},                        // no limit: text prompts only
       {"generate -m " + m + " --tokens 1 --mtp-drafts 2", "--mtp"},           // needs --mtp

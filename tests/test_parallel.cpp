@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -234,7 +235,7 @@ TEST_CASE("a step is plain data: its encoding round-trips and corrupt bytes are 
   CHECK_THROWS_AS(dsrt::Step::decode(far.encode()), dsrt::Error);
 }
 
-TEST_CASE("placement: everything on one device within its budget, or an error naming the bytes") {
+TEST_CASE("placement: one device within its budget, routed experts beyond it in host memory, or an error naming the bytes") {
   auto model = dsrt::Model::load(tiny("v3-mini"), {});
   const auto gpu = std::vector<dsrt::Device>{dsrt::Device::cuda(0)};
   const dsrt::Placement all = dsrt::Placement::plan(model->w, gpu, uint64_t(1) << 30);
@@ -252,7 +253,41 @@ TEST_CASE("placement: everything on one device within its budget, or an error na
     CHECK(e.code() == DSRT_ERR_OUT_OF_MEMORY);
     CHECK(std::string(e.what()).find("the non-expert weights need") != std::string::npos);
   }
-  CHECK_THROWS_AS(dsrt::Placement::plan(model->w, gpu, non_expert + 1), dsrt::Error);  // experts do not fit
+  // A budget between the non-expert weights and the whole model: whole routed experts fill it, round robin
+  // over the layers; the others stay in host memory (expert offload).
+  const uint64_t experts = all.devices[0].routed_experts;
+  const int64_t n_experts = all.devices[0].experts_on_device;
+  CHECK(all.experts_in_host == 0);
+  CHECK(all.host_bytes == 0);
+  for (double share : {0.0, 0.3, 0.5, 0.99}) {
+    CAPTURE(share);
+    const dsrt::Placement some = dsrt::Placement::plan(model->w, gpu, non_expert + uint64_t(share * double(experts)));
+    REQUIRE(some.devices.size() == 1);
+    CHECK(some.devices[0].non_expert == non_expert);
+    CHECK(some.devices[0].routed_experts <= uint64_t(share * double(experts)));
+    CHECK(some.devices[0].routed_experts + some.host_bytes == experts);
+    CHECK(some.devices[0].experts_on_device + some.experts_in_host == n_experts);
+    CHECK(some.experts_in_host > 0);
+    // Every layer holds the same number of experts on the device, give or take one.
+    int64_t lo = INT64_MAX, hi = 0;
+    for (const dsrt::LayerWeights &L : model->w.layers) {
+      if (L.experts.empty()) continue;
+      int64_t on = 0;
+      for (const dsrt::FfnWeights &e : L.experts) {
+        const int16_t g = some.where[size_t(e.gate.id)];
+        CHECK(some.where[size_t(e.up.id)] == g);  // whole experts
+        CHECK(some.where[size_t(e.down.id)] == g);
+        CHECK(some.part[size_t(e.gate.id)] == dsrt::Placement::Part::RoutedExpert);
+        on += g == 0;
+      }
+      lo = std::min(lo, on);
+      hi = std::max(hi, on);
+    }
+    CHECK(hi - lo <= 1);
+    for (const dsrt::Weight *w : model->w.all)  // nothing else leaves the device
+      if (some.part[size_t(w->id)] != dsrt::Placement::Part::RoutedExpert) CHECK(some.where[size_t(w->id)] == 0);
+    CHECK(some.str().find("read in place over PCIe") != std::string::npos);
+  }
   CHECK_THROWS_AS(dsrt::Placement::plan(model->w, {dsrt::Device::cuda(0), dsrt::Device::cuda(1)}, 1 << 30), dsrt::Error);
   const dsrt::Placement host = dsrt::Placement::plan(model->w, {}, 0);
   CHECK(host.devices.empty());

@@ -316,6 +316,7 @@ void dsrt_model_params_init(dsrt_model_params *p, size_t size) {
   d.devices = nullptr;
   d.n_devices = 0;
   d.device_memory = 0;
+  d.device_memory_fraction = 0.0f;
   init_struct(p, size, d);
 }
 
@@ -368,6 +369,9 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
       if (lo.devices.empty()) lo.devices.push_back(dsrt::Device::cuda(0));
     }
     lo.device_memory = p.device_memory;
+    if (!(p.device_memory_fraction >= 0.0f && p.device_memory_fraction <= 1.0f))  // NaN fails too
+      dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "device_memory_fraction ", p.device_memory_fraction, " must be in (0, 1], or 0");
+    lo.device_memory_fraction = p.device_memory_fraction;
     auto h = std::make_unique<dsrt_model>();
     dsrt::LoadedModel lm = dsrt::load_model(dir, lo);
     h->model = std::move(lm.model);

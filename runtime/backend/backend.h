@@ -131,12 +131,16 @@ class Backend {
   // The latent cache dtype this backend is meant to run with (design.md §5): BF16 on a GPU, F32 on the CPU
   // reference. kv_init accepts F32 and BF16 on every backend.
   virtual DType default_kv_dtype() const = 0;
-  // The weights the forward will read, given once at engine creation: a GPU backend uploads them now, so that
-  // too little device memory is a clear DSRT_ERR_OUT_OF_MEMORY at load rather than a failure mid-generation.
-  // The copies go into the model's store for this backend's device (shared with the model's other engines).
-  virtual void prepare_weights(DeviceWeightRegistry &store, const std::vector<const Weight *> &weights) {
+  // The weights the forward will read, given once at engine creation: a GPU backend uploads `weights` now, so
+  // that too little device memory is a clear DSRT_ERR_OUT_OF_MEMORY at load rather than a failure
+  // mid-generation, and maps `host_weights` (routed experts the placement left in host memory: expert
+  // offload) for its kernels to read in place. Both go into the model's store for this backend's device
+  // (shared with the model's other engines). The CPU reads every weight in place and ignores both.
+  virtual void prepare_weights(DeviceWeightRegistry &store, const std::vector<const Weight *> &weights,
+                               const std::vector<const Weight *> &host_weights) {
     (void)store;
     (void)weights;
+    (void)host_weights;
   }
   virtual Device device() const = 0;
   // Bytes of memory this backend could still allocate (device memory on a GPU, available RAM on the CPU);

@@ -66,12 +66,15 @@ void Engine::init() {
     fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with tensor or expert parallelism are not supported yet: set mtp_drafts 0");
   // The weights first (the MTP layer's only when drafts are on): on a GPU they take the device memory the KV
   // pool is then sized from. They go into the model's store for the device, shared with its other engines.
-  std::vector<const Weight *> used;
+  // Routed experts the placement left in host memory are read there (expert offload).
+  std::vector<const Weight *> used, in_host;
+  const Placement &pl = model_->placement;
   for (const Weight *w : model_->w.all) {
-    const bool mtp = model_->placement.part.at(size_t(w->id)) == Placement::Part::Mtp;
-    if (w->data && (!mtp || mtp_)) used.push_back(w);
+    const bool mtp = pl.part.at(size_t(w->id)) == Placement::Part::Mtp;
+    if (!w->data || (mtp && !mtp_)) continue;
+    (!pl.devices.empty() && pl.where.at(size_t(w->id)) < 0 ? in_host : used).push_back(w);
   }
-  ranks_->for_each_backend([&](Backend &be) { be.prepare_weights(model_->device_weights, used); });
+  ranks_->for_each_backend([&](Backend &be) { be.prepare_weights(model_->device_weights, used, in_host); });
   KvCacheSpec spec;
   spec.n_layers = c.num_hidden_layers + int64_t(model_->w.mtp.size());  // MTP layers get their own slots
   spec.width = c.kv_cache_width();

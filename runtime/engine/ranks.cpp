@@ -81,7 +81,7 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         spec.max_pages = in.get<int64_t>();
         spec.dtype = DType(in.get<int32_t>());
         in.done();
-        be.prepare_weights(shard.model->device_weights, follower_weights(*shard.model));
+        be.prepare_weights(shard.model->device_weights, follower_weights(*shard.model), {});  // (CPU followers)
         be.kv_init(spec);
         break;
       }

@@ -118,7 +118,9 @@ void Model::finish_load(const LoadOptions &opt) {
   }
   fingerprint = fp.hex_digest();
   uint64_t budget = opt.device_memory;
-  if (!opt.devices.empty() && budget == 0) {
+  if (!opt.devices.empty() && opt.device_memory_fraction > 0)
+    budget = uint64_t(opt.device_memory_fraction * double(device_free_memory(opt.devices[0])));
+  else if (!opt.devices.empty() && budget == 0) {
     const uint64_t reserve = uint64_t(1) << 30;  // scratch, KV pool, cuBLASLt workspace, CUDA's own needs
     const uint64_t free_b = device_free_memory(opt.devices[0]);
     budget = free_b > reserve ? free_b - reserve : 0;

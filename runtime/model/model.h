@@ -30,6 +30,7 @@ struct LoadOptions {
   // bytes each may hold (0: what the device has free, less 1 GiB of working room).
   std::vector<Device> devices;
   uint64_t device_memory = 0;
+  double device_memory_fraction = 0;  // > 0: this share of the device's free memory instead of device_memory
   // Map (default): weights read in place from the shards, which must not change while the model is loaded
   // (Checkpoint::verify_unchanged detects it between steps). Copy: weights copied into memory at load.
   ShardAccess shard_access = ShardAccess::Map;

@@ -1,5 +1,6 @@
 #include "model/placement.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "core/status.h"
@@ -71,19 +72,39 @@ Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devi
   if (non_expert > budget)
     failf(DSRT_ERR_OUT_OF_MEMORY, "the non-expert weights need ", mib(non_expert), " of ", devices[0].str(),
           " memory, but the budget is ", mib(budget));
-  if (non_expert + experts > budget)
-    failf(DSRT_ERR_OUT_OF_MEMORY, "the model's weights need ", mib(non_expert + experts), " of ", devices[0].str(),
-          " memory (", mib(non_expert), " non-expert + ", mib(experts), " routed experts), but the budget is ", mib(budget),
-          "; keeping routed experts in host memory (expert offload) is not supported yet");
   DeviceShare d;
   d.device = devices[0];
   d.budget = budget;
   d.non_expert = non_expert;
-  d.routed_experts = experts;
   d.mtp = mtp_bytes;
-  p.devices.push_back(d);
   for (const Weight *x : w.all)
-    if (x->id >= 0) p.where[size_t(x->id)] = 0;
+    if (x->id >= 0 && p.part[size_t(x->id)] != Part::RoutedExpert) p.where[size_t(x->id)] = 0;
+  // Routed experts fill what the budget leaves, whole experts, taken round robin over the layers (expert 0 of
+  // every layer, then expert 1, ...) so that each layer keeps the same share on the device; the others stay
+  // in host memory, read in place from the mapped shards (expert offload).
+  uint64_t left = budget - non_expert;
+  size_t most = 0;
+  for (const LayerWeights &L : w.layers) most = std::max(most, L.experts.size());
+  for (size_t j = 0; j < most; j++)
+    for (const LayerWeights &L : w.layers) {
+      if (j >= L.experts.size()) continue;
+      const FfnWeights &e = L.experts[j];
+      const uint64_t b = bytes_of(e.gate) + bytes_of(e.up) + bytes_of(e.down);
+      const bool fits = b <= left;
+      if (fits) left -= b;
+      for (const Weight *x : {&e.gate, &e.up, &e.down}) {
+        if (!*x || x->id < 0) continue;
+        if (fits) {
+          p.where[size_t(x->id)] = 0;
+          d.routed_experts += bytes_of(*x);
+          d.experts_on_device += x == &e.gate;
+        } else {
+          p.host_bytes += bytes_of(*x);
+          p.experts_in_host += x == &e.gate;
+        }
+      }
+    }
+  p.devices.push_back(d);
   return p;
 }
 
@@ -99,6 +120,11 @@ std::string Placement::str() const {
   }
   if (devices.empty()) {
     std::snprintf(line, sizeof line, "%-8s %14s %44s\n", "host", "-", (mib(host_bytes) + " read in place from the mapped files").c_str());
+    s += line;
+  } else if (host_bytes > 0) {
+    std::snprintf(line, sizeof line, "%-8s %14s %14s %14s   (%lld of %lld experts, read in place over PCIe)\n", "host", "-", "-",
+                  mib(host_bytes).c_str(), (long long)experts_in_host,
+                  (long long)(experts_in_host + devices[0].experts_on_device));
     s += line;
   }
   return s;

@@ -1,6 +1,7 @@
 // Where each weight lives (design.md §5): a plan made at load from the devices and their memory budgets.
-// Today one device holds everything (or the CPU reads everything in place from the mapped files); expert
-// offload and several GPUs fill in the other cases (routed experts left in host memory, shards per rank).
+// One device holds the non-expert weights and as many routed experts as its budget allows (expert offload:
+// the rest stay in host memory); the CPU reads everything in place from the mapped files. Several GPUs (shards
+// per rank) come with the several-GPU communicator.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -16,17 +17,20 @@ struct Placement {
     Device device;
     uint64_t budget = 0;  // bytes the weights may take there
     uint64_t non_expert = 0, routed_experts = 0, mtp = 0;  // bytes placed there, by part
+    int64_t experts_on_device = 0;                          // routed experts (gate, up, down) placed there
   };
   enum class Part : uint8_t { NonExpert, RoutedExpert, Mtp };
   std::vector<DeviceShare> devices;  // empty: host memory only
   std::vector<int16_t> where;        // per Weight::id: index into devices, -1 = host memory (read in place)
   std::vector<Part> part;            // per Weight::id, from the model's structure
-  uint64_t host_bytes = 0;
+  uint64_t host_bytes = 0;       // bytes left in host memory (all of them without devices)
+  int64_t experts_in_host = 0;   // routed experts left in host memory (expert offload)
 
-  // devices empty: everything in host memory. One device: everything there, within budget (bytes; the
-  // caller passes what is free when the user gave none). Throws DSRT_ERR_OUT_OF_MEMORY naming the bytes
-  // needed when the budget cannot hold the non-expert weights, or the whole model (expert offload is not
-  // there yet); DSRT_ERR_UNSUPPORTED for several devices.
+  // devices empty: everything in host memory. One device: the non-expert weights there (MTP's too, outside
+  // the budget: they are uploaded only with drafts on), then as many whole routed experts as the rest of the
+  // budget holds, round robin over the layers; the others stay in host memory (where = -1) and the GPU reads
+  // them in place. Throws DSRT_ERR_OUT_OF_MEMORY naming the bytes needed when the budget cannot hold the
+  // non-expert weights; DSRT_ERR_UNSUPPORTED for several devices.
   static Placement plan(const ModelWeights &w, const std::vector<Device> &devices, uint64_t budget);
   // A table for `dsrt inspect --placement`.
   std::string str() const;

@@ -25,7 +25,7 @@ struct InspectOptions {
   std::string model;
   bool no_mmap = false, placement = false;
   int backend = DSRT_BACKEND_AUTO;
-  uint64_t gpu_memory = 0;
+  GpuMemory gpu_memory;
   int tp = 1, ep = 1;
 };
 
@@ -57,8 +57,9 @@ void print_placement(const InspectOptions &a, const dsrt::ModelConfig &c, const 
   const int backend = a.backend;
   std::string why;
   if (backend == DSRT_BACKEND_CUDA || (backend == DSRT_BACKEND_AUTO && cuda_devices(&why) > 0)) devices.push_back(Device::cuda(0));
-  uint64_t budget = a.gpu_memory;
-  if (!devices.empty() && budget == 0) {
+  uint64_t budget = a.gpu_memory.bytes;
+  if (!devices.empty() && a.gpu_memory.fraction > 0) budget = uint64_t(a.gpu_memory.fraction * double(device_free_memory(devices[0])));
+  else if (!devices.empty() && budget == 0) {
     const uint64_t free_b = device_free_memory(devices[0]), reserve = uint64_t(1) << 30;
     budget = free_b > reserve ? free_b - reserve : 0;
   }
@@ -167,7 +168,8 @@ void add_inspect(CLI::App &app, int &rc) {
   cmd->add_flag("--no-mmap", o->no_mmap, "read the shards into memory instead of mapping them");
   auto *pl = cmd->add_flag("--placement", o->placement, "where the weights would go, and each rank's share");
   add_backend_option(*cmd, o->backend)->needs(pl);
-  cmd->add_option("--gpu-memory", o->gpu_memory, "with --placement: bytes of GPU memory the weights may take")->needs(pl);
+  add_gpu_memory_option(*cmd, o->gpu_memory, "with --placement: GPU memory the weights may take, bytes (K/M/G/T) or a share of the free memory");
+  cmd->get_option("--gpu-memory")->needs(pl);
   cmd->add_option("--tp", o->tp, "with --placement: tensor-parallel ranks")->check(CLI::Range(1, 256))->needs(pl);
   cmd->add_option("--ep", o->ep, "with --placement: expert-parallel ranks")->check(CLI::Range(1, 256))->needs(pl);
   cmd->callback([o, &rc] { rc = run_inspect(*o); });

@@ -1,6 +1,7 @@
 #include "options.h"
 
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <thread>
@@ -60,12 +61,36 @@ void add_model_options(CLI::App &app, ModelOptions &o, bool positional) {
   }
   add_threads_option(app, o.threads);
   add_backend_option(app, o.backend);
-  app.add_option("--gpu-memory", o.gpu_memory, "bytes of GPU memory the weights may take; 0: what is free, less 1 GiB")
-      ->default_str("0");
+  add_gpu_memory_option(app, o.gpu_memory,
+                        "GPU memory the weights may take: bytes (K/M/G/T suffixes) or a share (0, 1] of the free memory; "
+                        "routed experts that do not fit stay in host memory (expert offload). Default: what is free, less 1 GiB");
   app.add_flag("--no-mmap", o.no_mmap,
                "copy the weights into memory at load instead of mapping the shards (use it when the checkpoint's "
                "files may change while dsrt runs; costs RAM and load time)");
   app.add_flag("-q,--quiet", o.quiet, "no progress display (it shows only on a terminal anyway)");
+}
+
+void add_gpu_memory_option(CLI::App &app, GpuMemory &g, const std::string &help) {
+  app.add_option_function<std::string>(
+         "--gpu-memory",
+         [&g](const std::string &v) {
+           size_t used = 0;
+           double x = 0;
+           try {
+             x = std::stod(v, &used);
+           } catch (const std::exception &) {
+             throw CLI::ValidationError("--gpu-memory", "\"" + v + "\" is not a number of bytes or a fraction");
+           }
+           const std::string unit = v.substr(used);
+           const int shift = unit.empty() ? 0 : unit == "K" || unit == "k" ? 10 : unit == "M" ? 20 : unit == "G" ? 30 : unit == "T" ? 40 : -1;
+           if (shift < 0) throw CLI::ValidationError("--gpu-memory", "unknown unit \"" + unit + "\" (K, M, G or T)");
+           if (!(x > 0)) throw CLI::ValidationError("--gpu-memory", "must be more than 0");
+           g = {};
+           if (unit.empty() && x <= 1.0) g.fraction = float(x);
+           else g.bytes = uint64_t(std::ldexp(x, shift));
+         },
+         help)
+      ->option_text("BYTES|FRACTION");
 }
 
 void add_engine_options(CLI::App &app, EngineOptions &o) {
@@ -140,7 +165,8 @@ dsrt_model_params model_params(const ModelOptions &o) {
     if (!o.quiet) std::fprintf(stderr, "dsrt: --threads %d is more than this machine's %d; using %d\n", o.threads, cpu_count(), cpu_count());
     mp.n_threads = cpu_count();
   }
-  mp.device_memory = o.gpu_memory;
+  mp.device_memory = o.gpu_memory.bytes;
+  mp.device_memory_fraction = o.gpu_memory.fraction;
   mp.use_mmap = o.no_mmap ? 0 : 1;
   return mp;
 }

@@ -27,12 +27,21 @@ struct Usage {
 void check(dsrt_status st);  // throws Fail with dsrt's message
 int cpu_count();             // hardware threads of this machine
 
+// --gpu-memory BYTES|FRACTION: bytes (suffixes K, M, G, T: powers of 1024) or a share (0, 1] of the device's
+// free memory at load.
+struct GpuMemory {
+  uint64_t bytes = 0;
+  float fraction = 0;
+};
+// Adds --gpu-memory to a command (help text: what the budget bounds).
+void add_gpu_memory_option(CLI::App &app, GpuMemory &g, const std::string &help);
+
 // How a model is loaded: every command that loads one.
 struct ModelOptions {
   std::string model;
   int threads = 0;
   int backend = DSRT_BACKEND_AUTO;
-  uint64_t gpu_memory = 0;
+  GpuMemory gpu_memory;
   bool no_mmap = false;
   bool quiet = false;  // no progress display
 };

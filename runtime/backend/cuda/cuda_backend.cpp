@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 #include <tuple>
 
 #include "backend/backend.h"
@@ -50,10 +51,11 @@ class CudaWeights final : public DeviceWeights {
   explicit CudaWeights(int device) : device_(device) {}
   ~CudaWeights() override {
     cudaSetDevice(device_);
-    for (auto &[_, m] : by_id_) {
-      cudaFree(const_cast<void *>(m.data));
+    for (auto &[id, m] : by_id_) {
+      if (!in_host_.count(id)) cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
+    for (void *p : registered_) cudaHostUnregister(p);
   }
   size_t bytes() const override {
     std::lock_guard lk(mu_);
@@ -62,6 +64,11 @@ class CudaWeights final : public DeviceWeights {
   mutable std::mutex mu_;
   std::map<int32_t, k::DevMatrix> by_id_;
   size_t bytes_ = 0;
+  // Expert offload: the ids whose bytes stay in host memory (by_id_ holds their device-visible address; their
+  // block scales are on the device), and the host ranges registered for that.
+  std::set<int32_t> in_host_;
+  std::vector<void *> registered_;
+  size_t host_bytes_ = 0;
 
  private:
   int device_;
@@ -166,7 +173,8 @@ class CudaBackend final : public ArenaBackend {
     return free_b > reserve ? free_b - reserve : 0;
   }
 
-  void prepare_weights(DeviceWeightRegistry &registry, const std::vector<const Weight *> &weights) override {
+  void prepare_weights(DeviceWeightRegistry &registry, const std::vector<const Weight *> &weights,
+                       const std::vector<const Weight *> &host_weights) override {
     store_ = std::static_pointer_cast<CudaWeights>(
         registry.get_or_make(device(), [&] { return std::make_shared<CudaWeights>(device().index); }));
     size_t need = 0;
@@ -184,10 +192,10 @@ class CudaBackend final : public ArenaBackend {
     const size_t reserve = size_t(1) << 30;  // scratch, KV pool growth, cuBLASLt workspace
     if (need + reserve > free_b)
       failf(DSRT_ERR_OUT_OF_MEMORY, "the model's weights need ", need >> 20, " MiB of GPU memory (+1 GiB working room); ",
-            free_b >> 20, " MiB of ", total_b >> 20, " MiB are free");
+            free_b >> 20, " MiB are free of ", total_b >> 20, " MiB");
     for (const Weight *w : weights) dev(*w);
+    map_host_weights(host_weights);
   }
-
   void kv_init(const KvCacheSpec &spec) override {
     if (spec.dtype != DType::F32 && spec.dtype != DType::BF16)
       failf(DSRT_ERR_UNSUPPORTED, "CUDA backend: latent KV cache in ", dtype_name(spec.dtype), " (F32 or BF16 only)");
@@ -610,21 +618,70 @@ class CudaBackend final : public ArenaBackend {
     if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);  // (+ padding, below)
     return b;
   }
-  // Its bytes as stored, plus FP8 block scales.
-  k::DevMatrix upload(const Weight &w) {
+  // Expert offload: weights left in host memory are pinned where they lie (the mapped shards: one copy in host
+  // memory, never a dequantised one) and registered read-only with the GPU, whose kernels then read them in
+  // place over PCIe through the same pointers as device weights (an expert table entry is an address, so a
+  // decode step stays one CUDA graph). Page ranges of neighbouring weights are merged and registered once.
+  void map_host_weights(const std::vector<const Weight *> &ws) {
+    std::lock_guard lk(store_->mu_);
+    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // page ranges of the weights not mapped yet
+    const uintptr_t page = 4096;
+    for (const Weight *w : ws)
+      if (!store_->by_id_.count(w->id)) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(w->data), b = a + size_t(w->rows * w->cols) * dtype_size(w->dtype);
+        ranges.push_back({a / page * page, (b + page - 1) / page * page});
+      }
+    std::sort(ranges.begin(), ranges.end());
+    std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+    for (auto r : ranges)
+      if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
+      else merged.push_back(r);
+    for (auto [a, b] : merged) {
+      void *p = reinterpret_cast<void *>(a);
+      const cudaError_t e = cudaHostRegister(p, b - a, cudaHostRegisterMapped | cudaHostRegisterReadOnly | cudaHostRegisterPortable);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        failf(DSRT_ERR_OUT_OF_MEMORY, "expert offload: cannot pin ", (b - a) >> 20, " MiB of host memory holding routed experts (",
+              cudaGetErrorString(e), "); give the GPU a larger budget (dsrt_model_params.device_memory, --gpu-memory)");
+      }
+      store_->registered_.push_back(p);
+    }
+    for (const Weight *w : ws) {
+      if (store_->by_id_.count(w->id)) {
+        host_data_.insert(store_->by_id_[w->id].data);
+        continue;
+      }
+      void *d = nullptr;
+      cuda_check(cudaHostGetDevicePointer(&d, static_cast<void *>(const_cast<uint8_t *>(w->data)), 0), "expert offload: device address of host weights");
+      k::DevMatrix m = upload(*w, d);
+      store_->by_id_[w->id] = m;
+      store_->in_host_.insert(w->id);
+      store_->host_bytes_ += size_t(w->rows * w->cols) * dtype_size(w->dtype);
+      host_data_.insert(m.data);
+    }
+  }
+  bool in_host(const k::DevMatrix &m) const { return host_data_.count(m.data) > 0; }
+
+  // Its bytes as stored, plus FP8 block scales; in_host: the device address of its bytes left in host memory
+  // (expert offload), then only the scales are uploaded.
+  k::DevMatrix upload(const Weight &w, const void *in_host = nullptr) {
     k::DevMatrix m;
     m.dtype = dev_dtype(w.dtype);
     m.rows = w.rows;
     m.cols = w.cols;
-    const size_t bytes = size_t(w.rows * w.cols) * dtype_size(w.dtype);
-    void *p = nullptr;
-    cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "weights");
-    // On our stream: a legacy-stream cudaMemcpy from pageable memory may return before its DMA lands, and
-    // our non-blocking stream would not wait for it (found on the H100: the first lm_head GEMV read a
-    // half-uploaded matrix).
     flush();  // recorded launches first: the copies below go straight to the stream
-    cuda_check(cudaMemcpyAsync(p, w.data, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
-    m.data = p;
+    if (in_host) {
+      m.data = in_host;
+    } else {
+      const size_t bytes = size_t(w.rows * w.cols) * dtype_size(w.dtype);
+      void *p = nullptr;
+      cuda_check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "weights");
+      // On our stream: a legacy-stream cudaMemcpy from pageable memory may return before its DMA lands, and
+      // our non-blocking stream would not wait for it (found on the H100: the first lm_head GEMV read a
+      // half-uploaded matrix).
+      cuda_check(cudaMemcpyAsync(p, w.data, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
+      m.data = p;
+    }
     if (w.dtype == DType::F8_E4M3) {
       // Rows of block scales padded to a multiple of 4: cuBLASLt reads BLK128x128 scales with that leading
       // dimension. Unpadded, every GEMM whose K has 1-3 (mod 4) blocks of 128 (K = 128, 256: the tiny
@@ -648,7 +705,10 @@ class CudaBackend final : public ArenaBackend {
 
   // out [m, N] = x [m, K] W^T: cuBLASLt's block-scaled FP8 GEMM for many rows (FP8 activations), else the
   // fp32-activation GEMV kernels (decode, BF16 weights, shapes cuBLASLt refuses, fp8_activations off).
-  bool gemm_path(int64_t m, const k::DevMatrix &w) const { return gemm_ && m >= kFp8ActivationMinRows && Fp8Gemm::eligible(w); }
+  // (Not for weights in host memory: cuBLASLt's Hopper kernels load tiles with the TMA, for device memory.)
+  bool gemm_path(int64_t m, const k::DevMatrix &w) const {
+    return gemm_ && m >= kFp8ActivationMinRows && Fp8Gemm::eligible(w) && !in_host(w);
+  }
   void matmul(const float *x, int64_t m, const k::DevMatrix &w, float *out) {
     bool done = false;
     if (gemm_path(m, w)) {
@@ -797,6 +857,7 @@ class CudaBackend final : public ArenaBackend {
   size_t flash_ws_bytes_ = 0;
   std::shared_ptr<CudaWeights> store_;  // the model's weights on this GPU
   std::vector<k::DevMatrix> by_id_;      // the handles this backend got from store_
+  std::set<const void *> host_data_;     // addresses of weights read from host memory (expert offload)
   // Weights without an id (made outside a checkpoint: tests), keyed by host address and shape.
   using WeightKey = std::tuple<const void *, int64_t, int64_t, int>;
   std::map<WeightKey, k::DevMatrix> weights_;
