@@ -192,6 +192,8 @@ class Backend {
   virtual BackendCounters counters() const { return {}; }
 };
 
+constexpr int64_t kFp8ActivationMinRows = 8;  // GEMMs of at least this many rows quantise activations to FP8 (when fp8_activations is on)
+
 struct BackendOptions {
   int n_threads = 0;  // CPU threads, 0 = all
   int device = 0;     // CUDA device index
