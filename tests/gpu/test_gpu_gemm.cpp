@@ -236,9 +236,9 @@ TEST_CASE("FP8 swap-AB GEMM (mma.sync e4m3) vs fp64 on the same quantised operan
         CAPTURE(split);
         const kernels::GemmFp8Plan plan = kernels::gemm_fp8_mma_plan(m, N, K, split);
         const int64_t wsf = kernels::gemm_fp8_mma_workspace_floats(m, N, K, split);
-        CHECK((split == 3 ? plan.splits == 3 : split == 1 ? plan.splits == 1 : true));
+        if (split > 0) CHECK(plan.splits == std::min<int64_t>(split, K / 128));  // forced: as asked, at most K / 128
         CHECK(wsf == (plan.splits > 1 ? plan.splits * m * N : 0));
-        Dev<float> out(size_t(m * ld_out)), ws(size_t(std::max<int64_t>(wsf, 1)));
+        Dev<float> out(static_cast<size_t>(m * ld_out)), ws(size_t(std::max<int64_t>(wsf, 1)));
         out.fill_nan();
         kernels::gemm_fp8_mma(dxq.p, dxs.p, ld_s, m, w.dm, out.p, ld_out, wsf ? ws.p : nullptr, split, nullptr);
         REQUIRE(cudaGetLastError() == cudaSuccess);
@@ -319,8 +319,8 @@ TEST_CASE("grouped MoE (FP8 tensor cores, no host sync): sort, gate+up+SwiGLU+h 
       const int64_t T = c.T, E = c.E, K = c.K, H = c.H, I = c.I, P = T * K, HB = H / 128, IB = I / 128;
       const auto x = randn(size_t(T * H), rng);
       Dev<float> dx(x), dout(size_t(T * H));
-      Dev<int32_t> dids(size_t(P));
-      Dev<float> dw(size_t(P));
+      Dev<int32_t> dids(static_cast<size_t>(P));
+      Dev<float> dw(static_cast<size_t>(P));
       std::vector<int32_t> ids;
       std::vector<float> w;
       if (router) {  // the device router on random logits (sigmoid scores, no groups, normalised, scaled)
@@ -336,7 +336,7 @@ TEST_CASE("grouped MoE (FP8 tensor cores, no host sync): sort, gate+up+SwiGLU+h 
         dw.put(w);
       }
       const kernels::MoeGroupedLayout L = kernels::moe_grouped_layout(T, K, E, H, I);
-      Dev<unsigned char> scratch(size_t(L.bytes));
+      Dev<unsigned char> scratch(static_cast<size_t>(L.bytes));
       scratch.fill_nan();
       dout.fill_nan();
       kernels::moe_experts_grouped(dx.p, T, H, I, dids.p, dw.p, K, E, mp.table->p, mp.table->p + E, mp.table->p + 2 * E,
@@ -555,7 +555,7 @@ TEST_CASE("CUDA backend with FP8 activations: moe_experts takes the grouped path
   auto c = make_cpu_backend({});
   const int64_t H = 1024, I = 256, E = 32, K = 8;
   std::vector<std::unique_ptr<Fp8Weight>> own;
-  std::vector<FfnWeights> experts(size_t(E));
+  std::vector<FfnWeights> experts(static_cast<size_t>(E));
   for (auto &f : experts) {
     own.push_back(std::make_unique<Fp8Weight>(I, H, rng, false));
     f.gate = own.back()->w;

@@ -704,8 +704,9 @@ class CudaBackend final : public ArenaBackend {
   void moe_grouped(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts[0].gate.rows, E = int64_t(experts.size());
     const k::DevMatrix *tab = expert_table(experts);
-    const int64_t chunk = std::min(T, kMoeChunkTokens);
-    Tensor scratch = alloc(1, (k::moe_grouped_layout(chunk, K, E, H, I).bytes + 3) / 4, DType::I32);
+    const int64_t chunk = std::min(T, kMoeChunkTokens), last = T - (T - 1) / chunk * chunk;
+    const int64_t bytes = std::max(k::moe_grouped_layout(chunk, K, E, H, I).bytes, k::moe_grouped_layout(last, K, E, H, I).bytes);
+    Tensor scratch = alloc(1, (bytes + 3) / 4, DType::I32);
     for (int64_t t0 = 0; t0 < T; t0 += chunk)  // (chunks run one after another in stream order: one scratch)
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w,
             int64_t K, int64_t E, const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, void *sc, float *o) {
