@@ -140,4 +140,45 @@ struct RouteParams {
 void moe_route(const float *logits, int64_t rows, const DevMatrix &bias, const RouteParams &p, int32_t *ids,
                float *weights, cudaStream_t s);
 
+// ---- gemm_fp8_mma.cu: block-scaled FP8 GEMMs on tensor cores (mma.sync m16n8k32 e4m3, spec §5.3) for decode
+// batches and grouped MoE experts. Activations as quantize_rows_fp8 makes them (e4m3 per token per 128
+// channels); weights FP8 with 128x128 block scales, K a multiple of 128; fp32 results.
+// How a GEMM of m rows is cut: tile tokens per block (8, 16, 32, 64), token_tiles blocks of them, and K split
+// into `splits` ranges of kb_per_split 128-wide blocks (splits > 1: partials summed in split order).
+struct GemmFp8Plan {
+  int tile = 8;
+  int64_t token_tiles = 1;
+  int splits = 1, kb_per_split = 1;
+};
+// k_split: 0 = chosen from the shape (split until ~2 blocks per SM), 1 = off, n = n ranges (at most K / 128).
+GemmFp8Plan gemm_fp8_mma_plan(int64_t m, int64_t N, int64_t K, int k_split = 0);
+// Floats of workspace gemm_fp8_mma needs for this shape and split (0 without a split).
+int64_t gemm_fp8_mma_workspace_floats(int64_t m, int64_t N, int64_t K, int k_split = 0);
+// out[t * ld_out + n] = sum_kb (xq[t, kb] . wq[n, kb]) * xs[kb * ld_s + t] * w.scale[(n / 128) * w.scale_cols + kb]
+// for t < m, n < w.rows: xq [m, K] bytes (16-byte aligned rows), xs M-major [K / 128][ld_s] (quantize_rows_fp8's
+// layout). The weight rows are the MMA's M side (swap-AB): each weight byte is read once per call for m <= 64.
+void gemm_fp8_mma(const uint8_t *xq, const float *xs, int64_t ld_s, int64_t m, const DevMatrix &w, float *out,
+                  int64_t ld_out, float *workspace, int k_split, cudaStream_t s);
+
+// Grouped routed experts with FP8 activations, entirely on the device (no host sync, graph-capturable): x [T, H]
+// is quantised per 128 channels; the T * K (token, slot) pairs are sorted by expert into tiles of `tile` rows;
+// gate+up for every tile of every expert in one launch (SwiGLU and h's quantisation in its epilogue), down in
+// one launch (one fp32 row per pair), then out[t] = sum over t's pairs in ascending expert id of w * y. Expert
+// tables as moe_experts_gemv's (device arrays of E DevMatrix, all FP8: gate/up [I, H], down [H, I]).
+// The scratch holds, at these byte offsets (each 256-byte aligned): xq [T, H] bytes, xs [H/128][T] floats,
+// sorted [T*K] pair ids (t * K + k) in expert order, tiles [max_tiles] of {expert, first sorted position,
+// rows, 0} int32 quadruples, n_tiles (one int32), hq [T*K, I] e4m3 bytes and hs [T*K, I/128] floats by sorted
+// position, y [T*K, H] floats by pair id.
+struct MoeGroupedLayout {
+  int tile = 8;
+  int64_t max_tiles = 0;
+  int64_t xq = 0, xs = 0, sorted = 0, tiles = 0, n_tiles = 0, hq = 0, hs = 0, y = 0, bytes = 0;
+};
+MoeGroupedLayout moe_grouped_layout(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I);
+// H and I multiples of 128, 1 <= K <= 32, 1 <= E <= 1024.
+bool moe_grouped_supported(int64_t H, int64_t I, int64_t K, int64_t E);
+void moe_experts_grouped(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
+                         int64_t E, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, void *scratch,
+                         float *out, cudaStream_t s);
+
 }  // namespace dsrt::kernels

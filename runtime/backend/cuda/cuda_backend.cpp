@@ -496,6 +496,7 @@ class CudaBackend final : public ArenaBackend {
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
+    if (grouped_moe(experts, T, H, I, K)) return moe_grouped(x, experts, ids, weights, out);
     if (T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32) {
       const k::DevMatrix *tab = expert_table(experts);
       Tensor h = alloc(T * K, I);
@@ -703,29 +704,74 @@ class CudaBackend final : public ArenaBackend {
     return m;
   }
 
-  // out [m, N] = x [m, K] W^T: cuBLASLt's block-scaled FP8 GEMM for many rows (FP8 activations), else the
-  // fp32-activation GEMV kernels (decode, BF16 weights, shapes cuBLASLt refuses, fp8_activations off).
-  // (Not for weights in host memory: cuBLASLt's Hopper kernels load tiles with the TMA, for device memory.)
+  // out [m, N] = x [m, K] W^T. With FP8 activations (fp8_activations; FP8 weight, K % 128 == 0) and at least
+  // kFp8ActivationMinRows rows, x is quantised per token per 128 channels and the product is block-scaled FP8:
+  // cuBLASLt from kCublasMinRows rows (prefill; its tiles win there), dsrt's swap-AB tensor-core kernel below
+  // that (kernels/gemm_fp8_mma.cu: reads each weight byte once per step, where cuBLASLt streamed weights at
+  // 0.2-2.3 TB/s) and wherever cuBLASLt is missing or refuses. Otherwise the fp32-activation GEMV kernels.
   bool gemm_path(int64_t m, const k::DevMatrix &w) const {
-    return gemm_ && m >= kFp8ActivationMinRows && Fp8Gemm::eligible(w) && !in_host(w);
+    return gemm_ && m >= kFp8ActivationMinRows && w.dtype == k::kFP8 && w.cols % 128 == 0;
   }
   void matmul(const float *x, int64_t m, const k::DevMatrix &w, float *out) {
-    bool done = false;
-    if (gemm_path(m, w)) {
+    const char *how = nullptr;
+    if (gemm_path(m, w) && m >= kCublasMinRows && gemm_->available() && Fp8Gemm::eligible(w) && !in_host(w)) {
+      // (not for weights in host memory: cuBLASLt's Hopper kernels load tiles with the TMA, for device memory)
       flush();  // cuBLASLt enqueues on the stream itself: what was recorded goes first
       const uint64_t mark = scratch_mark();
       const int64_t mp = Fp8Gemm::padded_rows(m);
       Tensor xq = alloc(1, (mp * w.cols + 3) / 4, DType::I32), xs = alloc(w.cols / 128, mp), tmp = alloc(mp, w.rows);
-      done = gemm_->run(x, m, w, out, static_cast<uint8_t *>(xq.data), xs.f32(), tmp.data);
+      if (gemm_->run(x, m, w, out, static_cast<uint8_t *>(xq.data), xs.f32(), tmp.data)) how = "cuBLASLt FP8";
       scratch_release(mark);  // stream order keeps the scratch valid for the queued kernels
+    }
+    if (!how && gemm_path(m, w)) {  // the scratch stays until the step ends: the launches are only recorded
+      const int64_t K = w.cols, ws_floats = k::gemm_fp8_mma_workspace_floats(m, w.rows, K);
+      Tensor xq = alloc(1, (m * K + 3) / 4, DType::I32), xs = alloc(K / 128, m);
+      float *ws = ws_floats > 0 ? alloc(1, ws_floats).f32() : nullptr;
+      uint8_t *q = static_cast<uint8_t *>(xq.data);
+      go([](cudaStream_t s, const float *x, int64_t m, int64_t K, uint8_t *q, float *xs) {
+        k::quantize_rows_fp8(x, m, K, m, q, xs, s);
+      }, x, m, K, q, xs.f32());
+      go([](cudaStream_t s, const uint8_t *q, const float *xs, int64_t m, k::DevMatrix w, float *o, float *ws) {
+        k::gemm_fp8_mma(q, xs, m, m, w, o, w.rows, ws, 0, s);
+      }, static_cast<const uint8_t *>(q), static_cast<const float *>(xs.f32()), m, w, out, ws);
+      how = "FP8 tensor-core kernel (swap-AB)";
     }
     if (debug_)
       log(LogLevel::Debug, "dsrt: GEMM M=" + std::to_string(m) + " N=" + std::to_string(w.rows) + " K=" +
                                std::to_string(w.cols) + ": " +
-                               (done ? "cuBLASLt FP8" : !gemm_ ? "GEMV (fp32 activations requested)" : "GEMV"));
-    if (!done)
+                               (how ? how : !gemm_ ? "GEMV (fp32 activations requested)" : "GEMV"));
+    if (!how)
       go([](cudaStream_t s, const float *x, int64_t m, k::DevMatrix w, float *o, k::GemvSplit sp) { k::linear(x, m, w, o, s, sp); },
          x, m, w, out, gemv_);
+  }
+
+  // The grouped FP8 expert path (kernels/gemm_fp8_mma.cu) takes a MoE layer when FP8 activations are on, the
+  // batch has at least kFp8ActivationMinRows tokens and every expert is FP8 of one shape with H, I multiples
+  // of 128. Tokens go in chunks of kMoeChunkTokens so the per-pair output rows (T * K * H floats) stay small.
+  bool grouped_moe(const std::vector<FfnWeights> &experts, int64_t T, int64_t H, int64_t I, int64_t K) const {
+    if (!gemm_ || T < kFp8ActivationMinRows || experts.empty() ||
+        !k::moe_grouped_supported(H, I, K, int64_t(experts.size())))
+      return false;
+    for (const FfnWeights &f : experts)
+      if (!f.gate || !f.up || !f.down || f.gate.dtype != DType::F8_E4M3 || f.up.dtype != DType::F8_E4M3 ||
+          f.down.dtype != DType::F8_E4M3 || f.gate.rows != I || f.gate.cols != H || f.up.rows != I || f.up.cols != H ||
+          f.down.rows != H || f.down.cols != I)
+        return false;
+    return true;
+  }
+  void moe_grouped(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
+    const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts[0].gate.rows, E = int64_t(experts.size());
+    const k::DevMatrix *tab = expert_table(experts);
+    const int64_t chunk = std::min(T, kMoeChunkTokens), last = T - (T - 1) / chunk * chunk;
+    const int64_t bytes = std::max(k::moe_grouped_layout(chunk, K, E, H, I).bytes, k::moe_grouped_layout(last, K, E, H, I).bytes);
+    Tensor scratch = alloc(1, (bytes + 3) / 4, DType::I32);
+    for (int64_t t0 = 0; t0 < T; t0 += chunk)  // (chunks run one after another in stream order: one scratch)
+      go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w,
+            int64_t K, int64_t E, const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, void *sc, float *o) {
+        k::moe_experts_grouped(x, T, H, I, ids, w, K, E, g, u, d, sc, o, s);
+      }, static_cast<const float *>(x.f32() + t0 * H), std::min(chunk, T - t0), H, I,
+         static_cast<const int32_t *>(ids.i32() + t0 * K), static_cast<const float *>(weights.f32() + t0 * K), K, E, tab,
+         tab + E, tab + 2 * E, scratch.data, out.f32() + t0 * H);
   }
 
   // Launches go through the recorder; held ops (an add or gate/up projections waiting to be fused with the
@@ -818,6 +864,8 @@ class CudaBackend final : public ArenaBackend {
   }
 
   static constexpr int64_t kDeviceExpertSlots = 256;
+  static constexpr int64_t kCublasMinRows = 256;  // FP8 GEMMs of fewer rows run on dsrt's swap-AB kernel
+  static constexpr int64_t kMoeChunkTokens = 512;  // grouped MoE: y rows of 512 * 8 pairs * 7168 floats = 117 MB
   std::unique_ptr<Fp8Gemm> gemm_;
   const bool debug_ = std::getenv("DSRT_DEBUG_GEMM") != nullptr;  // one stderr line per GEMM: which path  // token x slot pairs up to which experts run on the device
 
