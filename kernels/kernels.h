@@ -152,22 +152,26 @@ void moe_route(const float *logits, int64_t rows, const DevMatrix &bias, const R
 struct SampleAdjust {
   int32_t id, count, banned, bias0, n_bias;
 };
-struct SampleRowParams {  // 48 bytes, no padding (it is uploaded as bytes)
+struct SampleRowParams {  // 56 bytes, no padding (it is uploaded as bytes)
   int32_t row;            // logits row
   float temperature;      // <= 0: greedy
   int32_t top_k;          // 0: off
   float top_p, min_p;     // 1 / 0: off
   float repetition_penalty, presence_penalty, frequency_penalty;
   int32_t adj0, n_adj;    // this row's entries of the adjustment array
+  int32_t bias_at;        // byte offset of the bias terms from the start of the parameter block (every row alike)
+  int32_t reserved;
   double u;               // the draw, in [0, 1)
 };
+// The parameter block of one launch, one upload: SampleRowParams [n_rows], then the SampleAdjust entries, then
+// the bias terms (floats) at rows[0].bias_at. One pointer, so a decode step's launch arguments do not change
+// with the number of touched ids (its graph keeps being replayed).
 // Device scratch sample_rows needs for n_rows rows of vocab logits (8-byte aligned).
 int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab);
 // logits [*, vocab] fp32 (rows[r].row picks the row); tokens[r] = the token, flags[r] = 0; or flags[r] = 1 and
 // tokens[r] = -1 where the CPU sampler fails (a NaN or +inf logit, bias or penalties that make one, nothing left
 // finite): the host re-runs the CPU sampler on that row for its error.
-void sample_rows(const float *logits, int64_t vocab, const SampleRowParams *rows, int32_t n_rows,
-                 const SampleAdjust *adj, const float *bias, void *workspace, int32_t *tokens, int32_t *flags,
-                 cudaStream_t s);
+void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t n_rows, void *workspace,
+                 int32_t *tokens, int32_t *flags, cudaStream_t s);
 
 }  // namespace dsrt::kernels

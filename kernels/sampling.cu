@@ -154,11 +154,14 @@ __device__ long long nth_equal_id(const Row &r, double v, long long n, Shared &s
   return sh.id;
 }
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, int64_t V, const SampleRowParams *rows,
-                                                          const SampleAdjust *adj, const float *bias, double *work,
-                                                          int32_t *tokens, int32_t *flags) {
+__global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, int64_t V, const char *params,
+                                                          int32_t n_rows, double *work, int32_t *tokens,
+                                                          int32_t *flags) {
   __shared__ Shared sh;
+  const SampleRowParams *rows = reinterpret_cast<const SampleRowParams *>(params);
   const SampleRowParams P = rows[blockIdx.x];
+  const SampleAdjust *adj = reinterpret_cast<const SampleAdjust *>(params + int64_t(n_rows) * sizeof(SampleRowParams));
+  const float *bias = reinterpret_cast<const float *>(params + P.bias_at);
   const float *x = logits + int64_t(P.row) * V;
   double *w = work + int64_t(blockIdx.x) * V;
   const int tid = threadIdx.x;
@@ -365,11 +368,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
 
 int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab) { return n_rows * vocab * int64_t(sizeof(double)); }
 
-void sample_rows(const float *logits, int64_t vocab, const SampleRowParams *rows, int32_t n_rows, const SampleAdjust *adj,
-                 const float *bias, void *workspace, int32_t *tokens, int32_t *flags, cudaStream_t s) {
+void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t n_rows, void *workspace, int32_t *tokens,
+                 int32_t *flags, cudaStream_t s) {
+  static_assert(sizeof(SampleRowParams) == 56 && sizeof(SampleAdjust) == 20, "the parameter block's layout");
   if (n_rows <= 0) return;
-  sample_kernel<<<unsigned(n_rows), kThreads, 0, s>>>(logits, vocab, rows, adj, bias, static_cast<double *>(workspace),
-                                                      tokens, flags);
+  sample_kernel<<<unsigned(n_rows), kThreads, 0, s>>>(logits, vocab, static_cast<const char *>(params), n_rows,
+                                                      static_cast<double *>(workspace), tokens, flags);
   check_launch("sample_rows");
 }
 

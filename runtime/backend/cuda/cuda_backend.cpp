@@ -594,13 +594,17 @@ class CudaBackend final : public ArenaBackend {
       const auto timer_ = timed("sample_rows", nullptr);
       const int64_t ws_floats = (k::sample_workspace_bytes(n, V) + 3) / 4;
       Tensor ws = alloc(1, ws_floats), res = alloc(2, n, DType::I32);
-      const auto *drows = static_cast<const k::SampleRowParams *>(meta_->put(rows.data(), rows.size() * sizeof rows[0]));
-      const auto *dadj = static_cast<const k::SampleAdjust *>(meta_->put(adj.data(), adj.size() * sizeof(k::SampleAdjust)));
-      const auto *dbias = static_cast<const float *>(meta_->put(bias.data(), bias.size() * sizeof(float)));
-      go([](cudaStream_t s, const float *l, int64_t V, const k::SampleRowParams *rows, int32_t n, const k::SampleAdjust *adj,
-            const float *bias, void *ws, int32_t *tok, int32_t *flags) {
-        k::sample_rows(l, V, rows, n, adj, bias, ws, tok, flags, s);
-      }, static_cast<const float *>(logits.f32()), V, drows, n, dadj, dbias, ws.data, res.i32(), res.i32() + n);
+      // One parameter block (kernels.h): rows, adjustments, bias terms.
+      const size_t rows_b = rows.size() * sizeof(k::SampleRowParams), adj_b = adj.size() * sizeof(k::SampleAdjust);
+      for (auto &rp : rows) rp.bias_at = int32_t(rows_b + adj_b);
+      std::vector<char> block(rows_b + adj_b + bias.size() * sizeof(float));
+      std::memcpy(block.data(), rows.data(), rows_b);
+      if (adj_b) std::memcpy(block.data() + rows_b, adj.data(), adj_b);
+      if (!bias.empty()) std::memcpy(block.data() + rows_b + adj_b, bias.data(), bias.size() * sizeof(float));
+      const void *params = meta_->put(block.data(), block.size());
+      go([](cudaStream_t s, const float *l, int64_t V, const void *params, int32_t n, void *ws, int32_t *tok, int32_t *flags) {
+        k::sample_rows(l, V, params, n, ws, tok, flags, s);
+      }, static_cast<const float *>(logits.f32()), V, params, n, ws.data, res.i32(), res.i32() + n);
       std::vector<int32_t> host(size_t(2 * n));
       flush();
       cuda_check(cudaMemcpyAsync(host.data(), res.data, host.size() * 4, cudaMemcpyDeviceToHost, stream_), "sampled ids");
