@@ -218,10 +218,22 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int j = tid; j < kCopies * 256; j += kThreads) sh.cnt[j / 256][j % 256] = 0;
       __syncthreads();
+      // Each thread runs a count per bin while its bin stays the same (in the first passes most values share
+      // their leading byte): one shared atomic per run, not per id.
+      int cb = -1;
+      uint32_t cc = 0;
       for (int64_t i = tid; i < V; i += kThreads) {
         const uint64_t key = key_of(w[i]);
-        if ((key & mask) == prefix) atomicAdd(&sh.cnt[hc][(key >> shift) & 255], 1u);
+        if ((key & mask) != prefix) continue;
+        const int b = int((key >> shift) & 255);
+        if (b != cb) {
+          if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc);
+          cb = b;
+          cc = 0;
+        }
+        cc++;
       }
+      if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc);
       __syncthreads();
       if (tid == 0) {
         int b = 255;
@@ -263,18 +275,29 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int j = tid; j < kCopies * 256; j += kThreads) sh.cnt[j / 256][j % 256] = 0, sh.mass[j / 256][j % 256] = 0;
       __syncthreads();
+      int cb = -1;  // runs of one bin per thread, as in (4)
+      uint32_t cc = 0;
+      double cm = 0;
       for (int64_t i = tid; i < V; i += kThreads) {
         const double v = w[i];
         if (!r.cand(i, v)) continue;
         const uint64_t key = key_of(v);
         if ((key & mask) != prefix) continue;
         const int b = int((key >> shift) & 255);
-        atomicAdd(&sh.cnt[hc][b], 1u);
-        atomicAdd(&sh.mass[hc][b], exp((v - mx) / T) / z);
+        if (b != cb) {
+          if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc), atomicAdd(&sh.mass[hc][cb], cm);
+          cb = b;
+          cc = 0;
+          cm = 0;
+        }
+        cc++;
+        cm += exp((v - mx) / T) / z;
       }
+      if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc), atomicAdd(&sh.mass[hc][cb], cm);
       __syncthreads();
       if (tid == 0) {
-        int b = 255, chosen = -1;
+        int b = 255, chosen = -1, lowest = -1;
+        double lowest_m = 0;
         for (; b >= 0; b--) {
           long long c = 0;
           double m = 0;
@@ -285,7 +308,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
             break;
           }
           above += m;
+          lowest = b;
+          lowest_m = m;
         }
+        // Below the first level the bucket reached top_p as a whole; sums in another order may leave its parts a
+        // rounding short: the cut is then at its last ids.
+        if (chosen < 0 && shift < 56 && lowest >= 0) chosen = lowest, above -= lowest_m;
         sh.found = chosen >= 0;
         sh.digit = chosen;
         sh.mass_above = above;

@@ -110,13 +110,13 @@ std::vector<int32_t> gpu_draws(Backend &be, const Row &base, int64_t V, const st
 
 std::vector<float> normal_row(int64_t V, std::mt19937 &rng, float sd) {
   std::normal_distribution<float> nd(0.0f, sd);
-  std::vector<float> v(size_t(V));
+  std::vector<float> v(static_cast<size_t>(V));
   for (auto &x : v) x = nd(rng);
   return v;
 }
 std::vector<float> coarse_row(int64_t V, std::mt19937 &rng, int levels) {
   std::uniform_int_distribution<int> d(-levels, levels);
-  std::vector<float> v(size_t(V));
+  std::vector<float> v(static_cast<size_t>(V));
   for (auto &x : v) x = float(d(rng)) * 0.5f;
   return v;
 }
