@@ -2,6 +2,7 @@
 // rows sampled through sample_rows and the floats copied to the host. With device_sampling = true it claims to
 // sample where the logits are, so a CPU engine runs the engine's device-sampling path (logits left in the
 // backend, the sampled rows through Backend::sample_rows: here its default, the CPU sampler) without a GPU.
+// kv_dtype (optional) replaces the backend's latent cache dtype (a CPU engine with the GPU's BF16 cache).
 #pragma once
 #include <atomic>
 #include <memory>
@@ -13,7 +14,9 @@ namespace testing {
 
 class ForwardingBackend final : public dsrt::Backend {
  public:
-  ForwardingBackend(std::unique_ptr<dsrt::Backend> b, bool device_sampling) : b_(std::move(b)), device_sampling_(device_sampling) {}
+  ForwardingBackend(std::unique_ptr<dsrt::Backend> b, bool device_sampling, dsrt::DType kv_dtype = dsrt::DType::F32,
+                    bool override_kv = false)
+      : b_(std::move(b)), device_sampling_(device_sampling), kv_dtype_(kv_dtype), override_kv_(override_kv) {}
   struct Counts {
     std::atomic<int64_t> sample_calls{0}, sampled_rows{0}, host_floats{0};
   };
@@ -25,7 +28,7 @@ class ForwardingBackend final : public dsrt::Backend {
   uint64_t scratch_mark() override { return b_->scratch_mark(); }
   void scratch_release(uint64_t m) override { b_->scratch_release(m); }
   void kv_init(const dsrt::KvCacheSpec &s) override { b_->kv_init(s); }
-  dsrt::DType default_kv_dtype() const override { return b_->default_kv_dtype(); }
+  dsrt::DType default_kv_dtype() const override { return override_kv_ ? kv_dtype_ : b_->default_kv_dtype(); }
   void prepare_weights(dsrt::DeviceWeightRegistry &r, const std::vector<const dsrt::Weight *> &w) override {
     b_->prepare_weights(r, w);
   }
@@ -78,6 +81,8 @@ class ForwardingBackend final : public dsrt::Backend {
  private:
   std::unique_ptr<dsrt::Backend> b_;
   bool device_sampling_;
+  dsrt::DType kv_dtype_;
+  bool override_kv_;
 };
 
 }  // namespace testing

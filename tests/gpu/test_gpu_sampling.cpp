@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "../forwarding_backend.h"
 #include "../helpers.h"
 #include "backend/backend.h"
 #include "core/status.h"
@@ -332,7 +333,8 @@ TEST_CASE("GPU sampling: draws over tied logits follow the CPU's distribution (t
 
 // End to end: one CUDA engine sampling on the device, one sampling on the host (device_sampling off): the same
 // forward on the same GPU, so the same logits, and the same tokens for greedy and seeded turns with every
-// filter, several sessions batched. Then the greedy turn against the CPU engine, teacher-forced: every GPU token
+// filter, several sessions batched (and with MTP drafts where the preset has the layer: device- and host-sampled
+// runs alike). Then the greedy turn against the CPU engine, teacher-forced: every GPU token
 // is the CPU's argmax wherever the CPU's top two logits are more than 0.05 apart (the BF16 cache moves logits
 // by ~3e-3; test_gpu.cpp's end-to-end case states the same tolerance).
 TEST_CASE("GPU sampling end to end: device sampling emits the host sampler's tokens; greedy matches the CPU engine") {
@@ -372,22 +374,26 @@ TEST_CASE("GPU sampling end to end: device sampling emits the host sampler's tok
       }
       settings.push_back(g);
     }
+    // Every turn driven from this thread in turn, so that both engines batch the same rows in the same steps
+    // (the GPU's GEMV cut depends on the batch: equal logits need equal batches): each step carries the pending
+    // rows of every session, several sampled in one launch.
     auto run_all = [&](std::shared_ptr<Engine> &e) {
       std::vector<std::vector<int32_t>> out(settings.size());
-      std::vector<std::thread> th;
-      for (size_t k = 0; k < settings.size(); k++)
-        th.emplace_back([&, k] {
-          auto s = e->create_session(0, false, 5);
-          const auto p = testing::prompt_tokens(V, 10 + int(k) * 7);
-          s->append(p.data(), p.size());
-          s->start(settings[k]);
-          for (;;) {
-            Event ev = s->next();
-            if (ev.token >= 0) out[k].push_back(ev.token);
-            if (ev.done) break;
-          }
-        });
-      for (auto &t : th) t.join();
+      std::vector<std::shared_ptr<Session>> ss;
+      for (size_t k = 0; k < settings.size(); k++) {
+        ss.push_back(e->create_session(0, false, 5));
+        const auto p = testing::prompt_tokens(V, 10 + int(k) * 7);
+        ss.back()->append(p.data(), p.size());
+        ss.back()->start(settings[k]);
+      }
+      std::vector<bool> done(settings.size(), false);
+      for (size_t left = settings.size(); left > 0;)
+        for (size_t k = 0; k < settings.size(); k++) {
+          if (done[k]) continue;
+          Event ev = ss[k]->next();
+          if (ev.token >= 0) out[k].push_back(ev.token);
+          if (ev.done) done[k] = true, left--;
+        }
       return out;
     };
     const auto got = run_all(dev), want = run_all(host);
@@ -396,13 +402,39 @@ TEST_CASE("GPU sampling end to end: device sampling emits the host sampler's tok
       CHECK(got[k].size() == 24);
       CHECK(got[k] == want[k]);
     }
+    CHECK(dev->stats().max_batch_seqs > 1);
     MESSAGE(preset << ": " << settings.size() << " turns of 24 tokens, device-sampled == host-sampled; max batch "
                    << dev->stats().max_batch_seqs);
+    if (!loaded.model->w.mtp.empty()) {  // MTP: verification steps keep the host path, the others sample here
+      auto mtp_engine = [&](bool device) {
+        EngineOptions eo;
+        eo.max_tokens = 4096;
+        eo.backend_kind = BackendKind::Cuda;
+        eo.mtp_drafts = 1;
+        eo.device_sampling = device;
+        return std::make_shared<Engine>(loaded.model, loaded.vocab, eo);
+      };
+      auto mtp_dev = mtp_engine(true), mtp_host = mtp_engine(false);
+      REQUIRE(mtp_dev->device_sampling());
+      const auto with_mtp = run_all(mtp_dev), with_mtp_host = run_all(mtp_host);
+      for (size_t k = 0; k < settings.size(); k++) {
+        CAPTURE(k);
+        CHECK(with_mtp[k] == with_mtp_host[k]);
+      }
+      CHECK(mtp_dev->stats().mtp_drafted == mtp_host->stats().mtp_drafted);
+      CHECK(mtp_dev->stats().mtp_accepted == mtp_host->stats().mtp_accepted);
+      MESSAGE(preset << ": with MTP drafts (1): " << mtp_dev->stats().mtp_drafted << " drafted, "
+                     << mtp_dev->stats().mtp_accepted << " accepted; device- and host-sampled tokens equal");
+    }
     // Greedy against the CPU engine, teacher-forced on the GPU's tokens.
     auto cpu_loaded = load_model(dir, {});
     EngineOptions ceo;
     ceo.max_tokens = 4096;
-    auto cpu_engine = std::make_shared<Engine>(cpu_loaded.model, cpu_loaded.vocab, ceo);
+    BackendOptions cbo;
+    cbo.n_threads = 2;
+    auto cpu_engine = std::make_shared<Engine>(  // with the GPU's cache dtype, as test_gpu.cpp's comparison
+        cpu_loaded.model, cpu_loaded.vocab,
+        std::make_unique<testing::ForwardingBackend>(make_cpu_backend(cbo), false, cuda()->default_kv_dtype(), true), ceo);
     const auto prompt = testing::prompt_tokens(V, 10);
     auto cs = cpu_engine->create_session(0, true, 5);
     std::vector<int32_t> seq = prompt;
