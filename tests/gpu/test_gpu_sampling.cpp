@@ -74,7 +74,7 @@ Compared compare(Backend &be, const std::vector<Row> &rows, int64_t V) {
 
 // Where u sits in the CPU's cumulative distribution (ids ascending, as the sampler walks): the distance from u
 // to the nearest boundary between two drawable ids. A GPU token that differs from the CPU's is accepted only
-// when this is below what double sums in another order can move (1e-12).
+// when this is below what double sums in another order can move (1e-10: n * eps for 129,280 terms is 1.4e-11).
 double boundary_distance(const Row &r, int64_t V) {
   const auto prob = sampling_distribution(r.logits.data(), V, r.p, r.hist.data(), r.hist.size(), r.banned);
   double acc = 0, best = 1;
@@ -217,7 +217,7 @@ TEST_CASE("GPU sampling, seeded: the CPU's token for the same u under every filt
           continue;
         }
         const double d = boundary_distance(rows[size_t(b)], V);
-        CHECK_MESSAGE(d < 1e-12, "token " << c.gpu[size_t(b)].token << " vs the CPU's " << c.cpu[size_t(b)].token
+        CHECK_MESSAGE(d < 1e-10, "token " << c.gpu[size_t(b)].token << " vs the CPU's " << c.cpu[size_t(b)].token
                                           << ", u " << rows[size_t(b)].u << " is " << d << " from a boundary");
         boundary++;
       }
