@@ -597,7 +597,9 @@ class CudaBackend final : public ArenaBackend {
       // One parameter block (kernels.h): rows, adjustments, bias terms.
       const size_t rows_b = rows.size() * sizeof(k::SampleRowParams), adj_b = adj.size() * sizeof(k::SampleAdjust);
       for (auto &rp : rows) rp.bias_at = int32_t(rows_b + adj_b);
-      std::vector<char> block(rows_b + adj_b + bias.size() * sizeof(float));
+      // (padded to a power of two: the segment's metadata copy, whose size is a launch argument, then stays the
+      // same while the number of touched ids moves, and a decode step's graph keeps being replayed)
+      std::vector<char> block(pow2_at_least(rows_b + adj_b + bias.size() * sizeof(float), 1024), 0);
       std::memcpy(block.data(), rows.data(), rows_b);
       if (adj_b) std::memcpy(block.data() + rows_b, adj.data(), adj_b);
       if (!bias.empty()) std::memcpy(block.data() + rows_b + adj_b, bias.data(), bias.size() * sizeof(float));
