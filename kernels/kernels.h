@@ -147,24 +147,26 @@ void moe_route(const float *logits, int64_t rows, const DevMatrix &bias, const R
 // (top-k by count, top-p by probability mass), probabilities in double, and the kept ids walked in ascending id
 // order with a prefix sum: the CPU sampler's distribution and draw up to the order of double-precision sums
 // (a token differs only when u falls within rounding of a boundary between two ids).
-// Per touched id (bias, penalty window, bans; each id once): v = logit; v += bias[bias0 + j] in order;
-// count > 0: v = v > 0 ? v / rep : v * rep, v -= presence + frequency * count; banned: v = -inf.
+// Per touched id (bias, penalty window; each id once): v = logit; v += bias[bias0 + j] in order; count > 0:
+// v = v > 0 ? v / rep : v * rep, v -= presence + frequency * count; banned (a touched id also in the bans):
+// v = -inf. Then every id of the row's ban list (ids outside [0, vocab) ignored) is -inf.
 struct SampleAdjust {
   int32_t id, count, banned, bias0, n_bias;
 };
-struct SampleRowParams {  // 56 bytes, no padding (it is uploaded as bytes)
+struct SampleRowParams {  // 64 bytes, no padding (it is uploaded as bytes)
   int32_t row;            // logits row
   float temperature;      // <= 0: greedy
   int32_t top_k;          // 0: off
   float top_p, min_p;     // 1 / 0: off
   float repetition_penalty, presence_penalty, frequency_penalty;
   int32_t adj0, n_adj;    // this row's entries of the adjustment array
-  int32_t bias_at;        // byte offset of the bias terms from the start of the parameter block (every row alike)
-  int32_t reserved;
+  int32_t ban0, n_ban;    // this row's ids of the ban array (rows may share them)
+  int32_t bias_at;        // byte offsets from the start of the parameter block of the bias terms (floats) and
+  int32_t bans_at;        // of the ban ids (int32), every row alike
   double u;               // the draw, in [0, 1)
 };
 // The parameter block of one launch, one upload: SampleRowParams [n_rows], then the SampleAdjust entries, then
-// the bias terms (floats) at rows[0].bias_at. One pointer, so a decode step's launch arguments do not change
+// the bias terms at rows[0].bias_at and the ban ids at rows[0].bans_at. One pointer, so a decode step's launch arguments do not change
 // with the number of touched ids (its graph keeps being replayed).
 // Device scratch sample_rows needs for n_rows rows of vocab logits (8-byte aligned).
 int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab);

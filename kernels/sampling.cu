@@ -194,6 +194,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     bad |= !(v < INFINITY);
     w[A.id] = canon(v);
   }
+  __syncthreads();
+  // (2b) bans (after the adjustments: a ban wins)
+  const int32_t *bans = reinterpret_cast<const int32_t *>(params + P.bans_at) + P.ban0;
+  for (int j = tid; j < P.n_ban; j += kThreads)
+    if (bans[j] >= 0 && bans[j] < V) w[bans[j]] = -INFINITY;
   if (block_max_l(bad, sh)) return done(-1, 1);  // (block_max_l syncs: the adjusted values are visible below)
 
   // (3) the first id of the largest value
@@ -398,7 +403,7 @@ int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab) { return n_rows * 
 
 void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t n_rows, void *workspace, int32_t *tokens,
                  int32_t *flags, cudaStream_t s) {
-  static_assert(sizeof(SampleRowParams) == 56 && sizeof(SampleAdjust) == 20, "the parameter block's layout");
+  static_assert(sizeof(SampleRowParams) == 64 && sizeof(SampleAdjust) == 20, "the parameter block's layout");
   if (n_rows <= 0) return;
   sample_kernel<<<unsigned(n_rows), kThreads, 0, s>>>(logits, vocab, static_cast<const char *>(params), n_rows,
                                                       static_cast<double *>(workspace), tokens, flags);
