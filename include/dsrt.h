@@ -375,7 +375,10 @@ DSRT_API dsrt_status dsrt_session_append_tokens(dsrt_session *s, const int32_t *
 DSRT_API dsrt_status dsrt_session_eval(dsrt_session *s, dsrt_cancel *cancel);
 /* Logits of the last step that completed this session's pending tokens: n_rows = 1 (last position), or
  * every position of that step when logits_all. Row-major [n_rows, n_vocab], owned by the session, valid
- * until the next call on this session (also safe while other threads step the engine). */
+ * until the next call on this session (also safe while other threads step the engine).
+ * On a GPU engine (one rank), the steps of a generation turn (dsrt_session_start/next) sample on the GPU and
+ * leave their logits there: after such a step this is DSRT_ERR_BAD_STATE, unless the session was created
+ * with logits_all or had dsrt_session_keep_logprobs on when the step ran (those steps copy their logits). */
 DSRT_API dsrt_status dsrt_session_logits(dsrt_session *s, const float **logits, size_t *n_rows, size_t *n_vocab);
 /* Token history in the cache (pending not included); valid until the next call on this session (also
  * safe while other threads step the engine). */

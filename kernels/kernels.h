@@ -181,4 +181,40 @@ void moe_experts_grouped(const float *x, int64_t T, int64_t H, int64_t I, const 
                          int64_t E, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, void *scratch,
                          float *out, cudaStream_t s);
 
+// ---- sampling.cu: one token per row of a batch of logits rows, every row in one launch: engine/sampler.cpp's
+// sampler on the device (logit bias, repetition/presence/frequency penalties, bans, temperature, top-k, top-p,
+// min-p, then the draw with a uniform u the host drew from the session's stream). Greedy rows take the first id
+// of the largest adjusted logit. Sampled rows: candidates by logit (ties: the lower id) selected by radix select
+// (top-k by count, top-p by probability mass), probabilities in double, and the kept ids walked in ascending id
+// order with a prefix sum: the CPU sampler's distribution and draw up to the order of double-precision sums
+// (a token differs only when u falls within rounding of a boundary between two ids).
+// Per touched id (bias, penalty window; each id once): v = logit; v += bias[bias0 + j] in order; count > 0:
+// v = v > 0 ? v / rep : v * rep, v -= presence + frequency * count; banned (a touched id also in the bans):
+// v = -inf. Then every id of the row's ban list (ids outside [0, vocab) ignored) is -inf.
+struct SampleAdjust {
+  int32_t id, count, banned, bias0, n_bias;
+};
+struct SampleRowParams {  // 64 bytes, no padding (it is uploaded as bytes)
+  int32_t row;            // logits row
+  float temperature;      // <= 0: greedy
+  int32_t top_k;          // 0: off
+  float top_p, min_p;     // 1 / 0: off
+  float repetition_penalty, presence_penalty, frequency_penalty;
+  int32_t adj0, n_adj;    // this row's entries of the adjustment array
+  int32_t ban0, n_ban;    // this row's ids of the ban array (rows may share them)
+  int32_t bias_at;        // byte offsets from the start of the parameter block of the bias terms (floats) and
+  int32_t bans_at;        // of the ban ids (int32), every row alike
+  double u;               // the draw, in [0, 1)
+};
+// The parameter block of one launch, one upload: SampleRowParams [n_rows], then the SampleAdjust entries, then
+// the bias terms at rows[0].bias_at and the ban ids at rows[0].bans_at. One pointer, so a decode step's launch arguments do not change
+// with the number of touched ids (its graph keeps being replayed).
+// Device scratch sample_rows needs for n_rows rows of vocab logits (8-byte aligned).
+int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab);
+// logits [*, vocab] fp32 (rows[r].row picks the row); tokens[r] = the token, flags[r] = 0; or flags[r] = 1 and
+// tokens[r] = -1 where the CPU sampler fails (a NaN or +inf logit, bias or penalties that make one, nothing left
+// finite): the host re-runs the CPU sampler on that row for its error.
+void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t n_rows, void *workspace,
+                 int32_t *tokens, int32_t *flags, cudaStream_t s);
+
 }  // namespace dsrt::kernels

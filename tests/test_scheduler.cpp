@@ -11,6 +11,7 @@
 
 #include "engine/engine.h"
 #include "engine/load.h"
+#include "forwarding_backend.h"
 #include "helpers.h"
 
 using namespace testing;
@@ -242,4 +243,141 @@ TEST_CASE("dsrt_set_log_callback receives the library's messages instead of stde
     return l.first == DSRT_LOG_INFO && l.second.find("2 in-process ranks") != std::string::npos;
   });
   CHECK(saw);
+}
+
+// The engine's device-sampling path (EngineOptions::device_sampling) run on the CPU: a backend that claims to
+// sample where its logits are (ForwardingBackend; its sample_rows is the default, the CPU sampler) against the
+// same backend without the claim (the host path). Same tokens for greedy and seeded sampling with every
+// filter, penalties, bias and bans, several sessions batched in each step; no logits row comes to the host
+// during a plain turn; the logits are still there where someone reads them (logits_all, kept logprobs, an
+// eval outside a turn), and a turn's own step says clearly that its logits stayed on the device.
+TEST_CASE("device-sampling path (CPU stand-in): host path's tokens, logits copied only when asked") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  auto engine = [&](bool device, std::shared_ptr<ForwardingBackend::Counts> &counts) {
+    dsrt::EngineOptions eo;
+    eo.max_tokens = 2048;
+    dsrt::BackendOptions bo;
+    bo.n_threads = 2;
+    auto be = std::make_unique<ForwardingBackend>(dsrt::make_cpu_backend(bo), device);
+    counts = be->counts;
+    return std::make_shared<dsrt::Engine>(model.model, model.vocab, std::move(be), eo);
+  };
+  std::shared_ptr<ForwardingBackend::Counts> hc, dc, pc;
+  auto host = engine(false, hc), dev = engine(true, dc);
+  CHECK(!host->device_sampling());
+  CHECK(dev->device_sampling());
+  CHECK(!make_engine(model, 64, 1024)->device_sampling());  // the CPU backend samples on the host
+  {
+    dsrt::EngineOptions eo;
+    eo.device_sampling = false;
+    auto off = std::make_shared<dsrt::Engine>(model.model, model.vocab,
+                                              std::make_unique<ForwardingBackend>(dsrt::make_cpu_backend({}), true), eo);
+    CHECK(!off->device_sampling());
+  }
+  std::vector<dsrt::GenParams> settings;
+  for (int k = 0; k < 6; k++) {
+    dsrt::GenParams g = greedy(12);
+    g.has_seed = true;
+    g.seed = 40 + uint64_t(k);
+    if (k > 0) g.sampling.temperature = 0.9f;
+    if (k == 2 || k == 5) g.sampling.top_k = 7;
+    if (k == 3 || k == 5) g.sampling.top_p = 0.7f;
+    if (k == 4 || k == 5) g.sampling.min_p = 0.1f;
+    if (k == 0 || k == 5) {
+      g.sampling.repetition_penalty = 1.2f;
+      g.sampling.presence_penalty = 0.3f;
+      g.sampling.frequency_penalty = 0.2f;
+      g.sampling.penalty_window = 6;
+      g.sampling.logit_bias = {{5, 2.0f}, {9, -INFINITY}};
+    }
+    settings.push_back(g);
+  }
+  // Every setting in its own session on its own thread: batched together in each step.
+  auto run_all = [&](std::shared_ptr<dsrt::Engine> &e) {
+    std::vector<std::vector<int32_t>> out(settings.size());
+    std::vector<std::thread> th;
+    for (size_t k = 0; k < settings.size(); k++)
+      th.emplace_back([&, k] {
+        auto s = e->create_session(0, false, 7);
+        const auto p = prompt_tokens(V, 5 + int(k) * 3);
+        s->append(p.data(), p.size());
+        s->start(settings[k]);
+        for (;;) {
+          dsrt::Event ev = s->next();
+          if (ev.token >= 0) out[k].push_back(ev.token);
+          if (ev.done) break;
+        }
+      });
+    for (auto &t : th) t.join();
+    return out;
+  };
+  const auto want = run_all(host), got = run_all(dev);
+  for (size_t k = 0; k < settings.size(); k++) {
+    CAPTURE(k);
+    CHECK(got[k].size() == 12);
+    CHECK(got[k] == want[k]);
+  }
+  CHECK(hc->sampled_rows == 0);
+  CHECK(dc->sampled_rows >= int64_t(settings.size()) * 12);
+  CHECK(dev->stats().max_batch_seqs > 1);
+
+  // One plain turn: no logits row comes to the host; the turn's step says where its logits are.
+  auto s = dev->create_session(0, false, 3), hs = host->create_session(0, false, 3);
+  const auto prompt = prompt_tokens(V, 20);
+  s->append(prompt.data(), prompt.size());
+  hs->append(prompt.data(), prompt.size());
+  const int64_t floats0 = dc->host_floats;
+  s->start(settings[5]);
+  hs->start(settings[5]);
+  for (int i = 0; i < 4; i++) CHECK(s->next().token == hs->next().token);
+  CHECK(dc->host_floats == floats0);
+  dsrt_status code = DSRT_OK;
+  std::string msg;
+  try {
+    s->logits_view();
+  } catch (const dsrt::Error &e) {
+    code = e.code();
+    msg = e.what();
+  }
+  CHECK(code == DSRT_ERR_BAD_STATE);
+  CHECK(msg.find("sampled where the logits are computed") != std::string::npos);
+  s->cancel();
+  hs->cancel();
+  CHECK(s->next().finish == dsrt::Finish::Cancelled);
+  CHECK(hs->next().finish == dsrt::Finish::Cancelled);
+  // Outside a turn, the evaluated token's logits come to the host as always, equal to the host path's.
+  s->eval(nullptr);
+  hs->eval(nullptr);
+  const auto lv = s->logits_view(), hv = hs->logits_view();
+  REQUIRE(lv.rows == 1);
+  REQUIRE(hv.rows == 1);
+  CHECK(std::equal(lv.data, lv.data + V, hv.data));
+  CHECK(dc->host_floats == floats0 + V);
+
+  // Sessions that read their logits keep the host path: logits_all, and kept logprobs.
+  auto a = dev->create_session(0, true, 3), ha = host->create_session(0, true, 3);
+  auto b = dev->create_session(0, false, 3), hb = host->create_session(0, false, 3);
+  b->keep_logprobs(true);
+  hb->keep_logprobs(true);
+  for (auto *x : {a.get(), ha.get(), b.get(), hb.get()}) {
+    x->append(prompt.data(), prompt.size());
+    x->start(settings[3]);
+  }
+  const int64_t rows0 = dc->sampled_rows;
+  for (int i = 0; i < 5; i++) {
+    const dsrt::Event ea = a->next(), eha = ha->next(), eb = b->next(), ehb = hb->next();
+    CHECK(ea.token == eha.token);
+    CHECK(eb.token == ehb.token);
+    const auto la = a->logits_view(), lha = ha->logits_view();
+    REQUIRE(la.rows == lha.rows);
+    CHECK(std::equal(la.data, la.data + la.rows * V, lha.data));
+    std::vector<std::pair<int32_t, float>> tb, thb;
+    int32_t kb = -1, khb = -2;
+    CHECK(b->token_logprobs(5, &kb, tb) == hb->token_logprobs(5, &khb, thb));
+    CHECK(kb == khb);
+    CHECK(tb == thb);
+  }
+  CHECK(dc->sampled_rows == rows0);  // none of these went through sample_rows
+  for (auto *x : {a.get(), ha.get(), b.get(), hb.get()}) x->cancel(), x->next();
 }

@@ -593,3 +593,153 @@ TEST_CASE("greedy sampling's fast path picks the argmax of the full distribution
     CHECK(dsrt::sample_token(logits.data(), V, p, hist.data(), hist.size(), banned, r) == want);
   }
 }
+
+// Rows for the sampling op tests: coarse logits (ties everywhere), and per row a sampler setting of every kind
+// (greedy, each filter alone and all together, penalties, bias with a repeated id, bans) and the failures the
+// sampler reports (NaN, +inf, nothing finite, a bias id outside the vocabulary, a bias that makes +inf).
+struct SampleCase {
+  std::vector<float> logits;
+  dsrt::SamplingParams p;
+  std::vector<int32_t> hist, banned;
+};
+std::vector<SampleCase> sample_cases(int64_t V, int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> coarse(-6, 6);
+  std::vector<SampleCase> v;
+  for (int r = 0; r < n; r++) {
+    SampleCase c;
+    c.logits.resize(size_t(V));
+    for (auto &x : c.logits) x = float(coarse(rng)) * 0.25f;
+    dsrt::SamplingParams &p = c.p;
+    const int kind = r % 12;
+    p.temperature = kind == 0 ? 0.0f : 0.7f + 0.1f * float(r % 5);
+    if (kind == 1 || kind == 4) p.top_k = 1 + int32_t(rng() % 40);
+    if (kind == 2 || kind == 4) p.top_p = 0.5f + 0.1f * float(r % 4);
+    if (kind == 3 || kind == 4) p.min_p = 0.05f * float(1 + r % 4);
+    if (kind == 5 || kind == 4 || kind == 0) {
+      p.repetition_penalty = 1.3f;
+      p.presence_penalty = 0.5f;
+      p.frequency_penalty = 0.25f;
+      p.penalty_window = 8;
+      p.logit_bias = {{int32_t(rng() % V), 1.5f}, {3, -0.75f}, {3, 0.5f}};  // id 3 twice: added in order
+    }
+    for (int i = 0; i < 20; i++) c.hist.push_back(int32_t(rng() % 30));
+    if (r % 3 == 0) c.banned = {int32_t(rng() % V), 1, 2};
+    if (kind == 6) p.top_k = int32_t(V + 5);  // larger than the vocabulary: off
+    if (kind == 7) c.logits[size_t(rng() % V)] = NAN;
+    if (kind == 8) c.logits[size_t(rng() % V)] = INFINITY;
+    if (kind == 9) {  // nothing finite once banned
+      std::fill(c.logits.begin(), c.logits.end(), -INFINITY);
+      c.logits[5] = 1.0f;
+      c.banned = {5};
+    }
+    if (kind == 10) p.logit_bias = {{int32_t(V), 1.0f}};
+    if (kind == 11) p.logit_bias = {{7, INFINITY}};
+    v.push_back(std::move(c));
+  }
+  return v;
+}
+
+TEST_CASE("Backend::sample_rows' default (the CPU backend) is sample_token row by row, draws and errors alike") {
+  const int64_t V = 300;
+  const auto cases = sample_cases(V, 48, 17);
+  auto be = dsrt::make_cpu_backend({});
+  be->begin_step();
+  dsrt::Tensor t = be->alloc(int64_t(cases.size()), V);
+  std::vector<float> all;
+  for (const auto &c : cases) all.insert(all.end(), c.logits.begin(), c.logits.end());
+  be->from_host(t, all.data());
+  std::vector<dsrt::SampleRequest> req;
+  std::vector<dsrt::Rng> after;  // the stream as sample_token leaves it
+  std::vector<int32_t> want;
+  std::vector<std::pair<dsrt_status, std::string>> want_err;
+  int errors = 0;
+  for (size_t r = 0; r < cases.size(); r++) {
+    const SampleCase &c = cases[r];
+    dsrt::Rng ref(100 + r), copy(100 + r);
+    dsrt::SampleRequest q;
+    q.row = int32_t(cases.size() - 1 - r);  // rows in any order
+    q.params = &c.p;
+    q.history = c.hist.data();
+    q.n_history = c.hist.size();
+    q.banned = &c.banned;
+    q.u = c.p.temperature > 0 ? copy.uniform() : 0.0;
+    req.push_back(q);
+    uint64_t before[4], now[4];
+    ref.state(before);
+    try {
+      want.push_back(dsrt::sample_token(c.logits.data(), V, c.p, c.hist.data(), c.hist.size(), c.banned, ref));
+      want_err.push_back({DSRT_OK, ""});
+      ref.state(now);
+      uint64_t drawn[4];
+      copy.state(drawn);
+      CHECK(std::equal(now, now + 4, drawn));  // the one draw, taken exactly when the sampler takes it
+    } catch (const dsrt::Error &e) {
+      want.push_back(-1);
+      want_err.push_back({e.code(), e.what()});
+      ref.state(now);
+      CHECK(std::equal(now, now + 4, before));  // a failure draws nothing
+      errors++;
+    }
+  }
+  // The op reads row q.row: lay the logits out in that order.
+  for (size_t r = 0; r < cases.size(); r++)
+    be->from_host(t.rows_view(req[r].row, 1), cases[r].logits.data());
+  const auto got = be->sample_rows(t, req);
+  REQUIRE(got.size() == cases.size());
+  for (size_t r = 0; r < cases.size(); r++) {
+    CAPTURE(r);
+    CHECK(got[r].status == want_err[r].first);
+    CHECK(got[r].error == want_err[r].second);
+    if (want_err[r].first == DSRT_OK) CHECK(got[r].token == want[r]);
+  }
+  CHECK(errors >= 4 * 5);  // NaN, +inf, nothing finite, bias outside, +inf bias: each kind 4 times
+  CHECK(!be->samples_on_device());  // the engine keeps its host path on the CPU
+}
+
+// The adjustments a device kernel applies (sampling_adjustments), applied here as the kernel does, give the
+// sampler's own distribution: with temperature 1 and no truncation it is the softmax of the adjusted logits.
+TEST_CASE("sampling_adjustments writes out the sampler's own bias, penalties and bans") {
+  const int64_t V = 300;
+  auto cases = sample_cases(V, 48, 23);
+  int checked = 0;
+  for (size_t r = 0; r < cases.size(); r++) {
+    CAPTURE(r);
+    SampleCase &c = cases[r];
+    c.p.temperature = 1.0f;
+    c.p.top_k = 0;
+    c.p.top_p = 1.0f;
+    c.p.min_p = 0.0f;
+    const dsrt::SamplingAdjustments a = dsrt::sampling_adjustments(V, c.p, c.hist.data(), c.hist.size(), c.banned);
+    bool in_range = true;
+    for (auto [id, b] : c.p.logit_bias) in_range = in_range && id >= 0 && id < V;
+    CHECK(a.valid == in_range);
+    std::vector<double> l(c.logits.begin(), c.logits.end());
+    bool bad = false;
+    for (float x : c.logits) bad = bad || !(x < INFINITY);
+    for (const dsrt::SamplingAdjust &t : a.ids) {
+      double v = double(c.logits[size_t(t.id)]);
+      for (int j = 0; j < t.n_bias; j++) v += double(a.bias[size_t(t.bias0 + j)]);
+      if (t.count > 0) {
+        v = v > 0 ? v / double(c.p.repetition_penalty) : v * double(c.p.repetition_penalty);
+        v -= double(c.p.presence_penalty) + double(c.p.frequency_penalty) * t.count;
+      }
+      if (t.banned) v = -INFINITY;
+      bad = bad || !(v < INFINITY);
+      l[size_t(t.id)] = v;
+    }
+    double mx = -INFINITY;
+    for (double v : l) mx = std::max(mx, v);
+    if (bad || !a.valid || mx == -INFINITY) {
+      CHECK_THROWS_AS(dsrt::sampling_distribution(c.logits.data(), V, c.p, c.hist.data(), c.hist.size(), c.banned),
+                      dsrt::Error);
+      continue;
+    }
+    double z = 0;
+    for (auto &v : l) z += v = std::exp(v - mx);
+    const auto q = dsrt::sampling_distribution(c.logits.data(), V, c.p, c.hist.data(), c.hist.size(), c.banned);
+    for (int64_t i = 0; i < V; i++) CHECK(q[size_t(i)] == doctest::Approx(l[size_t(i)] / z).epsilon(1e-12));
+    checked++;
+  }
+  CHECK(checked >= 24);
+}

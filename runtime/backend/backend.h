@@ -117,6 +117,25 @@ struct BackendCounters {
   uint64_t graph_replays = 0, graph_captures = 0, eager_segments = 0;  // CUDA: how step segments were launched
 };
 
+struct SamplingParams;  // engine/sampler.h
+
+// One row of Backend::sample_rows: a row of the logits tensor, the sampler's settings for it, and the draw.
+// The pointers must stay valid during the call.
+struct SampleRequest {
+  int32_t row = 0;                                // row of the logits tensor
+  const SamplingParams *params = nullptr;
+  const int32_t *history = nullptr;               // the sequence so far (penalties read its last penalty_window ids)
+  size_t n_history = 0;
+  const std::vector<int32_t> *banned = nullptr;   // ids never sampled (may be null)
+  double u = 0;                                   // Rng::uniform() drawn for this row (ignored when greedy)
+};
+// What sample_token_with (engine/sampler.h) returns for the row, or the status and text it throws.
+struct SampleResult {
+  int32_t token = -1;
+  int32_t status = 0;  // dsrt_status: DSRT_OK, or the sampler's error
+  std::string error;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -186,6 +205,15 @@ class Backend {
   // out[i] = x[rows[i]]
   virtual void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) = 0;
   virtual void to_host(Tensor t, float *dst) = 0;
+
+  // Sampling (issue 10): every request's row of logits [R, vocab] (this backend's tensor, e.g. the forward's
+  // logits left where they were computed) sampled as sample_token_with(row, ..., u) does, one result per request;
+  // a row's failure is its result's status and text (the other rows are still sampled). Only the token ids
+  // come back. Default (CPU, any backend without a kernel): the rows to the host and the CPU sampler on each.
+  virtual std::vector<SampleResult> sample_rows(Tensor logits, const std::vector<SampleRequest> &rows);
+  // Whether sample_rows runs where the logits are (then the engine brings back only the rows that someone reads
+  // as logits); false: the default above, and the engine keeps copying logits to the host.
+  virtual bool samples_on_device() const { return false; }
   // Copies t.rows * t.cols elements of host memory into t (inputs of op tests; tokens are uploaded by ops).
   virtual void from_host(Tensor t, const void *src) = 0;
 

@@ -2,7 +2,9 @@
 #include <unistd.h>
 
 #include "backend/backend.h"
+#include "core/memory.h"
 #include "core/status.h"
+#include "engine/sampler.h"
 
 namespace dsrt {
 
@@ -15,6 +17,25 @@ std::unique_ptr<Backend> make_cuda_backend(const BackendOptions &opt);  // backe
 #endif
 
 int cuda_devices(std::string *why) { return cuda_device_count(why); }
+
+std::vector<SampleResult> Backend::sample_rows(Tensor logits, const std::vector<SampleRequest> &rows) {
+  const int64_t V = logits.cols;
+  static const std::vector<int32_t> none;
+  std::vector<SampleResult> out(rows.size());
+  HostVec<float> host(static_cast<size_t>(V));
+  for (size_t i = 0; i < rows.size(); i++) {
+    const SampleRequest &r = rows[i];
+    if (r.row < 0 || r.row >= logits.rows) failf(DSRT_ERR_INTERNAL, "sample_rows: row ", r.row, " of ", logits.rows);
+    to_host(logits.rows_view(r.row, 1), host.data());
+    try {
+      out[i].token = sample_token_with(host.data(), V, *r.params, r.history, r.n_history, r.banned ? *r.banned : none, r.u);
+    } catch (const Error &e) {
+      out[i].status = e.code();
+      out[i].error = e.what();
+    }
+  }
+  return out;
+}
 
 uint64_t device_free_memory(Device d) {
   if (d.kind == Device::Cuda) return cuda_free_memory(d.index);

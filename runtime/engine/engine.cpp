@@ -96,6 +96,11 @@ void Engine::init() {
   spec.max_pages = n_pages;
   ranks_->kv_init(spec);
   pool_ = std::make_unique<KvPagePool>(n_pages, opt_.prefix_cache_pages);
+  // Sampling on the device: one rank in this process (the several-rank path keeps the host sampler), a backend
+  // with a sampling kernel.
+  const char *ds = std::getenv("DSRT_DEVICE_SAMPLING");
+  device_sampling_ = opt_.device_sampling && !(ds && std::string(ds) == "0") && world() == 1 && !ranks_->remote() &&
+                     backend().samples_on_device();
   stats_.pages_total = n_pages;
   loop_ = std::thread([this] { loop(); });
 }
@@ -256,6 +261,8 @@ void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<
           s.published_ = std::min<int64_t>(s.published_, s.run_start_ / kPageTokens);
           s.logits_.clear();
           s.logits_rows_ = 0;
+          s.logits_on_device_ = false;
+          s.presampled_ = {};
         }
         s.pending_started_ = false;
         release_pages(s, int64_t(s.tokens_.size()));

@@ -52,6 +52,11 @@ struct EngineOptions {
   int64_t prefix_cache_pages = -1;
   BackendKind backend_kind = BackendKind::Cpu;
   BackendOptions backend;
+  // Generation turns' tokens sampled where the logits are (Backend::sample_rows) when the backend can
+  // (samples_on_device) and the engine has one rank: only the ids come back, and a turn's logits rows stay on the
+  // device (Session::logits_view). The same tokens as the host sampler (engine/sampler.h) with the same draws.
+  // false (or DSRT_DEVICE_SAMPLING=0): every step's logits rows to the host, sampled there.
+  bool device_sampling = true;
 };
 
 struct EngineStats {
@@ -81,6 +86,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   const EngineOptions &options() const { return opt_; }
   int64_t capacity_tokens() const { return pool_->total() * kPageTokens; }
   bool mtp_enabled() const { return mtp_; }
+  bool device_sampling() const { return device_sampling_; }  // EngineOptions::device_sampling, in effect
   int world() const { return ranks_->world(); }
 
   std::shared_ptr<Session> create_session(int64_t max_ctx, bool logits_all, uint64_t seed);
@@ -124,6 +130,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_ptr<RankGroup> ranks_;
   std::unique_ptr<KvPagePool> pool_;
   bool mtp_ = false;
+  bool device_sampling_ = false;
 
   mutable std::mutex mu_;  // guards everything below and every session's token state
   std::condition_variable work_cv_;  // the step thread waits for work

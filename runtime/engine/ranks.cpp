@@ -218,14 +218,16 @@ void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, co
   send(m);
 }
 
-void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out) {
+void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out, Tensor *logits_tensor_out) {
   Rank &r = ranks_[0];
+  if (logits_tensor_out && world() > 1) fail(DSRT_ERR_INTERNAL, "logits stay on the device with one rank only");
   try {
     if (world() > 1) {
       std::string bytes = message(Msg::Forward) + step.encode();
       r.comm->broadcast(bytes, 0);
     }
-    dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out, hidden_out);
+    dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out, hidden_out,
+                  logits_tensor_out);
   } catch (const std::exception &e) {
     r.comm->abort(std::string("rank 0: ") + e.what());
     throw;

@@ -42,8 +42,10 @@ class RankGroup {
   void kv_init(const KvCacheSpec &spec);  // followers in other processes also prepare their weights
   void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
   void kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats);
-  // One forward step on every rank; rank 0's logits of step.logit_rows to logits_out (host).
-  void forward(const Step &step, float *logits_out, Tensor *hidden_out = nullptr);
+  // One forward step on every rank; rank 0's logits of step.logit_rows to logits_out (host). logits_tensor_out
+  // (optional, one rank only: world() == 1): the logits left where rank 0's backend computed them, valid until
+  // its next step; logits_out may then be null (forward() in deepseek_v3.h).
+  void forward(const Step &step, float *logits_out, Tensor *hidden_out = nullptr, Tensor *logits_tensor_out = nullptr);
 
  private:
   struct Rank {

@@ -141,8 +141,7 @@ std::vector<double> sampling_distribution(const float *logits, int64_t n, const 
   return prob;
 }
 
-static int32_t draw(const std::vector<double> &prob, Rng &rng) {
-  const double u = rng.uniform();
+static int32_t draw(const std::vector<double> &prob, double u) {
   double acc = 0;
   int32_t last = -1;
   for (size_t i = 0; i < prob.size(); i++) {
@@ -236,8 +235,48 @@ int32_t sample_token(const float *logits, int64_t n, const SamplingParams &p, co
                      const std::vector<int32_t> &banned, Rng &rng) {
   if (!(p.temperature > 0.0f)) return greedy_token(logits, n, p, hist, n_hist, banned);
   std::vector<double> prob = sampling_distribution(logits, n, p, hist, n_hist, banned);
-  if (!(p.temperature > 0.0f)) return int32_t(std::max_element(prob.begin(), prob.end()) - prob.begin());
-  return draw(prob, rng);
+  return draw(prob, rng.uniform());  // drawn only once the distribution stands (errors consume nothing)
+}
+
+int32_t sample_token_with(const float *logits, int64_t n, const SamplingParams &p, const int32_t *hist, size_t n_hist,
+                          const std::vector<int32_t> &banned, double u) {
+  if (!(p.temperature > 0.0f)) return greedy_token(logits, n, p, hist, n_hist, banned);
+  return draw(sampling_distribution(logits, n, p, hist, n_hist, banned), u);
+}
+
+SamplingAdjustments sampling_adjustments(int64_t n, const SamplingParams &p, const int32_t *hist, size_t n_hist,
+                                         const std::vector<int32_t> &banned) {
+  SamplingAdjustments a;
+  std::unordered_map<int32_t, size_t> where;
+  auto at = [&](int32_t id) -> SamplingAdjust & {
+    auto [it, fresh] = where.try_emplace(id, a.ids.size());
+    if (fresh) a.ids.push_back({id, 0, 0, 0, 0});
+    return a.ids[it->second];
+  };
+  // Bias terms grouped by id, each id's in their order in logit_bias (the sampler adds them in that order).
+  std::vector<std::vector<float>> terms;
+  for (auto [id, b] : p.logit_bias) {
+    if (id < 0 || id >= n) {
+      a.valid = false;
+      continue;
+    }
+    const size_t k = size_t(&at(id) - a.ids.data());
+    if (terms.size() <= k) terms.resize(k + 1);
+    terms[k].push_back(b);
+  }
+  if (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
+    size_t from = p.penalty_window > 0 && n_hist > size_t(p.penalty_window) ? n_hist - size_t(p.penalty_window) : 0;
+    for (size_t i = from; i < n_hist; i++)
+      if (hist[i] >= 0 && hist[i] < n) at(hist[i]).count++;
+  }
+  for (int32_t id : banned)
+    if (id >= 0 && id < n) at(id).banned = 1;
+  for (size_t k = 0; k < a.ids.size(); k++) {
+    a.ids[k].bias0 = int32_t(a.bias.size());
+    if (k < terms.size()) a.bias.insert(a.bias.end(), terms[k].begin(), terms[k].end());
+    a.ids[k].n_bias = int32_t(a.bias.size()) - a.ids[k].bias0;
+  }
+  return a;
 }
 
 int32_t sample_token(const float *logits, int64_t n, float temperature, Rng &rng) {

@@ -48,6 +48,29 @@ std::vector<double> sampling_distribution(const float *logits, int64_t n_vocab, 
 int32_t sample_token(const float *logits, int64_t n_vocab, const SamplingParams &p, const int32_t *history,
                      size_t n_history, const std::vector<int32_t> &banned, Rng &rng);
 
+// sample_token with the draw's uniform given: what sample_token(..., rng) returns when rng.uniform() would return
+// u (greedy ignores u; errors as above, thrown before the draw). sample_token draws u only once the distribution
+// stands, so a caller that draws u from a copy of the rng and commits the copy only on success consumes the
+// stream exactly as sample_token does. Backend::sample_rows' default, and the reference of its device versions.
+int32_t sample_token_with(const float *logits, int64_t n_vocab, const SamplingParams &p, const int32_t *history,
+                          size_t n_history, const std::vector<int32_t> &banned, double u);
+
+// What logit bias, penalties and bans do to one row, as data a device kernel applies (the sampler's own
+// adjustment, written out): each touched id once, with its bias terms (added in order, in double), how often it
+// occurs in the penalty window (0: no penalty; set only when a penalty is on), and whether it is banned (-inf,
+// last). Every other id keeps its logit. valid = false when a bias id lies outside [0, n_vocab) (the sampler
+// then fails with DSRT_ERR_INVALID_ARGUMENT: run it for the text).
+struct SamplingAdjust {
+  int32_t id = 0, count = 0, banned = 0, bias0 = 0, n_bias = 0;  // bias terms: bias[bias0 .. bias0 + n_bias)
+};
+struct SamplingAdjustments {
+  std::vector<SamplingAdjust> ids;
+  std::vector<float> bias;
+  bool valid = true;
+};
+SamplingAdjustments sampling_adjustments(int64_t n_vocab, const SamplingParams &p, const int32_t *history,
+                                         size_t n_history, const std::vector<int32_t> &banned);
+
 // Plain greedy/temperature draw (the v0 session sampler).
 int32_t sample_token(const float *logits, int64_t n_vocab, float temperature, Rng &rng);
 

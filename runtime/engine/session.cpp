@@ -74,6 +74,7 @@ std::shared_ptr<Session> Session::fork() {
   s->pending_ = pending_;
   s->logits_ = logits_;
   s->logits_rows_ = logits_rows_;
+  s->logits_on_device_ = logits_on_device_;
   s->mtp_pos_ = mtp_pos_;
   s->mtp_hidden_ = mtp_hidden_;
   s->messages_ = messages_;
@@ -113,13 +114,16 @@ void Session::start(const GenParams &p) {
     const int64_t copies = engine_->pool_->shared_from(kv_, size_t(first_written / kPageTokens));
     engine_->pool_->unreserve(kv_);
     engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()) + copies);
+    // The random stream and the bans under the lock too: a step samples this turn's tokens on the device from
+    // copies it takes at plan (StepRunner).
+    if (p.has_seed) rng_.reseed(p.seed);
+    presampled_ = {};
+    eog_ = v.eog_ids;
+    banned_ = v.unused_ids;
+    if (p.ignore_eos) banned_.insert(banned_.end(), eog_.begin(), eog_.end());
   }
-  if (p.has_seed) rng_.reseed(p.seed);
   detok_.reset();
   if (v.tokenizer) detok_ = std::make_unique<Detokenizer>(*v.tokenizer, p.skip_special, p.stop_strings);
-  eog_ = v.eog_ids;
-  banned_ = v.unused_ids;
-  if (p.ignore_eos) banned_.insert(banned_.end(), eog_.begin(), eog_.end());
   finish_pending_ = Finish::None;
   n_generated_ = 0;
   reply_.clear();
@@ -157,6 +161,7 @@ Event Session::finish_turn(Finish why, int32_t token) {
     auto lk = engine_->lock_idle(*this);
     drop_drafts();
     turn_active_ = false;
+    presampled_ = {};  // a draw the turn did not take (cancelled, context full): the stream stays where it is
     engine_->pool_->unreserve(kv_);
     engine_->work_cv_.notify_one();
   }
@@ -193,7 +198,7 @@ Event Session::next() {
   if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
   int32_t tok;
   if (int64_t(tokens_.size() + pending_.size() - drafts_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
-  if (logits_rows_ == 0) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
+  if (logits_rows_ == 0 && !presampled_.valid) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
   const int64_t V = m.cfg.vocab_size;
   bool accepted = false;  // the token is an accepted draft, already in the cache
   try {
@@ -215,6 +220,19 @@ Event Session::next() {
       logits_rows_--;
     } else {
       drop_drafts();
+    }
+  } else if (presampled_.valid) {  // sampled on the device by the step: the same draw from the same stream
+    const Presample ps = std::move(presampled_);
+    presampled_ = {};
+    uint64_t st[4];
+    rng_.state(st);
+    if (!std::equal(st, st + 4, ps.rng_before)) fail(DSRT_ERR_INTERNAL, "the random stream moved after the step sampled");
+    if (ps.status != DSRT_OK) throw Error(ps.status, ps.error);
+    rng_.set_state(ps.rng_after);
+    tok = ps.token;
+    if (keep_logprobs_) {  // turned on after the step was planned: this token's row was not kept
+      sampled_row_.clear();
+      sampled_token_ = -1;
     }
   } else {  // unlocked: this session is idle with nothing pending, so no step writes its logits
     tok = sample_token(logits_.data() + size_t((logits_rows_ - 1) * V), V, gp_.sampling, tokens_.data(),
@@ -267,13 +285,22 @@ void Session::truncate(size_t n_keep) {
   failed_ = DSRT_OK;
   logits_.clear();
   logits_rows_ = 0;
+  logits_on_device_ = false;
+  presampled_ = {};
   engine_->release_pages(*this, int64_t(n_keep));
 }
+
+static const char *on_device_text =
+    "no logits on the host: this session's last step belonged to a generation turn, whose tokens are sampled where "
+    "the logits are computed (the GPU); evaluate with no turn active, or create the session with logits_all or turn "
+    "on dsrt_session_keep_logprobs before the turn, to keep them";
 
 // Embedding rows that are no token (padding past the tokenizer, spec §3.11) are never sampled.
 int32_t Session::sample(float temperature) {
   auto lk = engine_->lock_idle(*this);  // a step may be replacing the logits of this session's pending tokens
+  if (logits_rows_ == 0 && logits_on_device_) fail(DSRT_ERR_BAD_STATE, on_device_text);
   if (logits_rows_ == 0) fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
+  presampled_ = {};  // (the stream moves here)
   const int64_t V = engine_->model().cfg.vocab_size;
   SamplingParams p;
   p.temperature = temperature;
@@ -318,6 +345,7 @@ float Session::token_logprobs(size_t n_top, int32_t *token, std::vector<std::pai
 Session::LogitsView Session::logits_view() {
   std::lock_guard lk(engine_->mu_);
   const int64_t rows = drafts_.empty() ? logits_rows_ : std::min<int64_t>(logits_rows_, 1);
+  if (rows == 0 && logits_on_device_) fail(DSRT_ERR_BAD_STATE, on_device_text);
   if (pending_.empty()) return {logits_.data(), rows};
   logits_snapshot_.assign(logits_.data(), logits_.data() + rows * vocab());
   return {logits_snapshot_.data(), rows};

@@ -136,6 +136,19 @@ class Session {
   int64_t published_ = 0;  // full pages already offered to the prefix cache
   HostVec<float> logits_;
   int64_t logits_rows_ = 0;
+  // The last step's logits of this session stayed on the device: its generation turn's next token was sampled
+  // there (StepRunner, EngineOptions::device_sampling) and presampled_ holds that draw, which next() takes in
+  // place of sampling logits_ (then empty): the token, or the sampler's error, and the random stream after it.
+  // Valid while rng_ is still at rng_before (checked) and no newer step gave the session logits.
+  struct Presample {
+    bool valid = false;
+    int32_t token = -1;
+    dsrt_status status = DSRT_OK;
+    std::string error;
+    uint64_t rng_before[4] = {}, rng_after[4] = {};
+  };
+  bool logits_on_device_ = false;
+  Presample presampled_;
   dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session
   std::string failed_msg_;
   uint64_t n_evaluated_ = 0;

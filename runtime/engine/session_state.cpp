@@ -267,6 +267,8 @@ void Session::load_state(const std::string &blob) {
   rng_.set_state(s4);
   logits_.assign(lg.begin(), lg.end());
   logits_rows_ = lrows;
+  logits_on_device_ = false;
+  presampled_ = {};
   failed_ = DSRT_OK;
   failed_msg_.clear();
 }

@@ -73,6 +73,23 @@ bool StepRunner::plan() {
       step_.logit_rows.push_back(row0 + int32_t(n - 1));
     }
     w.n_logit_rows = int64_t(step_.logit_rows.size()) - w.logit_row0;
+    // The turn's next() samples exactly this row (no drafts to verify, no reader of the logits: logits_all and
+    // kept logprobs need the row on the host; a step that fills the context ends the turn there instead).
+    w.sample = e_.device_sampling_ && w.n_logit_rows == 1 && completes && want == 0 && s->turn_active_ &&
+               !s->logits_all_ && s->drafts_.empty() && !s->keep_logprobs_ && n_past + n < s->max_ctx_;
+    if (w.sample) {
+      w.sp = s->gp_.sampling;
+      w.banned = &s->banned_;
+      const SamplingParams &sp = w.sp;
+      if (sp.repetition_penalty != 1.0f || sp.presence_penalty != 0.0f || sp.frequency_penalty != 0.0f) {
+        const int64_t total = n_past + n;  // the history next() passes: the cache after this step
+        const int64_t from = sp.penalty_window > 0 ? std::max<int64_t>(0, total - sp.penalty_window) : 0;
+        for (int64_t i = from; i < total; i++)
+          w.history.push_back(i < n_past ? s->tokens_[size_t(i)] : s->pending_[size_t(i - n_past)]);
+      }
+      s->rng_.state(w.rng_before);
+      w.rng.set_state(w.rng_before);
+    }
     if (e_.mtp_) {
       w.mtp_pos = s->mtp_pos_;
       w.mtp_hidden = s->mtp_hidden_;
@@ -111,9 +128,8 @@ void StepRunner::run() {
       for (const PageCopy &c : w.copies) copies.push_back({c.from, c.to});
     if (!copies.empty()) e_.ranks_->kv_copy_pages(copies);  // (ranks in other processes too)
     if (std::any_of(work_.begin(), work_.end(), [](const Work &w) { return w.n_drafts > 0; })) draft();
-    logits_.resize(step_.logit_rows.size() * size_t(e_.model_->cfg.vocab_size));
     Tensor hidden;
-    e_.ranks_->forward(step_, logits_.data(), e_.mtp_ ? &hidden : nullptr);
+    forward_and_sample(e_.mtp_ ? &hidden : nullptr);
     if (e_.mtp_) catch_up(hidden);
   } catch (const Error &e) {
     failed_ = true;
@@ -129,6 +145,49 @@ void StepRunner::run() {
     fail_msg_ = e.what();
   }
   seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The forward, then the logits: every row to the host (the host path), or, when some sessions sample on the
+// device, those rows sampled there (one launch; only the ids come back) and only the other rows copied.
+void StepRunner::forward_and_sample(Tensor *hidden) {
+  const int64_t V = e_.model_->cfg.vocab_size;
+  const bool any = std::any_of(work_.begin(), work_.end(), [](const Work &w) { return w.sample; });
+  for (Work &w : work_) w.host_row0 = w.logit_row0;
+  if (!any) {
+    logits_.resize(step_.logit_rows.size() * size_t(V));
+    e_.ranks_->forward(step_, logits_.data(), hidden);
+    return;
+  }
+  Tensor lt;
+  e_.ranks_->forward(step_, nullptr, hidden, &lt);
+  Backend &be = e_.ranks_->leader();
+  std::vector<SampleRequest> req;
+  std::vector<Work *> sampling;
+  std::vector<int32_t> host_rows;
+  for (Work &w : work_) {
+    if (w.sample) {
+      SampleRequest r;
+      r.row = int32_t(w.logit_row0);
+      r.params = &w.sp;
+      r.history = w.history.data();
+      r.n_history = w.history.size();
+      r.banned = w.banned;
+      r.u = w.sp.temperature > 0.0f ? w.rng.uniform() : 0.0;  // the draw sample_token would take (kept only if used)
+      req.push_back(r);
+      sampling.push_back(&w);
+      continue;
+    }
+    w.host_row0 = int64_t(host_rows.size());
+    for (int64_t i = 0; i < w.n_logit_rows; i++) host_rows.push_back(int32_t(w.logit_row0 + i));
+  }
+  const std::vector<SampleResult> got = be.sample_rows(lt, req);
+  for (size_t i = 0; i < sampling.size(); i++) sampling[i]->sampled = got[i];
+  logits_.resize(host_rows.size() * size_t(V));
+  if (!host_rows.empty()) {
+    Tensor rows = be.alloc(int64_t(host_rows.size()), V);
+    be.gather_rows(lt, host_rows, rows);
+    be.to_host(rows, logits_.data());
+  }
 }
 
 // Each drafting session's waiting hidden rows are paired with the tokens after them (the last one being the
@@ -315,9 +374,22 @@ int64_t StepRunner::commit() {
         s.logits_.clear();
         s.logits_rows_ = 0;
       }
-      const float *src = logits_.data() + size_t(w.logit_row0 * V);
-      s.logits_.insert(s.logits_.end(), src, src + w.n_logit_rows * V);
-      s.logits_rows_ += w.n_logit_rows;
+      s.presampled_ = {};
+      s.logits_on_device_ = w.sample;
+      if (w.sample) {  // the row stayed on the device: next() takes the draw
+        Session::Presample &ps = s.presampled_;
+        ps.valid = true;
+        ps.token = w.sampled.token;
+        ps.status = w.sampled.status;
+        ps.error = w.sampled.error;
+        std::copy(w.rng_before, w.rng_before + 4, ps.rng_before);
+        if (w.sampled.status == DSRT_OK) w.rng.state(ps.rng_after);
+        else std::copy(w.rng_before, w.rng_before + 4, ps.rng_after);
+      } else {
+        const float *src = logits_.data() + size_t(w.host_row0 * V);
+        s.logits_.insert(s.logits_.end(), src, src + w.n_logit_rows * V);
+        s.logits_rows_ += w.n_logit_rows;
+      }
     }
     if (e_.mtp_) {
       s.mtp_pos_ = w.mtp_pos;

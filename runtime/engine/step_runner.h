@@ -10,6 +10,7 @@
 #include "core/memory.h"
 #include "core/status.h"
 #include "engine/kv_pages.h"
+#include "engine/sampler.h"
 #include "engine/step.h"
 
 namespace dsrt {
@@ -49,9 +50,21 @@ class StepRunner {
     std::vector<int32_t> tail;           // cached tokens [tail0, n_past)
     std::vector<int32_t> override_seq;   // cached + sampled + drafts so far (EngineOptions::mtp_draft_override)
     std::vector<int32_t> drafts;
+    // Sampling on the device (Engine::device_sampling): the session's generation turn samples this step's one
+    // logits row next, so the step samples it where the logits are, with copies of the turn's settings and of
+    // the session's random stream taken at plan; only the token comes back (Session::presampled_).
+    bool sample = false;
+    SamplingParams sp;
+    const std::vector<int32_t> *banned = nullptr;  // the session's bans (changed only by start(), never mid-step)
+    std::vector<int32_t> history;                   // the penalty window's tokens (empty when no penalty is on)
+    Rng rng;
+    uint64_t rng_before[4] = {};
+    SampleResult sampled;
+    int64_t host_row0 = 0;  // where its logits rows start in logits_ (the rows that came to the host)
   };
   int32_t token_at(const Work &w, int64_t pos) const;  // the sequence's token at pos (cached or this step's)
   void draft();
+  void forward_and_sample(Tensor *hidden);
   void catch_up(Tensor hidden);
 
   Engine &e_;

@@ -98,7 +98,7 @@ void decoder_layer(const Pass &p, const LayerWeights &L, Tensor h, const Batch &
 
 // head(norm(x[rows])) to the host (when out is not null); returns norm(x[rows]).
 Tensor logits_of_rows(const Pass &p, Tensor x, const std::vector<int32_t> &rows, const Weight *norm,
-                      const Weight &head, float *out) {
+                      const Weight &head, float *out, Tensor *logits_out = nullptr) {
   Backend &be = p.be;
   const int64_t R = int64_t(rows.size());
   Tensor sel = be.alloc(R, x.cols);
@@ -111,13 +111,15 @@ Tensor logits_of_rows(const Pass &p, Tensor x, const std::vector<int32_t> &rows,
     logits = all;
   }
   if (out) be.to_host(logits, out);
+  if (logits_out) *logits_out = logits;
   return sel;
 }
 
 }  // namespace
 
 void forward(const ModelShard &m, Backend &be, Communicator &comm, const Batch &b,
-             const std::vector<int32_t> &logit_rows, AttentionPolicy policy, float *logits_out, Tensor *hidden_out) {
+             const std::vector<int32_t> &logit_rows, AttentionPolicy policy, float *logits_out, Tensor *hidden_out,
+             Tensor *logits_tensor_out) {
   const ModelConfig &c = m.cfg();
   const Pass p{m, be, comm, policy};
   be.begin_step();
@@ -127,10 +129,10 @@ void forward(const ModelShard &m, Backend &be, Communicator &comm, const Batch &
   if (hidden_out) {  // every row's final hidden state, normed: what the MTP module reads
     be.rms_norm(h, m.norm, c.rms_norm_eps, h);
     *hidden_out = h;
-    if (!logit_rows.empty()) logits_of_rows(p, h, logit_rows, nullptr, m.head, logits_out);
+    if (!logit_rows.empty()) logits_of_rows(p, h, logit_rows, nullptr, m.head, logits_out, logits_tensor_out);
     return;
   }
-  if (!logit_rows.empty()) logits_of_rows(p, h, logit_rows, &m.norm, m.head, logits_out);
+  if (!logit_rows.empty()) logits_of_rows(p, h, logit_rows, &m.norm, m.head, logits_out, logits_tensor_out);
 }
 
 // MTP (spec §6): z = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)]), one decoder layer with its own cache

@@ -16,10 +16,12 @@ enum class AttentionPolicy { Auto, Naive, Absorbed };  // Auto: naive for chunks
 // returns, on the host, the logits of the requested batch rows: [logit_rows.size(), vocab] row-major
 // (logits_out may be null on ranks that do not need them). Starts a backend step. hidden_out (optional):
 // every row's final-normed hidden state [T, hidden], a scratch tensor valid until the next step begins (the
-// MTP module's input).
+// MTP module's input). logits_tensor_out (optional): the logits [logit_rows.size(), vocab] where the backend
+// computed them (scratch, valid until the next step begins), for sampling there (Backend::sample_rows); with
+// it, logits_out may be null and nothing is copied to the host.
 void forward(const ModelShard &m, Backend &be, Communicator &comm, const Batch &batch,
              const std::vector<int32_t> &logit_rows, AttentionPolicy policy, float *logits_out,
-             Tensor *hidden_out = nullptr);
+             Tensor *hidden_out = nullptr, Tensor *logits_tensor_out = nullptr);
 
 // The first MTP module over a batch of pairs: row t is position p_t (batch.positions) with hidden[t] = the
 // main model's final-normed hidden state at p_t and batch.tokens[t] = the token at p_t + 1. Writes the MTP

@@ -13,13 +13,16 @@
 #include <map>
 #include <set>
 #include <tuple>
+#include <unordered_map>
 
 #include "backend/backend.h"
 #include "core/log.h"
+#include "core/memory.h"
 #include "backend/cuda/fp8_gemm.h"
 #include "backend/cuda/launch_recorder.h"
 #include "backend/scratch_arena.h"
 #include "core/status.h"
+#include "engine/sampler.h"
 #include "kernels.h"
 
 namespace dsrt {
@@ -559,6 +562,112 @@ class CudaBackend final : public ArenaBackend {
                "to_host");
     if (step_started_) cudaEventRecord(step_ev_[1], stream_);  // the step's GPU time includes bringing results back
     sync();
+  }
+
+  // ---- sampling (kernels/sampling.cu): every request's row in one launch, at the end of the step's last
+  // segment (so a decode step's graph includes it); only the ids and flags come back. The host prepares per row
+  // the few ids bias and penalties touch, and the ban list as it is (hundreds of unused ids for V3: shared by
+  // rows with the same list, never looked up per id on the host). Rows the kernel flags
+  // (non-finite logits, nothing left to sample) and rows whose bias names an id outside the vocabulary go
+  // through the CPU sampler on their row copied back: the same error (or token) as the host path.
+  bool samples_on_device() const override { return true; }
+  std::vector<SampleResult> sample_rows(Tensor logits, const std::vector<SampleRequest> &req) override {
+    std::vector<SampleResult> out(req.size());
+    if (req.empty()) return out;
+    const int64_t V = logits.cols;
+    const int32_t n = int32_t(req.size());
+    static const std::vector<int32_t> none;
+    std::vector<k::SampleRowParams> rows(req.size());  // (value-initialised: the uploaded bytes hold no garbage)
+    std::vector<k::SampleAdjust> adj;
+    std::vector<float> bias;
+    std::vector<int32_t> bans;
+    std::vector<std::pair<int32_t, int32_t>> ban_lists;  // (start, length) in bans of each distinct list
+    std::vector<char> on_host(req.size(), 0);
+    for (size_t i = 0; i < req.size(); i++) {
+      const SampleRequest &r = req[i];
+      const SamplingParams &p = *r.params;
+      if (r.row < 0 || r.row >= logits.rows) failf(DSRT_ERR_INTERNAL, "sample_rows: row ", r.row, " of ", logits.rows);
+      SamplingAdjustments a = sampling_adjustments(V, p, r.history, r.n_history, none);  // bias and penalties
+      on_host[i] = !a.valid;
+      const std::vector<int32_t> &ban = r.banned ? *r.banned : none;
+      if (!a.ids.empty() && !ban.empty()) {  // a touched id that is also banned: -inf whatever bias did (as the sampler)
+        std::unordered_map<int32_t, size_t> at;
+        for (size_t j = 0; j < a.ids.size(); j++) at[a.ids[j].id] = j;
+        for (int32_t id : ban)
+          if (auto it = at.find(id); it != at.end()) a.ids[it->second].banned = 1;
+      }
+      int32_t ban0 = -1;
+      for (auto [s0, len] : ban_lists)
+        if (size_t(len) == ban.size() && std::equal(ban.begin(), ban.end(), bans.begin() + s0)) ban0 = s0;
+      if (ban0 < 0) {
+        ban0 = int32_t(bans.size());
+        ban_lists.push_back({ban0, int32_t(ban.size())});
+        bans.insert(bans.end(), ban.begin(), ban.end());
+      }
+      k::SampleRowParams &rp = rows[i];
+      rp.row = r.row;
+      rp.temperature = p.temperature;
+      rp.top_k = p.top_k;
+      rp.top_p = p.top_p;
+      rp.min_p = p.min_p;
+      rp.repetition_penalty = p.repetition_penalty;
+      rp.presence_penalty = p.presence_penalty;
+      rp.frequency_penalty = p.frequency_penalty;
+      rp.adj0 = int32_t(adj.size());
+      rp.n_adj = int32_t(a.ids.size());
+      rp.ban0 = ban0;
+      rp.n_ban = int32_t(ban.size());
+      rp.u = r.u;
+      for (const SamplingAdjust &t : a.ids) adj.push_back({t.id, t.count, t.banned, int32_t(bias.size()) + t.bias0, t.n_bias});
+      bias.insert(bias.end(), a.bias.begin(), a.bias.end());
+    }
+    {
+      const auto timer_ = timed("sample_rows", nullptr);
+      const int64_t ws_floats = (k::sample_workspace_bytes(n, V) + 3) / 4;
+      Tensor ws = alloc(1, ws_floats), res = alloc(2, n, DType::I32);
+      // One parameter block (kernels.h): rows, adjustments, bias terms, ban ids.
+      const size_t rows_b = rows.size() * sizeof(k::SampleRowParams), adj_b = adj.size() * sizeof(k::SampleAdjust),
+                   bias_b = bias.size() * sizeof(float), bans_b = bans.size() * sizeof(int32_t);
+      for (auto &rp : rows) {
+        rp.bias_at = int32_t(rows_b + adj_b);
+        rp.bans_at = int32_t(rows_b + adj_b + bias_b);
+      }
+      // (padded to a power of two: the segment's metadata copy, whose size is a launch argument, then stays the
+      // same while the number of touched ids moves, and a decode step's graph keeps being replayed)
+      std::vector<char> block(pow2_at_least(rows_b + adj_b + bias_b + bans_b, 1024), 0);
+      std::memcpy(block.data(), rows.data(), rows_b);
+      if (adj_b) std::memcpy(block.data() + rows_b, adj.data(), adj_b);
+      if (bias_b) std::memcpy(block.data() + rows_b + adj_b, bias.data(), bias_b);
+      if (bans_b) std::memcpy(block.data() + rows_b + adj_b + bias_b, bans.data(), bans_b);
+      const void *params = meta_->put(block.data(), block.size());
+      go([](cudaStream_t s, const float *l, int64_t V, const void *params, int32_t n, void *ws, int32_t *tok, int32_t *flags) {
+        k::sample_rows(l, V, params, n, ws, tok, flags, s);
+      }, static_cast<const float *>(logits.f32()), V, params, n, ws.data, res.i32(), res.i32() + n);
+      std::vector<int32_t> host(size_t(2 * n));
+      flush();
+      cuda_check(cudaMemcpyAsync(host.data(), res.data, host.size() * 4, cudaMemcpyDeviceToHost, stream_), "sampled ids");
+      if (step_started_) cudaEventRecord(step_ev_[1], stream_);
+      sync();
+      for (size_t i = 0; i < req.size(); i++) {
+        out[i].token = host[i];
+        if (host[size_t(n) + i]) on_host[i] = 1;
+      }
+    }
+    HostVec<float> row;
+    for (size_t i = 0; i < req.size(); i++) {
+      if (!on_host[i]) continue;
+      const SampleRequest &r = req[i];
+      row.resize(size_t(V));
+      to_host(logits.rows_view(r.row, 1), row.data());
+      out[i] = {};
+      try {
+        out[i].token = sample_token_with(row.data(), V, *r.params, r.history, r.n_history, r.banned ? *r.banned : none, r.u);
+      } catch (const Error &e) {
+        out[i].status = e.code();
+        out[i].error = e.what();
+      }
+    }
+    return out;
   }
 
   void from_host(Tensor t, const void *src) override {
