@@ -29,8 +29,9 @@ class ForwardingBackend final : public dsrt::Backend {
   void scratch_release(uint64_t m) override { b_->scratch_release(m); }
   void kv_init(const dsrt::KvCacheSpec &s) override { b_->kv_init(s); }
   dsrt::DType default_kv_dtype() const override { return override_kv_ ? kv_dtype_ : b_->default_kv_dtype(); }
-  void prepare_weights(dsrt::DeviceWeightRegistry &r, const std::vector<const dsrt::Weight *> &w) override {
-    b_->prepare_weights(r, w);
+  void prepare_weights(dsrt::DeviceWeightRegistry &r, const std::vector<const dsrt::Weight *> &w,
+                       const std::vector<const dsrt::Weight *> &host) override {
+    b_->prepare_weights(r, w, host);
   }
   dsrt::Device device() const override { return b_->device(); }
   size_t available_memory() const override { return b_->available_memory(); }
