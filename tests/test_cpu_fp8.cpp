@@ -20,6 +20,10 @@
 #include "tiny_model.h"
 
 using namespace dsrt;
+using testing::fresh_dir;
+using testing::slurp;
+using testing::tiny;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -50,7 +54,7 @@ struct Fp8Weight {
 };
 
 std::vector<float> random_x(int64_t n, std::mt19937 &rng) {
-  std::vector<float> v(size_t(n));
+  std::vector<float> v(static_cast<size_t>(n));
   std::normal_distribution<float> nd;
   for (auto &f : v) f = nd(rng);
   return v;
@@ -245,7 +249,7 @@ TEST_CASE("route skew: make-tiny --route-skew S makes expert popularity Zipf-lik
       }
       REQUIRE(n >= 4);
       const double slope = (n * sxy - sx * sy) / (n * sxx - sx * sx);
-      MESSAGE(preset, " layer ", lw.index, ": fitted exponent ", -slope, " (target ", S, "), top rate ", rate[0],
+      MESSAGE(std::string(preset), " layer ", lw.index, ": fitted exponent ", -slope, " (target ", S, "), top rate ", rate[0],
               ", bottom rate ", rate[size_t(E - 1)]);
       CHECK(std::fabs(slope + S) <= 0.2);
     }
