@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +71,11 @@ const Shape kShapes[] = {
 };
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+double process_cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
 
 // Seconds per call of fn, as a decode step runs it: `reps` calls recorded back to back and launched
 // together; the first two rounds run them one by one and capture the CUDA graph, the next ones replay it.
@@ -106,18 +112,21 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
   std::vector<uint64_t> flush(flush_bytes / 8, 1);
   volatile unsigned long long sink = 0;
   const int reps = std::max(3, std::min(o.reps, 8));
-  // Seconds of one call (the best of reps), each after a cache flush.
+  // Seconds of one call (the best of reps), each after a cache flush. busy: the process's CPU time over
+  // threads x wall time in that call (under 100%: the threads waited for cores other processes held).
+  double busy = 0;
   auto time_one = [&](auto &&call) {
     double best = 1e30;
     for (int r = 0; r < reps; r++) {
       sink = sink + host_stream_read(pool, flush.data(), flush_bytes);
-      const double t0 = now_s();
+      const double t0 = now_s(), c0 = process_cpu_s();
       call(r);
-      best = std::min(best, now_s() - t0);
+      const double t = now_s() - t0;
+      if (t < best) best = t, busy = (process_cpu_s() - c0) / (t * pool.size());
     }
     return best;
   };
-  std::printf("  %-30s %9s %9s %8s %7s\n", "shape", "MB", "ms", "GB/s", "% DRAM");
+  std::printf("  %-30s %9s %9s %8s %7s %6s\n", "shape", "MB", "ms", "GB/s", "% DRAM", "busy");
   double sum_bytes = 0, sum_s = 0;
   for (size_t i = 0; i < std::size(kShapes); i++) {
     const Shape &sh = kShapes[i];
@@ -129,7 +138,8 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
     const double s = time_one([&](int) { be->linear(x, rw.w, y); });
     const double bytes = double(sh.rows * sh.cols) * double(dtype_size(sh.dtype));
     if (sh.dtype == DType::F8_E4M3) sum_bytes += bytes, sum_s += s;
-    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%%\n", sh.name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw);
+    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", sh.name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
+                100.0 * busy);
   }
   {  // the routed experts of the batch: top-8 of 16 V3-shaped experts per row, as moe_experts runs them
     constexpr int kExperts = 16, kTopK = 8;
@@ -161,7 +171,8 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
     sum_bytes += bytes, sum_s += s;
     char name[64];
     std::snprintf(name, sizeof name, "experts %d x (7168->2048->7168)", int(n_used));
-    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%%\n", name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw);
+    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
+                100.0 * busy);
   }
   std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%%\n", "all FP8 above", sum_bytes / 1e6, sum_s * 1e3, sum_bytes / sum_s / 1e9,
               100.0 * sum_bytes / sum_s / bw);
