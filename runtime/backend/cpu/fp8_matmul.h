@@ -1,16 +1,16 @@
 // FP8 (e4m3, 128x128 block scales) matrix times fp32 activations on the CPU: out[t, n] = sum_k x[t, k] W[n, k].
-// The weights are read in place and decoded 16 at a time in registers (never a dequantised copy).
+// The weights are read in place and decoded 32 at a time in registers (never a dequantised copy).
 //
 // Arithmetic, the same on every path (so results are bit-identical whichever path, thread count or batch ran):
 // the K range of a row is cut at the tensor's 128-column block edges into segments; within a segment, lane
-// l in 0..15 accumulates, with fused multiply-adds in ascending k, the products of the elements whose offset
-// from the segment's start is l mod 16; the 16 lanes are summed in a fixed tree ((l + l+8), then + 4, + 2,
-// + 1); the row total is fma(segment sum, block scale, total) over the segments in ascending order. Each
+// l in 0..31 accumulates, with fused multiply-adds in ascending k, the products w' x of the elements whose offset
+// from the segment's start is l mod 32; the 32 lanes are summed in a fixed tree ((l + l+16), then + 8, + 4, + 2,
+// + 1); the row total is fma(segment sum, 256 x block scale, total) over the segments in ascending order. Each
 // (token, row) is computed alone in that order, so a token's row does not depend on the batch or the split.
 //
-// e4m3 decode: the byte's 7 magnitude bits shifted into an fp32's exponent/mantissa fields (sign to bit 31)
-// times 2^120, exact for normal and subnormal codes. The NaN codes (0x7f, 0xff) decode as +-480, not NaN:
-// checkpoints are written with saturating conversions and hold none.
+// e4m3 decode: w' = the fp16 whose bits are the byte's sign (bit 15) and 7 magnitude bits (at 7..13), which is
+// the code's value x 2^-8, exactly (e4m3 subnormals become fp16 subnormals, widened to normal fp32). The NaN
+// codes (0x7f, 0xff) decode as +-480, not NaN: checkpoints are written with saturating conversions and hold none.
 #pragma once
 #include <cstdint>
 
