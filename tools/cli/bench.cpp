@@ -329,7 +329,7 @@ void add_bench(CLI::App &app, int &rc) {
   cmd->add_option("--ctx", o->ctxs, "context lengths the decode batches run at (default 128)")->type_name("N,N,...");
   cmd->add_option("--gen", o->gen, "decode steps per batch (the first three are warm-up)")->check(CLI::Range(4, 1 << 20));
   cmd->add_flag("--profile", o->profile, "a per-op time table for each prefill and batch");
-  auto *ops = cmd->add_flag("--ops", o->ops, "the GEMV kernels on V3's decode shapes (GPU; no model)");
+  auto *ops = cmd->add_flag("--ops", o->ops, "the GEMV kernels on V3's decode shapes (GPU, or the CPU's with --backend cpu; no model)");
   ops->excludes(model_opt);
   cmd->add_flag("--sweep", o->sweep, "with --ops: every cut of the GEMV kernel")->needs(ops);
   cmd->add_option("--rows", o->rows, "with --ops: activation rows (the decode batch)")->check(CLI::Range(1, 8))->needs(ops)->capture_default_str();
