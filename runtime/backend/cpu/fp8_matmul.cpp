@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -262,10 +263,12 @@ bool path_supported(Path p) {
     case Path::Auto:
     case Path::Scalar: return true;
 #ifdef DSRT_FP8_X86
-    case Path::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Path::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case Path::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
 #else
     default: return false;
 #endif
@@ -274,9 +277,13 @@ bool path_supported(Path p) {
 }
 
 Path best_path() {
-  static const Path best = path_supported(Path::Avx512) ? Path::Avx512
-                           : path_supported(Path::Avx2) ? Path::Avx2
-                                                        : Path::Scalar;
+  static const Path best = [] {
+    // DSRT_CPU_FP8_PATH=scalar|avx2|avx512 forces a path (benchmarks; unsupported or unknown: ignored).
+    if (const char *e = std::getenv("DSRT_CPU_FP8_PATH"))
+      for (Path p : {Path::Scalar, Path::Avx2, Path::Avx512})
+        if (std::strcmp(e, path_name(p)) == 0 && path_supported(p)) return p;
+    return path_supported(Path::Avx512) ? Path::Avx512 : path_supported(Path::Avx2) ? Path::Avx2 : Path::Scalar;
+  }();
   return best;
 }
 

@@ -20,7 +20,8 @@ namespace dsrt::fp8 {
 
 enum class Path : uint8_t { Auto, Scalar, Avx2, Avx512 };
 
-// The fastest path this CPU runs (AVX-512 F/BW/VL, else AVX2 + FMA, else scalar).
+// The fastest path this CPU runs (AVX-512 F/BW/VL, else AVX2 + FMA + F16C, else scalar), or the one the
+// environment's DSRT_CPU_FP8_PATH (scalar, avx2, avx512) names, if this CPU runs it.
 Path best_path();
 bool path_supported(Path p);
 const char *path_name(Path p);
