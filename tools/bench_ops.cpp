@@ -8,11 +8,15 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/fp8_matmul.h"
+#include "backend/cpu/host_bandwidth.h"
+#include "core/thread_pool.h"
 #include "core/status.h"
 
 namespace dsrt::tools {
@@ -67,6 +71,11 @@ const Shape kShapes[] = {
 };
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+double process_cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
 
 // Seconds per call of fn, as a decode step runs it: `reps` calls recorded back to back and launched
 // together; the first two rounds run them one by one and capture the CUDA graph, the next ones replay it.
@@ -87,9 +96,93 @@ double time_calls(Backend &be, int reps, S setup, F fn) {
   return best;
 }
 
+// --backend cpu: the CPU backend's linear and moe_experts on V3's shapes, one call at a time after the last-level
+// cache has been flushed (a 256 MiB read), each beside the host's DRAM read rate measured here. The BF16 lm_head
+// (1.85 GB) is left out: in offload it stays on the GPU.
+int bench_ops_cpu(const BenchOpsOptions &o) {
+  ThreadPool pool(o.threads);
+  const double bw = host_read_bandwidth(pool);
+  std::printf("CPU kernels on DeepSeek-V3's decode shapes (batch %d, random weights, %d threads, FP8 path %s)\n"
+              "host DRAM read rate %.1f GB/s (%d threads streaming 512 MiB)\n",
+              o.rows, pool.size(), fp8::path_name(fp8::Path::Auto), bw / 1e9, pool.size());
+  BackendOptions bo;
+  bo.n_threads = o.threads;
+  auto be = make_backend(BackendKind::Cpu, bo);
+  const size_t flush_bytes = size_t(256) << 20;
+  std::vector<uint64_t> flush(flush_bytes / 8, 1);
+  volatile unsigned long long sink = 0;
+  const int reps = std::max(3, std::min(o.reps, 8));
+  // Seconds of one call (the best of reps), each after a cache flush. busy: the process's CPU time over
+  // threads x wall time in that call (under 100%: the threads waited for cores other processes held).
+  double busy = 0;
+  auto time_one = [&](auto &&call) {
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+      sink = sink + host_stream_read(pool, flush.data(), flush_bytes);
+      const double t0 = now_s(), c0 = process_cpu_s();
+      call(r);
+      const double t = now_s() - t0;
+      if (t < best) best = t, busy = (process_cpu_s() - c0) / (t * pool.size());
+    }
+    return best;
+  };
+  std::printf("  %-30s %9s %9s %8s %7s %6s\n", "shape", "MB", "ms", "GB/s", "% DRAM", "busy");
+  double sum_bytes = 0, sum_s = 0;
+  for (size_t i = 0; i < std::size(kShapes); i++) {
+    const Shape &sh = kShapes[i];
+    if (sh.rows * sh.cols * int64_t(dtype_size(sh.dtype)) > (int64_t(1) << 30)) continue;  // lm_head
+    RandomWeight rw(sh.rows, sh.cols, sh.dtype, i + 1);
+    be->begin_step();
+    Tensor x = be->alloc(o.rows, sh.cols), y = be->alloc(o.rows, sh.rows);
+    for (int64_t j = 0; j < o.rows * sh.cols; j++) x.f32()[j] = 0.01f * float(j % 17) - 0.08f;
+    const double s = time_one([&](int) { be->linear(x, rw.w, y); });
+    const double bytes = double(sh.rows * sh.cols) * double(dtype_size(sh.dtype));
+    if (sh.dtype == DType::F8_E4M3) sum_bytes += bytes, sum_s += s;
+    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", sh.name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
+                100.0 * busy);
+  }
+  {  // the routed experts of the batch: top-8 of 16 V3-shaped experts per row, as moe_experts runs them
+    constexpr int kExperts = 16, kTopK = 8;
+    std::vector<std::unique_ptr<RandomWeight>> ew;
+    std::vector<FfnWeights> experts(kExperts);
+    for (int e = 0; e < kExperts; e++) {
+      ew.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 100 + 3 * e));
+      experts[size_t(e)].gate = ew.back()->w;
+      ew.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 101 + 3 * e));
+      experts[size_t(e)].up = ew.back()->w;
+      ew.push_back(std::make_unique<RandomWeight>(7168, 2048, DType::F8_E4M3, 102 + 3 * e));
+      experts[size_t(e)].down = ew.back()->w;
+    }
+    be->begin_step();
+    Tensor x = be->alloc(o.rows, 7168), ids = be->alloc(o.rows, kTopK, DType::I32), tw = be->alloc(o.rows, kTopK),
+           y = be->alloc(o.rows, 7168);
+    for (int64_t j = 0; j < o.rows * 7168; j++) x.f32()[j] = 0.01f * float(j % 17) - 0.08f;
+    std::vector<bool> used(kExperts, false);
+    for (int t = 0; t < o.rows; t++)  // row t takes experts (t + 2k) mod 16: rows share some, as batches do
+      for (int k = 0; k < kTopK; k++) {
+        const int e = (t + 2 * k) % kExperts;
+        ids.i32()[t * kTopK + k] = e;
+        tw.f32()[t * kTopK + k] = 0.125f;
+        used[size_t(e)] = true;
+      }
+    const double n_used = double(std::count(used.begin(), used.end(), true));
+    const double bytes = n_used * 3 * 2048 * 7168;
+    const double s = time_one([&](int) { be->moe_experts(x, experts, ids, tw, y); });
+    sum_bytes += bytes, sum_s += s;
+    char name[64];
+    std::snprintf(name, sizeof name, "experts %d x (7168->2048->7168)", int(n_used));
+    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
+                100.0 * busy);
+  }
+  std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%%\n", "all FP8 above", sum_bytes / 1e6, sum_s * 1e3, sum_bytes / sum_s / 1e9,
+              100.0 * sum_bytes / sum_s / bw);
+  return 0;
+}
+
 }  // namespace
 
 int bench_ops(const BenchOpsOptions &o) {
+  if (o.cpu) return bench_ops_cpu(o);
   const double bw = device_copy_bandwidth(o.device);
   if (bw <= 0) fail(DSRT_ERR_NO_DEVICE, "dsrt bench --ops needs a CUDA GPU");
   std::printf("GEMV kernels on DeepSeek-V3's decode shapes (batch %d, random weights), copy rate %.0f GB/s\n", o.rows, bw / 1e9);

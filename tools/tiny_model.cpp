@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
 #include <map>
 
 #include "core/dtype.h"
@@ -290,6 +291,122 @@ struct Gen {
   }
 };
 
+// --route-skew: an e_score_correction_bias that makes expert popularity Zipf-like.
+//
+// How the bias realises the law: the router picks each token's top-k experts by s_e + b_e (s_e the sigmoid or
+// softmax score of the token, b_e the layer's correction bias; spec §4), while the gate weights that scale the
+// experts' outputs use s_e alone. Raising b_e therefore raises the share of tokens whose top-k includes e without
+// changing any output scale. The bias is fitted the way DeepSeek-V3 sets it in training (auxiliary-loss-free load
+// balancing: b_e moves against the gap between expert e's load and its target), here toward a Zipf target
+// instead of a uniform one: experts get popularity ranks by a random permutation (seeded per layer), rank r's
+// target selection rate is zipf_selection_rates()[r], and on T random router inputs (N(0, I): the router reads
+// the RMS-normalised hidden state, of unit RMS) the fixed-point iteration b_e += lr (log target_e - log load_e)
+// runs a few hundred times with a decaying lr, with the real routing rule (groups, top-k, ties to the lower
+// index). Selection rates on fresh inputs then follow the target (tests/test_cpu_fp8.cpp measures the decay).
+namespace {
+
+struct RouteRule {
+  int64_t E, K, n_group, topk_group;
+  bool softmax, noaux;  // scoring; noaux_tc (group score: sum of the top two) vs group_limited_greedy (max)
+};
+
+// The experts a token with scores s selects under biases b (ids: K entries). u: E floats of scratch.
+void route_select(const RouteRule &r, const float *s, const std::vector<double> &b, float *u, std::vector<int32_t> &order,
+                  int32_t *ids) {
+  for (int64_t e = 0; e < r.E; e++) u[e] = s[e] + float(b[size_t(e)]);
+  if (r.n_group > 1) {
+    const int64_t per = r.E / r.n_group;
+    std::vector<std::pair<float, int64_t>> gs(size_t(r.n_group));
+    for (int64_t g = 0; g < r.n_group; g++) {
+      const float *ug = u + g * per;
+      float a = -INFINITY, b2 = -INFINITY;
+      for (int64_t e = 0; e < per; e++) {
+        if (ug[e] > a) {
+          b2 = a;
+          a = ug[e];
+        } else if (ug[e] > b2) {
+          b2 = ug[e];
+        }
+      }
+      gs[size_t(g)] = {r.noaux ? (per >= 2 ? a + b2 : a) : a, g};
+    }
+    std::stable_sort(gs.begin(), gs.end(), [](auto &x, auto &y) { return x.first > y.first; });
+    for (int64_t k = r.topk_group; k < r.n_group; k++) std::fill(u + gs[size_t(k)].second * per, u + (gs[size_t(k)].second + 1) * per, -INFINITY);
+  }
+  for (int64_t e = 0; e < r.E; e++) order[size_t(e)] = int32_t(e);
+  std::partial_sort(order.begin(), order.begin() + r.K, order.end(),
+                    [&](int32_t x, int32_t y) { return u[x] > u[y] || (u[x] == u[y] && x < y); });
+  for (int64_t k = 0; k < r.K; k++) ids[k] = order[size_t(k)];
+}
+
+std::vector<float> zipf_bias(const ojson &c, const TensorData &gate, double S, uint64_t seed, int64_t layer,
+                             const std::vector<float> &orig) {
+  auto geti = [&](const char *k) { return c[k].is_null() ? int64_t(0) : c[k].get<int64_t>(); };
+  RouteRule rule{geti("n_routed_experts"), geti("num_experts_per_tok"), std::max<int64_t>(1, geti("n_group")),
+                 std::max<int64_t>(1, geti("topk_group")), c["scoring_func"] == "softmax",
+                 c["topk_method"] != "group_limited_greedy"};
+  if (c["topk_method"] == "greedy") rule.n_group = 1;
+  const int64_t E = rule.E, H = geti("hidden_size");
+  const int64_t T = E >= 128 ? 4096 : 8192;
+  std::vector<float> g(static_cast<size_t>(E * H));
+  for (size_t i = 0; i < g.size(); i++) {
+    uint16_t v;
+    std::memcpy(&v, &gate.bytes[2 * i], 2);
+    g[i] = bf16_to_f32(v);
+  }
+  Gen gen(seed * 0x9e3779b97f4a7c15ull + uint64_t(layer) * 0x632be59bd9b4e019ull + 0x5eed);
+  // Scores of T random router inputs.
+  std::vector<float> sc(static_cast<size_t>(T * E)), x(static_cast<size_t>(H));
+  for (int64_t t = 0; t < T; t++) {
+    for (auto &v : x) v = float(gen.normal());
+    float *st = sc.data() + t * E;
+    for (int64_t e = 0; e < E; e++) {
+      double d = 0;
+      for (int64_t h = 0; h < H; h++) d += double(g[size_t(e * H + h)]) * double(x[size_t(h)]);
+      st[e] = float(d);
+    }
+    if (rule.softmax) {
+      const float mx = *std::max_element(st, st + E);
+      double sum = 0;
+      for (int64_t e = 0; e < E; e++) sum += (st[e] = std::exp(st[e] - mx));
+      for (int64_t e = 0; e < E; e++) st[e] = float(st[e] / sum);
+    } else {
+      for (int64_t e = 0; e < E; e++) st[e] = 1.0f / (1.0f + std::exp(-st[e]));
+    }
+  }
+  // Popularity ranks: a random permutation, so the hot experts fall in different groups.
+  std::vector<int64_t> by_rank(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; e++) by_rank[size_t(e)] = e;
+  for (int64_t i = E - 1; i > 0; i--) std::swap(by_rank[size_t(i)], by_rank[size_t(gen.rng.next() % uint64_t(i + 1))]);
+  const std::vector<double> q = zipf_selection_rates(E, rule.K, S);
+  std::vector<double> target(static_cast<size_t>(E)), b(size_t(E), 0.0);
+  for (int64_t r = 0; r < E; r++) target[size_t(by_rank[size_t(r)])] = q[size_t(r)];
+  std::vector<float> u(static_cast<size_t>(E));
+  std::vector<int32_t> order(static_cast<size_t>(E)), ids(size_t(rule.K));
+  std::vector<int64_t> count(static_cast<size_t>(E));
+  constexpr int kIters = 300;
+  for (int it = 0; it < kIters; it++) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t t = 0; t < T; t++) {
+      route_select(rule, sc.data() + t * E, b, u.data(), order, ids.data());
+      for (int32_t e : ids) count[size_t(e)]++;
+    }
+    const double lr = 0.02 + 0.2 * (1.0 - double(it) / kIters);
+    for (int64_t e = 0; e < E; e++) {
+      const double load = std::max(double(count[size_t(e)]), 0.25) / double(T);
+      b[size_t(e)] += lr * (std::log(target[size_t(e)]) - std::log(load));
+    }
+  }
+  // The same mean as the random biases (a common offset changes no selection).
+  double mean_b = 0, mean_o = 0;
+  for (int64_t e = 0; e < E; e++) mean_b += b[size_t(e)] / double(E), mean_o += double(orig[size_t(e)]) / double(E);
+  std::vector<float> out(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; e++) out[size_t(e)] = float(b[size_t(e)] - mean_b + mean_o);
+  return out;
+}
+
+}  // namespace
+
 class Writer {
  public:
   Writer(Gen &g, bool fp8, bool bulk, uint64_t seed) : g_(g), fp8_(fp8), bulk_(bulk), seed_(seed) {}
@@ -377,7 +494,7 @@ class Writer {
 
 int64_t geti(const ojson &c, const char *k) { return c[k].is_null() ? 0 : c[k].get<int64_t>(); }
 
-void write_layer(Writer &w, const ojson &c, int64_t L, bool mtp) {
+void write_layer(Writer &w, const ojson &c, int64_t L, bool mtp, double route_skew, uint64_t seed) {
   const int64_t H = geti(c, "hidden_size"), nh = geti(c, "num_attention_heads"), qlr = geti(c, "q_lora_rank");
   const int64_t dn = geti(c, "qk_nope_head_dim"), dr = geti(c, "qk_rope_head_dim"), dv = geti(c, "v_head_dim");
   const int64_t dc = geti(c, "kv_lora_rank"), E = geti(c, "n_routed_experts");
@@ -409,6 +526,7 @@ void write_layer(Writer &w, const ojson &c, int64_t L, bool mtp) {
     std::vector<float> bias(static_cast<size_t>(E));
     // Positive biases of unequal size, like the released checkpoints' (about +2 there): they move selections.
     for (auto &b : bias) b = float(0.5 + 0.5 * w.gen().rng.uniform());
+    if (route_skew > 0) bias = zipf_bias(c, w.tensors.at(m + "gate.weight"), route_skew, seed, L, bias);
     w.put_f32(m + "gate.e_score_correction_bias", {E}, bias);
     for (int64_t e = 0; e < E; e++) ffn(m + "experts." + std::to_string(e) + ".", mi, 0.5);
     if (geti(c, "n_shared_experts") > 0) ffn(m + "shared_experts.", mi * geti(c, "n_shared_experts"), 0.5);
@@ -445,7 +563,25 @@ const TinyPreset *find_tiny_preset(const std::string &name) {
   return nullptr;
 }
 
-void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t seed) {
+std::vector<double> zipf_selection_rates(int64_t n_experts, int64_t top_k, double S) {
+  std::vector<double> q(static_cast<size_t>(n_experts));
+  auto fill_c = [&](double c) {
+    double sum = 0;
+    for (int64_t r = 0; r < n_experts; r++) sum += (q[size_t(r)] = std::min(1.0, c * std::pow(double(r + 1), -S)));
+    return sum;
+  };
+  double lo = 0, hi = 1;
+  while (fill_c(hi) < double(top_k)) hi *= 2;
+  for (int i = 0; i < 100; i++) {
+    const double mid = 0.5 * (lo + hi);
+    (fill_c(mid) < double(top_k) ? lo : hi) = mid;
+  }
+  fill_c(hi);
+  return q;
+}
+
+void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t seed, double route_skew) {
+  if (!(route_skew >= 0) || route_skew > 8) failf(DSRT_ERR_INVALID_ARGUMENT, "route skew ", route_skew, " is not in [0, 8]");
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec || !std::filesystem::is_directory(dir)) failf(DSRT_ERR_IO, dir, ": cannot create directory (", ec.message(), ")");
@@ -454,8 +590,8 @@ void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t 
   Writer w(g, preset.fp8, preset.bulk, seed);
   const int64_t V = geti(c, "vocab_size"), H = geti(c, "hidden_size"), L = geti(c, "num_hidden_layers");
   w.table("model.embed_tokens.weight", V, H, 1.0);
-  for (int64_t l = 0; l < L; l++) write_layer(w, c, l, false);
-  for (int64_t j = 0; j < geti(c, "num_nextn_predict_layers"); j++) write_layer(w, c, L + j, true);
+  for (int64_t l = 0; l < L; l++) write_layer(w, c, l, false, route_skew, seed);
+  for (int64_t j = 0; j < geti(c, "num_nextn_predict_layers"); j++) write_layer(w, c, L + j, true, route_skew, seed);
   w.norm("model.norm.weight", H);
   w.table("lm_head.weight", V, H, 4.0 / std::sqrt(double(H)));
 

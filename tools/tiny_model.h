@@ -23,6 +23,14 @@ const std::vector<TinyPreset> &tiny_presets();
 const TinyPreset *find_tiny_preset(const std::string &name);
 
 // Writes the checkpoint into dir (created if needed). Throws dsrt::Error on failure.
-void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t seed);
+// route_skew S > 0: each MoE layer's e_score_correction_bias is fitted so that expert popularity follows a
+// Zipf law of exponent S (tiny_model.cpp, zipf_bias, says how); 0 keeps the uniform-ish random biases (and
+// the bytes every preset had before the option existed).
+void make_tiny_model(const TinyPreset &preset, const std::string &dir, uint64_t seed, double route_skew = 0.0);
+
+// The Zipf target of --route-skew: the probability that a token selects the expert of popularity rank r
+// (0-based), q_r = min(1, c (r+1)^-S) with c such that sum_r q_r = top_k (an expert is picked at most once per
+// token, so the hottest ranks saturate at 1 when S is large).
+std::vector<double> zipf_selection_rates(int64_t n_experts, int64_t top_k, double S);
 
 }  // namespace dsrt::tools

@@ -152,6 +152,8 @@ int run_bench(const BenchOptions &a) {
     tools::BenchOpsOptions o;
     o.rows = a.rows;
     o.sweep = a.sweep;
+    o.cpu = a.model.backend == DSRT_BACKEND_CPU;
+    o.threads = a.model.threads;
     return tools::bench_ops(o);
   }
   if (a.model.model.empty()) throw Usage{"--model is required (or --ops, which needs no model)"};
@@ -315,7 +317,8 @@ void add_bench(CLI::App &app, int &rc) {
       "that must move per step (weights touched + latent cache read) over the measured copy bandwidth (device memory\n"
       "on a GPU, one CPU thread's memcpy on the CPU). --profile adds a per-op time table for each batch size.\n"
       "--ops (GPU, no model): every weight-streaming kernel of a DeepSeek-V3 decode step on V3's shapes, GB/s against\n"
-      "the copy rate; --sweep also times each cut of the GEMV kernel (K slices x rows per warp).");
+      "the copy rate; --sweep also times each cut of the GEMV kernel (K slices x rows per warp). --ops --backend cpu:\n"
+      "the CPU backend's FP8 kernels on the same shapes against the host's measured DRAM read rate.");
   add_model_options(*cmd, o->model);
   auto *model_opt = cmd->get_option("--model");
   model_opt->required(false);  // (but for --ops: checked in run_bench)
@@ -326,7 +329,7 @@ void add_bench(CLI::App &app, int &rc) {
   cmd->add_option("--ctx", o->ctxs, "context lengths the decode batches run at (default 128)")->type_name("N,N,...");
   cmd->add_option("--gen", o->gen, "decode steps per batch (the first three are warm-up)")->check(CLI::Range(4, 1 << 20));
   cmd->add_flag("--profile", o->profile, "a per-op time table for each prefill and batch");
-  auto *ops = cmd->add_flag("--ops", o->ops, "the GEMV kernels on V3's decode shapes (GPU; no model)");
+  auto *ops = cmd->add_flag("--ops", o->ops, "the GEMV kernels on V3's decode shapes (GPU, or the CPU's with --backend cpu; no model)");
   ops->excludes(model_opt);
   cmd->add_flag("--sweep", o->sweep, "with --ops: every cut of the GEMV kernel")->needs(ops);
   cmd->add_option("--rows", o->rows, "with --ops: activation rows (the decode batch)")->check(CLI::Range(1, 8))->needs(ops)->capture_default_str();

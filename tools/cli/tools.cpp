@@ -12,6 +12,7 @@ void add_tool_commands(CLI::App &app, int &rc) {
   struct TinyOptions {
     std::string preset, out;
     uint64_t seed = 1;
+    double route_skew = 0.0;
     bool list = false;
   };
   auto o = std::make_shared<TinyOptions>();
@@ -23,6 +24,11 @@ void add_tool_commands(CLI::App &app, int &rc) {
   mk->add_option("--preset", o->preset, "the preset")->excludes(list)->type_name("NAME");
   mk->add_option("--out", o->out, "the directory to write")->excludes(list)->type_name("DIR");
   mk->add_option("--seed", o->seed, "random seed of the weights");
+  mk->add_option("--route-skew", o->route_skew,
+                 "S: fit each MoE layer's e_score_correction_bias so that expert popularity is Zipf-like with exponent S "
+                 "(0: the random biases, near-uniform routing)")
+      ->check(CLI::Range(0.0, 8.0))
+      ->capture_default_str();
   mk->callback([o, &rc] {
     if (o->list) {
       for (auto &p : dsrt::tools::tiny_presets()) std::printf("  %-16s %s\n", p.name.c_str(), p.description.c_str());
@@ -32,7 +38,7 @@ void add_tool_commands(CLI::App &app, int &rc) {
     if (o->preset.empty() || o->out.empty()) throw Usage{"--preset and --out are required (--list shows the presets)"};
     const auto *p = dsrt::tools::find_tiny_preset(o->preset);
     if (!p) throw Usage{"--preset: unknown preset \"" + o->preset + "\" (dsrt make-tiny --list)"};
-    dsrt::tools::make_tiny_model(*p, o->out, o->seed);
+    dsrt::tools::make_tiny_model(*p, o->out, o->seed, o->route_skew);
     std::fprintf(stderr, "wrote %s to %s\n", o->preset.c_str(), o->out.c_str());
     rc = 0;
   });

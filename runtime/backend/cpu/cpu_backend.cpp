@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "backend/backend.h"
+#include "backend/cpu/fp8_matmul.h"
 #include "backend/scratch_arena.h"
 #include "core/dtype.h"
 #include "core/memory.h"
@@ -205,8 +206,9 @@ class CpuBackend final : public ArenaBackend {
     });
   }
 
-  // out[t, n] = sum_k x[t, k] W[n, k]. Rows of W are dequantised in tiles of kTile and each tile is dotted with
-  // every token row, so x is streamed once per tile rather than once per row.
+  // out[t, n] = sum_k x[t, k] W[n, k]. FP8: fp8_matmul.cpp (decoded in registers, SIMD path chosen at run time).
+  // BF16/F32: rows of W are dequantised in tiles of kTile and each tile is dotted with every token row, so x is
+  // streamed once per tile rather than once per row.
   void linear(Tensor x, const Weight &w, Tensor out) override {
     const auto timer_ = timed("linear", &w);
     check_device(x, "linear");
@@ -228,6 +230,13 @@ class CpuBackend final : public ArenaBackend {
   }
 
   void multiply(Tensor x, const Weight &w, Tensor out) {
+    if (w.dtype == DType::F8_E4M3) {  // fp8_matmul.cpp: decoded in registers, rows split over the threads
+      constexpr int64_t kRows = 16;
+      pool_.parallel_for((w.rows + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+        fp8::matmul_rows(w, x.f32(), x.rows, x.cols, out.f32(), out.cols, b0 * kRows, std::min(w.rows, b1 * kRows));
+      });
+      return;
+    }
     constexpr int64_t kTile = 8;
     const int64_t K = w.cols, N = w.rows, T = x.rows;
     const int64_t n_tiles = (N + kTile - 1) / kTile;
