@@ -53,6 +53,8 @@ void linear_swiglu(const float *x, int64_t m, const DevMatrix &wg, const DevMatr
 // FP8 activations for the block-scaled GEMM: per row, per 128 channels, s = amax / 448 and xq = e4m3(x / s);
 // xq [m, k] bytes, xs [k/128, ld_s] floats (M-major, ld_s >= m). k must be a multiple of 128.
 void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s);
+// BF16 activations for a BF16 GEMM: out[i] = bf16(x[i]), nearest even.
+void round_to_bf16(const float *x, int64_t n, uint16_t *out, cudaStream_t s);
 // out [rows, cols] fp32 from the first rows of in (row stride ld), fp32 or bf16.
 void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out, cudaStream_t s);
 

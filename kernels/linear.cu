@@ -182,6 +182,12 @@ __global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int
   if (lane == 0) xs[g * ld_s + r] = s;
 }
 
+// out = x rounded to bf16, nearest even (as the CPU's f32_to_bf16)
+__global__ void round_bf16_kernel(const float *__restrict__ x, int64_t n, uint16_t *__restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+}
+
 // out [r, c] = in [r * ld + c], in fp32 or bf16
 __global__ void widen_rows_kernel(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out) {
   const int64_t n = rows * cols;
@@ -198,6 +204,12 @@ void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8
   if (k % 128) throw std::runtime_error("quantize_rows_fp8: K must be a multiple of 128");
   quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(m)), 256, 0, s>>>(x, m, k, ld_s, xq, xs);
   check_launch("quantize_rows_fp8");
+}
+
+void round_to_bf16(const float *x, int64_t n, uint16_t *out, cudaStream_t s) {
+  if (n == 0) return;
+  round_bf16_kernel<<<std::min<unsigned>(grid_for(n, 256), 65535u), 256, 0, s>>>(x, n, out);
+  check_launch("round_to_bf16");
 }
 
 void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t ld, float *out, cudaStream_t s) {

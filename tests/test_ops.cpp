@@ -105,8 +105,9 @@ TEST_CASE("linear: FP8 with partial blocks, BF16 and F32 equal the dequantised m
 
 // FP8 activations on the CPU (BackendOptions::fp8_activations, DSRT_PRECISION_FP8): the reference for the GPU's
 // FP8 path. GEMMs of >= kFp8ActivationMinRows rows with FP8 weights multiply activations rounded per 128
-// channels (s = amax / 448, e4m3 nearest even, times s); fewer rows, and other weights, stay fp32.
-TEST_CASE("FP8 activations on the CPU: e4m3 rounding per 128 channels for GEMMs of >= 8 rows, fp32 below") {
+// channels (s = amax / 448, e4m3 nearest even, times s), with BF16 weights (the lm_head) activations rounded to
+// bf16, as the GPU's tensor-core GEMMs take them; fewer rows stay fp32.
+TEST_CASE("FP8 activations on the CPU: e4m3 (or bf16) rounding for GEMMs of >= 8 rows, fp32 below") {
   BackendOptions o;
   o.n_threads = 2;
   o.fp8_activations = true;
@@ -144,13 +145,15 @@ TEST_CASE("FP8 activations on the CPU: e4m3 rounding per 128 channels for GEMMs 
       Tensor x = q->alloc(T, 256), yq = q->alloc(T, 200), xf = f->alloc(T, 256), yf = f->alloc(T, 200);
       fill(x, rng);
       q->linear(x, ow.w, yq);
-      const bool rounds = T >= kFp8ActivationMinRows && dt == DType::F8_E4M3;
+      const bool rounds = T >= kFp8ActivationMinRows;  // to e4m3 for FP8 weights, to bf16 for BF16 weights
       for (int64_t i = 0; i < T * 256; i += 128) {  // the rounding written out, on the fp32 backend's input
         float amax = 0;
         for (int64_t j = i; j < i + 128; j++) amax = std::max(amax, std::fabs(x.f32()[j]));
         const float sc = amax / 448.0f;
         for (int64_t j = i; j < i + 128; j++)
-          xf.f32()[j] = rounds ? fp8_e4m3_to_f32(f32_to_fp8_e4m3(x.f32()[j] / sc)) * sc : x.f32()[j];
+          xf.f32()[j] = !rounds ? x.f32()[j]
+                        : dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(x.f32()[j]))
+                                            : fp8_e4m3_to_f32(f32_to_fp8_e4m3(x.f32()[j] / sc)) * sc;
       }
       f->linear(xf, ow.w, yf);
       CHECK(std::equal(yq.f32(), yq.f32() + T * 200, yf.f32()));

@@ -216,7 +216,16 @@ class CpuBackend final : public ArenaBackend {
     if (x.cols != w.cols || out.cols != w.rows || out.rows != x.rows)
       failf(DSRT_ERR_INTERNAL, "linear ", w.name(), ": shapes x[", x.rows, ",", x.cols, "] W[", w.rows, ",", w.cols,
             "] out[", out.rows, ",", out.cols, "]");
-    multiply(fp8_input(x, x.rows, w), w, out);
+    multiply(gemm_input(x, x.rows, w), w, out);
+  }
+
+  // Under FP8 precision a linear of many rows takes the activations its weight's tensor-core GEMM takes on the
+  // GPU: FP8 for FP8 weights (fp8_input), bf16 (nearest even) for BF16 weights (the lm_head).
+  Tensor gemm_input(Tensor x, int64_t step_rows, const Weight &w) {
+    if (!fp8_activations_ || step_rows < kFp8ActivationMinRows || w.dtype != DType::BF16) return fp8_input(x, step_rows, w);
+    Tensor q = alloc(x.rows, x.cols);
+    for (int64_t i = 0; i < x.rows * x.cols; i++) q.f32()[i] = bf16_to_f32(f32_to_bf16(x.f32()[i]));
+    return q;
   }
 
   // x itself, or x rounded to FP8 activations when a GEMM of `step_rows` rows with weight w quantises them
@@ -337,7 +346,7 @@ class CpuBackend final : public ArenaBackend {
       std::memcpy(lat.f32() + j * d.latent, e, size_t(d.latent) * sizeof(float));
       std::memcpy(kpe.f32() + j * d.rope, e + d.latent, size_t(d.rope) * sizeof(float));
     }
-    multiply(lat, kv_b, kvd);  // [n_ctx, nh*(dn+dv)]: head h = [k_nope (dn) ; v (dv)]
+    multiply(fp8_input(lat, n_ctx, kv_b), kv_b, kvd);  // [n_ctx, nh*(dn+dv)] (FP8 activations as on the GPU): head h = [k_nope (dn) ; v (dv)]
     pool_.parallel_for(int64_t(s.n_new) * d.n_heads, 1, [&](int64_t a, int64_t bnd) {
       float *p = thread_scratch(size_t(n_ctx), 1);
       for (int64_t w = a; w < bnd; w++) {

@@ -59,6 +59,7 @@ class CudaWeights final : public DeviceWeights {
       cudaFree(const_cast<float *>(m.scale));
     }
     for (void *p : registered_) cudaHostUnregister(p);
+    for (void *p : copied_) cudaFreeHost(p);
   }
   size_t bytes() const override {
     std::lock_guard lk(mu_);
@@ -70,8 +71,8 @@ class CudaWeights final : public DeviceWeights {
   // Expert offload: the ids whose bytes stay in host memory (by_id_ holds their device-visible address; their
   // block scales are on the device), and the host ranges registered for that.
   std::set<int32_t> in_host_;
-  std::vector<void *> registered_;
-  size_t host_bytes_ = 0;
+  std::vector<void *> registered_, copied_;  // ranges registered in place; pinned copies of unaligned tensors
+  size_t host_bytes_ = 0, copied_bytes_ = 0;
 
  private:
   int device_;
@@ -274,6 +275,13 @@ class CudaBackend final : public ArenaBackend {
     check_device(x, "linear");
     check_device(out, "linear");
     const k::DevMatrix dw = dev(w);
+    // A BF16 weight (the lm_head) with many rows: BF16 activations on tensor cores, as the CPU rounds them
+    // under FP8 precision (cpu_backend.cpp, gemm_input).
+    if (gemm_ && x.rows >= kFp8ActivationMinRows && dw.dtype == k::kBF16 && !in_host(dw) && gemm_->available()) {
+      flush();  // cuBLASLt enqueues on the stream itself: what was recorded goes first
+      Tensor xb = alloc(1, (x.rows * x.cols + 1) / 2, DType::I32);
+      if (gemm_->run_bf16(x.f32(), x.rows, dw, out.f32(), static_cast<uint16_t *>(xb.data))) return;
+    }
     // Held for a following silu_mul of this and the previous linear (the gate and up projections of a
     // SwiGLU), which then run as one kernel.
     if (!profiling_ && rec_->deferred() && !gemm_path(x.rows, dw)) {
@@ -736,8 +744,11 @@ class CudaBackend final : public ArenaBackend {
     std::lock_guard lk(store_->mu_);
     std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // page ranges of the weights not mapped yet
     const uintptr_t page = 4096;
+    // The kernels load weights 16 bytes at a time: a tensor the checkpoint stores at an address that is not
+    // 16-byte aligned (safetensors aligns its data to 8 bytes only) is copied once into pinned memory instead.
+    auto aligned = [](const Weight *w) { return reinterpret_cast<uintptr_t>(w->data) % 16 == 0; };
     for (const Weight *w : ws)
-      if (!store_->by_id_.count(w->id)) {
+      if (!store_->by_id_.count(w->id) && aligned(w)) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(w->data), b = a + size_t(w->rows * w->cols) * dtype_size(w->dtype);
         ranges.push_back({a / page * page, (b + page - 1) / page * page});
       }
@@ -761,14 +772,26 @@ class CudaBackend final : public ArenaBackend {
         host_data_.insert(store_->by_id_[w->id].data);
         continue;
       }
-      void *d = nullptr;
-      cuda_check(cudaHostGetDevicePointer(&d, static_cast<void *>(const_cast<uint8_t *>(w->data)), 0), "expert offload: device address of host weights");
+      void *host = static_cast<void *>(const_cast<uint8_t *>(w->data)), *d = nullptr;
+      const size_t bytes = size_t(w->rows * w->cols) * dtype_size(w->dtype);
+      if (!aligned(w)) {
+        cuda_check(cudaHostAlloc(&host, std::max<size_t>(bytes, 16), cudaHostAllocMapped | cudaHostAllocPortable),
+                   "expert offload: pinned host memory for an unaligned tensor");
+        std::memcpy(host, w->data, bytes);
+        store_->copied_.push_back(host);
+        store_->copied_bytes_ += bytes;
+      }
+      cuda_check(cudaHostGetDevicePointer(&d, host, 0), "expert offload: device address of host weights");
       k::DevMatrix m = upload(*w, d);
       store_->by_id_[w->id] = m;
       store_->in_host_.insert(w->id);
-      store_->host_bytes_ += size_t(w->rows * w->cols) * dtype_size(w->dtype);
+      store_->host_bytes_ += bytes;
       host_data_.insert(m.data);
     }
+    if (!ws.empty())
+      log(LogLevel::Info, "dsrt: expert offload: " + std::to_string(store_->host_bytes_ >> 20) + " MiB of routed experts read "
+                          "from host memory (" + std::to_string(store_->copied_bytes_ >> 20) +
+                          " MiB of them copied to pinned memory: tensors not 16-byte aligned in the checkpoint)");
   }
   bool in_host(const k::DevMatrix &m) const { return host_data_.count(m.data) > 0; }
 

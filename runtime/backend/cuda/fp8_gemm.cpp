@@ -295,4 +295,57 @@ bool Fp8Gemm::run(const float *x, int64_t m, const kernels::DevMatrix &w, float 
   return true;
 }
 
+// ---- BF16 x BF16 -> fp32, TN (no scales): one descriptor per shape, made with its plan.
+Fp8Gemm::Plan *Fp8Gemm::plan_bf16(int64_t m, int64_t n, int64_t k) {
+  auto &slot = bf16_plans_[{m, n, k}];
+  if (slot) return slot.get();
+  slot = std::make_unique<Plan>();
+  Plan &p = *slot;
+  p.lt = lt_;
+  if (lt_->cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) return &p;
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+  lt_->cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+  lt_->cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, uint64_t(k), uint64_t(n), k);
+  lt_->cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, uint64_t(k), uint64_t(m), k);
+  lt_->cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, uint64_t(n), uint64_t(m), n);
+  lt_->cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, uint64_t(n), uint64_t(m), n);
+  cublasLtMatmulPreference_t pref = nullptr;
+  lt_->cublasLtMatmulPreferenceCreate(&pref);
+  lt_->cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
+                                            sizeof workspace_bytes_);
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  const cublasStatus_t st = lt_->cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p.desc, p.a, p.b,
+                                                                 p.c, p.d, pref, 1, &res, &found);
+  lt_->cublasLtMatmulPreferenceDestroy(pref);
+  if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+    p.algo = res.algo;
+    p.ok = true;
+  } else {
+    log(LogLevel::Warn, "dsrt: cuBLASLt offers no BF16 algorithm for M=" + std::to_string(m) + " N=" + std::to_string(n) +
+                            " K=" + std::to_string(k) + " (status " + std::to_string(int(st)) + "); using dsrt's kernels");
+  }
+  return &p;
+}
+
+bool Fp8Gemm::run_bf16(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint16_t *xb) {
+  if (!lt_ || w.dtype != kernels::kBF16 || m < 1 || w.cols % 8) return false;
+  const int64_t n = w.rows, k = w.cols;
+  Plan *p = plan_bf16(m, n, k);
+  if (!p->ok) return false;
+  kernels::round_to_bf16(x, m * k, xb, stream_);
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t st = lt_->cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w.data, p->a, xb,
+                                                p->b, &beta, out, p->c, out, p->d, &p->algo, workspace_, workspace_bytes_,
+                                                stream_);
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    log(LogLevel::Warn, "dsrt: cublasLtMatmul (BF16) failed (status " + std::to_string(int(st)) + ") for M=" +
+                            std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k) + "; using dsrt's kernels");
+    p->ok = false;
+    return false;
+  }
+  return true;
+}
+
 }  // namespace dsrt

@@ -36,6 +36,11 @@ class Fp8Gemm {
   // True when the shape can go through run(): FP8 weight, K a multiple of 128, N of 16.
   static bool eligible(const kernels::DevMatrix &w) { return w.dtype == kernels::kFP8 && w.cols % 128 == 0 && w.rows % 16 == 0; }
 
+  // out [m, w.rows] (fp32) = x W^T for a BF16 weight, with x rounded to bf16 into xb (m * w.cols values): the
+  // lm_head and other BF16 linears of many rows on tensor cores (the fp32-activation GEMV reads the weight
+  // once per few rows). false when cuBLASLt is missing or has no algorithm.
+  bool run_bf16(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint16_t *xb);
+
   // Frees the descriptors of GEMMs the stream has finished (call after a sync).
   void release();
 
@@ -44,13 +49,14 @@ class Fp8Gemm {
  private:
   struct Plan;
   Plan *plan(int64_t m, int64_t n, int64_t k);
+  Plan *plan_bf16(int64_t m, int64_t n, int64_t k);
 
   cudaStream_t stream_;
   const Lt *lt_ = nullptr;
   std::string why_;
   void *handle_ = nullptr, *workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans_, bf16_plans_;
   std::vector<void *> used_descs_;  // descriptors of queued GEMMs
 };
 
