@@ -1,6 +1,6 @@
 // `dsrt bench`: prefill and decode speed, each beside its roofline.
 #include <algorithm>
-#include <atomic>
+#include <mutex>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -253,23 +253,33 @@ int run_bench(const BenchOptions &a) {
       auto turns = [&](int n) {  // n decode steps of the whole batch; returns their wall time
         gp.max_new_tokens = n;
         for (auto *s : ss) check(dsrt_session_start(s, &gp));
-        std::atomic<int> failed{0};
+        std::mutex mu;
+        std::string failure;  // the first turn that did not generate its n tokens (the figures would lie)
         std::vector<std::thread> pullers;
         const auto t0 = now();
         for (auto *s : ss)
-          pullers.emplace_back([s, n, &failed] {
+          pullers.emplace_back([s, n, &mu, &failure] {
             dsrt_event ev;
             ev.struct_size = sizeof ev;
+            std::string why;
             for (;;) {
-              if (dsrt_session_next(s, &ev) != DSRT_OK) return void(failed++);
+              if (dsrt_session_next(s, &ev) != DSRT_OK) {
+                why = dsrt_last_error();
+                break;
+              }
               if (ev.type != DSRT_EVENT_DONE) continue;
-              if (ev.finish_reason != DSRT_FINISH_LENGTH || ev.n_generated != n) failed++;  // the figures would lie
-              return;
+              if (ev.finish_reason != DSRT_FINISH_LENGTH || ev.n_generated != n)
+                why = "finish reason " + std::to_string(ev.finish_reason) + " after " + std::to_string(ev.n_generated) +
+                      " of " + std::to_string(n) + " tokens" +
+                      (ev.finish_reason == DSRT_FINISH_ERROR ? std::string(": ") + dsrt_last_error() : std::string());
+              break;
             }
+            std::lock_guard lk(mu);
+            if (!why.empty() && failure.empty()) failure = why;
           });
         for (auto &t : pullers) t.join();
         const double dt = secs(t0);
-        if (failed) throw Fail{"a decode turn ended early (" + std::string(dsrt_last_error()) + ")"};
+        if (!failure.empty()) throw Fail{"a decode turn ended early: " + failure};
         return dt;
       };
       for (size_t i = 0; i < ss.size(); i++) {  // one new token each: the turns begin with a decode step
