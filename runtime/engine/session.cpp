@@ -161,6 +161,20 @@ Event Session::finish_turn(Finish why, int32_t token) {
     auto lk = engine_->lock_idle(*this);
     drop_drafts();
     turn_active_ = false;
+    if (presampled_.valid && pending_.empty() && logits_rows_ == 0 && !tokens_.empty()) {
+      // The last step evaluated the token the turn emitted last (it runs ahead of the consumer) and sampled
+      // its successor on the device, which this turn does not take (it ended at that token): those logits never
+      // reached the host. The token goes back to pending, so whatever comes next (a turn, an eval) evaluates it
+      // again at the same position, rewriting the same cache entry, and gets its logits.
+      const int32_t last = tokens_.back();
+      tokens_.pop_back();
+      published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
+      pending_.insert(pending_.begin(), last);
+      mtp_pos_ = std::min<int64_t>(mtp_pos_, int64_t(tokens_.size()));
+      const int64_t H = engine_->model().cfg.hidden_size, waiting = int64_t(tokens_.size()) - mtp_pos_;
+      if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
+      logits_on_device_ = false;
+    }
     presampled_ = {};  // a draw the turn did not take (cancelled, context full): the stream stays where it is
     engine_->pool_->unreserve(kv_);
     engine_->work_cv_.notify_one();
