@@ -96,6 +96,20 @@ double time_calls(Backend &be, int reps, S setup, F fn) {
   return best;
 }
 
+// n routed experts of V3's shape (gate, up [2048, 7168], down [7168, 2048]; FP8), their bytes kept in `owner`.
+std::vector<FfnWeights> random_experts(int n, std::vector<std::unique_ptr<RandomWeight>> &owner) {
+  std::vector<FfnWeights> experts(static_cast<size_t>(n));
+  for (int e = 0; e < n; e++) {
+    owner.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 100 + 3 * e));
+    experts[size_t(e)].gate = owner.back()->w;
+    owner.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 101 + 3 * e));
+    experts[size_t(e)].up = owner.back()->w;
+    owner.push_back(std::make_unique<RandomWeight>(7168, 2048, DType::F8_E4M3, 102 + 3 * e));
+    experts[size_t(e)].down = owner.back()->w;
+  }
+  return experts;
+}
+
 // --backend cpu: the CPU backend's linear and moe_experts on V3's shapes, one call at a time after the last-level
 // cache has been flushed (a 256 MiB read), each beside the host's DRAM read rate measured here. The BF16 lm_head
 // (1.85 GB) is left out: in offload it stays on the GPU.
@@ -144,15 +158,7 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
   {  // the routed experts of the batch: top-8 of 16 V3-shaped experts per row, as moe_experts runs them
     constexpr int kExperts = 16, kTopK = 8;
     std::vector<std::unique_ptr<RandomWeight>> ew;
-    std::vector<FfnWeights> experts(kExperts);
-    for (int e = 0; e < kExperts; e++) {
-      ew.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 100 + 3 * e));
-      experts[size_t(e)].gate = ew.back()->w;
-      ew.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 101 + 3 * e));
-      experts[size_t(e)].up = ew.back()->w;
-      ew.push_back(std::make_unique<RandomWeight>(7168, 2048, DType::F8_E4M3, 102 + 3 * e));
-      experts[size_t(e)].down = ew.back()->w;
-    }
+    const std::vector<FfnWeights> experts = random_experts(kExperts, ew);
     be->begin_step();
     Tensor x = be->alloc(o.rows, 7168), ids = be->alloc(o.rows, kTopK, DType::I32), tw = be->alloc(o.rows, kTopK),
            y = be->alloc(o.rows, 7168);
@@ -191,15 +197,7 @@ int bench_ops(const BenchOpsOptions &o) {
   // Routed experts: 32 of V3's shape, 8 per token (different ones each call, as consecutive layers would).
   constexpr int kExperts = 32, kTopK = 8;
   std::vector<std::unique_ptr<RandomWeight>> ew;
-  std::vector<FfnWeights> experts(kExperts);
-  for (int e = 0; e < kExperts; e++) {
-    ew.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 100 + 3 * e));
-    experts[size_t(e)].gate = ew.back()->w;
-    ew.push_back(std::make_unique<RandomWeight>(2048, 7168, DType::F8_E4M3, 101 + 3 * e));
-    experts[size_t(e)].up = ew.back()->w;
-    ew.push_back(std::make_unique<RandomWeight>(7168, 2048, DType::F8_E4M3, 102 + 3 * e));
-    experts[size_t(e)].down = ew.back()->w;
-  }
+  const std::vector<FfnWeights> experts = random_experts(kExperts, ew);
   const double expert_bytes = double(kTopK) * 3 * 2048 * 7168;
 
   struct Cut {

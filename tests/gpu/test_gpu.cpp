@@ -16,6 +16,7 @@
 #include <functional>
 
 #include "../helpers.h"
+#include "backend_io.h"
 #include "backend/backend.h"
 #include "core/dtype.h"
 #if defined(DSRT_WITH_CUDA)
@@ -76,16 +77,8 @@ std::vector<float> randn(size_t n, std::mt19937 &rng, float sd = 1.0f) {
   return v;
 }
 
-Tensor put(Backend &b, const std::vector<float> &v, int64_t rows, int64_t cols) {
-  Tensor t = b.alloc(rows, cols);
-  b.from_host(t, v.data());
-  return t;
-}
-std::vector<float> get(Backend &b, Tensor t) {
-  std::vector<float> v(size_t(t.rows * t.cols));
-  b.to_host(t, v.data());
-  return v;
-}
+using testing::get;
+using testing::put;
 double rel(const std::vector<float> &a, const std::vector<float> &b) { return testing::rel_l2(a.data(), b.data(), a.size()); }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../helpers.h"
+#include "backend_io.h"
 #include "backend/backend.h"
 #include "core/dtype.h"
 #if defined(DSRT_WITH_CUDA)
@@ -498,16 +499,8 @@ std::unique_ptr<Backend> cuda_fp8() {
   return make_backend(BackendKind::Cuda, opt);
 }
 
-Tensor put(Backend &b, const std::vector<float> &v, int64_t rows, int64_t cols) {
-  Tensor t = b.alloc(rows, cols);
-  b.from_host(t, v.data());
-  return t;
-}
-std::vector<float> get(Backend &b, Tensor t) {
-  std::vector<float> v(size_t(t.rows * t.cols));
-  b.to_host(t, v.data());
-  return v;
-}
+using testing::get;
+using testing::put;
 
 }  // namespace
 
