@@ -50,6 +50,7 @@ internal static class Native {
     public IntPtr devices;
     public int n_devices;
     public ulong device_memory;
+    public float device_memory_fraction;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct ModelInfo {

@@ -60,6 +60,7 @@ pub struct dsrt_model_params {
     pub devices: *const i32,
     pub n_devices: i32,
     pub device_memory: u64,
+    pub device_memory_fraction: f32,
 }
 
 #[repr(C)]
