@@ -10,6 +10,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define DSRT_FP8_X86 1
 #endif
@@ -17,7 +18,9 @@
 #include "core/status.h"
 
 // GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 intrinsics as maybe-uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace dsrt::fp8 {
 namespace {
@@ -258,17 +261,26 @@ DSRT_AVX512 void tile_avx512(const TileArgs &a, int g, float (*tot)[kMaxGroup]) 
 
 }  // namespace
 
+#ifdef DSRT_FP8_X86
+// F16C (the fp16 -> fp32 conversions of the decode) from CPUID leaf 1: clang 14's __builtin_cpu_supports does not
+// know "f16c".
+static bool has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+#endif
+
 bool path_supported(Path p) {
   switch (p) {
     case Path::Auto:
     case Path::Scalar: return true;
 #ifdef DSRT_FP8_X86
     case Path::Avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
     case Path::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+             has_f16c();
 #else
     default: return false;
 #endif
