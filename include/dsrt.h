@@ -263,6 +263,11 @@ typedef struct dsrt_engine_stats {
                                  results back on the host; lags one step); 0 on the CPU */
   uint64_t graph_replays;     /* CUDA: step segments replayed from a CUDA graph ... */
   uint64_t graph_captures;    /* ... and captured into one (a segment is captured the second time it is seen) */
+  /* Expert offload's GPU expert cache (CUDA, DSRT_EXPERT_CACHE), summed over MoE layers and steps; lags a step: */
+  uint64_t expert_hits;       /* routed experts a step needed that were in a device slot ... */
+  uint64_t expert_misses;     /* ... or were not (each counted once per layer and step) */
+  uint64_t expert_bytes_copied;       /* bytes copied from host memory into slots over PCIe */
+  uint64_t expert_bytes_read_in_host; /* bytes the expert kernels read in place from host memory (estimated) */
 } dsrt_engine_stats;
 
 DSRT_API void dsrt_engine_params_init(dsrt_engine_params *p, size_t size);

@@ -75,6 +75,7 @@ internal static class Native {
     public ulong mtp_drafted, mtp_accepted;
     public double device_seconds;
     public ulong graph_replays, graph_captures;
+    public ulong expert_hits, expert_misses, expert_bytes_copied, expert_bytes_read_in_host;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct SessionParams {

@@ -565,6 +565,10 @@ dsrt_status dsrt_engine_stats_get(const dsrt_engine *e, dsrt_engine_stats *out) 
     o.device_seconds = s.backend.device_seconds;
     o.graph_replays = s.backend.graph_replays;
     o.graph_captures = s.backend.graph_captures;
+    o.expert_hits = s.backend.expert_hits;
+    o.expert_misses = s.backend.expert_misses;
+    o.expert_bytes_copied = s.backend.expert_bytes_copied;
+    o.expert_bytes_read_in_host = s.backend.expert_bytes_read_in_host;
     write_out(out, o, "out");
   });
 }

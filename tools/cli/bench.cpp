@@ -311,6 +311,19 @@ int run_bench(const BenchOptions &a) {
                   "/ %.0f GB/s = %.1f steps/s; %5.1f%% of it\n",
                   B, ctx, rate, rate * B, bytes / 1e6, (bytes - sc.step_bytes(B, 0)) / 1e6, bw / 1e9, roof,
                   100.0 * rate / roof);
+      const double lookups = double(st1.expert_hits + st1.expert_misses - st0.expert_hits - st0.expert_misses);
+      if (lookups > 0) {  // expert offload: what the GPU expert cache did, against the offload roofline
+        const double moved = double(st1.expert_bytes_copied + st1.expert_bytes_read_in_host - st0.expert_bytes_copied -
+                                    st0.expert_bytes_read_in_host) / steps;
+        static const double pcie = host_to_device_bandwidth(0);
+        const double t_roof = std::max(bytes / bw, moved / pcie);
+        std::printf("  expert offload: hit rate %.1f%% (%.1f experts looked up per step), %.1f MB/step over PCIe "
+                    "(%.1f copied into slots) = %.1f GB/s of %.1f GB/s measured host->device; offload roofline "
+                    "max(%.1f MB / copy rate, PCIe bytes / host rate) = %.3f ms/step: %.1f%% of it\n",
+                    100.0 * double(st1.expert_hits - st0.expert_hits) / lookups, lookups / steps, moved / 1e6,
+                    double(st1.expert_bytes_copied - st0.expert_bytes_copied) / steps / 1e6, moved * rate / 1e9,
+                    pcie / 1e9, bytes / 1e6, 1e3 * t_roof, 100.0 * t_roof * rate);
+      }
       if (profile) {
         print_attention_rate(print_op_table(l.engine, int(steps), gpu),
                              sc.attn_flops_per_pair * double(B) * double(ctx + gen / 2),

@@ -113,6 +113,10 @@ pub struct dsrt_engine_stats {
     pub device_seconds: f64,
     pub graph_replays: u64,
     pub graph_captures: u64,
+    pub expert_hits: u64,
+    pub expert_misses: u64,
+    pub expert_bytes_copied: u64,
+    pub expert_bytes_read_in_host: u64,
 }
 
 #[repr(C)]

@@ -7,10 +7,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <tuple>
 #include <unordered_map>
@@ -18,6 +20,7 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "core/memory.h"
+#include "backend/cuda/expert_cache.h"
 #include "backend/cuda/fp8_gemm.h"
 #include "backend/cuda/launch_recorder.h"
 #include "backend/scratch_arena.h"
@@ -58,7 +61,7 @@ class CudaWeights final : public DeviceWeights {
       if (!in_host_.count(id)) cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
-    for (void *p : registered_) cudaHostUnregister(p);
+    for (auto [a, b] : registered_) cudaHostUnregister(reinterpret_cast<void *>(a));
     for (void *p : copied_) cudaFreeHost(p);
   }
   size_t bytes() const override {
@@ -68,11 +71,19 @@ class CudaWeights final : public DeviceWeights {
   mutable std::mutex mu_;
   std::map<int32_t, k::DevMatrix> by_id_;
   size_t bytes_ = 0;
-  // Expert offload: the ids whose bytes stay in host memory (by_id_ holds their device-visible address; their
-  // block scales are on the device), and the host ranges registered for that.
+  // Expert offload: the ids whose bytes stay in host memory only (by_id_ holds their device-visible address;
+  // their block scales are on the device); host_ the device-visible host address of every mapped expert
+  // matrix (with its device scales), including those also on the device (the GPU expert cache's slots may
+  // give them up); the page ranges registered for that [first, last) and pinned copies of unaligned tensors.
   std::set<int32_t> in_host_;
-  std::vector<void *> registered_, copied_;  // ranges registered in place; pinned copies of unaligned tensors
+  std::map<int32_t, k::DevMatrix> host_;
+  std::vector<std::pair<uintptr_t, uintptr_t>> registered_;
+  std::vector<void *> copied_;
   size_t host_bytes_ = 0, copied_bytes_ = 0;
+  // The backend (CudaBackend::serial_) whose expert caches own the slots (the device copies of experts in
+  // host_ too): one per model and device, for good (a slot holds whatever its owner left there); the model's
+  // other engines read those experts from host memory.
+  uint64_t cache_owner_ = 0;
 
  private:
   int device_;
@@ -114,6 +125,9 @@ class CudaBackend final : public ArenaBackend {
       cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
+    expert_caches_.clear();
+    cudaFree(cache_stats_);
+    cudaFreeHost(cache_stats_host_);
     for (auto &[_, t] : expert_tables_) cudaFree(t);
     for (auto &[a, b] : events_) {
       cudaEventDestroy(a);
@@ -138,6 +152,12 @@ class CudaBackend final : public ArenaBackend {
       if (cudaEventElapsedTime(&ms, step_ev_[0], step_ev_[1]) == cudaSuccess) counters_.device_seconds += ms * 1e-3;
       cudaGetLastError();
       step_started_ = false;
+    }
+    if (cache_stats_host_) {
+      counters_.expert_hits = cache_stats_host_[k::kCacheHits];
+      counters_.expert_misses = cache_stats_host_[k::kCacheMisses];
+      counters_.expert_bytes_copied = cache_stats_host_[k::kCacheCopiedBytes];
+      counters_.expert_bytes_read_in_host = cache_stats_host_[k::kCacheHostReadBytes];
     }
     meta_->reset();
     flash_plans_.clear();
@@ -507,9 +527,15 @@ class CudaBackend final : public ArenaBackend {
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
-    if (grouped_moe(experts, T, H, I, K)) return moe_grouped(x, experts, ids, weights, out);
-    if (T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32) {
-      const k::DevMatrix *tab = expert_table(experts);
+    const bool grouped = grouped_moe(experts, T, H, I, K),
+               gemv = !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
+    const k::DevMatrix *tab = expert_table(experts);
+    if (const ExpertCache *c = expert_cache(experts))  // (the GEMV path reads an expert once per token using it)
+      go([](cudaStream_t s, const k::ExpertCacheView *v, const int32_t *ids, int64_t n, bool per_pair, int n_sm) {
+        k::expert_cache_admit(*v, ids, n, per_pair, n_sm, s);
+      }, &c->view(), static_cast<const int32_t *>(ids.i32()), T * K, !grouped, n_sm_);
+    if (grouped) return moe_grouped(x, experts, ids, weights, out);
+    if (gemv) {
       Tensor h = alloc(T * K, I);
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
             const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, int32_t dt, float *h, float *o) {
@@ -524,6 +550,9 @@ class CudaBackend final : public ArenaBackend {
     flush();
     cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
     cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
+    std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it
+    cuda_check(cudaMemcpyAsync(now.data(), tab, now.size() * sizeof(k::DevMatrix), cudaMemcpyDeviceToHost, stream_),
+               "moe expert table");
     sync();
     std::vector<std::vector<std::pair<int32_t, float>>> by_expert(experts.size());
     for (int64_t t = 0; t < T; t++)
@@ -548,11 +577,12 @@ class CudaBackend final : public ArenaBackend {
       const float *dw = upload_f32(w);
       Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
       go(gather_launch, static_cast<const float *>(x.f32()), H, drows, n, xe.f32());
-      matmul(xe.f32(), n, dev(experts[e].gate), g.f32());
-      matmul(xe.f32(), n, dev(experts[e].up), u.f32());
+      const size_t E = experts.size();
+      matmul(xe.f32(), n, now[e], g.f32());
+      matmul(xe.f32(), n, now[E + e], u.f32());
       go([](cudaStream_t s, const float *g, const float *u, float *o, int64_t n) { k::silu_mul(g, u, o, n, s); },
          static_cast<const float *>(g.f32()), static_cast<const float *>(u.f32()), g.f32(), n * inter);
-      matmul(g.f32(), n, dev(experts[e].down), y.f32());
+      matmul(g.f32(), n, now[2 * E + e], y.f32());
       go([](cudaStream_t s, const float *y, int64_t cols, const int32_t *rows, const float *w, int64_t n, float *o) {
         k::scatter_add_rows(y, cols, rows, w, n, o, s);
       }, static_cast<const float *>(y.f32()), H, drows, dw, n, out.f32());
@@ -691,6 +721,9 @@ class CudaBackend final : public ArenaBackend {
     const bool work = rec_->deferred() && rec_->pending() > 0;
     if (work) note_gpu_start();
     rec_->flush();
+    if (work && cache_stats_)  // read at the next begin_step, after its sync
+      cudaMemcpyAsync(cache_stats_host_, cache_stats_, k::kCacheStats * sizeof(unsigned long long), cudaMemcpyDeviceToHost,
+                      stream_);
     if (work) cudaEventRecord(step_ev_[1], stream_);  // (not at the next step's sync: the host's time between
                                                       // steps is not the GPU's)
   }
@@ -740,6 +773,8 @@ class CudaBackend final : public ArenaBackend {
   // memory, never a dequantised one) and registered read-only with the GPU, whose kernels then read them in
   // place over PCIe through the same pointers as device weights (an expert table entry is an address, so a
   // decode step stays one CUDA graph). Page ranges of neighbouring weights are merged and registered once.
+  // Weights of `ws` that were also uploaded (the GPU expert cache's initial contents) keep their device copy
+  // and get a host address besides.
   void map_host_weights(const std::vector<const Weight *> &ws) {
     std::lock_guard lk(store_->mu_);
     std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // page ranges of the weights not mapped yet
@@ -748,16 +783,11 @@ class CudaBackend final : public ArenaBackend {
     // 16-byte aligned (safetensors aligns its data to 8 bytes only) is copied once into pinned memory instead.
     auto aligned = [](const Weight *w) { return reinterpret_cast<uintptr_t>(w->data) % 16 == 0; };
     for (const Weight *w : ws)
-      if (!store_->by_id_.count(w->id) && aligned(w)) {
+      if (!store_->host_.count(w->id) && aligned(w)) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(w->data), b = a + size_t(w->rows * w->cols) * dtype_size(w->dtype);
         ranges.push_back({a / page * page, (b + page - 1) / page * page});
       }
-    std::sort(ranges.begin(), ranges.end());
-    std::vector<std::pair<uintptr_t, uintptr_t>> merged;
-    for (auto r : ranges)
-      if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
-      else merged.push_back(r);
-    for (auto [a, b] : merged) {
+    for (auto [a, b] : unregistered(ranges)) {
       void *p = reinterpret_cast<void *>(a);
       const cudaError_t e = cudaHostRegister(p, b - a, cudaHostRegisterMapped | cudaHostRegisterReadOnly | cudaHostRegisterPortable);
       if (e != cudaSuccess) {
@@ -765,11 +795,12 @@ class CudaBackend final : public ArenaBackend {
         failf(DSRT_ERR_OUT_OF_MEMORY, "expert offload: cannot pin ", (b - a) >> 20, " MiB of host memory holding routed experts (",
               cudaGetErrorString(e), "); give the GPU a larger budget (dsrt_model_params.device_memory, --gpu-memory)");
       }
-      store_->registered_.push_back(p);
+      store_->registered_.push_back({a, b});
     }
     for (const Weight *w : ws) {
-      if (store_->by_id_.count(w->id)) {
-        host_data_.insert(store_->by_id_[w->id].data);
+      auto known = store_->host_.find(w->id);
+      if (known != store_->host_.end()) {
+        host_data_.insert(known->second.data);
         continue;
       }
       void *host = static_cast<void *>(const_cast<uint8_t *>(w->data)), *d = nullptr;
@@ -782,16 +813,45 @@ class CudaBackend final : public ArenaBackend {
         store_->copied_bytes_ += bytes;
       }
       cuda_check(cudaHostGetDevicePointer(&d, host, 0), "expert offload: device address of host weights");
-      k::DevMatrix m = upload(*w, d);
-      store_->by_id_[w->id] = m;
-      store_->in_host_.insert(w->id);
-      store_->host_bytes_ += bytes;
+      auto on_device = store_->by_id_.find(w->id);
+      k::DevMatrix m;
+      if (on_device != store_->by_id_.end()) {  // a cache slot's first expert: its scales are uploaded already
+        m = on_device->second;
+        m.data = d;
+      } else {
+        m = upload(*w, d);
+        store_->by_id_[w->id] = m;
+        store_->in_host_.insert(w->id);
+        store_->host_bytes_ += bytes;
+      }
+      store_->host_[w->id] = m;
       host_data_.insert(m.data);
     }
     if (!ws.empty())
       log(LogLevel::Info, "dsrt: expert offload: " + std::to_string(store_->host_bytes_ >> 20) + " MiB of routed experts read "
                           "from host memory (" + std::to_string(store_->copied_bytes_ >> 20) +
                           " MiB of them copied to pinned memory: tensors not 16-byte aligned in the checkpoint)");
+  }
+  // The parts of `ranges` (page ranges, any order, may overlap) not registered yet, merged: another engine
+  // of the model may have registered pages these share.
+  std::vector<std::pair<uintptr_t, uintptr_t>> unregistered(std::vector<std::pair<uintptr_t, uintptr_t>> ranges) const {
+    std::sort(ranges.begin(), ranges.end());
+    std::vector<std::pair<uintptr_t, uintptr_t>> merged, out;
+    for (auto r : ranges)
+      if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
+      else merged.push_back(r);
+    auto done = store_->registered_;
+    std::sort(done.begin(), done.end());
+    for (auto [a, b] : merged) {
+      for (auto [ra, rb] : done) {
+        if (rb <= a || ra >= b) continue;
+        if (ra > a) out.push_back({a, ra});
+        a = std::max(a, rb);
+        if (a >= b) break;
+      }
+      if (a < b) out.push_back({a, b});
+    }
+    return out;
   }
   bool in_host(const k::DevMatrix &m) const { return host_data_.count(m.data) > 0; }
 
@@ -893,7 +953,7 @@ class CudaBackend final : public ArenaBackend {
   }
   void moe_grouped(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts[0].gate.rows, E = int64_t(experts.size());
-    const k::DevMatrix *tab = expert_table(experts);
+    const k::DevMatrix *tab = expert_tables_.at(&experts);
     const int64_t chunk = std::min(T, kMoeChunkTokens), last = T - (T - 1) / chunk * chunk;
     const int64_t bytes = std::max(k::moe_grouped_layout(chunk, K, E, H, I).bytes, k::moe_grouped_layout(last, K, E, H, I).bytes);
     Tensor scratch = alloc(1, (bytes + 3) / 4, DType::I32);
@@ -948,13 +1008,44 @@ class CudaBackend final : public ArenaBackend {
   }
   const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(meta_->put(v.data(), v.size() * 4)); }
 
-  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use).
+  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use). With
+  // expert offload (some of the layer's experts in host memory, some on the device), the table is the GPU
+  // expert cache's (expert_cache.h), whose slots are the device copies; a backend other than the cache's owner
+  // reads every expert of such a layer from host memory instead (the owner's slots change under it).
   const k::DevMatrix *expert_table(const std::vector<FfnWeights> &experts) {
     auto it = expert_tables_.find(&experts);
     if (it != expert_tables_.end()) return it->second;
-    std::vector<k::DevMatrix> tab;
+    const size_t E = experts.size();
+    std::vector<k::DevMatrix> tab, host;
+    std::vector<int32_t> slot_experts;
+    bool offloaded = false, all_mapped = true;
     for (auto part : {&FfnWeights::gate, &FfnWeights::up, &FfnWeights::down})
-      for (const FfnWeights &f : experts) tab.push_back(dev(f.*part));
+      for (const FfnWeights &f : experts) {
+        tab.push_back(dev(f.*part));
+        const int32_t id = (f.*part).id;
+        if (!store_ || id < 0) {
+          all_mapped = false;
+          continue;
+        }
+        std::lock_guard lk(store_->mu_);
+        auto h = store_->host_.find(id);
+        if (h == store_->host_.end()) all_mapped = false;
+        else host.push_back(h->second);
+        if (store_->in_host_.count(id)) offloaded = true;
+      }
+    const std::optional<k::ExpertCachePolicy> wanted = offloaded && all_mapped ? expert_cache_policy_from_env() : std::nullopt;
+    bool cached = wanted.has_value();
+    if (cached) {
+      std::lock_guard lk(store_->mu_);
+      if (!store_->cache_owner_) store_->cache_owner_ = serial_;
+      if (store_->cache_owner_ != serial_) {
+        tab = host;
+        cached = false;
+      }
+    }
+    if (cached)
+      for (size_t e = 0; e < E; e++)
+        if (tab[e].data != host[e].data) slot_experts.push_back(int32_t(e));
     k::DevMatrix *d = nullptr;
     cuda_check(cudaMalloc(&d, tab.size() * sizeof(k::DevMatrix)), "expert table");
     flush();
@@ -962,7 +1053,23 @@ class CudaBackend final : public ArenaBackend {
                "expert table");
     sync();
     expert_tables_[&experts] = d;
+    if (cached) {  // (with no slots too: it counts the misses read in place)
+      if (!cache_stats_) {
+        cuda_check(cudaMalloc(&cache_stats_, k::kCacheStats * sizeof(unsigned long long)), "expert cache counters");
+        cuda_check(cudaMemsetAsync(cache_stats_, 0, k::kCacheStats * sizeof(unsigned long long), stream_), "expert cache counters");
+        cuda_check(cudaHostAlloc(reinterpret_cast<void **>(&cache_stats_host_), k::kCacheStats * sizeof(unsigned long long),
+                                 cudaHostAllocDefault), "expert cache counters");
+        std::fill(cache_stats_host_, cache_stats_host_ + k::kCacheStats, 0ull);
+      }
+      expert_caches_[&experts] = std::make_unique<ExpertCache>(int32_t(E), slot_experts, host, tab, d, *wanted,
+                                                                cache_stats_, stream_);
+    }
     return d;
+  }
+  // The layer's expert cache, if it has one (after expert_table).
+  const ExpertCache *expert_cache(const std::vector<FfnWeights> &experts) const {
+    auto it = expert_caches_.find(&experts);
+    return it == expert_caches_.end() ? nullptr : it->second.get();
   }
 
   // Op timing with CUDA events (only while profiling): a pair per op call, read back at the next step.
@@ -1025,6 +1132,14 @@ class CudaBackend final : public ArenaBackend {
   bool step_started_ = false;
   BackendCounters counters_;
   std::map<const void *, k::DevMatrix *> expert_tables_;
+  const uint64_t serial_ = next_serial();
+  static uint64_t next_serial() {
+    static std::atomic<uint64_t> n{0};
+    return ++n;
+  }
+  std::map<const void *, std::unique_ptr<ExpertCache>> expert_caches_;  // per MoE layer with expert offload
+  unsigned long long *cache_stats_ = nullptr, *cache_stats_host_ = nullptr;  // [kCacheStats] on the device; its
+                                                                             // copy after each step (pinned)
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events_;
   std::vector<std::string> labels_;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -19,6 +20,33 @@ int cuda_device_count(std::string *why) {
   }
   if (n == 0 && why) *why = "CUDA: no devices";
   return n;
+}
+
+double host_to_device_bandwidth(int device) {
+  if (cudaSetDevice(device) != cudaSuccess) return 0.0;
+  const size_t n = size_t(512) << 20;
+  void *h = nullptr, *d = nullptr;
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  double best = 0.0;
+  if (cudaHostAlloc(&h, n, cudaHostAllocDefault) == cudaSuccess && cudaMalloc(&d, n) == cudaSuccess &&
+      cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess) {
+    std::memset(h, 1, n);
+    for (int r = 0; r < 4; r++) {
+      cudaEventRecord(e0);
+      cudaMemcpy(d, h, n, cudaMemcpyHostToDevice);
+      cudaEventRecord(e1);
+      cudaEventSynchronize(e1);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      if (ms > 0) best = std::max(best, double(n) / (double(ms) * 1e-3));
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFreeHost(h);
+  cudaFree(d);
+  cudaGetLastError();
+  return best;
 }
 
 double device_copy_bandwidth(int device) {
