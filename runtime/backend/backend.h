@@ -10,6 +10,7 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "model/placement.h"
 #include "model/weights.h"
 
 namespace dsrt {
@@ -119,6 +120,8 @@ struct BackendCounters {
   // were in a device slot (hits) or not (misses), bytes copied into slots over PCIe, and bytes the expert
   // kernels read in place from host memory (misses not admitted; estimated from the kernels' access pattern).
   uint64_t expert_hits = 0, expert_misses = 0, expert_bytes_copied = 0, expert_bytes_read_in_host = 0;
+  // Expert offload with the CPU: routed experts computed on the CPU (per layer and step) and their weight bytes.
+  uint64_t experts_on_cpu = 0, expert_bytes_cpu = 0;
 };
 
 struct SamplingParams;  // engine/sampler.h
@@ -247,6 +250,8 @@ struct BackendOptions {
   // CUDA: force the GEMV kernel's cut of every matrix (K slices per row: 1/2/4/8; rows per warp: 1/2/4);
   // 0 = chosen per shape. For `dsrt bench --ops` sweeps.
   int gemv_k_split = 0, gemv_rows_per_warp = 0;
+  // CUDA with expert offload: where routed experts in host memory are computed (model/placement.h).
+  ExpertCompute experts_compute = ExpertCompute::Gpu;
 };
 
 enum class BackendKind { Cpu, Cuda };

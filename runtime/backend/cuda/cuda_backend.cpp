@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,7 +21,11 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "core/memory.h"
+#include "backend/cpu/host_bandwidth.h"
+#include "backend/cpu/host_experts.h"
 #include "backend/cuda/expert_cache.h"
+#include "backend/offload_cost.h"
+#include "core/thread_pool.h"
 #include "backend/cuda/fp8_gemm.h"
 #include "backend/cuda/launch_recorder.h"
 #include "backend/scratch_arena.h"
@@ -100,7 +105,9 @@ class CudaBackend final : public ArenaBackend {
               return p;
             },
             [](void *p) { cudaFree(p); }, size_t(256) << 20, 256),
-        gemv_{opt.gemv_k_split, opt.gemv_rows_per_warp} {
+        gemv_{opt.gemv_k_split, opt.gemv_rows_per_warp},
+        experts_compute_(opt.experts_compute),
+        n_threads_(opt.n_threads) {
     cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     rec_ = std::make_unique<LaunchRecorder>(stream_);
@@ -526,6 +533,116 @@ class CudaBackend final : public ArenaBackend {
   // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
+    expert_table(experts);
+    if (experts_compute_ != ExpertCompute::Gpu && layer_offloaded(experts)) return moe_split_with_cpu(x, experts, ids, weights, out);
+    moe_on_gpu(x, experts, ids, weights, out);
+  }
+  // Expert offload with the CPU (--experts-on-cpu, --cold-experts-on-cpu): the routing decisions and the
+  // activations come to the host; the cost model (backend/offload_cost.h) sends each expert the step needs to
+  // the GPU (a cache hit, or a copy over PCIe) or to the CPU (HostExperts, read in place from the mapped
+  // checkpoint); the GPU runs its pairs (the CPU's get weight 0 and an expert the GPU runs anyway) while the
+  // CPU runs its own, and the CPU's sum is added on the GPU. A host sync per such layer: this path is bound by
+  // PCIe and DRAM, not by launches.
+  void moe_split_with_cpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
+    const int64_t T = x.rows, K = ids.cols, H = x.cols, E = int64_t(experts.size());
+    const ExpertCache *cache = expert_cache(experts);
+    std::vector<int32_t> hid(size_t(T * K)), slot_of(size_t(E), -1);
+    std::vector<float> hw(size_t(T * K)), hx(size_t(T * H));
+    flush();
+    cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
+    cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
+    cuda_check(cudaMemcpyAsync(hx.data(), x.data, hx.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe activations");
+    if (cache)
+      cuda_check(cudaMemcpyAsync(slot_of.data(), cache->view().slot_of, slot_of.size() * 4, cudaMemcpyDeviceToHost, stream_),
+                 "expert cache slots");
+    sync();
+    // The plan: one need per expert the step routes to.
+    std::vector<int64_t> rows(size_t(E), 0);
+    for (int32_t e : hid) {
+      if (e < 0 || e >= E) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
+      rows[size_t(e)]++;
+    }
+    std::vector<offload::ExpertNeed> needs;
+    std::vector<int32_t> need_expert;
+    for (int64_t e = 0; e < E; e++) {
+      if (!rows[size_t(e)]) continue;
+      const FfnWeights &f = experts[size_t(e)];
+      offload::ExpertNeed n;
+      n.bytes = HostExperts::weight_bytes(f);
+      n.rows = rows[size_t(e)];
+      n.macs_per_row = f.gate.rows * f.gate.cols + f.up.rows * f.up.cols + f.down.rows * f.down.cols;
+      n.cached = cache ? slot_of[size_t(e)] >= 0 : !store_->in_host_.count(f.gate.id);
+      needs.push_back(n);
+      need_expert.push_back(int32_t(e));
+    }
+    const offload::Plan plan = offload::plan_experts(
+        needs, offload_rates(), experts_compute_ == ExpertCompute::AllOnCpu ? offload::CpuMode::All : offload::CpuMode::Auto);
+    std::vector<uint8_t> on_cpu(size_t(E), 0);
+    int32_t gpu_expert = -1;  // an expert the GPU runs anyway: the CPU's pairs point there, with weight 0
+    for (size_t i = 0; i < needs.size(); i++) {
+      if (plan.place[i] == offload::Place::Cpu) on_cpu[size_t(need_expert[i])] = 1;
+      else if (gpu_expert < 0 || plan.place[i] == offload::Place::Hit) gpu_expert = need_expert[i];
+    }
+    counters_.experts_on_cpu += uint64_t(std::count(on_cpu.begin(), on_cpu.end(), uint8_t(1)));
+    if (gpu_expert >= 0) {
+      std::vector<int32_t> gid = hid;
+      std::vector<float> gw = hw;
+      for (size_t i = 0; i < gid.size(); i++)
+        if (on_cpu[size_t(gid[i])]) gid[i] = gpu_expert, gw[i] = 0.0f;
+      Tensor dids = alloc(T, K, DType::I32), dw = alloc(T, K);
+      go(copy_launch, dids.data, static_cast<const void *>(upload_i32(gid)), gid.size() * 4);
+      go(copy_launch, dw.data, static_cast<const void *>(upload_f32(gw)), gw.size() * 4);
+      moe_on_gpu(x, experts, dids, dw, out);
+    } else {
+      go([](cudaStream_t s, void *o, size_t n) { cuda_check(cudaMemsetAsync(o, 0, n, s), "moe out"); }, out.data,
+         size_t(T * H) * sizeof(float));
+    }
+    flush();  // the GPU's share runs while the CPU computes its own
+    if (!host_experts_) host_experts_ = std::make_unique<HostExperts>(n_threads_);
+    std::vector<float> y(size_t(T * H));
+    const auto t0 = std::chrono::steady_clock::now();
+    host_experts_->run(hx.data(), T, H, hid.data(), hw.data(), K, experts, on_cpu.data(), gemm_ != nullptr, y.data());
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (host_experts_->last_weight_bytes() > 0 && dt > 0 && T == 1)  // the decode rate, for the cost model
+      cpu_expert_rate_ = 0.8 * cpu_expert_rate_ + 0.2 * double(host_experts_->last_weight_bytes()) / dt;
+    counters_.expert_bytes_cpu += uint64_t(host_experts_->last_weight_bytes());
+    Tensor dy = alloc(T, H);
+    go(copy_launch, dy.data, static_cast<const void *>(upload_f32(y)), y.size() * 4);
+    go([](cudaStream_t s, float *o, const float *y, int64_t n) { k::add(o, y, n, s); }, out.f32(),
+       static_cast<const float *>(dy.f32()), T * H);
+  }
+  static constexpr auto copy_launch = [](cudaStream_t s, void *dst, const void *src, size_t n) {
+    cuda_check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s), "moe staging");
+  };
+  // Whether some of the layer's routed experts live in host memory (expert offload).
+  bool layer_offloaded(const std::vector<FfnWeights> &experts) const {
+    if (!store_ || experts.empty()) return false;
+    std::lock_guard lk(store_->mu_);
+    for (const FfnWeights &f : experts)
+      if (f.gate.id >= 0 && store_->in_host_.count(f.gate.id)) return true;
+    return false;
+  }
+  // The cost model's rates: PCIe measured once; the CPU's expert rate starts at 60% of the host's measured
+  // DRAM read rate and follows the batch-1 runs it sees.
+  offload::Rates offload_rates() {
+    if (pcie_rate_ <= 0) {
+      pcie_rate_ = host_to_device_bandwidth(device().index);
+      ThreadPool pool(n_threads_);
+      cpu_expert_rate_ = 0.6 * host_read_bandwidth(pool);
+      if (!host_experts_) host_experts_ = std::make_unique<HostExperts>(n_threads_);
+      cpu_flops_ = host_experts_->measure_flops();
+      log(LogLevel::Info, "dsrt: expert offload with the CPU: host->device " + std::to_string(int(pcie_rate_ / 1e9)) +
+                              " GB/s, CPU experts ~" + std::to_string(int(cpu_expert_rate_ / 1e9)) + " GB/s, " +
+                              std::to_string(int(cpu_flops_ / 1e9)) + " GFLOP/s");
+    }
+    offload::Rates r;
+    r.pcie = pcie_rate_;
+    r.cpu_bytes = cpu_expert_rate_;
+    r.cpu_flops = cpu_flops_;
+    r.cpu_overhead = 50e-6;
+    return r;
+  }
+  void moe_on_gpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
     const bool grouped = grouped_moe(experts, T, H, I, K),
                gemv = !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
@@ -1137,7 +1254,12 @@ class CudaBackend final : public ArenaBackend {
     static std::atomic<uint64_t> n{0};
     return ++n;
   }
-  std::map<const void *, std::unique_ptr<ExpertCache>> expert_caches_;  // per MoE layer with expert offload
+  std::map<const void *, std::unique_ptr<ExpertCache>> expert_caches_;
+  // Expert offload with the CPU: where host-resident experts are computed, the CPU kernel, measured rates.
+  const ExpertCompute experts_compute_;
+  const int n_threads_;
+  std::unique_ptr<HostExperts> host_experts_;
+  double pcie_rate_ = 0, cpu_expert_rate_ = 0, cpu_flops_ = 0;  // per MoE layer with expert offload
   unsigned long long *cache_stats_ = nullptr, *cache_stats_host_ = nullptr;  // [kCacheStats] on the device; its
                                                                              // copy after each step (pinned)
   bool profiling_ = false;
