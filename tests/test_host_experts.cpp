@@ -176,6 +176,14 @@ TEST_CASE("host experts: an expert id outside the layer is an internal error") {
   CHECK_THROWS_AS(he.run(s.x.data(), s.T, s.H, s.ids.data(), s.w.data(), s.K, s.experts(), nullptr, false, out.data()), Error);
 }
 
+TEST_CASE("host experts: the measured arithmetic rate is a CPU's (0.1-100 TFLOP/s)") {
+  HostExperts he(2);
+  const double flops = he.measure_flops();
+  MESSAGE("HostExperts compute-bound rate, 2 threads: ", flops / 1e9, " GFLOP/s");
+  CHECK(flops > 1e8);
+  CHECK(flops < 1e14);
+}
+
 // ---- the cost model. Rates in round numbers (bytes 1000 over 1000 B/s = 1 s), so the sums are exact.
 
 namespace {

@@ -200,6 +200,8 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
     std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
                 100.0 * busy);
   }
+  std::printf("  host experts compute-bound: %.1f GFLOP/s (HostExperts::measure_flops, the cost model's cpu_flops)\n",
+              he.measure_flops() / 1e9);
   return 0;
 }
 
