@@ -29,7 +29,8 @@ class HostExperts {
   // ids[t, j], in ascending e; experts[e] with no gate weight (another rank's) count as not chosen. on_cpu: E =
   // experts.size() flags, nullptr = all. fp8_activations: BackendOptions::fp8_activations; as on the GPU, x and the
   // SwiGLU output are rounded to FP8 activations when T (the step's tokens, whatever each expert receives) is at
-  // least kFp8ActivationMinRows. An id outside [0, E) is DSRT_ERR_INTERNAL. Scratch is kept between calls.
+  // least kFp8ActivationMinRows. An id outside [0, E) is DSRT_ERR_INTERNAL. Scratch is kept between calls, so one
+  // run at a time per object; the call blocks until out is written (the caller overlaps it with queued GPU work).
   void run(const float *x, int64_t T, int64_t H, const int32_t *ids, const float *w, int64_t K,
            const std::vector<FfnWeights> &experts, const uint8_t *on_cpu, bool fp8_activations, float *out);
 
