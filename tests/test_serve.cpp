@@ -769,10 +769,12 @@ TEST_CASE("serve: a client that disconnects during a non-stream request cancels 
       body["prompt"] = "Once upon a time";
     }
     auto c = r.client();
-    const double before = metric(c->Get("/metrics")->body, "dsrt_generation_tokens_total");
+    const std::string m0 = c->Get("/metrics")->body;
+    const double before = metric(m0, "dsrt_generation_tokens_total"), steps = metric(m0, "dsrt_engine_steps_total");
     RawClient raw(r.port, path, body.dump());
     REQUIRE(wait_for([&] { return r.srv.active_sessions() == 1; }, 10.0));
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // generating: some tokens are out
+    // Generating: the prefill and two decode steps have run.
+    REQUIRE(wait_for([&] { return metric(c->Get("/metrics")->body, "dsrt_engine_steps_total") >= steps + 3; }, 30.0));
     raw.close();
     const auto closed = std::chrono::steady_clock::now();
     CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
