@@ -794,6 +794,40 @@ TEST_CASE("serve: a client that disconnects during a non-stream request cancels 
   CHECK(metric(m, "dsrt_requests_cancelled_total") == 2);
 }
 
+TEST_CASE("serve: a client that hangs up during its prompt's prefill is cancelled before the first token") {
+  auto o = options();
+  o.ctx = 8192;
+  o.max_batch_tokens = 8;  // a long prefill: hundreds of steps
+  Running r(o);
+  std::string words;
+  for (int i = 0; i < 300; i++) words += "the weather of city " + std::to_string(i) + " is fine; ";
+  json body = chat_body(16);
+  body["messages"][1]["content"] = words;
+  const size_t n_prompt = chat_prompt_tokens(tiny(kTinyServe), body["messages"]);
+  REQUIRE(n_prompt > 2000);
+  REQUIRE(n_prompt < 8000);
+  const size_t prefill_steps = (n_prompt + 7) / 8;
+  for (const bool stream : {false, true}) {
+    INFO("stream ", stream);
+    body["stream"] = stream;
+    body["messages"][1]["content"] = (stream ? "b " : "a ") + words;  // no prefix-cache hit from the first run
+    auto c = r.client();
+    const std::string m0 = c->Get("/metrics")->body;
+    const double before = metric(m0, "dsrt_generation_tokens_total"), steps = metric(m0, "dsrt_engine_steps_total");
+    RawClient raw(r.port, "/v1/chat/completions", body.dump());
+    REQUIRE(wait_for([&] { return metric(c->Get("/metrics")->body, "dsrt_engine_steps_total") >= steps + 2; }, 30.0));
+    raw.close();
+    CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
+    const std::string m = c->Get("/metrics")->body;
+    const double ran = metric(m, "dsrt_engine_steps_total") - steps;
+    INFO("steps run ", ran, " of a ", prefill_steps, "-step prefill");
+    CHECK(ran < double(prefill_steps));
+    CHECK(metric(m, "dsrt_generation_tokens_total") == before);  // no token generated
+    CHECK(m.find("dsrt_kv_pages_used 0") != std::string::npos);
+  }
+  CHECK(metric(r.client()->Get("/metrics")->body, "dsrt_requests_cancelled_total") == 2);
+}
+
 TEST_CASE("serve: /metrics in Prometheus text format") {
   Running &r = shared();
   post(r, "/v1/chat/completions", chat_body(3).dump());

@@ -9,11 +9,13 @@
 #include <cerrno>
 #include <cstdlib>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -86,6 +88,43 @@ void send_error(httplib::Response &res, const ApiError &e) {
   res.set_content(dump(error_body(e)), "application/json");
   if (e.status == 429) res.set_header("Retry-After", "1");
 }
+
+// Polls a response's client while its turn has produced nothing yet (a long prompt's prefill gives no event)
+// and cancels the session when the client is gone. The sink belongs to the provider's thread, which leaves it
+// alone from the watch's start until stop() (the first token, or the turn's end, calls it before anything is
+// written), so the two never use it at once.
+class ClientWatch {
+ public:
+  ClientWatch(httplib::DataSink &sink, dsrt_session *s)
+      : th_([this, &sink, s] {
+          std::unique_lock lk(mu_);
+          while (!cv_.wait_for(lk, std::chrono::milliseconds(20), [this] { return stop_; }))
+            if (!sink.is_writable()) {
+              gone_ = true;
+              dsrt_session_cancel(s);
+              return;
+            }
+        }) {}
+  ~ClientWatch() { stop(); }
+  ClientWatch(const ClientWatch &) = delete;
+  ClientWatch &operator=(const ClientWatch &) = delete;
+  void stop() {
+    if (!th_.joinable()) return;
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    th_.join();
+  }
+  bool gone() const { return gone_; }  // after stop()
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false, gone_ = false;
+  std::thread th_;  // last: starts once the members above exist
+};
 
 }  // namespace
 
@@ -347,12 +386,22 @@ struct Server::Impl {
 
   // Runs the turn to its end; on_token(token, text, logprob) returns false when the client is gone (the session
   // is then cancelled at its next step); logprob is null unless g.logprobs; on_done(text) gets the final flush.
+  // sink: the response's, watched until the first token (ClientWatch), so a client that hangs up during the
+  // prefill is cancelled then and not only at the first token.
   Outcome run(Session &s, Gen &g, const std::function<bool(int32_t, const std::string &, const TokenLogprob *)> &on_token,
-              const std::function<void(const std::string &)> &on_done) {
+              const std::function<void(const std::string &)> &on_done, httplib::DataSink *sink) {
     Outcome o;
     TokenLogprob lp;
     Clock::time_point last{};
     bool cancelled = false;
+    std::optional<ClientWatch> watch;
+    if (sink) watch.emplace(*sink, s.s);
+    auto unwatch = [&] {  // before the sink is used here
+      if (!watch) return;
+      watch->stop();
+      if (watch->gone() && !cancelled) cancelled = o.client_gone = true;
+      watch.reset();
+    };
     while (true) {
       if (!cancelled) {
         bool stop_now;
@@ -374,6 +423,7 @@ struct Server::Impl {
         o.error = dsrt_error(st);
         break;
       }
+      unwatch();
       std::string text(ev.text ? ev.text : "", ev.text ? ev.text_len : 0);
       if (ev.type == DSRT_EVENT_TOKEN) {
         o.completion_tokens++;
@@ -393,6 +443,7 @@ struct Server::Impl {
       if (!cancelled) on_done(text);
       break;
     }
+    unwatch();
     int32_t cached = 0;
     if (dsrt_session_cached_tokens(s.s, &cached) == DSRT_OK) o.cached_tokens = cached;
     if (o.client_gone) metrics.cancelled();
@@ -423,7 +474,7 @@ struct Server::Impl {
           on_token(tok, text, lp);
           return sink.is_writable();
         },
-        on_done);
+        on_done, &sink);
     if (o.client_gone) return false;
     if (o.finish == DSRT_FINISH_ERROR) {
       std::fprintf(stderr, "dsrt serve: generation failed after the response began: %s\n", o.error.c_str());
@@ -573,7 +624,7 @@ struct Server::Impl {
                 if (lp) lps.push_back(*lp);
                 return emit(parser->push(tok, text));
               },
-              [&](const std::string &text) { emit(parser->finish(text)); });
+              [&](const std::string &text) { emit(parser->finish(text)); }, &sink);
           if (o.client_gone || !ok) return false;
           std::string tail;
           if (o.finish == DSRT_FINISH_ERROR) {
@@ -689,7 +740,8 @@ struct Server::Impl {
               },
               [&](const std::string &t) {
                 if (!t.empty()) ok = send(t);
-              });
+              },
+              &sink);
           if (o.client_gone || !ok) return false;
           std::string tail;
           if (o.finish == DSRT_FINISH_ERROR) {
