@@ -97,13 +97,17 @@ class ClientWatch {
  public:
   ClientWatch(httplib::DataSink &sink, dsrt_session *s)
       : th_([this, &sink, s] {
-          std::unique_lock lk(mu_);
-          while (!cv_.wait_for(lk, std::chrono::milliseconds(20), [this] { return stop_; }))
-            if (!sink.is_writable()) {
+          while (true) {
+            {
+              std::unique_lock lk(mu_);
+              if (cv_.wait_for(lk, std::chrono::milliseconds(20), [this] { return stop_; })) return;
+            }
+            if (!sink.is_writable()) {  // unlocked: it may wait (up to the write timeout) for a full socket
               gone_ = true;
               dsrt_session_cancel(s);
               return;
             }
+          }
         }) {}
   ~ClientWatch() { stop(); }
   ClientWatch(const ClientWatch &) = delete;
@@ -483,6 +487,13 @@ struct Server::Impl {
     return true;
   }
 
+  // Frees a finished request's session and then its slot before its last bytes go out: a client that sends its
+  // next request as soon as it has the answer must find them free (else --max-sessions 1 answers it 429).
+  static void release(std::shared_ptr<Session> &session, std::shared_ptr<Slot> &slot) {
+    session.reset();
+    slot.reset();
+  }
+
   static std::string finish_reason(int f, bool calls) {
     switch (f) {
       case DSRT_FINISH_LENGTH:
@@ -548,7 +559,7 @@ struct Server::Impl {
 
     if (!r.stream) {
       res.set_chunked_content_provider(
-          "application/json", [this, g, slot, session, parser, opened, id, name, created_at](size_t, httplib::DataSink &sink) {
+          "application/json", [this, g, slot, session, parser, opened, id, name, created_at](size_t, httplib::DataSink &sink) mutable {
             std::string content, reasoning;
             std::vector<ToolCall> calls;
             auto absorb = [&](const ParsedDelta &d) {
@@ -573,6 +584,7 @@ struct Server::Impl {
             const std::string body = dump(chat_completion(id, created_at, name, content, reasoning, calls,
                                                           finish_reason(o.finish, !calls.empty()), u,
                                                           g->logprobs ? chat_logprobs(lps) : json(nullptr)));
+            release(session, slot);
             if (!sink.write(body.data(), body.size())) return false;
             sink.done();
             return true;
@@ -584,7 +596,7 @@ struct Server::Impl {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, g, slot, session, parser, opened, id, name, created_at, include_usage](size_t, httplib::DataSink &sink) {
+        [this, g, slot, session, parser, opened, id, name, created_at, include_usage](size_t, httplib::DataSink &sink) mutable {
           // Token logprobs wait for the next chunk sent (a token whose text is held back, a marker token), so
           // every token's entry is in exactly one chunk; what is left goes with the finish chunk.
           std::vector<TokenLogprob> lps;
@@ -637,6 +649,7 @@ struct Server::Impl {
                                       Usage{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens}));
           }
           tail += sse_done();
+          release(session, slot);
           if (!sink.write(tail.data(), tail.size())) return false;
           sink.done();
           return true;
@@ -676,7 +689,7 @@ struct Server::Impl {
     const std::string id = random_id("cmpl-"), name = opt.model_name;
     const int64_t created_at = unix_now();
     if (!r.stream) {
-      res.set_chunked_content_provider("application/json", [this, g, slot, session, id, name, created_at, echo](size_t, httplib::DataSink &sink) {
+      res.set_chunked_content_provider("application/json", [this, g, slot, session, id, name, created_at, echo](size_t, httplib::DataSink &sink) mutable {
         std::string text = echo;
         std::vector<TokenLogprob> lps;
         std::vector<int64_t> offsets;  // each token's offset: the characters of the text emitted before it
@@ -696,6 +709,7 @@ struct Server::Impl {
         Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
         const std::string body = dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u,
                                                       g->logprobs ? completion_logprobs(lps, offsets) : json(nullptr)));
+        release(session, slot);
         if (!sink.write(body.data(), body.size())) return false;
         sink.done();
         return true;
@@ -706,7 +720,7 @@ struct Server::Impl {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, g, slot, session, id, name, created_at, include_usage, echo](size_t, httplib::DataSink &sink) {
+        [this, g, slot, session, id, name, created_at, include_usage, echo](size_t, httplib::DataSink &sink) mutable {
           // As in chat: token logprobs go with the next chunk sent, what is left with the finish chunk.
           std::vector<TokenLogprob> lps;
           std::vector<int64_t> offsets;
@@ -752,6 +766,7 @@ struct Server::Impl {
               tail += sse(usage_chunk(id, created_at, name, "text_completion", Usage{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens}));
           }
           tail += sse_done();
+          release(session, slot);
           if (!sink.write(tail.data(), tail.size())) return false;
           sink.done();
           return true;
