@@ -959,6 +959,7 @@ TEST_CASE("expert offload: every budget and cache policy gives bitwise the all-o
         CAPTURE(c.policy);
         CAPTURE(c.compute);
         setenv("DSRT_EXPERT_CACHE", c.policy, 1);
+        setenv("DSRT_OFFLOAD_PCIE_GBS", "0.001", 1);  // copies dear: the cost model sends misses to the CPU
         dsrt_model_params mp;
         dsrt_model_params_init(&mp, sizeof mp);
         mp.backend = DSRT_BACKEND_CUDA;
@@ -1015,6 +1016,7 @@ TEST_CASE("expert offload: every budget and cache policy gives bitwise the all-o
     }
   }
   unsetenv("DSRT_EXPERT_CACHE");
+  unsetenv("DSRT_OFFLOAD_PCIE_GBS");
 }
 
 int main(int argc, char **argv) {

@@ -626,7 +626,10 @@ class CudaBackend final : public ArenaBackend {
   // DRAM read rate and follows the batch-1 runs it sees.
   offload::Rates offload_rates() {
     if (pcie_rate_ <= 0) {
-      pcie_rate_ = host_to_device_bandwidth(device().index);
+      // DSRT_OFFLOAD_PCIE_GBS: the host->device rate the cost model assumes instead of the measured one (a
+      // shared or throttled link; tests make copies dear with it to send experts to the CPU).
+      const char *forced = std::getenv("DSRT_OFFLOAD_PCIE_GBS");
+      pcie_rate_ = forced && std::atof(forced) > 0 ? std::atof(forced) * 1e9 : host_to_device_bandwidth(device().index);
       ThreadPool pool(n_threads_);
       cpu_expert_rate_ = 0.6 * host_read_bandwidth(pool);
       if (!host_experts_) host_experts_ = std::make_unique<HostExperts>(n_threads_);
@@ -676,7 +679,11 @@ class CudaBackend final : public ArenaBackend {
       for (int64_t j = 0; j < K; j++) {
         int32_t e = hid[size_t(t * K + j)];
         if (e < 0 || size_t(e) >= experts.size()) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
-        by_expert[size_t(e)].push_back({int32_t(t), hw[size_t(t * K + j)]});
+        auto &v = by_expert[size_t(e)];
+        // A token twice at one expert (moe_split_with_cpu points the CPU's pairs at a GPU expert, weight 0): one
+        // row with the weights summed, since scatter_add_rows must not see a row twice (its adds would race).
+        if (!v.empty() && v.back().first == int32_t(t)) v.back().second += hw[size_t(t * K + j)];
+        else v.push_back({int32_t(t), hw[size_t(t * K + j)]});
       }
     go([](cudaStream_t s, void *o, size_t n) { cuda_check(cudaMemsetAsync(o, 0, n, s), "moe out"); }, out.data,
        size_t(T * H) * sizeof(float));
