@@ -101,6 +101,7 @@ class CudaBackend final : public ArenaBackend {
     cuda_check(cudaDeviceGetAttribute(&n_sm_, cudaDevAttrMultiProcessorCount, opt.device), "SM count");
   }
   ~CudaBackend() override {
+    cudaSetDevice(device().index);  // (the destroying thread may be bound to another rank's GPU)
     try {
       flush();
     } catch (...) {  // a failing launch at teardown: nothing left to report it to
@@ -130,6 +131,7 @@ class CudaBackend final : public ArenaBackend {
   // A step's work is queued without host syncs; the next step (or a read to the host) waits for it, so the
   // scratch arena and the pinned staging buffer are reused only once the GPU is done with them.
   void begin_step() override {
+    bind_device();
     sync();
     if (gemm_) gemm_->release();
     collect_op_times();
@@ -153,6 +155,7 @@ class CudaBackend final : public ArenaBackend {
 
   // ---- profiling
   void set_profiling(bool on) override {
+    bind_device();
     sync();
     n_timed_ = 0;
     clear_op_times();
@@ -160,6 +163,7 @@ class CudaBackend final : public ArenaBackend {
     rec_->set_deferred(!on);  // per-op events need each launch at once, between its two events
   }
   std::vector<OpTime> op_times() override {
+    bind_device();
     sync();
     collect_op_times();
     return sorted_op_times();
@@ -168,6 +172,7 @@ class CudaBackend final : public ArenaBackend {
   // ---- memory
 
   size_t available_memory() const override {
+    bind_device();
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
       cudaGetLastError();
@@ -179,6 +184,7 @@ class CudaBackend final : public ArenaBackend {
 
   void prepare_weights(DeviceWeightRegistry &registry, const std::vector<const Weight *> &weights,
                        const std::vector<const Weight *> &host_weights) override {
+                         bind_device();
     store_ = std::static_pointer_cast<CudaWeights>(
         registry.get_or_make(device(), [&] { return std::make_shared<CudaWeights>(device().index); }));
     size_t need = 0;
@@ -201,6 +207,7 @@ class CudaBackend final : public ArenaBackend {
     map_host_weights(host_weights);
   }
   void kv_init(const KvCacheSpec &spec) override {
+    bind_device();
     if (spec.dtype != DType::F32 && spec.dtype != DType::BF16)
       failf(DSRT_ERR_UNSUPPORTED, "CUDA backend: latent KV cache in ", dtype_name(spec.dtype), " (F32 or BF16 only)");
     sync();
@@ -214,6 +221,7 @@ class CudaBackend final : public ArenaBackend {
     kv_ = {p, spec.n_layers, spec.width, dev_dtype(spec.dtype)};
   }
   void kv_copy_page(int32_t src, int32_t dst) override {
+    bind_device();
     const size_t pb = spec_.page_bytes();
     char *base = static_cast<char *>(kv_.base);
     flush();
@@ -224,6 +232,7 @@ class CudaBackend final : public ArenaBackend {
   // Session state in fp32 on the host: a BF16 pool's entries are widened (kv_read) or rounded to nearest even
   // (kv_write) on the host, through a staging vector of bf16 rows.
   void kv_read(const int32_t *pages, int64_t n, float *dst) override {
+    bind_device();
     const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
     std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
     char *out = spec_.dtype == DType::BF16 ? reinterpret_cast<char *>(h.data()) : reinterpret_cast<char *>(dst);
@@ -235,6 +244,7 @@ class CudaBackend final : public ArenaBackend {
     for (size_t i = 0; i < h.size(); i++) dst[i] = bf16_to_f32(h[i]);
   }
   void kv_write(const int32_t *pages, int64_t n, const float *src) override {
+    bind_device();
     const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
     std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
     for (size_t i = 0; i < h.size(); i++) h[i] = f32_to_bf16(src[i]);
@@ -508,7 +518,10 @@ class CudaBackend final : public ArenaBackend {
     const auto timer_ = timed("moe_experts", nullptr);
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
     if (grouped_moe(experts, T, H, I, K)) return moe_grouped(x, experts, ids, weights, out);
-    if (T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32) {
+    // Expert parallelism: the experts other ranks hold are absent here (no weights); the device table has no
+    // entry for them, so such a layer takes the reference path below, which skips them.
+    const bool all_here = std::all_of(experts.begin(), experts.end(), [](const FfnWeights &f) { return bool(f.gate); });
+    if (all_here && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32) {
       const k::DevMatrix *tab = expert_table(experts);
       Tensor h = alloc(T * K, I);
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
@@ -536,7 +549,7 @@ class CudaBackend final : public ArenaBackend {
        size_t(T * H) * sizeof(float));
     for (size_t e = 0; e < experts.size(); e++) {
       auto &toks = by_expert[e];
-      if (toks.empty()) continue;
+      if (toks.empty() || !experts[e].gate) continue;  // (absent: another rank's expert, its rows summed there)
       const int64_t n = int64_t(toks.size()), inter = experts[e].gate.rows;
       std::vector<int32_t> rows;
       std::vector<float> w;
@@ -565,6 +578,7 @@ class CudaBackend final : public ArenaBackend {
   static constexpr auto gather_launch = [](cudaStream_t s, const float *x, int64_t cols, const int32_t *rows, int64_t n,
                                           float *o) { k::gather_rows(x, cols, rows, n, o, s); };
   void to_host(Tensor t, float *dst) override {
+    bind_device();
     flush();
     cuda_check(cudaMemcpyAsync(dst, t.data, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyDeviceToHost, stream_),
                "to_host");
@@ -580,6 +594,7 @@ class CudaBackend final : public ArenaBackend {
   // through the CPU sampler on their row copied back: the same error (or token) as the host path.
   bool samples_on_device() const override { return true; }
   std::vector<SampleResult> sample_rows(Tensor logits, const std::vector<SampleRequest> &req) override {
+    bind_device();
     std::vector<SampleResult> out(req.size());
     if (req.empty()) return out;
     const int64_t V = logits.cols;
@@ -679,6 +694,7 @@ class CudaBackend final : public ArenaBackend {
   }
 
   void from_host(Tensor t, const void *src) override {
+    bind_device();
     flush();
     cuda_check(cudaMemcpyAsync(t.data, src, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyHostToDevice, stream_),
                "from_host");
@@ -698,6 +714,16 @@ class CudaBackend final : public ArenaBackend {
     flush();
     cuda_check(cudaStreamSynchronize(stream_), "stream");
   }
+  void *native_stream() override {
+    bind_device();
+    flush();
+    return stream_;
+  }
+  // The CUDA runtime's current device is per host thread, and one thread may drive the backends of several
+  // GPUs (in-process ranks: the step thread sets up every rank's cache between steps). Every entry that
+  // allocates, copies or starts a step binds the calling thread to this backend's device; the ops of a step
+  // run on the thread that called begin_step().
+  void bind_device() const { cuda_check(cudaSetDevice(device().index), "cudaSetDevice"); }
 
  private:
   // The cache entry of position pos in `layer` (width values in the pool's dtype).
