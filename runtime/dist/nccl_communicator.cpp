@@ -54,7 +54,10 @@ class NcclCommunicator final : public Communicator {
   }
   ~NcclCommunicator() override {
     cudaSetDevice(device_);
-    if (group_failed_ && *group_failed_) abort_nccl();  // a rank of this process failed: peers may never come
+    // Ranks of one process are torn down one after another on one thread, so none may wait for its peers:
+    // they are aborted (every collective has completed, so nothing is lost). A rank alone in its process
+    // takes NCCL's ordinary teardown.
+    if (group_failed_) abort_nccl();
     if (!aborted_) {  // every collective has completed (each is waited for): nothing is left to flush
       if (tensor_ && tensor_ != world_) api_.CommDestroy(tensor_);
       if (world_) api_.CommDestroy(world_);

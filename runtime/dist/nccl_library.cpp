@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 
 #include "core/status.h"
 
