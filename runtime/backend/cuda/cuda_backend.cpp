@@ -588,17 +588,33 @@ class CudaBackend final : public ArenaBackend {
     const offload::Plan plan = offload::plan_experts(
         needs, offload_rates(), experts_compute_ == ExpertCompute::AllOnCpu ? offload::CpuMode::All : offload::CpuMode::Auto);
     std::vector<uint8_t> on_cpu(size_t(E), 0);
-    int32_t gpu_expert = -1;  // an expert the GPU runs anyway: the CPU's pairs point there, with weight 0
-    for (size_t i = 0; i < needs.size(); i++) {
+    std::vector<int32_t> on_gpu;  // the experts the GPU runs anyway, hits first
+    for (int pass = 0; pass < 2; pass++)
+      for (size_t i = 0; i < needs.size(); i++)
+        if (plan.place[i] != offload::Place::Cpu && (plan.place[i] == offload::Place::Hit) == (pass == 0))
+          on_gpu.push_back(need_expert[i]);
+    for (size_t i = 0; i < needs.size(); i++)
       if (plan.place[i] == offload::Place::Cpu) on_cpu[size_t(need_expert[i])] = 1;
-      else if (gpu_expert < 0 || plan.place[i] == offload::Place::Hit) gpu_expert = need_expert[i];
+    // The GPU's pairs: the CPU's pairs of a token point at experts the GPU runs anyway that the token does not
+    // route to (weight 0), each at most once per token: the expert kernels take a token's experts as distinct.
+    // A token with too few such experts sends the whole layer to the CPU.
+    std::vector<int32_t> gid = hid;
+    std::vector<float> gw = hw;
+    bool gpu_part = !on_gpu.empty();
+    for (int64_t t = 0; t < T && gpu_part; t++) {
+      int32_t *row = gid.data() + t * K;
+      size_t next = 0;
+      for (int64_t j = 0; j < K && gpu_part; j++) {
+        if (!on_cpu[size_t(row[j])]) continue;
+        while (next < on_gpu.size() && std::find(row, row + K, on_gpu[next]) != row + K) next++;
+        if (next == on_gpu.size()) gpu_part = false;
+        else row[j] = on_gpu[next++], gw[size_t(t * K + j)] = 0.0f;
+      }
     }
+    if (!gpu_part)
+      for (int32_t e : hid) on_cpu[size_t(e)] = 1;
     counters_.experts_on_cpu += uint64_t(std::count(on_cpu.begin(), on_cpu.end(), uint8_t(1)));
-    if (gpu_expert >= 0) {
-      std::vector<int32_t> gid = hid;
-      std::vector<float> gw = hw;
-      for (size_t i = 0; i < gid.size(); i++)
-        if (on_cpu[size_t(gid[i])]) gid[i] = gpu_expert, gw[i] = 0.0f;
+    if (gpu_part) {
       Tensor dids = alloc(T, K, DType::I32), dw = alloc(T, K);
       go(copy_launch, dids.data, static_cast<const void *>(upload_i32(gid)), gid.size() * 4);
       go(copy_launch, dw.data, static_cast<const void *>(upload_f32(gw)), gw.size() * 4);
