@@ -23,6 +23,7 @@
 #include "core/memory.h"
 #include "backend/cpu/host_bandwidth.h"
 #include "backend/cpu/host_experts.h"
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/expert_cache.h"
 #include "backend/offload_cost.h"
 #include "core/thread_pool.h"
@@ -38,13 +39,6 @@ namespace {
 
 namespace k = dsrt::kernels;
 
-void cuda_check(cudaError_t e, const char *what) {
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    failf(DSRT_ERR_OUT_OF_MEMORY, "CUDA: out of device memory (", what, ")");
-  }
-  if (e != cudaSuccess) failf(DSRT_ERR_INTERNAL, "CUDA: ", what, ": ", cudaGetErrorString(e));
-}
 
 int32_t dev_dtype(DType t) {
   switch (t) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "backend/cuda/cuda_check.h"
 #include "core/status.h"
 
 namespace dsrt {
@@ -13,14 +14,6 @@ namespace dsrt {
 namespace k = dsrt::kernels;
 
 namespace {
-
-void check(cudaError_t e, const char *what) {
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    failf(DSRT_ERR_OUT_OF_MEMORY, "CUDA: out of device memory (", what, ")");
-  }
-  if (e != cudaSuccess) failf(DSRT_ERR_INTERNAL, "CUDA: ", what, ": ", cudaGetErrorString(e));
-}
 
 size_t up8(size_t n) { return (n + 7) / 8 * 8; }
 
@@ -46,9 +39,9 @@ ExpertCache::ExpertCache(int32_t n_experts, const std::vector<int32_t> &slot_exp
   std::memcpy(init.data() + o_expert_in, slot_experts.data(), S * 4);
   std::memcpy(init.data() + o_host, host.data(), 3 * E * sizeof(k::DevMatrix));
   std::memcpy(init.data() + o_slots, slot_data.data(), 3 * S * sizeof(void *));
-  check(cudaMalloc(&state_, bytes), "expert cache state");
-  check(cudaMemcpyAsync(state_, init.data(), bytes, cudaMemcpyHostToDevice, stream), "expert cache state");
-  check(cudaStreamSynchronize(stream), "expert cache state");
+  cuda_check(cudaMalloc(&state_, bytes), "expert cache state");
+  cuda_check(cudaMemcpyAsync(state_, init.data(), bytes, cudaMemcpyHostToDevice, stream), "expert cache state");
+  cuda_check(cudaStreamSynchronize(stream), "expert cache state");
   char *b = static_cast<char *>(state_);
   view_.n_experts = n_experts;
   view_.n_slots = int32_t(S);
