@@ -24,20 +24,13 @@ namespace {
 
 using cpu::axpy;
 using cpu::dot;
+using cpu::thread_scratch;
 
 // KV bytes that the live CPU pools of this process may still allocate: a pool promises its whole size at
 // kv_init and hands the promise back page by page as it allocates (from then on the page shows in the
 // system's free memory) and when it is freed. available_memory() subtracts it, so engines sized by
 // kv_memory_fraction share the memory instead of each being given the same free bytes.
 std::atomic<int64_t> g_kv_bytes_promised{0};
-
-// Scratch that grows per thread and is reused.
-float *thread_scratch(size_t n, int slot = 0) {
-  thread_local HostVec<float> bufs[3];
-  HostVec<float> &b = bufs[slot];
-  if (b.size() < n) b.resize(n);
-  return b.data();
-}
 
 class CpuBackend final : public ArenaBackend {
  public:

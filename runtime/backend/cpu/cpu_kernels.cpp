@@ -2,25 +2,31 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cpu/fp8_matmul.h"
 #include "core/dtype.h"
+#include "core/memory.h"
 
 namespace dsrt::cpu {
+
+float *thread_scratch(size_t n, int slot) {
+  thread_local HostVec<float> bufs[kScratchSlots];
+  HostVec<float> &b = bufs[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
 
 void matmul_rows(const Weight &w, const float *x, int64_t m, int64_t ldx, float *out, int64_t ldo, int64_t n0, int64_t n1) {
   if (w.dtype == DType::F8_E4M3) return fp8::matmul_rows(w, x, m, ldx, out, ldo, n0, n1);
   constexpr int64_t kTile = 8;
   const int64_t K = w.cols;
-  thread_local std::vector<float> buf;
-  if (buf.size() < size_t(kTile * K)) buf.resize(size_t(kTile * K));
+  float *buf = thread_scratch(size_t(kTile * K), kMatmulScratchSlot);
   for (int64_t r0 = n0; r0 < n1; r0 += kTile) {
     const int64_t nn = std::min(kTile, n1 - r0);
-    for (int64_t i = 0; i < nn; i++) w.dequant_row(r0 + i, 0, K, buf.data() + i * K);
+    for (int64_t i = 0; i < nn; i++) w.dequant_row(r0 + i, 0, K, buf + i * K);
     for (int64_t t = 0; t < m; t++)
-      for (int64_t i = 0; i < nn; i++) out[t * ldo + r0 + i] = dot(buf.data() + i * K, x + t * ldx, K);
+      for (int64_t i = 0; i < nn; i++) out[t * ldo + r0 + i] = dot(buf + i * K, x + t * ldx, K);
   }
 }
 

@@ -3,6 +3,7 @@
 // the CPU backend and the host expert path (host_experts.h), so that the two compute the same bits.
 #pragma once
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "model/weights.h"
@@ -27,6 +28,13 @@ inline void axpy(float a, const float *x, float *y, int64_t n) {
 
 // SwiGLU's gate: silu(g) u.
 inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
+
+// Scratch that grows per thread and is reused: `slot` (0 .. kScratchSlots - 1) picks one of the thread's
+// buffers, so a caller may hold several at once. In mimalloc's heap (HostVec, core/memory.h) like the rest of
+// dsrt's host scratch. matmul_rows uses kMatmulScratchSlot; its callers use the others.
+constexpr int kScratchSlots = 4;
+constexpr int kMatmulScratchSlot = kScratchSlots - 1;
+float *thread_scratch(size_t n, int slot = 0);
 
 // out[t * ldo + n] = sum_k x[t * ldx + k] W[n, k] for t in [0, m), n in [n0, n1). FP8: fp8::matmul_rows (decoded in
 // registers). BF16/F32: rows dequantised in tiles of 8 (x streamed once per tile), each dotted with every token

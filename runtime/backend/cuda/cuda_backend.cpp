@@ -129,7 +129,7 @@ class CudaBackend final : public ArenaBackend {
     expert_caches_.clear();
     cudaFree(cache_stats_);
     cudaFreeHost(cache_stats_host_);
-    for (auto &[_, t] : expert_tables_) cudaFree(t);
+    for (auto &[_, t] : expert_tables_) cudaFree(t.dev);
     for (auto &[a, b] : events_) {
       cudaEventDestroy(a);
       cudaEventDestroy(b);
@@ -527,8 +527,8 @@ class CudaBackend final : public ArenaBackend {
   // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
-    expert_table(experts);
-    if (experts_compute_ != ExpertCompute::Gpu && layer_offloaded(experts)) return moe_split_with_cpu(x, experts, ids, weights, out);
+    if (experts_compute_ != ExpertCompute::Gpu && expert_table(experts).offloaded)
+      return moe_split_with_cpu(x, experts, ids, weights, out);
     moe_on_gpu(x, experts, ids, weights, out);
   }
   // Expert offload with the CPU (--experts-on-cpu, --cold-experts-on-cpu): the routing decisions and the
@@ -540,16 +540,14 @@ class CudaBackend final : public ArenaBackend {
   void moe_split_with_cpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, E = int64_t(experts.size());
     const ExpertCache *cache = expert_cache(experts);
-    std::vector<int32_t> hid(size_t(T * K)), slot_of(size_t(E), -1);
-    std::vector<float> hw(size_t(T * K)), hx(size_t(T * H));
-    flush();
-    cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
-    cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
-    cuda_check(cudaMemcpyAsync(hx.data(), x.data, hx.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe activations");
-    if (cache)
-      cuda_check(cudaMemcpyAsync(slot_of.data(), cache->view().slot_of, slot_of.size() * 4, cudaMemcpyDeviceToHost, stream_),
-                 "expert cache slots");
-    sync();
+    std::vector<int32_t> slot_of(size_t(E), -1);
+    std::vector<float> hx(size_t(T * H));
+    const HostRouting routing = routing_to_host(ids, weights, [&] {
+      to_host_async(hx.data(), x.data, hx.size() * 4, "moe activations");
+      if (cache) to_host_async(slot_of.data(), cache->view().slot_of, slot_of.size() * 4, "expert cache slots");
+    });
+    const std::vector<int32_t> &hid = routing.ids;
+    const std::vector<float> &hw = routing.weights;
     // The plan: one need per expert the step routes to.
     std::vector<int64_t> rows(size_t(E), 0);
     for (int32_t e : hid) {
@@ -621,17 +619,28 @@ class CudaBackend final : public ArenaBackend {
     go([](cudaStream_t s, float *o, const float *y, int64_t n) { k::add(o, y, n, s); }, out.f32(),
        static_cast<const float *>(dy.f32()), T * H);
   }
+  // The routing decisions on the host, with whatever else the caller's `more` queues (to_host_async), after
+  // one sync: the host paths of the MoE (the reference path, the CPU split) start here.
+  struct HostRouting {
+    std::vector<int32_t> ids;
+    std::vector<float> weights;
+  };
+  template <class More>
+  HostRouting routing_to_host(Tensor ids, Tensor weights, More &&more) {
+    HostRouting r{std::vector<int32_t>(size_t(ids.rows * ids.cols)), std::vector<float>(size_t(weights.rows * weights.cols))};
+    flush();
+    to_host_async(r.ids.data(), ids.data, r.ids.size() * 4, "moe ids");
+    to_host_async(r.weights.data(), weights.data, r.weights.size() * 4, "moe weights");
+    more();
+    sync();
+    return r;
+  }
+  void to_host_async(void *dst, const void *src, size_t n, const char *what) {
+    cuda_check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), what);
+  }
   static constexpr auto copy_launch = [](cudaStream_t s, void *dst, const void *src, size_t n) {
     cuda_check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s), "moe staging");
   };
-  // Whether some of the layer's routed experts live in host memory (expert offload).
-  bool layer_offloaded(const std::vector<FfnWeights> &experts) const {
-    if (!store_ || experts.empty()) return false;
-    std::lock_guard lk(store_->mu_);
-    for (const FfnWeights &f : experts)
-      if (f.gate.id >= 0 && store_->in_host_.count(f.gate.id)) return true;
-    return false;
-  }
   // The cost model's rates: PCIe measured once; the CPU's expert rate starts at 60% of the host's measured
   // DRAM read rate and follows the batch-1 runs it sees.
   offload::Rates offload_rates() {
@@ -659,7 +668,7 @@ class CudaBackend final : public ArenaBackend {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
     const bool grouped = grouped_moe(experts, T, H, I, K),
                gemv = !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
-    const k::DevMatrix *tab = expert_table(experts);
+    const k::DevMatrix *tab = expert_table(experts).dev;
     if (const ExpertCache *c = expert_cache(experts))  // (the GEMV path reads an expert once per token using it)
       go([](cudaStream_t s, const k::ExpertCacheView *v, const int32_t *ids, int64_t n, bool per_pair, int n_sm) {
         k::expert_cache_admit(*v, ids, n, per_pair, n_sm, s);
@@ -675,15 +684,12 @@ class CudaBackend final : public ArenaBackend {
          dev_dtype(experts[0].gate.dtype), h.f32(), out.f32());
       return;
     }
-    std::vector<int32_t> hid(size_t(T * K));
-    std::vector<float> hw(size_t(T * K));
-    flush();
-    cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
-    cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
     std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it
-    cuda_check(cudaMemcpyAsync(now.data(), tab, now.size() * sizeof(k::DevMatrix), cudaMemcpyDeviceToHost, stream_),
-               "moe expert table");
-    sync();
+    const HostRouting routing = routing_to_host(ids, weights, [&] {
+      to_host_async(now.data(), tab, now.size() * sizeof(k::DevMatrix), "moe expert table");
+    });
+    const std::vector<int32_t> &hid = routing.ids;
+    const std::vector<float> &hw = routing.weights;
     std::vector<std::vector<std::pair<int32_t, float>>> by_expert(experts.size());
     for (int64_t t = 0; t < T; t++)
       for (int64_t j = 0; j < K; j++) {
@@ -1087,7 +1093,7 @@ class CudaBackend final : public ArenaBackend {
   }
   void moe_grouped(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts[0].gate.rows, E = int64_t(experts.size());
-    const k::DevMatrix *tab = expert_tables_.at(&experts);
+    const k::DevMatrix *tab = expert_tables_.at(&experts).dev;
     const int64_t chunk = std::min(T, kMoeChunkTokens), last = T - (T - 1) / chunk * chunk;
     const int64_t bytes = std::max(k::moe_grouped_layout(chunk, K, E, H, I).bytes, k::moe_grouped_layout(last, K, E, H, I).bytes);
     Tensor scratch = alloc(1, (bytes + 3) / 4, DType::I32);
@@ -1142,11 +1148,15 @@ class CudaBackend final : public ArenaBackend {
   }
   const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(meta_->put(v.data(), v.size() * 4)); }
 
-  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use). With
-  // expert offload (some of the layer's experts in host memory, some on the device), the table is the GPU
-  // expert cache's (expert_cache.h), whose slots are the device copies; a backend other than the cache's owner
-  // reads every expert of such a layer from host memory instead (the owner's slots change under it).
-  const k::DevMatrix *expert_table(const std::vector<FfnWeights> &experts) {
+  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use), and
+  // whether some of them live in host memory (expert offload). Offloaded, the table is the GPU expert cache's
+  // (expert_cache.h), whose slots are the device copies; a backend other than the cache's owner reads every
+  // expert of such a layer from host memory instead (the owner's slots change under it).
+  struct ExpertTable {
+    k::DevMatrix *dev = nullptr;
+    bool offloaded = false;
+  };
+  const ExpertTable &expert_table(const std::vector<FfnWeights> &experts) {
     auto it = expert_tables_.find(&experts);
     if (it != expert_tables_.end()) return it->second;
     const size_t E = experts.size();
@@ -1186,7 +1196,7 @@ class CudaBackend final : public ArenaBackend {
     cuda_check(cudaMemcpyAsync(d, tab.data(), tab.size() * sizeof(k::DevMatrix), cudaMemcpyHostToDevice, stream_),
                "expert table");
     sync();
-    expert_tables_[&experts] = d;
+    expert_tables_[&experts] = ExpertTable{d, offloaded};
     if (cached) {  // (with no slots too: it counts the misses read in place)
       if (!cache_stats_) {
         cuda_check(cudaMalloc(&cache_stats_, k::kCacheStats * sizeof(unsigned long long)), "expert cache counters");
@@ -1198,7 +1208,7 @@ class CudaBackend final : public ArenaBackend {
       expert_caches_[&experts] = std::make_unique<ExpertCache>(int32_t(E), slot_experts, host, tab, d, *wanted,
                                                                 cache_stats_, stream_);
     }
-    return d;
+    return expert_tables_.at(&experts);
   }
   // The layer's expert cache, if it has one (after expert_table).
   const ExpertCache *expert_cache(const std::vector<FfnWeights> &experts) const {
@@ -1265,7 +1275,7 @@ class CudaBackend final : public ArenaBackend {
   cudaEvent_t step_ev_[2] = {nullptr, nullptr};
   bool step_started_ = false;
   BackendCounters counters_;
-  std::map<const void *, k::DevMatrix *> expert_tables_;
+  std::map<const void *, ExpertTable> expert_tables_;
   const uint64_t serial_ = next_serial();
   static uint64_t next_serial() {
     static std::atomic<uint64_t> n{0};
