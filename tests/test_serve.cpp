@@ -7,7 +7,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -484,8 +486,13 @@ TEST_CASE("serve: bad requests get OpenAI error objects with the right status, n
   CHECK(status == 400);
   CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"logprobs", 6}}.dump(), &status)["error"]["param"] == "logprobs");
   CHECK(status == 400);
-  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"logprobs", 2}, {"echo", true}}.dump(), &status)["error"]["code"] ==
-        "unsupported");
+  CHECK(post(r, "/v1/completions", json{{"prompt", "a"}, {"max_tokens", 0}}.dump(), &status)["error"]["param"] == "max_tokens");
+  CHECK(status == 400);  // (0 only with echo: the prompt scored alone)
+  CHECK(post(r, "/v1/chat/completions", [] {
+          json b = chat_body(1);
+          b["max_tokens"] = 0;
+          return b;
+        }().dump(), &status)["error"]["param"] == "max_tokens");
   CHECK(status == 400);
   // The server still works.
   CHECK(r.client()->Get("/health")->status == 200);
@@ -613,6 +620,125 @@ TEST_CASE("serve: logprobs and top_logprobs in OpenAI's shapes (chat and complet
     CHECK(tokens[i] == cl["tokens"][i]);
     CHECK(values[i] == doctest::Approx(cl["token_logprobs"][i].get<double>()).epsilon(1e-4));
   }
+}
+
+TEST_CASE("serve: echo with logprobs scores the prompt (lm-evaluation-harness's loglikelihood requests)") {
+  Running &r = shared();
+  // 100 token ids: more than the server's scoring chunk, so its rows come from two evaluations.
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 100; i++) ids.push_back(int32_t(3 + (i * 37) % 200));
+  // The reference: the C API's logits of every position, log-softmax in double.
+  Model m(tiny(kTinyServe));
+  Engine e(m);
+  Session s(e, /*logits_all=*/true);
+  CHECK_OK(dsrt_session_append_tokens(s.s, ids.data(), ids.size()));
+  CHECK_OK(dsrt_session_eval(s.s, nullptr));
+  const float *logits = nullptr;
+  size_t rows = 0, V = 0;
+  CHECK_OK(dsrt_session_logits(s.s, &logits, &rows, &V));
+  REQUIRE(rows == ids.size());
+  auto logprob = [&](size_t row, int32_t tok) {
+    const float *x = logits + row * V;
+    double mx = -INFINITY, sum = 0;
+    for (size_t v = 0; v < V; v++) mx = std::max(mx, double(x[v]));
+    for (size_t v = 0; v < V; v++) sum += std::exp(double(x[v]) - mx);
+    return double(x[tok]) - mx - std::log(sum);
+  };
+  auto best = [&](size_t row) {
+    const float *x = logits + row * V;
+    return int32_t(std::max_element(x, x + V) - x);
+  };
+  auto second = [&](size_t row) {
+    const float *x = logits + row * V;
+    const int32_t b = best(row);
+    int32_t s2 = b == 0 ? 1 : 0;
+    for (size_t v = 0; v < V; v++)
+      if (int32_t(v) != b && x[v] > x[s2]) s2 = int32_t(v);
+    return s2;
+  };
+  // A token's text when it is printable ASCII, else "" (this tiny tokenizer has a token per byte: the texts of
+  // bytes that are not UTF-8 on their own all show as U+FFFD, and collide as keys of top_logprobs).
+  auto ascii_text = [&](int32_t id) {
+    char buf[64];
+    size_t n = 0;
+    if (dsrt_token_bytes(m.m, id, buf, sizeof buf, &n) != DSRT_OK || n == 0) return std::string();
+    for (size_t i = 0; i < n; i++)
+      if (buf[i] < 0x20 || buf[i] > 0x7e) return std::string();
+    return std::string(buf, n);
+  };
+
+  // max_tokens 0: the prompt alone, every token but the first with its log-probability and its 2 best.
+  json body = {{"prompt", ids}, {"max_tokens", 0}, {"echo", true}, {"logprobs", 2}, {"temperature", 0}};
+  int status = 0;
+  const json j = post(r, "/v1/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  const json &ch = j["choices"][0];
+  CHECK(ch["finish_reason"] == "length");
+  CHECK(j["usage"]["prompt_tokens"] == ids.size());
+  CHECK(j["usage"]["completion_tokens"] == 0);
+  const json &lp = ch["logprobs"];
+  INFO(lp.dump().substr(0, 2000));
+  REQUIRE(lp["tokens"].size() == ids.size());
+  REQUIRE(lp["token_logprobs"].size() == ids.size());
+  REQUIRE(lp["top_logprobs"].size() == ids.size());
+  REQUIRE(lp["text_offset"].size() == ids.size());
+  CHECK(lp["token_logprobs"][0].is_null());
+  CHECK(lp["top_logprobs"][0].is_null());
+  CHECK(lp["text_offset"][0] == 0);
+  int checked_top = 0;
+  for (size_t i = 1; i < ids.size(); i++) {
+    CAPTURE(i);
+    CHECK(lp["token_logprobs"][i].get<double>() == doctest::Approx(logprob(i - 1, ids[i])).epsilon(1e-5));
+    const json &top = lp["top_logprobs"][i];
+    CHECK(top.size() <= 3);  // the 2 best and the prompt's token
+    CHECK(top.contains(lp["tokens"][i].get<std::string>()));
+    CHECK(lp["text_offset"][i].get<int64_t>() >= lp["text_offset"][i - 1].get<int64_t>());
+    // Where the texts are distinct printable ones, the 2 best are exactly the reference's.
+    const int32_t b1 = best(i - 1), b2 = second(i - 1);
+    const std::string t1 = ascii_text(b1), t2 = ascii_text(b2), tp = ascii_text(ids[i]);
+    if (t1.empty() || t2.empty() || tp.empty() || t1 == t2) continue;
+    checked_top++;
+    REQUIRE(top.contains(t1));
+    REQUIRE(top.contains(t2));
+    CHECK(top[t1].get<double>() == doctest::Approx(logprob(i - 1, b1)).epsilon(1e-5));
+    CHECK(top[t2].get<double>() == doctest::Approx(logprob(i - 1, b2)).epsilon(1e-5));
+    CHECK(top.size() == (tp == t1 || tp == t2 ? 2u : 3u));
+  }
+  CHECK(checked_top >= 10);
+
+  // With a completion: the prompt's entries, then the generated tokens' (lm-eval reads [ctxlen:-1]).
+  body["max_tokens"] = 3;
+  body["ignore_eos"] = true;
+  const json j3 = post(r, "/v1/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  const json &lp3 = j3["choices"][0]["logprobs"];
+  REQUIRE(lp3["tokens"].size() == ids.size() + 3);
+  CHECK(j3["usage"]["completion_tokens"] == 3);
+  for (size_t i = 0; i < ids.size(); i++) {
+    CHECK(lp3["tokens"][i] == lp["tokens"][i]);
+    if (i) CHECK(lp3["token_logprobs"][i].get<double>() == doctest::Approx(lp["token_logprobs"][i].get<double>()).epsilon(1e-6));
+  }
+  // The first generated token is greedy: the best of the last prompt row.
+  CHECK(lp3["token_logprobs"][ids.size()].get<double>() == doctest::Approx(logprob(ids.size() - 1, best(ids.size() - 1))).epsilon(1e-5));
+  for (size_t i = ids.size(); i < ids.size() + 3; i++) CHECK(lp3["token_logprobs"][i].is_number());
+
+  // Streamed: the echoed text's chunk carries the prompt's entries; the generated tokens' follow.
+  body["stream"] = true;
+  std::vector<json> entries;
+  std::string text;
+  for (const auto &ev : sse_events(r.client()->Post("/v1/completions", body.dump(), "application/json")->body)) {
+    if (ev == "[DONE]") continue;
+    const json k = json::parse(ev);
+    text += k["choices"][0]["text"].get<std::string>();
+    const json &l = k["choices"][0]["logprobs"];
+    if (l.is_null()) continue;
+    for (size_t i = 0; i < l["tokens"].size(); i++) entries.push_back(l["token_logprobs"][i]);
+  }
+  REQUIRE(entries.size() == ids.size() + 3);
+  CHECK(entries[0].is_null());
+  for (size_t i = 1; i < entries.size(); i++)
+    CHECK(entries[i].get<double>() == doctest::Approx(lp3["token_logprobs"][i].get<double>()).epsilon(1e-6));
+  CHECK(text == j3["choices"][0]["text"]);
 }
 
 TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key; /health stays open") {

@@ -115,10 +115,10 @@ std::string string_field(const json &o, const char *key, const std::string &para
   return v->get<std::string>();
 }
 
-void parse_sampling(const json &b, SamplingRequest &r) {
+void parse_sampling(const json &b, SamplingRequest &r, int64_t min_tokens = 1) {
   r.model = string_field(b, "model", "model");
-  auto mt = integer(b, "max_completion_tokens", 1, INT32_MAX);
-  if (!mt) mt = integer(b, "max_tokens", 1, INT32_MAX);
+  auto mt = integer(b, "max_completion_tokens", min_tokens, INT32_MAX);
+  if (!mt) mt = integer(b, "max_tokens", min_tokens, INT32_MAX);
   r.max_tokens = mt;
   r.temperature = number(b, "temperature", 0.0, 2.0);
   r.top_p = number(b, "top_p", 0.0, 1.0, /*lo_open=*/true);
@@ -338,7 +338,8 @@ ChatRequest parse_chat_request(const json &b) {
 
 CompletionRequest parse_completion_request(const json &b) {
   CompletionRequest r;
-  parse_sampling(b, r);
+  // max_tokens 0 with echo scores the prompt alone (lm-evaluation-harness's loglikelihood requests, as vLLM).
+  parse_sampling(b, r, boolean(b, "echo", false) ? 0 : 1);
   const json *p = field(b, "prompt");
   if (!p) throw ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter");
   auto token_list = [&](const json &a) {
@@ -374,8 +375,6 @@ CompletionRequest parse_completion_request(const json &b) {
     if (!lp->is_number_integer() || lp->get<int64_t>() < 0 || lp->get<int64_t>() > 5) bad("logprobs", "expected an integer in [0, 5]");
     r.logprobs = true;
     r.top_logprobs = lp->get<int64_t>();
-    if (r.echo)
-      throw ApiError(400, "'logprobs' with 'echo' is not supported (the prompt tokens' log-probabilities)", "logprobs", "unsupported");
   }
   return r;
 }
@@ -415,13 +414,18 @@ json completion_logprobs(const std::vector<TokenLogprob> &lp, const std::vector<
   for (size_t i = 0; i < lp.size(); i++) {
     const auto &t = lp[i];
     tokens.push_back(t.token);
+    offs.push_back(i < offsets.size() ? offsets[i] : 0);
+    if (t.none) {  // the prompt's first token: nothing predicts it
+      lps.push_back(nullptr);
+      tops.push_back(nullptr);
+      continue;
+    }
     lps.push_back(finite_logprob(t.logprob));
     json top = json::object();
     for (const auto &a : t.top)
       if (!top.contains(a.token)) top[a.token] = finite_logprob(a.logprob);
     if (!top.contains(t.token)) top[t.token] = finite_logprob(t.logprob);
     tops.push_back(top);
-    offs.push_back(i < offsets.size() ? offsets[i] : 0);
   }
   return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
 }

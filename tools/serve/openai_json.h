@@ -98,12 +98,14 @@ struct TokenLogprob {
   std::string token;
   double logprob = 0;
   std::vector<Alt> top;
+  bool none = false;  // no log-probability: the first token of an echoed prompt (null in the response)
 };
 // Chat's choice "logprobs": {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": null}.
 json chat_logprobs(const std::vector<TokenLogprob> &lp);
 // Completions' choice "logprobs": {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"};
 // each top_logprobs object holds the alternatives and the sampled token (OpenAI: up to logprobs + 1 entries).
-// offsets: each token's character offset in the choice's text.
+// offsets: each token's character offset in the choice's text. An entry with `none` (an echoed prompt's first
+// token) has null in token_logprobs and top_logprobs.
 json completion_logprobs(const std::vector<TokenLogprob> &lp, const std::vector<int64_t> &offsets);
 
 // "stop" | "length" | "tool_calls" | ... as OpenAI spells them. logprobs: the choice's (null when not asked).

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -245,11 +246,12 @@ struct Server::Impl {
   struct Session {
     Impl &srv;
     dsrt_session *s = nullptr;
-    Session(Impl &i, uint64_t seed) : srv(i) {
+    Session(Impl &i, uint64_t seed, bool logits_all = false) : srv(i) {
       dsrt_session_params sp;
       dsrt_session_params_init(&sp, sizeof sp);
       sp.max_ctx = srv.ctx;
       sp.seed = seed;
+      sp.logits_all = logits_all ? 1 : 0;
       dsrt_status st = dsrt_session_create(srv.engine, &sp, &s);
       if (st != DSRT_OK) throw ApiError(500, "cannot create a session: " + dsrt_error(st));
       std::lock_guard lk(srv.mu);
@@ -283,6 +285,10 @@ struct Server::Impl {
     uint64_t seed = 0;
     bool logprobs = false;  // each token's log-probability (dsrt_session_token_logprobs) ...
     size_t top_logprobs = 0;  // ... and this many alternatives
+    bool score_prompt = false;  // completions' echo with logprobs: the prompt tokens' log-probabilities too
+    bool no_turn = false;       // max_tokens 0 (with echo): the prompt is scored, nothing is generated
+    std::vector<TokenLogprob> prompt_logprobs;  // (score_prompt) one per prompt token, the first without
+    std::vector<int64_t> prompt_offsets;        // each prompt token's character offset in the echoed text
     Clock::time_point arrival = Clock::now();
   };
 
@@ -350,18 +356,82 @@ struct Server::Impl {
     g.top_logprobs = size_t(std::max<int64_t>(r.top_logprobs, 0));
   }
 
-  // Creates the session, appends the prompt and starts the turn; errors here are still HTTP errors.
+  // Creates the session, appends the prompt (scoring it when g.score_prompt) and starts the turn (none when
+  // g.no_turn); errors here are still HTTP errors.
   std::unique_ptr<Session> start(Gen &g) {
-    auto s = std::make_unique<Session>(*this, g.seed);
+    auto s = std::make_unique<Session>(*this, g.seed, g.score_prompt);
     dsrt_status st = g.logprobs ? dsrt_session_keep_logprobs(s->s, 1) : DSRT_OK;
     if (st != DSRT_OK) throw ApiError(500, "cannot keep logprobs: " + dsrt_error(st));
-    st = dsrt_session_append_tokens(s->s, g.prompt.data(), g.prompt.size());
-    if (st == DSRT_ERR_CONTEXT_FULL) throw ApiError(400, "the prompt does not fit the context: " + dsrt_error(st), "messages", "context_length_exceeded");
-    if (st != DSRT_OK) throw ApiError(400, "cannot append the prompt: " + dsrt_error(st));
+    if (g.score_prompt) {
+      score_prompt(*s, g);
+    } else {
+      append_prompt(*s, g.prompt.data(), g.prompt.size());
+    }
+    if (g.no_turn) return s;
     st = dsrt_session_start(s->s, &g.gp);
     if (st == DSRT_ERR_INVALID_ARGUMENT) throw ApiError(400, dsrt_error(st));
     if (st != DSRT_OK) throw ApiError(500, "cannot start generating: " + dsrt_error(st));
     return s;
+  }
+
+  // The character offset of the first generated token: after the echoed text, or after the prompt tokens'
+  // own texts when the prompt was scored (its offsets count those).
+  static int64_t prompt_chars(const Gen &g, const std::string &echo) {
+    if (g.prompt_offsets.empty()) return utf8_chars(echo);
+    return g.prompt_offsets.back() + utf8_chars(g.prompt_logprobs.back().token);
+  }
+
+  void append_prompt(Session &s, const int32_t *ids, size_t n) {
+    const dsrt_status st = dsrt_session_append_tokens(s.s, ids, n);
+    if (st == DSRT_ERR_CONTEXT_FULL) throw ApiError(400, "the prompt does not fit the context: " + dsrt_error(st), "messages", "context_length_exceeded");
+    if (st != DSRT_OK) throw ApiError(400, "cannot append the prompt: " + dsrt_error(st));
+  }
+
+  // Echo with logprobs: evaluates the prompt in a session made with logits_all, kScoreChunk tokens at a time
+  // (an evaluation's logits stay in the session: kScoreChunk rows of n_vocab floats, not the whole prompt's),
+  // and gives every prompt token after the first the log-softmax of the raw logits row before it, with the
+  // g.top_logprobs best alternatives — as dsrt_session_token_logprobs gives a sampled token (before bias,
+  // penalties and temperature). Offsets count the tokens' own texts (as vLLM's text_offset).
+  void score_prompt(Session &s, Gen &g) {
+    constexpr size_t kScoreChunk = 64;
+    const std::vector<int32_t> &p = g.prompt;
+    g.prompt_logprobs.assign(p.size(), TokenLogprob{});
+    g.prompt_offsets.assign(p.size(), 0);
+    int64_t chars = 0;
+    for (size_t i = 0; i < p.size(); i++) {
+      g.prompt_logprobs[i].token = token_text(model, p[i]);
+      g.prompt_offsets[i] = chars;
+      chars += utf8_chars(g.prompt_logprobs[i].token);
+    }
+    g.prompt_logprobs[0].none = true;
+    std::vector<int32_t> ids;
+    for (size_t at = 0; at < p.size(); at += kScoreChunk) {
+      const size_t n = std::min(kScoreChunk, p.size() - at);
+      append_prompt(s, p.data() + at, n);
+      dsrt_status st = dsrt_session_eval(s.s, nullptr);
+      if (st != DSRT_OK) throw ApiError(500, "cannot evaluate the prompt: " + dsrt_error(st), "", "", "server_error");
+      const float *logits = nullptr;
+      size_t rows = 0, V = 0;
+      st = dsrt_session_logits(s.s, &logits, &rows, &V);
+      if (st != DSRT_OK || rows != n) throw ApiError(500, "cannot read the prompt's logits: " + dsrt_error(st), "", "", "server_error");
+      for (size_t j = 0; j < n && at + j + 1 < p.size(); j++) {
+        const float *x = logits + j * V;
+        TokenLogprob &out = g.prompt_logprobs[at + j + 1];
+        float mx = -INFINITY;
+        for (size_t v = 0; v < V; v++) mx = std::max(mx, x[v]);
+        double sum = 0.0;
+        for (size_t v = 0; v < V; v++) sum += std::exp(double(x[v]) - double(mx));
+        const double lse = double(mx) + std::log(sum);
+        out.logprob = double(x[size_t(p[at + j + 1])]) - lse;
+        const size_t k = std::min(g.top_logprobs, V);
+        if (k == 0) continue;
+        ids.resize(V);
+        for (size_t v = 0; v < V; v++) ids[v] = int32_t(v);
+        std::partial_sort(ids.begin(), ids.begin() + std::ptrdiff_t(k), ids.end(),
+                          [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
+        for (size_t i = 0; i < k; i++) out.top.push_back({token_text(model, ids[i]), double(x[ids[i]]) - lse});
+      }
+    }
   }
 
   struct Outcome {
@@ -668,6 +738,8 @@ struct Server::Impl {
       g->prompt = tokenize(r.prompt, DSRT_TOKENIZE_ADD_SPECIAL | DSRT_TOKENIZE_PARSE_SPECIAL);
     }
     prepare(r, *g);
+    g->score_prompt = r.echo && r.logprobs;
+    g->no_turn = r.max_tokens && *r.max_tokens == 0;  // (the parser allows 0 only with echo)
     std::string echo;
     if (r.echo) {
       if (r.prompt_is_tokens) {
@@ -691,21 +763,24 @@ struct Server::Impl {
     if (!r.stream) {
       res.set_chunked_content_provider("application/json", [this, g, slot, session, id, name, created_at, echo](size_t, httplib::DataSink &sink) mutable {
         std::string text = echo;
-        std::vector<TokenLogprob> lps;
-        std::vector<int64_t> offsets;  // each token's offset: the characters of the text emitted before it
-        int64_t chars = utf8_chars(text);
+        std::vector<TokenLogprob> lps = g->prompt_logprobs;
+        std::vector<int64_t> offsets = g->prompt_offsets;  // each token's offset: the characters before it
+        int64_t chars = prompt_chars(*g, text);
         Outcome o;
-        if (!run_for_client(*session, *g, sink, o,
-                            [&](int32_t, const std::string &t, const TokenLogprob *lp) {
-                              if (lp) {
-                                lps.push_back(*lp);
-                                offsets.push_back(chars);
-                              }
-                              text += t;
-                              chars += utf8_chars(t);
-                            },
-                            [&](const std::string &t) { text += t; }))
+        if (g->no_turn) {
+          o.finish = DSRT_FINISH_LENGTH;
+        } else if (!run_for_client(*session, *g, sink, o,
+                                   [&](int32_t, const std::string &t, const TokenLogprob *lp) {
+                                     if (lp) {
+                                       lps.push_back(*lp);
+                                       offsets.push_back(chars);
+                                     }
+                                     text += t;
+                                     chars += utf8_chars(t);
+                                   },
+                                   [&](const std::string &t) { text += t; })) {
           return false;
+        }
         Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
         const std::string body = dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u,
                                                       g->logprobs ? completion_logprobs(lps, offsets) : json(nullptr)));
@@ -722,9 +797,9 @@ struct Server::Impl {
         "text/event-stream",
         [this, g, slot, session, id, name, created_at, include_usage, echo](size_t, httplib::DataSink &sink) mutable {
           // As in chat: token logprobs go with the next chunk sent, what is left with the finish chunk.
-          std::vector<TokenLogprob> lps;
-          std::vector<int64_t> offsets;
-          int64_t chars = utf8_chars(echo);
+          std::vector<TokenLogprob> lps = g->prompt_logprobs;  // (with echo: they go with the echoed text)
+          std::vector<int64_t> offsets = g->prompt_offsets;
+          int64_t chars = prompt_chars(*g, echo);
           auto take_logprobs = [&]() -> json {
             if (lps.empty()) return nullptr;
             json j = completion_logprobs(lps, offsets);
@@ -736,13 +811,15 @@ struct Server::Impl {
             const std::string s = sse(text_chunk(id, created_at, name, text, nullptr, include_usage, take_logprobs()));
             return sink.write(s.data(), s.size());
           };
-          if (!echo.empty() && !send(echo)) {
+          if ((!echo.empty() || !lps.empty()) && !send(echo)) {
             dsrt_session_cancel(session->s);
             metrics.cancelled();
             return false;
           }
           bool ok = true;
-          Outcome o = run(
+          Outcome o;
+          if (g->no_turn) o.finish = DSRT_FINISH_LENGTH;
+          else o = run(
               *session, *g,
               [&](int32_t, const std::string &t, const TokenLogprob *lp) {
                 if (lp) {
