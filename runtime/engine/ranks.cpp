@@ -230,6 +230,7 @@ void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, co
 void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out, Tensor *logits_tensor_out) {
   Rank &r = ranks_[0];
   if (logits_tensor_out && world() > 1) fail(DSRT_ERR_INTERNAL, "logits stay on the device with one rank only");
+  step.check(DSRT_ERR_INTERNAL, "rank group forward");  // (the caller's mistake: the group stays usable)
   try {
     if (world() > 1) {
       std::string bytes = message(Msg::Forward) + step.encode();

@@ -144,12 +144,12 @@ TEST_CASE("NCCL world of 1: a rank group's logits equal the plain CUDA backend's
       for (int step = 0; step < 2; step++) {
         Step st;
         const int32_t n_past = step ? 80 : 0, n_new = step ? 1 : 80;
+        const int32_t pages[2] = {2, 0};
+        st.batch.add_seq(n_new, n_past, pages, 2);  // before its rows: they start at the batch's current end
         for (int32_t i = 0; i < n_new; i++) {
           st.batch.tokens.push_back(step ? 7 : prompt[size_t(i)]);
           st.batch.positions.push_back(n_past + i);
         }
-        const int32_t pages[2] = {2, 0};
-        st.batch.add_seq(n_new, n_past, pages, 2);
         st.logit_rows = {n_new - 1};
         std::vector<float> l(static_cast<size_t>(V));
         g.forward(st, l.data());
