@@ -173,7 +173,14 @@ typedef struct dsrt_model_params {
                                  lie in is pinned). dsrt inspect --placement shows the split. */
   float device_memory_fraction; /* (0, 1]: the weights may take this share of the device's free memory at load
                                    (instead of device_memory); 0 = off */
+  int32_t experts_compute;    /* DSRT_EXPERTS_*: where routed experts in host memory are computed (CUDA) */
 } dsrt_model_params;
+
+/* dsrt_model_params.experts_compute, with expert offload on a GPU: */
+#define DSRT_EXPERTS_GPU 0         /* default: on the GPU, from its expert cache or read over PCIe */
+#define DSRT_EXPERTS_COLD_ON_CPU 1 /* each step, a cost model sends the missed experts to the GPU (over PCIe) or
+                                      to the CPU (read from host memory), whichever finishes sooner */
+#define DSRT_EXPERTS_ON_CPU 2      /* every routed expert on the CPU, none on the GPU (llama.cpp's -ot exps=CPU) */
 
 DSRT_API void dsrt_model_params_init(dsrt_model_params *p, size_t size);
 /* dir: a checkpoint directory as published (config.json, model.safetensors.index.json + shards, or a
@@ -263,6 +270,13 @@ typedef struct dsrt_engine_stats {
                                  results back on the host; lags one step); 0 on the CPU */
   uint64_t graph_replays;     /* CUDA: step segments replayed from a CUDA graph ... */
   uint64_t graph_captures;    /* ... and captured into one (a segment is captured the second time it is seen) */
+  /* Expert offload's GPU expert cache (CUDA, DSRT_EXPERT_CACHE), summed over MoE layers and steps; lags a step: */
+  uint64_t expert_hits;       /* routed experts a step needed that were in a device slot ... */
+  uint64_t expert_misses;     /* ... or were not (each counted once per layer and step) */
+  uint64_t expert_bytes_copied;       /* bytes copied from host memory into slots over PCIe */
+  uint64_t expert_bytes_read_in_host; /* bytes the expert kernels read in place from host memory (estimated) */
+  uint64_t experts_on_cpu;    /* routed experts computed on the CPU (DSRT_EXPERTS_ON_CPU, _COLD_ON_CPU) ... */
+  uint64_t expert_bytes_cpu;  /* ... and their weight bytes */
 } dsrt_engine_stats;
 
 DSRT_API void dsrt_engine_params_init(dsrt_engine_params *p, size_t size);

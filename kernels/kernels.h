@@ -183,6 +183,32 @@ void moe_experts_grouped(const float *x, int64_t T, int64_t H, int64_t I, const 
                          int64_t E, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, void *scratch,
                          float *out, cudaStream_t s);
 
+// ---- expert_cache.cu: expert offload's GPU cache of a MoE layer (policies in the file's header). The state
+// arrays live in device memory and persist across calls; table [3E] is what the expert kernels read.
+enum ExpertCachePolicy : int32_t { kExpertCacheLru = 0, kExpertCacheLfu = 1 };
+enum ExpertCacheStat : int32_t { kCacheHits = 0, kCacheMisses, kCacheCopiedBytes, kCacheHostReadBytes, kCacheStats };
+struct ExpertCacheView {
+  int32_t n_experts = 0, n_slots = 0;
+  int32_t policy = kExpertCacheLfu;
+  float decay = 0.9f;                // LFU: use counts x decay per call
+  int64_t matrix_bytes = 0;          // bytes of each of an expert's three matrices (one shape, one dtype)
+  int32_t *slot_of = nullptr;        // [E] the slot holding expert e, or -1
+  int32_t *expert_in = nullptr;      // [S] the expert in slot s, or -1
+  uint32_t *stamp = nullptr;         // [S] the call that last used slot s
+  float *freq = nullptr;             // [E] decayed rows routed to expert e
+  uint32_t *clock = nullptr;         // [1] calls so far
+  int32_t *copies = nullptr;         // [1 + 2E] this call's admissions: count, then (expert, slot) pairs
+  DevMatrix *table = nullptr;        // [3E] gate[E], up[E], down[E]: a slot's bytes, or the host-mapped ones
+  const DevMatrix *host = nullptr;   // [3E] the experts' host-mapped bytes (and device block scales)
+  void *const *slot_data = nullptr;  // [3S] the slots' device buffers (gate, up, down)
+  unsigned long long *stats = nullptr;  // [kCacheStats] totals: unique experts hit / missed per call, bytes
+                                        // copied into slots, bytes the kernels read in place (estimated)
+};
+// After the router, before the expert kernels: ids [n_ids] are this call's (token, slot) expert ids;
+// reads_per_pair: the expert kernel reads an expert once per pair (GEMV path) rather than once per call.
+void expert_cache_admit(const ExpertCacheView &c, const int32_t *ids, int64_t n_ids, bool reads_per_pair, int n_sm,
+                        cudaStream_t s);
+
 // ---- sampling.cu: one token per row of a batch of logits rows, every row in one launch: engine/sampler.cpp's
 // sampler on the device (logit bias, repetition/presence/frequency penalties, bans, temperature, top-k, top-p,
 // min-p, then the draw with a uniform u the host drew from the session's stream). Greedy rows take the first id

@@ -72,6 +72,16 @@ Running &shared() {
   return r;
 }
 
+// One with room for tool definitions: the tiny tokenizer spends a token on nearly every byte of them.
+Running &shared_tools() {
+  static Running r([] {
+    auto o = options();
+    o.ctx = 2048;
+    return o;
+  }());
+  return r;
+}
+
 json post(const Running &r, const std::string &path, const std::string &body, int *status = nullptr,
           const httplib::Headers &h = {}) {
   auto c = r.client();
@@ -630,8 +640,8 @@ TEST_CASE("serve: --api-key: 401 with OpenAI's error without or with a wrong key
 TEST_CASE("serve: 32 concurrent streaming clients each get exactly the chunks a lone run gives them") {
   // Its own server: the shared one allows 16 sessions. 32 clients, a few tokens each, so the test stays short
   // on a 2-core CI box while every step still batches many sequences.
-  // Room for 64: a client has its whole response a moment before the server frees that request's session, so
-  // the last lone request's session may still be held when the 32 arrive (seen as a 429 on a loaded box).
+  // Room for 64, more than the 32 need (a request's session is freed before its last bytes go out, so the lone
+  // requests' sessions are gone when the 32 arrive; the margin costs nothing).
   auto o = options();
   o.max_sessions = 64;
   Running r(o);
@@ -738,6 +748,97 @@ TEST_CASE("serve: --max-sessions gives 429 with Retry-After; a client that disco
   CHECK(c->Post("/v1/chat/completions", chat_body(2).dump(), "application/json")->status == 200);
 }
 
+// A counter or gauge of /metrics text ("name value" line), -1 when absent.
+double metric(const std::string &text, const std::string &name) {
+  const std::string key = "\n" + name + " ";
+  const size_t at = text.find(key);
+  return at == std::string::npos ? -1 : std::stod(text.substr(at + key.size()));
+}
+
+TEST_CASE("serve: a client that disconnects during a non-stream request cancels its session at the next step") {
+  auto o = options();
+  o.max_sessions = 1;
+  o.ctx = 8192;
+  Running r(o);
+  const int max_tokens = 8000;
+  for (const char *path : {"/v1/chat/completions", "/v1/completions"}) {
+    INFO(path);
+    json body = chat_body(max_tokens);
+    if (std::string(path) == "/v1/completions") {
+      body.erase("messages");
+      body["prompt"] = "Once upon a time";
+    }
+    auto c = r.client();
+    const std::string m0 = c->Get("/metrics")->body;
+    const double before = metric(m0, "dsrt_generation_tokens_total"), steps = metric(m0, "dsrt_engine_steps_total");
+    RawClient raw(r.port, path, body.dump());
+    REQUIRE(wait_for([&] { return r.srv.active_sessions() == 1; }, 10.0));
+    // Generating: the prefill and two decode steps have run.
+    REQUIRE(wait_for([&] { return metric(c->Get("/metrics")->body, "dsrt_engine_steps_total") >= steps + 3; }, 30.0));
+    raw.close();
+    const auto closed = std::chrono::steady_clock::now();
+    CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - closed).count();
+    const std::string m = c->Get("/metrics")->body;
+    const double generated = metric(m, "dsrt_generation_tokens_total") - before;
+    INFO("generated ", generated, " tokens, freed ", seconds, " s after the hang-up");
+    // Cancelled, not run to max_tokens (the tiny model takes far longer than the test waits for 8000 tokens).
+    CHECK(generated > 0);
+    CHECK(generated < max_tokens);
+    CHECK(m.find("dsrt_kv_pages_used 0") != std::string::npos);
+    // The freed slot serves the next request.
+    body["max_tokens"] = 2;
+    CHECK(c->Post(path, body.dump(), "application/json")->status == 200);
+  }
+  const std::string m = r.client()->Get("/metrics")->body;
+  CHECK(metric(m, "dsrt_requests_cancelled_total") == 2);
+  // With one session, requests sent back to back each as soon as the last answer is in are all served: a
+  // request frees its session before its last bytes go out.
+  auto c = r.client();
+  for (int i = 0; i < 40; i++) {
+    INFO("request ", i);
+    const auto res = c->Post(i % 2 ? "/v1/completions" : "/v1/chat/completions",
+                             i % 2 ? json{{"prompt", "Once"}, {"max_tokens", 1}, {"stream", i % 4 == 1}}.dump() : chat_body(1, i % 4 == 0).dump(),
+                             "application/json");
+    REQUIRE(res);
+    CHECK(res->status == 200);
+  }
+}
+
+TEST_CASE("serve: a client that hangs up during its prompt's prefill is cancelled before the first token") {
+  auto o = options();
+  o.ctx = 8192;
+  o.max_batch_tokens = 8;  // a long prefill: hundreds of steps
+  Running r(o);
+  std::string words;
+  for (int i = 0; i < 300; i++) words += "the weather of city " + std::to_string(i) + " is fine; ";
+  json body = chat_body(16);
+  body["messages"][1]["content"] = words;
+  const size_t n_prompt = chat_prompt_tokens(tiny(kTinyServe), body["messages"]);
+  REQUIRE(n_prompt > 2000);
+  REQUIRE(n_prompt < 8000);
+  const size_t prefill_steps = (n_prompt + 7) / 8;
+  for (const bool stream : {false, true}) {
+    INFO("stream ", stream);
+    body["stream"] = stream;
+    body["messages"][1]["content"] = (stream ? "b " : "a ") + words;  // no prefix-cache hit from the first run
+    auto c = r.client();
+    const std::string m0 = c->Get("/metrics")->body;
+    const double before = metric(m0, "dsrt_generation_tokens_total"), steps = metric(m0, "dsrt_engine_steps_total");
+    RawClient raw(r.port, "/v1/chat/completions", body.dump());
+    REQUIRE(wait_for([&] { return metric(c->Get("/metrics")->body, "dsrt_engine_steps_total") >= steps + 2; }, 30.0));
+    raw.close();
+    CHECK(wait_for([&] { return r.srv.active_sessions() == 0; }, 10.0));
+    const std::string m = c->Get("/metrics")->body;
+    const double ran = metric(m, "dsrt_engine_steps_total") - steps;
+    INFO("steps run ", ran, " of a ", prefill_steps, "-step prefill");
+    CHECK(ran < double(prefill_steps));
+    CHECK(metric(m, "dsrt_generation_tokens_total") == before);  // no token generated
+    CHECK(m.find("dsrt_kv_pages_used 0") != std::string::npos);
+  }
+  CHECK(metric(r.client()->Get("/metrics")->body, "dsrt_requests_cancelled_total") == 2);
+}
+
 TEST_CASE("serve: /metrics in Prometheus text format") {
   Running &r = shared();
   post(r, "/v1/chat/completions", chat_body(3).dump());
@@ -754,7 +855,7 @@ TEST_CASE("serve: /metrics in Prometheus text format") {
 }
 
 TEST_CASE("serve: tools and tool messages render through the chat template") {
-  Running &r = shared();
+  Running &r = shared_tools();
   json body = chat_body(3);
   body["tools"] = json::array({{{"type", "function"},
                                 {"function", {{"name", "get_weather"}, {"description", "Weather of a city"},
@@ -771,7 +872,15 @@ TEST_CASE("serve: tools and tool messages render through the chat template") {
   CHECK(status == 200);
 }
 
-TEST_CASE("serve: tool_choice naming a function shows the model that function only; none shows none") {
+// Tokens of text as the server tokenizes a forced prefix (special tokens parsed).
+size_t text_tokens(const std::string &dir, const std::string &text) {
+  Model m(dir);
+  size_t n = 0;
+  dsrt_tokenize(m.m, text.data(), text.size(), DSRT_TOKENIZE_PARSE_SPECIAL, nullptr, 0, &n);
+  return n;
+}
+
+TEST_CASE("serve: tool_choice named / required force a tool call through the template's call format; none hides the tools") {
   json body = chat_body(3);
   auto fn = [](const char *name) {
     return json{{"type", "function"}, {"function", {{"name", name}, {"parameters", {{"type", "object"}}}}}};
@@ -784,19 +893,106 @@ TEST_CASE("serve: tool_choice naming a function shows the model that function on
   CHECK(r.tools[0]["function"]["name"] == "get_time");
   body["tool_choice"] = "auto";
   CHECK(dsrt::serve::parse_chat_request(body).tools.size() == 3);
-  // Through the server: a named function renders like a request that gives only that function.
-  Running &srv = shared();
-  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+
+  Running &srv = shared_tools();
   int status = 0;
-  const json named = post(srv, "/v1/chat/completions", body.dump(), &status);
-  CHECK(status == 200);
   json alone = body;
   alone["tools"] = json::array({fn("get_time")});
   alone.erase("tool_choice");
   const json one = post(srv, "/v1/chat/completions", alone.dump(), &status);
-  CHECK(status == 200);
-  CHECK(named["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]);
-  CHECK(named["choices"][0]["message"]["content"] == one["choices"][0]["message"]["content"]);
+  REQUIRE(status == 200);
+  // The tiny model has DeepSeek-V3's template: a call is "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function
+  // <｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>"; the turn is forced to start with it up to ARGS.
+  const std::string opening = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>";
+  const size_t n_named = text_tokens(tiny(kTinyServe), opening + "get_time\n```json\n");
+
+  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+  const json named = post(srv, "/v1/chat/completions", body.dump(), &status);
+  INFO(named.dump());
+  REQUIRE(status == 200);
+  // Shown only the named function (as `alone`) plus the forced opening.
+  CHECK(named["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"].get<size_t>() + n_named);
+  CHECK(named["usage"]["completion_tokens"] == 3);
+  const json &msg = named["choices"][0]["message"];
+  CHECK(msg["content"].is_null());
+  REQUIRE(msg["tool_calls"].size() == 1);
+  CHECK(msg["tool_calls"][0]["id"].get<std::string>().rfind("call_", 0) == 0);
+  CHECK(msg["tool_calls"][0]["type"] == "function");
+  CHECK(msg["tool_calls"][0]["function"]["name"] == "get_time");
+  CHECK(msg["tool_calls"][0]["function"]["arguments"].is_string());
+  CHECK(named["choices"][0]["finish_reason"] == "length");  // 3 tokens do not end the call
+
+  // Streamed: the call's first delta carries its id and the forced name, the arguments follow as deltas and
+  // add up to the non-stream call's (greedy).
+  body["stream"] = true;
+  const json raw = post(srv, "/v1/chat/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  std::string args, call_name;
+  int with_id = 0;
+  for (const auto &e : sse_events(raw.get<std::string>())) {
+    if (e == "[DONE]") break;
+    const json c = json::parse(e);
+    const json &d = c["choices"][0]["delta"];
+    if (d.contains("content")) CHECK(d["content"] == "");  // only the role chunk's
+    if (!d.contains("tool_calls")) continue;
+    const json &tc = d["tool_calls"][0];
+    CHECK(tc["index"] == 0);
+    if (tc.contains("id")) {
+      with_id++;
+      call_name = tc["function"]["name"];
+    }
+    args += tc["function"]["arguments"].get<std::string>();
+  }
+  CHECK(with_id == 1);
+  CHECK(call_name == "get_time");
+  CHECK(args == msg["tool_calls"][0]["function"]["arguments"]);
+  body["stream"] = false;
+
+  // required: all tools shown, the opening forced up to the name, which the model writes.
+  body["tool_choice"] = "auto";
+  const json autoj = post(srv, "/v1/chat/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  // DeepSeek-V3's template does not render `tools`: the server describes them in a system message after the
+  // request's, with the call format the template writes.
+  {
+    const std::string format = opening + "tool_call_name\n```json\ntool_call_arguments\n```<｜tool▁call▁end｜>";
+    const std::string section = dsrt::serve::tools_system_prompt(dsrt::serve::parse_chat_request(body).tools, format);
+    CHECK(section.find("\n### get_news\n") != std::string::npos);
+    CHECK(section.find("Parameters: {\"type\":\"object\"}") != std::string::npos);
+    CHECK(section.find(format + "{{additional_tool_calls}}<｜tool▁calls▁end｜>") != std::string::npos);
+    json shown = body["messages"];
+    shown.insert(shown.begin() + 1, json{{"role", "system"}, {"content", section}});
+    CHECK(autoj["usage"]["prompt_tokens"] == chat_prompt_tokens(tiny(kTinyServe), shown));
+  }
+  body["tool_choice"] = "required";
+  const json req = post(srv, "/v1/chat/completions", body.dump(), &status);
+  INFO(req.dump());
+  REQUIRE(status == 200);
+  CHECK(req["usage"]["prompt_tokens"] == autoj["usage"]["prompt_tokens"].get<size_t>() + text_tokens(tiny(kTinyServe), opening));
+  CHECK(req["choices"][0]["message"]["content"].is_null());
+  CHECK(req["choices"][0]["message"]["tool_calls"].size() == 1);
+
+  // none: the tools are not rendered (as a request without them) and nothing is forced.
+  body["tool_choice"] = "none";
+  const json none = post(srv, "/v1/chat/completions", body.dump(), &status);
+  REQUIRE(status == 200);
+  json plain = body;
+  plain.erase("tools");
+  plain.erase("tool_choice");
+  const json p = post(srv, "/v1/chat/completions", plain.dump(), &status);
+  CHECK(none["usage"]["prompt_tokens"] == p["usage"]["prompt_tokens"]);
+  CHECK(none["choices"][0]["message"]["content"] == p["choices"][0]["message"]["content"]);
+  CHECK(!none["choices"][0]["message"].contains("tool_calls"));
+
+  // A named function that is not in tools, or tool_choice without tools: OpenAI's 400.
+  body["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_stock"}}}};
+  const json bad = post(srv, "/v1/chat/completions", body.dump(), &status);
+  CHECK(status == 400);
+  CHECK(bad["error"]["param"] == "tool_choice");
+  CHECK(bad["error"]["type"] == "invalid_request_error");
+  plain["tool_choice"] = {{"type", "function"}, {"function", {{"name", "get_time"}}}};
+  CHECK(post(srv, "/v1/chat/completions", plain.dump(), &status)["error"]["param"] == "tool_choice");
+  CHECK(status == 400);
 }
 
 TEST_CASE("serve: bench-serve drives concurrent streaming clients and reports percentiles") {
@@ -906,7 +1102,9 @@ TEST_CASE("serve: output parser: <think> to reasoning, DeepSeek tool-call tokens
     CHECK(calls[0].id.rfind("call_", 0) == 0);
     CHECK(calls[1].name == "now");
     CHECK(calls[1].arguments == "{}");
-    CHECK(deltas == 4);  // name first, arguments at the call's end
+    // Name first, then the arguments as they come: `{"city":` (its space held back), ` "Paris"}` (the fence
+    // held back); the second call's name and arguments come with one token.
+    CHECK(deltas == 5);
     CHECK(p.n_calls() == 2);
   }
   {  // V3.1 format, explicit <think>, no tools requested: tool tokens stay (empty) text
@@ -927,6 +1125,26 @@ TEST_CASE("serve: output parser: <think> to reasoning, DeepSeek tool-call tokens
     run(plain, {{1, "a"}, {110, ""}, {2, "b"}}, c2, r2, k2, deltas);
     CHECK(c2 == "ab");
     CHECK(k2.empty());
+  }
+  {  // one character per token: the argument deltas add up to the final arguments, whatever the cut points
+    for (const bool v3 : {true, false}) {
+      OutputParser p(m, true, false);
+      std::vector<std::pair<int32_t, std::string>> evs = {{110, ""}, {112, ""}};
+      const std::string head = v3 ? "function" : "f", body = v3 ? "f\n```json\n {\"a\": \"x`` y\"} \n```\n" : " {\"a\": \"x y\"}\n ";
+      evs.push_back({4, head});
+      evs.push_back({114, ""});
+      for (char ch : body) evs.push_back({5, std::string(1, ch)});
+      evs.push_back({113, ""});
+      std::string content, reasoning;
+      std::vector<ToolCall> calls;
+      int deltas = 0;
+      run(p, evs, content, reasoning, calls, deltas);
+      INFO("v3 ", v3);
+      REQUIRE(calls.size() == 1);
+      CHECK(calls[0].name == "f");
+      CHECK(calls[0].arguments == (v3 ? "{\"a\": \"x`` y\"}" : "{\"a\": \"x y\"}"));
+      CHECK(deltas > 5);
+    }
   }
   {  // a call cut off by the length limit is closed with what it has
     OutputParser p(m, true, false);

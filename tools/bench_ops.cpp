@@ -16,6 +16,7 @@
 #include "backend/backend.h"
 #include "backend/cpu/fp8_matmul.h"
 #include "backend/cpu/host_bandwidth.h"
+#include "backend/cpu/host_experts.h"
 #include "core/thread_pool.h"
 #include "core/status.h"
 
@@ -111,8 +112,8 @@ std::vector<FfnWeights> random_experts(int n, std::vector<std::unique_ptr<Random
 }
 
 // --backend cpu: the CPU backend's linear and moe_experts on V3's shapes, one call at a time after the last-level
-// cache has been flushed (a 256 MiB read), each beside the host's DRAM read rate measured here. The BF16 lm_head
-// (1.85 GB) is left out: in offload it stays on the GPU.
+// cache has been flushed (a 256 MiB read), each beside the host's DRAM read rate measured here, then expert
+// offload's CPU path (HostExperts). The BF16 lm_head (1.85 GB) is left out: in offload it stays on the GPU.
 int bench_ops_cpu(const BenchOpsOptions &o) {
   ThreadPool pool(o.threads);
   const double bw = host_read_bandwidth(pool);
@@ -155,10 +156,10 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
     std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", sh.name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
                 100.0 * busy);
   }
+  constexpr int kExperts = 16, kTopK = 8;
+  std::vector<std::unique_ptr<RandomWeight>> ew;
+  const std::vector<FfnWeights> experts = random_experts(kExperts, ew);
   {  // the routed experts of the batch: top-8 of 16 V3-shaped experts per row, as moe_experts runs them
-    constexpr int kExperts = 16, kTopK = 8;
-    std::vector<std::unique_ptr<RandomWeight>> ew;
-    const std::vector<FfnWeights> experts = random_experts(kExperts, ew);
     be->begin_step();
     Tensor x = be->alloc(o.rows, 7168), ids = be->alloc(o.rows, kTopK, DType::I32), tw = be->alloc(o.rows, kTopK),
            y = be->alloc(o.rows, 7168);
@@ -182,6 +183,25 @@ int bench_ops_cpu(const BenchOpsOptions &o) {
   }
   std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%%\n", "all FP8 above", sum_bytes / 1e6, sum_s * 1e3, sum_bytes / sum_s / 1e9,
               100.0 * sum_bytes / sum_s / bw);
+  // Expert offload's CPU path (HostExperts): 8 experts of one layer, each with 1 token (a decode step) and with 8
+  // tokens (8 tokens routed alike: the upper end of what offload leaves to the CPU), fp32 activations.
+  HostExperts he(o.threads);
+  for (int rows : {1, 8}) {
+    std::vector<float> hx(size_t(rows) * 7168), hw(size_t(rows * kTopK), 0.125f), hy(size_t(rows) * 7168);
+    std::vector<int32_t> hid(size_t(rows * kTopK));
+    for (size_t j = 0; j < hx.size(); j++) hx[j] = 0.01f * float(j % 17) - 0.08f;
+    for (size_t j = 0; j < hid.size(); j++) hid[j] = int32_t(j % kTopK);
+    const double s = time_one([&](int) {
+      he.run(hx.data(), rows, 7168, hid.data(), hw.data(), kTopK, experts, nullptr, false, hy.data());
+    });
+    const double bytes = double(he.last_weight_bytes());
+    char name[64];
+    std::snprintf(name, sizeof name, "host experts 8 x %d token%s", rows, rows > 1 ? "s" : "");
+    std::printf("  %-30s %9.1f %9.3f %8.2f %6.1f%% %5.0f%%\n", name, bytes / 1e6, s * 1e3, bytes / s / 1e9, 100.0 * bytes / s / bw,
+                100.0 * busy);
+  }
+  std::printf("  host experts compute-bound: %.1f GFLOP/s (HostExperts::measure_flops, the cost model's cpu_flops)\n",
+              he.measure_flops() / 1e9);
   return 0;
 }
 

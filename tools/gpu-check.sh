@@ -11,6 +11,11 @@
 #           step time, GPU time and host overhead; V3_BATCHES, V3_CTX, V3_GEN as for v3
 #   ops     dsrt bench --ops --sweep: every GEMV shape of a V3 decode step against the copy rate
 #   tests   the GPU suite alone (CUDA backend vs CPU, op by op and end to end)
+#   offload dsrt bench with expert offload on v3-layers made with uniform and Zipf-skewed routing
+#           (OFFLOAD_SKEWS, default "0 1"): per run SHARE:POLICY[:CPU] of OFFLOAD_RUNS, the routed experts'
+#           bytes the GPU budget holds beside the non-expert weights, the expert cache policy
+#           (DSRT_EXPERT_CACHE) and where missed experts run (gpu, cold: --cold-experts-on-cpu, all:
+#           --experts-on-cpu); OFFLOAD_BATCHES, OFFLOAD_GEN; OFFLOAD_ARGS adds options to every run
 #   cuda    the GPU suite, compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
 #           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
@@ -57,6 +62,36 @@ for stage in $stages; do
       gpu_env
       $bin/dsrt info
       gpu_tests ;;
+    offload)
+      gpu_env
+      for skew in ${OFFLOAD_SKEWS:-0 1}; do
+        d=/tmp/v3-layers-skew$skew
+        [ -f $d/config.json ] || /usr/bin/time -f "make-tiny v3-layers --route-skew $skew: %e s" \
+          $bin/dsrt make-tiny --preset v3-layers --route-skew "$skew" --out $d
+        # The checkpoint's routed-expert bytes (with their scales) and the rest, from the shards' headers.
+        read -r non_expert experts < <(python3 - "$d" <<'PY'
+import glob, json, struct, sys
+part = [0, 0]
+for f in glob.glob(sys.argv[1] + "/*.safetensors"):
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        for name, t in json.loads(fh.read(n)).items():
+            if name != "__metadata__":
+                part[".mlp.experts." in name] += t["data_offsets"][1] - t["data_offsets"][0]
+print(part[0], part[1])
+PY
+)
+        for run in ${OFFLOAD_RUNS:-1:lfu 0.5:lfu 0.25:lfu 0.25:lru 0.25:off 0.1:lfu}; do
+          IFS=: read -r share policy cpu <<<"$run"
+          case "${cpu:-gpu}" in gpu) cpu_arg= ;; cold) cpu_arg=--cold-experts-on-cpu ;; all) cpu_arg=--experts-on-cpu ;; esac
+          budget=$(python3 -c "print(int($non_expert + $share * $experts))")
+          echo "== routing skew $skew: experts on the GPU $share, cache $policy, missed experts on the ${cpu:-gpu} (weights budget $budget B of $non_expert + $experts)" | tee -a "$OUT/offload.log"
+          DSRT_EXPERT_CACHE=$policy timeout "${V3_TIMEOUT:-300}" $bin/dsrt bench --model $d --backend cuda --prompt 512 \
+            --batch "${OFFLOAD_BATCHES:-1,8}" --ctx 128 --gen "${OFFLOAD_GEN:-32}" --gpu-memory "$budget" $cpu_arg ${OFFLOAD_ARGS:-} 2>&1 |
+            tee -a "$OUT/offload.log" | grep -E "expert offload:|experts on the CPU:|^decode|^prefill|rror"
+          [ "${PIPESTATUS[0]}" = 0 ] || fail "offload bench: skew $skew, share $share, $policy, ${cpu:-gpu}"
+        done
+      done ;;
     cuda)
       gpu_env
       $bin/dsrt info

@@ -51,6 +51,7 @@ internal static class Native {
     public int n_devices;
     public ulong device_memory;
     public float device_memory_fraction;
+    public int experts_compute;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct ModelInfo {
@@ -75,6 +76,8 @@ internal static class Native {
     public ulong mtp_drafted, mtp_accepted;
     public double device_seconds;
     public ulong graph_replays, graph_captures;
+    public ulong expert_hits, expert_misses, expert_bytes_copied, expert_bytes_read_in_host;
+    public ulong experts_on_cpu, expert_bytes_cpu;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct SessionParams {

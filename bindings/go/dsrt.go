@@ -517,21 +517,28 @@ func (c *cgen) free() {
 	}
 }
 
-// watch triggers the token when ctx ends; the returned func stops watching.
+// watch triggers the token when ctx ends; the returned func stops watching and returns once the watcher
+// has exited, so the token may be freed after it (a watcher still about to trigger would write freed memory).
 func watch(ctx context.Context, tok *CancelToken) func() {
 	done := make(chan struct{})
+	exited := make(chan struct{})
 	go func() {
+		defer close(exited)
 		select {
 		case <-ctx.Done():
 			tok.Trigger()
 		case <-done:
 		}
 	}()
-	return func() { close(done) }
+	return func() {
+		close(done)
+		<-exited
+	}
 }
 
 // Stream is a pull iterator over a turn: for st.Next() { ev := st.Event() }; then st.Err().
 type Stream struct {
+	ctx    context.Context
 	s      *Session
 	cancel *CancelToken
 	stop   func()
@@ -552,12 +559,17 @@ func (s *Session) Stream(ctx context.Context, p GenParams) (*Stream, error) {
 		tok.Close()
 		return nil, err
 	}
-	return &Stream{s: s, cancel: tok, stop: watch(ctx, tok)}, nil
+	return &Stream{ctx: ctx, s: s, cancel: tok, stop: watch(ctx, tok)}, nil
 }
 
 func (st *Stream) Next() bool {
 	if st.done {
 		return false
+	}
+	if st.ctx.Err() != nil {
+		// The watcher triggers too, but it is a goroutine the scheduler may run late: a ctx that has
+		// ended stops the turn at this step, not some steps on.
+		st.cancel.Trigger()
 	}
 	var ev C.dsrt_event
 	if err := errOf(C.shim_next(st.s.p, &ev)); err != nil {

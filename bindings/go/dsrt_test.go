@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 )
 
 func collect(t *testing.T, s *Session, ctx context.Context, p GenParams) ([]int32, string, int) {
@@ -146,8 +145,9 @@ func TestBindingScript(t *testing.T) {
 			after++
 		}
 		if n == 5 {
-			go cancel()
-			time.Sleep(10 * time.Millisecond)
+			fired := make(chan struct{})
+			go func() { cancel(); close(fired) }()
+			<-fired
 			cancelled = true
 		}
 	}

@@ -317,6 +317,7 @@ void dsrt_model_params_init(dsrt_model_params *p, size_t size) {
   d.n_devices = 0;
   d.device_memory = 0;
   d.device_memory_fraction = 0.0f;
+  d.experts_compute = DSRT_EXPERTS_GPU;
   init_struct(p, size, d);
 }
 
@@ -372,6 +373,12 @@ dsrt_status dsrt_model_load(const char *dir, const dsrt_model_params *params, ds
     if (!(p.device_memory_fraction >= 0.0f && p.device_memory_fraction <= 1.0f))  // NaN fails too
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "device_memory_fraction ", p.device_memory_fraction, " must be in (0, 1], or 0");
     lo.device_memory_fraction = p.device_memory_fraction;
+    switch (p.experts_compute) {
+      case DSRT_EXPERTS_GPU: lo.experts_compute = dsrt::ExpertCompute::Gpu; break;
+      case DSRT_EXPERTS_COLD_ON_CPU: lo.experts_compute = dsrt::ExpertCompute::ColdOnCpu; break;
+      case DSRT_EXPERTS_ON_CPU: lo.experts_compute = dsrt::ExpertCompute::AllOnCpu; break;
+      default: dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown experts_compute ", p.experts_compute);
+    }
     auto h = std::make_unique<dsrt_model>();
     dsrt::LoadedModel lm = dsrt::load_model(dir, lo);
     h->model = std::move(lm.model);
@@ -495,6 +502,7 @@ dsrt_status dsrt_engine_create_dist(dsrt_model *m, const dsrt_engine_params *par
       default: dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown attention form ", p.attention);
     }
     eo.backend.n_threads = m->n_threads;
+    eo.backend.experts_compute = m->model->experts_compute;
     if (p.precision != DSRT_PRECISION_AUTO && p.precision != DSRT_PRECISION_FP32 && p.precision != DSRT_PRECISION_FP8)
       dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "unknown precision ", p.precision);
     // AUTO: FP8 activations on a GPU (tensor cores for GEMMs of many rows), the fp32 reference on the CPU.
@@ -567,6 +575,12 @@ dsrt_status dsrt_engine_stats_get(const dsrt_engine *e, dsrt_engine_stats *out) 
     o.device_seconds = s.backend.device_seconds;
     o.graph_replays = s.backend.graph_replays;
     o.graph_captures = s.backend.graph_captures;
+    o.expert_hits = s.backend.expert_hits;
+    o.expert_misses = s.backend.expert_misses;
+    o.expert_bytes_copied = s.backend.expert_bytes_copied;
+    o.expert_bytes_read_in_host = s.backend.expert_bytes_read_in_host;
+    o.experts_on_cpu = s.backend.experts_on_cpu;
+    o.expert_bytes_cpu = s.backend.expert_bytes_cpu;
     write_out(out, o, "out");
   });
 }

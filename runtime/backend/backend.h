@@ -10,6 +10,7 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "model/placement.h"
 #include "model/weights.h"
 
 namespace dsrt {
@@ -115,6 +116,12 @@ class DeviceWeightRegistry {
 struct BackendCounters {
   double device_seconds = 0;  // GPU time of the steps (first launch to last result copied back); 0 on the CPU
   uint64_t graph_replays = 0, graph_captures = 0, eager_segments = 0;  // CUDA: how step segments were launched
+  // Expert offload's GPU expert cache (CUDA), over all MoE layers and calls: routed experts a call needed that
+  // were in a device slot (hits) or not (misses), bytes copied into slots over PCIe, and bytes the expert
+  // kernels read in place from host memory (misses not admitted; estimated from the kernels' access pattern).
+  uint64_t expert_hits = 0, expert_misses = 0, expert_bytes_copied = 0, expert_bytes_read_in_host = 0;
+  // Expert offload with the CPU: routed experts computed on the CPU (per layer and step) and their weight bytes.
+  uint64_t experts_on_cpu = 0, expert_bytes_cpu = 0;
 };
 
 struct SamplingParams;  // engine/sampler.h
@@ -153,7 +160,8 @@ class Backend {
   // The weights the forward will read, given once at engine creation: a GPU backend uploads `weights` now, so
   // that too little device memory is a clear DSRT_ERR_OUT_OF_MEMORY at load rather than a failure
   // mid-generation, and maps `host_weights` (routed experts the placement left in host memory: expert
-  // offload) for its kernels to read in place. Both go into the model's store for this backend's device
+  // offload) for its kernels to read in place; those also in `weights` are uploaded and mapped (a GPU backend's
+  // expert cache starts with them in its slots and may evict them). Both go into the model's store for this backend's device
   // (shared with the model's other engines). The CPU reads every weight in place and ignores both.
   virtual void prepare_weights(DeviceWeightRegistry &store, const std::vector<const Weight *> &weights,
                                const std::vector<const Weight *> &host_weights) {
@@ -247,6 +255,8 @@ struct BackendOptions {
   // CUDA: force the GEMV kernel's cut of every matrix (K slices per row: 1/2/4/8; rows per warp: 1/2/4);
   // 0 = chosen per shape. For `dsrt bench --ops` sweeps.
   int gemv_k_split = 0, gemv_rows_per_warp = 0;
+  // CUDA with expert offload: where routed experts in host memory are computed (model/placement.h).
+  ExpertCompute experts_compute = ExpertCompute::Gpu;
 };
 
 enum class BackendKind { Cpu, Cuda };
@@ -261,6 +271,9 @@ uint64_t device_free_memory(Device d);
 // Device memory bandwidth in bytes (read + written) per second, measured with a 1 GiB device-to-device copy
 // (0 without CUDA): the denominator of the GPU rooflines.
 double device_copy_bandwidth(int device);
+// Host-to-device copy rate in bytes per second from pinned memory (PCIe or C2C; 0 without CUDA): the
+// denominator of the expert offload roofline.
+double host_to_device_bandwidth(int device);
 // The block-scaled FP8 GEMM's rate on an m x n x k problem (activation quantisation included), in TFLOP/s;
 // 0 when cuBLASLt or the GPU is missing: the denominator of the prefill roofline.
 double fp8_gemm_tflops(int device, int64_t m, int64_t n, int64_t k);

@@ -85,14 +85,19 @@ void Engine::init() {
     fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with tensor or expert parallelism are not supported yet: set mtp_drafts 0");
   // The weights first (the MTP layer's only when drafts are on): on a GPU they take the device memory the KV
   // pool is then sized from. They go into the model's store for the device, shared with its other engines.
-  // Routed experts the placement left in host memory are read there (expert offload).
-  std::vector<const Weight *> used, in_host;
+  // Routed experts the placement left in host memory are read there (expert offload); then the routed experts
+  // it put on the device are mapped in host memory too: they are the GPU expert cache's initial contents,
+  // which the cache may give up for others.
+  std::vector<const Weight *> used, in_host, cached;
   const Placement &pl = model_->placement;
   for (const Weight *w : model_->w.all) {
     const bool mtp = pl.part.at(size_t(w->id)) == Placement::Part::Mtp;
     if (!w->data || (mtp && !mtp_)) continue;
-    (!pl.devices.empty() && pl.where.at(size_t(w->id)) < 0 ? in_host : used).push_back(w);
+    const bool host = !pl.devices.empty() && pl.where.at(size_t(w->id)) < 0;
+    (host ? in_host : used).push_back(w);
+    if (!host && pl.part.at(size_t(w->id)) == Placement::Part::RoutedExpert) cached.push_back(w);
   }
+  if (!in_host.empty()) in_host.insert(in_host.end(), cached.begin(), cached.end());
   ranks_->for_each_backend([&](Backend &be) { be.prepare_weights(model_->device_weights, used, in_host); });
   KvCacheSpec spec;
   spec.n_layers = c.num_hidden_layers + int64_t(model_->w.mtp.size());  // MTP layers get their own slots

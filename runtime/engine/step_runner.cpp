@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <new>
 
 #include "core/status.h"
 #include "engine/engine.h"
@@ -341,6 +342,21 @@ std::vector<Session *> StepRunner::sampling_sessions() const {
 
 int64_t StepRunner::commit() {
   const int64_t V = e_.model_->cfg.vocab_size;
+  // The logits copies below are the commit's only allocations in dsrt's heap: reserved first, so that running
+  // out of memory here fails the step as a failure in run() does (nothing committed yet), instead of throwing
+  // out of the step thread.
+  if (!failed_) try {
+      for (Work &w : work_)
+        if (w.n_logit_rows > 0 && !w.sample) {
+          Session &s = *w.s;
+          const bool keep = !w.first_chunk && s.logits_all_;
+          s.logits_.reserve((keep ? s.logits_.size() : 0) + size_t(w.n_logit_rows * V));
+        }
+    } catch (const std::bad_alloc &) {
+      failed_ = true;
+      fail_code_ = DSRT_ERR_OUT_OF_MEMORY;
+      fail_msg_ = "out of host memory for the step's logits";
+    }
   for (Work &w : work_) {
     Session &s = *w.s;
     s.in_flight_ = false;

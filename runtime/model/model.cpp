@@ -126,6 +126,9 @@ void Model::finish_load(const LoadOptions &opt) {
     budget = free_b > reserve ? free_b - reserve : 0;
   }
   placement = Placement::plan(w, opt.devices, budget);
+  experts_compute = opt.experts_compute;
+  if (experts_compute == ExpertCompute::AllOnCpu && !placement.devices.empty())  // the GPU keeps no routed expert
+    placement = Placement::plan(w, opt.devices, placement.devices[0].non_expert);
   for (const Weight *wt : w.all) {
     bool mtp = false;
     for (const LayerWeights &L : w.mtp)

@@ -31,6 +31,7 @@ struct LoadOptions {
   std::vector<Device> devices;
   uint64_t device_memory = 0;
   double device_memory_fraction = 0;  // > 0: this share of the device's free memory instead of device_memory
+  ExpertCompute experts_compute = ExpertCompute::Gpu;  // AllOnCpu: no routed expert on the device
   // Map (default): weights read in place from the shards, which must not change while the model is loaded
   // (Checkpoint::verify_unchanged detects it between steps). Copy: weights copied into memory at load.
   ShardAccess shard_access = ShardAccess::Map;
@@ -78,6 +79,7 @@ class Model {
   std::string fingerprint;  // sha256 over config.json and every tensor's name, dtype, shape and first bytes
   mutable ModelIdentity identity;  // every weight byte hashed, on first use (model/identity.h)
   Placement placement;      // where each weight lives, planned at load
+  ExpertCompute experts_compute = ExpertCompute::Gpu;
   // The weights' copies on each device, made by the backends that need them and shared by every engine of
   // the model (two engines on one GPU hold one copy).
   mutable DeviceWeightRegistry device_weights;

@@ -12,6 +12,9 @@
 
 namespace dsrt {
 
+// Where the routed experts left in host memory are computed (expert offload on a GPU; dsrt.h's DSRT_EXPERTS_*).
+enum class ExpertCompute : uint8_t { Gpu, ColdOnCpu, AllOnCpu };
+
 struct Placement {
   struct DeviceShare {
     Device device;

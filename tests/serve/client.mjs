@@ -14,7 +14,7 @@ const { version } = JSON.parse(readFileSync(path.resolve(npmDir, 'node_modules/o
 
 const key = 'sk-dsrt-node-test';
 const srv = spawn(dsrt, ['serve', '--model', modelDir, '--port', '0', '--threads', '2', '--api-key', key,
-                         '--model-name', 'tiny', '--ctx', '512', '--quiet'], { stdio: ['ignore', 'inherit', 'pipe'] });
+                         '--model-name', 'tiny', '--ctx', '2048', '--quiet'], { stdio: ['ignore', 'inherit', 'pipe'] });
 const exited = new Promise((resolve) => srv.on('exit', (code, signal) => resolve({ code, signal })));
 const port = await new Promise((resolve, reject) => {
   let err = '';
@@ -121,6 +121,32 @@ await test('tools, tool_choice and a tool round trip in the messages', async () 
   let n = 0;
   for await (const chunk of s) n++;
   assert.ok(n >= 2);
+});
+
+await test('tool_choice naming a function / required: the reply is a tool call (non-stream and stream)', async () => {
+  const tools = [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } } },
+                 { type: 'function', function: { name: 'get_time', parameters: { type: 'object' } } }];
+  const tool_choice = { type: 'function', function: { name: 'get_time' } };
+  const r = await client.chat.completions.create({ model: 'tiny', messages, tools, tool_choice, max_tokens: 4, temperature: 0 });
+  const calls = r.choices[0].message.tool_calls;
+  assert.equal(calls.length, 1);
+  assert.equal(calls[0].type, 'function');
+  assert.equal(calls[0].function.name, 'get_time');
+  assert.equal(r.choices[0].message.content, null);
+  const s = await client.chat.completions.create({ model: 'tiny', messages, tools, tool_choice, max_tokens: 4, temperature: 0, stream: true });
+  let name = '', args = '';
+  for await (const chunk of s)
+    for (const tc of chunk.choices[0]?.delta?.tool_calls ?? []) {
+      name += tc.function?.name ?? '';
+      args += tc.function?.arguments ?? '';
+    }
+  assert.equal(name, 'get_time');
+  assert.equal(args, calls[0].function.arguments);
+  const q = await client.chat.completions.create({ model: 'tiny', messages, tools, tool_choice: 'required', max_tokens: 4 });
+  assert.ok(q.choices[0].message.tool_calls.length >= 1);
+  await assert.rejects(client.chat.completions.create({ model: 'tiny', messages, tools, max_tokens: 4,
+                                                        tool_choice: { type: 'function', function: { name: 'nope' } } }),
+                       (e) => e instanceof OpenAI.BadRequestError && e.param === 'tool_choice');
 });
 
 await test('completions.create (non-stream and stream)', async () => {

@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include "backend/cpu/host_bandwidth.h"
+#include "core/thread_pool.h"
 #include "backend/backend.h"
 #include "bench_ops.h"
 #include "commands.h"
@@ -32,6 +34,7 @@ struct BenchOptions {
   EngineOptions engine;
   std::string prompts, batches, ctxs;  // lists; empty: the defaults
   int gen = 32;
+  float temperature = 0;  // decode: greedy, or sampled (a random model's greedy tokens repeat, and so do its experts)
   bool profile = false;
   bool ops = false, sweep = false;  // --ops: the GEMV kernels alone (bench_ops.cpp)
   int rows = 1;
@@ -99,6 +102,11 @@ StepCost step_cost(const std::string &dir, size_t kv_elem_bytes) {
   sc.attn_flops_per_pair = 2.0 * double(c.num_hidden_layers * c.num_attention_heads) *
                            double(2 * c.kv_lora_rank + c.qk_rope_head_dim);
   return sc;
+}
+
+double host_dram_bandwidth() {  // every core reading (what the CPU expert path streams against)
+  dsrt::ThreadPool pool(0);
+  return dsrt::host_read_bandwidth(pool);
 }
 
 double host_copy_bandwidth() {  // bytes read + written per second for a large memcpy on one thread
@@ -248,11 +256,15 @@ int run_bench(const BenchOptions &a) {
       // pulls its events while the engine runs every session's token in the same step.
       dsrt_gen_params gp;
       dsrt_gen_params_init(&gp, sizeof gp, l.model);
-      gp.temperature = 0;
+      gp.temperature = a.temperature;
       gp.ignore_eos = 1;
       auto turns = [&](int n) {  // n decode steps of the whole batch; returns their wall time
         gp.max_new_tokens = n;
-        for (auto *s : ss) check(dsrt_session_start(s, &gp));
+        for (size_t i = 0; i < ss.size(); i++) {  // (sampled: each session its own stream, from one seed per run)
+          gp.has_seed = a.temperature > 0;
+          gp.seed = 1234 + i;
+          check(dsrt_session_start(ss[i], &gp));
+        }
         std::mutex mu;
         std::string failure;  // the first turn that did not generate its n tokens (the figures would lie)
         std::vector<std::thread> pullers;
@@ -311,6 +323,26 @@ int run_bench(const BenchOptions &a) {
                   "/ %.0f GB/s = %.1f steps/s; %5.1f%% of it\n",
                   B, ctx, rate, rate * B, bytes / 1e6, (bytes - sc.step_bytes(B, 0)) / 1e6, bw / 1e9, roof,
                   100.0 * rate / roof);
+      const double lookups = double(st1.expert_hits + st1.expert_misses - st0.expert_hits - st0.expert_misses);
+      const double on_cpu = double(st1.experts_on_cpu - st0.experts_on_cpu);
+      if (on_cpu > 0) {
+        static const double dram = host_dram_bandwidth();
+        const double b = double(st1.expert_bytes_cpu - st0.expert_bytes_cpu) / steps;
+        std::printf("  experts on the CPU: %.1f per step, %.1f MB/step = %.1f GB/s of %.1f GB/s measured DRAM read rate (%.1f%%)\n",
+                    on_cpu / steps, b / 1e6, b * rate / 1e9, dram / 1e9, 100.0 * b * rate / dram);
+      }
+      if (lookups > 0) {  // expert offload: what the GPU expert cache did, against the offload roofline
+        const double moved = double(st1.expert_bytes_copied + st1.expert_bytes_read_in_host - st0.expert_bytes_copied -
+                                    st0.expert_bytes_read_in_host) / steps;
+        static const double pcie = host_to_device_bandwidth(0);
+        const double t_roof = std::max(bytes / bw, moved / pcie);
+        std::printf("  expert offload: hit rate %.1f%% (%.1f experts looked up per step), %.1f MB/step over PCIe "
+                    "(%.1f copied into slots) = %.1f GB/s of %.1f GB/s measured host->device; offload roofline "
+                    "max(%.1f MB / copy rate, PCIe bytes / host rate) = %.3f ms/step: %.1f%% of it\n",
+                    100.0 * double(st1.expert_hits - st0.expert_hits) / lookups, lookups / steps, moved / 1e6,
+                    double(st1.expert_bytes_copied - st0.expert_bytes_copied) / steps / 1e6, moved * rate / 1e9,
+                    pcie / 1e9, bytes / 1e6, 1e3 * t_roof, 100.0 * t_roof * rate);
+      }
       if (profile) {
         print_attention_rate(print_op_table(l.engine, int(steps), gpu),
                              sc.attn_flops_per_pair * double(B) * double(ctx + gen / 2),
@@ -346,6 +378,10 @@ void add_bench(CLI::App &app, int &rc) {
       ->type_name("N,N,...");
   cmd->add_option("--ctx", o->ctxs, "context lengths the decode batches run at (default 128)")->type_name("N,N,...");
   cmd->add_option("--gen", o->gen, "decode steps per batch (the first three are warm-up)")->check(CLI::Range(4, 1 << 20));
+  cmd->add_option("--temperature", o->temperature,
+                  "decode by sampling at this temperature (default 0: greedy); a random checkpoint's greedy tokens "
+                  "repeat, and so do the experts they route to (expert offload's hit rates)")
+      ->check(CLI::Range(0.0, 100.0));
   cmd->add_flag("--profile", o->profile, "a per-op time table for each prefill and batch");
   auto *ops = cmd->add_flag("--ops", o->ops, "the GEMV kernels on V3's decode shapes (GPU, or the CPU's with --backend cpu; no model)");
   ops->excludes(model_opt);

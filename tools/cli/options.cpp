@@ -64,6 +64,12 @@ void add_model_options(CLI::App &app, ModelOptions &o, bool positional) {
   add_gpu_memory_option(app, o.gpu_memory,
                         "GPU memory the weights may take: bytes (K/M/G/T suffixes) or a share (0, 1] of the free memory; "
                         "routed experts that do not fit stay in host memory (expert offload). Default: what is free, less 1 GiB");
+  app.add_flag_callback("--experts-on-cpu", [&o] { o.experts_compute = DSRT_EXPERTS_ON_CPU; },
+                        "compute every routed expert on the CPU from host memory; the GPU holds none (as llama.cpp's "
+                        "-ot exps=CPU)");
+  app.add_flag_callback("--cold-experts-on-cpu", [&o] { o.experts_compute = DSRT_EXPERTS_COLD_ON_CPU; },
+                        "expert offload: each step, the routed experts missing from the GPU's cache go to the GPU over "
+                        "PCIe or to the CPU, whichever a cost model of the measured rates says finishes sooner");
   app.add_flag("--no-mmap", o.no_mmap,
                "copy the weights into memory at load instead of mapping the shards (use it when the checkpoint's "
                "files may change while dsrt runs; costs RAM and load time)");
@@ -167,6 +173,7 @@ dsrt_model_params model_params(const ModelOptions &o) {
   }
   mp.device_memory = o.gpu_memory.bytes;
   mp.device_memory_fraction = o.gpu_memory.fraction;
+  mp.experts_compute = o.experts_compute;
   mp.use_mmap = o.no_mmap ? 0 : 1;
   return mp;
 }

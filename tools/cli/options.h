@@ -42,6 +42,7 @@ struct ModelOptions {
   int threads = 0;
   int backend = DSRT_BACKEND_AUTO;
   GpuMemory gpu_memory;
+  int experts_compute = DSRT_EXPERTS_GPU;
   bool no_mmap = false;
   bool quiet = false;  // no progress display
 };

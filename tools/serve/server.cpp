@@ -9,11 +9,13 @@
 #include <cerrno>
 #include <cstdlib>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -63,6 +65,9 @@ std::string token_text(const dsrt_model *m, int32_t id) {
   return std::string(buf, n);
 }
 
+const char *const kCallsBegin = "<｜tool▁calls▁begin｜>";
+const char *const kCallEnd = "<｜tool▁call▁end｜>";
+
 bool constant_time_equal(const std::string &a, const std::string &b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
   for (size_t i = 0; i < a.size(); i++) diff |= uint8_t(a[i]) ^ uint8_t(i < b.size() ? b[i] : 0);
@@ -84,6 +89,47 @@ void send_error(httplib::Response &res, const ApiError &e) {
   if (e.status == 429) res.set_header("Retry-After", "1");
 }
 
+// Polls a response's client while its turn has produced nothing yet (a long prompt's prefill gives no event)
+// and cancels the session when the client is gone. The sink belongs to the provider's thread, which leaves it
+// alone from the watch's start until stop() (the first token, or the turn's end, calls it before anything is
+// written), so the two never use it at once.
+class ClientWatch {
+ public:
+  ClientWatch(httplib::DataSink &sink, dsrt_session *s)
+      : th_([this, &sink, s] {
+          while (true) {
+            {
+              std::unique_lock lk(mu_);
+              if (cv_.wait_for(lk, std::chrono::milliseconds(20), [this] { return stop_; })) return;
+            }
+            if (!sink.is_writable()) {  // unlocked: it may wait (up to the write timeout) for a full socket
+              gone_ = true;
+              dsrt_session_cancel(s);
+              return;
+            }
+          }
+        }) {}
+  ~ClientWatch() { stop(); }
+  ClientWatch(const ClientWatch &) = delete;
+  ClientWatch &operator=(const ClientWatch &) = delete;
+  void stop() {
+    if (!th_.joinable()) return;
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    th_.join();
+  }
+  bool gone() const { return gone_; }  // after stop()
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false, gone_ = false;
+  std::thread th_;  // last: starts once the members above exist
+};
+
 }  // namespace
 
 struct Server::Impl {
@@ -93,6 +139,16 @@ struct Server::Impl {
   int32_t n_vocab = 0;
   int ctx = 0;
   MarkerTokens markers;
+  // How the chat template writes an assistant tool call, around the function's name (from rendering a probe
+  // call at load): V3 "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>" NAME "\n```json\n",
+  // V3.1 "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>" NAME "<｜tool▁sep｜>". tool_choice required/named appends
+  // this to the generation prompt, so the turn is a tool call whatever the model would have said. Empty
+  // call_before_name: the template writes no tool calls with the model's tokens, so nothing can be forced.
+  std::string call_before_name, call_after_name;
+  std::string call_format;  // one call with placeholders, for tools_system_prompt; empty with call_before_name
+  // The template shows the `tools` variable to the model. DeepSeek-V3's does not: the server then describes the
+  // tools in a system message of its own (tools_system_prompt), or the model would never learn them.
+  bool template_shows_tools = true;
   httplib::Server http;
   Metrics metrics;
   std::atomic<int> active{0};
@@ -104,6 +160,66 @@ struct Server::Impl {
   ~Impl() {
     dsrt_engine_free(engine);
     dsrt_model_free(model);
+  }
+
+  // Renders an assistant message with one probe call and cuts the template's text around the probe's name;
+  // renders a user message with and without a probe tool to see whether the template shows tools.
+  void probe_tool_call_format() {
+    const std::string name = "dsrt_probe_function", args = "{\"dsrt_probe_argument\":1}";
+    auto render = [this](const json &m, const json &tools, int32_t flags, std::string &text) {
+      char *out = nullptr;
+      size_t len = 0;
+      const std::string t = tools.is_null() ? "" : dump(tools);
+      if (dsrt_chat_apply_n(model, dump(m).c_str(), t.empty() ? nullptr : t.c_str(), nullptr, flags, &out, &len) != DSRT_OK) return false;
+      text.assign(out, len);
+      dsrt_free(out);
+      return true;
+    };
+    const json user = json::array({{{"role", "user"}, {"content", "x"}}});
+    std::string with, without;
+    if (render(user, json::array({{{"type", "function"}, {"function", {{"name", name}, {"parameters", {{"type", "object"}}}}}}}),
+               DSRT_CHAT_ADD_GENERATION_PROMPT, with) &&
+        render(user, nullptr, DSRT_CHAT_ADD_GENERATION_PROMPT, without))
+      template_shows_tools = with != without;
+    if (markers.calls_begin < 0 || markers.call_begin < 0 || markers.sep < 0) return;
+    const json msgs = json::array(
+        {{{"role", "user"}, {"content", "x"}},
+         {{"role", "assistant"},
+          {"content", nullptr},
+          {"tool_calls", json::array({{{"id", "call_0"}, {"type", "function"}, {"function", {{"name", name}, {"arguments", args}}}}})}}});
+    std::string text;
+    if (!render(msgs, nullptr, 0, text)) return;
+    const size_t b = text.find(kCallsBegin);
+    const size_t n = b == std::string::npos ? b : text.find(name, b);
+    const size_t a = n == std::string::npos ? n : text.find(args, n + name.size());
+    if (a == std::string::npos) return;
+    call_before_name = text.substr(b, n - b);
+    call_after_name = text.substr(n + name.size(), a - n - name.size());
+    const size_t end = text.find(kCallEnd, a + args.size());
+    const std::string after_args = end == std::string::npos ? "" : text.substr(a + args.size(), end + std::strlen(kCallEnd) - a - args.size());
+    call_format = call_before_name + "tool_call_name" + call_after_name + "tool_call_arguments" + after_args;
+  }
+
+  // Runs the forced prefix of a turn (tokens of the prompt, not generated) through the output parser, so the
+  // client sees the call it opens (its id, and its name when tool_choice named it) like generated output.
+  ParsedDelta replay(OutputParser &p, const std::vector<int32_t> &ids) {
+    ParsedDelta all;
+    auto add = [&all](ParsedDelta d) {
+      all.content += d.content;
+      all.reasoning += d.reasoning;
+      for (auto &c : d.calls) all.calls.push_back(std::move(c));
+    };
+    dsrt_detok *dt = nullptr;
+    if (dsrt_detok_create(model, DSRT_DETOKENIZE_SKIP_SPECIAL, &dt) != DSRT_OK) throw ApiError(500, "cannot create a detokenizer: " + std::string(dsrt_last_error()));
+    const char *t = nullptr;
+    size_t n = 0;
+    for (int32_t id : ids) {
+      if (dsrt_detok_push(dt, id, &t, &n) != DSRT_OK) n = 0;
+      add(p.push(id, std::string(t ? t : "", n)));
+    }
+    if (dsrt_detok_flush(dt, &t, &n) == DSRT_OK && n) add(p.push(-1, std::string(t, n)));
+    dsrt_detok_free(dt);
+    return all;
   }
 
   // ---- a request's hold on a session slot and its session
@@ -274,12 +390,22 @@ struct Server::Impl {
 
   // Runs the turn to its end; on_token(token, text, logprob) returns false when the client is gone (the session
   // is then cancelled at its next step); logprob is null unless g.logprobs; on_done(text) gets the final flush.
+  // sink: the response's, watched until the first token (ClientWatch), so a client that hangs up during the
+  // prefill is cancelled then and not only at the first token.
   Outcome run(Session &s, Gen &g, const std::function<bool(int32_t, const std::string &, const TokenLogprob *)> &on_token,
-              const std::function<void(const std::string &)> &on_done) {
+              const std::function<void(const std::string &)> &on_done, httplib::DataSink *sink) {
     Outcome o;
     TokenLogprob lp;
     Clock::time_point last{};
     bool cancelled = false;
+    std::optional<ClientWatch> watch;
+    if (sink) watch.emplace(*sink, s.s);
+    auto unwatch = [&] {  // before the sink is used here
+      if (!watch) return;
+      watch->stop();
+      if (watch->gone() && !cancelled) cancelled = o.client_gone = true;
+      watch.reset();
+    };
     while (true) {
       if (!cancelled) {
         bool stop_now;
@@ -301,6 +427,7 @@ struct Server::Impl {
         o.error = dsrt_error(st);
         break;
       }
+      unwatch();
       std::string text(ev.text ? ev.text : "", ev.text ? ev.text_len : 0);
       if (ev.type == DSRT_EVENT_TOKEN) {
         o.completion_tokens++;
@@ -320,12 +447,51 @@ struct Server::Impl {
       if (!cancelled) on_done(text);
       break;
     }
+    unwatch();
     int32_t cached = 0;
     if (dsrt_session_cached_tokens(s.s, &cached) == DSRT_OK) o.cached_tokens = cached;
     if (o.client_gone) metrics.cancelled();
     metrics.tokens(int64_t(g.prompt.size()), o.completion_tokens);
     metrics.duration(seconds_since(g.arrival));
     return o;
+  }
+
+  // A non-stream turn, run inside a chunked content provider. httplib has sent the headers when it calls the
+  // provider, and the sink's is_writable() (cpp-httplib 0.11: select for writing, then a MSG_PEEK read that
+  // sees the peer's FIN) tells whether the client is still connected; a plain handler has no such test. It is
+  // asked before the turn and at every token, so a client that hangs up cancels its session at its next step
+  // instead of holding a batch slot until its last token. (A client that only shuts down its sending side
+  // counts as gone.) False: the client is gone, or the generation failed after the 200 went out; the provider
+  // then returns false, which aborts the connection without the final chunk, so the client sees an error
+  // rather than a truncated success (the failure is logged).
+  bool run_for_client(Session &s, Gen &g, httplib::DataSink &sink, Outcome &o,
+                      const std::function<void(int32_t, const std::string &, const TokenLogprob *)> &on_token,
+                      const std::function<void(const std::string &)> &on_done) {
+    if (!sink.is_writable()) {
+      dsrt_session_cancel(s.s);
+      metrics.cancelled();
+      return false;
+    }
+    o = run(
+        s, g,
+        [&](int32_t tok, const std::string &text, const TokenLogprob *lp) {
+          on_token(tok, text, lp);
+          return sink.is_writable();
+        },
+        on_done, &sink);
+    if (o.client_gone) return false;
+    if (o.finish == DSRT_FINISH_ERROR) {
+      std::fprintf(stderr, "dsrt serve: generation failed after the response began: %s\n", o.error.c_str());
+      return false;
+    }
+    return true;
+  }
+
+  // Frees a finished request's session and then its slot before its last bytes go out: a client that sends its
+  // next request as soon as it has the answer must find them free (else --max-sessions 1 answers it 429).
+  static void release(std::shared_ptr<Session> &session, std::shared_ptr<Slot> &slot) {
+    session.reset();
+    slot.reset();
   }
 
   static std::string finish_reason(int f, bool calls) {
@@ -342,8 +508,20 @@ struct Server::Impl {
     auto g = std::make_shared<Gen>();
     const ChatRequest r = parse_chat_request(parse_body(req.body));
     check_model(r.model);
-    const bool use_tools = !r.tools.is_null() && !r.tools.empty() && r.tool_choice != "none";
-    const std::string msgs = dump(r.messages), tools = use_tools ? dump(r.tools) : "",
+    const bool has_tools = !r.tools.is_null() && !r.tools.empty();
+    const bool use_tools = has_tools && (r.tool_choice_named || r.tool_choice != "none");
+    const bool force_call = use_tools && (r.tool_choice_named || r.tool_choice == "required");
+    if (force_call && call_before_name.empty())
+      throw ApiError(400, "this model's chat template does not write tool calls with DeepSeek's tool-call tokens, so tool_choice " +
+                              std::string(r.tool_choice_named ? "naming a function" : "\"required\"") + " cannot be enforced",
+                     "tool_choice", "unsupported_value");
+    json messages = r.messages;
+    if (use_tools && !template_shows_tools && !call_format.empty()) {  // after the request's system messages
+      size_t at = 0;
+      while (at < messages.size() && messages[at]["role"] == "system") at++;
+      messages.insert(messages.begin() + std::ptrdiff_t(at), json{{"role", "system"}, {"content", tools_system_prompt(r.tools, call_format)}});
+    }
+    const std::string msgs = dump(messages), tools = use_tools ? dump(r.tools) : "",
                       kwargs = r.template_kwargs.is_null() ? "" : dump(r.template_kwargs);
     char *prompt = nullptr;
     size_t len = 0;
@@ -353,44 +531,64 @@ struct Server::Impl {
     g->prompt_text.assign(prompt, len);
     dsrt_free(prompt);
     g->prompt = tokenize(g->prompt_text, DSRT_TOKENIZE_PARSE_SPECIAL);
-    prepare(r, *g);
     // R1-style templates end the generation prompt with <think>: the output starts inside the reasoning.
     std::string tail = g->prompt_text;
     while (!tail.empty() && (tail.back() == '\n' || tail.back() == ' ')) tail.pop_back();
     const std::string &tb = markers.think_begin_text;
     const bool in_reasoning = !tb.empty() && tail.size() >= tb.size() && tail.compare(tail.size() - tb.size(), tb.size(), tb) == 0;
+    // tool_choice required / named: the assistant turn starts with the template's tool-call opening (and the
+    // name), so the output is a call. A prompt left inside <think> closes it first: a call inside the reasoning
+    // would not be one. The forced tokens are prompt tokens (usage.prompt_tokens counts them).
+    std::vector<int32_t> forced;
+    if (force_call) {
+      std::string text = in_reasoning ? token_text(model, markers.think_end) + "\n\n" : "";
+      text += call_before_name;
+      if (r.tool_choice_named) text += r.tool_choice + call_after_name;
+      forced = tokenize(text, DSRT_TOKENIZE_PARSE_SPECIAL);
+      g->prompt.insert(g->prompt.end(), forced.begin(), forced.end());
+      g->prompt_text += text;
+    }
+    prepare(r, *g);
 
     auto slot = std::make_shared<Slot>(*this);
     std::shared_ptr<Session> session = start(*g);
     auto parser = std::make_shared<OutputParser>(markers, use_tools, in_reasoning);
+    const ParsedDelta opened = replay(*parser, forced);
     const std::string id = random_id("chatcmpl-"), name = opt.model_name;
     const int64_t created_at = unix_now();
 
     if (!r.stream) {
-      std::string content, reasoning;
-      std::vector<ToolCall> calls;
-      auto absorb = [&](const ParsedDelta &d) {
-        content += d.content;
-        reasoning += d.reasoning;
-        for (const auto &c : d.calls) {
-          if (c.first) calls.push_back({c.id, c.name, ""});
-          if (!calls.empty()) calls.back().arguments += c.arguments;
-        }
-      };
-      std::vector<TokenLogprob> lps;
-      Outcome o = run(
-          *session, *g,
-          [&](int32_t tok, const std::string &text, const TokenLogprob *lp) {
-            if (lp) lps.push_back(*lp);
-            absorb(parser->push(tok, text));
+      res.set_chunked_content_provider(
+          "application/json", [this, g, slot, session, parser, opened, id, name, created_at](size_t, httplib::DataSink &sink) mutable {
+            std::string content, reasoning;
+            std::vector<ToolCall> calls;
+            auto absorb = [&](const ParsedDelta &d) {
+              content += d.content;
+              reasoning += d.reasoning;
+              for (const auto &c : d.calls) {
+                if (c.first) calls.push_back({c.id, c.name, ""});
+                if (!calls.empty()) calls.back().arguments += c.arguments;
+              }
+            };
+            absorb(opened);
+            std::vector<TokenLogprob> lps;
+            Outcome o;
+            if (!run_for_client(*session, *g, sink, o,
+                                [&](int32_t tok, const std::string &text, const TokenLogprob *lp) {
+                                  if (lp) lps.push_back(*lp);
+                                  absorb(parser->push(tok, text));
+                                },
+                                [&](const std::string &text) { absorb(parser->finish(text)); }))
+              return false;
+            Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
+            const std::string body = dump(chat_completion(id, created_at, name, content, reasoning, calls,
+                                                          finish_reason(o.finish, !calls.empty()), u,
+                                                          g->logprobs ? chat_logprobs(lps) : json(nullptr)));
+            release(session, slot);
+            if (!sink.write(body.data(), body.size())) return false;
+            sink.done();
             return true;
-          },
-          [&](const std::string &text) { absorb(parser->finish(text)); });
-      if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
-      Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
-      res.set_content(dump(chat_completion(id, created_at, name, content, reasoning, calls, finish_reason(o.finish, !calls.empty()), u,
-                                           g->logprobs ? chat_logprobs(lps) : json(nullptr))),
-                      "application/json");
+          });
       return;
     }
 
@@ -398,7 +596,7 @@ struct Server::Impl {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, g, slot, session, parser, id, name, created_at, include_usage](size_t, httplib::DataSink &sink) {
+        [this, g, slot, session, parser, opened, id, name, created_at, include_usage](size_t, httplib::DataSink &sink) mutable {
           // Token logprobs wait for the next chunk sent (a token whose text is held back, a marker token), so
           // every token's entry is in exactly one chunk; what is left goes with the finish chunk.
           std::vector<TokenLogprob> lps;
@@ -427,7 +625,7 @@ struct Server::Impl {
             }
             return ok;
           };
-          if (!ok) {  // gone before the first token: nothing generated yet
+          if (!ok || !emit(opened)) {  // gone before the first token: nothing generated yet
             dsrt_session_cancel(session->s);
             metrics.cancelled();
             return false;
@@ -438,7 +636,7 @@ struct Server::Impl {
                 if (lp) lps.push_back(*lp);
                 return emit(parser->push(tok, text));
               },
-              [&](const std::string &text) { emit(parser->finish(text)); });
+              [&](const std::string &text) { emit(parser->finish(text)); }, &sink);
           if (o.client_gone || !ok) return false;
           std::string tail;
           if (o.finish == DSRT_FINISH_ERROR) {
@@ -451,6 +649,7 @@ struct Server::Impl {
                                       Usage{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens}));
           }
           tail += sse_done();
+          release(session, slot);
           if (!sink.write(tail.data(), tail.size())) return false;
           sink.done();
           return true;
@@ -490,34 +689,38 @@ struct Server::Impl {
     const std::string id = random_id("cmpl-"), name = opt.model_name;
     const int64_t created_at = unix_now();
     if (!r.stream) {
-      std::string text = echo;
-      std::vector<TokenLogprob> lps;
-      std::vector<int64_t> offsets;  // each token's offset: the characters of the text emitted before it
-      int64_t chars = utf8_chars(text);
-      Outcome o = run(
-          *session, *g,
-          [&](int32_t, const std::string &t, const TokenLogprob *lp) {
-            if (lp) {
-              lps.push_back(*lp);
-              offsets.push_back(chars);
-            }
-            text += t;
-            chars += utf8_chars(t);
-            return true;
-          },
-          [&](const std::string &t) { text += t; });
-      if (o.finish == DSRT_FINISH_ERROR) throw ApiError(500, "generation failed: " + o.error, "", "", "server_error");
-      Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
-      res.set_content(dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u,
-                                           g->logprobs ? completion_logprobs(lps, offsets) : json(nullptr))),
-                      "application/json");
+      res.set_chunked_content_provider("application/json", [this, g, slot, session, id, name, created_at, echo](size_t, httplib::DataSink &sink) mutable {
+        std::string text = echo;
+        std::vector<TokenLogprob> lps;
+        std::vector<int64_t> offsets;  // each token's offset: the characters of the text emitted before it
+        int64_t chars = utf8_chars(text);
+        Outcome o;
+        if (!run_for_client(*session, *g, sink, o,
+                            [&](int32_t, const std::string &t, const TokenLogprob *lp) {
+                              if (lp) {
+                                lps.push_back(*lp);
+                                offsets.push_back(chars);
+                              }
+                              text += t;
+                              chars += utf8_chars(t);
+                            },
+                            [&](const std::string &t) { text += t; }))
+          return false;
+        Usage u{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens};
+        const std::string body = dump(text_completion(id, created_at, name, text, finish_reason(o.finish, false), u,
+                                                      g->logprobs ? completion_logprobs(lps, offsets) : json(nullptr)));
+        release(session, slot);
+        if (!sink.write(body.data(), body.size())) return false;
+        sink.done();
+        return true;
+      });
       return;
     }
     const bool include_usage = r.include_usage;
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, g, slot, session, id, name, created_at, include_usage, echo](size_t, httplib::DataSink &sink) {
+        [this, g, slot, session, id, name, created_at, include_usage, echo](size_t, httplib::DataSink &sink) mutable {
           // As in chat: token logprobs go with the next chunk sent, what is left with the finish chunk.
           std::vector<TokenLogprob> lps;
           std::vector<int64_t> offsets;
@@ -551,7 +754,8 @@ struct Server::Impl {
               },
               [&](const std::string &t) {
                 if (!t.empty()) ok = send(t);
-              });
+              },
+              &sink);
           if (o.client_gone || !ok) return false;
           std::string tail;
           if (o.finish == DSRT_FINISH_ERROR) {
@@ -562,6 +766,7 @@ struct Server::Impl {
               tail += sse(usage_chunk(id, created_at, name, "text_completion", Usage{int64_t(g->prompt.size()), o.completion_tokens, o.cached_tokens}));
           }
           tail += sse_done();
+          release(session, slot);
           if (!sink.write(tail.data(), tail.size())) return false;
           sink.done();
           return true;
@@ -714,10 +919,10 @@ Server::Server(const Options &o) : impl_(std::make_unique<Impl>()) {
   MarkerTokens &m = I.markers;
   m.think_begin = dsrt_special_token(I.model, DSRT_SPECIAL_THINK_BEGIN);
   m.think_end = dsrt_special_token(I.model, DSRT_SPECIAL_THINK_END);
-  m.calls_begin = single_special(I.model, "<｜tool▁calls▁begin｜>");
+  m.calls_begin = single_special(I.model, kCallsBegin);
   m.calls_end = single_special(I.model, "<｜tool▁calls▁end｜>");
   m.call_begin = single_special(I.model, "<｜tool▁call▁begin｜>");
-  m.call_end = single_special(I.model, "<｜tool▁call▁end｜>");
+  m.call_end = single_special(I.model, kCallEnd);
   m.sep = single_special(I.model, "<｜tool▁sep｜>");
   m.think_begin_text = visible_text(I.model, m.think_begin);
   m.think_end_text = visible_text(I.model, m.think_end);
@@ -728,6 +933,7 @@ Server::Server(const Options &o) : impl_(std::make_unique<Impl>()) {
   m.sep_text = visible_text(I.model, m.sep);
   // The generation prompt's <think> is in the rendered prompt text whether or not it is a control token.
   if (m.think_begin_text.empty()) m.think_begin_text = token_text(I.model, m.think_begin);
+  I.probe_tool_call_format();
   I.routes();
 }
 

@@ -1,10 +1,39 @@
 #include "tool_calls.h"
 
+#include <algorithm>
+#include <cstring>
+
 #include "openai_json.h"
 
 namespace dsrt::serve {
 
 namespace {
+
+std::string ltrim(const std::string &s) {
+  const size_t a = s.find_first_not_of(" \t\r\n");
+  return a == std::string::npos ? "" : s.substr(a);
+}
+
+// The arguments of an open call as far as they are certain: split_v3_call_body's / close_call's result is
+// known to start with them whatever text comes next. body: V3.1's body, or V3's body after the name line.
+std::string certain_arguments(const std::string &body, bool v3) {
+  std::string a = ltrim(body);
+  bool fenced = false;
+  if (v3) {
+    if (a.size() < 3 && std::string("```").compare(0, a.size(), a) == 0) return "";  // maybe a fence
+    fenced = a.rfind("```", 0) == 0;
+    if (fenced) {
+      const size_t eol = a.find('\n');
+      if (eol == std::string::npos) return "";
+      a = ltrim(a.substr(eol + 1));
+      const size_t close = a.find("```");
+      if (close != std::string::npos) a.resize(close);
+    }
+  }
+  // Held back: trailing whitespace (trimmed at the end) and, in a fence, backticks that may open its close.
+  while (!a.empty() && (std::strchr(" \t\r\n", a.back()) || (fenced && a.back() == '`'))) a.pop_back();
+  return a;
+}
 
 std::string trim(const std::string &s) {
   const char *ws = " \t\r\n";
@@ -32,6 +61,22 @@ void split_v3_call_body(const std::string &body, std::string &name, std::string 
     if (fence != std::string::npos) rest = rest.substr(0, fence);
   }
   args = trim(rest);
+}
+
+std::string tools_system_prompt(const json &tools, const std::string &call_format) {
+  std::string s = "## Tools\nYou have access to the following tools:\n";
+  for (const auto &t : tools) {
+    const json &f = t["function"];
+    s += "\n### " + f["name"].get<std::string>() + "\n";
+    if (f.contains("description")) s += "Description: " + f["description"].get<std::string>() + "\n";
+    s += "\nParameters: " + (f.contains("parameters") ? dump(f["parameters"]) : std::string("{}")) + "\n";
+  }
+  s += "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n" + call_format +
+       "{{additional_tool_calls}}<｜tool▁calls▁end｜>\n\nWhere:\n\n"
+       "- `tool_call_name` must be an exact match to one of the available tools\n"
+       "- `tool_call_arguments` must be valid JSON based on the tool's description\n"
+       "- For multiple tool calls, chain them directly without separators or spaces\n";
+  return s;
 }
 
 OutputParser::OutputParser(const MarkerTokens &m, bool tools, bool in_reasoning)
@@ -67,8 +112,27 @@ void OutputParser::add_text(const std::string &text, ParsedDelta &d) {
           name_sent_ = true;
         }
       }
+      stream_arguments(d);
       break;
   }
+}
+
+void OutputParser::stream_arguments(ParsedDelta &d) {
+  if (!name_sent_) return;  // the first delta carries the id and the name
+  std::string args;
+  if (v3_format_) {
+    const size_t nl = body_.find('\n');
+    if (nl == std::string::npos) return;
+    args = certain_arguments(body_.substr(nl + 1), true);
+  } else {
+    args = certain_arguments(body_, false);
+  }
+  if (args.size() <= args_sent_) return;
+  ParsedDelta::Call c;
+  c.index = n_calls_;
+  c.arguments = args.substr(args_sent_);
+  args_sent_ = args.size();
+  d.calls.push_back(c);
 }
 
 void OutputParser::close_call(ParsedDelta &d) {
@@ -81,18 +145,19 @@ void OutputParser::close_call(ParsedDelta &d) {
   }
   ParsedDelta::Call c;
   c.index = n_calls_;
-  c.arguments = args;
+  c.arguments = args.substr(std::min(args_sent_, args.size()));  // what certain_arguments held back
   if (!name_sent_) {
     c.first = true;
     c.id = random_id("call_");
     c.name = name;
   }
-  d.calls.push_back(c);
+  if (c.first || !c.arguments.empty()) d.calls.push_back(c);
   n_calls_++;
   header_.clear();
   body_.clear();
   name_sent_ = false;
   v3_format_ = false;
+  args_sent_ = 0;
 }
 
 ParsedDelta OutputParser::push(int32_t token, const std::string &text) {
@@ -114,6 +179,7 @@ ParsedDelta OutputParser::push(int32_t token, const std::string &text) {
     header_.clear();
     body_.clear();
     name_sent_ = false;
+    args_sent_ = 0;
   } else if (tools_ && is(m_.sep)) {
     add_text(strip(text, m_.sep_text), d);
     if (state_ == State::CallHeader) {

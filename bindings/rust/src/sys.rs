@@ -61,6 +61,7 @@ pub struct dsrt_model_params {
     pub n_devices: i32,
     pub device_memory: u64,
     pub device_memory_fraction: f32,
+    pub experts_compute: i32,
 }
 
 #[repr(C)]
@@ -113,6 +114,12 @@ pub struct dsrt_engine_stats {
     pub device_seconds: f64,
     pub graph_replays: u64,
     pub graph_captures: u64,
+    pub expert_hits: u64,
+    pub expert_misses: u64,
+    pub expert_bytes_copied: u64,
+    pub expert_bytes_read_in_host: u64,
+    pub experts_on_cpu: u64,
+    pub expert_bytes_cpu: u64,
 }
 
 #[repr(C)]

@@ -113,11 +113,13 @@ fn binding_script() {
     let mut c = Session::new(&engine).unwrap();
     c.append_text("Once upon a time", true).unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let killer = {
         let cancel = cancel.clone();
         std::thread::spawn(move || {
             rx.recv().unwrap();
             cancel.trigger();
+            done_tx.send(()).unwrap();
         })
     };
     let mut n = 0;
@@ -135,7 +137,10 @@ fn binding_script() {
             after += 1;
         }
         if n == 5 {
+            // Trigger on the other thread and wait until it has: what follows counts tokens after the
+            // trigger, not after a thread that a busy machine may schedule late.
             tx.send(()).unwrap();
+            done_rx.recv().unwrap();
             sent = true;
         }
     }

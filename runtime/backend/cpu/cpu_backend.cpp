@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 #include "backend/backend.h"
-#include "backend/cpu/fp8_matmul.h"
+#include "backend/cpu/cpu_kernels.h"
 #include "backend/scratch_arena.h"
 #include "core/dtype.h"
 #include "core/memory.h"
@@ -22,46 +22,15 @@
 namespace dsrt {
 namespace {
 
-// Dot product with 8 independent partial sums (vectorisable without reassociation flags).
-inline float dot(const float *a, const float *b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int u = 0; u < 8; u++) s[u] += a[j + u] * b[j + u];
-  float tail = 0.0f;
-  for (; j < n; j++) tail += a[j] * b[j];
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail;
-}
-
-inline void axpy(float a, const float *x, float *y, int64_t n) {
-  for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
-}
-
-// FP8 activations as the GPU makes them (kernels::quantize_rows_fp8): each 128-channel group of a row scaled
-// by s = amax / 448 (1 for an all-zero group), rounded to e4m3 (nearest even, saturating) and scaled back, so
-// an fp32 GEMM over the result is the block-scaled FP8 GEMM's arithmetic up to the order of its sums.
-void round_rows_to_fp8(const float *x, int64_t rows, int64_t k, float *out) {
-  for (int64_t i = 0; i < rows * k; i += 128) {
-    float amax = 0.0f;
-    for (int64_t j = i; j < i + 128; j++) amax = std::max(amax, std::fabs(x[j]));
-    const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
-    for (int64_t j = i; j < i + 128; j++) out[j] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[j] / s)) * s;
-  }
-}
+using cpu::axpy;
+using cpu::dot;
+using cpu::thread_scratch;
 
 // KV bytes that the live CPU pools of this process may still allocate: a pool promises its whole size at
 // kv_init and hands the promise back page by page as it allocates (from then on the page shows in the
 // system's free memory) and when it is freed. available_memory() subtracts it, so engines sized by
 // kv_memory_fraction share the memory instead of each being given the same free bytes.
 std::atomic<int64_t> g_kv_bytes_promised{0};
-
-// Scratch that grows per thread and is reused.
-float *thread_scratch(size_t n, int slot = 0) {
-  thread_local HostVec<float> bufs[3];
-  HostVec<float> &b = bufs[slot];
-  if (b.size() < n) b.resize(n);
-  return b.data();
-}
 
 class CpuBackend final : public ArenaBackend {
  public:
@@ -206,9 +175,7 @@ class CpuBackend final : public ArenaBackend {
     });
   }
 
-  // out[t, n] = sum_k x[t, k] W[n, k]. FP8: fp8_matmul.cpp (decoded in registers, SIMD path chosen at run time).
-  // BF16/F32: rows of W are dequantised in tiles of kTile and each tile is dotted with every token row, so x is
-  // streamed once per tile rather than once per row.
+  // out[t, n] = sum_k x[t, k] W[n, k] (cpu_kernels.h).
   void linear(Tensor x, const Weight &w, Tensor out) override {
     const auto timer_ = timed("linear", &w);
     check_device(x, "linear");
@@ -231,35 +198,18 @@ class CpuBackend final : public ArenaBackend {
   // x itself, or x rounded to FP8 activations when a GEMM of `step_rows` rows with weight w quantises them
   // on the GPU (BackendOptions::fp8_activations, kFp8ActivationMinRows).
   Tensor fp8_input(Tensor x, int64_t step_rows, const Weight &w) {
-    if (!fp8_activations_ || step_rows < kFp8ActivationMinRows || w.dtype != DType::F8_E4M3 || x.cols % 128) return x;
+    if (!cpu::takes_fp8_activations(fp8_activations_, step_rows, w)) return x;
     Tensor q = alloc(x.rows, x.cols);
     const int64_t K = x.cols;
-    pool_.parallel_for(x.rows, 1, [&](int64_t a, int64_t b) { round_rows_to_fp8(x.f32() + a * K, b - a, K, q.f32() + a * K); });
+    pool_.parallel_for(x.rows, 1, [&](int64_t a, int64_t b) { cpu::round_rows_to_fp8(x.f32() + a * K, b - a, K, q.f32() + a * K); });
     return q;
   }
 
+  // cpu_kernels.cpp, rows split over the threads: FP8 in blocks of 16 rows, BF16/F32 in tiles of 8.
   void multiply(Tensor x, const Weight &w, Tensor out) {
-    if (w.dtype == DType::F8_E4M3) {  // fp8_matmul.cpp: decoded in registers, rows split over the threads
-      constexpr int64_t kRows = 16;
-      pool_.parallel_for((w.rows + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
-        fp8::matmul_rows(w, x.f32(), x.rows, x.cols, out.f32(), out.cols, b0 * kRows, std::min(w.rows, b1 * kRows));
-      });
-      return;
-    }
-    constexpr int64_t kTile = 8;
-    const int64_t K = w.cols, N = w.rows, T = x.rows;
-    const int64_t n_tiles = (N + kTile - 1) / kTile;
-    pool_.parallel_for(n_tiles, 1, [&](int64_t b0, int64_t b1) {
-      float *buf = thread_scratch(size_t(kTile * K));
-      for (int64_t tile = b0; tile < b1; tile++) {
-        const int64_t n0 = tile * kTile, nn = std::min(kTile, N - n0);
-        for (int64_t i = 0; i < nn; i++) w.dequant_row(n0 + i, 0, K, buf + i * K);
-        for (int64_t t = 0; t < T; t++) {
-          const float *xr = x.f32() + t * K;
-          float *yr = out.f32() + t * N + n0;
-          for (int64_t i = 0; i < nn; i++) yr[i] = dot(buf + i * K, xr, K);
-        }
-      }
+    const int64_t rows = w.dtype == DType::F8_E4M3 ? 16 : 8;
+    pool_.parallel_for((w.rows + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+      cpu::matmul_rows(w, x.f32(), x.rows, x.cols, out.f32(), out.cols, b0 * rows, std::min(w.rows, b1 * rows));
     });
   }
 
@@ -276,8 +226,7 @@ class CpuBackend final : public ArenaBackend {
     const int64_t n = gate.rows * gate.cols;
     pool_.parallel_for(n, 1 << 14, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; i++) {
-        float g = gate.f32()[i];
-        out.f32()[i] = g / (1.0f + std::exp(-g)) * up.f32()[i];
+        out.f32()[i] = cpu::silu_mul(gate.f32()[i], up.f32()[i]);
       }
     });
   }

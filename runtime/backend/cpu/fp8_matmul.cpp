@@ -263,10 +263,14 @@ DSRT_AVX512 void tile_avx512(const TileArgs &a, int g, float (*tot)[kMaxGroup]) 
 
 #ifdef DSRT_FP8_X86
 // F16C (the fp16 -> fp32 conversions of the decode) from CPUID leaf 1: clang 14's __builtin_cpu_supports does not
-// know "f16c".
+// know "f16c". Asked once: matmul_rows checks its path on every call, and CPUID traps to the hypervisor in a VM
+// (it took 10% of a V3 expert's time in 16-row calls).
 static bool has_f16c() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  }();
+  return yes;
 }
 #endif
 

@@ -7,10 +7,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <tuple>
 #include <unordered_map>
@@ -18,6 +21,12 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "core/memory.h"
+#include "backend/cpu/host_bandwidth.h"
+#include "backend/cpu/host_experts.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/expert_cache.h"
+#include "backend/offload_cost.h"
+#include "core/thread_pool.h"
 #include "backend/cuda/fp8_gemm.h"
 #include "backend/cuda/launch_recorder.h"
 #include "backend/scratch_arena.h"
@@ -30,13 +39,6 @@ namespace {
 
 namespace k = dsrt::kernels;
 
-void cuda_check(cudaError_t e, const char *what) {
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    failf(DSRT_ERR_OUT_OF_MEMORY, "CUDA: out of device memory (", what, ")");
-  }
-  if (e != cudaSuccess) failf(DSRT_ERR_INTERNAL, "CUDA: ", what, ": ", cudaGetErrorString(e));
-}
 
 int32_t dev_dtype(DType t) {
   switch (t) {
@@ -58,7 +60,7 @@ class CudaWeights final : public DeviceWeights {
       if (!in_host_.count(id)) cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
-    for (void *p : registered_) cudaHostUnregister(p);
+    for (auto [a, b] : registered_) cudaHostUnregister(reinterpret_cast<void *>(a));
     for (void *p : copied_) cudaFreeHost(p);
   }
   size_t bytes() const override {
@@ -68,11 +70,19 @@ class CudaWeights final : public DeviceWeights {
   mutable std::mutex mu_;
   std::map<int32_t, k::DevMatrix> by_id_;
   size_t bytes_ = 0;
-  // Expert offload: the ids whose bytes stay in host memory (by_id_ holds their device-visible address; their
-  // block scales are on the device), and the host ranges registered for that.
+  // Expert offload: the ids whose bytes stay in host memory only (by_id_ holds their device-visible address;
+  // their block scales are on the device); host_ the device-visible host address of every mapped expert
+  // matrix (with its device scales), including those also on the device (the GPU expert cache's slots may
+  // give them up); the page ranges registered for that [first, last) and pinned copies of unaligned tensors.
   std::set<int32_t> in_host_;
-  std::vector<void *> registered_, copied_;  // ranges registered in place; pinned copies of unaligned tensors
+  std::map<int32_t, k::DevMatrix> host_;
+  std::vector<std::pair<uintptr_t, uintptr_t>> registered_;
+  std::vector<void *> copied_;
   size_t host_bytes_ = 0, copied_bytes_ = 0;
+  // The backend (CudaBackend::serial_) whose expert caches own the slots (the device copies of experts in
+  // host_ too): one per model and device, for good (a slot holds whatever its owner left there); the model's
+  // other engines read those experts from host memory.
+  uint64_t cache_owner_ = 0;
 
  private:
   int device_;
@@ -89,7 +99,9 @@ class CudaBackend final : public ArenaBackend {
               return p;
             },
             [](void *p) { cudaFree(p); }, size_t(256) << 20, 256),
-        gemv_{opt.gemv_k_split, opt.gemv_rows_per_warp} {
+        gemv_{opt.gemv_k_split, opt.gemv_rows_per_warp},
+        experts_compute_(opt.experts_compute),
+        n_threads_(opt.n_threads) {
     cuda_check(cudaSetDevice(opt.device), "cudaSetDevice");
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     rec_ = std::make_unique<LaunchRecorder>(stream_);
@@ -115,7 +127,10 @@ class CudaBackend final : public ArenaBackend {
       cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
-    for (auto &[_, t] : expert_tables_) cudaFree(t);
+    expert_caches_.clear();
+    cudaFree(cache_stats_);
+    cudaFreeHost(cache_stats_host_);
+    for (auto &[_, t] : expert_tables_) cudaFree(t.dev);
     for (auto &[a, b] : events_) {
       cudaEventDestroy(a);
       cudaEventDestroy(b);
@@ -140,6 +155,12 @@ class CudaBackend final : public ArenaBackend {
       if (cudaEventElapsedTime(&ms, step_ev_[0], step_ev_[1]) == cudaSuccess) counters_.device_seconds += ms * 1e-3;
       cudaGetLastError();
       step_started_ = false;
+    }
+    if (cache_stats_host_) {
+      counters_.expert_hits = cache_stats_host_[k::kCacheHits];
+      counters_.expert_misses = cache_stats_host_[k::kCacheMisses];
+      counters_.expert_bytes_copied = cache_stats_host_[k::kCacheCopiedBytes];
+      counters_.expert_bytes_read_in_host = cache_stats_host_[k::kCacheHostReadBytes];
     }
     meta_->reset();
     flash_plans_.clear();
@@ -516,13 +537,161 @@ class CudaBackend final : public ArenaBackend {
   // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
+    if (experts_compute_ != ExpertCompute::Gpu && all_experts_here(experts) && expert_table(experts).offloaded)
+      return moe_split_with_cpu(x, experts, ids, weights, out);
+    moe_on_gpu(x, experts, ids, weights, out);
+  }
+  // Expert offload with the CPU (--experts-on-cpu, --cold-experts-on-cpu): the routing decisions and the
+  // activations come to the host; the cost model (backend/offload_cost.h) sends each expert the step needs to
+  // the GPU (a cache hit, or a copy over PCIe) or to the CPU (HostExperts, read in place from the mapped
+  // checkpoint); the GPU runs its pairs (the CPU's get weight 0 and an expert the GPU runs anyway) while the
+  // CPU runs its own, and the CPU's sum is added on the GPU. A host sync per such layer: this path is bound by
+  // PCIe and DRAM, not by launches.
+  void moe_split_with_cpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
+    const int64_t T = x.rows, K = ids.cols, H = x.cols, E = int64_t(experts.size());
+    const ExpertCache *cache = expert_cache(experts);
+    std::vector<int32_t> slot_of(size_t(E), -1);
+    std::vector<float> hx(size_t(T * H));
+    const HostRouting routing = routing_to_host(ids, weights, [&] {
+      to_host_async(hx.data(), x.data, hx.size() * 4, "moe activations");
+      if (cache) to_host_async(slot_of.data(), cache->view().slot_of, slot_of.size() * 4, "expert cache slots");
+    });
+    const std::vector<int32_t> &hid = routing.ids;
+    const std::vector<float> &hw = routing.weights;
+    // The plan: one need per expert the step routes to.
+    std::vector<int64_t> rows(size_t(E), 0);
+    for (int32_t e : hid) {
+      if (e < 0 || e >= E) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
+      rows[size_t(e)]++;
+    }
+    std::vector<offload::ExpertNeed> needs;
+    std::vector<int32_t> need_expert;
+    for (int64_t e = 0; e < E; e++) {
+      if (!rows[size_t(e)]) continue;
+      const FfnWeights &f = experts[size_t(e)];
+      offload::ExpertNeed n;
+      n.bytes = HostExperts::weight_bytes(f);
+      n.rows = rows[size_t(e)];
+      n.macs_per_row = f.gate.rows * f.gate.cols + f.up.rows * f.up.cols + f.down.rows * f.down.cols;
+      n.cached = cache ? slot_of[size_t(e)] >= 0 : !store_->in_host_.count(f.gate.id);
+      needs.push_back(n);
+      need_expert.push_back(int32_t(e));
+    }
+    const offload::Plan plan = offload::plan_experts(
+        needs, offload_rates(), experts_compute_ == ExpertCompute::AllOnCpu ? offload::CpuMode::All : offload::CpuMode::Auto);
+    std::vector<uint8_t> on_cpu(size_t(E), 0);
+    std::vector<int32_t> on_gpu;  // the experts the GPU runs anyway, hits first
+    for (int pass = 0; pass < 2; pass++)
+      for (size_t i = 0; i < needs.size(); i++)
+        if (plan.place[i] != offload::Place::Cpu && (plan.place[i] == offload::Place::Hit) == (pass == 0))
+          on_gpu.push_back(need_expert[i]);
+    for (size_t i = 0; i < needs.size(); i++)
+      if (plan.place[i] == offload::Place::Cpu) on_cpu[size_t(need_expert[i])] = 1;
+    // The GPU's pairs: the CPU's pairs of a token point at experts the GPU runs anyway that the token does not
+    // route to (weight 0), each at most once per token: the expert kernels take a token's experts as distinct.
+    // A token with too few such experts sends the whole layer to the CPU.
+    std::vector<int32_t> gid = hid;
+    std::vector<float> gw = hw;
+    bool gpu_part = !on_gpu.empty();
+    for (int64_t t = 0; t < T && gpu_part; t++) {
+      int32_t *row = gid.data() + t * K;
+      size_t next = 0;
+      for (int64_t j = 0; j < K && gpu_part; j++) {
+        if (!on_cpu[size_t(row[j])]) continue;
+        while (next < on_gpu.size() && std::find(row, row + K, on_gpu[next]) != row + K) next++;
+        if (next == on_gpu.size()) gpu_part = false;
+        else row[j] = on_gpu[next++], gw[size_t(t * K + j)] = 0.0f;
+      }
+    }
+    if (!gpu_part)
+      for (int32_t e : hid) on_cpu[size_t(e)] = 1;
+    counters_.experts_on_cpu += uint64_t(std::count(on_cpu.begin(), on_cpu.end(), uint8_t(1)));
+    if (gpu_part) {
+      Tensor dids = alloc(T, K, DType::I32), dw = alloc(T, K);
+      go(copy_launch, dids.data, static_cast<const void *>(upload_i32(gid)), gid.size() * 4);
+      go(copy_launch, dw.data, static_cast<const void *>(upload_f32(gw)), gw.size() * 4);
+      moe_on_gpu(x, experts, dids, dw, out);
+    } else {
+      go([](cudaStream_t s, void *o, size_t n) { cuda_check(cudaMemsetAsync(o, 0, n, s), "moe out"); }, out.data,
+         size_t(T * H) * sizeof(float));
+    }
+    flush();  // the GPU's share runs while the CPU computes its own
+    if (!host_experts_) host_experts_ = std::make_unique<HostExperts>(n_threads_);
+    std::vector<float> y(size_t(T * H));
+    const auto t0 = std::chrono::steady_clock::now();
+    host_experts_->run(hx.data(), T, H, hid.data(), hw.data(), K, experts, on_cpu.data(), gemm_ != nullptr, y.data());
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (host_experts_->last_weight_bytes() > 0 && dt > 0 && T == 1)  // the decode rate, for the cost model
+      cpu_expert_rate_ = 0.8 * cpu_expert_rate_ + 0.2 * double(host_experts_->last_weight_bytes()) / dt;
+    counters_.expert_bytes_cpu += uint64_t(host_experts_->last_weight_bytes());
+    Tensor dy = alloc(T, H);
+    go(copy_launch, dy.data, static_cast<const void *>(upload_f32(y)), y.size() * 4);
+    go([](cudaStream_t s, float *o, const float *y, int64_t n) { k::add(o, y, n, s); }, out.f32(),
+       static_cast<const float *>(dy.f32()), T * H);
+  }
+  // The routing decisions on the host, with whatever else the caller's `more` queues (to_host_async), after
+  // one sync: the host paths of the MoE (the reference path, the CPU split) start here.
+  struct HostRouting {
+    std::vector<int32_t> ids;
+    std::vector<float> weights;
+  };
+  template <class More>
+  HostRouting routing_to_host(Tensor ids, Tensor weights, More &&more) {
+    HostRouting r{std::vector<int32_t>(size_t(ids.rows * ids.cols)), std::vector<float>(size_t(weights.rows * weights.cols))};
+    flush();
+    to_host_async(r.ids.data(), ids.data, r.ids.size() * 4, "moe ids");
+    to_host_async(r.weights.data(), weights.data, r.weights.size() * 4, "moe weights");
+    more();
+    sync();
+    return r;
+  }
+  void to_host_async(void *dst, const void *src, size_t n, const char *what) {
+    cuda_check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), what);
+  }
+  static constexpr auto copy_launch = [](cudaStream_t s, void *dst, const void *src, size_t n) {
+    cuda_check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s), "moe staging");
+  };
+  // The cost model's rates: PCIe measured once; the CPU's expert rate starts at 60% of the host's measured
+  // DRAM read rate and follows the batch-1 runs it sees.
+  offload::Rates offload_rates() {
+    if (pcie_rate_ <= 0) {
+      // DSRT_OFFLOAD_PCIE_GBS: the host->device rate the cost model assumes instead of the measured one (a
+      // shared or throttled link; tests make copies dear with it to send experts to the CPU).
+      const char *forced = std::getenv("DSRT_OFFLOAD_PCIE_GBS");
+      pcie_rate_ = forced && std::atof(forced) > 0 ? std::atof(forced) * 1e9 : host_to_device_bandwidth(device().index);
+      ThreadPool pool(n_threads_);
+      cpu_expert_rate_ = 0.6 * host_read_bandwidth(pool);
+      if (!host_experts_) host_experts_ = std::make_unique<HostExperts>(n_threads_);
+      cpu_flops_ = host_experts_->measure_flops();
+      log(LogLevel::Info, "dsrt: expert offload with the CPU: host->device " + std::to_string(int(pcie_rate_ / 1e9)) +
+                              " GB/s, CPU experts ~" + std::to_string(int(cpu_expert_rate_ / 1e9)) + " GB/s, " +
+                              std::to_string(int(cpu_flops_ / 1e9)) + " GFLOP/s");
+    }
+    offload::Rates r;
+    r.pcie = pcie_rate_;
+    r.cpu_bytes = cpu_expert_rate_;
+    r.cpu_flops = cpu_flops_;
+    r.cpu_overhead = 50e-6;
+    return r;
+  }
+  // False on an expert-parallel rank: the experts other ranks hold are absent here (no weights).
+  static bool all_experts_here(const std::vector<FfnWeights> &experts) {
+    return std::all_of(experts.begin(), experts.end(), [](const FfnWeights &f) { return bool(f.gate); });
+  }
+  void moe_on_gpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
-    if (grouped_moe(experts, T, H, I, K)) return moe_grouped(x, experts, ids, weights, out);
     // Expert parallelism: the experts other ranks hold are absent here (no weights); the device table has no
     // entry for them, so such a layer takes the reference path below, which skips them.
-    const bool all_here = std::all_of(experts.begin(), experts.end(), [](const FfnWeights &f) { return bool(f.gate); });
-    if (all_here && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32) {
-      const k::DevMatrix *tab = expert_table(experts);
+    const bool all_here = all_experts_here(experts);
+    const bool grouped = grouped_moe(experts, T, H, I, K),
+               gemv = all_here && !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
+    const k::DevMatrix *tab = all_here ? expert_table(experts).dev : nullptr;
+    if (const ExpertCache *c = tab ? expert_cache(experts) : nullptr)  // (the GEMV path reads an expert once per token using it)
+      go([](cudaStream_t s, const k::ExpertCacheView *v, const int32_t *ids, int64_t n, bool per_pair, int n_sm) {
+        k::expert_cache_admit(*v, ids, n, per_pair, n_sm, s);
+      }, &c->view(), static_cast<const int32_t *>(ids.i32()), T * K, !grouped, n_sm_);
+    if (grouped) return moe_grouped(x, experts, ids, weights, out);
+    if (gemv) {
       Tensor h = alloc(T * K, I);
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
             const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, int32_t dt, float *h, float *o) {
@@ -532,18 +701,26 @@ class CudaBackend final : public ArenaBackend {
          dev_dtype(experts[0].gate.dtype), h.f32(), out.f32());
       return;
     }
-    std::vector<int32_t> hid(size_t(T * K));
-    std::vector<float> hw(size_t(T * K));
-    flush();
-    cuda_check(cudaMemcpyAsync(hid.data(), ids.data, hid.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe ids");
-    cuda_check(cudaMemcpyAsync(hw.data(), weights.data, hw.size() * 4, cudaMemcpyDeviceToHost, stream_), "moe weights");
-    sync();
+    std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it, or the weights here
+    for (size_t e = 0; e < experts.size() && !tab; e++)
+      if (experts[e].gate)
+        for (size_t p = 0; p < 3; p++)
+          now[p * experts.size() + e] = dev(experts[e].*(p == 0 ? &FfnWeights::gate : p == 1 ? &FfnWeights::up : &FfnWeights::down));
+    const HostRouting routing = routing_to_host(ids, weights, [&] {
+      if (tab) to_host_async(now.data(), tab, now.size() * sizeof(k::DevMatrix), "moe expert table");
+    });
+    const std::vector<int32_t> &hid = routing.ids;
+    const std::vector<float> &hw = routing.weights;
     std::vector<std::vector<std::pair<int32_t, float>>> by_expert(experts.size());
     for (int64_t t = 0; t < T; t++)
       for (int64_t j = 0; j < K; j++) {
         int32_t e = hid[size_t(t * K + j)];
         if (e < 0 || size_t(e) >= experts.size()) failf(DSRT_ERR_INTERNAL, "router chose expert ", e);
-        by_expert[size_t(e)].push_back({int32_t(t), hw[size_t(t * K + j)]});
+        auto &v = by_expert[size_t(e)];
+        // A token twice at one expert (moe_split_with_cpu points the CPU's pairs at a GPU expert, weight 0): one
+        // row with the weights summed, since scatter_add_rows must not see a row twice (its adds would race).
+        if (!v.empty() && v.back().first == int32_t(t)) v.back().second += hw[size_t(t * K + j)];
+        else v.push_back({int32_t(t), hw[size_t(t * K + j)]});
       }
     go([](cudaStream_t s, void *o, size_t n) { cuda_check(cudaMemsetAsync(o, 0, n, s), "moe out"); }, out.data,
        size_t(T * H) * sizeof(float));
@@ -561,11 +738,12 @@ class CudaBackend final : public ArenaBackend {
       const float *dw = upload_f32(w);
       Tensor xe = alloc(n, H), g = alloc(n, inter), u = alloc(n, inter), y = alloc(n, H);
       go(gather_launch, static_cast<const float *>(x.f32()), H, drows, n, xe.f32());
-      matmul(xe.f32(), n, dev(experts[e].gate), g.f32());
-      matmul(xe.f32(), n, dev(experts[e].up), u.f32());
+      const size_t E = experts.size();
+      matmul(xe.f32(), n, now[e], g.f32());
+      matmul(xe.f32(), n, now[E + e], u.f32());
       go([](cudaStream_t s, const float *g, const float *u, float *o, int64_t n) { k::silu_mul(g, u, o, n, s); },
          static_cast<const float *>(g.f32()), static_cast<const float *>(u.f32()), g.f32(), n * inter);
-      matmul(g.f32(), n, dev(experts[e].down), y.f32());
+      matmul(g.f32(), n, now[2 * E + e], y.f32());
       go([](cudaStream_t s, const float *y, int64_t cols, const int32_t *rows, const float *w, int64_t n, float *o) {
         k::scatter_add_rows(y, cols, rows, w, n, o, s);
       }, static_cast<const float *>(y.f32()), H, drows, dw, n, out.f32());
@@ -707,6 +885,9 @@ class CudaBackend final : public ArenaBackend {
     const bool work = rec_->deferred() && rec_->pending() > 0;
     if (work) note_gpu_start();
     rec_->flush();
+    if (work && cache_stats_)  // read at the next begin_step, after its sync
+      cudaMemcpyAsync(cache_stats_host_, cache_stats_, k::kCacheStats * sizeof(unsigned long long), cudaMemcpyDeviceToHost,
+                      stream_);
     if (work) cudaEventRecord(step_ev_[1], stream_);  // (not at the next step's sync: the host's time between
                                                       // steps is not the GPU's)
   }
@@ -766,6 +947,8 @@ class CudaBackend final : public ArenaBackend {
   // memory, never a dequantised one) and registered read-only with the GPU, whose kernels then read them in
   // place over PCIe through the same pointers as device weights (an expert table entry is an address, so a
   // decode step stays one CUDA graph). Page ranges of neighbouring weights are merged and registered once.
+  // Weights of `ws` that were also uploaded (the GPU expert cache's initial contents) keep their device copy
+  // and get a host address besides.
   void map_host_weights(const std::vector<const Weight *> &ws) {
     std::lock_guard lk(store_->mu_);
     std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // page ranges of the weights not mapped yet
@@ -774,16 +957,11 @@ class CudaBackend final : public ArenaBackend {
     // 16-byte aligned (safetensors aligns its data to 8 bytes only) is copied once into pinned memory instead.
     auto aligned = [](const Weight *w) { return reinterpret_cast<uintptr_t>(w->data) % 16 == 0; };
     for (const Weight *w : ws)
-      if (!store_->by_id_.count(w->id) && aligned(w)) {
+      if (!store_->host_.count(w->id) && aligned(w)) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(w->data), b = a + size_t(w->rows * w->cols) * dtype_size(w->dtype);
         ranges.push_back({a / page * page, (b + page - 1) / page * page});
       }
-    std::sort(ranges.begin(), ranges.end());
-    std::vector<std::pair<uintptr_t, uintptr_t>> merged;
-    for (auto r : ranges)
-      if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
-      else merged.push_back(r);
-    for (auto [a, b] : merged) {
+    for (auto [a, b] : unregistered(ranges)) {
       void *p = reinterpret_cast<void *>(a);
       const cudaError_t e = cudaHostRegister(p, b - a, cudaHostRegisterMapped | cudaHostRegisterReadOnly | cudaHostRegisterPortable);
       if (e != cudaSuccess) {
@@ -791,11 +969,12 @@ class CudaBackend final : public ArenaBackend {
         failf(DSRT_ERR_OUT_OF_MEMORY, "expert offload: cannot pin ", (b - a) >> 20, " MiB of host memory holding routed experts (",
               cudaGetErrorString(e), "); give the GPU a larger budget (dsrt_model_params.device_memory, --gpu-memory)");
       }
-      store_->registered_.push_back(p);
+      store_->registered_.push_back({a, b});
     }
     for (const Weight *w : ws) {
-      if (store_->by_id_.count(w->id)) {
-        host_data_.insert(store_->by_id_[w->id].data);
+      auto known = store_->host_.find(w->id);
+      if (known != store_->host_.end()) {
+        host_data_.insert(known->second.data);
         continue;
       }
       void *host = static_cast<void *>(const_cast<uint8_t *>(w->data)), *d = nullptr;
@@ -808,16 +987,45 @@ class CudaBackend final : public ArenaBackend {
         store_->copied_bytes_ += bytes;
       }
       cuda_check(cudaHostGetDevicePointer(&d, host, 0), "expert offload: device address of host weights");
-      k::DevMatrix m = upload(*w, d);
-      store_->by_id_[w->id] = m;
-      store_->in_host_.insert(w->id);
-      store_->host_bytes_ += bytes;
+      auto on_device = store_->by_id_.find(w->id);
+      k::DevMatrix m;
+      if (on_device != store_->by_id_.end()) {  // a cache slot's first expert: its scales are uploaded already
+        m = on_device->second;
+        m.data = d;
+      } else {
+        m = upload(*w, d);
+        store_->by_id_[w->id] = m;
+        store_->in_host_.insert(w->id);
+        store_->host_bytes_ += bytes;
+      }
+      store_->host_[w->id] = m;
       host_data_.insert(m.data);
     }
     if (!ws.empty())
       log(LogLevel::Info, "dsrt: expert offload: " + std::to_string(store_->host_bytes_ >> 20) + " MiB of routed experts read "
                           "from host memory (" + std::to_string(store_->copied_bytes_ >> 20) +
                           " MiB of them copied to pinned memory: tensors not 16-byte aligned in the checkpoint)");
+  }
+  // The parts of `ranges` (page ranges, any order, may overlap) not registered yet, merged: another engine
+  // of the model may have registered pages these share.
+  std::vector<std::pair<uintptr_t, uintptr_t>> unregistered(std::vector<std::pair<uintptr_t, uintptr_t>> ranges) const {
+    std::sort(ranges.begin(), ranges.end());
+    std::vector<std::pair<uintptr_t, uintptr_t>> merged, out;
+    for (auto r : ranges)
+      if (!merged.empty() && r.first <= merged.back().second) merged.back().second = std::max(merged.back().second, r.second);
+      else merged.push_back(r);
+    auto done = store_->registered_;
+    std::sort(done.begin(), done.end());
+    for (auto [a, b] : merged) {
+      for (auto [ra, rb] : done) {
+        if (rb <= a || ra >= b) continue;
+        if (ra > a) out.push_back({a, ra});
+        a = std::max(a, rb);
+        if (a >= b) break;
+      }
+      if (a < b) out.push_back({a, b});
+    }
+    return out;
   }
   bool in_host(const k::DevMatrix &m) const { return host_data_.count(m.data) > 0; }
 
@@ -919,7 +1127,7 @@ class CudaBackend final : public ArenaBackend {
   }
   void moe_grouped(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts[0].gate.rows, E = int64_t(experts.size());
-    const k::DevMatrix *tab = expert_table(experts);
+    const k::DevMatrix *tab = expert_tables_.at(&experts).dev;
     const int64_t chunk = std::min(T, kMoeChunkTokens), last = T - (T - 1) / chunk * chunk;
     const int64_t bytes = std::max(k::moe_grouped_layout(chunk, K, E, H, I).bytes, k::moe_grouped_layout(last, K, E, H, I).bytes);
     Tensor scratch = alloc(1, (bytes + 3) / 4, DType::I32);
@@ -974,21 +1182,72 @@ class CudaBackend final : public ArenaBackend {
   }
   const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(meta_->put(v.data(), v.size() * 4)); }
 
-  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use).
-  const k::DevMatrix *expert_table(const std::vector<FfnWeights> &experts) {
+  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use), and
+  // whether some of them live in host memory (expert offload). Offloaded, the table is the GPU expert cache's
+  // (expert_cache.h), whose slots are the device copies; a backend other than the cache's owner reads every
+  // expert of such a layer from host memory instead (the owner's slots change under it).
+  struct ExpertTable {
+    k::DevMatrix *dev = nullptr;
+    bool offloaded = false;
+  };
+  const ExpertTable &expert_table(const std::vector<FfnWeights> &experts) {
     auto it = expert_tables_.find(&experts);
     if (it != expert_tables_.end()) return it->second;
-    std::vector<k::DevMatrix> tab;
+    const size_t E = experts.size();
+    std::vector<k::DevMatrix> tab, host;
+    std::vector<int32_t> slot_experts;
+    bool offloaded = false, all_mapped = true;
     for (auto part : {&FfnWeights::gate, &FfnWeights::up, &FfnWeights::down})
-      for (const FfnWeights &f : experts) tab.push_back(dev(f.*part));
+      for (const FfnWeights &f : experts) {
+        tab.push_back(dev(f.*part));
+        const int32_t id = (f.*part).id;
+        if (!store_ || id < 0) {
+          all_mapped = false;
+          continue;
+        }
+        std::lock_guard lk(store_->mu_);
+        auto h = store_->host_.find(id);
+        if (h == store_->host_.end()) all_mapped = false;
+        else host.push_back(h->second);
+        if (store_->in_host_.count(id)) offloaded = true;
+      }
+    const std::optional<k::ExpertCachePolicy> wanted = offloaded && all_mapped ? expert_cache_policy_from_env() : std::nullopt;
+    bool cached = wanted.has_value();
+    if (cached) {
+      std::lock_guard lk(store_->mu_);
+      if (!store_->cache_owner_) store_->cache_owner_ = serial_;
+      if (store_->cache_owner_ != serial_) {
+        tab = host;
+        cached = false;
+      }
+    }
+    if (cached)
+      for (size_t e = 0; e < E; e++)
+        if (tab[e].data != host[e].data) slot_experts.push_back(int32_t(e));
     k::DevMatrix *d = nullptr;
     cuda_check(cudaMalloc(&d, tab.size() * sizeof(k::DevMatrix)), "expert table");
     flush();
     cuda_check(cudaMemcpyAsync(d, tab.data(), tab.size() * sizeof(k::DevMatrix), cudaMemcpyHostToDevice, stream_),
                "expert table");
     sync();
-    expert_tables_[&experts] = d;
-    return d;
+    expert_tables_[&experts] = ExpertTable{d, offloaded};
+    if (cached) {  // (with no slots too: it counts the misses read in place)
+      if (!cache_stats_) {
+        cuda_check(cudaMalloc(&cache_stats_, k::kCacheStats * sizeof(unsigned long long)), "expert cache counters");
+        cuda_check(cudaMemsetAsync(cache_stats_, 0, k::kCacheStats * sizeof(unsigned long long), stream_), "expert cache counters");
+        cuda_check(cudaHostAlloc(reinterpret_cast<void **>(&cache_stats_host_), k::kCacheStats * sizeof(unsigned long long),
+                                 cudaHostAllocDefault), "expert cache counters");
+        std::fill(cache_stats_host_, cache_stats_host_ + k::kCacheStats, 0ull);
+      }
+      expert_caches_[&experts] = std::make_unique<ExpertCache>(int32_t(E), slot_experts, host, tab, d, *wanted,
+                                                                cache_stats_, stream_);
+    }
+    return expert_tables_.at(&experts);
+  }
+  // The layer's expert cache, if it has one (after expert_table).
+  const ExpertCache *expert_cache(const std::vector<FfnWeights> &experts) const {
+    auto it = expert_caches_.find(&experts);
+    return it == expert_caches_.end() ? nullptr : it->second.get();
   }
 
   // Op timing with CUDA events (only while profiling): a pair per op call, read back at the next step.
@@ -1050,7 +1309,20 @@ class CudaBackend final : public ArenaBackend {
   cudaEvent_t step_ev_[2] = {nullptr, nullptr};
   bool step_started_ = false;
   BackendCounters counters_;
-  std::map<const void *, k::DevMatrix *> expert_tables_;
+  std::map<const void *, ExpertTable> expert_tables_;
+  const uint64_t serial_ = next_serial();
+  static uint64_t next_serial() {
+    static std::atomic<uint64_t> n{0};
+    return ++n;
+  }
+  std::map<const void *, std::unique_ptr<ExpertCache>> expert_caches_;
+  // Expert offload with the CPU: where host-resident experts are computed, the CPU kernel, measured rates.
+  const ExpertCompute experts_compute_;
+  const int n_threads_;
+  std::unique_ptr<HostExperts> host_experts_;
+  double pcie_rate_ = 0, cpu_expert_rate_ = 0, cpu_flops_ = 0;  // per MoE layer with expert offload
+  unsigned long long *cache_stats_ = nullptr, *cache_stats_host_ = nullptr;  // [kCacheStats] on the device; its
+                                                                             // copy after each step (pinned)
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> events_;
   std::vector<std::string> labels_;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -21,31 +22,58 @@ int cuda_device_count(std::string *why) {
   return n;
 }
 
-double device_copy_bandwidth(int device) {
-  if (cudaSetDevice(device) != cudaSuccess) return 0.0;
-  const size_t n = size_t(1) << 30;
-  void *a = nullptr, *b = nullptr;
+namespace {
+
+// The best of `rounds` timed copies of n bytes (src to dst), in bytes per second times `counted` (2 for a copy
+// within device memory: read and written); 0 when the events cannot be made.
+double best_copy_rate(void *dst, const void *src, size_t n, cudaMemcpyKind kind, int rounds, double counted) {
   cudaEvent_t e0 = nullptr, e1 = nullptr;
   double best = 0.0;
-  if (cudaMalloc(&a, n) == cudaSuccess && cudaMalloc(&b, n) == cudaSuccess && cudaEventCreate(&e0) == cudaSuccess &&
-      cudaEventCreate(&e1) == cudaSuccess) {
-    cudaMemset(a, 1, n);
-    for (int r = 0; r < 5; r++) {
+  if (cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess)
+    for (int r = 0; r < rounds; r++) {
       cudaEventRecord(e0);
-      cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+      cudaMemcpy(dst, src, n, kind);
       cudaEventRecord(e1);
       cudaEventSynchronize(e1);
       float ms = 0;
       cudaEventElapsedTime(&ms, e0, e1);
-      if (ms > 0) best = std::max(best, 2.0 * double(n) / (double(ms) * 1e-3));
+      if (ms > 0) best = std::max(best, counted * double(n) / (double(ms) * 1e-3));
     }
-  }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
+  return best;
+}
+
+}  // namespace
+
+double host_to_device_bandwidth(int device) {
+  if (cudaSetDevice(device) != cudaSuccess) return 0.0;
+  const size_t n = size_t(512) << 20;
+  void *h = nullptr, *d = nullptr;
+  double rate = 0.0;
+  if (cudaHostAlloc(&h, n, cudaHostAllocDefault) == cudaSuccess && cudaMalloc(&d, n) == cudaSuccess) {
+    std::memset(h, 1, n);
+    rate = best_copy_rate(d, h, n, cudaMemcpyHostToDevice, 4, 1.0);
+  }
+  cudaFreeHost(h);
+  cudaFree(d);
+  cudaGetLastError();
+  return rate;
+}
+
+double device_copy_bandwidth(int device) {
+  if (cudaSetDevice(device) != cudaSuccess) return 0.0;
+  const size_t n = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  double rate = 0.0;
+  if (cudaMalloc(&a, n) == cudaSuccess && cudaMalloc(&b, n) == cudaSuccess) {
+    cudaMemset(a, 1, n);
+    rate = best_copy_rate(b, a, n, cudaMemcpyDeviceToDevice, 5, 2.0);
+  }
   cudaFree(a);
   cudaFree(b);
   cudaGetLastError();
-  return best;
+  return rate;
 }
 
 uint64_t cuda_free_memory(int device) {

@@ -2,20 +2,10 @@
 
 #include <algorithm>
 
+#include "backend/cuda/cuda_check.h"
 #include "core/status.h"
 
 namespace dsrt {
-namespace {
-
-void check(cudaError_t e, const char *what) {
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    failf(DSRT_ERR_OUT_OF_MEMORY, "CUDA: out of device memory (", what, ")");
-  }
-  if (e != cudaSuccess) failf(DSRT_ERR_INTERNAL, "CUDA: ", what, ": ", cudaGetErrorString(e));
-}
-
-}  // namespace
 
 void LaunchRecorder::flush() {
   if (pending_.empty()) {
@@ -35,14 +25,14 @@ void LaunchRecorder::flush() {
     auto it = graphs_.find(key);
     if (it != graphs_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second.lru);
-      check(cudaGraphLaunch(it->second.exec, stream_), "graph launch");
+      cuda_check(cudaGraphLaunch(it->second.exec, stream_), "graph launch");
       stats_.replays++;
       return;
     }
     // Captured the second time a segment is seen: one-off segments (a prefill chunk) are not worth a graph.
     if (seen_[key]++ >= 1) {
       cudaGraph_t g = nullptr;
-      check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
+      cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
       try {
         for (auto &f : todo) f(stream_);
       } catch (...) {
@@ -51,11 +41,11 @@ void LaunchRecorder::flush() {
         cudaGetLastError();
         throw;
       }
-      check(cudaStreamEndCapture(stream_, &g), "graph capture");
+      cuda_check(cudaStreamEndCapture(stream_, &g), "graph capture");
       cudaGraphExec_t exec = nullptr;
       const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
       cudaGraphDestroy(g);
-      check(e, "graph instantiate");
+      cuda_check(e, "graph instantiate");
       if (graphs_.size() >= kMaxGraphs) {  // the least recently used goes
         const uint64_t old = lru_.back();
         lru_.pop_back();
@@ -65,7 +55,7 @@ void LaunchRecorder::flush() {
       lru_.push_front(key);
       graphs_[key] = {exec, lru_.begin()};
       seen_.erase(key);
-      check(cudaGraphLaunch(exec, stream_), "graph launch");
+      cuda_check(cudaGraphLaunch(exec, stream_), "graph launch");
       stats_.captures++;
       return;
     }
@@ -111,10 +101,10 @@ const void *MetaStaging::put(const void *src, size_t bytes) {
   if (cur_ == chunks_.size()) {
     Chunk c;
     c.cap = std::max(need, size_t(1) << 20);
-    check(cudaMallocHost(&c.host, c.cap), "pinned metadata staging");
+    cuda_check(cudaMallocHost(&c.host, c.cap), "pinned metadata staging");
     const cudaError_t e = cudaMalloc(&c.dev, c.cap);
     if (e != cudaSuccess) cudaFreeHost(c.host);
-    check(e, "device metadata buffer");
+    cuda_check(e, "device metadata buffer");
     chunks_.push_back(c);
   }
   Chunk &c = chunks_[cur_];
@@ -130,7 +120,7 @@ void MetaStaging::flush_copies(LaunchRecorder &rec) {
     if (c.copied == c.used) continue;
     rec.launch_first(
         [](cudaStream_t s, char *dst, const char *src, size_t n) {
-          check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s), "metadata upload");
+          cuda_check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s), "metadata upload");
         },
         c.dev + c.copied, static_cast<const char *>(c.host + c.copied), c.used - c.copied);
     c.copied = c.used;
