@@ -24,9 +24,11 @@ struct CommHandle;  // ncclComm
 using Comm = CommHandle *;
 using Stream = void *;  // cudaStream_t
 
-// ncclConfig_t as NCCL 2.14 laid it out (the first version with a config). NCCL reads a config through its
-// size, magic and version fields and gives the fields a caller's version does not have their defaults, so a
-// 2.14-shaped config is valid for every later NCCL.
+// The head of ncclConfig_t (NCCL 2.17's fields; 2.14's, the first config, ended at `blocking`), stamped version
+// 2.14.0. NCCL (init.cc, parseCommConfig) copies min(size, its own sizeof) bytes from here into a config of its
+// own that starts with its defaults, and gives every field newer than the stamped version its default, so only
+// `blocking` is read from this struct and no field past it (netName, commName, ...) is ever taken from the
+// caller: a valid config for every NCCL from 2.14 on (checked against 2.28.9 and 2.30).
 struct Config {
   size_t size = sizeof(Config);
   unsigned int magic = 0xcafebeef;
