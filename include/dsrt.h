@@ -283,7 +283,7 @@ DSRT_API void dsrt_engine_params_init(dsrt_engine_params *p, size_t size);
 DSRT_API dsrt_status dsrt_engine_create(dsrt_model *m, const dsrt_engine_params *p, dsrt_engine **out);
 DSRT_API void dsrt_engine_free(dsrt_engine *e);
 
-/* Ranks in several processes (and hosts), CPU backend (docs/engine.md, "Ranks in several processes"). Every
+/* Ranks in several processes (and hosts): CPU ranks over Gloo, GPU ranks over NCCL, a GPU per process (docs/engine.md, "Ranks in several processes"). Every
  * process loads the same checkpoint; rank 0 creates the engine with dsrt_engine_create_dist and serves sessions,
  * ranks 1..world-1 call dsrt_worker_run, which returns when rank 0's engine is freed. The ranks meet at rank 0's
  * rendezvous (TCP, at `coordinator`), which checks that they agree on the world size, the ranks, tp x ep, the dsrt
@@ -317,8 +317,10 @@ DSRT_API dsrt_status dsrt_engine_create_dist(dsrt_model *m, const dsrt_engine_pa
                                              dsrt_engine **out);
 /* Runs follower rank dist->rank (1..world-1) of rank 0's engine on this thread: joins (errors as above), then
  * computes every step rank 0 sends until rank 0's engine is freed (DSRT_OK) or the group fails (DSRT_ERR_IO:
- * rank 0 died, or a rank died or hung mid-step). The model must be the checkpoint rank 0 loaded, loaded on the
- * CPU backend (n_threads: this process's threads). */
+ * rank 0 died, or a rank died or hung mid-step). The model must be the checkpoint rank 0 loaded, on rank 0's
+ * backend: the CPU (n_threads: this process's threads), or CUDA, where the rank takes the GPU of the launcher's
+ * local rank (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID, LOCAL_RANK; else rank % GPUs), needs NCCL (libnccl.so.2,
+ * or $DSRT_NCCL_LIBRARY; else DSRT_ERR_UNSUPPORTED) and computes with FP8 activations (the engine's AUTO). */
 DSRT_API dsrt_status dsrt_worker_run(dsrt_model *m, const dsrt_dist_params *dist);
 /* Runs one forward step over the pending tokens of every session (up to max_batch_tokens).
  * *n_tokens_out (optional) = tokens processed; 0 when nothing was pending. */

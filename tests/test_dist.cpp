@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstddef>
 #include <functional>
 #include <random>
 #include <cstdlib>
@@ -27,7 +28,13 @@
 #include "dist/gloo_communicator.h"
 #include "dist/process_group.h"
 #include "dist/launcher_env.h"
+#include "dist/nccl_library.h"
 #include "dist/rendezvous.h"
+#include "backend/backend.h"
+#include "engine/engine.h"
+#include "engine/load.h"
+#include "engine/ranks.h"
+#include "model/model.h"
 #include "helpers.h"
 
 extern char **environ;
@@ -660,5 +667,133 @@ TEST_CASE("Gloo collectives across ranks give what the in-process group gives; a
     for (auto &x : t) x.join();
     CHECK(Clock::now() - t0 < std::chrono::milliseconds(4000));
     for (int r = 0; r < W; r++) CHECK(codes[size_t(r)] == DSRT_ERR_IO);
+  }
+}
+
+// NCCL is opened at run time: what a machine without it, or with a wrong library in its place, gets.
+TEST_CASE("NCCL loading: a clean error without it or with a wrong library; the version and path when present") {
+  std::string why;
+  CHECK(dsrt::nccl::load_from({"/nonexistent/libnccl.so.2"}, &why) == nullptr);
+  CHECK(why.find("NCCL not found") != std::string::npos);
+  CHECK(why.find("/nonexistent/libnccl.so.2") != std::string::npos);
+  CHECK(why.find("DSRT_NCCL_LIBRARY") != std::string::npos);
+  why.clear();
+  CHECK(dsrt::nccl::load_from({"libc.so.6"}, &why) == nullptr);  // loads, but is no NCCL
+  CHECK(why.find("lacks ncclGetVersion") != std::string::npos);
+  CHECK(dsrt::nccl::version_string(22809) == "2.28.9");
+  CHECK(dsrt::nccl::version_string(21800) == "2.18.0");
+  why.clear();
+  if (auto api = dsrt::nccl::load_from({"libnccl.so.2"}, &why)) {  // this machine has NCCL
+    CHECK(api->version >= dsrt::nccl::kMinVersion);
+    CHECK(api->path.find("libnccl") != std::string::npos);
+    CHECK(api->GetErrorString(dsrt::nccl::Result(0)) != nullptr);
+    MESSAGE("NCCL " << dsrt::nccl::version_string(api->version) << " at " << api->path);
+  } else {
+    MESSAGE("no NCCL here: " << why);
+    CHECK(!why.empty());
+  }
+}
+
+TEST_CASE("NCCL environment: the knobs logged at start; NVLS off unless the user set it") {
+  const char *saved = std::getenv("NCCL_NVLS_ENABLE");
+  const std::string keep = saved ? saved : "";
+  setenv("NCCL_NET_PLUGIN", "none", 1);
+  unsetenv("NCCL_SOCKET_IFNAME");
+  unsetenv("NCCL_NVLS_ENABLE");
+  const std::string s = dsrt::nccl::env_summary();
+  CHECK(s.find("NCCL_NET_PLUGIN=none") != std::string::npos);
+  CHECK(s.find("NCCL_SOCKET_IFNAME unset") != std::string::npos);
+  CHECK(s.find("NCCL_NET") != std::string::npos);
+  CHECK(s.find("NCCL_IB_HCA") != std::string::npos);
+  CHECK(dsrt::nccl::default_nvls_off());
+  CHECK(std::string(std::getenv("NCCL_NVLS_ENABLE")) == "0");
+  setenv("NCCL_NVLS_ENABLE", "1", 1);  // asked for: left alone
+  CHECK(!dsrt::nccl::default_nvls_off());
+  CHECK(std::string(std::getenv("NCCL_NVLS_ENABLE")) == "1");
+  unsetenv("NCCL_NET_PLUGIN");
+  if (saved) setenv("NCCL_NVLS_ENABLE", keep.c_str(), 1);
+  else unsetenv("NCCL_NVLS_ENABLE");
+  // The config handed to NCCL is its 2.14 layout, which every later NCCL reads by size and version.
+  const dsrt::nccl::Config cfg;
+  CHECK(cfg.size == sizeof(dsrt::nccl::Config));
+  CHECK(cfg.magic == 0xcafebeefu);
+  CHECK(cfg.version == 21400u);
+  CHECK(cfg.blocking == dsrt::nccl::Config::kUndefInt);
+  CHECK(offsetof(dsrt::nccl::Config, blocking) == 16);
+  CHECK(offsetof(dsrt::nccl::Config, net_name) == 32);
+}
+
+TEST_CASE("the GPU of a rank in its own process: the launcher's local rank, else rank modulo the GPUs") {
+  auto clear = [] {
+    for (const char *v : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) unsetenv(v);
+  };
+  clear();
+  CHECK(dsrt::local_device_index(0, 8) == 0);
+  CHECK(dsrt::local_device_index(13, 8) == 5);  // second host of 8 GPUs
+  CHECK(dsrt::local_device_index(3, 1) == 0);
+  setenv("LOCAL_RANK", "2", 1);
+  CHECK(dsrt::local_device_index(10, 8) == 2);
+  setenv("SLURM_LOCALID", "6", 1);  // Slurm's before torchrun's
+  CHECK(dsrt::local_device_index(10, 8) == 6);
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1);  // Open MPI's first
+  CHECK(dsrt::local_device_index(10, 8) == 1);
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "8", 1);  // more ranks on this host than GPUs
+  try {
+    dsrt::local_device_index(10, 8);
+    FAIL("no error");
+  } catch (const dsrt::Error &e) {
+    CHECK(e.code() == DSRT_ERR_INVALID_ARGUMENT);
+    CHECK(std::string(e.what()).find("local rank 8 (OMPI_COMM_WORLD_LOCAL_RANK) but this host has 8 GPUs") != std::string::npos);
+  }
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "x", 1);
+  CHECK_THROWS_AS(dsrt::local_device_index(0, 8), dsrt::Error);
+  clear();
+  CHECK_THROWS_AS(dsrt::local_device_index(0, 0), dsrt::Error);
+}
+
+// Where several GPUs cannot run (a build without CUDA, a machine with fewer GPUs), asking for them is one
+// clear error at engine creation, and a GPU follower process fails before it waits for anyone.
+TEST_CASE("ranks on several GPUs where they cannot run: a clean error") {
+  std::string why;
+  const int gpus = dsrt::cuda_devices(&why);
+  if (gpus >= 2) {
+    MESSAGE("this machine has " << gpus << " GPUs: the GPU suite runs ranks on them");
+    return;
+  }
+  auto model = dsrt::Model::load(tiny("no-qlora"), {});
+  dsrt::EngineOptions eo;
+  eo.backend_kind = dsrt::BackendKind::Cuda;
+  eo.tp = 2;  // tensor parallelism on GPUs: not yet, said before anything starts
+  try {
+    auto e = std::make_shared<dsrt::Engine>(model, nullptr, eo);
+    FAIL("tp 2 on GPUs started");
+  } catch (const dsrt::Error &e) {
+    CHECK(e.code() == DSRT_ERR_UNSUPPORTED);
+    CHECK(std::string(e.what()).find("split over GPUs by experts (tp 1, ep 2)") != std::string::npos);
+  }
+  eo.tp = 1;
+  eo.ep = 2;
+  try {
+    auto e = std::make_shared<dsrt::Engine>(model, nullptr, eo);
+    FAIL("an engine of 2 GPU ranks started with " << gpus << " GPUs");
+  } catch (const dsrt::Error &e) {
+#if DSRT_WITH_CUDA
+    CHECK(e.code() == DSRT_ERR_INVALID_ARGUMENT);
+    CHECK(std::string(e.what()).find("this machine has " + std::to_string(gpus) + " GPUs") != std::string::npos);
+#else
+    CHECK(e.code() == DSRT_ERR_UNSUPPORTED);
+    CHECK(std::string(e.what()).find("need a build of dsrt with CUDA") != std::string::npos);
+#endif
+  }
+  if (gpus == 0) {
+    dsrt::DistSpec spec{2, 1, 1, 2, "127.0.0.1:1", 60000};
+    const auto t0 = Clock::now();
+    try {
+      dsrt::run_follower_process(*model, spec, dsrt::BackendKind::Cuda, {});
+      FAIL("a GPU follower ran without a GPU");
+    } catch (const dsrt::Error &e) {
+      CHECK((e.code() == DSRT_ERR_NO_DEVICE || e.code() == DSRT_ERR_UNSUPPORTED));
+    }
+    CHECK(Clock::now() - t0 < std::chrono::seconds(10));  // not after the rendezvous's 60 s
   }
 }

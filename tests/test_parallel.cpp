@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include "core/status.h"
 #include "dist/communicator.h"
 #include "dist/mapping.h"
+#include "engine/ranks.h"
 #include "engine/step.h"
 #include "helpers.h"
 #include "model/config.h"
@@ -233,6 +235,68 @@ TEST_CASE("a step is plain data: its encoding round-trips and corrupt bytes are 
   dsrt::Step far = s;
   far.batch.seqs[0].n_past = 200;  // the page table does not reach the positions
   CHECK_THROWS_AS(dsrt::Step::decode(far.encode()), dsrt::Error);
+}
+
+// The batch tests/gpu/test_gpu_nccl.cpp once built: the prompt's rows appended, then add_seq, so the sequence
+// started at row 80 of an 80-row batch. The CUDA backend's mla_cache_write then wrote cache slots 80..159 of an
+// 80-entry host vector (320 bytes past it: glibc's "munmap_chunk(): invalid pointer" on the H200); the CPU
+// backend read activations past the batch. A rank group now refuses such a step before any backend sees it,
+// and stays usable: in one rank and in 1 x 2 in-process ranks (a refused step reaches no follower).
+TEST_CASE("a rank group refuses a step whose sequence lies outside the batch, and keeps working") {
+  auto model = dsrt::Model::load(tiny("v3-mini"), {});
+  const int32_t V = int32_t(model->cfg.vocab_size);
+  const auto prompt = prompt_tokens(V, 80);
+  auto step_of = [&](bool rows_first) {
+    dsrt::Step st;
+    const int32_t pages[2] = {2, 0};
+    if (!rows_first) st.batch.add_seq(80, 0, pages, 2);
+    for (int32_t i = 0; i < 80; i++) {
+      st.batch.tokens.push_back(prompt[size_t(i)]);
+      st.batch.positions.push_back(i);
+    }
+    if (rows_first) st.batch.add_seq(80, 0, pages, 2);  // row0 = 80: past the batch
+    st.logit_rows = {79};
+    return st;
+  };
+  const dsrt::Step bad = step_of(true), good = step_of(false);
+  REQUIRE(bad.batch.seqs[0].row0 == 80);
+  try {
+    bad.check(DSRT_ERR_INTERNAL, "test");
+    FAIL("a sequence past the batch must be refused");
+  } catch (const dsrt::Error &e) {
+    CHECK(e.code() == DSRT_ERR_INTERNAL);
+    CHECK(std::string(e.what()).find("rows 80..160 of 80") != std::string::npos);
+  }
+  CHECK_THROWS_AS(dsrt::Step::decode(bad.encode()), dsrt::Error);
+  good.check(DSRT_ERR_INTERNAL, "test");
+  for (int ep : {1, 2}) {
+    CAPTURE(ep);
+    dsrt::RankGroup g(*model, 1, ep, [](int) { return dsrt::make_backend(dsrt::BackendKind::Cpu, {}); });
+    std::vector<const dsrt::Weight *> used;
+    for (const dsrt::Weight *w : model->w.all)
+      if (w->data && model->placement.part.at(size_t(w->id)) != dsrt::Placement::Part::Mtp) used.push_back(w);
+    g.for_each_backend([&](dsrt::Backend &be) { be.prepare_weights(model->device_weights, used, {}); });
+    dsrt::KvCacheSpec spec;
+    spec.n_layers = model->cfg.num_hidden_layers + int64_t(model->w.mtp.size());
+    spec.width = model->cfg.kv_cache_width();
+    spec.max_pages = 4;
+    spec.dtype = dsrt::DType::F32;
+    g.kv_init(spec);
+    std::vector<float> logits(static_cast<size_t>(V), -1.0f);
+    try {
+      g.forward(bad, logits.data());
+      FAIL("the rank group ran a step whose sequence lies outside the batch");
+    } catch (const dsrt::Error &e) {
+      CHECK(e.code() == DSRT_ERR_INTERNAL);
+      CHECK(std::string(e.what()).find("rank group forward: a sequence lies outside the batch") != std::string::npos);
+    }
+    CHECK(logits == std::vector<float>(static_cast<size_t>(V), -1.0f));
+    g.forward(good, logits.data());  // the group was not aborted: its followers take the next step
+    bool finite = true;
+    for (float x : logits) finite = finite && std::isfinite(x);
+    CHECK(finite);
+    CHECK(logits != std::vector<float>(static_cast<size_t>(V), -1.0f));
+  }
 }
 
 TEST_CASE("placement: one device within its budget, routed experts beyond it in host memory, or an error naming the bytes") {

@@ -39,7 +39,7 @@ int run_worker(const DistArgs &a, const char *command) {
   }
   dsrt_model_params mp;
   dsrt_model_params_init(&mp, sizeof mp);
-  mp.backend = DSRT_BACKEND_CPU;
+  mp.backend = a.backend;
   mp.n_threads = a.threads;
   dsrt_model *m = nullptr;
   if (dsrt_status st = dsrt_model_load(a.model.c_str(), &mp, &m); st != DSRT_OK) return report(st);

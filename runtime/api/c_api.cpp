@@ -472,11 +472,13 @@ dsrt_status dsrt_worker_run(dsrt_model *m, const dsrt_dist_params *dist) {
     const dsrt::DistSpec s = dist_spec(dist, 1, 1);
     if (s.world < 2) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "a worker needs a world of >= 2 ranks, got ", s.world);
     if (s.rank == 0) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, "rank 0 creates the engine (dsrt_engine_create_dist), it is not a worker");
-    if (m->backend != DSRT_BACKEND_CPU)
-      dsrt::fail(DSRT_ERR_UNSUPPORTED, "ranks in several processes run on the CPU backend for now: load the model with DSRT_BACKEND_CPU");
     dsrt::BackendOptions bo;
     bo.n_threads = m->n_threads;
-    dsrt::run_follower_process(*m->model, s, dsrt::BackendKind::Cpu, bo);
+    // A worker has no engine parameters: its precision is the engine's default (DSRT_PRECISION_AUTO: FP8
+    // activations on the GPU), which rank 0 must then use too.
+    const bool gpu = m->backend == DSRT_BACKEND_CUDA;
+    bo.fp8_activations = gpu;
+    dsrt::run_follower_process(*m->model, s, gpu ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu, bo);
   });
 }
 

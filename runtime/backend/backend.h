@@ -230,6 +230,11 @@ class Backend {
   virtual void set_profiling(bool on) = 0;
   virtual std::vector<OpTime> op_times() = 0;
   virtual BackendCounters counters() const { return {}; }
+  // For a device communicator (dist/nccl_communicator.h) that queues its collectives behind this backend's
+  // ops: queues everything the backend has recorded or held so far and returns the stream it queues on (a
+  // cudaStream_t), with the calling thread bound to the backend's device. Work queued there next runs after
+  // the backend's earlier ops and before its later ones. Null: the backend has no stream (the CPU).
+  virtual void *native_stream() { return nullptr; }
 };
 
 // GEMMs of at least this many rows quantise activations to FP8 (when BackendOptions::fp8_activations is on):

@@ -35,6 +35,19 @@ void split_host_port(const std::string &hp, std::string &host, int &port) {
   port = int(v);
 }
 
+int local_device_index(int rank, int n_devices) {
+  if (n_devices < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", rank, " needs a GPU and this host has none");
+  for (const char *name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) {
+    if (!env(name)) continue;
+    const int local = env_int(name);
+    if (local >= n_devices)
+      failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", rank, ": local rank ", local, " (", name, ") but this host has ", n_devices,
+            " GPUs: start at most one rank per GPU on each host");
+    return local;
+  }
+  return rank % n_devices;
+}
+
 DistSpec resolve_dist_spec(DistSpec s) {
   std::string from = "the arguments";
   if (s.coordinator.empty() && env("DSRT_COORDINATOR")) s.coordinator = env("DSRT_COORDINATOR");
@@ -76,16 +89,19 @@ DistSpec resolve_dist_spec(DistSpec s) {
     int port;
     split_host_port(s.coordinator, host, port);
   }
-  if (s.timeout_ms <= 0) {
-    s.timeout_ms = kDefaultDistTimeoutMs;
-    if (const char *t = env("DSRT_DIST_TIMEOUT_MS")) {
-      char *end = nullptr;
-      const long long v = std::strtoll(t, &end, 10);
-      if (*end || v < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "DSRT_DIST_TIMEOUT_MS=\"", t, "\" is not a positive number of milliseconds");
-      s.timeout_ms = v;
-    }
-  }
+  s.timeout_ms = dist_timeout_ms(s.timeout_ms);
   return s;
+}
+
+int64_t dist_timeout_ms(int64_t given) {
+  if (given > 0) return given;
+  if (const char *t = env("DSRT_DIST_TIMEOUT_MS")) {
+    char *end = nullptr;
+    const long long v = std::strtoll(t, &end, 10);
+    if (*end || v < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "DSRT_DIST_TIMEOUT_MS=\"", t, "\" is not a positive number of milliseconds");
+    return v;
+  }
+  return kDefaultDistTimeoutMs;
 }
 
 }  // namespace dsrt

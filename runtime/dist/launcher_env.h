@@ -27,11 +27,21 @@ struct DistSpec {
 // hung peer becomes an error after this).
 constexpr int64_t kDefaultDistTimeoutMs = 120000;
 
+// `given` when positive, else DSRT_DIST_TIMEOUT_MS, else kDefaultDistTimeoutMs (in-process ranks on GPUs wait
+// for each other this long too).
+int64_t dist_timeout_ms(int64_t given);
+
 // Fills what `given` leaves open from the environment (above) and checks it: world >= 1, 0 <= rank < world,
 // tp * ep == world, a coordinator HOST:PORT when world > 1. Throws DSRT_ERR_INVALID_ARGUMENT naming the
 // numbers and where they came from. A spec that names no world and finds no launcher is world 1, rank 0,
 // with tp and ep left as given (one process; its tp x ep ranks, if any, are threads).
 DistSpec resolve_dist_spec(DistSpec given);
+
+// The GPU of this process's rank when every rank is a process with a GPU of its own (design.md §5): the
+// launcher's local rank (mpirun's OMPI_COMM_WORLD_LOCAL_RANK, Slurm's SLURM_LOCALID, torchrun's LOCAL_RANK),
+// else rank % n_devices (ranks placed host by host, n_devices per host). Throws DSRT_ERR_INVALID_ARGUMENT when
+// the local rank has no GPU (n_devices or more: more ranks on this host than GPUs) or n_devices < 1.
+int local_device_index(int rank, int n_devices);
 
 // "host:port" (or "[v6addr]:port") -> host, port. Throws DSRT_ERR_INVALID_ARGUMENT.
 void split_host_port(const std::string &hp, std::string &host, int &port);

@@ -7,7 +7,8 @@
 
 namespace dsrt {
 
-std::unique_ptr<Communicator> join_process_group(const DistSpec &spec, const std::string &checkpoint) {
+std::unique_ptr<Communicator> join_process_group(const DistSpec &spec, const std::string &checkpoint,
+                                                 const DeviceJoin &device) {
   require_gloo();
   Mapping m{spec.world, spec.rank, spec.tp, spec.ep};
   m.validate();
@@ -20,6 +21,7 @@ std::unique_ptr<Communicator> join_process_group(const DistSpec &spec, const std
   RendezvousClient store(host, port, spec.timeout_ms);
   store.hello(me);
   auto comm = make_gloo_communicator(store, m, spec.timeout_ms);
+  if (device) comm = device(store, std::move(comm));
   comm->barrier();  // every rank is connected: nobody needs the store any more
   store.bye();
   if (server) server->finish();

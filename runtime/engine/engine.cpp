@@ -8,6 +8,9 @@
 
 #include "core/status.h"
 #include "dist/process_group.h"
+#if DSRT_WITH_CUDA
+#include "dist/nccl_communicator.h"
+#endif
 #include "engine/step_runner.h"
 
 namespace dsrt {
@@ -21,9 +24,6 @@ std::shared_ptr<const Vocabulary> or_config_only(std::shared_ptr<const Vocabular
 
 Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab, const EngineOptions &opt)
     : model_(std::move(model)), vocab_(or_config_only(std::move(vocab), *model_)), opt_(opt) {
-  if (opt_.backend_kind != BackendKind::Cpu && (int64_t(opt_.tp) * opt_.ep > 1 || opt_.dist.world > 1))
-    fail(DSRT_ERR_UNSUPPORTED, "tensor and expert parallelism run on the CPU backend (in-process ranks or CPU ranks "
-                               "in several processes) for now; several GPUs come with the NCCL communicator");
   if (opt_.dist.world > 1) {  // rank 0 of ranks in several processes
     const DistSpec &d = opt_.dist;
     if (d.rank != 0)
@@ -34,20 +34,39 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
     opt_.tp = d.tp;
     opt_.ep = d.ep;
     Mapping{d.world, 0, d.tp, d.ep}.check_divides(model_->cfg);  // before joining: the followers check the same
-    auto be = make_backend(opt_.backend_kind, opt_.backend);
-    ranks_ = std::make_unique<RankGroup>(*model_, join_process_group(d, model_->fingerprint), std::move(be));
+    check_gpu_split(opt_.backend_kind, d.tp, d.ep);
+    ProcessRank me = join_as_process(*model_, d, opt_.backend_kind, opt_.backend);
+    ranks_ = std::make_unique<RankGroup>(*model_, std::move(me.comm), std::move(me.backend));
     init();
     return;
   }
   const int world = std::max(1, opt_.tp) * std::max(1, opt_.ep);
-  ranks_ = std::make_unique<RankGroup>(*model_, opt_.tp, opt_.ep, [&](int) {
+  const bool gpus = opt_.backend_kind != BackendKind::Cpu && world > 1;
+  RankGroup::MakeComms comms;
+  if (gpus) {
+    check_gpu_split(opt_.backend_kind, opt_.tp, opt_.ep);
+#if DSRT_WITH_CUDA
+    // A GPU per rank, opt.device .. opt.device + world - 1, each rank driven by its own thread; NCCL between them.
+    std::string why;
+    const int n = cuda_devices(&why);
+    if (opt_.backend.device + world > n)
+      failf(DSRT_ERR_INVALID_ARGUMENT, "tp ", opt_.tp, " x ep ", opt_.ep, " ranks on GPUs ", opt_.backend.device, "..",
+            opt_.backend.device + world - 1, " but this machine has ", n, " GPUs", n ? "" : ": ", why);
+    const int64_t timeout = dist_timeout_ms(opt_.dist.timeout_ms);
+    comms = [&, timeout](const std::vector<Backend *> &bes) { return make_nccl_local_group(opt_.tp, opt_.ep, bes, timeout); };
+#else
+    fail(DSRT_ERR_UNSUPPORTED, "ranks on several GPUs need a build of dsrt with CUDA (and NCCL at run time)");
+#endif
+  }
+  ranks_ = std::make_unique<RankGroup>(*model_, opt_.tp, opt_.ep, [&](int rank) {
     BackendOptions bo = opt_.backend;
-    if (world > 1) {  // the machine's threads shared among the ranks
+    if (gpus) bo.device += rank;
+    else if (world > 1) {  // the machine's threads shared among the ranks
       const int all = bo.n_threads > 0 ? bo.n_threads : int(std::max(1u, std::thread::hardware_concurrency()));
       bo.n_threads = std::max(1, all / world);
     }
     return make_backend(opt_.backend_kind, bo);
-  });
+  }, comms);
   init();
 }
 

@@ -40,12 +40,14 @@ struct EngineOptions {
   // Tests only: replaces the MTP module's draft (its argmax), given the sequence so far (cached tokens and
   // the sampled one), to drive acceptance and rejection on purpose. The MTP module still runs.
   std::function<int32_t(const std::vector<int32_t> &sequence, int32_t mtp_draft)> mtp_draft_override;
-  // Tensor and expert parallelism (dist/mapping.h): tp * ep ranks, in-process CPU ranks unless `dist` says
-  // the ranks are processes.
+  // Tensor and expert parallelism (dist/mapping.h): tp * ep ranks, in-process ranks unless `dist` says the
+  // ranks are processes. On the CUDA backend each in-process rank has a GPU, backend.device + rank, and a
+  // thread, with NCCL between them.
   int tp = 1, ep = 1;
   // Ranks in several processes (docs/engine.md, "Ranks in several processes"): world > 1 makes this engine
   // rank 0 (resolved with resolve_dist_spec; tp x ep from here), which serves the rendezvous at
-  // dist.coordinator and sends every step to the followers (run_follower_process). CPU backend only.
+  // dist.coordinator and sends every step to the followers (run_follower_process): over Gloo on the CPU,
+  // over NCCL (with Gloo for the steps' bytes) on the CUDA backend, a GPU per process (local_device_index).
   DistSpec dist;
   // The prefix cache (kv_pages.h): the most pages it may hold; -1: as many as the pool has (cached pages nobody
   // holds are evicted when a session needs pages), 0: off.

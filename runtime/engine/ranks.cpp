@@ -5,6 +5,9 @@
 #include "core/log.h"
 #include "core/status.h"
 #include "dist/process_group.h"
+#if DSRT_WITH_CUDA
+#include "dist/nccl_communicator.h"
+#endif
 #include "model/placement.h"
 
 namespace dsrt {
@@ -117,18 +120,24 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
 }  // namespace
 
 RankGroup::RankGroup(const Model &model, int tp, int ep,
-                     const std::function<std::unique_ptr<Backend>(int rank)> &make_backend) {
+                     const std::function<std::unique_ptr<Backend>(int rank)> &make_backend, const MakeComms &make_comms) {
   Mapping shape{tp * ep, 0, tp, ep};
   shape.check_divides(model.cfg);
-  std::vector<std::unique_ptr<Communicator>> comms;
-  if (shape.world == 1) comms.push_back(make_single_communicator());
-  else comms = make_local_group(tp, ep);
   ranks_.resize(size_t(shape.world));
+  std::vector<Backend *> backends;
+  for (int r = 0; r < shape.world; r++) {  // backends first: a device communicator queues on their streams
+    ranks_[size_t(r)].backend = make_backend(r);
+    backends.push_back(ranks_[size_t(r)].backend.get());
+  }
+  std::vector<std::unique_ptr<Communicator>> comms;
+  if (make_comms) comms = make_comms(backends);
+  else if (shape.world == 1) comms.push_back(make_single_communicator());
+  else comms = make_local_group(tp, ep);
+  if (comms.size() != ranks_.size()) fail(DSRT_ERR_INTERNAL, "a rank group needs one communicator per rank");
   for (int r = 0; r < shape.world; r++) {
     Rank &k = ranks_[size_t(r)];
     k.comm = std::move(comms[size_t(r)]);
     k.shard = ModelShard::bind(model, k.comm->mapping());
-    k.backend = make_backend(r);
   }
   for (int r = 1; r < shape.world; r++) {
     Rank &k = ranks_[size_t(r)];
@@ -221,6 +230,7 @@ void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, co
 void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out, Tensor *logits_tensor_out) {
   Rank &r = ranks_[0];
   if (logits_tensor_out && world() > 1) fail(DSRT_ERR_INTERNAL, "logits stay on the device with one rank only");
+  step.check(DSRT_ERR_INTERNAL, "rank group forward");  // (the caller's mistake: the group stays usable)
   try {
     if (world() > 1) {
       std::string bytes = message(Msg::Forward) + step.encode();
@@ -234,19 +244,48 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out,
   }
 }
 
+void check_gpu_split(BackendKind kind, int tp, int ep) {
+  if (kind == BackendKind::Cuda && tp > 1)
+    failf(DSRT_ERR_UNSUPPORTED, "tp ", tp, " x ep ", ep, " on GPUs: tensor parallelism on the CUDA backend needs weight parts, "
+          "which it does not upload yet; split over GPUs by experts (tp 1, ep ", tp * ep, ")");
+}
+
+ProcessRank join_as_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt) {
+  ProcessRank me;
+  if (kind == BackendKind::Cpu) {
+    me.backend = make_backend(kind, opt);
+    me.comm = join_process_group(spec, model.fingerprint);
+    return me;
+  }
+#if DSRT_WITH_CUDA
+  BackendOptions o = opt;
+  std::string why;
+  const int n_devices = cuda_devices(&why);
+  if (n_devices < 1) failf(DSRT_ERR_NO_DEVICE, "rank ", spec.rank, " asks for a GPU: ", why);
+  o.device = local_device_index(spec.rank, n_devices);
+  me.backend = make_backend(kind, o);
+  log(LogLevel::Info, "dsrt: rank " + std::to_string(spec.rank) + " of " + std::to_string(spec.world) + " on cuda:" + std::to_string(o.device));
+  Backend &be = *me.backend;
+  me.comm = join_process_group(spec, model.fingerprint, [&](RendezvousClient &store, std::unique_ptr<Communicator> host) {
+    return make_nccl_communicator(store, std::move(host), be, spec.timeout_ms);
+  });
+  return me;
+#else
+  fail(DSRT_ERR_UNSUPPORTED, "ranks on several GPUs need a build of dsrt with CUDA (and NCCL at run time)");
+#endif
+}
+
 void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt) {
   if (spec.world < 2 || spec.rank < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "a follower is rank 1..world-1 of a world of >= 2, not rank ", spec.rank, " of ", spec.world);
-  if (kind != BackendKind::Cpu)
-    fail(DSRT_ERR_UNSUPPORTED, "ranks in several processes run on the CPU backend for now (several GPUs come with the NCCL communicator)");
   const Mapping m{spec.world, spec.rank, spec.tp, spec.ep};
   m.check_divides(model.cfg);  // before joining: rank 0 checks the same and the group would not start
+  check_gpu_split(kind, spec.tp, spec.ep);
   const ModelShard shard = ModelShard::bind(model, m);
-  auto be = make_backend(kind, opt);
-  auto comm = join_process_group(spec, model.fingerprint);
+  ProcessRank me = join_as_process(model, spec, kind, opt);
   try {
-    follow_messages(shard, *be, *comm);
+    follow_messages(shard, *me.backend, *me.comm);
   } catch (const std::exception &e) {
-    comm->abort("rank " + std::to_string(spec.rank) + ": " + e.what());
+    me.comm->abort("rank " + std::to_string(spec.rank) + ": " + e.what());
     throw;
   }
   log(LogLevel::Info, "dsrt: rank " + std::to_string(spec.rank) + ": rank 0 stopped the group");

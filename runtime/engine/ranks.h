@@ -3,7 +3,8 @@
 // runs a follower loop that receives rank 0's messages (each step as plain data, and the few backend jobs
 // that must reach every rank's cache: the KV pool's set-up, page copies, cache writes) and runs the same
 // forward in lockstep. The followers are either threads of this process (in-process ranks) or other
-// processes (run_follower_process, behind the Gloo communicator): the same loop either way.
+// processes (run_follower_process, behind the Gloo communicator, or the NCCL one for ranks on GPUs): the
+// same loop either way.
 #pragma once
 #include <functional>
 #include <memory>
@@ -21,9 +22,13 @@ namespace dsrt {
 
 class RankGroup {
  public:
-  // tp * ep ranks of `model` in this process, each with a backend made by make_backend(rank). Throws
-  // DSRT_ERR_INVALID_ARGUMENT when the mapping does not divide the model.
-  RankGroup(const Model &model, int tp, int ep, const std::function<std::unique_ptr<Backend>(int rank)> &make_backend);
+  // Makes the communicators of in-process ranks from their backends, one per rank in rank order.
+  using MakeComms = std::function<std::vector<std::unique_ptr<Communicator>>(const std::vector<Backend *> &backends)>;
+  // tp * ep ranks of `model` in this process, each with a backend made by make_backend(rank), and communicators
+  // made by make_comms (default: the single communicator for one rank, else make_local_group, whose
+  // collectives exchange host memory). Throws DSRT_ERR_INVALID_ARGUMENT when the mapping does not divide the model.
+  RankGroup(const Model &model, int tp, int ep, const std::function<std::unique_ptr<Backend>(int rank)> &make_backend,
+            const MakeComms &make_comms = {});
   // Rank 0 of ranks in several processes: `comm` is rank 0's, joined to the others (join_process_group);
   // the other ranks run run_follower_process.
   RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend);
@@ -62,7 +67,24 @@ class RankGroup {
 
 // A follower rank in its own process (`dsrt worker`, dsrt_worker_run): joins the group of `spec` (resolved,
 // world > 1, rank > 0) through the rendezvous, then runs rank 0's steps on `model` until rank 0 stops the
-// group (returns) or the group fails (throws: rank 0 died or hung, a collective failed).
+// group (returns) or the group fails (throws: rank 0 died or hung, a collective failed). On the CUDA backend
+// the rank takes the GPU local_device_index (dist/launcher_env.h) names and joins over NCCL.
 void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt);
+
+// Ranks on GPUs split the model by experts only for now: a tensor-parallel rank's weights are parts of the
+// checkpoint's tensors (model/shard.h), which the CUDA backend does not upload yet (its weights are whole
+// tensors, by id), while an expert-parallel rank's are whole experts, the others absent. Throws
+// DSRT_ERR_UNSUPPORTED for kind Cuda and tp > 1, saying so, before anything is loaded or joined.
+void check_gpu_split(BackendKind kind, int tp, int ep);
+
+// The backend and communicator of rank spec.rank when every rank is a process (rank 0: the engine; the
+// others: run_follower_process): on the CPU, Gloo; on the CUDA backend, the GPU local_device_index picks
+// (opt.device is ignored: the launcher's local rank decides) and NCCL over Gloo. Joins the group (blocks until
+// every rank has joined). DSRT_ERR_UNSUPPORTED for a GPU world in a build without CUDA.
+struct ProcessRank {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Communicator> comm;
+};
+ProcessRank join_as_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt);
 
 }  // namespace dsrt

@@ -71,17 +71,23 @@ Step Step::decode(std::string_view bytes) {
   s.logit_rows = in.i32s();
   if (in.at != bytes.size() || seqs.size() % 5 || s.batch.positions.size() != s.batch.tokens.size())
     fail(DSRT_ERR_FORMAT, "step message does not hold together");
-  const int64_t T = s.batch.n_tokens(), P = int64_t(s.batch.pages.size());
-  for (size_t i = 0; i < seqs.size(); i += 5) {
-    const SeqSlice q{seqs[i], seqs[i + 1], seqs[i + 2], seqs[i + 3], seqs[i + 4]};
+  for (size_t i = 0; i < seqs.size(); i += 5)
+    s.batch.seqs.push_back({seqs[i], seqs[i + 1], seqs[i + 2], seqs[i + 3], seqs[i + 4]});
+  s.check(DSRT_ERR_FORMAT, "step message");
+  return s;
+}
+
+void Step::check(dsrt_status code, const char *what) const {
+  const int64_t T = batch.n_tokens(), P = int64_t(batch.pages.size());
+  if (int64_t(batch.positions.size()) != T) failf(code, what, ": ", batch.positions.size(), " positions for ", T, " tokens");
+  for (const SeqSlice &q : batch.seqs)
     if (q.row0 < 0 || q.n_new < 0 || int64_t(q.row0) + q.n_new > T || q.n_past < 0 || q.page0 < 0 || q.n_pages < 0 ||
         int64_t(q.page0) + q.n_pages > P || (int64_t(q.n_past) + q.n_new + kPageTokens - 1) / kPageTokens > q.n_pages)
-      fail(DSRT_ERR_FORMAT, "step message: a sequence lies outside the batch or its page table");
-    s.batch.seqs.push_back(q);
-  }
-  for (int32_t r : s.logit_rows)
-    if (r < 0 || r >= T) fail(DSRT_ERR_FORMAT, "step message: a logit row lies outside the batch");
-  return s;
+      failf(code, what, ": a sequence lies outside the batch or its page table (rows ", q.row0, "..", int64_t(q.row0) + q.n_new,
+            " of ", T, ", pages ", q.page0, "..", int64_t(q.page0) + q.n_pages, " of ", P, ", positions to ",
+            int64_t(q.n_past) + q.n_new, ")");
+  for (int32_t r : logit_rows)
+    if (r < 0 || r >= T) failf(code, what, ": logit row ", r, " lies outside the batch of ", T, " rows");
 }
 
 }  // namespace dsrt

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "dsrt.h"
 #include "model/deepseek_v3.h"
 
 namespace dsrt {
@@ -21,6 +22,12 @@ struct Step {
   // Throws DSRT_ERR_FORMAT when the bytes are not a step this version wrote, or do not hold together
   // (rows, sequences and page tables out of range).
   static Step decode(std::string_view bytes);
+  // Throws `code` (the message starting with `what`) when the step does not hold together: a position per
+  // token, each sequence's rows inside the batch and its page table inside the batch's pages and covering its
+  // positions, logit rows inside the batch. The backends index host and device arrays by these rows (the CUDA
+  // backend's cache slots: a sequence past the batch wrote past a host vector), so nothing runs a step that
+  // fails it: decode() checks what arrives, RankGroup::forward what rank 0 is given.
+  void check(dsrt_status code, const char *what) const;
 };
 
 }  // namespace dsrt

@@ -5,7 +5,7 @@
 namespace dsrt::cli {
 
 void add_dist_options(CLI::App &app, DistOptions &o) {
-  app.add_option("--world", o.world, "ranks in all processes (start the command W times; CPU backend)")
+  app.add_option("--world", o.world, "ranks in all processes (start the command W times; on the CUDA backend a GPU each)")
       ->check(CLI::Range(1, 1 << 16))
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast)  // a launcher script's override wins
       ->type_name("W");
@@ -29,6 +29,7 @@ tools::DistArgs dist_args(const CLI::App &cmd, const ModelOptions &mo, const Eng
   a.tp = cmd.count("--tp") ? eo.tp : 0;
   a.ep = cmd.count("--ep") ? eo.ep : 0;
   a.threads = mo.threads;
+  a.backend = mo.backend;
   return a;
 }
 
@@ -55,6 +56,7 @@ void add_worker(CLI::App &app, int &rc) {
       ->required()
       ->check(CLI::ExistingDirectory);
   add_threads_option(*cmd, o->model.threads);
+  add_backend_option(*cmd, o->model.backend);  // (as rank 0's)
   cmd->add_option("--tp", o->engine.tp, "tensor-parallel ranks (as rank 0)")->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--ep", o->engine.ep, "expert-parallel ranks (as rank 0)")->check(CLI::Range(1, 1 << 16));
   add_dist_options(*cmd, o->dist);

@@ -113,6 +113,7 @@ class CudaBackend final : public ArenaBackend {
     cuda_check(cudaDeviceGetAttribute(&n_sm_, cudaDevAttrMultiProcessorCount, opt.device), "SM count");
   }
   ~CudaBackend() override {
+    cudaSetDevice(device().index);  // (the destroying thread may be bound to another rank's GPU)
     try {
       flush();
     } catch (...) {  // a failing launch at teardown: nothing left to report it to
@@ -145,6 +146,7 @@ class CudaBackend final : public ArenaBackend {
   // A step's work is queued without host syncs; the next step (or a read to the host) waits for it, so the
   // scratch arena and the pinned staging buffer are reused only once the GPU is done with them.
   void begin_step() override {
+    bind_device();
     sync();
     if (gemm_) gemm_->release();
     collect_op_times();
@@ -174,6 +176,7 @@ class CudaBackend final : public ArenaBackend {
 
   // ---- profiling
   void set_profiling(bool on) override {
+    bind_device();
     sync();
     n_timed_ = 0;
     clear_op_times();
@@ -181,6 +184,7 @@ class CudaBackend final : public ArenaBackend {
     rec_->set_deferred(!on);  // per-op events need each launch at once, between its two events
   }
   std::vector<OpTime> op_times() override {
+    bind_device();
     sync();
     collect_op_times();
     return sorted_op_times();
@@ -189,6 +193,7 @@ class CudaBackend final : public ArenaBackend {
   // ---- memory
 
   size_t available_memory() const override {
+    bind_device();
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
       cudaGetLastError();
@@ -200,6 +205,7 @@ class CudaBackend final : public ArenaBackend {
 
   void prepare_weights(DeviceWeightRegistry &registry, const std::vector<const Weight *> &weights,
                        const std::vector<const Weight *> &host_weights) override {
+                         bind_device();
     store_ = std::static_pointer_cast<CudaWeights>(
         registry.get_or_make(device(), [&] { return std::make_shared<CudaWeights>(device().index); }));
     size_t need = 0;
@@ -222,6 +228,7 @@ class CudaBackend final : public ArenaBackend {
     map_host_weights(host_weights);
   }
   void kv_init(const KvCacheSpec &spec) override {
+    bind_device();
     if (spec.dtype != DType::F32 && spec.dtype != DType::BF16)
       failf(DSRT_ERR_UNSUPPORTED, "CUDA backend: latent KV cache in ", dtype_name(spec.dtype), " (F32 or BF16 only)");
     sync();
@@ -235,6 +242,7 @@ class CudaBackend final : public ArenaBackend {
     kv_ = {p, spec.n_layers, spec.width, dev_dtype(spec.dtype)};
   }
   void kv_copy_page(int32_t src, int32_t dst) override {
+    bind_device();
     const size_t pb = spec_.page_bytes();
     char *base = static_cast<char *>(kv_.base);
     flush();
@@ -245,6 +253,7 @@ class CudaBackend final : public ArenaBackend {
   // Session state in fp32 on the host: a BF16 pool's entries are widened (kv_read) or rounded to nearest even
   // (kv_write) on the host, through a staging vector of bf16 rows.
   void kv_read(const int32_t *pages, int64_t n, float *dst) override {
+    bind_device();
     const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
     std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
     char *out = spec_.dtype == DType::BF16 ? reinterpret_cast<char *>(h.data()) : reinterpret_cast<char *>(dst);
@@ -256,6 +265,7 @@ class CudaBackend final : public ArenaBackend {
     for (size_t i = 0; i < h.size(); i++) dst[i] = bf16_to_f32(h[i]);
   }
   void kv_write(const int32_t *pages, int64_t n, const float *src) override {
+    bind_device();
     const size_t w = size_t(spec_.width), es = dtype_size(spec_.dtype);
     std::vector<uint16_t> h(spec_.dtype == DType::BF16 ? size_t(n * spec_.n_layers) * w : 0);
     for (size_t i = 0; i < h.size(); i++) h[i] = f32_to_bf16(src[i]);
@@ -527,7 +537,7 @@ class CudaBackend final : public ArenaBackend {
   // expert's SwiGLU runs once over its tokens and is added in ascending expert order (as on the CPU).
   void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) override {
     const auto timer_ = timed("moe_experts", nullptr);
-    if (experts_compute_ != ExpertCompute::Gpu && expert_table(experts).offloaded)
+    if (experts_compute_ != ExpertCompute::Gpu && all_experts_here(experts) && expert_table(experts).offloaded)
       return moe_split_with_cpu(x, experts, ids, weights, out);
     moe_on_gpu(x, experts, ids, weights, out);
   }
@@ -664,12 +674,19 @@ class CudaBackend final : public ArenaBackend {
     r.cpu_overhead = 50e-6;
     return r;
   }
+  // False on an expert-parallel rank: the experts other ranks hold are absent here (no weights).
+  static bool all_experts_here(const std::vector<FfnWeights> &experts) {
+    return std::all_of(experts.begin(), experts.end(), [](const FfnWeights &f) { return bool(f.gate); });
+  }
   void moe_on_gpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
     const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
+    // Expert parallelism: the experts other ranks hold are absent here (no weights); the device table has no
+    // entry for them, so such a layer takes the reference path below, which skips them.
+    const bool all_here = all_experts_here(experts);
     const bool grouped = grouped_moe(experts, T, H, I, K),
-               gemv = !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
-    const k::DevMatrix *tab = expert_table(experts).dev;
-    if (const ExpertCache *c = expert_cache(experts))  // (the GEMV path reads an expert once per token using it)
+               gemv = all_here && !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
+    const k::DevMatrix *tab = all_here ? expert_table(experts).dev : nullptr;
+    if (const ExpertCache *c = tab ? expert_cache(experts) : nullptr)  // (the GEMV path reads an expert once per token using it)
       go([](cudaStream_t s, const k::ExpertCacheView *v, const int32_t *ids, int64_t n, bool per_pair, int n_sm) {
         k::expert_cache_admit(*v, ids, n, per_pair, n_sm, s);
       }, &c->view(), static_cast<const int32_t *>(ids.i32()), T * K, !grouped, n_sm_);
@@ -684,9 +701,13 @@ class CudaBackend final : public ArenaBackend {
          dev_dtype(experts[0].gate.dtype), h.f32(), out.f32());
       return;
     }
-    std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it
+    std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it, or the weights here
+    for (size_t e = 0; e < experts.size() && !tab; e++)
+      if (experts[e].gate)
+        for (size_t p = 0; p < 3; p++)
+          now[p * experts.size() + e] = dev(experts[e].*(p == 0 ? &FfnWeights::gate : p == 1 ? &FfnWeights::up : &FfnWeights::down));
     const HostRouting routing = routing_to_host(ids, weights, [&] {
-      to_host_async(now.data(), tab, now.size() * sizeof(k::DevMatrix), "moe expert table");
+      if (tab) to_host_async(now.data(), tab, now.size() * sizeof(k::DevMatrix), "moe expert table");
     });
     const std::vector<int32_t> &hid = routing.ids;
     const std::vector<float> &hw = routing.weights;
@@ -705,7 +726,7 @@ class CudaBackend final : public ArenaBackend {
        size_t(T * H) * sizeof(float));
     for (size_t e = 0; e < experts.size(); e++) {
       auto &toks = by_expert[e];
-      if (toks.empty()) continue;
+      if (toks.empty() || !experts[e].gate) continue;  // (absent: another rank's expert, its rows summed there)
       const int64_t n = int64_t(toks.size()), inter = experts[e].gate.rows;
       std::vector<int32_t> rows;
       std::vector<float> w;
@@ -735,6 +756,7 @@ class CudaBackend final : public ArenaBackend {
   static constexpr auto gather_launch = [](cudaStream_t s, const float *x, int64_t cols, const int32_t *rows, int64_t n,
                                           float *o) { k::gather_rows(x, cols, rows, n, o, s); };
   void to_host(Tensor t, float *dst) override {
+    bind_device();
     flush();
     cuda_check(cudaMemcpyAsync(dst, t.data, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyDeviceToHost, stream_),
                "to_host");
@@ -750,6 +772,7 @@ class CudaBackend final : public ArenaBackend {
   // through the CPU sampler on their row copied back: the same error (or token) as the host path.
   bool samples_on_device() const override { return true; }
   std::vector<SampleResult> sample_rows(Tensor logits, const std::vector<SampleRequest> &req) override {
+    bind_device();
     std::vector<SampleResult> out(req.size());
     if (req.empty()) return out;
     const int64_t V = logits.cols;
@@ -849,6 +872,7 @@ class CudaBackend final : public ArenaBackend {
   }
 
   void from_host(Tensor t, const void *src) override {
+    bind_device();
     flush();
     cuda_check(cudaMemcpyAsync(t.data, src, size_t(t.rows * t.cols) * dtype_size(t.dtype), cudaMemcpyHostToDevice, stream_),
                "from_host");
@@ -871,6 +895,16 @@ class CudaBackend final : public ArenaBackend {
     flush();
     cuda_check(cudaStreamSynchronize(stream_), "stream");
   }
+  void *native_stream() override {
+    bind_device();
+    flush();
+    return stream_;
+  }
+  // The CUDA runtime's current device is per host thread, and one thread may drive the backends of several
+  // GPUs (in-process ranks: the step thread sets up every rank's cache between steps). Every entry that
+  // allocates, copies or starts a step binds the calling thread to this backend's device; the ops of a step
+  // run on the thread that called begin_step().
+  void bind_device() const { cuda_check(cudaSetDevice(device().index), "cudaSetDevice"); }
 
  private:
   // The cache entry of position pos in `layer` (width values in the pool's dtype).

@@ -1,0 +1,413 @@
+#include "dist/nccl_communicator.h"
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "backend/backend.h"
+#include "core/log.h"
+#include "core/status.h"
+#include "dist/nccl_library.h"
+#include "dist/rendezvous.h"
+
+namespace dsrt {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int reduce_type(DType t) {
+  switch (t) {
+    case DType::F32: return nccl::kFloat32;
+    case DType::BF16: return nccl::kBfloat16;
+    case DType::F16: return nccl::kFloat16;
+    case DType::I32: return nccl::kInt32;
+    default: failf(DSRT_ERR_INTERNAL, "all_reduce_sum: no sum over ", dtype_name(t), " tensors");
+  }
+}
+
+// What every communicator of the process logs once at its start: which NCCL, and the variables that steer
+// its choice of transport. NCCL does not report the transport it then picks through its API; NCCL_DEBUG=INFO
+// makes it print that itself.
+void log_start(const nccl::Api &api, const Mapping &m, int device, bool nvls_set) {
+  std::string s = "dsrt: NCCL " + nccl::version_string(api.version) + " (" + api.path + ") for " + m.str() + " on cuda:" +
+                  std::to_string(device) + "; " + nccl::env_summary();
+  if (nvls_set) s += "; NVLink multicast off (dsrt set NCCL_NVLS_ENABLE=0; set it to 1 to allow NVLS)";
+  s += "; NCCL_DEBUG=INFO shows the transports NCCL picks";
+  log(LogLevel::Info, s);
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(const nccl::Api &api, std::unique_ptr<Communicator> host, Backend &be, int64_t timeout_ms,
+                   std::shared_ptr<std::atomic<bool>> group_failed)
+      : api_(api), host_(std::move(host)), be_(be), timeout_(std::chrono::milliseconds(timeout_ms)),
+        group_failed_(std::move(group_failed)) {
+    if (be.device().kind != Device::Cuda) failf(DSRT_ERR_INTERNAL, "the NCCL communicator needs a CUDA backend, got ", be.name());
+    device_ = be.device().index;
+    be_.native_stream();  // binds this thread to the backend's device
+    check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreate");
+  }
+  ~NcclCommunicator() override {
+    cudaSetDevice(device_);
+    // Ranks of one process are torn down one after another on one thread, so none may wait for its peers:
+    // they are aborted (every collective has completed, so nothing is lost). A rank alone in its process
+    // takes NCCL's ordinary teardown.
+    if (group_failed_) abort_nccl();
+    if (!aborted_) {  // every collective has completed (each is waited for): nothing is left to flush
+      if (tensor_ && tensor_ != world_) api_.CommDestroy(tensor_);
+      if (world_) api_.CommDestroy(world_);
+    }
+    if (staging_) cudaFree(staging_);
+    cudaEventDestroy(done_);
+  }
+
+  const Mapping &mapping() const override { return host_->mapping(); }
+
+  // Starts this rank's NCCL communicators: the world's, and the tensor-parallel group's when it is neither the
+  // world nor this rank alone. Called inside ncclGroupStart/End when one thread starts several ranks.
+  void start_world(const nccl::UniqueId &id) { call("ncclCommInitRankConfig", [&] { return init(&world_, mapping().world, id, mapping().rank); }); }
+  void start_tensor(const nccl::UniqueId &id) { call("ncclCommInitRankConfig", [&] { return init(&tensor_, mapping().tp, id, mapping().tp_rank()); }); }
+  bool own_tensor_group() const { return mapping().tp > 1 && mapping().tp < mapping().world; }
+  // Waits until the communicators started above are ready (every rank of each group joined), or throws.
+  void finish_start() {
+    const auto deadline = Clock::now() + timeout_;
+    settle(world_, "joining the world's NCCL communicator", deadline);
+    if (own_tensor_group()) settle(tensor_, "joining the tensor-parallel group's NCCL communicator", deadline);
+    else if (mapping().tp > 1) tensor_ = world_;
+  }
+
+  void all_reduce_sum(Tensor x, Group g) override {
+    require_device(x, "all_reduce_sum");
+    const int type = reduce_type(x.dtype);
+    if (!comm_of(g)) return;  // this rank alone
+    collective("all_reduce_sum", g, [&](nccl::Comm c, cudaStream_t s) {
+      return api_.AllReduce(x.data, x.data, size_t(x.rows * x.cols), type, nccl::kSum, c, s);
+    });
+  }
+
+  // NCCL gathers contiguous blocks of one size, and each rank's columns are a strided block of `out`: every
+  // rank's block goes into a staging buffer padded to the widest rank's width (rank r's columns are
+  // Mapping::split(out.cols, W, r), as every caller cuts them), then each block is copied into its columns.
+  void all_gather_cols(Tensor local, Tensor out, Group g) override {
+    require_device(local, "all_gather_cols");
+    require_device(out, "all_gather_cols");
+    if (local.rows != out.rows || local.dtype != out.dtype) fail(DSRT_ERR_INTERNAL, "all_gather_cols: rows or dtype differ");
+    const size_t es = dtype_size(out.dtype);
+    const int W = group_size(g), me = group_rank(g);
+    if (local.cols != Mapping::split(out.cols, W, me).size())
+      failf(DSRT_ERR_INTERNAL, "all_gather_cols: rank ", me, " of ", W, " holds ", local.cols, " of ", out.cols,
+            " columns, not its Mapping::split share");
+    if (!comm_of(g)) {  // this rank alone: its columns are the output
+      if (local.data != out.data) copy_on_stream(out.data, local.data, out.bytes());
+      return;
+    }
+    const int64_t maxw = Mapping::split(out.cols, W, 0).size();
+    const size_t pitch = size_t(maxw) * es, block = pitch * size_t(out.rows);
+    char *st = staging(block * size_t(W));
+    collective("all_gather_cols", g, [&](nccl::Comm c, cudaStream_t s) {
+      check_cuda(cudaMemcpy2DAsync(st + size_t(me) * block, pitch, local.data, size_t(local.cols) * es, size_t(local.cols) * es,
+                                   size_t(local.rows), cudaMemcpyDeviceToDevice, s), "all_gather_cols staging");
+      return api_.AllGather(st + size_t(me) * block, st, block, nccl::kUint8, c, s);
+    });
+    cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
+    int64_t c0 = 0;
+    for (int r = 0; r < W; r++) {
+      const int64_t w = Mapping::split(out.cols, W, r).size();
+      if (w > 0)
+        check_cuda(cudaMemcpy2DAsync(static_cast<char *>(out.data) + size_t(c0) * es, size_t(out.cols) * es, st + size_t(r) * block,
+                                     pitch, size_t(w) * es, size_t(out.rows), cudaMemcpyDeviceToDevice, s), "all_gather_cols");
+      c0 += w;
+    }
+  }
+
+  // ncclSend/ncclRecv per peer inside one NCCL group; rows for rank r sit after the rows for ranks < r.
+  void all_to_all_v(Tensor send, const std::vector<int64_t> &send_counts, Tensor recv,
+                    const std::vector<int64_t> &recv_counts, Group g) override {
+    require_device(send, "all_to_all_v");
+    require_device(recv, "all_to_all_v");
+    const int W = group_size(g);
+    if (int(send_counts.size()) != W || int(recv_counts.size()) != W) fail(DSRT_ERR_INTERNAL, "all_to_all_v: one count per rank of the group");
+    const size_t row = size_t(send.cols) * dtype_size(send.dtype);
+    if (size_t(recv.cols) * dtype_size(recv.dtype) != row) fail(DSRT_ERR_INTERNAL, "all_to_all_v: send and receive rows differ in size");
+    int64_t rows_out = 0, rows_in = 0;
+    for (int r = 0; r < W; r++) {
+      if (send_counts[size_t(r)] < 0 || recv_counts[size_t(r)] < 0) fail(DSRT_ERR_INTERNAL, "all_to_all_v: a negative count");
+      rows_out += send_counts[size_t(r)];
+      rows_in += recv_counts[size_t(r)];
+    }
+    if (rows_out > send.rows) fail(DSRT_ERR_INTERNAL, "all_to_all_v: more rows go out than the input holds");
+    if (rows_in > recv.rows) fail(DSRT_ERR_INTERNAL, "all_to_all_v: more rows come in than the output holds");
+    if (!comm_of(g)) {
+      if (send.data != recv.data && send_counts[0] > 0) copy_on_stream(recv.data, send.data, size_t(send_counts[0]) * row);
+      return;
+    }
+    collective("all_to_all_v", g, [&](nccl::Comm c, cudaStream_t s) {
+      nccl::Result first = api_.GroupStart();
+      if (first != nccl::kSuccess) return first;
+      size_t so = 0, ro = 0;
+      for (int r = 0; r < W; r++) {
+        const size_t sn = size_t(send_counts[size_t(r)]) * row, rn = size_t(recv_counts[size_t(r)]) * row;
+        nccl::Result a = nccl::kSuccess, b = nccl::kSuccess;
+        if (sn) a = api_.Send(static_cast<const char *>(send.data) + so, sn, nccl::kUint8, r, c, s);
+        if (rn) b = api_.Recv(static_cast<char *>(recv.data) + ro, rn, nccl::kUint8, r, c, s);
+        if (first == nccl::kSuccess) first = a != nccl::kSuccess ? a : b;
+        so += sn;
+        ro += rn;
+      }
+      const nccl::Result end = api_.GroupEnd();  // always closes the group, even after a failed call inside it
+      return first != nccl::kSuccess && first != nccl::kInProgress ? first : end;
+    });
+  }
+
+  void broadcast(std::string &bytes, int root) override { host_->broadcast(bytes, root); }
+  void barrier() override { host_->barrier(); }
+
+  // From any thread. A collective in flight on another thread sees the request at its next poll and aborts
+  // the NCCL communicators itself (they must not be freed under it); otherwise they are aborted here.
+  void abort(const std::string &why) override {
+    {
+      std::lock_guard lk(mu_);
+      if (why_.empty()) why_ = why;
+    }
+    abort_requested_ = true;
+    if (group_failed_) *group_failed_ = true;
+    if (op_mu_.try_lock()) {
+      abort_nccl();
+      op_mu_.unlock();
+    }
+    host_->abort(why);
+  }
+
+ private:
+  nccl::Result init(nccl::Comm *c, int n, const nccl::UniqueId &id, int rank) {
+    nccl::Config cfg;
+    cfg.blocking = 0;  // every call returns at once; completion is polled with a deadline (the file comment)
+    be_.native_stream();
+    return api_.CommInitRankConfig(c, n, id, rank, &cfg);
+  }
+
+  void check_cuda(cudaError_t e, const char *what) {
+    if (e != cudaSuccess) failf(DSRT_ERR_INTERNAL, "CUDA: ", what, ": ", cudaGetErrorString(e));
+  }
+  void require_device(const Tensor &t, const char *op) const {
+    if (t.device.kind != Device::Cuda || t.device.index != device_)
+      failf(DSRT_ERR_INTERNAL, op, ": the NCCL communicator of cuda:", device_, " got a tensor on ", t.device.str());
+  }
+  int group_size(Group g) const { return g == Group::World ? mapping().world : mapping().tp; }
+  int group_rank(Group g) const { return g == Group::World ? mapping().rank : mapping().tp_rank(); }
+  // The group's NCCL communicator; null when the group is this rank alone (the world always has one, even of
+  // one rank). Throws once aborted.
+  nccl::Comm comm_of(Group g) {
+    if (abort_requested_ || aborted_) failf(DSRT_ERR_IO, "the rank group stopped: ", reason());
+    if (g == Group::World) return world_;
+    return mapping().tp > 1 ? tensor_ : nullptr;
+  }
+  std::string reason() {
+    std::lock_guard lk(mu_);
+    return why_;
+  }
+  char *staging(size_t bytes) {
+    if (bytes > staging_bytes_) {
+      // (the previous gather's copies out of the old buffer may still be queued)
+      check_cuda(cudaStreamSynchronize(static_cast<cudaStream_t>(be_.native_stream())), "staging");
+      if (staging_) cudaFree(staging_);
+      staging_ = nullptr;
+      staging_bytes_ = 0;
+      check_cuda(cudaMalloc(&staging_, bytes), "all_gather_cols staging buffer");
+      staging_bytes_ = bytes;
+    }
+    return static_cast<char *>(staging_);
+  }
+  void copy_on_stream(void *dst, const void *src, size_t bytes) {
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(be_.native_stream())), "copy");
+  }
+
+  // An NCCL call's result: success, in progress (polled until it settles), or an error that stops the group.
+  template <class F>
+  void call(const char *what, F &&f) {
+    const nccl::Result r = f();
+    if (r == nccl::kSuccess || r == nccl::kInProgress) return;  // (in progress: finish_start or the collective settles it)
+    failed(std::string(what) + ": " + api_.GetErrorString(r));
+  }
+
+  // Polls `c` until its non-blocking work has settled; throws (aborting the group) on an error, an abort
+  // request or the deadline.
+  void settle(nccl::Comm c, const std::string &what, Clock::time_point deadline) {
+    for (int spins = 0;; spins++) {
+      nccl::Result st = nccl::kSuccess;
+      const nccl::Result r = api_.CommGetAsyncError(c, &st);
+      if (r != nccl::kSuccess) failed(what + ": ncclCommGetAsyncError: " + api_.GetErrorString(r));
+      if (st == nccl::kSuccess) return;
+      if (st != nccl::kInProgress) failed(what + ": " + api_.GetErrorString(st));
+      poll_pause(what, deadline, spins);
+    }
+  }
+  void poll_pause(const std::string &what, Clock::time_point deadline, int spins) {
+    if (abort_requested_ || (group_failed_ && *group_failed_)) failed(what + ": the group was aborted (" + reason() + ")");
+    if (Clock::now() > deadline)
+      failed(what + ": no progress in " + std::to_string(timeout_.count()) + " ms (a rank died, hung or did not join)");
+    // A collective on NVLink takes microseconds: spin first, then leave the core to others.
+    if (spins < 2000) std::this_thread::yield();
+    else std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+
+  // Queues one collective on the backend's stream (behind the ops that made its inputs) and waits until the
+  // GPU has run it, at most the timeout.
+  template <class F>
+  void collective(const char *op, Group g, F &&enqueue) {
+    std::lock_guard op_lock(op_mu_);
+    const nccl::Comm c = comm_of(g);
+    const std::string what = std::string(op) + " over the " + (g == Group::World ? "world" : "tensor-parallel group");
+    const auto deadline = Clock::now() + timeout_;
+    cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
+    call(what.c_str(), [&] { return enqueue(c, s); });
+    settle(c, what, deadline);
+    check_cuda(cudaEventRecord(done_, s), "cudaEventRecord");
+    for (int spins = 0;; spins++) {
+      const cudaError_t e = cudaEventQuery(done_);
+      if (e == cudaSuccess) break;
+      if (e != cudaErrorNotReady) failed(what + ": CUDA: " + cudaGetErrorString(e));
+      nccl::Result st = nccl::kSuccess;
+      if (api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
+        failed(what + ": " + api_.GetErrorString(st));
+      poll_pause(what, deadline, spins);
+    }
+  }
+
+  // Aborts everything and throws DSRT_ERR_IO naming the failure. Called with op_mu_ held by this thread (a
+  // collective or a start), never concurrently with another NCCL call on these communicators.
+  [[noreturn]] void failed(const std::string &what) {
+    const std::string why = "rank " + std::to_string(mapping().rank) + ": NCCL " + what;
+    {
+      std::lock_guard lk(mu_);
+      if (why_.empty()) why_ = why;
+    }
+    abort_requested_ = true;
+    if (group_failed_) *group_failed_ = true;
+    abort_nccl();
+    host_->abort(why);
+    fail(DSRT_ERR_IO, why);
+  }
+  void abort_nccl() {
+    if (aborted_) return;
+    aborted_ = true;
+    cudaSetDevice(device_);
+    if (tensor_ && tensor_ != world_) api_.CommAbort(tensor_);
+    if (world_) api_.CommAbort(world_);
+    tensor_ = world_ = nullptr;
+  }
+
+  const nccl::Api &api_;
+  std::unique_ptr<Communicator> host_;
+  Backend &be_;
+  std::chrono::milliseconds timeout_;
+  std::shared_ptr<std::atomic<bool>> group_failed_;  // shared by the ranks of one process (null across processes)
+  int device_ = 0;
+  nccl::Comm world_ = nullptr, tensor_ = nullptr;
+  cudaEvent_t done_ = nullptr;
+  void *staging_ = nullptr;
+  size_t staging_bytes_ = 0;
+  std::mutex op_mu_;  // held by the collective (or start) in flight
+  std::mutex mu_;     // why_
+  std::string why_;
+  std::atomic<bool> abort_requested_{false};
+  bool aborted_ = false;  // the NCCL communicators were aborted (under op_mu_)
+
+  friend std::unique_ptr<Communicator> dsrt::make_nccl_communicator(RendezvousClient &, std::unique_ptr<Communicator>,
+                                                                    Backend &, int64_t);
+  friend std::vector<std::unique_ptr<Communicator>> dsrt::make_nccl_local_group(int, int, const std::vector<Backend *> &, int64_t);
+};
+
+nccl::UniqueId new_id(const nccl::Api &api) {
+  nccl::UniqueId id{};
+  const nccl::Result r = api.GetUniqueId(&id);
+  if (r != nccl::kSuccess) failf(DSRT_ERR_IO, "ncclGetUniqueId: ", api.GetErrorString(r));
+  return id;
+}
+std::string id_bytes(const nccl::UniqueId &id) { return std::string(id.internal, sizeof id.internal); }
+nccl::UniqueId id_of(const std::string &bytes) {
+  nccl::UniqueId id{};
+  if (bytes.size() != sizeof id.internal) failf(DSRT_ERR_FORMAT, "an ncclUniqueId of ", bytes.size(), " bytes from the rendezvous");
+  std::memcpy(id.internal, bytes.data(), sizeof id.internal);
+  return id;
+}
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_nccl_communicator(RendezvousClient &store, std::unique_ptr<Communicator> host,
+                                                     Backend &backend, int64_t timeout_ms) {
+  const nccl::Api &api = nccl::require("ranks on several GPUs");
+  const bool nvls_set = nccl::default_nvls_off();
+  const Mapping m = host->mapping();
+  auto c = std::make_unique<NcclCommunicator>(api, std::move(host), backend, timeout_ms, nullptr);
+  log_start(api, m, c->device_, nvls_set);
+  if (m.rank == 0) store.set("nccl/world", id_bytes(new_id(api)));
+  const std::string tp_key = "nccl/tp/" + std::to_string(m.ep_rank());
+  if (c->own_tensor_group() && m.tp_rank() == 0) store.set(tp_key, id_bytes(new_id(api)));
+  std::lock_guard op(c->op_mu_);
+  c->start_world(id_of(store.get("nccl/world")));
+  if (c->own_tensor_group()) {
+    // One init at a time: a failure then names the group that did not join.
+    c->settle(c->world_, "joining the world's NCCL communicator", Clock::now() + c->timeout_);
+    c->start_tensor(id_of(store.get(tp_key)));
+  }
+  c->finish_start();
+  return c;
+}
+
+std::vector<std::unique_ptr<Communicator>> make_nccl_local_group(int tp, int ep, const std::vector<Backend *> &backends,
+                                                                 int64_t timeout_ms) {
+  const nccl::Api &api = nccl::require(tp * ep > 1 ? "ranks on several GPUs" : "an NCCL communicator");
+  const bool nvls_set = nccl::default_nvls_off();
+  auto hosts = tp * ep > 1 ? make_local_group(tp, ep) : std::vector<std::unique_ptr<Communicator>>{};
+  if (hosts.empty()) hosts.push_back(make_single_communicator());
+  if (backends.size() != hosts.size()) failf(DSRT_ERR_INTERNAL, "make_nccl_local_group: ", backends.size(), " backends for ", hosts.size(), " ranks");
+  auto failed = std::make_shared<std::atomic<bool>>(false);
+  std::vector<NcclCommunicator *> cs;
+  std::vector<std::unique_ptr<Communicator>> out;  // (destroyed after the handler below: they then abort)
+  try {
+    for (size_t r = 0; r < hosts.size(); r++) {
+      const Mapping m = hosts[r]->mapping();
+      auto c = std::make_unique<NcclCommunicator>(api, std::move(hosts[r]), *backends[r], timeout_ms, failed);
+      for (size_t q = 0; q < r; q++)
+        if (cs[q]->device_ == c->device_) failf(DSRT_ERR_INVALID_ARGUMENT, "ranks ", q, " and ", r, " are both on cuda:", c->device_, ": NCCL needs a GPU per rank");
+      if (r == 0) log_start(api, m, c->device_, nvls_set);
+      cs.push_back(c.get());
+      out.push_back(std::move(c));
+    }
+    // One thread starts every rank: the inits of one communicator go inside one NCCL group, each with its
+    // rank's device current (NcclCommunicator::init binds it).
+    auto start_all = [&](const std::function<void(NcclCommunicator &)> &start) {
+      nccl::Result r = api.GroupStart();
+      if (r != nccl::kSuccess) failf(DSRT_ERR_IO, "ncclGroupStart: ", api.GetErrorString(r));
+      try {
+        for (NcclCommunicator *c : cs) start(*c);
+      } catch (...) {
+        api.GroupEnd();
+        throw;
+      }
+      r = api.GroupEnd();
+      if (r != nccl::kSuccess && r != nccl::kInProgress) failf(DSRT_ERR_IO, "starting NCCL: ncclGroupEnd: ", api.GetErrorString(r));
+    };
+    const nccl::UniqueId world_id = new_id(api);
+    start_all([&](NcclCommunicator &c) { c.start_world(world_id); });
+    for (NcclCommunicator *c : cs) c->settle(c->world_, "joining the world's NCCL communicator", Clock::now() + c->timeout_);
+    if (cs[0]->own_tensor_group()) {
+      std::vector<nccl::UniqueId> ids;
+      for (int g = 0; g < ep; g++) ids.push_back(new_id(api));
+      start_all([&](NcclCommunicator &c) { c.start_tensor(ids[size_t(c.mapping().ep_rank())]); });
+    }
+    for (NcclCommunicator *c : cs) c->finish_start();
+  } catch (...) {
+    *failed = true;
+    throw;
+  }
+  return out;
+}
+
+}  // namespace dsrt
