@@ -205,7 +205,7 @@ class CudaBackend final : public ArenaBackend {
 
   void prepare_weights(DeviceWeightRegistry &registry, const std::vector<const Weight *> &weights,
                        const std::vector<const Weight *> &host_weights) override {
-                         bind_device();
+    bind_device();
     store_ = std::static_pointer_cast<CudaWeights>(
         registry.get_or_make(device(), [&] { return std::make_shared<CudaWeights>(device().index); }));
     size_t need = 0;
