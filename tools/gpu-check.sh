@@ -15,7 +15,8 @@
 #           (OFFLOAD_SKEWS, default "0 1"): per run SHARE:POLICY[:CPU] of OFFLOAD_RUNS, the routed experts'
 #           bytes the GPU budget holds beside the non-expert weights, the expert cache policy
 #           (DSRT_EXPERT_CACHE) and where missed experts run (gpu, cold: --cold-experts-on-cpu, all:
-#           --experts-on-cpu); OFFLOAD_BATCHES, OFFLOAD_GEN; OFFLOAD_ARGS adds options to every run
+#           --experts-on-cpu); OFFLOAD_BATCHES, OFFLOAD_GEN; OFFLOAD_ARGS adds options to every run;
+#           OFFLOAD_LAYERS=N makes v3-layers with N hidden layers (make-tiny --layers: 1 dense, N-1 MoE)
 #   cuda    the GPU suite, compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
 #           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
@@ -64,10 +65,11 @@ for stage in $stages; do
       gpu_tests ;;
     offload)
       gpu_env
+      layers_arg=${OFFLOAD_LAYERS:+--layers $OFFLOAD_LAYERS}
       for skew in ${OFFLOAD_SKEWS:-0 1}; do
-        d=/tmp/v3-layers-skew$skew
-        [ -f $d/config.json ] || /usr/bin/time -f "make-tiny v3-layers --route-skew $skew: %e s" \
-          $bin/dsrt make-tiny --preset v3-layers --route-skew "$skew" --out $d
+        d=/tmp/v3-layers${OFFLOAD_LAYERS:+-$OFFLOAD_LAYERS}-skew$skew
+        [ -f $d/config.json ] || /usr/bin/time -f "make-tiny v3-layers $layers_arg --route-skew $skew: %e s" \
+          $bin/dsrt make-tiny --preset v3-layers $layers_arg --route-skew "$skew" --out $d
         # The checkpoint's routed-expert bytes (with their scales) and the rest, from the shards' headers.
         read -r non_expert experts < <(python3 - "$d" <<'PY'
 import glob, json, struct, sys
