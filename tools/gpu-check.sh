@@ -98,6 +98,8 @@ PY
             tee -a "$OUT/offload.log" | grep -E "expert offload:|experts on the CPU:|^decode|^prefill|rror"
           [ "${PIPESTATUS[0]}" = 0 ] || fail "offload bench: skew $skew, share $share, $policy, ${cpu:-gpu}"
         done
+        # A model of several MoE layers is 30-60 GB: one at a time on the machine's disk.
+        [ -n "${OFFLOAD_LAYERS:-}" ] && rm -rf "$d"
       done ;;
     cuda)
       gpu_env
