@@ -165,14 +165,19 @@ typedef struct dsrt_model_params {
                                  checkpoint's size in RAM, slower load), immune to later file changes. */
   const int32_t *devices;     /* CUDA device indices the weights are placed on (n_devices of them); NULL: device 0 */
   int32_t n_devices;          /* today at most 1 */
-  uint64_t device_memory;     /* bytes of each device the weights may take; 0 = what is free, less 1 GiB of
-                                 working room. The non-expert weights must fit (DSRT_ERR_OUT_OF_MEMORY at
-                                 load, naming the bytes needed); routed experts fill the rest, whole experts
-                                 round robin over the layers, and those that do not fit stay in host memory,
-                                 where the GPU reads them in place over PCIe (expert offload; the memory they
-                                 lie in is pinned). dsrt inspect --placement shows the split. */
-  float device_memory_fraction; /* (0, 1]: the weights may take this share of the device's free memory at load
-                                   (instead of device_memory); 0 = off */
+  uint64_t device_memory;     /* bytes of each device the weights and one engine's KV pool may take (scratch
+                                 and CUDA's own needs not counted). The non-expert weights and the bytes of a
+                                 KV pool of min(n_ctx_train, 16384) tokens (the default max_tokens) must fit
+                                 (DSRT_ERR_OUT_OF_MEMORY at load, naming the bytes needed); routed experts fill
+                                 the rest, whole experts round robin over the layers, and those that do not fit
+                                 stay in host memory, where the GPU reads them in place over PCIe (expert
+                                 offload; the memory they lie in is pinned). An engine's KV pool must then fit
+                                 the bytes kept for it (a larger dsrt_engine_params.max_tokens is
+                                 DSRT_ERR_OUT_OF_MEMORY; kv_memory_fraction is a share of them). dsrt inspect
+                                 --placement shows the split. 0 = no budget: the weights take what is free,
+                                 less 1 GiB of working room, and the KV pool takes what they leave. */
+  float device_memory_fraction; /* (0, 1]: the budget (as device_memory) is this share of the device's free
+                                   memory at load (instead of device_memory); 0 = off */
   int32_t experts_compute;    /* DSRT_EXPERTS_*: where routed experts in host memory are computed (CUDA) */
 } dsrt_model_params;
 

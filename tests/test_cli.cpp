@@ -83,6 +83,34 @@ TEST_CASE("errors: non-zero exit and a single line on stderr") {
   }
 }
 
+TEST_CASE("make-tiny --layers N: N hidden layers (the preset's dense ones first, then MoE; MTP after the last)") {
+  fs::path d = fresh_dir("mk-layers") / "m";
+  Run mk = run("make-tiny --preset v3-mini --layers 3 --out " + d.string());  // v3-mini: 4 layers, 2 dense, MTP
+  REQUIRE(mk.code == 0);
+  Model m(d.string());
+  dsrt_model_info info;
+  info.struct_size = sizeof info;
+  REQUIRE(dsrt_model_info_get(m.m, &info) == DSRT_OK);
+  CHECK(info.n_layers == 3);
+  CHECK(info.n_mtp_layers == 1);
+  std::stringstream index;
+  index << std::ifstream(d / "model.safetensors.index.json").rdbuf();
+  CHECK(index.str().find("model.layers.2.mlp.experts.0.gate_proj.weight") != std::string::npos);  // MoE
+  CHECK(index.str().find("model.layers.1.mlp.gate_proj.weight") != std::string::npos);            // dense
+  CHECK(index.str().find("model.layers.3.eh_proj.weight") != std::string::npos);                  // MTP
+  CHECK(index.str().find("model.layers.4.") == std::string::npos);
+  Run g = run("generate --model " + d.string() + " --tokens 0,5,17,42 -n 8 --temperature 0 --print-ids --backend cpu --threads 2");
+  CHECK(g.code == 0);
+  CHECK(std::count(g.out.begin(), g.out.end(), ',') == 7);
+  for (const char *bad : {"0", "-1", "4097", "x"}) {
+    CAPTURE(bad);
+    Run r = run("make-tiny --preset v3-mini --layers " + std::string(bad) + " --out " + (d.string() + "-bad"));
+    CHECK(r.code == 2);
+    CHECK(r.err.find("--layers") != std::string::npos);
+    CHECK(!fs::exists(d.string() + "-bad"));
+  }
+}
+
 TEST_CASE("dsrt inspect summarises and validates; make-tiny is deterministic") {
   fs::path d = fresh_dir("mk") / "m";
   Run mk = run("make-tiny --preset v3-mini --out " + d.string() + " --seed 1");

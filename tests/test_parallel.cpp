@@ -14,6 +14,7 @@
 #include "core/status.h"
 #include "dist/communicator.h"
 #include "dist/mapping.h"
+#include "engine/engine.h"
 #include "engine/ranks.h"
 #include "engine/step.h"
 #include "helpers.h"
@@ -356,6 +357,95 @@ TEST_CASE("placement: one device within its budget, routed experts beyond it in 
   const dsrt::Placement host = dsrt::Placement::plan(model->w, {}, 0);
   CHECK(host.devices.empty());
   CHECK(host.host_bytes == non_expert + all.devices[0].routed_experts + all.devices[0].mtp);
+}
+
+// A device budget covers one engine's KV pool as well as the weights: the plan keeps the pool's bytes before
+// placing routed experts (so it places those of a budget smaller by exactly them), a budget that cannot hold
+// the non-expert weights and the pool is an error naming both, and an engine's pool stays within what was kept.
+TEST_CASE("placement: a device budget keeps the KV pool's bytes before the routed experts") {
+  auto model = dsrt::Model::load(tiny("v3-mini"), {});
+  const auto gpu = std::vector<dsrt::Device>{dsrt::Device::cuda(0)};
+  const dsrt::Placement all = dsrt::Placement::plan(model->w, gpu, uint64_t(1) << 30);
+  const uint64_t non_expert = all.devices[0].non_expert, experts = all.devices[0].routed_experts;
+  CHECK(all.devices[0].kv_pool == 0);
+  const dsrt::KvCacheSpec spec = dsrt::kv_pool_spec(model->cfg, model->w, dsrt::DType::BF16);
+  CHECK(spec.n_layers == model->cfg.num_hidden_layers + 1);  // v3-mini's MTP layer has its own cache layer
+  CHECK(spec.max_pages * dsrt::kPageTokens == dsrt::default_kv_tokens(model->cfg));
+  const uint64_t kv = spec.pool_bytes();
+  REQUIRE(kv > 0);
+  for (double share : {0.0, 0.3, 0.5, 1.0}) {
+    CAPTURE(share);
+    const uint64_t budget = non_expert + kv + uint64_t(share * double(experts));
+    const dsrt::Placement with = dsrt::Placement::plan(model->w, gpu, budget, kv);
+    const dsrt::Placement smaller = dsrt::Placement::plan(model->w, gpu, budget - kv);
+    REQUIRE(with.devices.size() == 1);
+    CHECK(with.devices[0].kv_pool == kv);
+    CHECK(with.devices[0].budget == budget);
+    CHECK(with.devices[0].non_expert == non_expert);
+    CHECK(with.devices[0].routed_experts == smaller.devices[0].routed_experts);
+    CHECK(with.devices[0].experts_on_device == smaller.devices[0].experts_on_device);
+    CHECK(with.where == smaller.where);
+    CHECK(non_expert + kv + with.devices[0].routed_experts <= budget);
+    CHECK(with.devices[0].routed_experts + with.host_bytes == experts);
+    if (share == 1.0) CHECK(with.experts_in_host == 0);
+    CHECK(with.str().find("kept for the KV pool") != std::string::npos);
+  }
+  // Room for the non-expert weights but not for the pool too.
+  for (uint64_t budget : {non_expert, non_expert + kv - 1}) {
+    try {
+      dsrt::Placement::plan(model->w, gpu, budget, kv);
+      FAIL("a budget below the non-expert weights and the KV pool must fail");
+    } catch (const dsrt::Error &e) {
+      CHECK(e.code() == DSRT_ERR_OUT_OF_MEMORY);
+      const std::string m = e.what();
+      CAPTURE(m);
+      CHECK(m.find("the non-expert weights need") != std::string::npos);
+      CHECK(m.find("and the KV pool") != std::string::npos);
+      CHECK(m.find("but the budget is") != std::string::npos);
+    }
+  }
+  // plan_placement: a budget given keeps a default-sized BF16 pool; the error names the pool at load.
+  const dsrt::Placement given = dsrt::plan_placement(model->cfg, model->w, gpu, non_expert + kv, 0);
+  CHECK(given.devices[0].kv_pool == kv);
+  CHECK(given.devices[0].experts_on_device == 0);
+  CHECK(dsrt::plan_placement(model->cfg, model->w, {}, 1 << 30, 0).devices.empty());  // host memory: no reserve
+  dsrt::LoadOptions lo;
+  lo.devices = gpu;
+  lo.device_memory = non_expert + kv / 2;
+  try {
+    dsrt::Model::load(tiny("v3-mini"), lo);
+    FAIL("the load must fail");
+  } catch (const dsrt::Error &e) {
+    CHECK(e.code() == DSRT_ERR_OUT_OF_MEMORY);
+    CHECK(std::string(e.what()).find("KV pool") != std::string::npos);
+  }
+  // An engine's pool within the bytes kept for it (here a CPU engine, whose F32 pool takes twice the BF16
+  // reserve's bytes per token): half the default tokens fit exactly; the default, or one page more than half,
+  // does not; kv_memory_fraction is a share of the reserve.
+  lo.device_memory = non_expert + kv + experts / 2;
+  const auto placed = dsrt::Model::load(tiny("v3-mini"), lo);
+  REQUIRE(placed->placement.devices.size() == 1);
+  CHECK(placed->placement.devices[0].kv_pool == kv);
+  auto engine = [&](int64_t max_tokens, double fraction = 0) {
+    dsrt::EngineOptions eo;
+    eo.max_tokens = max_tokens;
+    eo.kv_memory_fraction = fraction;
+    eo.backend.n_threads = 2;
+    return std::make_shared<dsrt::Engine>(placed, nullptr, dsrt::make_cpu_backend(eo.backend), eo);
+  };
+  const int64_t half = dsrt::default_kv_tokens(placed->cfg) / 2;
+  CHECK(engine(half)->capacity_tokens() == half);
+  CHECK(engine(0, 0.25)->capacity_tokens() == half / 4);  // a quarter of the reserve, F32 pages
+  for (int64_t too_many : {int64_t(0), half + dsrt::kPageTokens}) {
+    CAPTURE(too_many);
+    try {
+      engine(too_many);
+      FAIL("a KV pool larger than the reserve must fail");
+    } catch (const dsrt::Error &e) {
+      CHECK(e.code() == DSRT_ERR_OUT_OF_MEMORY);
+      CHECK(std::string(e.what()).find("the device budget kept for it") != std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("tp x ep in-process ranks equal one rank on every tiny preset") {

@@ -13,9 +13,10 @@
 #   tests   the GPU suite alone (CUDA backend vs CPU, op by op and end to end)
 #   offload dsrt bench with expert offload on v3-layers made with uniform and Zipf-skewed routing
 #           (OFFLOAD_SKEWS, default "0 1"): per run SHARE:POLICY[:CPU] of OFFLOAD_RUNS, the routed experts'
-#           bytes the GPU budget holds beside the non-expert weights, the expert cache policy
+#           bytes the GPU budget holds beside the non-expert weights and the default KV pool, the expert cache policy
 #           (DSRT_EXPERT_CACHE) and where missed experts run (gpu, cold: --cold-experts-on-cpu, all:
-#           --experts-on-cpu); OFFLOAD_BATCHES, OFFLOAD_GEN; OFFLOAD_ARGS adds options to every run
+#           --experts-on-cpu); OFFLOAD_BATCHES, OFFLOAD_GEN; OFFLOAD_ARGS adds options to every run;
+#           OFFLOAD_LAYERS=N makes v3-layers with N hidden layers (make-tiny --layers: 1 dense, N-1 MoE)
 #   cuda    the GPU suite, compute-sanitizer memcheck and
 #           racecheck on it, and `dsrt bench --backend cuda` on the tiny presets. It runs the binaries in
 #           .carry/gpu (built here for sm_90a with the same CUDA 13.0 toolkit: the GPU machine's image lacks
@@ -64,12 +65,15 @@ for stage in $stages; do
       gpu_tests ;;
     offload)
       gpu_env
+      layers_arg=${OFFLOAD_LAYERS:+--layers $OFFLOAD_LAYERS}
       for skew in ${OFFLOAD_SKEWS:-0 1}; do
-        d=/tmp/v3-layers-skew$skew
-        [ -f $d/config.json ] || /usr/bin/time -f "make-tiny v3-layers --route-skew $skew: %e s" \
-          $bin/dsrt make-tiny --preset v3-layers --route-skew "$skew" --out $d
-        # The checkpoint's routed-expert bytes (with their scales) and the rest, from the shards' headers.
-        read -r non_expert experts < <(python3 - "$d" <<'PY'
+        d=/tmp/v3-layers${OFFLOAD_LAYERS:+-$OFFLOAD_LAYERS}-skew$skew
+        [ -f $d/config.json ] || /usr/bin/time -f "make-tiny v3-layers $layers_arg --route-skew $skew: %e s" \
+          $bin/dsrt make-tiny --preset v3-layers $layers_arg --route-skew "$skew" --out $d
+        # The checkpoint's routed-expert bytes (with their scales) and the rest, from the shards' headers, and
+        # the default KV pool a budget keeps room for (runtime/model/model.cpp, kv_pool_spec: BF16, every layer
+        # and MTP layer, min(max_position_embeddings, 16384) tokens in 64-token pages).
+        read -r non_expert experts kv < <(python3 - "$d" <<'PY'
 import glob, json, struct, sys
 part = [0, 0]
 for f in glob.glob(sys.argv[1] + "/*.safetensors"):
@@ -78,19 +82,24 @@ for f in glob.glob(sys.argv[1] + "/*.safetensors"):
         for name, t in json.loads(fh.read(n)).items():
             if name != "__metadata__":
                 part[".mlp.experts." in name] += t["data_offsets"][1] - t["data_offsets"][0]
-print(part[0], part[1])
+c = json.load(open(sys.argv[1] + "/config.json"))
+pages = -(-min(c["max_position_embeddings"], 16384) // 64)
+layers = c["num_hidden_layers"] + c.get("num_nextn_predict_layers", 0)
+print(part[0], part[1], pages * 64 * layers * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 2)
 PY
 )
         for run in ${OFFLOAD_RUNS:-1:lfu 0.5:lfu 0.25:lfu 0.25:lru 0.25:off 0.1:lfu}; do
           IFS=: read -r share policy cpu <<<"$run"
           case "${cpu:-gpu}" in gpu) cpu_arg= ;; cold) cpu_arg=--cold-experts-on-cpu ;; all) cpu_arg=--experts-on-cpu ;; esac
-          budget=$(python3 -c "print(int($non_expert + $share * $experts))")
-          echo "== routing skew $skew: experts on the GPU $share, cache $policy, missed experts on the ${cpu:-gpu} (weights budget $budget B of $non_expert + $experts)" | tee -a "$OUT/offload.log"
+          budget=$(python3 -c "print(int($non_expert + $kv + $share * $experts))")
+          echo "== routing skew $skew: experts on the GPU $share, cache $policy, missed experts on the ${cpu:-gpu} (budget $budget B: $non_expert non-expert + $kv KV pool + share of $experts)" | tee -a "$OUT/offload.log"
           DSRT_EXPERT_CACHE=$policy timeout "${V3_TIMEOUT:-300}" $bin/dsrt bench --model $d --backend cuda --prompt 512 \
             --batch "${OFFLOAD_BATCHES:-1,8}" --ctx 128 --gen "${OFFLOAD_GEN:-32}" --gpu-memory "$budget" $cpu_arg ${OFFLOAD_ARGS:-} 2>&1 |
             tee -a "$OUT/offload.log" | grep -E "expert offload:|experts on the CPU:|^decode|^prefill|rror"
           [ "${PIPESTATUS[0]}" = 0 ] || fail "offload bench: skew $skew, share $share, $policy, ${cpu:-gpu}"
         done
+        # A model of several MoE layers is 30-60 GB: one at a time on the machine's disk.
+        [ -n "${OFFLOAD_LAYERS:-}" ] && rm -rf "$d"
       done ;;
     cuda)
       gpu_env

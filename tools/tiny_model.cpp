@@ -563,6 +563,13 @@ const TinyPreset *find_tiny_preset(const std::string &name) {
   return nullptr;
 }
 
+TinyPreset with_layers(const TinyPreset &preset, int64_t n) {
+  if (n < 1 || n > 4096) failf(DSRT_ERR_INVALID_ARGUMENT, "layers ", n, " is not in [1, 4096]");
+  TinyPreset p = preset;
+  p.config["num_hidden_layers"] = n;
+  return p;
+}
+
 std::vector<double> zipf_selection_rates(int64_t n_experts, int64_t top_k, double S) {
   std::vector<double> q(static_cast<size_t>(n_experts));
   auto fill_c = [&](double c) {

@@ -21,6 +21,11 @@ struct TinyPreset {
 
 const std::vector<TinyPreset> &tiny_presets();
 const TinyPreset *find_tiny_preset(const std::string &name);
+// The preset with n hidden layers instead of its own (`dsrt make-tiny --layers`): the first
+// first_k_dense_replace of them dense, the rest MoE, its MTP layers (if any) after the last; how benchmarks
+// get a model of several MoE layers without a preset of their own. Throws DSRT_ERR_INVALID_ARGUMENT unless
+// 1 <= n <= 4096 (config.json's limit).
+TinyPreset with_layers(const TinyPreset &preset, int64_t n);
 
 // Writes the checkpoint into dir (created if needed). Throws dsrt::Error on failure.
 // route_skew S > 0: each MoE layer's e_score_correction_bias is fitted so that expert popularity follows a

@@ -69,6 +69,7 @@ struct KvCacheSpec {
   DType dtype = DType::F32;
   // Bytes of one page (all cache layers).
   size_t page_bytes() const { return size_t(n_layers * kPageTokens * width) * dtype_size(dtype); }
+  size_t pool_bytes() const { return size_t(max_pages) * page_bytes(); }
 };
 
 struct RopeTable {

@@ -99,25 +99,31 @@ void Engine::init() {
   }
   if (!in_host.empty()) in_host.insert(in_host.end(), cached.begin(), cached.end());
   ranks_->for_each_backend([&](Backend &be) { be.prepare_weights(model_->device_weights, used, in_host); });
-  KvCacheSpec spec;
-  spec.n_layers = c.num_hidden_layers + int64_t(model_->w.mtp.size());  // MTP layers get their own slots
-  spec.width = c.kv_cache_width();
-  spec.dtype = backend().default_kv_dtype();
-  if (opt_.kv_memory_fraction > 0) {  // a share of what the backend has free now, in whole pages
-    const double page_bytes = double(spec.page_bytes());
-    const double avail = double(backend().available_memory());
+  // Under a device budget the placement kept the bytes of a default-sized KV pool (model.h, plan_placement):
+  // the pool is sized within them, and larger is an error rather than memory taken from the routed experts.
+  const uint64_t kv_reserved = pl.devices.empty() ? 0 : pl.devices[0].kv_pool;
+  const DType kv_dtype = backend().default_kv_dtype();
+  if (opt_.kv_memory_fraction > 0) {  // a share of the reserve, or of what the backend has free now, in whole pages
+    const double page_bytes = double(kv_pool_spec(c, model_->w, kv_dtype, kPageTokens).page_bytes());
+    const double avail = kv_reserved ? double(kv_reserved) : double(backend().available_memory());
     if (avail <= 0) fail(DSRT_ERR_UNSUPPORTED, "this backend cannot report its free memory: set max_tokens instead");
     const int64_t pages = int64_t(opt_.kv_memory_fraction * avail / page_bytes);
     if (pages < 1)
       failf(DSRT_ERR_OUT_OF_MEMORY, "kv_memory_fraction ", opt_.kv_memory_fraction, " of ", int64_t(avail) >> 20,
-            " MiB free is less than one 64-token KV page (", int64_t(page_bytes) >> 10, " KiB)");
+            kv_reserved ? " MiB kept for the KV pool" : " MiB free", " is less than one 64-token KV page (",
+            int64_t(page_bytes) >> 10, " KiB)");
     opt_.max_tokens = std::min<int64_t>(pages, int64_t(1) << 30) * kPageTokens;
   }
-  if (opt_.max_tokens <= 0) opt_.max_tokens = std::min<int64_t>(c.max_position_embeddings, 16384);
+  if (opt_.max_tokens <= 0) opt_.max_tokens = default_kv_tokens(c);
   if (opt_.max_batch_tokens <= 0) opt_.max_batch_tokens = 512;
-  const int64_t n_pages = KvPagePool::pages_for(opt_.max_tokens);
+  const KvCacheSpec spec = kv_pool_spec(c, model_->w, kv_dtype, opt_.max_tokens);
+  const int64_t n_pages = spec.max_pages;
   if (n_pages > (int64_t(1) << 30)) failf(DSRT_ERR_INVALID_ARGUMENT, "max_tokens ", opt_.max_tokens, " is too large");
-  spec.max_pages = n_pages;
+  if (kv_reserved && spec.pool_bytes() > kv_reserved)
+    failf(DSRT_ERR_OUT_OF_MEMORY, "a KV pool of ", opt_.max_tokens, " tokens needs ", (spec.pool_bytes() + 1023) >> 10,
+          " KiB of ", pl.devices[0].device.str(), " memory, more than the ", kv_reserved >> 10, " KiB (",
+          default_kv_tokens(c), " tokens) the device budget kept for it at load (dsrt_model_params.device_memory, "
+          "--gpu-memory)");
   ranks_->kv_init(spec);
   pool_ = std::make_unique<KvPagePool>(n_pages, opt_.prefix_cache_pages);
   // Sampling on the device: one rank in this process (the several-rank path keeps the host sampler), a backend

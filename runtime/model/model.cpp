@@ -57,6 +57,32 @@ void load_generation_defaults(const std::string &dir, GenerationDefaults &g) {
   if (auto it = j.find("do_sample"); it != j.end() && it->is_boolean()) g.do_sample = it->get<bool>();
 }
 
+int64_t default_kv_tokens(const ModelConfig &c) { return std::min<int64_t>(c.max_position_embeddings, 16384); }
+
+KvCacheSpec kv_pool_spec(const ModelConfig &c, const ModelWeights &w, DType dtype, int64_t max_tokens) {
+  if (max_tokens <= 0) max_tokens = default_kv_tokens(c);
+  KvCacheSpec s;
+  s.n_layers = c.num_hidden_layers + int64_t(w.mtp.size());  // MTP layers get their own slots
+  s.width = c.kv_cache_width();
+  s.dtype = dtype;
+  s.max_pages = max_tokens / kPageTokens + (max_tokens % kPageTokens != 0);
+  return s;
+}
+
+Placement plan_placement(const ModelConfig &c, const ModelWeights &w, const std::vector<Device> &devices,
+                         uint64_t device_memory, double device_fraction) {
+  if (devices.empty()) return Placement::plan(w, devices, 0);
+  if (device_memory == 0 && !(device_fraction > 0)) {
+    const uint64_t reserve = uint64_t(1) << 30;  // scratch, KV pool, cuBLASLt workspace, CUDA's own needs
+    const uint64_t free_b = device_free_memory(devices[0]);
+    return Placement::plan(w, devices, free_b > reserve ? free_b - reserve : 0);
+  }
+  const uint64_t budget =
+      device_fraction > 0 ? uint64_t(device_fraction * double(device_free_memory(devices[0]))) : device_memory;
+  // The engine checks its pool against this reserve (Engine::init), so a dtype of its own would be caught.
+  return Placement::plan(w, devices, budget, kv_pool_spec(c, w, DType::BF16).pool_bytes());
+}
+
 std::shared_ptr<Model> Model::load(const std::string &dir, const LoadOptions &opt) {
   std::shared_ptr<Model> m = begin_load(dir, opt);
   if (!opt.config_only) m->load_weights(opt);
@@ -117,18 +143,12 @@ void Model::finish_load(const LoadOptions &opt) {
     fp.update(t->data, std::min<uint64_t>(t->nbytes, 16));
   }
   fingerprint = fp.hex_digest();
-  uint64_t budget = opt.device_memory;
-  if (!opt.devices.empty() && opt.device_memory_fraction > 0)
-    budget = uint64_t(opt.device_memory_fraction * double(device_free_memory(opt.devices[0])));
-  else if (!opt.devices.empty() && budget == 0) {
-    const uint64_t reserve = uint64_t(1) << 30;  // scratch, KV pool, cuBLASLt workspace, CUDA's own needs
-    const uint64_t free_b = device_free_memory(opt.devices[0]);
-    budget = free_b > reserve ? free_b - reserve : 0;
-  }
-  placement = Placement::plan(w, opt.devices, budget);
+  placement = plan_placement(c, w, opt.devices, opt.device_memory, opt.device_memory_fraction);
   experts_compute = opt.experts_compute;
-  if (experts_compute == ExpertCompute::AllOnCpu && !placement.devices.empty())  // the GPU keeps no routed expert
-    placement = Placement::plan(w, opt.devices, placement.devices[0].non_expert);
+  if (experts_compute == ExpertCompute::AllOnCpu && !placement.devices.empty()) {  // the GPU keeps no routed expert
+    const uint64_t kv = placement.devices[0].kv_pool;
+    placement = Placement::plan(w, opt.devices, placement.devices[0].non_expert + kv, kv);
+  }
   for (const Weight *wt : w.all) {
     bool mtp = false;
     for (const LayerWeights &L : w.mtp)

@@ -27,7 +27,8 @@ struct LoadOptions {
   // (engine/load.h), on which text calls work and no engine runs.
   bool config_only = false;
   // Placement (model/placement.h): the devices the weights go to (none: host memory, read in place) and the
-  // bytes each may hold (0: what the device has free, less 1 GiB of working room).
+  // bytes each may hold with an engine's KV pool (plan_placement; 0: what the device has free, less 1 GiB of
+  // working room, for the weights alone).
   std::vector<Device> devices;
   uint64_t device_memory = 0;
   double device_memory_fraction = 0;  // > 0: this share of the device's free memory instead of device_memory
@@ -49,6 +50,22 @@ void load_generation_defaults(const std::string &dir, GenerationDefaults &g);
 
 // Load progress: DSRT_ERR_CANCELLED "model load cancelled" when opt.cancel is set or opt.progress asks to stop.
 void report_load_progress(const LoadOptions &opt, int stage, uint64_t done, uint64_t total);
+
+// The KV capacity of an engine that asks for none (EngineOptions::max_tokens 0): min(n_ctx_train, 16384).
+int64_t default_kv_tokens(const ModelConfig &c);
+
+// The latent KV pool of an engine of this model holding max_tokens tokens (0: default_kv_tokens) in dtype:
+// every cache layer (the main ones, then the loaded MTP layers), whole 64-token pages. The engine sizes its
+// pool with it and the placement reserves its bytes under a device budget: one formula for both.
+KvCacheSpec kv_pool_spec(const ModelConfig &c, const ModelWeights &w, DType dtype, int64_t max_tokens = 0);
+
+// The placement of w on devices (model/placement.h) for a budget of device_memory bytes, or device_fraction
+// (> 0) of the first device's free memory. A budget given covers the weights and the KV pool of one engine of
+// the default size (kv_pool_spec, BF16 as the CUDA backend keeps it), reserved before routed experts are
+// placed; none given (0): the device's free memory less 1 GiB of working room holds the weights, and the KV
+// pool takes what they leave.
+Placement plan_placement(const ModelConfig &c, const ModelWeights &w, const std::vector<Device> &devices,
+                         uint64_t device_memory, double device_fraction);
 
 class Model {
  public:

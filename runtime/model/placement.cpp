@@ -19,7 +19,7 @@ std::string mib(uint64_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) +
 
 }  // namespace
 
-Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devices, uint64_t budget) {
+Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devices, uint64_t budget, uint64_t kv_pool) {
   Placement p;
   p.where.assign(w.all.size(), -1);
   // The parts, from the model's structure (not from tensor names): routed experts, MTP layers, the rest.
@@ -69,12 +69,15 @@ Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devi
   }
   if (devices.size() > 1)
     fail(DSRT_ERR_UNSUPPORTED, "weights over several devices come with the several-GPU communicator; give one device");
-  if (non_expert > budget)
-    failf(DSRT_ERR_OUT_OF_MEMORY, "the non-expert weights need ", mib(non_expert), " of ", devices[0].str(),
+  if (non_expert > budget || kv_pool > budget - non_expert) {
+    const std::string kv = kv_pool ? " and the KV pool " + mib(kv_pool) + " (" + mib(non_expert + kv_pool) + " in all)" : "";
+    failf(DSRT_ERR_OUT_OF_MEMORY, "the non-expert weights need ", mib(non_expert), kv, " of ", devices[0].str(),
           " memory, but the budget is ", mib(budget));
+  }
   DeviceShare d;
   d.device = devices[0];
   d.budget = budget;
+  d.kv_pool = kv_pool;
   d.non_expert = non_expert;
   d.mtp = mtp_bytes;
   for (const Weight *x : w.all)
@@ -82,7 +85,7 @@ Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devi
   // Routed experts fill what the budget leaves, whole experts, taken round robin over the layers (expert 0 of
   // every layer, then expert 1, ...) so that each layer keeps the same share on the device; the others stay
   // in host memory, read in place from the mapped shards (expert offload).
-  uint64_t left = budget - non_expert;
+  uint64_t left = budget - non_expert - kv_pool;
   size_t most = 0;
   for (const LayerWeights &L : w.layers) most = std::max(most, L.experts.size());
   for (size_t j = 0; j < most; j++)
@@ -117,6 +120,10 @@ std::string Placement::str() const {
     std::snprintf(line, sizeof line, "%-8s %14s %14s %14s %14s\n", d.device.str().c_str(), mib(d.budget).c_str(),
                   mib(d.non_expert).c_str(), mib(d.routed_experts).c_str(), mib(d.mtp).c_str());
     s += line;
+    if (d.kv_pool > 0) {
+      std::snprintf(line, sizeof line, "%-8s %14s %44s\n", "", "", (mib(d.kv_pool) + " of the budget kept for the KV pool").c_str());
+      s += line;
+    }
   }
   if (devices.empty()) {
     std::snprintf(line, sizeof line, "%-8s %14s %44s\n", "host", "-", (mib(host_bytes) + " read in place from the mapped files").c_str());

@@ -942,6 +942,8 @@ TEST_CASE("expert offload: every budget and cache policy gives bitwise the all-o
     const auto host_model = Model::load(dir, LoadOptions{});
     const Placement all = Placement::plan(host_model->w, {Device::cuda(0)}, uint64_t(1) << 40);
     const uint64_t non_expert = all.devices[0].non_expert, experts = all.devices[0].routed_experts;
+    // A budget covers the KV pool of a default-sized engine too (plan_placement): the share is of what is left.
+    const uint64_t kv = kv_pool_spec(host_model->cfg, host_model->w, DType::BF16).pool_bytes();
     for (int32_t precision : {DSRT_PRECISION_AUTO, DSRT_PRECISION_FP32}) {
       CAPTURE(precision);
       std::vector<float> want;
@@ -963,7 +965,7 @@ TEST_CASE("expert offload: every budget and cache policy gives bitwise the all-o
         dsrt_model_params mp;
         dsrt_model_params_init(&mp, sizeof mp);
         mp.backend = DSRT_BACKEND_CUDA;
-        mp.device_memory = non_expert + uint64_t(c.share * double(experts));
+        mp.device_memory = non_expert + kv + uint64_t(c.share * double(experts));
         mp.experts_compute = c.compute;
         dsrt_model *m = nullptr;
         REQUIRE(dsrt_model_load(dir.c_str(), &mp, &m) == DSRT_OK);

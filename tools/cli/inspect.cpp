@@ -12,6 +12,7 @@
 #include "dist/mapping.h"
 #include "inspect.h"
 #include "model/config.h"
+#include "model/model.h"
 #include "model/placement.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
@@ -57,19 +58,13 @@ void print_placement(const InspectOptions &a, const dsrt::ModelConfig &c, const 
   const int backend = a.backend;
   std::string why;
   if (backend == DSRT_BACKEND_CUDA || (backend == DSRT_BACKEND_AUTO && cuda_devices(&why) > 0)) devices.push_back(Device::cuda(0));
-  uint64_t budget = a.gpu_memory.bytes;
-  if (!devices.empty() && a.gpu_memory.fraction > 0) budget = uint64_t(a.gpu_memory.fraction * double(device_free_memory(devices[0])));
-  else if (!devices.empty() && budget == 0) {
-    const uint64_t free_b = device_free_memory(devices[0]), reserve = uint64_t(1) << 30;
-    budget = free_b > reserve ? free_b - reserve : 0;
-  }
   Mapping shape;
   shape.tp = a.tp;
   shape.ep = a.ep;
   shape.world = shape.tp * shape.ep;
   std::printf("placement   %s\n", devices.empty() ? "host memory (CPU backend)" : devices[0].str().c_str());
   try {
-    std::printf("%s", Placement::plan(w, devices, budget).str().c_str());
+    std::printf("%s", plan_placement(c, w, devices, a.gpu_memory.bytes, a.gpu_memory.fraction).str().c_str());
   } catch (const Error &e) {
     std::printf("  does not fit: %s\n", e.what());
   }
@@ -168,7 +163,7 @@ void add_inspect(CLI::App &app, int &rc) {
   cmd->add_flag("--no-mmap", o->no_mmap, "read the shards into memory instead of mapping them");
   auto *pl = cmd->add_flag("--placement", o->placement, "where the weights would go, and each rank's share");
   add_backend_option(*cmd, o->backend)->needs(pl);
-  add_gpu_memory_option(*cmd, o->gpu_memory, "with --placement: GPU memory the weights may take, bytes (K/M/G/T) or a share of the free memory");
+  add_gpu_memory_option(*cmd, o->gpu_memory, "with --placement: GPU memory the weights and the KV pool may take, bytes (K/M/G/T) or a share of the free memory");
   cmd->get_option("--gpu-memory")->needs(pl);
   cmd->add_option("--tp", o->tp, "with --placement: tensor-parallel ranks")->check(CLI::Range(1, 256))->needs(pl);
   cmd->add_option("--ep", o->ep, "with --placement: expert-parallel ranks")->check(CLI::Range(1, 256))->needs(pl);

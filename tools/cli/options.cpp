@@ -62,8 +62,11 @@ void add_model_options(CLI::App &app, ModelOptions &o, bool positional) {
   add_threads_option(app, o.threads);
   add_backend_option(app, o.backend);
   add_gpu_memory_option(app, o.gpu_memory,
-                        "GPU memory the weights may take: bytes (K/M/G/T suffixes) or a share (0, 1] of the free memory; "
-                        "routed experts that do not fit stay in host memory (expert offload). Default: what is free, less 1 GiB");
+                        "GPU memory the weights and the KV pool may take: bytes (K/M/G/T suffixes) or a share (0, 1] of "
+                        "the free memory. The non-expert weights and a KV pool of min(max_position_embeddings, 16384) "
+                        "tokens (--ctx may not exceed it) come first; routed experts that do not fit the rest stay in "
+                        "host memory (expert offload). Default: the weights take what is free, less 1 GiB, and the KV "
+                        "pool what they leave");
   app.add_flag_callback("--experts-on-cpu", [&o] { o.experts_compute = DSRT_EXPERTS_ON_CPU; },
                         "compute every routed expert on the CPU from host memory; the GPU holds none (as llama.cpp's "
                         "-ot exps=CPU)");

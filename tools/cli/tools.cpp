@@ -13,6 +13,7 @@ void add_tool_commands(CLI::App &app, int &rc) {
     std::string preset, out;
     uint64_t seed = 1;
     double route_skew = 0.0;
+    int64_t layers = 0;
     bool list = false;
   };
   auto o = std::make_shared<TinyOptions>();
@@ -29,6 +30,11 @@ void add_tool_commands(CLI::App &app, int &rc) {
                  "(0: the random biases, near-uniform routing)")
       ->check(CLI::Range(0.0, 8.0))
       ->capture_default_str();
+  mk->add_option("--layers", o->layers,
+                 "N: hidden layers instead of the preset's (its first_k_dense_replace dense, the rest MoE; the MTP layer, "
+                 "if any, after them)")
+      ->check(CLI::Range(int64_t(1), int64_t(4096)))
+      ->type_name("N");
   mk->callback([o, &rc] {
     if (o->list) {
       for (auto &p : dsrt::tools::tiny_presets()) std::printf("  %-16s %s\n", p.name.c_str(), p.description.c_str());
@@ -38,7 +44,7 @@ void add_tool_commands(CLI::App &app, int &rc) {
     if (o->preset.empty() || o->out.empty()) throw Usage{"--preset and --out are required (--list shows the presets)"};
     const auto *p = dsrt::tools::find_tiny_preset(o->preset);
     if (!p) throw Usage{"--preset: unknown preset \"" + o->preset + "\" (dsrt make-tiny --list)"};
-    dsrt::tools::make_tiny_model(*p, o->out, o->seed, o->route_skew);
+    dsrt::tools::make_tiny_model(o->layers ? dsrt::tools::with_layers(*p, o->layers) : *p, o->out, o->seed, o->route_skew);
     std::fprintf(stderr, "wrote %s to %s\n", o->preset.c_str(), o->out.c_str());
     rc = 0;
   });
