@@ -182,6 +182,25 @@ TEST_CASE("a prefill that runs out of pages part-way is rolled back; other sessi
   CHECK(b->stats().n_tokens == 200);
 }
 
+TEST_CASE("dsrt_engine_step with pending tokens that cannot get pages returns no step (it used to spin forever)") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  auto e = make_engine(model, 64, 256);  // 4 pages
+  auto x = e->create_session(0, false, 1), b = e->create_session(0, false, 2);
+  const auto px = prompt_tokens(V, 200);
+  std::vector<int32_t> pb(px.rbegin(), px.rbegin() + 100);  // (not a prefix of x's: no cached pages to adopt)
+  x->append(px.data(), px.size());
+  x->eval(nullptr);  // every page
+  b->append(pb.data(), pb.size());  // nobody waits for it
+  CHECK(e->step() == 0);
+  CHECK(e->step() == 0);
+  CHECK(b->stats().n_pending == 100);  // still pending, for later
+  x.reset();                           // its pages come back
+  CHECK(e->step() == 64);              // now it runs (one chunk of max_batch_tokens)
+  b->eval(nullptr);
+  CHECK(b->stats().n_tokens == 100);
+}
+
 TEST_CASE("many threads, each with its own session, are batched by the step thread") {
   auto model = dsrt::load_model(tiny("no-qlora"), {});
   const int32_t V = int32_t(model.model->cfg.vocab_size);

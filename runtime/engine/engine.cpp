@@ -225,7 +225,12 @@ void Engine::loop() {
       expect_.clear();
       continue;
     }
+    // Nothing could run although has_work() said so: the pending sessions are short of pages and nobody
+    // waits for them but an Engine::step() caller, which gets "no step" now. The loop then waits a little
+    // (pages come back with other sessions' progress) instead of planning the same nothing at once again.
+    empty_plans_++;
     done_cv_.notify_all();
+    work_cv_.wait_for(lk, std::chrono::milliseconds(5), [&] { return stop_ || !jobs_.empty(); });
   }
 }
 
@@ -252,10 +257,13 @@ void Engine::run_between_steps(const std::function<void()> &fn) {
 int64_t Engine::step() {
   std::unique_lock lk(mu_);
   step_requests_++;
-  const uint64_t before = steps_done_;
+  const uint64_t before = steps_done_, empty_before = empty_plans_;
   work_cv_.notify_one();
-  // The step this call asked for, or the one in flight when there is nothing else to run.
-  done_cv_.wait(lk, [&] { return steps_done_ > before || (!stepping_ && !has_work()); });
+  // The step this call asked for, or the one in flight when there is nothing else to run, or none when
+  // nothing pending can run (short of pages).
+  done_cv_.wait(lk, [&] {
+    return steps_done_ > before || (!stepping_ && !has_work()) || (!stepping_ && empty_plans_ > empty_before);
+  });
   step_requests_--;
   return steps_done_ > before ? last_step_tokens_ : 0;
 }

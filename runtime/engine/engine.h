@@ -140,6 +140,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::vector<Session *> sessions_;
   EngineStats stats_;
   uint64_t steps_done_ = 0;
+  uint64_t empty_plans_ = 0;  // plans that found nothing to run although has_work() said so (Engine::loop)
   int64_t last_step_tokens_ = 0;
   int step_requests_ = 0;
   bool stepping_ = false;  // a step is between plan and commit  // Engine::step() callers waiting: every pending session is runnable
