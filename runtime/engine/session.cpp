@@ -129,6 +129,7 @@ void Session::start(const GenParams &p) {
   reply_.clear();
   cancel_flag_.store(0);
   turn_start_ = std::chrono::steady_clock::now();
+  std::lock_guard lk(engine_->mu_);  // (stats() reads last_ from any thread)
   last_.generated_tokens = 0;
   last_.ttft_seconds = 0;
   last_.decode_tokens_per_second = 0;
@@ -187,9 +188,12 @@ Event Session::finish_turn(Finish why, int32_t token) {
   if (detok_) ev.text = detok_->flush();
   reply_ += ev.text;
   auto now = std::chrono::steady_clock::now();
-  if (n_generated_ > 1)
-    last_.decode_tokens_per_second = double(n_generated_ - 1) / std::chrono::duration<double>(now - first_token_).count();
-  last_.generated_tokens = n_generated_;
+  {
+    std::lock_guard lk(engine_->mu_);  // (stats() reads last_ from any thread)
+    if (n_generated_ > 1)
+      last_.decode_tokens_per_second = double(n_generated_ - 1) / std::chrono::duration<double>(now - first_token_).count();
+    last_.generated_tokens = n_generated_;
+  }
   if (!messages_.empty()) messages_.push_back({{"role", "assistant"}, {"content", reply_}});
   return ev;
 }
@@ -267,6 +271,7 @@ Event Session::next() {
   }
   if (n_generated_++ == 0) {
     first_token_ = std::chrono::steady_clock::now();
+    std::lock_guard lk(engine_->mu_);  // (stats() reads last_ from any thread)
     last_.ttft_seconds = std::chrono::duration<double>(first_token_ - turn_start_).count();
   }
   const bool eog = !gp_.ignore_eos && std::binary_search(eog_.begin(), eog_.end(), tok);
