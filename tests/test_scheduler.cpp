@@ -409,3 +409,50 @@ TEST_CASE("device-sampling path (CPU stand-in): host path's tokens, logits copie
   CHECK(dc->sampled_rows == rows0);  // none of these went through sample_rows
   for (auto *x : {a.get(), ha.get(), b.get(), hb.get()}) x->cancel(), x->next();
 }
+
+// A device-sampled turn whose next step fails (the pool is full) rolls that step's token back; the turn's last
+// evaluated token, whose logits stayed on the device, goes back to pending, so the next turn starts as the host
+// path's does (it used to fail "no logits after evaluation").
+TEST_CASE("device-sampling path (CPU stand-in): a turn ended by a full pool leaves the session usable") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  auto engine = [&](bool device) {
+    dsrt::EngineOptions eo;
+    eo.max_tokens = 256;  // 4 pages
+    eo.max_batch_tokens = 64;
+    dsrt::BackendOptions bo;
+    bo.n_threads = 2;
+    return std::make_shared<dsrt::Engine>(model.model, model.vocab,
+                                          std::make_unique<ForwardingBackend>(dsrt::make_cpu_backend(bo), device), eo);
+  };
+  auto run = [&](std::shared_ptr<dsrt::Engine> e) {
+    auto other = e->create_session(0, false, 1), s = e->create_session(0, false, 2);
+    const auto po = prompt_tokens(V, 128);
+    std::vector<int32_t> ps(po.rbegin(), po.rbegin() + 60);
+    other->append(po.data(), po.size());
+    other->eval(nullptr);  // 2 pages
+    s->append(ps.data(), ps.size());
+    s->start(greedy(200));  // its second page is the pool's last: the turn ends when it is full
+    std::vector<int32_t> first, second;
+    dsrt::Finish finish = dsrt::Finish::None;
+    for (dsrt::Event ev = s->next();; ev = s->next()) {
+      if (ev.token >= 0) first.push_back(ev.token);
+      if (ev.done) {
+        finish = ev.finish;
+        break;
+      }
+    }
+    other.reset();
+    s->start(greedy(5));
+    for (dsrt::Event ev = s->next(); !ev.done; ev = s->next()) second.push_back(ev.token);
+    return std::make_tuple(first, finish, second);
+  };
+  const auto [hf, hfin, hs] = run(engine(false));
+  const auto [df, dfin, ds] = run(engine(true));
+  CHECK(hfin == dsrt::Finish::ContextFull);
+  CHECK(dfin == dsrt::Finish::ContextFull);
+  CHECK(hf.size() >= 60);
+  CHECK(df == hf);
+  CHECK(hs.size() == 5);
+  CHECK(ds == hs);
+}

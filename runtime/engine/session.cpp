@@ -162,11 +162,12 @@ Event Session::finish_turn(Finish why, int32_t token) {
     auto lk = engine_->lock_idle(*this);
     drop_drafts();
     turn_active_ = false;
-    if (presampled_.valid && pending_.empty() && logits_rows_ == 0 && !tokens_.empty()) {
+    if (logits_on_device_ && pending_.empty() && logits_rows_ == 0 && !tokens_.empty()) {
       // The last step evaluated the token the turn emitted last (it runs ahead of the consumer) and sampled
-      // its successor on the device, which this turn does not take (it ended at that token): those logits never
-      // reached the host. The token goes back to pending, so whatever comes next (a turn, an eval) evaluates it
-      // again at the same position, rewriting the same cache entry, and gets its logits.
+      // its successor on the device, which this turn does not take (it ended at that token, or the step that
+      // was to evaluate that successor failed and was rolled back): those logits never reached the host. The
+      // token goes back to pending, so whatever comes next (a turn, an eval) evaluates it again at the same
+      // position, rewriting the same cache entry, and gets its logits.
       const int32_t last = tokens_.back();
       tokens_.pop_back();
       published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
