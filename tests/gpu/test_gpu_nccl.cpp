@@ -4,6 +4,8 @@
 // backend's. With two GPUs or more: tp 2 and ep 2 in-process ranks (a GPU and a thread each) against one rank.
 #include <doctest/doctest.h>
 
+#if defined(DSRT_WITH_CUDA)  // (the NCCL communicator is built with the CUDA parts only)
+
 #include <cstring>
 #include <random>
 #include <tuple>
@@ -219,3 +221,5 @@ TEST_CASE("in-process expert-parallel ranks on 2 and 4 GPUs equal one GPU on eve
     }
   }
 }
+
+#endif  // DSRT_WITH_CUDA
