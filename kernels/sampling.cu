@@ -164,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
   const float *bias = reinterpret_cast<const float *>(params + P.bias_at);
   const float *x = logits + int64_t(P.row) * V;
   double *w = work + int64_t(blockIdx.x) * V;
+  double *q = work + (int64_t(n_rows) + blockIdx.x) * V;  // a candidate's probability q_i = e_i / z, from (5) on
   const int tid = threadIdx.x;
   auto done = [&](int32_t tok, int32_t flag) {
     if (tid == 0) {
@@ -263,13 +264,18 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     r.cut_id = id;
   }
 
-  // (5) the normaliser over the candidates (q_i = e_i / z, as the CPU)
+  // (5) the normaliser over the candidates (q_i = e_i / z, as the CPU). Each candidate's q is computed once
+  // here and read by the passes below: one double exp and division per id instead of one per pass (the
+  // kernel runs on one SM per row; double exp was most of a sampled step's time).
   double zp = 0;
   for (int64_t i = tid; i < V; i += kThreads) {
     const double v = w[i];
-    if (r.cand(i, v)) zp += exp((v - mx) / T);
+    if (r.cand(i, v)) zp += (q[i] = exp((v - mx) / T));
   }
   const double z = block_sum_d(zp, sh);
+  for (int64_t i = tid; i < V; i += kThreads)
+    if (r.cand(i, w[i])) q[i] = q[i] / z;
+  __syncthreads();  // (8) reads q in contiguous chunks, not in this loop's stride
 
   // (6) top-p: the smallest prefix (in candidate order) whose mass reaches top_p
   if (P.top_p < 1.0f) {
@@ -296,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
           cm = 0;
         }
         cc++;
-        cm += exp((v - mx) / T) / z;
+        cm += q[i];
       }
       if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc), atomicAdd(&sh.mass[hc][cb], cm);
       __syncthreads();
@@ -336,10 +342,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
       long long group = 0;  // candidates of that value
       for (int64_t i = tid; i < V; i += kThreads) group += (w[i] == pv && r.cand(i, w[i])) ? 1 : 0;
       group = block_sum_l(group, sh);
-      const double q = exp((pv - mx) / T) / z;
+      const double qv = exp((pv - mx) / T) / z;
       long long j = 1;  // the CPU's running sum goes on id by id through the tied group: at least one is kept
-      double acc = above + q;
-      while (acc < p && j < group) acc += q, j++;
+      double acc = above + qv;
+      while (acc < p && j < group) acc += qv, j++;
       const long long id = nth_equal_id(r, pv, j, sh);
       r.cut_v = pv;
       r.cut_id = id;
@@ -352,18 +358,18 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
   const double q0 = 1.0 / z;  // exp(0) / z
   const double floor_q = double(P.min_p) * q0;
   const bool top_only = minp && !(q0 >= floor_q);
-  auto kept = [&](int64_t i, double v, double &q) {
+  auto kept = [&](int64_t i, double v, double &qi) {
     if (!r.cand(i, v)) return false;
-    q = exp((v - mx) / T) / z;
+    qi = q[i];
     if (top_only) return i == bi;
-    return !minp || q >= floor_q;
+    return !minp || qi >= floor_q;
   };
 
   // (8) the kept mass, then the draw over kept ids in ascending order
   double zkp = 0;
   for (int64_t i = tid; i < V; i += kThreads) {
-    double q;
-    if (kept(i, w[i], q)) zkp += q;
+    double qi;
+    if (kept(i, w[i], qi)) zkp += qi;
   }
   const double zk = block_sum_d(zkp, sh);
   const int64_t chunk = (V + kThreads - 1) / kThreads;
@@ -371,9 +377,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
   double s = 0;
   long long last = -1;
   for (int64_t i = lo; i < hi; i++) {  // (ids whose probability underflowed to 0 are skipped, as the CPU skips them)
-    double q;
-    if (!kept(i, w[i], q) || !(q / zk > 0)) continue;
-    s += q / zk;
+    double qi;
+    if (!kept(i, w[i], qi) || !(qi / zk > 0)) continue;
+    s += qi / zk;
     last = i;
   }
   const double incl = block_inclusive_scan_d(s, sh);
@@ -384,9 +390,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     double acc = incl - s;
     long long tok = last;
     for (int64_t i = lo; i < hi; i++) {
-      double q;
-      if (!kept(i, w[i], q) || !(q / zk > 0)) continue;
-      acc += q / zk;
+      double qi;
+      if (!kept(i, w[i], qi) || !(qi / zk > 0)) continue;
+      acc += qi / zk;
       if (P.u < acc) {
         tok = i;
         break;
@@ -399,7 +405,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
 
 }  // namespace
 
-int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab) { return n_rows * vocab * int64_t(sizeof(double)); }
+// Per row: the adjusted values and the candidates' probabilities, V doubles each.
+int64_t sample_workspace_bytes(int64_t n_rows, int64_t vocab) { return 2 * n_rows * vocab * int64_t(sizeof(double)); }
 
 void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t n_rows, void *workspace, int32_t *tokens,
                  int32_t *flags, cudaStream_t s) {
