@@ -1,8 +1,9 @@
-// Sampling on the device (kernels.h, "sampling.cu"): one block per row, every row of a step in one launch.
-// The CPU sampler (engine/sampler.cpp) is the reference: the same adjusted logits (in double), the same
-// candidate order (logit descending, ties to the lower id), the same truncations and the same walk over the
-// kept ids in ascending id order. Only the order of double-precision sums differs (tree reductions here,
-// sorted-order loops there), so a token can differ only when u lands within rounding of a boundary.
+// Sampling on the device (kernels.h, "sampling.cu"): every row of a step in one launch, each row on a cluster
+// of C thread blocks (C = 8 for small batches, fewer as the rows fill the GPU). The CPU sampler
+// (engine/sampler.cpp) is the reference: the same adjusted logits (in double), the same candidate order (logit
+// descending, ties to the lower id), the same truncations and the same walk over the kept ids in ascending id
+// order. Only the order of double-precision sums differs (tree reductions here, sorted-order loops there), so a
+// token can differ only when u lands within rounding of a boundary.
 //
 // Per row: (1) the row into the workspace as doubles, raw logits checked; (2) the touched ids adjusted;
 // (3) the first argmax (greedy rows stop here); (4) top-k: radix select of the k-th key by count, ties at
@@ -10,6 +11,19 @@
 // the key where the mass reaches top_p, ties at the cut by id as the CPU's running sum; (7) min-p: a floor on
 // q; (8) the kept mass, then the draw: per-thread id chunks, an inclusive scan of their mass, and the first
 // chunk whose end passes u walked id by id.
+//
+// Why a cluster: one block per row ran a top-p row (16 passes over 129,280 doubles with shared atomics) in
+// ~1.05 ms on one SM - as long as the rest of a batch-1 V3 step. A row's C blocks split every pass over the
+// ids (thread g = rank * 1024 + tid of C * 1024 walks ids g, g + C * 1024, ...); each reduction is a block
+// reduction, then the blocks' partials read through distributed shared memory in rank order, so every thread
+// of the cluster computes the same bits. A partial lives in one of two slots, alternating per reduction:
+// the slot written again two reductions later is free, since every block has passed the barrier of the
+// reduction between (and had finished reading before arriving there). Radix histograms go the same way (each
+// block folds its copies into one histogram, the cluster sums them by rank), and the bin that holds the cut is
+// found by one warp, eight bins per lane, instead of one thread walking 256 bins x 8 copies.
+#include <cooperative_groups.h>
+
+#include <climits>
 #include <cstdint>
 
 #include "common.cuh"
@@ -17,21 +31,45 @@
 namespace dsrt::kernels {
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCopies = 8;  // histogram copies (warp w uses copy w % kCopies): less contention on a hot bin
+constexpr int kCopies = 8;      // histogram copies (warp w uses copy w % kCopies): less contention on a hot bin
+constexpr int kMaxCluster = 8;  // blocks per row (portable cluster size)
+
+struct Pair {  // (value, id) of an argmax; id -1 for none
+  double v;
+  long long i;
+};
 
 struct Shared {
   uint32_t cnt[kCopies][256];
   double mass[kCopies][256];
+  uint32_t bin_cnt[2][256];  // this block's histogram (copies summed), read by the cluster; two slots
+  double bin_mass[2][256];
+  uint32_t tot_cnt[256];     // the cluster's histogram (every block computes it alike)
+  double tot_mass[256];
   double red_d[kWarps];
   long long red_l[kWarps];
   double red_v[kWarps];
+  double part_d[2];  // this block's partial of a cluster reduction, two slots (see the top comment)
+  long long part_l[2];
+  Pair part_p[2];
   int32_t digit;
   long long rem;
   double mass_above;
   int32_t found;
-  long long id;
+};
+
+// A thread's place in its row's cluster and the count of cluster-wide exchanges so far (every thread of the
+// cluster runs the same sequence of them, so ph picks the same slot everywhere).
+struct Cl {
+  cg::cluster_group cl;
+  int rank, C;
+  int64_t g, G;
+  int ph;
+  __device__ int slot() { return ph++ & 1; }
 };
 
 // Doubles in ascending order as unsigned keys in ascending order (zero canonicalised to +0 before).
@@ -45,24 +83,16 @@ __device__ __forceinline__ double value_of(uint64_t k) {
 }
 __device__ __forceinline__ double canon(double v) { return v == 0.0 ? 0.0 : v; }
 
-__device__ double block_sum_d(double v, Shared &sh) {
+// ---- block level (every thread of the block gets the same result)
+template <class T>
+__device__ T block_sum(T v, T *red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   __syncthreads();
-  if (lane == 0) sh.red_d[warp] = v;
+  if (lane == 0) red[warp] = v;
   __syncthreads();
-  double t = 0;
-  for (int w = 0; w < kWarps; w++) t += sh.red_d[w];  // every thread in the same order: one result
-  return t;
-}
-__device__ long long block_sum_l(long long v, Shared &sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if (lane == 0) sh.red_l[warp] = v;
-  __syncthreads();
-  long long t = 0;
-  for (int w = 0; w < kWarps; w++) t += sh.red_l[w];
+  T t = 0;
+  for (int w = 0; w < kWarps; w++) t += red[w];  // every thread in the same order: one result
   return t;
 }
 __device__ long long block_min_l(long long v, Shared &sh) {
@@ -75,13 +105,12 @@ __device__ long long block_min_l(long long v, Shared &sh) {
   for (int w = 1; w < kWarps; w++) t = min(t, sh.red_l[w]);
   return t;
 }
-__device__ long long block_max_l(long long v, Shared &sh) { return -block_min_l(-v, sh); }
-// The first index of the largest value: (value, index) pairs, index -1 for none (all -inf).
-__device__ void block_argmax(double &bv, long long &bi, Shared &sh) {
+// (v, i) beats (w, j): the larger value, then the lower id (-1: none)
+__device__ __forceinline__ bool better(double v, long long i, double w, long long j) {
+  return v > w || (v == w && i >= 0 && (j < 0 || i < j));
+}
+__device__ Pair block_argmax(double bv, long long bi, Shared &sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  auto better = [](double v, long long i, double w, long long j) {  // (v, i) beats (w, j)
-    return v > w || (v == w && i >= 0 && (j < 0 || i < j));
-  };
   for (int o = 16; o > 0; o >>= 1) {
     const double ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const long long oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -94,33 +123,94 @@ __device__ void block_argmax(double &bv, long long &bi, Shared &sh) {
   bi = sh.red_l[0];
   for (int w = 1; w < kWarps; w++)
     if (better(sh.red_v[w], sh.red_l[w], bv, bi)) bv = sh.red_v[w], bi = sh.red_l[w];
+  return {bv, bi};
 }
-// Inclusive scan over threads in thread order (deterministic).
-__device__ double block_inclusive_scan_d(double v, Shared &sh) {
+// Inclusive scan over the block's threads in thread order (deterministic); total: the block's sum.
+template <class T>
+__device__ T block_inclusive_scan(T v, T *red, T &total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 1; o < 32; o <<= 1) {
-    const double n = __shfl_up_sync(0xffffffffu, v, o);
+    const T n = __shfl_up_sync(0xffffffffu, v, o);
     if (lane >= o) v += n;
   }
   __syncthreads();
-  if (lane == 31) sh.red_d[warp] = v;
+  if (lane == 31) red[warp] = v;
   __syncthreads();
-  double before = 0;
-  for (int w = 0; w < warp; w++) before += sh.red_d[w];
+  T before = 0, all = 0;
+  for (int w = 0; w < kWarps; w++) {
+    if (w < warp) before += red[w];
+    all += red[w];
+  }
+  total = all;
   return before + v;
 }
-__device__ long long block_inclusive_scan_l(long long v, Shared &sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 1; o < 32; o <<= 1) {
-    const long long n = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += n;
+
+// ---- cluster level: the block's value t (alike in every thread of the block) into a slot, one cluster
+// barrier, then the blocks' values combined in rank order.
+template <class T, class F>
+__device__ T cluster_combine(T t, T *slots, Cl &c, F op) {
+  const int s = c.slot();
+  if (threadIdx.x == 0) slots[s] = t;
+  c.cl.sync();
+  T r = *c.cl.map_shared_rank(&slots[s], 0);
+  for (int k = 1; k < c.C; k++) r = op(r, *c.cl.map_shared_rank(&slots[s], k));
+  return r;
+}
+__device__ double cl_sum_d(double v, Shared &sh, Cl &c) {
+  return cluster_combine(block_sum(v, sh.red_d), sh.part_d, c, [](double a, double b) { return a + b; });
+}
+__device__ long long cl_sum_l(long long v, Shared &sh, Cl &c) {
+  return cluster_combine(block_sum(v, sh.red_l), sh.part_l, c, [](long long a, long long b) { return a + b; });
+}
+__device__ long long cl_min_l(long long v, Shared &sh, Cl &c) {
+  return cluster_combine(block_min_l(v, sh), sh.part_l, c, [](long long a, long long b) { return min(a, b); });
+}
+__device__ long long cl_max_l(long long v, Shared &sh, Cl &c) { return -cl_min_l(-v, sh, c); }
+__device__ Pair cl_argmax(double bv, long long bi, Shared &sh, Cl &c) {
+  return cluster_combine(block_argmax(bv, bi, sh), sh.part_p, c,
+                         [](Pair a, Pair b) { return better(b.v, b.i, a.v, a.i) ? b : a; });
+}
+// Inclusive scan over the cluster's threads in (rank, thread) order.
+template <class T>
+__device__ T cl_inclusive_scan(T v, T *red, T *slots, Cl &c) {
+  T total;
+  const T incl = block_inclusive_scan(v, red, total);
+  const int s = c.slot();
+  if (threadIdx.x == 0) slots[s] = total;
+  c.cl.sync();
+  T before = 0;
+  for (int k = 0; k < c.rank; k++) before += *c.cl.map_shared_rank(&slots[s], k);
+  return before + incl;
+}
+
+// Radix pass, after each block has counted into sh.cnt (and sh.mass): the cluster's histogram into
+// sh.tot_cnt / sh.tot_mass. Ends with a block barrier (the totals are visible to the whole block).
+__device__ void cluster_histogram(Shared &sh, Cl &c, bool with_mass) {
+  __syncthreads();
+  const int s = c.slot();
+  if (threadIdx.x < 256) {
+    const int b = threadIdx.x;
+    uint32_t n = 0;
+    double m = 0;
+    for (int j = 0; j < kCopies; j++) n += sh.cnt[j][b];
+    if (with_mass)
+      for (int j = 0; j < kCopies; j++) m += sh.mass[j][b];
+    sh.bin_cnt[s][b] = n;
+    sh.bin_mass[s][b] = m;
+  }
+  c.cl.sync();
+  if (threadIdx.x < 256) {
+    const int b = threadIdx.x;
+    uint32_t n = 0;
+    double m = 0;
+    for (int k = 0; k < c.C; k++) {
+      n += c.cl.map_shared_rank(&sh.bin_cnt[s][0], k)[b];
+      m += c.cl.map_shared_rank(&sh.bin_mass[s][0], k)[b];
+    }
+    sh.tot_cnt[b] = n;
+    sh.tot_mass[b] = m;
   }
   __syncthreads();
-  if (lane == 31) sh.red_l[warp] = v;
-  __syncthreads();
-  long long before = 0;
-  for (int w = 0; w < warp; w++) before += sh.red_l[w];
-  return before + v;
 }
 
 // The state of one row's selection: the candidates so far are the ids with v > cut_v, or v == cut_v and
@@ -133,56 +223,129 @@ struct Row {
   __device__ bool cand(int64_t i, double v) const { return v > -INFINITY && (v > cut_v || (v == cut_v && i <= cut_id)); }
 };
 
-// The n-th (1-based) lowest id with value == v among the candidates. Contiguous id chunks per thread.
-__device__ long long nth_equal_id(const Row &r, double v, long long n, Shared &sh) {
-  const int64_t chunk = (r.V + kThreads - 1) / kThreads;
-  const int64_t lo = min(int64_t(threadIdx.x) * chunk, r.V), hi = min(lo + chunk, r.V);
-  long long c = 0;
-  for (int64_t i = lo; i < hi; i++) c += (r.w[i] == v && r.cand(i, r.w[i])) ? 1 : 0;
-  const long long incl = block_inclusive_scan_l(c, sh), excl = incl - c;
-  if (threadIdx.x == 0) sh.id = -1;
-  __syncthreads();
-  if (c > 0 && excl < n && n <= incl) {
+// The n-th (1-based) lowest id with value == v among the candidates, -1 if none. Contiguous id chunks per
+// thread of the cluster.
+__device__ long long nth_equal_id(const Row &r, double v, long long n, Shared &sh, Cl &c) {
+  const int64_t chunk = (r.V + c.G - 1) / c.G;
+  const int64_t lo = min(c.g * chunk, r.V), hi = min(lo + chunk, r.V);
+  long long cnt = 0;
+  for (int64_t i = lo; i < hi; i++) cnt += (r.w[i] == v && r.cand(i, r.w[i])) ? 1 : 0;
+  const long long incl = cl_inclusive_scan(cnt, sh.red_l, sh.part_l, c), excl = incl - cnt;
+  long long id = LLONG_MAX;
+  if (cnt > 0 && excl < n && n <= incl) {
     long long j = excl;
     for (int64_t i = lo; i < hi; i++)
       if (r.w[i] == v && r.cand(i, r.w[i]) && ++j == n) {
-        sh.id = i;
+        id = i;
         break;
       }
   }
-  __syncthreads();
-  return sh.id;
+  id = cl_min_l(id, sh, c);
+  return id == LLONG_MAX ? -1 : id;
 }
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, int64_t V, const char *params,
-                                                          int32_t n_rows, double *work, int32_t *tokens,
-                                                          int32_t *flags) {
-  __shared__ Shared sh;
+// Top-k's digit at this pass, by warp 0: bins are walked from 255 down, eight per lane (lane l: 255 - 8l
+// down to 248 - 8l); the first bin b >= 1 where the count of bins above plus its own reaches rem, else bin 0.
+// The sequential rule it replaces: for (b = 255; b > 0 && cnt[b] < rem; b--) rem -= cnt[b].
+__device__ void select_topk_bin(Shared &sh, long long rem) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  long long mine = 0;
+  for (int j = 0; j < 8; j++) mine += sh.tot_cnt[255 - 8 * lane - j];
+  long long incl = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    const long long n = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  long long run = incl - mine;  // bins above this lane's first
+  int hit = -1;
+  long long hit_rem = 0;
+  for (int j = 0; j < 8; j++) {
+    const int b = 255 - 8 * lane - j;
+    const long long n = sh.tot_cnt[b];
+    if (b == 0 || run + n >= rem) {
+      hit = b;
+      hit_rem = rem - run;
+      break;
+    }
+    run += n;
+  }
+  const unsigned hits = __ballot_sync(0xffffffffu, hit >= 0);  // lane 31 always hits (bin 0)
+  if (lane == __ffs(hits) - 1) {
+    sh.digit = hit;
+    sh.rem = hit_rem;
+  }
+}
+
+// Top-p's digit at this pass, by warp 0, walking bins from 255 down as select_topk_bin does: the first non-empty
+// bin where the mass above it (above + bins above) plus its own reaches p. When none does below the first
+// level (sums in another order may leave the parts of the bucket that reached p a rounding short), the
+// lowest non-empty bin, with the mass above it. found = 0: rounding left the total below p.
+__device__ void select_topp_bin(Shared &sh, double above, double p, bool first_level) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  double mine = 0;
+  for (int j = 0; j < 8; j++) mine += sh.tot_mass[255 - 8 * lane - j];
+  double incl = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    const double n = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  double run = above + (incl - mine);
+  int hit = -1, lowest = -1;
+  double hit_above = 0, lowest_above = 0;
+  for (int j = 0; j < 8; j++) {
+    const int b = 255 - 8 * lane - j;
+    if (sh.tot_cnt[b] == 0) continue;
+    const double m = sh.tot_mass[b];
+    if (run + m >= p) {
+      hit = b;
+      hit_above = run;
+      break;
+    }
+    lowest = b;
+    lowest_above = run;
+    run += m;
+  }
+  const unsigned hits = __ballot_sync(0xffffffffu, hit >= 0);
+  const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
+  if (hits) {
+    if (lane == __ffs(hits) - 1) sh.found = 1, sh.digit = hit, sh.mass_above = hit_above;
+  } else if (!first_level && nonempty) {
+    if (lane == 31 - __clz(nonempty)) sh.found = 1, sh.digit = lowest, sh.mass_above = lowest_above;
+  } else if (lane == 0) {
+    sh.found = 0;
+  }
+}
+
+__device__ void sample_row(const float *logits, int64_t V, const char *params, int32_t n_rows, int32_t row_index,
+                           double *work, int32_t *tokens, int32_t *flags, Shared &sh, Cl &c) {
   const SampleRowParams *rows = reinterpret_cast<const SampleRowParams *>(params);
-  const SampleRowParams P = rows[blockIdx.x];
+  const SampleRowParams P = rows[row_index];
   const SampleAdjust *adj = reinterpret_cast<const SampleAdjust *>(params + int64_t(n_rows) * sizeof(SampleRowParams));
   const float *bias = reinterpret_cast<const float *>(params + P.bias_at);
   const float *x = logits + int64_t(P.row) * V;
-  double *w = work + int64_t(blockIdx.x) * V;
-  double *q = work + (int64_t(n_rows) + blockIdx.x) * V;  // a candidate's probability q_i = e_i / z, from (5) on
+  double *w = work + int64_t(row_index) * V;
+  double *q = work + (int64_t(n_rows) + row_index) * V;  // a candidate's probability q_i = e_i / z, from (5) on
   const int tid = threadIdx.x;
+  const int64_t g = c.g, G = c.G;
   auto done = [&](int32_t tok, int32_t flag) {
-    if (tid == 0) {
-      tokens[blockIdx.x] = tok;
-      flags[blockIdx.x] = flag;
+    if (g == 0) {
+      tokens[row_index] = tok;
+      flags[row_index] = flag;
     }
   };
 
   // (1) raw logits: a NaN or +inf is the sampler's error
   long long bad = 0;
-  for (int64_t i = tid; i < V; i += kThreads) {
+  for (int64_t i = g; i < V; i += G) {
     const float v = x[i];
     bad |= !(v < INFINITY);
     w[i] = canon(double(v));
   }
-  __syncthreads();
+  c.cl.sync();  // (2) rewrites ids another block wrote
   // (2) bias, penalties, bans (each touched id once, so no two threads write one element)
-  for (int a = tid; a < P.n_adj; a += kThreads) {
+  for (int64_t a = g; a < P.n_adj; a += G) {
     const SampleAdjust A = adj[P.adj0 + a];
     double v = w[A.id];
     for (int j = 0; j < A.n_bias; j++) v += double(bias[A.bias0 + j]);
@@ -195,21 +358,22 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     bad |= !(v < INFINITY);
     w[A.id] = canon(v);
   }
-  __syncthreads();
-  // (2b) bans (after the adjustments: a ban wins)
+  // (2b) bans (a banned touched id was made -inf above too: both writes agree)
   const int32_t *bans = reinterpret_cast<const int32_t *>(params + P.bans_at) + P.ban0;
-  for (int j = tid; j < P.n_ban; j += kThreads)
+  for (int64_t j = g; j < P.n_ban; j += G)
     if (bans[j] >= 0 && bans[j] < V) w[bans[j]] = -INFINITY;
-  if (block_max_l(bad, sh)) return done(-1, 1);  // (block_max_l syncs: the adjusted values are visible below)
+  if (cl_max_l(bad, sh, c)) return done(-1, 1);  // (its cluster barrier: the adjusted values are visible below)
 
   // (3) the first id of the largest value
   double bv = -INFINITY;
   long long bi = -1;
-  for (int64_t i = tid; i < V; i += kThreads) {
+  for (int64_t i = g; i < V; i += G) {
     const double v = w[i];
     if (v > bv) bv = v, bi = i;  // strided ids ascend per thread: the first of equal values stays
   }
-  block_argmax(bv, bi, sh);
+  const Pair best = cl_argmax(bv, bi, sh, c);
+  bv = best.v;
+  bi = best.i;
   if (!(bv > -INFINITY) || bi < 0) return done(-1, 1);  // nothing finite to sample
   if (!(P.temperature > 0.0f)) return done(int32_t(bi), 0);
   const double mx = bv, T = double(P.temperature);
@@ -228,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
       // their leading byte): one shared atomic per run, not per id.
       int cb = -1;
       uint32_t cc = 0;
-      for (int64_t i = tid; i < V; i += kThreads) {
+      for (int64_t i = g; i < V; i += G) {
         const uint64_t key = key_of(w[i]);
         if ((key & mask) != prefix) continue;
         const int b = int((key >> shift) & 255);
@@ -240,18 +404,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
         cc++;
       }
       if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc);
-      __syncthreads();
-      if (tid == 0) {
-        int b = 255;
-        for (; b > 0; b--) {
-          long long c = 0;
-          for (int j = 0; j < kCopies; j++) c += sh.cnt[j][b];
-          if (c >= rem) break;
-          rem -= c;
-        }
-        sh.digit = b;
-        sh.rem = rem;
-      }
+      cluster_histogram(sh, c, false);
+      select_topk_bin(sh, rem);
       __syncthreads();
       prefix |= uint64_t(sh.digit) << shift;
       mask |= uint64_t(0xff) << shift;
@@ -259,23 +413,22 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
       __syncthreads();
     }
     const double cv = value_of(prefix);
-    const long long id = nth_equal_id(r, cv, rem, sh);
+    const long long id = nth_equal_id(r, cv, rem, sh, c);
     r.cut_v = cv;
     r.cut_id = id;
   }
 
   // (5) the normaliser over the candidates (q_i = e_i / z, as the CPU). Each candidate's q is computed once
-  // here and read by the passes below: one double exp and division per id instead of one per pass (the
-  // kernel runs on one SM per row; double exp was most of a sampled step's time).
+  // here and read by the passes below.
   double zp = 0;
-  for (int64_t i = tid; i < V; i += kThreads) {
+  for (int64_t i = g; i < V; i += G) {
     const double v = w[i];
     if (r.cand(i, v)) zp += (q[i] = exp((v - mx) / T));
   }
-  const double z = block_sum_d(zp, sh);
-  for (int64_t i = tid; i < V; i += kThreads)
+  const double z = cl_sum_d(zp, sh, c);
+  for (int64_t i = g; i < V; i += G)
     if (r.cand(i, w[i])) q[i] = q[i] / z;
-  __syncthreads();  // (8) reads q in contiguous chunks, not in this loop's stride
+  c.cl.sync();  // (8) reads q in contiguous chunks, written by other threads and blocks in this loop's stride
 
   // (6) top-p: the smallest prefix (in candidate order) whose mass reaches top_p
   if (P.top_p < 1.0f) {
@@ -289,7 +442,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
       int cb = -1;  // runs of one bin per thread, as in (4)
       uint32_t cc = 0;
       double cm = 0;
-      for (int64_t i = tid; i < V; i += kThreads) {
+      for (int64_t i = g; i < V; i += G) {
         const double v = w[i];
         if (!r.cand(i, v)) continue;
         const uint64_t key = key_of(v);
@@ -305,30 +458,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
         cm += q[i];
       }
       if (cb >= 0) atomicAdd(&sh.cnt[hc][cb], cc), atomicAdd(&sh.mass[hc][cb], cm);
-      __syncthreads();
-      if (tid == 0) {
-        int b = 255, chosen = -1, lowest = -1;
-        double lowest_m = 0;
-        for (; b >= 0; b--) {
-          long long c = 0;
-          double m = 0;
-          for (int j = 0; j < kCopies; j++) c += sh.cnt[j][b], m += sh.mass[j][b];
-          if (c == 0) continue;
-          if (above + m >= p) {
-            chosen = b;
-            break;
-          }
-          above += m;
-          lowest = b;
-          lowest_m = m;
-        }
-        // Below the first level the bucket reached top_p as a whole; sums in another order may leave its parts a
-        // rounding short: the cut is then at its last ids.
-        if (chosen < 0 && shift < 56 && lowest >= 0) chosen = lowest, above -= lowest_m;
-        sh.found = chosen >= 0;
-        sh.digit = chosen;
-        sh.mass_above = above;
-      }
+      cluster_histogram(sh, c, true);
+      select_topp_bin(sh, above, p, shift == 56);
       __syncthreads();
       found = sh.found;
       above = sh.mass_above;
@@ -340,13 +471,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     if (found) {
       const double pv = value_of(prefix);
       long long group = 0;  // candidates of that value
-      for (int64_t i = tid; i < V; i += kThreads) group += (w[i] == pv && r.cand(i, w[i])) ? 1 : 0;
-      group = block_sum_l(group, sh);
+      for (int64_t i = g; i < V; i += G) group += (w[i] == pv && r.cand(i, w[i])) ? 1 : 0;
+      group = cl_sum_l(group, sh, c);
       const double qv = exp((pv - mx) / T) / z;
       long long j = 1;  // the CPU's running sum goes on id by id through the tied group: at least one is kept
       double acc = above + qv;
       while (acc < p && j < group) acc += qv, j++;
-      const long long id = nth_equal_id(r, pv, j, sh);
+      const long long id = nth_equal_id(r, pv, j, sh, c);
       r.cut_v = pv;
       r.cut_id = id;
     }
@@ -367,13 +498,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
 
   // (8) the kept mass, then the draw over kept ids in ascending order
   double zkp = 0;
-  for (int64_t i = tid; i < V; i += kThreads) {
+  for (int64_t i = g; i < V; i += G) {
     double qi;
     if (kept(i, w[i], qi)) zkp += qi;
   }
-  const double zk = block_sum_d(zkp, sh);
-  const int64_t chunk = (V + kThreads - 1) / kThreads;
-  const int64_t lo = min(int64_t(tid) * chunk, V), hi = min(lo + chunk, V);
+  const double zk = cl_sum_d(zkp, sh, c);
+  const int64_t chunk = (V + G - 1) / G;
+  const int64_t lo = min(g * chunk, V), hi = min(lo + chunk, V);
   double s = 0;
   long long last = -1;
   for (int64_t i = lo; i < hi; i++) {  // (ids whose probability underflowed to 0 are skipped, as the CPU skips them)
@@ -382,11 +513,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
     s += qi / zk;
     last = i;
   }
-  const double incl = block_inclusive_scan_d(s, sh);
-  const long long owner = block_min_l(last >= 0 && P.u < incl ? tid : kThreads, sh);
-  const long long last_all = block_max_l(last, sh);
-  if (owner == kThreads) return done(int32_t(last_all), 0);  // rounding left u past the total: the last kept id
-  if (tid == owner) {
+  const double incl = cl_inclusive_scan(s, sh.red_d, sh.part_d, c);
+  const long long owner = cl_min_l(last >= 0 && P.u < incl ? g : G, sh, c);
+  const long long last_all = cl_max_l(last, sh, c);
+  if (owner == G) return done(int32_t(last_all), 0);  // rounding left u past the total: the last kept id
+  if (g == owner) {
     double acc = incl - s;
     long long tok = last;
     for (int64_t i = lo; i < hi; i++) {
@@ -398,9 +529,22 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, i
         break;
       }
     }
-    tokens[blockIdx.x] = int32_t(tok);
-    flags[blockIdx.x] = 0;
+    tokens[row_index] = int32_t(tok);
+    flags[row_index] = 0;
   }
+}
+
+__global__ void __launch_bounds__(kThreads) sample_kernel(const float *logits, int64_t V, const char *params,
+                                                          int32_t n_rows, double *work, int32_t *tokens,
+                                                          int32_t *flags) {
+  __shared__ Shared sh;
+  Cl c{cg::this_cluster(), 0, 0, 0, 0, 0};
+  c.rank = int(c.cl.block_rank());
+  c.C = int(c.cl.num_blocks());
+  c.g = int64_t(c.rank) * kThreads + threadIdx.x;
+  c.G = int64_t(c.C) * kThreads;
+  sample_row(logits, V, params, n_rows, int32_t(blockIdx.x / unsigned(c.C)), work, tokens, flags, sh, c);
+  c.cl.sync();  // no block leaves while another may still read its shared memory
 }
 
 }  // namespace
@@ -412,8 +556,30 @@ void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t
                  int32_t *flags, cudaStream_t s) {
   static_assert(sizeof(SampleRowParams) == 64 && sizeof(SampleAdjust) == 20, "the parameter block's layout");
   if (n_rows <= 0) return;
-  sample_kernel<<<unsigned(n_rows), kThreads, 0, s>>>(logits, vocab, static_cast<const char *>(params), n_rows,
-                                                      static_cast<double *>(workspace), tokens, flags);
+  // Blocks per row: as many as keep the launch within about one wave of the GPU's SMs (a block of 1024 threads
+  // fills an SM), at most kMaxCluster; 1 from 66 rows on (each row then has an SM to itself anyway).
+  static const int n_sm = [] {
+    int dev = 0, n = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 1;
+  }();
+  int C = kMaxCluster;
+  while (C > 1 && int64_t(C) * n_rows > n_sm) C /= 2;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(n_rows) * unsigned(C));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, sample_kernel, logits, vocab, static_cast<const char *>(params), n_rows,
+                                           static_cast<double *>(workspace), tokens, flags);
+  if (e != cudaSuccess) throw std::runtime_error(std::string("sample_rows: ") + cudaGetErrorString(e));
   check_launch("sample_rows");
 }
 
