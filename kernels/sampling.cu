@@ -20,7 +20,8 @@
 // the slot written again two reductions later is free, since every block has passed the barrier of the
 // reduction between (and had finished reading before arriving there). Radix histograms go the same way (each
 // block folds its copies into one histogram, the cluster sums them by rank), and the bin that holds the cut is
-// found by one warp, eight bins per lane, instead of one thread walking 256 bins x 8 copies.
+// found by one warp, eight bins per lane, instead of one thread walking 256 bins x 8 copies. A pass whose
+// chosen bin holds one candidate ends its select (one more pass finds that candidate: its key is the cut).
 #include <cooperative_groups.h>
 
 #include <climits>
@@ -244,6 +245,19 @@ __device__ long long nth_equal_id(const Row &r, double v, long long n, Shared &s
   return id == LLONG_MAX ? -1 : id;
 }
 
+// A radix pass whose chosen bin holds one candidate has found the cut: that candidate, whose full key ends
+// the select without the remaining passes. member(i, v): the candidates the passes counted.
+template <class M>
+__device__ uint64_t unique_key(const Row &r, uint64_t prefix, uint64_t mask, M member, Shared &sh, Cl &c) {
+  long long id = LLONG_MAX;
+  for (int64_t i = c.g; i < r.V; i += c.G) {
+    const double v = r.w[i];
+    if (member(i, v) && (key_of(v) & mask) == prefix) id = min(id, (long long)i);
+  }
+  id = cl_min_l(id, sh, c);
+  return id == LLONG_MAX ? prefix : key_of(r.w[id]);  // (none: cannot happen, the count said one)
+}
+
 // Top-k's digit at this pass, by warp 0: bins are walked from 255 down, eight per lane (lane l: 255 - 8l
 // down to 248 - 8l); the first bin b >= 1 where the count of bins above plus its own reaches rem, else bin 0.
 // The sequential rule it replaces: for (b = 255; b > 0 && cnt[b] < rem; b--) rem -= cnt[b].
@@ -410,7 +424,12 @@ __device__ void sample_row(const float *logits, int64_t V, const char *params, i
       prefix |= uint64_t(sh.digit) << shift;
       mask |= uint64_t(0xff) << shift;
       rem = sh.rem;
+      const bool one = sh.tot_cnt[sh.digit] == 1;  // then rem == 1: the cut is that id
       __syncthreads();
+      if (one && shift > 0) {
+        prefix = unique_key(r, prefix, mask, [](int64_t, double) { return true; }, sh, c);
+        break;
+      }
     }
     const double cv = value_of(prefix);
     const long long id = nth_equal_id(r, cv, rem, sh, c);
@@ -466,7 +485,12 @@ __device__ void sample_row(const float *logits, int64_t V, const char *params, i
       if (!found) break;  // rounding left the total below top_p: the CPU keeps every candidate
       prefix |= uint64_t(sh.digit) << shift;
       mask |= uint64_t(0xff) << shift;
+      const bool one = sh.tot_cnt[sh.digit] == 1;
       __syncthreads();
+      if (one && shift > 0) {
+        prefix = unique_key(r, prefix, mask, [&r](int64_t i, double v) { return r.cand(i, v); }, sh, c);
+        break;
+      }
     }
     if (found) {
       const double pv = value_of(prefix);
