@@ -15,8 +15,8 @@
 // rows are the MMA's M side and the weights its N side. K (dn for q_absorb, dc for out_absorb) is walked in
 // chunks of 64: the block stages the chunk's activations and weights in shared memory (plain loads, converted
 // on the way), __syncthreads, four k16 steps of MMAs, __syncthreads, next chunk. No pipelining: several blocks
-// per SM (3 to 8 by registers, 48-130 per thread; 14-28 KB of static shared memory) overlap one block's loads
-// with another's MMAs. The column tiles are the grid's fastest dimension, so the blocks that read the same
+// per SM (4 to 10 by registers, 48-128 per thread; 14-28 KB of static shared memory) overlap one block's
+// loads with another's MMAs. The column tiles are the grid's fastest dimension, so the blocks that read the same
 // activation rows run together and share them through L2; each product's weights (8 MB in FP8 on V3) are
 // read once per row tile, from L2 after the first.
 //
@@ -206,6 +206,10 @@ constexpr int kTcBN = 64;          // output columns per block (16 per warp)
 constexpr int kTcKC = 64;          // K per staged chunk: four k16 steps
 constexpr int kSA = kTcKC / 2 + 4;  // 32-bit words per staged activation row (and out_absorb weight row): 36
 constexpr int kSN = kTcBN + 8;      // bf16 per staged q_absorb weight row: 72
+// Blocks per SM asked of ptxas: the 64-row tiles within 128 registers (4 blocks of 128 threads per SM; without
+// it the FP8 out_absorb took 130, 3 blocks); smaller tiles as ptxas likes (0: no minimum; they take 48-80).
+template <int MT>
+constexpr int kTcMinBlocks = MT == 4 ? 4 : 0;
 
 // d += a (16x16, row-major) * b (16x8, column-major), bf16 in, fp32 accumulate.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -291,9 +295,9 @@ __device__ __forceinline__ void flush(float (&res)[MT][2][4], float (&part)[MT][
 // qcat[r, h, c] for rows r0 .. r0 + 16*MT - 1 (< rows), columns c0 .. c0 + 63 (< dc) of head h; the column-tile-0
 // blocks also copy q_pe. Block (column tile, head, row tile).
 template <int MT, bool FP8>
-__global__ void __launch_bounds__(kTcThreads) q_absorb_tc_kernel(const float *__restrict__ q, int64_t qs, int64_t rows,
-                                                                DevMatrix kv_b, int64_t nh, int64_t dn, int64_t dr,
-                                                                int64_t dv, float *__restrict__ qcat) {
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocks<MT>)
+    q_absorb_tc_kernel(const float *__restrict__ q, int64_t qs, int64_t rows, DevMatrix kv_b, int64_t nh, int64_t dn,
+                       int64_t dr, int64_t dv, float *__restrict__ qcat) {
   constexpr int BM = 16 * MT;
   __shared__ __align__(16) uint32_t a_hi[BM * kSA], a_lo[BM * kSA];
   __shared__ __align__(16) uint16_t ws[kTcKC * kSN];  // bf16 bits
@@ -372,9 +376,9 @@ __global__ void __launch_bounds__(kTcThreads) q_absorb_tc_kernel(const float *__
 // out[r, h*dv + v] for rows r0 .. r0 + 16*MT - 1 (< rows), v = v0 .. v0 + 63 (< dv) of head h. Block (column
 // tile, head, row tile).
 template <int MT, bool FP8>
-__global__ void __launch_bounds__(kTcThreads) out_absorb_tc_kernel(const float *__restrict__ olat, int64_t rows,
-                                                                  DevMatrix kv_b, int64_t nh, int64_t dn, int64_t dv,
-                                                                  float *__restrict__ out, int64_t os) {
+__global__ void __launch_bounds__(kTcThreads, kTcMinBlocks<MT>)
+    out_absorb_tc_kernel(const float *__restrict__ olat, int64_t rows, DevMatrix kv_b, int64_t nh, int64_t dn,
+                         int64_t dv, float *__restrict__ out, int64_t os) {
   constexpr int BM = 16 * MT;
   __shared__ __align__(16) uint32_t a_hi[BM * kSA], a_lo[BM * kSA], ws[kTcBN * kSA];
   const int64_t dc = kv_b.cols, h = blockIdx.y, r0 = int64_t(blockIdx.z) * BM, v0 = int64_t(blockIdx.x) * kTcBN;
@@ -481,7 +485,8 @@ bool mla_q_absorb_tc(int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn
 }
 
 bool mla_out_absorb_tc(int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv) {
-  return tc_common(rows, kv_b, nh) && dv >= 1 && dn >= 0 && (kv_b.dtype == kBF16 || ((dn + dv) % 8 == 0 && dn % 8 == 0));
+  return tc_common(rows, kv_b, nh) && dv >= 1 && dn >= 0 &&
+         (kv_b.dtype == kBF16 || ((dn + dv) % 8 == 0 && dn % 8 == 0));
 }
 
 void mla_q_absorb(const float *q, int64_t qs, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dr,

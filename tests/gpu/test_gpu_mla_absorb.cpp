@@ -235,8 +235,9 @@ void check_shape(const Shape &s, const std::vector<int64_t> &row_counts, std::mt
         for (int64_t r = 0; r < rows; r++)
           for (int64_t c = nh * dv; c < os; c++) pad_kept &= std::isnan(got[size_t(r * os + c)]);
         const bool tc = dsrt::kernels::mla_out_absorb_tc(rows, kv.dm, nh, dn, dv);
-        MESSAGE(s.name << (fp8 ? " FP8" : " BF16") << " out_absorb rows " << rows << (tc ? " (tensor cores)" : " (fp32)")
-                       << ": relative L2 " << err.total() << ", worst row " << err.worst());
+        MESSAGE(s.name << (fp8 ? " FP8" : " BF16") << " out_absorb rows " << rows
+                       << (tc ? " (tensor cores)" : " (fp32)") << ": relative L2 " << err.total() << ", worst row "
+                       << err.worst());
         CHECK(err.total() <= kCaseBound);
         CHECK(err.worst() <= kRowBound);
         CHECK(pad_kept);
