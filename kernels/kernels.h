@@ -89,17 +89,24 @@ void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t 
                             int64_t q_stride, int64_t rows, int64_t n_past, const DevMatrix &kv_b, int64_t nh,
                             int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch, float *out,
                             int64_t out_stride, cudaStream_t s);
-// The two absorption products of the absorbed form, over `rows` consecutive query rows:
-// qcat [rows, nh, dc + dr] = (q_nope[r, h] W_UK[h], q_pe[r, h]), and out[r, h*dv + v] = W_UV[h][v, :] . olat[r, h].
-void mla_q_absorb(const float *q, int64_t q_stride, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn,
-                  int64_t dr, int64_t dv, float *qcat, cudaStream_t s);
-void mla_out_absorb(const float *olat, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv,
-                    float *out, int64_t out_stride, cudaStream_t s);
 // Naive attention (spec §3.8) over decompressed keys/values: kvd [n_ctx, nh*(dn+dv)] (kv_b applied to each
 // cached latent), pe [n_ctx, dr]; same row/position convention as above.
 void mla_attention_naive(const float *q, int64_t q_stride, int64_t rows, int64_t n_past, const float *kvd,
                          const float *pe, int64_t nh, int64_t dn, int64_t dr, int64_t dv, float scale, float *scratch,
                          float *out, int64_t out_stride, cudaStream_t s);
+
+// ---- mla_absorb.cu: the two absorption products of the absorbed form (spec §3.9), over `rows` consecutive
+// query rows: qcat [rows, nh, dc + dr] = (q_nope[r, h] W_UK[h], q_pe[r, h]), and out[r, h*dv + v] =
+// W_UV[h][v, :] . olat[r, h] (olat [rows, nh, dc] contiguous), W_UK[h] = kv_b rows h*(dn+dv) .. + dn and W_UV[h]
+// the dv rows after them, dc = kv_b.cols. Two rows or more run on tensor cores (BF16 mma with a two-term split
+// of the fp32 activations: near-fp32 results) where the shape allows, else on the fp32 CUDA-core kernels.
+void mla_q_absorb(const float *q, int64_t q_stride, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn,
+                  int64_t dr, int64_t dv, float *qcat, cudaStream_t s);
+void mla_out_absorb(const float *olat, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv,
+                    float *out, int64_t out_stride, cudaStream_t s);
+// Whether mla_q_absorb / mla_out_absorb take the tensor-core kernels for this shape (rows >= 2).
+bool mla_q_absorb_tc(int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv);
+bool mla_out_absorb_tc(int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv);
 
 // ---- mla_flash.cu: the absorbed form's attention on tensor cores over a BF16 cache, for every sequence of a
 // step in one launch (decode rows, MTP verification rows and prefill chunks alike): olat [q-rows, dc] from

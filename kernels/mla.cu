@@ -3,7 +3,7 @@
 // (spec §3.8). One block per (query row, head); softmax in fp32 over a scratch row of scores.
 // The cache element type T is the pool's (float or __nv_bfloat16): every value is computed in fp32, rounded
 // once to nearest even when stored (as the CPU backend's f32_to_bf16 does) and widened to fp32 when read.
-#include "gemv.cuh"
+#include "common.cuh"
 
 namespace dsrt::kernels {
 
@@ -82,114 +82,6 @@ __device__ void softmax_inplace(float *p, int64_t n, float *red) {
 // ---- absorbed form, in three kernels so that each has thousands of warps in flight (one block per
 // (row, head) doing all three phases left most SMs with four latency-bound warps).
 
-// q_lat[r, h, c] = sum_d q_nope[r, h, d] W_UK[h][d, c], and q_pe copied after it: qcat [rows, nh, dc + dr].
-// Grid (ceil(dc/128), nh, ceil(rows/MT)), 8 warps: lane owns 4 columns, warp w sums rows d = w, w+8, ...;
-// each weight is read once for MT query rows.
-template <int MT>
-__global__ void __launch_bounds__(256) q_absorb_kernel(const float *q, int64_t qs, int64_t rows, DevMatrix kv_b,
-                                                      int64_t nh, int64_t dn, int64_t dr, int64_t dv, float *qcat) {
-  __shared__ float part[8][128];
-  const int64_t dc = kv_b.cols, h = blockIdx.y, r0 = int64_t(blockIdx.z) * MT, kvw = dn + dv;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t c0 = int64_t(blockIdx.x) * 128 + lane * 4;
-  const int nr = rows - r0 < MT ? int(rows - r0) : MT;
-  float acc[MT][4];
-#pragma unroll
-  for (int t = 0; t < MT; t++)
-#pragma unroll
-    for (int j = 0; j < 4; j++) acc[t][j] = 0.0f;
-  const bool fp8_fast = kv_b.dtype == kFP8 && dc % 4 == 0;
-#pragma unroll 4  // four weight loads in flight per lane
-  for (int64_t d = warp; d < dn && c0 < dc; d += 8) {
-    const int64_t row = h * kvw + d;
-    float wv[4];
-    if (fp8_fast) {  // 4 bytes, one scale (4 | 128)
-      const uint32_t w4 = __ldg(reinterpret_cast<const uint32_t *>(static_cast<const uint8_t *>(kv_b.data) + row * dc + c0));
-      const float sc = kv_b.scale[(row / 128) * kv_b.scale_cols + c0 / 128];
-      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w4 & 0xffff), __NV_E4M3);
-      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w4 >> 16), __NV_E4M3);
-      const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
-      wv[0] = a.x * sc;
-      wv[1] = a.y * sc;
-      wv[2] = b.x * sc;
-      wv[3] = b.y * sc;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; j++) wv[j] = c0 + j < dc ? load_w(kv_b, row, c0 + j) : 0.0f;
-    }
-#pragma unroll
-    for (int t = 0; t < MT; t++)
-      if (t < nr) {
-        const float qv = q[(r0 + t) * qs + h * (dn + dr) + d];
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[t][j] += qv * wv[j];
-      }
-  }
-  for (int t = 0; t < nr; t++) {
-#pragma unroll
-    for (int j = 0; j < 4; j++) part[warp][lane * 4 + j] = acc[t][j];
-    __syncthreads();
-    float *out = qcat + ((r0 + t) * nh + h) * (dc + dr);
-    if (threadIdx.x < 128) {
-      const int64_t c = int64_t(blockIdx.x) * 128 + threadIdx.x;
-      if (c < dc) {
-        float v = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 8; w++) v += part[w][threadIdx.x];
-        out[c] = v;
-      }
-    }
-    if (blockIdx.x == 0)
-      for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) out[dc + k] = q[(r0 + t) * qs + h * (dn + dr) + dn + k];
-    __syncthreads();
-  }
-}
-
-// The same product for one query row (decode): a block per head, a lane owns 16 columns (one 16-byte FP8
-// load per weight row: the 4-byte loads above left the decode launch latency-bound at ~25 us).
-constexpr int kAbsorbMaxDc = 512;
-__global__ void __launch_bounds__(256) q_absorb_row_kernel(const float *q, DevMatrix kv_b, int64_t dn, int64_t dr,
-                                                          int64_t dv, float *qcat) {
-  __shared__ float part[8][kAbsorbMaxDc];
-  const int64_t dc = kv_b.cols, h = blockIdx.x, kvw = dn + dv;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t c0 = int64_t(lane) * 16;
-  const float *qh = q + h * (dn + dr);
-  float acc[16];
-#pragma unroll
-  for (int j = 0; j < 16; j++) acc[j] = 0.0f;
-  if (c0 < dc) {
-#pragma unroll 4
-    for (int64_t d = warp; d < dn; d += 8) {
-      const int64_t row = h * kvw + d;
-      float wv[16];
-      if (kv_b.dtype == kFP8) {
-        fp8x16_to_f32(load_stream(static_cast<const uint8_t *>(kv_b.data) + row * dc + c0), wv);
-        const float sc = kv_b.scale[(row / 128) * kv_b.scale_cols + c0 / 128];
-#pragma unroll
-        for (int j = 0; j < 16; j++) wv[j] *= sc;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 16; j++) wv[j] = load_w(kv_b, row, c0 + j);
-      }
-      const float qv = qh[d];
-#pragma unroll
-      for (int j = 0; j < 16; j++) acc[j] += qv * wv[j];
-    }
-#pragma unroll
-    for (int j = 0; j < 16; j++) part[warp][c0 + j] = acc[j];
-  }
-  __syncthreads();
-  float *out = qcat + h * (dc + dr);
-  for (int64_t c = threadIdx.x; c < dc; c += blockDim.x) {
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 8; w++) v += part[w][c];
-    out[c] = v;
-  }
-  for (int64_t k = threadIdx.x; k < dr; k += blockDim.x) out[dc + k] = qh[dn + k];
-}
-
 // Per (row, head): scores of qcat against every cached latent (c_kv . q_lat + k_pe . q_pe), softmax, and
 // o_lat = sum_j p_j c_kv[j] into olat [rows, nh, dc]. Row i sits at position n_past + i. Keys are walked
 // page by page from a page table staged in shared memory, so consecutive keys' loads are independent (a
@@ -228,34 +120,6 @@ __global__ void __launch_bounds__(256) attend_latent_kernel(KvCacheView kv, int6
     }
     olat[blockIdx.x * dc + c] = acc;
   }
-}
-
-// out[r, h*dv + v] = W_UV[h][v, :] . o_lat[r, h]: a warp per four consecutive v of one head (dv % 4 == 0),
-// which share each chunk of o_lat[r, h], MT rows at a time (gemv.cuh).
-template <int MT>
-__global__ void __launch_bounds__(256) out_absorb_kernel(const float *olat, DevMatrix kv_b, int64_t nh, int64_t dn,
-                                                        int64_t dv, float *out, int64_t os) {
-  const int lane = threadIdx.x & 31;
-  const int64_t hv = (int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5)) * 4;
-  if (hv >= nh * dv) return;
-  const int64_t h = hv / dv, v = hv % dv, dc = kv_b.cols;
-  const DevMatrix *ws[4] = {&kv_b, &kv_b, &kv_b, &kv_b};
-  int64_t ns[4];
-  float acc[4][MT];
-#pragma unroll
-  for (int j = 0; j < 4; j++) {
-    ns[j] = h * (dn + dv) + dn + v + j;
-#pragma unroll
-    for (int t = 0; t < MT; t++) acc[j][t] = 0.0f;
-  }
-  rows_dot<MT, 4>(ws, ns, olat + h * dc, nh * dc, lane, acc);
-#pragma unroll
-  for (int j = 0; j < 4; j++)
-#pragma unroll
-    for (int t = 0; t < MT; t++) {
-      const float a = warp_sum(acc[j][t]);
-      if (lane == 0) out[t * os + hv + j] = a;
-    }
 }
 
 __global__ void naive_kernel(const float *q, int64_t qs, int64_t n_past, const float *kvd, const float *pe, int64_t nh,
@@ -315,30 +179,6 @@ void mla_gather(const KvCacheView &kv, int64_t layer, const int32_t *pages, int6
   else
     gather_kernel<float><<<unsigned(n), 256, 0, s>>>(kv, layer, pages, latent, lat, pe);
   check_launch("mla_gather");
-}
-
-void mla_q_absorb(const float *q, int64_t qs, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dr,
-                  int64_t dv, float *qcat, cudaStream_t s) {
-  if (rows == 0) return;
-  const int64_t dc = kv_b.cols;
-  const dim3 grid(unsigned((dc + 127) / 128), unsigned(nh), unsigned((rows + 7) / 8));
-  if (rows == 1 && dc % 16 == 0 && dc <= kAbsorbMaxDc)  // decode
-    q_absorb_row_kernel<<<unsigned(nh), 256, 0, s>>>(q, kv_b, dn, dr, dv, qcat);
-  else
-    q_absorb_kernel<8><<<grid, 256, 0, s>>>(q, qs, rows, kv_b, nh, dn, dr, dv, qcat);
-  check_launch("mla q_absorb");
-}
-
-void mla_out_absorb(const float *olat, int64_t rows, const DevMatrix &kv_b, int64_t nh, int64_t dn, int64_t dv,
-                    float *out, int64_t os, cudaStream_t s) {
-  const int64_t dc = kv_b.cols;
-  if (dv % 4) throw std::runtime_error("mla_out_absorb: v_head_dim must be a multiple of 4");
-  const unsigned blocks = unsigned((nh * dv / 4 + 7) / 8);
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4)
-    out_absorb_kernel<4><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
-  for (; r < rows; r++) out_absorb_kernel<1><<<blocks, 256, 0, s>>>(olat + r * nh * dc, kv_b, nh, dn, dv, out + r * os, os);
-  check_launch("mla out_absorb");
 }
 
 void mla_attention_absorbed(const KvCacheView &kv, int64_t layer, const int32_t *pages, const float *q, int64_t qs,
