@@ -274,43 +274,4 @@ TEST_CASE("MLA absorption products vs fp64: small odd shapes (partial tiles, sca
   for (const Shape &s : kOdd) check_shape(s, {1, 7, 16, 33, 200}, rng);
 }
 
-TEST_CASE("MLA absorption products: time on V3's shape at decode batches 32 and 128") {
-  std::mt19937 rng(305);
-  const Shape &s = kV3;
-  for (bool fp8 : {true, false}) {
-    const KvB kv(s, fp8, rng);
-    for (int64_t rows : {32, 128}) {
-      const int64_t qs = s.nh * (s.dn + s.dr), os = s.nh * s.dv;
-      Dev<float> dq(activations(rows * qs, 11)), dqcat(size_t(rows * s.nh * (s.dc + s.dr)));
-      Dev<float> dl(activations(rows * s.nh * s.dc, 12)), dout(size_t(rows * os));
-      cudaEvent_t e0, e1;
-      REQUIRE(cudaEventCreate(&e0) == cudaSuccess);
-      REQUIRE(cudaEventCreate(&e1) == cudaSuccess);
-      double us[2];
-      for (int op = 0; op < 2; op++) {
-        auto call = [&] {
-          if (op == 0)
-            dsrt::kernels::mla_q_absorb(dq.p, qs, rows, kv.dm, s.nh, s.dn, s.dr, s.dv, dqcat.p, nullptr);
-          else
-            dsrt::kernels::mla_out_absorb(dl.p, rows, kv.dm, s.nh, s.dn, s.dv, dout.p, os, nullptr);
-        };
-        for (int i = 0; i < 5; i++) call();
-        constexpr int kReps = 50;
-        REQUIRE(cudaEventRecord(e0) == cudaSuccess);
-        for (int i = 0; i < kReps; i++) call();
-        REQUIRE(cudaEventRecord(e1) == cudaSuccess);
-        REQUIRE(cudaEventSynchronize(e1) == cudaSuccess);
-        float ms = 0;
-        REQUIRE(cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess);
-        us[op] = 1e3 * double(ms) / kReps;
-      }
-      REQUIRE(cudaGetLastError() == cudaSuccess);
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
-      MESSAGE("V3 " << (fp8 ? "FP8" : "BF16") << " kv_b, " << rows << " rows: q_absorb " << us[0] << " us, out_absorb "
-                    << us[1] << " us per layer (back-to-back launches)");
-    }
-  }
-}
-
 #endif  // DSRT_WITH_CUDA
