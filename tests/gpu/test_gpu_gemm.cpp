@@ -380,6 +380,22 @@ TEST_CASE("BF16 swap-AB GEMM (mma.sync bf16) vs fp64 on the same bf16 operands: 
       CHECK(pad_written == 0);
       CHECK(e < kBf16Bound);
       CHECK(worst_row < 2 * kBf16Bound);
+      if (big) {  // the time of the lm_head's GEMM (reported, not checked): 10 calls back to back
+        cudaEvent_t e0 = nullptr, e1 = nullptr;
+        REQUIRE(cudaEventCreate(&e0) == cudaSuccess);
+        REQUIRE(cudaEventCreate(&e1) == cudaSuccess);
+        cudaEventRecord(e0, nullptr);
+        for (int r = 0; r < 10; r++) kernels::gemm_bf16_mma(dxb.p, m, w.dm, out.p, ld_out, nullptr);
+        cudaEventRecord(e1, nullptr);
+        REQUIRE(cudaEventSynchronize(e1) == cudaSuccess);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        ms /= 10;
+        MESSAGE("  lm_head GEMM m " << m << ": " << ms << " ms per call, " << double(N * K * 2) / (ms * 1e-3) / 1e9
+                                    << " GB/s of weight");
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+      }
     }
   }
 }
