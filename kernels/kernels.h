@@ -190,6 +190,19 @@ void moe_experts_grouped(const float *x, int64_t T, int64_t H, int64_t I, const 
                          int64_t E, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, void *scratch,
                          float *out, cudaStream_t s);
 
+// ---- gemm_bf16_mma.cu: the swap-AB family's BF16 member (mma.sync m16n8k16 bf16, fp32 accumulation) for decode
+// batches on a BF16 weight, the lm_head's: out[t * ld_out + n] = sum_k xb[t, k] w[n, k] for t < m, n < w.rows;
+// xb [m, K] bf16 bits as round_to_bf16 makes them, rows 16-byte aligned (K % 8 == 0, and a 16-byte aligned base,
+// as w.data's). Each weight byte is read once per call for m <= 128 (one token tile of up to 128 per block);
+// 128 < m <= 256 runs two token tiles side by side, the second mostly from L2.
+constexpr int64_t kGemmBf16MmaMaxRows = 256;
+bool gemm_bf16_mma_supported(int64_t m, int64_t N, int64_t K);  // 1 <= m <= 256, K % 8 == 0, N < 2^23
+int gemm_bf16_mma_tile(int64_t m);                               // tokens per block: 8, 16, 32, 64 or 128
+// Whether N's 128-row blocks occupy at least half the GPU's SMs, enough to stream the weight at close to the
+// full rate (the kernel does not split K: a small N leaves SMs idle, where cuBLASLt would split).
+bool gemm_bf16_mma_fills_gpu(int64_t N);
+void gemm_bf16_mma(const uint16_t *xb, int64_t m, const DevMatrix &w, float *out, int64_t ld_out, cudaStream_t s);
+
 // ---- expert_cache.cu: expert offload's GPU cache of a MoE layer (policies in the file's header). The state
 // arrays live in device memory and persist across calls; table [3E] is what the expert kernels read.
 enum ExpertCachePolicy : int32_t { kExpertCacheLru = 0, kExpertCacheLfu = 1 };

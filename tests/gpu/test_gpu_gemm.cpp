@@ -262,6 +262,130 @@ TEST_CASE("FP8 swap-AB GEMM (mma.sync e4m3) vs fp64 on the same quantised operan
 
 namespace {
 
+// A random BF16 weight [rows, cols], on the host (for the backend) and on the device (for the kernel), its
+// values drawn from a pool of bf16-rounded normal samples with a xorshift generator (the lm_head holds 926 M).
+struct Bf16Weight {
+  int64_t rows, cols;
+  std::vector<uint16_t> b;
+  Weight w;  // host view
+  std::unique_ptr<Dev<uint16_t>> d;
+  kernels::DevMatrix dm;
+  Bf16Weight(int64_t r, int64_t c, std::mt19937 &rng, bool device) : rows(r), cols(c) {
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    uint16_t pool[4096];
+    for (auto &v : pool) v = f32_to_bf16(nd(rng));
+    uint64_t st = (uint64_t(rng()) << 32 | rng()) | 1;
+    b.resize(size_t(rows * cols));
+    for (auto &v : b) {
+      st ^= st << 13;
+      st ^= st >> 7;
+      st ^= st << 17;
+      v = pool[(st >> 20) & 4095];
+    }
+    w.dtype = DType::BF16;
+    w.rows = rows;
+    w.cols = cols;
+    w.data = reinterpret_cast<const uint8_t *>(b.data());
+    if (!device) return;
+    d = std::make_unique<Dev<uint16_t>>(b);
+    dm.data = d->p;
+    dm.dtype = kernels::kBF16;
+    dm.rows = rows;
+    dm.cols = cols;
+  }
+};
+
+// want[t * ns.size() + i] = sum_k xf[t, k] w[ns[i], k] in fp64 (products of two bf16 values are exact in fp32)
+std::vector<double> ref_bf16(const std::vector<float> &xf, int64_t m, const Bf16Weight &w,
+                             const std::vector<int64_t> &ns) {
+  const int64_t K = w.cols, C = int64_t(ns.size());
+  std::vector<double> out(size_t(m * C));
+  parallel_for(C, [&](int64_t i) {
+    thread_local std::vector<float> wr;
+    wr.resize(size_t(K));
+    const uint16_t *src = &w.b[size_t(ns[size_t(i)] * K)];
+    for (int64_t k = 0; k < K; k++) wr[size_t(k)] = bf16_to_f32(src[k]);
+    for (int64_t t = 0; t < m; t++) {
+      const float *xr = &xf[size_t(t * K)];
+      double acc = 0;
+      for (int64_t k = 0; k < K; k++) acc += double(xr[k] * wr[size_t(k)]);
+      out[size_t(t * C + i)] = acc;
+    }
+  });
+  return out;
+}
+
+// Relative L2 of got[t * ld + ns[i]] against want (ref_bf16's layout) over all t < m, and of the worst token row.
+double rel_cols(const std::vector<float> &got, int64_t ld, const std::vector<double> &want, int64_t m,
+                const std::vector<int64_t> &ns, double *worst_row) {
+  const int64_t C = int64_t(ns.size());
+  std::vector<float> sel(size_t(m * C));
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t i = 0; i < C; i++) sel[size_t(t * C + i)] = got[size_t(t * ld + ns[size_t(i)])];
+  return rel_rows(sel.data(), C, want.data(), m, C, worst_row);
+}
+
+constexpr double kBf16Bound = 1e-5;  // fp32 accumulation over up to 7168 exact products
+
+}  // namespace
+
+// The lm_head's shape (N = 129280: 1010 blocks of 128 rows, K = 7168) at a few batch sizes, then small odd shapes
+// (a partial last block, K not a multiple of the 64-wide K tile, K = 8) at every size: 1 (one token in a tile of
+// 8), 7, 16, 33, 128 (one tile of 128), 200 and 256 (two tiles of 128). x is rounded to bf16 by round_to_bf16 as
+// Fp8Gemm::run_bf16 does; the reference is an fp64 sum over the device's rounded x. The output has a padded row
+// stride prefilled with NaN: every element must be written (finite), the padding never.
+TEST_CASE("BF16 swap-AB GEMM (mma.sync bf16) vs fp64 on the same bf16 operands: lm_head and odd shapes, 1-256 rows") {
+  std::mt19937 rng(505);
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{129280, 7168}, {1000, 264}, {72, 64}, {130, 8}}) {
+    const Bf16Weight w(N, K, rng, true);
+    const bool big = N * K > (int64_t(1) << 26);
+    // Columns compared: all of a small shape; of the lm_head every 11th row (each block, each warp row
+    // position over the blocks) and the first and last 128.
+    std::vector<int64_t> ns;
+    for (int64_t n = 0; n < N; n++)
+      if (!big || n % 11 == 0 || n < 128 || n >= N - 128) ns.push_back(n);
+    const std::vector<int64_t> ms =
+        big ? std::vector<int64_t>{1, 33, 128, 256} : std::vector<int64_t>{1, 7, 16, 33, 128, 200, 256};
+    for (int64_t m : ms) {
+      CAPTURE(N);
+      CAPTURE(K);
+      CAPTURE(m);
+      REQUIRE(kernels::gemm_bf16_mma_supported(m, N, K));
+      const auto x = randn(size_t(m * K), rng);
+      const int64_t ld_out = N + 16;
+      Dev<float> dx(x), out(size_t(m * ld_out));
+      Dev<uint16_t> dxb(size_t(m * K));
+      kernels::round_to_bf16(dx.p, m * K, dxb.p, nullptr);
+      std::vector<float> xf(size_t(m * K));  // the device's rounding, as the kernel reads it
+      {
+        const auto xb = dxb.get();
+        for (size_t i = 0; i < xb.size(); i++) xf[i] = bf16_to_f32(xb[i]);
+      }
+      out.fill_nan();
+      kernels::gemm_bf16_mma(dxb.p, m, w.dm, out.p, ld_out, nullptr);
+      REQUIRE(cudaGetLastError() == cudaSuccess);
+      const auto got = out.get();
+      int64_t unwritten = 0, pad_written = 0;
+      for (int64_t t = 0; t < m; t++) {
+        for (int64_t n = 0; n < N; n++) unwritten += !std::isfinite(got[size_t(t * ld_out + n)]);
+        for (int64_t n = N; n < ld_out; n++) pad_written += !std::isnan(got[size_t(t * ld_out + n)]);
+      }
+      const auto want = ref_bf16(xf, m, w, ns);
+      double worst_row = 0;
+      const double e = rel_cols(got, ld_out, want, m, ns, &worst_row);
+      MESSAGE("BF16 swap-AB N " << N << " K " << K << " m " << m << " (tile " << kernels::gemm_bf16_mma_tile(m) << ", "
+                                << ns.size() << " columns compared): relative L2 " << e << ", worst token row "
+                                << worst_row << ", unwritten " << unwritten);
+      CHECK(unwritten == 0);
+      CHECK(pad_written == 0);
+      CHECK(e < kBf16Bound);
+      CHECK(worst_row < 2 * kBf16Bound);
+    }
+  }
+}
+
+namespace {
+
 // One MoE problem on the device: experts, routing, and the grouped path's scratch.
 struct MoeProblem {
   int64_t T, E, K, H, I;
@@ -591,6 +715,40 @@ TEST_CASE("CUDA backend with FP8 activations: moe_experts takes the grouped path
                  << std::count_if(count.begin(), count.end(), [](int64_t n) { return n > 0; }) << " of " << E << ")");
     CHECK(worst < (T >= kFp8ActivationMinRows ? 8e-2 : 1e-5));
     if (T >= kFp8ActivationMinRows) CHECK(worst > 1e-4);  // (the FP8 path did run: fp32 would be ~1e-6)
+  }
+}
+
+// A BF16 linear through the CUDA backend with FP8 activations (the lm_head's route: Fp8Gemm::run_bf16 from
+// kFp8ActivationMinRows rows): the swap-AB kernel up to 256 rows when the weight's 128-row blocks occupy half the SMs
+// (N = 17000: 133 blocks, a partial last one), cuBLASLt above; below kFp8ActivationMinRows the fp32 GEMV. The
+// reference rounds x to bf16 from kFp8ActivationMinRows rows (f32_to_bf16: round_to_bf16's nearest even).
+// Needs cuBLASLt (the backend sends BF16 weights to run_bf16 only when it loaded).
+TEST_CASE("CUDA backend with FP8 activations: a BF16 linear of 8-256 rows runs on the swap-AB kernel (fp64 reference)") {
+  const std::string status = cublaslt_status();
+  MESSAGE("cuBLASLt: " << status);
+  if (status.rfind("cuBLASLt ", 0) != 0) return;  // not loadable here: BF16 linears stay on the GEMV path
+  std::mt19937 rng(606);
+  auto g = cuda_fp8();
+  const int64_t N = 17000, K = 1024;
+  const Bf16Weight w(N, K, rng, false);
+  std::vector<int64_t> ns(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; n++) ns[size_t(n)] = n;
+  for (int64_t m : {kFp8ActivationMinRows - 1, kFp8ActivationMinRows, int64_t(33), int64_t(200), int64_t(256),
+                    int64_t(300)}) {
+    CAPTURE(m);
+    auto x = randn(size_t(m * K), rng);
+    g->begin_step();
+    Tensor y = g->alloc(m, N);
+    g->linear(put(*g, x, m, K), w.w, y);
+    const auto got = get(*g, y);
+    if (m >= kFp8ActivationMinRows)
+      for (auto &v : x) v = bf16_to_f32(f32_to_bf16(v));
+    const auto want = ref_bf16(x, m, w, ns);
+    double worst_row = 0;
+    const double e = rel_rows(got.data(), N, want.data(), m, N, &worst_row);
+    MESSAGE("BF16 linear N " << N << " K " << K << " m " << m << ": relative L2 " << e << ", worst row " << worst_row);
+    CHECK(e < kBf16Bound);
+    CHECK(worst_row < 2 * kBf16Bound);
   }
 }
 

@@ -38,7 +38,9 @@ class Fp8Gemm {
 
   // out [m, w.rows] (fp32) = x W^T for a BF16 weight, with x rounded to bf16 into xb (m * w.cols values): the
   // lm_head and other BF16 linears of many rows on tensor cores (the fp32-activation GEMV reads the weight
-  // once per few rows). false when cuBLASLt is missing or has no algorithm.
+  // once per few rows). Up to kernels::kGemmBf16MmaMaxRows rows on dsrt's swap-AB kernel
+  // (kernels/gemm_bf16_mma.cu) when the weight's 128-row blocks occupy half the SMs (or cuBLASLt is missing), else
+  // cuBLASLt. false when neither takes the shape (K % 8 != 0; cuBLASLt missing or without an algorithm).
   bool run_bf16(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint16_t *xb);
 
   // Frees the descriptors of GEMMs the stream has finished (call after a sync).
