@@ -5,7 +5,9 @@
 // kv_dtype (optional) replaces the backend's latent cache dtype (a CPU engine with the GPU's BF16 cache).
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.h"
@@ -21,9 +23,14 @@ class ForwardingBackend final : public dsrt::Backend {
     std::atomic<int64_t> sample_calls{0}, sampled_rows{0}, host_floats{0};
   };
   std::shared_ptr<Counts> counts = std::make_shared<Counts>();  // (kept by the test after the engine owns this)
+  // Each step takes at least this long (a GPU step longer than the app thread's turnaround).
+  std::chrono::milliseconds step_delay{0};
 
   const char *name() const override { return b_->name(); }
-  void begin_step() override { b_->begin_step(); }
+  void begin_step() override {
+    if (step_delay.count() > 0) std::this_thread::sleep_for(step_delay);
+    b_->begin_step();
+  }
   dsrt::Tensor alloc(int64_t rows, int64_t cols, dsrt::DType dt) override { return b_->alloc(rows, cols, dt); }
   uint64_t scratch_mark() override { return b_->scratch_mark(); }
   void scratch_release(uint64_t m) override { b_->scratch_release(m); }

@@ -348,6 +348,8 @@ TEST_CASE("device-sampling path (CPU stand-in): host path's tokens, logits copie
   }
   CHECK(hc->sampled_rows == 0);
   CHECK(dc->sampled_rows >= int64_t(settings.size()) * 12);
+  CHECK(host->stats().tokens_run_ahead == 0);
+  CHECK(dev->stats().tokens_run_ahead > 0);  // the steps appended turn tokens themselves
   CHECK(dev->stats().max_batch_seqs > 1);
 
   // One plain turn: no logits row comes to the host; the turn's step says where its logits are.
@@ -455,4 +457,89 @@ TEST_CASE("device-sampling path (CPU stand-in): a turn ended by a full pool leav
   CHECK(df == hf);
   CHECK(hs.size() == 5);
   CHECK(ds == hs);
+}
+
+// Run-ahead (Session::ahead_): with device sampling a step's commit appends the turn's next token itself, so
+// the next step starts without waiting for the session's thread. A turn that ends without taking that token
+// (a cancel, a stop string) takes it back out of the session, cache and random stream included: the tokens
+// emitted, the session's tokens afterwards and the next turn's tokens are the host path's.
+TEST_CASE("device-sampling run-ahead: a turn that ends without the token a step ran ahead with leaves no trace") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  auto engine = [&](bool device) {
+    dsrt::EngineOptions eo;
+    eo.max_tokens = 2048;
+    dsrt::BackendOptions bo;
+    bo.n_threads = 2;
+    auto be = std::make_unique<ForwardingBackend>(dsrt::make_cpu_backend(bo), device);
+    be->step_delay = std::chrono::milliseconds(25);  // the app thread takes each token while the next step runs
+    return std::make_shared<dsrt::Engine>(model.model, model.vocab, std::move(be), eo);
+  };
+  auto host = engine(false), dev = engine(true);
+  dsrt::GenParams g = greedy(40);
+  g.has_seed = true;
+  g.seed = 11;
+  g.sampling.temperature = 0.9f;
+  g.sampling.top_k = 20;
+  struct Outcome {
+    std::vector<int32_t> emitted, after, next_turn;
+    std::string text;
+    dsrt::Finish finish = dsrt::Finish::None;
+  };
+  // Takes `take` tokens, then (after a pause: the step in flight appends the next token meanwhile) ends the turn
+  // with cancel(), or, when `stop` is set, ends it by the stop string; then the session's tokens and a next turn
+  // of 6.
+  auto run = [&](std::shared_ptr<dsrt::Engine> &e, int take, const std::string &stop) {
+    Outcome o;
+    auto s = e->create_session(0, false, 5);
+    const auto p = prompt_tokens(V, 9);
+    s->append(p.data(), p.size());
+    dsrt::GenParams gt = g;
+    if (!stop.empty()) gt.stop_strings = {stop};
+    s->start(gt);
+    for (;;) {
+      if (stop.empty() && int(o.emitted.size()) == take) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(40));
+        s->cancel();
+      }
+      const dsrt::Event ev = s->next();
+      o.text += ev.text;
+      if (ev.token >= 0) o.emitted.push_back(ev.token);
+      if (ev.done) {
+        o.finish = ev.finish;
+        break;
+      }
+    }
+    const auto tv = s->tokens_view();
+    o.after.assign(tv.begin(), tv.end());
+    dsrt::GenParams g6 = g;
+    g6.max_new_tokens = 6;
+    g6.has_seed = false;  // the stream goes on from where the turn left it
+    s->start(g6);
+    for (dsrt::Event ev = s->next(); !ev.done; ev = s->next()) o.next_turn.push_back(ev.token);
+    return o;
+  };
+  for (int take : {1, 3, 8}) {
+    CAPTURE(take);
+    const Outcome h = run(host, take, ""), d = run(dev, take, "");
+    CHECK(h.finish == dsrt::Finish::Cancelled);
+    CHECK(d.finish == dsrt::Finish::Cancelled);
+    CHECK(h.emitted.size() == size_t(take));
+    CHECK(d.emitted == h.emitted);
+    CHECK(d.after == h.after);
+    CHECK(d.next_turn.size() == 6);
+    CHECK(d.next_turn == h.next_turn);
+  }
+  // A stop string: the turn ends at the token whose text reaches it, the token after it is not taken.
+  const Outcome free_run = run(host, 40, "\x01never");  // (a stop string that never shows)
+  REQUIRE(free_run.text.size() > 8);
+  const std::string stop = free_run.text.substr(free_run.text.size() / 2, 2);
+  const Outcome h = run(host, 40, stop), d = run(dev, 40, stop);
+  CHECK(h.finish == dsrt::Finish::StopString);
+  CHECK(d.finish == dsrt::Finish::StopString);
+  CHECK(d.emitted == h.emitted);
+  CHECK(d.text == h.text);
+  CHECK(d.after == h.after);
+  CHECK(d.next_turn == h.next_turn);
+  CHECK(dev->stats().tokens_run_ahead > 0);
 }

@@ -184,7 +184,9 @@ bool Engine::runnable(const Session &s) const {
 // every session of an engine goes through the same step).
 bool Engine::has_work() const {
   return std::any_of(sessions_.begin(), sessions_.end(),
-                     [&](const Session *s) { return runnable(*s) && (s->demand_ > 0 || step_requests_ > 0); });
+                     [&](const Session *s) {
+                       return runnable(*s) && (s->demand_ > 0 || step_requests_ > 0 || s->ahead_.valid);
+                     });
 }
 
 // The step thread: backend jobs of app threads first, then one step at a time over every runnable session.
@@ -268,7 +270,7 @@ int64_t Engine::step() {
   return steps_done_ > before ? last_step_tokens_ : 0;
 }
 
-void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2) {
+void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2, bool take_ahead) {
   std::unique_lock lk(mu_);
   auto cancelled = [&] {
     return (cancel && cancel->load(std::memory_order_relaxed)) || (cancel2 && cancel2->load(std::memory_order_relaxed));
@@ -284,6 +286,9 @@ void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<
   } leave{s};
   work_cv_.notify_one();
   for (;;) {
+    // A step ran ahead with the turn's next token (Session::ahead_): next() takes it now, while the step that
+    // evaluates it may be running.
+    if (take_ahead && s.ahead_.valid) return;
     if (!s.in_flight_) {
       if (s.failed_ != DSRT_OK) {
         // The run of pending tokens this step belonged to is rolled back whole: the session is as it was

@@ -108,6 +108,7 @@ class Session {
   friend class Engine;
   friend class StepRunner;
   Event finish_turn(Finish why, int32_t token);
+  int32_t sample_next(bool &accepted);  // next()'s draw after the step
   void drop_drafts();  // unverified drafts leave the cache (engine lock held)
   void forget_mtp_after(int64_t n_keep);  // the cache is cut to n_keep tokens (engine lock held)
   void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
@@ -149,6 +150,23 @@ class Session {
   };
   bool logits_on_device_ = false;
   Presample presampled_;
+  // Run-ahead (device sampling, no MTP): the commit of the step that sampled the turn's next token on the
+  // device puts the token in pending_ itself (StepRunner::run_ahead), so the next step need not wait for this
+  // session's thread to come back and append it; next() then takes the token from here. At most one: the
+  // step after leaves its draw in presampled_ until next() has taken this one. A turn that ends without
+  // taking it (cancelled, a stop string) undoes it in finish_turn: the token leaves pending_ or the cache, and
+  // the random stream goes back to rng_before.
+  struct Ahead {
+    bool valid = false;
+    int32_t token = -1;
+    uint64_t rng_before[4] = {};
+  };
+  Ahead ahead_;
+  void retract_ahead();
+  // lock_idle, then retract_ahead: what every call that reads or changes the session's tokens starts with.
+  std::unique_lock<std::mutex> lock_settled();
+  int64_t ahead_in_cache() const { return ahead_.valid && pending_.empty() ? 1 : 0; }
+  int64_t turn_taken_ = 0;  // tokens next() has taken in this turn (the engine lock: run-ahead reads it)
   dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session
   std::string failed_msg_;
   uint64_t n_evaluated_ = 0;
