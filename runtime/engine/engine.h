@@ -59,6 +59,10 @@ struct EngineOptions {
   // device (Session::logits_view). The same tokens as the host sampler (engine/sampler.h) with the same draws.
   // false (or DSRT_DEVICE_SAMPLING=0): every step's logits rows to the host, sampled there.
   bool device_sampling = true;
+  // With device sampling (and no MTP): a step's commit appends the turn's next token itself (Session::ahead_),
+  // so the next step need not wait for the session's thread. The same tokens either way. false (or
+  // DSRT_RUN_AHEAD=0): next() appends every token.
+  bool run_ahead = true;
 };
 
 struct EngineStats {
@@ -138,6 +142,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_ptr<KvPagePool> pool_;
   bool mtp_ = false;
   bool device_sampling_ = false;
+  bool run_ahead_ = false;  // EngineOptions::run_ahead, in effect
 
   mutable std::mutex mu_;  // guards everything below and every session's token state
   std::condition_variable work_cv_;  // the step thread waits for work

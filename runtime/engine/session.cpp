@@ -49,10 +49,11 @@ void Session::retract_ahead() {
     pending_started_ = false;
     failed_ = DSRT_OK;
     failed_msg_.clear();
-  } else {
+  } else {  // evaluated (never published: publish_pages leaves it out), never counted as the session's
     tokens_.pop_back();
     published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
     engine_->release_pages(*this, int64_t(tokens_.size()));
+    if (n_evaluated_ > 0) n_evaluated_--;
   }
   rng_.set_state(ahead_.rng_before);
   presampled_ = std::move(ps);
@@ -133,7 +134,7 @@ void Session::start(const GenParams &p) {
   {
     std::lock_guard lk(engine_->mu_);
     if (tokens_.empty() && pending_.empty()) fail(DSRT_ERR_BAD_STATE, "nothing to generate from: append a prompt first");
-    last_.prompt_tokens = int64_t(pending_.size());
+    last_.prompt_tokens = int64_t(pending_.size()) - (ahead_.valid && !pending_.empty() ? 1 : 0);  // (start mid-turn)
     last_.cached_tokens = 0;
   }
   if (p.max_new_tokens < 0) fail(DSRT_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 0");
@@ -143,6 +144,10 @@ void Session::start(const GenParams &p) {
     auto lk = lock_settled();
     gp_ = p;
     drop_drafts();
+    // A turn before this one (not finished: start() mid-turn, or a fork of one) left the last token's logits
+    // on the device with the draw it will not take: that token goes back to pending, as in finish_turn.
+    repend_device_logits();
+    stopping_ = false;
     last_.mtp_drafted = last_.mtp_accepted = 0;
     turn_active_ = true;  // under the lock: the step thread reads it (drafting, cancel)
     // Admission: the pages this turn may fill are reserved now (as far as the pool has them unreserved), so a
@@ -201,26 +206,32 @@ void Session::drop_drafts() {
   drafts_.clear();
 }
 
+void Session::repend_device_logits() {
+  if (!logits_on_device_ || !pending_.empty() || logits_rows_ != 0 || tokens_.empty() || !drafts_.empty()) return;
+  // The last step evaluated the token the turn emitted last (it runs ahead of the consumer) and sampled
+  // its successor on the device, which this turn does not take (it ended at that token, or the step that
+  // was to evaluate that successor failed and was rolled back): those logits never reached the host. The
+  // token goes back to pending, so whatever comes next (a turn, an eval) evaluates it again at the same
+  // position, rewriting the same cache entry, and gets its logits.
+  const int32_t last = tokens_.back();
+  tokens_.pop_back();
+  published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
+  pending_.insert(pending_.begin(), last);
+  mtp_pos_ = std::min<int64_t>(mtp_pos_, int64_t(tokens_.size()));
+  const int64_t H = engine_->model().cfg.hidden_size, waiting = int64_t(tokens_.size()) - mtp_pos_;
+  if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
+  engine_->release_pages(*this, int64_t(tokens_.size()));  // (a page it had alone comes back with its step)
+  // logits_on_device_ stays: the session is as when that token was appended and not evaluated yet (no logits on
+  // the host; logits_view says where they were).
+}
+
 Event Session::finish_turn(Finish why, int32_t token) {
   {
     auto lk = lock_settled();
     drop_drafts();
     turn_active_ = false;
-    if (logits_on_device_ && pending_.empty() && logits_rows_ == 0 && !tokens_.empty()) {
-      // The last step evaluated the token the turn emitted last (it runs ahead of the consumer) and sampled
-      // its successor on the device, which this turn does not take (it ended at that token, or the step that
-      // was to evaluate that successor failed and was rolled back): those logits never reached the host. The
-      // token goes back to pending, so whatever comes next (a turn, an eval) evaluates it again at the same
-      // position, rewriting the same cache entry, and gets its logits.
-      const int32_t last = tokens_.back();
-      tokens_.pop_back();
-      published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
-      pending_.insert(pending_.begin(), last);
-      mtp_pos_ = std::min<int64_t>(mtp_pos_, int64_t(tokens_.size()));
-      const int64_t H = engine_->model().cfg.hidden_size, waiting = int64_t(tokens_.size()) - mtp_pos_;
-      if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
-      logits_on_device_ = false;
-    }
+    repend_device_logits();
+    stopping_ = false;
     presampled_ = {};  // a draw the turn did not take (cancelled, context full): the stream stays where it is
     engine_->pool_->unreserve(kv_);
     engine_->work_cv_.notify_one();
@@ -314,17 +325,24 @@ Event Session::next() {
   }
   if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
   if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
-  int32_t tok;
+  int32_t tok = -1;
+  bool took = false;
   if (ahead) {  // (its room in the context was checked when it went into pending_)
     std::lock_guard lk(engine_->mu_);
-    tok = ahead_.token;
-    ahead_ = {};
-    turn_taken_++;
-    if (keep_logprobs_) {  // turned on after the step was planned: this token's row was not kept
-      sampled_row_.clear();
-      sampled_token_ = -1;
+    // (Looked at again under the lock: a step that found no page for it or failed on it may have taken it back
+    // meanwhile; it is then the draw again, taken below. The session is idle then, with nothing pending.)
+    if (ahead_.valid) {
+      tok = ahead_.token;
+      ahead_ = {};
+      turn_taken_++;
+      took = true;
+      if (keep_logprobs_) {  // turned on after the step was planned: this token's row was not kept
+        sampled_row_.clear();
+        sampled_token_ = -1;
+      }
     }
-  } else {
+  }
+  if (!took) {
     if (int64_t(tokens_.size() + pending_.size() - drafts_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
     bool accepted = false;  // the token is an accepted draft, already in the cache
     try {
@@ -361,6 +379,13 @@ Event Session::next() {
   }
   if (finish_pending_ == Finish::None && gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens)
     finish_pending_ = Finish::Length;
+  if (finish_pending_ != Finish::None) {
+    // The turn ends at this token: no step runs ahead with its successor (nor evaluates one already appended,
+    // when no step has taken it yet); finish_turn then waits for no step of a token nobody takes.
+    std::lock_guard lk(engine_->mu_);
+    stopping_ = true;
+    if (ahead_.valid && !in_flight_) retract_ahead();
+  }
   return ev;
 }
 
@@ -438,7 +463,9 @@ float Session::token_logprobs(size_t n_top, int32_t *token, std::vector<std::pai
 Session::LogitsView Session::logits_view() {
   std::lock_guard lk(engine_->mu_);
   const int64_t rows = drafts_.empty() ? logits_rows_ : std::min<int64_t>(logits_rows_, 1);
-  if (rows == 0 && logits_on_device_) fail(DSRT_ERR_BAD_STATE, on_device_text);
+  // (A token a step ran ahead with: the last emitted token's logits were sampled on the device; rows the step
+  // that evaluated the token ahead copied are that token's, not the session's yet.)
+  if ((rows == 0 && logits_on_device_) || ahead_.valid) fail(DSRT_ERR_BAD_STATE, on_device_text);
   if (pending_.empty()) return {logits_.data(), rows};
   logits_snapshot_.assign(logits_.data(), logits_.data() + rows * vocab());
   return {logits_snapshot_.data(), rows};
@@ -446,7 +473,7 @@ Session::LogitsView Session::logits_view() {
 
 std::span<const int32_t> Session::tokens_view() {
   std::lock_guard lk(engine_->mu_);
-  const size_t n = tokens_.size() - drafts_.size() - size_t(ahead_in_cache());
+  const size_t n = size_t(visible_tokens());
   if (pending_.empty()) return {tokens_.data(), n};
   tokens_snapshot_.assign(tokens_.begin(), tokens_.begin() + std::ptrdiff_t(n));
   return tokens_snapshot_;
@@ -457,9 +484,20 @@ SessionStats Session::stats() const {
   SessionStats s = last_;
   s.n_tokens = int64_t(tokens_.size()) - ahead_in_cache();  // (not the turn's yet: a step ran ahead with it)
   s.n_pending = int64_t(pending_.size()) - (ahead_.valid && !pending_.empty() ? 1 : 0);
-  s.n_pages = int64_t(kv_.pages.size());
+  s.n_pages = visible_pages();
   s.n_evaluated = n_evaluated_;
   return s;
+}
+
+int64_t Session::visible_pages() const {
+  int64_t n = int64_t(kv_.pages.size());
+  // A page taken for the token a step ran ahead with alone (its first position; taken at the plan of the step that
+  // evaluates it).
+  if (ahead_.valid) {
+    const int64_t at = int64_t(tokens_.size()) - ahead_in_cache();  // its position
+    if (at % kPageTokens == 0 && n == KvPagePool::pages_for(at + 1)) n--;
+  }
+  return n;
 }
 
 int64_t Session::adopt_cached_prefix() {
@@ -523,7 +561,7 @@ bool Session::make_writable(int64_t from, std::vector<PageCopy> &copies) {
 void Session::publish_pages() {
   KvPagePool &pool = *engine_->pool_;
   if (!pool.cache_enabled()) return;
-  int64_t n_final = int64_t(tokens_.size() - drafts_.size());
+  int64_t n_final = visible_tokens();  // (not the token a step ran ahead with: the turn may never take it)
   if (engine_->mtp_) n_final = std::min(n_final, mtp_pos_);  // the MTP layer's entries are final below mtp_pos_
   const int64_t full = std::min<int64_t>(n_final / kPageTokens, int64_t(kv_.pages.size()));
   if (full <= published_) return;

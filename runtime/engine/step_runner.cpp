@@ -344,8 +344,8 @@ void StepRunner::catch_up(Tensor hidden) {
 // already ahead. Not with MTP (drafting follows the taken token).
 void StepRunner::run_ahead(Session &s) {
   const Session::Presample &ps = s.presampled_;
-  if (e_.mtp_ || !ps.valid || ps.status != DSRT_OK || s.ahead_.valid || !s.turn_active_ || !s.pending_.empty() ||
-      !s.drafts_.empty() || s.failed_ != DSRT_OK || s.cancel_requested())
+  if (!e_.run_ahead_ || !ps.valid || ps.status != DSRT_OK || s.ahead_.valid || !s.turn_active_ || !s.pending_.empty() ||
+      !s.drafts_.empty() || s.failed_ != DSRT_OK || s.cancel_requested() || s.stopping_ || s.plain_evals_ > 0)
     return;
   const GenParams &g = s.gp_;
   const int32_t tok = ps.token;
