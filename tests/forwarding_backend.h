@@ -5,10 +5,13 @@
 // kv_dtype (optional) replaces the backend's latent cache dtype (a CPU engine with the GPU's BF16 cache).
 #pragma once
 #include <atomic>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/status.h"
 
 namespace testing {
 
@@ -21,9 +24,66 @@ class ForwardingBackend final : public dsrt::Backend {
     std::atomic<int64_t> sample_calls{0}, sampled_rows{0}, host_floats{0};
   };
   std::shared_ptr<Counts> counts = std::make_shared<Counts>();  // (kept by the test after the engine owns this)
+  // A gate at the start of every forward (begin_step: once per step without MTP), which the test opens one step
+  // at a time: the engine's step thread waits there (unlocked, its sessions in flight) until a step is allowed,
+  // so the test decides what happens while a step runs, with no timing involved. Closed: no step passes until
+  // allow(); open (the default): every step passes.
+  struct Gate {
+    std::mutex m;
+    std::condition_variable cv;
+    bool closed = false;
+    int64_t permits = 0, arrived = 0, passed = 0;
+    int64_t fail_at = -1;  // the step (counted by passed, from 1) that throws instead of running
+    void close() {
+      std::lock_guard l(m);
+      closed = true;
+    }
+    void open() {
+      std::lock_guard l(m);
+      closed = false;
+      cv.notify_all();
+    }
+    void allow(int64_t n = 1) {
+      std::lock_guard l(m);
+      permits += n;
+      cv.notify_all();
+    }
+    // Until `n` steps in all have reached the gate (the last one possibly waiting there).
+    void wait_arrived(int64_t n) {
+      std::unique_lock l(m);
+      cv.wait(l, [&] { return arrived >= n; });
+    }
+    // Lets one step through and waits until the next step reaches the gate.
+    void step_and_wait() {
+      int64_t a;
+      {
+        std::lock_guard l(m);
+        a = arrived;
+      }
+      allow(1);
+      wait_arrived(a + 1);
+    }
+    int64_t n_arrived() {
+      std::lock_guard l(m);
+      return arrived;
+    }
+    bool enter() {  // false: this step fails
+      std::unique_lock l(m);
+      arrived++;
+      cv.notify_all();
+      cv.wait(l, [&] { return !closed || permits > 0; });
+      if (closed) permits--;
+      passed++;
+      return passed != fail_at;
+    }
+  };
+  std::shared_ptr<Gate> gate = std::make_shared<Gate>();  // (kept by the test after the engine owns this)
 
   const char *name() const override { return b_->name(); }
-  void begin_step() override { b_->begin_step(); }
+  void begin_step() override {
+    if (!gate->enter()) throw dsrt::Error(DSRT_ERR_OUT_OF_MEMORY, "a step failure injected by the test");
+    b_->begin_step();
+  }
   dsrt::Tensor alloc(int64_t rows, int64_t cols, dsrt::DType dt) override { return b_->alloc(rows, cols, dt); }
   uint64_t scratch_mark() override { return b_->scratch_mark(); }
   void scratch_release(uint64_t m) override { b_->scratch_release(m); }

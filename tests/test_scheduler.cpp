@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -88,28 +90,37 @@ TEST_CASE("a decoding session keeps its pace while another session prefills 2048
 
 TEST_CASE("cancel from another thread ends a long prefill at the next step boundary, keeping what ran") {
   auto model = dsrt::load_model(tiny("bf16"), {});
-  auto e = make_engine(model, 32, 4096);
+  dsrt::EngineOptions eo;
+  eo.max_batch_tokens = 32;
+  eo.max_tokens = 4096;
+  dsrt::BackendOptions bo;
+  bo.n_threads = 2;
+  auto be = std::make_unique<ForwardingBackend>(dsrt::make_cpu_backend(bo), false);
+  auto gate = be->gate;
+  auto e = std::make_shared<dsrt::Engine>(model.model, model.vocab, std::move(be), eo);
   auto s = e->create_session(0, false, 1);
   const auto p = prompt_tokens(int32_t(model.model->cfg.vocab_size), 2048);
   s->append(p.data(), p.size());
   std::atomic<int> cancel{0};
-  std::thread t([&] {
-    while (e->steps_done() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    cancel = 1;
-  });
+  gate->close();  // the steps pass one at a time: the cancel comes while the third runs
   dsrt_status code = DSRT_OK;
-  try {
-    s->eval(&cancel);
-  } catch (const dsrt::Error &err) {
-    code = err.code();
-  }
+  std::thread t([&] {
+    try {
+      s->eval(&cancel);
+    } catch (const dsrt::Error &err) {
+      code = err.code();
+    }
+  });
+  gate->wait_arrived(1);
+  gate->step_and_wait();
+  gate->step_and_wait();
+  cancel = 1;
+  gate->open();
   t.join();
   CHECK(code == DSRT_ERR_CANCELLED);
   const dsrt::SessionStats st = s->stats();
-  CHECK(st.n_tokens > 0);
-  CHECK(st.n_tokens < 2048);
-  CHECK(st.n_tokens % 32 == 0);
-  CHECK(st.n_tokens + st.n_pending == 2048);
+  CHECK(st.n_tokens == 3 * 32);  // the step running when the cancel came finished; no other started
+  CHECK(st.n_pending == 2048 - 3 * 32);
   s->eval(nullptr);  // and it goes on from there
   CHECK(s->stats().n_tokens == 2048);
 }
@@ -348,6 +359,8 @@ TEST_CASE("device-sampling path (CPU stand-in): host path's tokens, logits copie
   }
   CHECK(hc->sampled_rows == 0);
   CHECK(dc->sampled_rows >= int64_t(settings.size()) * 12);
+  CHECK(host->stats().tokens_run_ahead == 0);
+  CHECK(dev->stats().tokens_run_ahead > 0);  // the steps appended turn tokens themselves
   CHECK(dev->stats().max_batch_seqs > 1);
 
   // One plain turn: no logits row comes to the host; the turn's step says where its logits are.
@@ -448,11 +461,584 @@ TEST_CASE("device-sampling path (CPU stand-in): a turn ended by a full pool leav
     return std::make_tuple(first, finish, second);
   };
   const auto [hf, hfin, hs] = run(engine(false));
-  const auto [df, dfin, ds] = run(engine(true));
+  auto dev = engine(true);
+  const auto [df, dfin, ds] = run(dev);
+  // The token after the second page's last was run ahead with, and its step found no page: the plan took it back
+  // (Session::retract_ahead), next() appended it again, and that step failed the turn as on the host path.
+  CHECK(dev->stats().tokens_retracted == 1);
+  CHECK(dev->stats().pages_used == 0);
   CHECK(hfin == dsrt::Finish::ContextFull);
   CHECK(dfin == dsrt::Finish::ContextFull);
   CHECK(hf.size() >= 60);
   CHECK(df == hf);
   CHECK(hs.size() == 5);
   CHECK(ds == hs);
+}
+
+// Run-ahead (Session::ahead_): with device sampling a step's commit appends the turn's next token itself, so the
+// next step starts without waiting for the session's thread. Every call on the session sees it as without
+// run-ahead: a token not taken yet is retracted (Session::retract_ahead) or left out of views and stats. These
+// tests hold the step thread at a gate (ForwardingBackend::Gate) to put the session in each state on purpose;
+// no result depends on timing. The reference is the same path without run-ahead (EngineOptions::run_ahead).
+namespace {
+
+// An engine on the CPU backend behind a ForwardingBackend: the device-sampling path, with or without run-ahead.
+// gated: run-ahead on, the tests drive its steps through the gate.
+struct Rig {
+  std::shared_ptr<dsrt::Engine> e;
+  std::shared_ptr<ForwardingBackend::Gate> gate;
+  bool gated = false;
+};
+
+Rig rig(const dsrt::LoadedModel &m, bool run_ahead, int64_t max_tokens = 2048, bool device = true) {
+  dsrt::EngineOptions eo;
+  eo.max_tokens = max_tokens;
+  eo.max_batch_tokens = 512;
+  eo.run_ahead = run_ahead;
+  dsrt::BackendOptions bo;
+  bo.n_threads = 2;
+  auto be = std::make_unique<ForwardingBackend>(dsrt::make_cpu_backend(bo), device);
+  Rig r;
+  r.gate = be->gate;
+  r.gated = device && run_ahead;
+  r.e = std::make_shared<dsrt::Engine>(m.model, m.vocab, std::move(be), eo);
+  return r;
+}
+
+dsrt::GenParams sampled(int n, uint64_t seed) {
+  dsrt::GenParams g = greedy(n);
+  g.has_seed = true;
+  g.seed = seed;
+  g.sampling.temperature = 0.9f;
+  g.sampling.top_k = 20;
+  return g;
+}
+
+// Until the step thread has finished `n` steps in all (each step passes the gate once).
+void settle(dsrt::Engine &e, int64_t n) {
+  while (int64_t(e.steps_done()) < n) std::this_thread::yield();
+}
+
+// A turn's tokens in lockstep with the step thread (run-ahead, gate closed): the step of the token taken last
+// passes the gate, its commit runs ahead with the next token, whose step then waits at the gate, and next() takes
+// that token at once. Without run-ahead: next().
+struct Lockstep {
+  Rig &r;
+  dsrt::Session &s;
+  bool first = true;
+  dsrt::Event next() {
+    if (!r.gated) return s.next();
+    if (first) {
+      first = false;
+      const int64_t a = r.gate->n_arrived();
+      auto f = std::async(std::launch::async, [this] { return s.next(); });
+      r.gate->wait_arrived(a + 1);  // the prompt's step
+      r.gate->step_and_wait();      // through; the step of the token its commit ran ahead with waits
+      return f.get();
+    }
+    r.gate->step_and_wait();
+    return s.next();
+  }
+};
+
+// What a session shows through its calls, for comparing the two paths: how many tokens it holds (cached or
+// pending: whether a step has evaluated the last one yet is timing, not state), the cached ones but the last,
+// whether the logits are on the host.
+std::vector<int64_t> observe(dsrt::Session &s) {
+  const dsrt::SessionStats st = s.stats();
+  const auto tv = s.tokens_view();
+  const int64_t n = st.n_tokens + st.n_pending;
+  std::vector<int64_t> o{n, int64_t(tv.size()) == st.n_tokens ? 1 : 0};
+  o.insert(o.end(), tv.begin(), tv.begin() + std::max<int64_t>(0, std::min<int64_t>(int64_t(tv.size()), n - 1)));
+  dsrt_status code = DSRT_OK;
+  try {
+    s.logits_view();
+  } catch (const dsrt::Error &e) {
+    code = e.code();
+  }
+  o.push_back(-int64_t(code));
+  return o;
+}
+
+std::vector<int64_t> tokens_of_turn(dsrt::Session &s, const dsrt::GenParams &g, std::vector<int64_t> &log) {
+  s.start(g);
+  std::vector<int64_t> t;
+  for (dsrt::Event ev = s.next();; ev = s.next()) {
+    if (ev.token >= 0) t.push_back(ev.token);
+    if (ev.done) {
+      t.push_back(-1000 - int64_t(ev.finish));
+      break;
+    }
+  }
+  log.insert(log.end(), t.begin(), t.end());
+  return t;
+}
+
+void finish_by_cancel(dsrt::Session &s, std::vector<int64_t> &log) {
+  s.cancel();
+  const dsrt::Event ev = s.next();
+  CHECK(ev.done);
+  CHECK(ev.finish == dsrt::Finish::Cancelled);
+  log.push_back(-1000 - int64_t(ev.finish));
+}
+
+}  // namespace
+
+TEST_CASE("run-ahead: every call in the middle of a turn sees the session as without it (gated steps)") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  Rig ref = rig(model, false), dev = rig(model, true);
+  const dsrt::GenParams g = sampled(1000, 11);  // (ended by the scripts: every token is run ahead with)
+  // What the script does after the turn's `take` tokens, with the token after them (on the device path) run ahead
+  // with: one call (retracts: it takes that token back), then the rest; it records what it sees.
+  using Fn = std::function<void(dsrt::Session &, const std::vector<int32_t> &prompt, std::vector<int64_t> &log)>;
+  struct Script {
+    const char *name;
+    bool retracts;
+    Fn call, rest;
+  };
+  const int32_t x = 7;
+  std::shared_ptr<dsrt::Session> child;
+  const std::vector<Script> scripts = {
+      {"stats and views", false,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         const auto o = observe(s);
+         log.insert(log.end(), o.begin(), o.end());
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) { finish_by_cancel(s, log); }},
+      {"cancel", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         finish_by_cancel(s, log);
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         const auto o = observe(s);
+         log.insert(log.end(), o.begin(), o.end());
+         tokens_of_turn(s, sampled(6, 21), log);
+       }},
+      {"append", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         s.append(&x, 1);  // the turn goes on after it
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         for (int i = 0; i < 4; i++) log.push_back(s.next().token);
+         finish_by_cancel(s, log);
+         const auto o = observe(s);
+         log.insert(log.end(), o.begin(), o.end());
+       }},
+      {"truncate", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &p, std::vector<int64_t> &log) {
+         s.truncate(p.size() - 1);  // (then cancel: it used to pop a token from an empty cache)
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &p, std::vector<int64_t> &log) {
+         finish_by_cancel(s, log);
+         const auto o = observe(s);
+         log.insert(log.end(), o.begin(), o.end());
+         s.append(&p.back(), 1);
+         tokens_of_turn(s, sampled(6, 22), log);
+       }},
+      {"fork", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         child = s.fork();
+         const auto o = observe(*child);
+         log.insert(log.end(), o.begin(), o.end());
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         for (int i = 0; i < 3; i++) log.push_back(s.next().token);  // the parent's turn goes on
+         finish_by_cancel(s, log);
+         dsrt::GenParams g6 = sampled(6, 0);
+         g6.has_seed = false;  // the child's stream is the parent's
+         tokens_of_turn(*child, g6, log);
+         child.reset();
+       }},
+      {"start", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &) {
+         s.start(sampled(6, 23));  // a new turn in place of this one
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         for (dsrt::Event ev = s.next(); !ev.done; ev = s.next()) log.push_back(ev.token);
+         const auto o = observe(s);
+         log.insert(log.end(), o.begin(), o.end());
+       }},
+      {"sample and eval", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         dsrt_status code = DSRT_OK;
+         try {
+           s.sample(0.5f);
+         } catch (const dsrt::Error &e) {
+           code = e.code();
+         }
+         log.push_back(-int64_t(code));
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         s.eval(nullptr);
+         for (int i = 0; i < 3; i++) log.push_back(s.next().token);
+         finish_by_cancel(s, log);
+       }},
+      {"keep_logprobs", false,
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &) { s.keep_logprobs(true); },
+       [&](dsrt::Session &s, const std::vector<int32_t> &, std::vector<int64_t> &log) {
+         for (int i = 0; i < 3; i++) log.push_back(s.next().token);
+         std::vector<std::pair<int32_t, float>> top;
+         int32_t tok = -1;
+         const float lp = s.token_logprobs(3, &tok, top);
+         log.push_back(tok);
+         log.push_back(int64_t(std::lround(double(lp) * 1e6)));
+         for (const auto &t : top) log.push_back(t.first);
+         finish_by_cancel(s, log);
+         s.keep_logprobs(false);
+       }},
+      {"reset", true,
+       [&](dsrt::Session &s, const std::vector<int32_t> &p, std::vector<int64_t> &log) {
+         s.reset();
+       },
+       [&](dsrt::Session &s, const std::vector<int32_t> &p, std::vector<int64_t> &log) {
+         const auto o = observe(s);
+         log.insert(log.end(), o.begin(), o.end());
+         s.append(p.data(), p.size());
+         tokens_of_turn(s, sampled(6, 24), log);
+       }},
+  };
+  // in_flight: the step that evaluates the token run ahead with is still running when the script starts (its
+  // calls wait for it); otherwise it has finished (the token is in the cache, its successor drawn).
+  for (const Script &sc : scripts)
+    for (int take : {1, 3})
+      for (bool in_flight : {false, true}) {
+        const std::string name = sc.name;
+        CAPTURE(name);
+        CAPTURE(take);
+        CAPTURE(in_flight);
+        const auto prompt = prompt_tokens(V, 9);
+        std::vector<int64_t> logs[2];
+        for (Rig *r : {&ref, &dev}) {
+          auto &log = logs[r->gated];
+          auto s = r->e->create_session(0, false, 5);
+          s->append(prompt.data(), prompt.size());
+          s->start(g);
+          if (r->gated) r->gate->close();
+          Lockstep ls{*r, *s};
+          for (int i = 0; i < take; i++) {
+            const dsrt::Event ev = ls.next();
+            REQUIRE(!ev.done);
+            log.push_back(ev.token);
+          }
+          const dsrt::EngineStats before = r->e->stats();
+          if (r->gated) {
+            // The step of the token taken last waits at the gate; through it, its commit runs ahead with the next
+            // token, whose step then waits.
+            r->gate->step_and_wait();
+            CHECK(r->e->stats().tokens_run_ahead == before.tokens_run_ahead + 1);
+            if (!in_flight) {
+              r->gate->allow(1);
+              settle(*r->e, r->gate->n_arrived());
+              const dsrt::SessionStats st = s->stats();
+              CHECK(st.n_tokens == int64_t(prompt.size()) + take);  // the token ahead is not counted
+              CHECK(st.n_pending == 0);
+            } else {
+              const dsrt::SessionStats st = s->stats();  // (from this thread while the step runs)
+              CHECK(st.n_tokens + st.n_pending == int64_t(prompt.size()) + take);
+            }
+            r->gate->open();
+          }
+          sc.call(*s, prompt, log);
+          if (r->gated) CHECK(r->e->stats().tokens_retracted == before.tokens_retracted + (sc.retracts ? 1 : 0));
+          sc.rest(*s, prompt, log);
+        }
+        auto str = [](const std::vector<int64_t> &v) {
+          std::string t;
+          for (int64_t x : v) t += std::to_string(x) + " ";
+          return t;
+        };
+        INFO("run-ahead: ", str(logs[1]));
+        INFO("reference: ", str(logs[0]));
+        CHECK(logs[1] == logs[0]);
+      }
+  CHECK(ref.e->stats().tokens_run_ahead == 0);
+  for (Rig *r : {&ref, &dev}) {
+    const dsrt::EngineStats st = r->e->stats();  // every session is gone, and every page it held
+    CHECK(st.n_sessions == 0);
+    CHECK(st.pages_used == 0);
+  }
+}
+
+// A stop string ends the turn at the token whose text completes it: the step already evaluating that token does
+// not run ahead with the next one (Session::stopping_), so ending the turn waits for no further step and takes
+// nothing back.
+TEST_CASE("run-ahead: a stop string ends the turn without a step for a token nobody takes") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  Rig ref = rig(model, false), dev = rig(model, true);
+  const auto prompt = prompt_tokens(V, 9);
+  // The reference's texts, token by token, pick a stop string that ends on a token boundary: the text of tokens
+  // j-1 and j, found nowhere before.
+  std::vector<std::string> texts;
+  {
+    auto s = ref.e->create_session(0, false, 5);
+    s->append(prompt.data(), prompt.size());
+    s->start(sampled(30, 11));
+    for (dsrt::Event ev = s->next(); !ev.done; ev = s->next()) texts.push_back(ev.text);
+  }
+  REQUIRE(texts.size() == 30);
+  std::string stop;
+  size_t at = 0;
+  for (size_t j = 4; j < texts.size() && stop.empty(); j++) {
+    std::string before;
+    for (size_t i = 0; i + 1 < j; i++) before += texts[i];
+    const std::string cand = texts[j - 1] + texts[j];
+    if (texts[j].empty() || texts[j - 1].empty() || (before + texts[j - 1]).find(cand) != std::string::npos) continue;
+    bool clean = true;  // no match of the stop string that starts before token j-1 either
+    for (size_t n = 1; n < cand.size() && clean; n++)
+      clean = before.size() < n || before.compare(before.size() - n, n, cand, 0, n) != 0;
+    if (clean) stop = cand, at = j;
+  }
+  std::string all;
+  for (auto &t : texts) all += "[" + t + "]";
+  INFO(all);
+  REQUIRE(!stop.empty());
+  CAPTURE(at);
+  struct Out {
+    std::vector<int32_t> tokens;
+    std::string text;
+    dsrt::Finish finish = dsrt::Finish::None;
+    std::vector<int64_t> after, next_turn;
+  } out[2];
+  for (Rig *r : {&ref, &dev}) {
+    Out &o = out[r->gated];
+    auto s = r->e->create_session(0, false, 5);
+    s->append(prompt.data(), prompt.size());
+    dsrt::GenParams g = sampled(30, 11);
+    g.stop_strings = {stop};
+    s->start(g);
+    if (r->gated) r->gate->close();
+    Lockstep ls{*r, *s};
+    for (;;) {
+      const dsrt::Event ev = ls.next();
+      REQUIRE(!ev.done);
+      o.tokens.push_back(ev.token);
+      o.text += ev.text;
+      if (int(o.tokens.size()) == int(at) + 1) break;  // the token that completes the stop string
+    }
+    dsrt::EngineStats before = r->e->stats();
+    int64_t steps = 0;
+    if (r->gated) {
+      steps = r->gate->n_arrived();  // the step of that token waits at the gate
+      r->gate->open();
+    }
+    const dsrt::Event ev = s->next();
+    CHECK(ev.done);
+    o.finish = ev.finish;
+    o.text += ev.text;
+    if (r->gated) {
+      const dsrt::EngineStats st = r->e->stats();
+      CHECK(int64_t(st.n_steps) == steps);  // no step after the one of the last token
+      CHECK(st.tokens_run_ahead == before.tokens_run_ahead);
+      CHECK(st.tokens_retracted == before.tokens_retracted);
+      CHECK(before.tokens_run_ahead >= at);  // every token but the first was run ahead with
+    }
+    o.after = observe(*s);
+    tokens_of_turn(*s, sampled(6, 3), o.next_turn);
+  }
+  CHECK(out[0].finish == dsrt::Finish::StopString);
+  CHECK(out[1].finish == dsrt::Finish::StopString);
+  CHECK(out[1].tokens == out[0].tokens);
+  CHECK(out[1].text == out[0].text);
+  CHECK(out[1].after == out[0].after);
+  CHECK(out[1].next_turn == out[0].next_turn);
+  for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
+}
+
+// A step that fails on the token a step ran ahead with (here: injected; a full pool, out of memory, another
+// session's failure) fails nobody: the token goes back to being the turn's draw, and next() appends it and waits
+// for its step as without run-ahead.
+TEST_CASE("run-ahead: a failed step on the token run ahead with fails nobody; the turn goes on as without") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  Rig ref = rig(model, false), dev = rig(model, true);
+  const auto prompt = prompt_tokens(V, 9);
+  std::vector<int32_t> toks[2];
+  dsrt::Finish fin[2];
+  for (Rig *r : {&ref, &dev}) {
+    auto s = r->e->create_session(0, false, 5);
+    s->append(prompt.data(), prompt.size());
+    s->start(sampled(14, 12));
+    if (r->gated) r->gate->close();
+    Lockstep ls{*r, *s};
+    auto &t = toks[r->gated];
+    for (int i = 0; i < 4; i++) t.push_back(ls.next().token);
+    if (r->gated) {
+      r->gate->step_and_wait();  // the step of the 5th token, run ahead with, waits
+      {
+        std::lock_guard l(r->gate->m);
+        r->gate->fail_at = r->gate->passed + 1;  // ... and fails
+      }
+      const uint64_t retracted = r->e->stats().tokens_retracted;
+      r->gate->allow(1);
+      settle(*r->e, r->gate->n_arrived());
+      CHECK(r->e->stats().tokens_retracted == retracted + 1);
+      const dsrt::SessionStats st = s->stats();
+      CHECK(st.n_tokens == int64_t(prompt.size()) + 4);
+      CHECK(st.n_pending == 0);  // the token is the turn's draw again
+      CHECK(st.n_pages == 1);
+      r->gate->open();
+    }
+    dsrt::Event ev;
+    for (ev = s->next(); !ev.done; ev = s->next()) t.push_back(ev.token);
+    fin[r->gated] = ev.finish;
+    CHECK(ev.status == DSRT_OK);
+  }
+  CHECK(fin[0] == dsrt::Finish::Length);
+  CHECK(fin[1] == dsrt::Finish::Length);
+  CHECK(toks[0].size() == 14);
+  CHECK(toks[1] == toks[0]);
+  for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
+}
+
+// A session whose context is nearly full: the token run ahead with fills its last position, so that step copies the
+// logits to the host (no draw follows it). Those rows are not the session's: the views refuse them, a cancel drops
+// them, and the turn that goes on ends ContextFull where the reference does.
+TEST_CASE("run-ahead: a token run ahead with into a session's last position (small max_ctx)") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  Rig ref = rig(model, false), dev = rig(model, true);
+  const auto prompt = prompt_tokens(V, 9);
+  const int64_t max_ctx = 15;
+  for (bool cancel : {true, false}) {
+    CAPTURE(cancel);
+    std::vector<int64_t> logs[2];
+    for (Rig *r : {&ref, &dev}) {
+      auto &log = logs[r->gated];
+      auto s = r->e->create_session(max_ctx, false, 5);
+      s->append(prompt.data(), prompt.size());
+      s->start(sampled(1000, 13));
+      if (r->gated) r->gate->close();
+      Lockstep ls{*r, *s};
+      for (int i = 0; i < 5; i++) log.push_back(ls.next().token);  // the 5th at max_ctx - 2
+      if (r->gated) {
+        r->gate->step_and_wait();  // the 6th, run ahead with, at max_ctx - 1: its step copies its logits
+        r->gate->allow(1);
+        settle(*r->e, r->gate->n_arrived());
+        CHECK(s->stats().n_tokens == max_ctx - 1);
+        CHECK_THROWS_AS(s->logits_view(), dsrt::Error);  // (they are the 6th token's, not taken yet)
+        r->gate->open();
+      }
+      if (cancel) {
+        finish_by_cancel(*s, log);
+      } else {
+        dsrt::Event ev;
+        for (ev = s->next(); !ev.done; ev = s->next()) log.push_back(ev.token);
+        log.push_back(-1000 - int64_t(ev.finish));
+        CHECK(ev.finish == dsrt::Finish::ContextFull);
+      }
+      const auto o = observe(*s);
+      log.insert(log.end(), o.begin(), o.end());
+      s->truncate(prompt.size() - 1);
+      s->append(&prompt.back(), 1);
+      tokens_of_turn(*s, sampled(3, 14), log);
+    }
+    CHECK(logs[1] == logs[0]);
+  }
+  for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
+}
+
+// The token run ahead with at a page boundary: the page its step takes for it, and the full page it completes,
+// are not the session's yet (stats, the prefix cache); taken back, the page returns to the pool.
+TEST_CASE("run-ahead: a token run ahead with on a page boundary") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  const auto prompt = prompt_tokens(V, 60);
+  // take 3: the token ahead is the 64th (it completes the first page); take 4: the 65th (a page of its own).
+  for (int take : {3, 4}) {
+    CAPTURE(take);
+    Rig ref = rig(model, false), dev = rig(model, true);
+    std::vector<int64_t> logs[2];
+    for (Rig *r : {&ref, &dev}) {
+      auto &log = logs[r->gated];
+      auto s = r->e->create_session(0, false, 5);
+      s->append(prompt.data(), prompt.size());
+      s->start(sampled(1000, 15));
+      if (r->gated) r->gate->close();
+      Lockstep ls{*r, *s};
+      for (int i = 0; i < take; i++) log.push_back(ls.next().token);
+      if (r->gated) {
+        r->gate->step_and_wait();
+        CHECK(s->stats().n_pages == 1);  // (its step, in flight, has its page if it needed one)
+        CHECK(r->e->stats().pages_used == (take == 4 ? 2 : 1));
+        r->gate->allow(1);
+        settle(*r->e, r->gate->n_arrived());
+        const dsrt::SessionStats st = s->stats();
+        CHECK(st.n_tokens == 60 + take);
+        CHECK(st.n_pending == 0);
+        CHECK(st.n_pages == 1);
+        // take 3: the first page is full only with the token ahead, not published; take 4: full with the 4th.
+        CHECK(r->e->stats().pages_cached == (take == 3 ? 0 : 1));
+        r->gate->open();
+      }
+      const dsrt::SessionStats st = s->stats();
+      log.push_back(st.n_pages);
+      finish_by_cancel(*s, log);
+      CHECK(r->e->stats().pages_used == 1);
+      if (take == 3) CHECK(r->e->stats().pages_cached == 0);
+      const auto o = observe(*s);
+      log.insert(log.end(), o.begin(), o.end());
+      tokens_of_turn(*s, sampled(8, 16), log);  // through the page boundary
+      log.push_back(s->stats().n_pages);
+    }
+    CHECK(logs[1] == logs[0]);
+    for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);
+  }
+}
+
+// Two sessions generating at once on one engine, one of them keeping logprobs (its rows come to the host and it
+// samples there, so the step thread holds steps for it): the same tokens, logprobs and final states as the
+// reference; the run-ahead session's tokens are run ahead with.
+TEST_CASE("run-ahead: next to a session that keeps logprobs (host sampling), tokens as without") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  Rig ref = rig(model, false), dev = rig(model, true);
+  struct Out {
+    std::vector<int64_t> a, b;
+  } out[2];
+  for (Rig *r : {&ref, &dev}) {
+    Out &o = out[r->gated];
+    auto a = r->e->create_session(0, false, 5), b = r->e->create_session(0, false, 6);
+    b->keep_logprobs(true);
+    const auto pa = prompt_tokens(V, 9), pb = prompt_tokens(V, 70);
+    a->append(pa.data(), pa.size());
+    b->append(pb.data(), pb.size());
+    std::thread tb([&] {
+      b->start(sampled(20, 17));
+      for (dsrt::Event ev = b->next(); !ev.done; ev = b->next()) {
+        std::vector<std::pair<int32_t, float>> top;
+        int32_t tok = -1;
+        o.b.push_back(ev.token);
+        o.b.push_back(int64_t(std::lround(double(b->token_logprobs(2, &tok, top)) * 1e6)));
+        o.b.push_back(tok);
+      }
+      o.b.push_back(b->stats().n_tokens + b->stats().n_pending);
+    });
+    a->start(sampled(1000, 18));
+    for (int i = 0; i < 25; i++) o.a.push_back(a->next().token);
+    const dsrt::SessionStats st = a->stats();  // (the turn's next token may be ahead: not counted)
+    o.a.push_back(st.n_tokens + st.n_pending);
+    finish_by_cancel(*a, o.a);
+    tb.join();
+    // (b's steps take a's pending token whenever they run: evaluated, whichever way, the state is one)
+    a->eval(nullptr);
+    const auto oa = observe(*a);
+    o.a.insert(o.a.end(), oa.begin(), oa.end());
+    tokens_of_turn(*a, sampled(5, 19), o.a);
+  }
+  auto str = [](const std::vector<int64_t> &v) {
+    std::string t;
+    for (int64_t x : v) t += std::to_string(x) + " ";
+    return t;
+  };
+  INFO("a run-ahead: ", str(out[1].a));
+  INFO("a reference: ", str(out[0].a));
+  INFO("b run-ahead: ", str(out[1].b));
+  INFO("b reference: ", str(out[0].b));
+  CHECK(out[1].a == out[0].a);
+  CHECK(out[1].b == out[0].b);
+  CHECK(dev.e->stats().tokens_run_ahead > 0);
+  CHECK(ref.e->stats().tokens_run_ahead == 0);
+  for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
 }

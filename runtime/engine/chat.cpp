@@ -12,7 +12,7 @@ namespace dsrt {
 void Session::replace_tail(const std::vector<int32_t> &want) {
   size_t common = 0;
   {
-    auto lk = engine_->lock_idle(*this);
+    auto lk = lock_settled();
     drop_drafts();
     std::vector<int32_t> have = tokens_;
     have.insert(have.end(), pending_.begin(), pending_.end());

@@ -131,6 +131,8 @@ void Engine::init() {
   const char *ds = std::getenv("DSRT_DEVICE_SAMPLING");
   device_sampling_ = opt_.device_sampling && !(ds && std::string(ds) == "0") && world() == 1 && !ranks_->remote() &&
                      backend().samples_on_device();
+  const char *ra = std::getenv("DSRT_RUN_AHEAD");
+  run_ahead_ = device_sampling_ && !mtp_ && opt_.run_ahead && !(ra && std::string(ra) == "0");
   stats_.pages_total = n_pages;
   loop_ = std::thread([this] { loop(); });
 }
@@ -184,7 +186,9 @@ bool Engine::runnable(const Session &s) const {
 // every session of an engine goes through the same step).
 bool Engine::has_work() const {
   return std::any_of(sessions_.begin(), sessions_.end(),
-                     [&](const Session *s) { return runnable(*s) && (s->demand_ > 0 || step_requests_ > 0); });
+                     [&](const Session *s) {
+                       return runnable(*s) && (s->demand_ > 0 || step_requests_ > 0 || s->ahead_.valid);
+                     });
 }
 
 // The step thread: backend jobs of app threads first, then one step at a time over every runnable session.
@@ -268,22 +272,29 @@ int64_t Engine::step() {
   return steps_done_ > before ? last_step_tokens_ : 0;
 }
 
-void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2) {
+void Engine::eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2, bool take_ahead) {
   std::unique_lock lk(mu_);
   auto cancelled = [&] {
     return (cancel && cancel->load(std::memory_order_relaxed)) || (cancel2 && cancel2->load(std::memory_order_relaxed));
   };
   s.demand_++;
   s.eval_cancel_ = cancel;
+  if (!take_ahead) s.plain_evals_++;  // (no step runs ahead while this waits: StepRunner::run_ahead)
   struct Leave {
     Session &s;
+    bool plain;
     ~Leave() {
       s.demand_--;
+      if (plain) s.plain_evals_--;
       s.eval_cancel_ = nullptr;
     }
-  } leave{s};
+  } leave{s, !take_ahead};
   work_cv_.notify_one();
   for (;;) {
+    // A step ran ahead with the turn's next token (Session::ahead_): next() takes it now, while the step that
+    // evaluates it may be running.
+    if (take_ahead && s.ahead_.valid) return;
+    if (!take_ahead && s.ahead_.valid && !s.in_flight_) s.retract_ahead();  // (not this call's to evaluate)
     if (!s.in_flight_) {
       if (s.failed_ != DSRT_OK) {
         // The run of pending tokens this step belonged to is rolled back whole: the session is as it was

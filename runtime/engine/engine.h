@@ -59,12 +59,18 @@ struct EngineOptions {
   // device (Session::logits_view). The same tokens as the host sampler (engine/sampler.h) with the same draws.
   // false (or DSRT_DEVICE_SAMPLING=0): every step's logits rows to the host, sampled there.
   bool device_sampling = true;
+  // With device sampling (and no MTP): a step's commit appends the turn's next token itself (Session::ahead_),
+  // so the next step need not wait for the session's thread. The same tokens either way. false (or
+  // DSRT_RUN_AHEAD=0): next() appends every token.
+  bool run_ahead = true;
 };
 
 struct EngineStats {
   int64_t n_sessions = 0, pages_used = 0, pages_total = 0;
   uint64_t n_steps = 0, n_tokens = 0, max_batch_seqs = 0;
   uint64_t mtp_drafted = 0, mtp_accepted = 0;
+  uint64_t tokens_run_ahead = 0;  // turn tokens a step's commit appended for the session's thread (Session::ahead_)
+  uint64_t tokens_retracted = 0;  // of those, the ones the turn did not take (Session::retract_ahead)
   double forward_seconds = 0.0;
   BackendCounters backend;  // rank 0's
   // The prefix cache: pending runs that started from cached pages, the tokens those pages held (not prefilled),
@@ -97,7 +103,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   int64_t step();
   // Waits until `s` has nothing pending (its tokens go into the steps of the step thread); DSRT_ERR_CANCELLED
   // when a cancel flag is set first. Throws the session's step failure (its pending run rolled back).
-  void eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2 = nullptr);
+  // take_ahead: a turn's next() waiting for its token, which may come from a step that ran ahead (returns
+  // then, the step that evaluates it may still run); otherwise until every pending token is evaluated.
+  void eval(Session &s, const std::atomic<int> *cancel, const std::atomic<int> *cancel2 = nullptr,
+            bool take_ahead = false);
   EngineStats stats() const;
   // The prefix cache's size limit (EngineOptions::prefix_cache_pages); 0 turns it off and frees the cached
   // pages no session holds.
@@ -133,6 +142,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_ptr<KvPagePool> pool_;
   bool mtp_ = false;
   bool device_sampling_ = false;
+  bool run_ahead_ = false;  // EngineOptions::run_ahead, in effect
 
   mutable std::mutex mu_;  // guards everything below and every session's token state
   std::condition_variable work_cv_;  // the step thread waits for work

@@ -19,7 +19,50 @@ Session::~Session() { engine_->detach(this); }
 
 int64_t Session::vocab() const { return engine_->model().cfg.vocab_size; }
 
-void Session::eval(const std::atomic<int> *cancel) { engine_->eval(*this, cancel, &cancel_flag_); }
+void Session::eval(const std::atomic<int> *cancel) {
+  lock_settled();  // (a token a step ran ahead with in a turn is not this call's to evaluate)
+  engine_->eval(*this, cancel, &cancel_flag_, /*take_ahead=*/false);
+  lock_settled();
+}
+
+std::unique_lock<std::mutex> Session::lock_settled() {
+  auto lk = engine_->lock_idle(*this);
+  retract_ahead();
+  return lk;
+}
+
+// The token a step ran ahead with (ahead_), not taken by the turn, goes back to being the draw it was, so that
+// the session is exactly as it would be without run-ahead: out of pending_ (or, when a step evaluated it, out
+// of the cache, and its successor's draw goes), presampled_ = its draw, the random stream back to before it,
+// the last token's logits on the device (the draw consumed them). A step that failed on it fails nobody: the
+// turn's next() appends the token again and waits for its step as before. Engine lock held, session idle.
+void Session::retract_ahead() {
+  if (!ahead_.valid) return;
+  Presample ps;
+  ps.valid = true;
+  ps.token = ahead_.token;
+  std::copy(ahead_.rng_before, ahead_.rng_before + 4, ps.rng_before);
+  rng_.state(ps.rng_after);
+  if (!pending_.empty()) {  // not evaluated (or its step failed): the only pending token (appends retract first)
+    pending_.pop_back();
+    sampled_pending_ = false;
+    pending_started_ = false;
+    failed_ = DSRT_OK;
+    failed_msg_.clear();
+  } else {  // evaluated (never published: publish_pages leaves it out), never counted as the session's
+    tokens_.pop_back();
+    published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
+    engine_->release_pages(*this, int64_t(tokens_.size()));
+    if (n_evaluated_ > 0) n_evaluated_--;
+  }
+  rng_.set_state(ahead_.rng_before);
+  presampled_ = std::move(ps);
+  logits_.clear();
+  logits_rows_ = 0;
+  logits_on_device_ = true;
+  ahead_ = {};
+  engine_->stats_.tokens_retracted++;
+}
 
 void Session::cancel() {
   cancel_flag_.store(1, std::memory_order_relaxed);
@@ -41,7 +84,7 @@ void Session::append(const int32_t *tokens, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (tokens[i] < 0 || tokens[i] >= V)
       failf(DSRT_ERR_INVALID_ARGUMENT, "token id ", tokens[i], " at index ", i, " is outside the vocabulary [0, ", V, ")");
-  auto lk = engine_->lock_idle(*this);
+  auto lk = lock_settled();
   if (int64_t(tokens_.size() + pending_.size() + n) > max_ctx_)
     failf(DSRT_ERR_CONTEXT_FULL, "appending ", n, " tokens to ", tokens_.size() + pending_.size(),
           " exceeds the session's context of ", max_ctx_, " tokens");
@@ -56,7 +99,7 @@ void Session::append_text(std::string_view text, bool parse_special, bool add_sp
 
 void Session::reset() {
   truncate(0);
-  auto lk = engine_->lock_idle(*this);  // the step thread reads turn_active_
+  auto lk = lock_settled();  // the step thread reads turn_active_
   messages_ = nlohmann::ordered_json::array();
   turn_active_ = false;
   engine_->pool_->unreserve(kv_);
@@ -66,7 +109,7 @@ std::shared_ptr<Session> Session::fork() {
   auto s = engine_->create_session(max_ctx_, logits_all_, 0);
   // The new session shares every page (no copy): whichever of the two writes into a shared page first takes
   // a copy of it then (StepRunner, copy-on-write).
-  auto lk = engine_->lock_idle(*this);
+  auto lk = lock_settled();
   drop_drafts();
   engine_->pool_->share(kv_, s->kv_, KvPagePool::pages_for(int64_t(tokens_.size())));
   s->published_ = published_;
@@ -91,16 +134,20 @@ void Session::start(const GenParams &p) {
   {
     std::lock_guard lk(engine_->mu_);
     if (tokens_.empty() && pending_.empty()) fail(DSRT_ERR_BAD_STATE, "nothing to generate from: append a prompt first");
-    last_.prompt_tokens = int64_t(pending_.size());
+    last_.prompt_tokens = int64_t(pending_.size()) - (ahead_.valid && !pending_.empty() ? 1 : 0);  // (start mid-turn)
     last_.cached_tokens = 0;
   }
   if (p.max_new_tokens < 0) fail(DSRT_ERR_INVALID_ARGUMENT, "max_new_tokens must be >= 0");
   const Vocabulary &v = engine_->vocab();
   if (!p.stop_strings.empty() && !v.tokenizer) v.tok();  // throws the no-tokenizer error
   {
-    auto lk = engine_->lock_idle(*this);
+    auto lk = lock_settled();
     gp_ = p;
     drop_drafts();
+    // A turn before this one (not finished: start() mid-turn, or a fork of one) left the last token's logits
+    // on the device with the draw it will not take: that token goes back to pending, as in finish_turn.
+    repend_device_logits();
+    stopping_ = false;
     last_.mtp_drafted = last_.mtp_accepted = 0;
     turn_active_ = true;  // under the lock: the step thread reads it (drafting, cancel)
     // Admission: the pages this turn may fill are reserved now (as far as the pool has them unreserved), so a
@@ -118,6 +165,8 @@ void Session::start(const GenParams &p) {
     // copies it takes at plan (StepRunner).
     if (p.has_seed) rng_.reseed(p.seed);
     presampled_ = {};
+    ahead_ = {};
+    turn_taken_ = 0;
     eog_ = v.eog_ids;
     banned_ = v.unused_ids;
     if (p.ignore_eos) banned_.insert(banned_.end(), eog_.begin(), eog_.end());
@@ -157,26 +206,32 @@ void Session::drop_drafts() {
   drafts_.clear();
 }
 
+void Session::repend_device_logits() {
+  if (!logits_on_device_ || !pending_.empty() || logits_rows_ != 0 || tokens_.empty() || !drafts_.empty()) return;
+  // The last step evaluated the token the turn emitted last (it runs ahead of the consumer) and sampled
+  // its successor on the device, which this turn does not take (it ended at that token, or the step that
+  // was to evaluate that successor failed and was rolled back): those logits never reached the host. The
+  // token goes back to pending, so whatever comes next (a turn, an eval) evaluates it again at the same
+  // position, rewriting the same cache entry, and gets its logits.
+  const int32_t last = tokens_.back();
+  tokens_.pop_back();
+  published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
+  pending_.insert(pending_.begin(), last);
+  mtp_pos_ = std::min<int64_t>(mtp_pos_, int64_t(tokens_.size()));
+  const int64_t H = engine_->model().cfg.hidden_size, waiting = int64_t(tokens_.size()) - mtp_pos_;
+  if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
+  engine_->release_pages(*this, int64_t(tokens_.size()));  // (a page it had alone comes back with its step)
+  // logits_on_device_ stays: the session is as when that token was appended and not evaluated yet (no logits on
+  // the host; logits_view says where they were).
+}
+
 Event Session::finish_turn(Finish why, int32_t token) {
   {
-    auto lk = engine_->lock_idle(*this);
+    auto lk = lock_settled();
     drop_drafts();
     turn_active_ = false;
-    if (logits_on_device_ && pending_.empty() && logits_rows_ == 0 && !tokens_.empty()) {
-      // The last step evaluated the token the turn emitted last (it runs ahead of the consumer) and sampled
-      // its successor on the device, which this turn does not take (it ended at that token, or the step that
-      // was to evaluate that successor failed and was rolled back): those logits never reached the host. The
-      // token goes back to pending, so whatever comes next (a turn, an eval) evaluates it again at the same
-      // position, rewriting the same cache entry, and gets its logits.
-      const int32_t last = tokens_.back();
-      tokens_.pop_back();
-      published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
-      pending_.insert(pending_.begin(), last);
-      mtp_pos_ = std::min<int64_t>(mtp_pos_, int64_t(tokens_.size()));
-      const int64_t H = engine_->model().cfg.hidden_size, waiting = int64_t(tokens_.size()) - mtp_pos_;
-      if (int64_t(mtp_hidden_.size()) > waiting * H) mtp_hidden_.resize(size_t(std::max<int64_t>(waiting, 0) * H));
-      logits_on_device_ = false;
-    }
+    repend_device_logits();
+    stopping_ = false;
     presampled_ = {};  // a draw the turn did not take (cancelled, context full): the stream stays where it is
     engine_->pool_->unreserve(kv_);
     engine_->work_cv_.notify_one();
@@ -199,28 +254,12 @@ Event Session::finish_turn(Finish why, int32_t token) {
   return ev;
 }
 
-Event Session::next() {
-  if (!turn_active_) fail(DSRT_ERR_BAD_STATE, "no generation turn in progress: call start first");
-  if (finish_pending_ != Finish::None) return finish_turn(finish_pending_, -1);
-  const Model &m = engine_->model();
-  try {
-    eval(gp_.cancel);
-  } catch (const Error &e) {
-    if (e.code() == DSRT_ERR_CANCELLED) return finish_turn(Finish::Cancelled, -1);
-    if (e.code() == DSRT_ERR_CONTEXT_FULL) return finish_turn(Finish::ContextFull, -1);
-    Event ev = finish_turn(Finish::Error, -1);
-    ev.status = e.code();
-    ev.error = e.what();
-    return ev;
-  }
-  if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
-  if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
-  int32_t tok;
-  if (int64_t(tokens_.size() + pending_.size() - drafts_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
+// The turn's next token from this session's logits after its step: the verification of an MTP draft
+// (*accepted: the draft was right, its cache entry stays), the step's draw on the device, or a draw here.
+int32_t Session::sample_next(bool &accepted) {
   if (logits_rows_ == 0 && !presampled_.valid) fail(DSRT_ERR_INTERNAL, "no logits after evaluation");
-  const int64_t V = m.cfg.vocab_size;
-  bool accepted = false;  // the token is an accepted draft, already in the cache
-  try {
+  const int64_t V = engine_->model().cfg.vocab_size;
+  int32_t tok;
   if (!drafts_.empty()) {
     // The step verified [sampled token, drafts...]: logits_ row 0 predicts the first draft's position. Sample
     // that token as always (same distribution, same random draw); if it is the draft, the draft's cache entry
@@ -258,17 +297,69 @@ Event Session::next() {
                        tokens_.size(), banned_, rng_);
     keep_sampled(logits_.data() + size_t((logits_rows_ - 1) * V), tok);
   }
-  } catch (const Error &e) {  // non-finite logits, nothing left to sample: the turn ends with the error
-    Event ev = finish_turn(Finish::Error, -1);
-    ev.status = e.code();
-    ev.error = e.what();
-    return ev;
-  }
-  if (!accepted) {  // room was checked above; the flag goes with the token (steps read it to draft)
+  return tok;
+}
+
+Event Session::next() {
+  if (!turn_active_) fail(DSRT_ERR_BAD_STATE, "no generation turn in progress: call start first");
+  if (finish_pending_ != Finish::None) return finish_turn(finish_pending_, -1);
+  // A token a step ran ahead with (ahead_) is taken below without waiting; else this turn's next step, if it
+  // has not run yet (which may itself run ahead: eval returns then, and that token comes first).
+  auto ahead_valid = [&] {
     std::lock_guard lk(engine_->mu_);
-    pending_.push_back(tok);
-    sampled_pending_ = true;
-    engine_->work_cv_.notify_one();  // the step thread may be holding the next step for this token
+    return ahead_.valid;
+  };
+  bool ahead = ahead_valid();
+  if (!ahead) {
+    try {
+      engine_->eval(*this, gp_.cancel, &cancel_flag_, /*take_ahead=*/true);
+    } catch (const Error &e) {
+      if (e.code() == DSRT_ERR_CANCELLED) return finish_turn(Finish::Cancelled, -1);
+      if (e.code() == DSRT_ERR_CONTEXT_FULL) return finish_turn(Finish::ContextFull, -1);
+      Event ev = finish_turn(Finish::Error, -1);
+      ev.status = e.code();
+      ev.error = e.what();
+      return ev;
+    }
+    ahead = ahead_valid();
+  }
+  if ((gp_.cancel && gp_.cancel->load()) || cancel_flag_.load()) return finish_turn(Finish::Cancelled, -1);
+  if (gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens) return finish_turn(Finish::Length, -1);
+  int32_t tok = -1;
+  bool took = false;
+  if (ahead) {  // (its room in the context was checked when it went into pending_)
+    std::lock_guard lk(engine_->mu_);
+    // (Looked at again under the lock: a step that found no page for it or failed on it may have taken it back
+    // meanwhile; it is then the draw again, taken below. The session is idle then, with nothing pending.)
+    if (ahead_.valid) {
+      tok = ahead_.token;
+      ahead_ = {};
+      turn_taken_++;
+      took = true;
+      if (keep_logprobs_) {  // turned on after the step was planned: this token's row was not kept
+        sampled_row_.clear();
+        sampled_token_ = -1;
+      }
+    }
+  }
+  if (!took) {
+    if (int64_t(tokens_.size() + pending_.size() - drafts_.size()) >= max_ctx_) return finish_turn(Finish::ContextFull, -1);
+    bool accepted = false;  // the token is an accepted draft, already in the cache
+    try {
+      tok = sample_next(accepted);
+    } catch (const Error &e) {  // non-finite logits, nothing left to sample: the turn ends with the error
+      Event ev = finish_turn(Finish::Error, -1);
+      ev.status = e.code();
+      ev.error = e.what();
+      return ev;
+    }
+    std::lock_guard lk(engine_->mu_);
+    turn_taken_++;
+    if (!accepted) {  // room was checked above; the flag goes with the token (steps read it to draft)
+      pending_.push_back(tok);
+      sampled_pending_ = true;
+      engine_->work_cv_.notify_one();  // the step thread may be holding the next step for this token
+    }
   }
   if (n_generated_++ == 0) {
     first_token_ = std::chrono::steady_clock::now();
@@ -288,11 +379,18 @@ Event Session::next() {
   }
   if (finish_pending_ == Finish::None && gp_.max_new_tokens > 0 && n_generated_ >= gp_.max_new_tokens)
     finish_pending_ = Finish::Length;
+  if (finish_pending_ != Finish::None) {
+    // The turn ends at this token: no step runs ahead with its successor (nor evaluates one already appended,
+    // when no step has taken it yet); finish_turn then waits for no step of a token nobody takes.
+    std::lock_guard lk(engine_->mu_);
+    stopping_ = true;
+    if (ahead_.valid && !in_flight_) retract_ahead();
+  }
   return ev;
 }
 
 void Session::truncate(size_t n_keep) {
-  auto lk = engine_->lock_idle(*this);
+  auto lk = lock_settled();
   drop_drafts();
   if (n_keep > tokens_.size())
     failf(DSRT_ERR_INVALID_ARGUMENT, "truncate to ", n_keep, " tokens, but the session holds ", tokens_.size());
@@ -317,7 +415,7 @@ static const char *on_device_text =
 
 // Embedding rows that are no token (padding past the tokenizer, spec §3.11) are never sampled.
 int32_t Session::sample(float temperature) {
-  auto lk = engine_->lock_idle(*this);  // a step may be replacing the logits of this session's pending tokens
+  auto lk = lock_settled();  // a step may be replacing the logits of this session's pending tokens
   if (logits_rows_ == 0 && logits_on_device_) fail(DSRT_ERR_BAD_STATE, on_device_text);
   if (logits_rows_ == 0) fail(DSRT_ERR_BAD_STATE, "no logits: evaluate the session's pending tokens first");
   presampled_ = {};  // (the stream moves here)
@@ -365,7 +463,9 @@ float Session::token_logprobs(size_t n_top, int32_t *token, std::vector<std::pai
 Session::LogitsView Session::logits_view() {
   std::lock_guard lk(engine_->mu_);
   const int64_t rows = drafts_.empty() ? logits_rows_ : std::min<int64_t>(logits_rows_, 1);
-  if (rows == 0 && logits_on_device_) fail(DSRT_ERR_BAD_STATE, on_device_text);
+  // (A token a step ran ahead with: the last emitted token's logits were sampled on the device; rows the step
+  // that evaluated the token ahead copied are that token's, not the session's yet.)
+  if ((rows == 0 && logits_on_device_) || ahead_.valid) fail(DSRT_ERR_BAD_STATE, on_device_text);
   if (pending_.empty()) return {logits_.data(), rows};
   logits_snapshot_.assign(logits_.data(), logits_.data() + rows * vocab());
   return {logits_snapshot_.data(), rows};
@@ -373,7 +473,7 @@ Session::LogitsView Session::logits_view() {
 
 std::span<const int32_t> Session::tokens_view() {
   std::lock_guard lk(engine_->mu_);
-  const size_t n = tokens_.size() - drafts_.size();
+  const size_t n = size_t(visible_tokens());
   if (pending_.empty()) return {tokens_.data(), n};
   tokens_snapshot_.assign(tokens_.begin(), tokens_.begin() + std::ptrdiff_t(n));
   return tokens_snapshot_;
@@ -382,11 +482,22 @@ std::span<const int32_t> Session::tokens_view() {
 SessionStats Session::stats() const {
   std::lock_guard lk(engine_->mu_);
   SessionStats s = last_;
-  s.n_tokens = int64_t(tokens_.size());
-  s.n_pending = int64_t(pending_.size());
-  s.n_pages = int64_t(kv_.pages.size());
+  s.n_tokens = int64_t(tokens_.size()) - ahead_in_cache();  // (not the turn's yet: a step ran ahead with it)
+  s.n_pending = int64_t(pending_.size()) - (ahead_.valid && !pending_.empty() ? 1 : 0);
+  s.n_pages = visible_pages();
   s.n_evaluated = n_evaluated_;
   return s;
+}
+
+int64_t Session::visible_pages() const {
+  int64_t n = int64_t(kv_.pages.size());
+  // A page taken for the token a step ran ahead with alone (its first position; taken at the plan of the step that
+  // evaluates it).
+  if (ahead_.valid) {
+    const int64_t at = int64_t(tokens_.size()) - ahead_in_cache();  // its position
+    if (at % kPageTokens == 0 && n == KvPagePool::pages_for(at + 1)) n--;
+  }
+  return n;
 }
 
 int64_t Session::adopt_cached_prefix() {
@@ -450,7 +561,7 @@ bool Session::make_writable(int64_t from, std::vector<PageCopy> &copies) {
 void Session::publish_pages() {
   KvPagePool &pool = *engine_->pool_;
   if (!pool.cache_enabled()) return;
-  int64_t n_final = int64_t(tokens_.size() - drafts_.size());
+  int64_t n_final = visible_tokens();  // (not the token a step ran ahead with: the turn may never take it)
   if (engine_->mtp_) n_final = std::min(n_final, mtp_pos_);  // the MTP layer's entries are final below mtp_pos_
   const int64_t full = std::min<int64_t>(n_final / kPageTokens, int64_t(kv_.pages.size()));
   if (full <= published_) return;

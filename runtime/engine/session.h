@@ -108,6 +108,7 @@ class Session {
   friend class Engine;
   friend class StepRunner;
   Event finish_turn(Finish why, int32_t token);
+  int32_t sample_next(bool &accepted);  // next()'s draw after the step
   void drop_drafts();  // unverified drafts leave the cache (engine lock held)
   void forget_mtp_after(int64_t n_keep);  // the cache is cut to n_keep tokens (engine lock held)
   void replace_tail(const std::vector<int32_t> &want);  // keep the common prefix, append the rest
@@ -149,6 +150,37 @@ class Session {
   };
   bool logits_on_device_ = false;
   Presample presampled_;
+  // Run-ahead (device sampling, no MTP): the commit of the step that sampled the turn's next token on the
+  // device puts the token in pending_ itself (StepRunner::run_ahead), so the next step need not wait for this
+  // session's thread to come back and append it; next() then takes the token from here. At most one: the
+  // step after leaves its draw in presampled_ until next() has taken this one. A turn that ends without
+  // taking it (cancelled, a stop string) undoes it in finish_turn: the token leaves pending_ or the cache, and
+  // the random stream goes back to rng_before.
+  struct Ahead {
+    bool valid = false;
+    int32_t token = -1;
+    uint64_t rng_before[4] = {};
+  };
+  Ahead ahead_;
+  // The turn ends at the token next() took last (a stop string, max_new_tokens): no step runs ahead any more
+  // (engine lock; set by next(), cleared by start()).
+  bool stopping_ = false;
+  // Engine::eval calls waiting for every pending token (not next()'s): no step runs ahead meanwhile, it would
+  // only be retracted when they return (engine lock).
+  int plain_evals_ = 0;
+  void retract_ahead();
+  // The last step sampled the cache's last token's successor on the device and that draw is not going to be
+  // taken (the turn ended, or a new one starts): the token goes back to pending, so the next evaluation gets its
+  // logits. Engine lock held, session idle.
+  void repend_device_logits();
+  // lock_idle, then retract_ahead: what every call that reads or changes the session's tokens starts with.
+  std::unique_lock<std::mutex> lock_settled();
+  int64_t ahead_in_cache() const { return ahead_.valid && pending_.empty() ? 1 : 0; }
+  // The views and stats of the session as without run-ahead: its tokens, pending tokens and pages leave the
+  // token a step ran ahead with out (engine lock held).
+  int64_t visible_tokens() const { return int64_t(tokens_.size() - drafts_.size()) - ahead_in_cache(); }
+  int64_t visible_pages() const;
+  int64_t turn_taken_ = 0;  // tokens next() has taken in this turn (the engine lock: run-ahead reads it)
   dsrt_status failed_ = DSRT_OK;  // set by a step that could not run this session
   std::string failed_msg_;
   uint64_t n_evaluated_ = 0;

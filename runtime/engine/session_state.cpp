@@ -99,7 +99,7 @@ int64_t cache_layers(const Model &m) { return m.cfg.num_hidden_layers + int64_t(
 std::string Session::save_state() const {
   const Model &m = engine_->model();
   const uint64_t identity = model_identity(m);  // the first call reads every weight: not under the engine lock
-  auto lk = engine_->lock_idle(*this);
+  auto lk = engine_->lock_idle(*this);  // (refused mid-turn: no token run ahead with)
   if (turn_active_) fail(DSRT_ERR_BAD_STATE, "cannot save a session in the middle of a generation turn");
   const int64_t layers = cache_layers(m), width = m.cfg.kv_cache_width(), V = m.cfg.vocab_size;
   const int64_t per_token = layers * width;
@@ -215,7 +215,7 @@ void Session::load_state(const std::string &blob) {
   PageHolding fresh;
   bool in_place = false;
   {
-    auto lk = engine_->lock_idle(*this);
+    auto lk = lock_settled();
     if (turn_active_) fail(DSRT_ERR_BAD_STATE, "cannot load state in the middle of a generation turn");
     if (!engine_->pool_->grow(fresh, int64_t(n_tok))) {
       if (engine_->pool_->unreserved() + engine_->pool_->releasable(kv_) < KvPagePool::pages_for(int64_t(n_tok)))
@@ -250,7 +250,7 @@ void Session::load_state(const std::string &blob) {
     give_back();
     throw;
   }
-  auto lk = engine_->lock_idle(*this);
+  auto lk = lock_settled();
   engine_->release_pages(*this, 0);  // the old pages, if any (none when replaced in place)
   engine_->pool_->unreserve(kv_);
   kv_.pages = std::move(fresh.pages);

@@ -43,6 +43,10 @@ bool StepRunner::plan() {
     const int64_t write_from = e_.mtp_ && rows_waiting > 0 && s->mtp_pos_ + rows_waiting == n_past ? s->mtp_pos_ : n_past;
     std::vector<PageCopy> copies;
     if (!e_.ensure_pages(*s, n_past + n) || !s->make_writable(write_from, copies)) {
+      if (s->ahead_.valid) {  // a token run ahead with: the draw again; the turn's next() appends it and waits
+        s->retract_ahead();
+        continue;
+      }
       if (s->demand_ == 0) continue;  // nobody waits for it: it stays pending for a later step
       s->failed_ = DSRT_ERR_CONTEXT_FULL;
       s->failed_msg_ = "the engine's KV pool is full (" + std::to_string(e_.capacity_tokens()) +
@@ -333,6 +337,32 @@ void StepRunner::catch_up(Tensor hidden) {
   }
 }
 
+// The turn's next token, sampled on the device by this step, goes into pending_ now (Session::ahead_), so the
+// next step can start without waiting for the session's thread. Not when next() will not take it as the
+// turn's next token or when taking it ends the turn (it appends those itself, as without run-ahead): the
+// turn's last token by max_new_tokens, an end-of-generation or stop token, a full context, a cancel, a token
+// already ahead. Not with MTP (drafting follows the taken token).
+void StepRunner::run_ahead(Session &s) {
+  const Session::Presample &ps = s.presampled_;
+  if (!e_.run_ahead_ || !ps.valid || ps.status != DSRT_OK || s.ahead_.valid || !s.turn_active_ || !s.pending_.empty() ||
+      !s.drafts_.empty() || s.failed_ != DSRT_OK || s.cancel_requested() || s.stopping_ || s.plain_evals_ > 0)
+    return;
+  const GenParams &g = s.gp_;
+  const int32_t tok = ps.token;
+  if (g.max_new_tokens > 0 && s.turn_taken_ + 1 >= g.max_new_tokens) return;
+  if (!g.ignore_eos && std::binary_search(s.eog_.begin(), s.eog_.end(), tok)) return;
+  if (std::find(g.stop_tokens.begin(), g.stop_tokens.end(), tok) != g.stop_tokens.end()) return;
+  if (int64_t(s.tokens_.size()) >= s.max_ctx_) return;
+  s.ahead_.valid = true;
+  s.ahead_.token = tok;
+  std::copy(ps.rng_before, ps.rng_before + 4, s.ahead_.rng_before);
+  s.rng_.set_state(ps.rng_after);
+  s.pending_.push_back(tok);
+  s.sampled_pending_ = true;
+  s.presampled_ = {};
+  e_.stats_.tokens_run_ahead++;
+}
+
 std::vector<Session *> StepRunner::sampling_sessions() const {
   std::vector<Session *> v;
   for (const Work &w : work_)
@@ -368,7 +398,9 @@ int64_t StepRunner::commit() {
       // The step's pages go back. Sessions whose thread waits for this step get the error (their pending run is
       // rolled back there); the others keep their pending tokens for a later step.
       e_.release_pages(s, int64_t(s.tokens_.size()));
-      if (s.demand_ > 0) {
+      if (s.ahead_.valid) {  // a token run ahead with: the draw again; the turn's next() appends it and waits
+        s.retract_ahead();
+      } else if (s.demand_ > 0) {
         s.failed_ = fail_code_;
         s.failed_msg_ = fail_msg_;
       }
@@ -401,6 +433,7 @@ int64_t StepRunner::commit() {
         std::copy(w.rng_before, w.rng_before + 4, ps.rng_before);
         if (w.sampled.status == DSRT_OK) w.rng.state(ps.rng_after);
         else std::copy(w.rng_before, w.rng_before + 4, ps.rng_after);
+        run_ahead(s);
       } else {
         const float *src = logits_.data() + size_t(w.host_row0 * V);
         s.logits_.insert(s.logits_.end(), src, src + w.n_logit_rows * V);

@@ -32,6 +32,7 @@ class StepRunner {
   std::vector<Session *> sampling_sessions() const;
 
  private:
+  void run_ahead(Session &s);  // (commit)
   // One session's share of the step, and the copies of its state the unlocked phase reads.
   struct Work {
     Session *s;
