@@ -1,8 +1,8 @@
 // `dsrt bench --ops`: every weight-streaming op of a DeepSeek-V3 decode step at batch 1, on V3's shapes with
 // random weights, timed on the GPU backend as a decode step runs it (launches recorded and replayed from a
 // CUDA graph), each beside the device copy rate: the GEMV kernels' share of the bandwidth roofline.
-// Then the BF16 lm_head at decode batches of 8 to 256 rows on the swap-AB BF16 kernel (FP8 activations on), and
-// at 300 rows on cuBLASLt (DSRT_BF16_MMA=0 puts every size on cuBLASLt, for comparison).
+// Then the BF16 lm_head at decode batches of 8 to 256 rows as a step runs it (FP8 activations on): the swap-AB
+// BF16 kernel up to kCudaBf16SwapAbMaxRows, cuBLASLt above (DSRT_BF16_MMA=0: every size on cuBLASLt).
 // --sweep also times every cut of the GEMV kernel (K slices x rows per warp) per shape, the data behind the
 // kernel's choice (kernels/linear.cu, gemv_split).
 #include "bench_ops.h"
@@ -280,7 +280,8 @@ int bench_ops(const BenchOpsOptions &o) {
     }
   }
   {  // The BF16 lm_head at decode batches, as a step with FP8 activations runs it: Fp8Gemm::run_bf16 (x rounded to
-     // bf16, then dsrt's swap-AB BF16 kernel up to 256 rows - kernels/gemm_bf16_mma.cu - cuBLASLt above).
+     // bf16, then dsrt's swap-AB BF16 kernel up to kCudaBf16SwapAbMaxRows rows - kernels/gemm_bf16_mma.cu -
+     // cuBLASLt above).
     const std::string lt = cublaslt_status();
     BackendOptions bo;
     bo.device = o.device;
@@ -288,11 +289,11 @@ int bench_ops(const BenchOpsOptions &o) {
     auto be = make_backend(BackendKind::Cuda, bo);
     const Weight &w = ws.back()->w;  // lm_head 7168->129280 (BF16)
     const char *env = std::getenv("DSRT_BF16_MMA");
-    const bool mma_off = env && std::string(env) == "0";  // (run_bf16's switch; the kernel takes up to 256 rows)
+    const bool mma_off = env && std::string(env) == "0";  // (run_bf16's switch)
     const double bytes = double(w.rows * w.cols) * double(dtype_size(w.dtype));
     if (lt.rfind("cuBLASLt ", 0) != 0)
       std::printf("  (%s: BF16 linears of many rows stay on the GEMV path)\n", lt.c_str());
-    for (int rows : {8, 32, 128, 256, 300}) {  // (300: past the kernel's 256, cuBLASLt's for comparison)
+    for (int rows : {8, 32, 64, 128, 256}) {
       Tensor x, y;
       const std::vector<float> xh(size_t(rows * w.cols), 0.01f);
       const double s = time_calls(
@@ -304,7 +305,8 @@ int bench_ops(const BenchOpsOptions &o) {
           },
           [&](int) { be->linear(x, w, y); });
       char name[64];
-      std::snprintf(name, sizeof name, "lm_head x %d rows (%s)", rows, rows > 256 || mma_off ? "cuBLASLt" : "swap-AB");
+      std::snprintf(name, sizeof name, "lm_head x %d rows (%s)", rows,
+                    rows > kCudaBf16SwapAbMaxRows || mma_off ? "cuBLASLt" : "swap-AB");
       std::printf("  %-30s %9.1f MB %8.1f us %7.0f GB/s %5.1f%%\n", name, bytes / 1e6, s * 1e6, bytes / s / 1e9,
                   100.0 * bytes / s / bw);
     }

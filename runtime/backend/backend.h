@@ -279,6 +279,11 @@ double host_to_device_bandwidth(int device);
 // 0 when cuBLASLt or the GPU is missing: the denominator of the prefill roofline.
 double fp8_gemm_tflops(int device, int64_t m, int64_t n, int64_t k);
 // "cuBLASLt <version>" when the block-scaled FP8 GEMM library loads, else why not.
+// The CUDA backend runs a BF16 linear (the lm_head) of 2..this many rows on dsrt's swap-AB kernel, cuBLASLt's
+// GEMM above (measured on an H200, lm_head: 454 / 488 us at 8 / 32 rows against cuBLASLt's ~1,260 us at 32;
+// 1,116 / 2,207 us at 128 / 256 against cuBLASLt's ~870 at 128 and 674 at 300: at 128 rows one block per SM
+// stops streaming).
+constexpr int64_t kCudaBf16SwapAbMaxRows = 64;
 std::string cublaslt_status();
 
 }  // namespace dsrt

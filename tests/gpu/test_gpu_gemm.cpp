@@ -723,7 +723,8 @@ TEST_CASE("CUDA backend with FP8 activations: moe_experts takes the grouped path
 // (N = 17000: 133 blocks, a partial last one), cuBLASLt above; below kFp8ActivationMinRows the fp32 GEMV. The
 // reference rounds x to bf16 from kFp8ActivationMinRows rows (f32_to_bf16: round_to_bf16's nearest even).
 // Needs cuBLASLt (the backend sends BF16 weights to run_bf16 only when it loaded).
-TEST_CASE("CUDA backend with FP8 activations: a BF16 linear of 8-256 rows runs on the swap-AB kernel (fp64 reference)") {
+// Rows 8..kCudaBf16SwapAbMaxRows run on the swap-AB kernel, more on cuBLASLt: both against the same bound.
+TEST_CASE("CUDA backend with FP8 activations: a BF16 linear of 8-300 rows, swap-AB kernel or cuBLASLt (fp64 reference)") {
   const std::string status = cublaslt_status();
   MESSAGE("cuBLASLt: " << status);
   if (status.rfind("cuBLASLt ", 0) != 0) return;  // not loadable here: BF16 linears stay on the GEMV path
@@ -733,8 +734,8 @@ TEST_CASE("CUDA backend with FP8 activations: a BF16 linear of 8-256 rows runs o
   const Bf16Weight w(N, K, rng, false);
   std::vector<int64_t> ns(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; n++) ns[size_t(n)] = n;
-  for (int64_t m : {kFp8ActivationMinRows - 1, kFp8ActivationMinRows, int64_t(33), int64_t(200), int64_t(256),
-                    int64_t(300)}) {
+  for (int64_t m : {kFp8ActivationMinRows - 1, kFp8ActivationMinRows, int64_t(33), kCudaBf16SwapAbMaxRows,
+                    kCudaBf16SwapAbMaxRows + 1, int64_t(200), int64_t(300)}) {
     CAPTURE(m);
     auto x = randn(size_t(m * K), rng);
     g->begin_step();

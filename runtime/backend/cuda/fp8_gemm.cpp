@@ -9,6 +9,7 @@
 #include <mutex>
 #include <string>
 
+#include "backend/backend.h"
 #include "core/log.h"
 
 namespace dsrt {
@@ -332,17 +333,17 @@ Fp8Gemm::Plan *Fp8Gemm::plan_bf16(int64_t m, int64_t n, int64_t k) {
 bool Fp8Gemm::run_bf16(const float *x, int64_t m, const kernels::DevMatrix &w, float *out, uint16_t *xb) {
   if (w.dtype != kernels::kBF16 || m < 1 || w.cols % 8) return false;
   const int64_t n = w.rows, k = w.cols;
-  // Decode batches (up to 256 rows) on dsrt's swap-AB BF16 kernel, which reads the weight once per call where
-  // cuBLASLt took 1.10 ms at 32 rows and 1.88 ms at 128 for the lm_head (0.44 ms of reading on an H200); not
-  // for a matrix of too few 128-row blocks to occupy half the SMs (the kernel does not split K) unless
-  // cuBLASLt is missing.
+  // Decode batches up to kCudaBf16SwapAbMaxRows on dsrt's swap-AB BF16 kernel, which reads the weight once per call
+  // (cuBLASLt took 1.26 ms at 32 rows for the lm_head, 0.44 ms of reading on an H200); not for a matrix of too
+  // few 128-row blocks to occupy half the SMs (the kernel does not split K). Without cuBLASLt, up to 256 rows.
   // DSRT_BF16_MMA=0 leaves every size to cuBLASLt (for comparisons: dsrt bench --ops).
   static const bool mma_off = [] {
     const char *e = std::getenv("DSRT_BF16_MMA");
     return e && std::string(e) == "0";
   }();
   const bool aligned = (reinterpret_cast<uintptr_t>(w.data) | reinterpret_cast<uintptr_t>(xb)) % 16 == 0;
-  const bool mine = kernels::gemm_bf16_mma_supported(m, n, k) && (!lt_ || (!mma_off && kernels::gemm_bf16_mma_fills_gpu(n)));
+  const bool mine = kernels::gemm_bf16_mma_supported(m, n, k) &&
+                    (!lt_ || (!mma_off && m <= kCudaBf16SwapAbMaxRows && kernels::gemm_bf16_mma_fills_gpu(n)));
   if (aligned && mine) {
     kernels::round_to_bf16(x, m * k, xb, stream_);
     kernels::gemm_bf16_mma(xb, m, w, out, n, stream_);
