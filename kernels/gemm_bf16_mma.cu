@@ -41,7 +41,7 @@
 #include <algorithm>
 #include <atomic>
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace dsrt::kernels {
 
@@ -51,25 +51,6 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr int kRow = 160;      // shared bytes per staged row: 64 bf16 (128 bytes) + 32 padding
 constexpr int kTileK = 64;     // K values per stage
 constexpr int kMaxBT = 128;    // tokens per block at most (m up to 256: two token tiles)
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return uint32_t(__cvta_generic_to_shared(p)); }
-// 16 bytes global -> shared; zero-filled without reading when !valid.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// d += a (16 x 16 bf16, row) * b (16 x 8 bf16, col), fp32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // The shape of a block of BT tokens: warp grid, warp tile, stages, shared memory.
 template <int BT>
@@ -194,34 +175,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<BT>::kMinBlocks)
       }
 }
 
-// Dynamic shared memory above 48 KB needs an opt-in per kernel and device (once).
-template <class F>
-void opt_in(F kernel, size_t bytes, std::atomic<uint64_t> &done) {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (done.load() >> (dev & 63) & 1) return;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (e != cudaSuccess) throw std::runtime_error(std::string("gemm_bf16_mma: shared memory: ") + cudaGetErrorString(e));
-  done.fetch_or(uint64_t(1) << (dev & 63));
-}
-
-int sm_count() {
-  static std::atomic<int> cached[64];
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int v = cached[dev & 63].load();
-  if (v > 0) return v;
-  cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-  if (v <= 0) v = 132;
-  cached[dev & 63].store(v);
-  return v;
-}
-
 template <int BT>
 void launch(const uint16_t *xb, int64_t m, const DevMatrix &w, float *out, int64_t ld_out, cudaStream_t s) {
   static std::atomic<uint64_t> done{0};
   constexpr size_t smem = Cfg<BT>::kSmem;
-  opt_in(gemm_bf16_kernel<BT>, smem, done);
+  smem_opt_in(gemm_bf16_kernel<BT>, smem, done, "gemm_bf16_mma");
   const dim3 grid(unsigned((m + BT - 1) / BT), unsigned((w.rows + 127) / 128));
   gemm_bf16_kernel<BT><<<grid, kThreads, smem, s>>>(static_cast<const uint16_t *>(w.data), w.rows, w.cols, xb, m, out,
                                                     ld_out);

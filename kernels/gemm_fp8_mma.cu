@@ -32,7 +32,7 @@
 #include <algorithm>
 #include <atomic>
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace dsrt::kernels {
 
@@ -43,21 +43,6 @@ constexpr int kRow = 160;      // shared bytes per staged row: 128 K bytes + 32 
 constexpr int kMatBytes = 128 * kRow;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxTopK = 32;
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return uint32_t(__cvta_generic_to_shared(p)); }
-// 16 (or 4) bytes global -> shared; zero-filled without reading when !valid (rows past the matrix or the
-// token count contribute zeros, never stale shared memory that could hold NaN bit patterns).
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 // d += a (16 x 32 e4m3, row) * b (32 x 8 e4m3, col), fp32 accumulate.
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -192,29 +177,6 @@ struct Smem {
   static constexpr size_t kTotal = kTables + size_t(BT) * 2 * sizeof(void *) + size_t(BT) * sizeof(int32_t);
 };
 
-// Dynamic shared memory above 48 KB needs an opt-in per kernel and device (once).
-template <class K>
-void opt_in(K kernel, size_t bytes, std::atomic<uint64_t> &done) {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (done.load() >> (dev & 63) & 1) return;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (e != cudaSuccess) throw std::runtime_error(std::string("gemm_fp8_mma: shared memory: ") + cudaGetErrorString(e));
-  done.fetch_or(uint64_t(1) << (dev & 63));
-}
-
-int sm_count() {
-  static std::atomic<int> cached[64];
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int v = cached[dev & 63].load();
-  if (v > 0) return v;
-  cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-  if (v <= 0) v = 132;
-  cached[dev & 63].store(v);
-  return v;
-}
-
 // ---- the plain GEMM: out[t, n] for t < m (or, split, partial[z][t][n] for K blocks of split z)
 template <int BT>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(DevMatrix w, const uint8_t *__restrict__ xq,
@@ -270,7 +232,7 @@ void launch_gemm(const uint8_t *xq, const float *xs, int64_t ld_s, int64_t m, co
                  int64_t ld_out, float *partial, const GemmFp8Plan &p, cudaStream_t s) {
   static std::atomic<uint64_t> done{0};
   constexpr size_t smem = Smem<1, BT>::kTotal;
-  opt_in(gemm_kernel<BT>, smem, done);
+  smem_opt_in(gemm_kernel<BT>, smem, done, "gemm_fp8_mma");
   const dim3 grid(unsigned((w.rows + 127) / 128), unsigned(p.token_tiles), unsigned(p.splits));
   gemm_kernel<BT><<<grid, kThreads, smem, s>>>(w, xq, xs, ld_s, m, out, ld_out, p.splits > 1 ? partial : nullptr,
                                                p.kb_per_split);
@@ -500,7 +462,7 @@ void launch_moe(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *
   {
     static std::atomic<uint64_t> done{0};
     constexpr size_t smem = Smem<2, BT>::kTotal;
-    opt_in(moe_gate_up_kernel<BT>, smem, done);
+    smem_opt_in(moe_gate_up_kernel<BT>, smem, done, "gemm_fp8_mma");
     moe_gate_up_kernel<BT><<<dim3(unsigned(L.max_tiles), unsigned(I / 128)), kThreads, smem, s>>>(
         xq, xs, T, H, I, K, sorted, tiles, n_tiles, gate, up, hq, hs);
     check_launch("moe_gate_up (mma)");
@@ -508,7 +470,7 @@ void launch_moe(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *
   {
     static std::atomic<uint64_t> done{0};
     constexpr size_t smem = Smem<1, BT>::kTotal;
-    opt_in(moe_down_kernel<BT>, smem, done);
+    smem_opt_in(moe_down_kernel<BT>, smem, done, "gemm_fp8_mma");
     moe_down_kernel<BT><<<dim3(unsigned(L.max_tiles), unsigned((H + 127) / 128)), kThreads, smem, s>>>(
         hq, hs, H, I, sorted, tiles, n_tiles, down, y);
     check_launch("moe_down (mma)");

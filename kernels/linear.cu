@@ -3,6 +3,7 @@
 // a time; the warps of a row group split K (gemv_split picks the split per shape).
 // Large-M prefill will move to cuBLASLt's block-scaled FP8 GEMM (spec §5.3); this kernel is the reference.
 #include "gemv.cuh"
+#include "mma.cuh"
 
 namespace dsrt::kernels {
 
@@ -129,16 +130,6 @@ void launch_swiglu(const float *x, const DevMatrix &wg, const DevMatrix &wu, flo
     case 2: swiglu_kernel<MT, 2><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
     default: swiglu_kernel<MT, 1><<<grid, kWarps * 32, 0, s>>>(x, wg, wu, g, u, act); break;
   }
-}
-
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-    return v > 0 ? v : 132;
-  }();
-  return n;
 }
 
 template <int MT, int R, int G>

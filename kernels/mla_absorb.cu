@@ -55,6 +55,7 @@
 #include <cstdint>
 
 #include "gemv.cuh"
+#include "mma.cuh"
 
 namespace dsrt::kernels {
 
@@ -210,14 +211,6 @@ constexpr int kSN = kTcBN + 8;      // bf16 per staged q_absorb weight row: 72
 // it the FP8 out_absorb took 130, 3 blocks); smaller tiles as ptxas likes (0: no minimum; they take 48-80).
 template <int MT>
 constexpr int kTcMinBlocks = MT == 4 ? 4 : 0;
-
-// d += a (16x16, row-major) * b (16x8, column-major), bf16 in, fp32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Two bf16 as one register: `lo` (the lower k or the lower address) in the low 16 bits.
 __device__ __forceinline__ uint32_t pack_bf16x2(__nv_bfloat16 lo, __nv_bfloat16 hi) {

@@ -5,6 +5,7 @@
 // selection only, group-limited selection (top-2 sum or max per group), top-k with ties to the lower
 // index, weights from the unbiased scores, normalised and scaled. One warp per token.
 #include "gemv.cuh"
+#include "mma.cuh"
 
 namespace dsrt::kernels {
 
@@ -219,12 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *
 
 // The K split of a row group: as linear.cu's gemv_split, the fewest slices that give ~12 warps per SM.
 int expert_split(int64_t groups, int64_t cols) {
-  int sms = 132;
-  {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  }
+  const int sms = sm_count();
   int G = 1;
   while (G < kWarps && groups * G < 12 * int64_t(sms) && cols / (2 * G) >= 128) G *= 2;
   return G;

@@ -27,7 +27,7 @@
 #include <climits>
 #include <cstdint>
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace dsrt::kernels {
 namespace {
@@ -582,12 +582,7 @@ void sample_rows(const float *logits, int64_t vocab, const void *params, int32_t
   if (n_rows <= 0) return;
   // Blocks per row: as many as keep the launch within about one wave of the GPU's SMs (a block of 1024 threads
   // fills an SM), at most kMaxCluster; 1 from 66 rows on (each row then has an SM to itself anyway).
-  static const int n_sm = [] {
-    int dev = 0, n = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n > 0 ? n : 1;
-  }();
+  const int n_sm = sm_count();
   int C = kMaxCluster;
   while (C > 1 && int64_t(C) * n_rows > n_sm) C /= 2;
   cudaLaunchConfig_t cfg = {};

@@ -26,6 +26,7 @@
 #if defined(DSRT_WITH_CUDA)
 #include <cuda_runtime.h>
 
+#include "device_buffer.h"
 #include "kernels.h"
 #endif
 
@@ -34,43 +35,11 @@ using namespace dsrt;
 #if defined(DSRT_WITH_CUDA)
 namespace {
 
+using testing::Dev;
+using testing::parallel_for;
+
 constexpr double kCaseBound = 5e-4;  // relative L2 over a whole output (see the top of the file)
 constexpr double kRowBound = 1e-3;   // relative L2 of any one output row
-
-// f(i) for i in [0, n) on every host thread (the fp64 references are tens of GMACs).
-template <class F>
-void parallel_for(int64_t n, F f) {
-  const unsigned nt = std::max(1u, std::thread::hardware_concurrency());
-  std::atomic<int64_t> next{0};
-  std::vector<std::thread> th;
-  for (unsigned i = 0; i < nt; i++)
-    th.emplace_back([&] {
-      for (int64_t j; (j = next.fetch_add(1)) < n;) f(j);
-    });
-  for (auto &t : th) t.join();
-}
-
-// A device buffer of n elements.
-template <class T>
-struct Dev {
-  T *p = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t count) : n(count) { REQUIRE(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)) == cudaSuccess); }
-  explicit Dev(const std::vector<T> &v) : Dev(v.size()) { put(v); }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev &) = delete;
-  Dev &operator=(const Dev &) = delete;
-  void put(const std::vector<T> &v) {
-    REQUIRE(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  void fill_nan() { REQUIRE(cudaMemset(p, 0xff, std::max<size_t>(n, 1) * sizeof(T)) == cudaSuccess); }  // 0xffffffff: NaN
-  std::vector<T> get() const {
-    std::vector<T> v(n);
-    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    REQUIRE(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    return v;
-  }
-};
 
 // A random FP8 weight [rows, cols] with 128x128 block scales, on the host and (for the kernel tests) on the
 // device. The device's scale rows are padded by 3 NaN columns: a kernel that read scale_cols wrongly, or a scale

@@ -1,9 +1,8 @@
 // MLA's absorption products (kernels/mla_absorb.cu: mla_q_absorb, mla_out_absorb) against fp64 host sums of
 // the same formula on the same operands, on V3's shape and on small odd ones, kv_b in FP8 (random 128x128
 // block scales) and in BF16, for 1 to 4096 query rows: the tensor-core kernels (2 rows or more, where the shape
-// allows) and the fp32 CUDA-core ones (one row; shapes the tensor-core kernels leave to them). Then the V3
-// shape's time at decode batches 32 and 128. Part of dsrt_gpu_tests (doctest's main is in test_gpu.cpp; it
-// exits 77 without a GPU).
+// allows) and the fp32 CUDA-core ones (one row; shapes the tensor-core kernels leave to them). Part of
+// dsrt_gpu_tests (doctest's main is in test_gpu.cpp; it exits 77 without a GPU).
 //
 // Bound: relative L2 <= 1e-4 per case and <= 1e-3 for any one (row, head) output row. The tensor-core kernels
 // multiply exact bf16 weights by a two-term bf16 split of the fp32 activations (~2^-17 relative) with fp32
@@ -27,44 +26,16 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "device_buffer.h"
 #include "kernels.h"
 
 namespace {
 
+using testing::Dev;
+using testing::parallel_for;
+
 constexpr double kCaseBound = 1e-4;  // relative L2 over a whole output (see the top of the file)
 constexpr double kRowBound = 1e-3;   // relative L2 of any one (row, head) output row
-
-template <class F>
-void parallel_for(int64_t n, F f) {
-  const unsigned nt = std::max(1u, std::thread::hardware_concurrency());
-  std::atomic<int64_t> next{0};
-  std::vector<std::thread> th;
-  for (unsigned i = 0; i < nt; i++)
-    th.emplace_back([&] {
-      for (int64_t j; (j = next.fetch_add(1)) < n;) f(j);
-    });
-  for (auto &t : th) t.join();
-}
-
-template <class T>
-struct Dev {
-  T *p = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t count) : n(count) { REQUIRE(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)) == cudaSuccess); }
-  explicit Dev(const std::vector<T> &v) : Dev(v.size()) {
-    REQUIRE(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev &) = delete;
-  Dev &operator=(const Dev &) = delete;
-  void fill_nan() { REQUIRE(cudaMemset(p, 0xff, std::max<size_t>(n, 1) * sizeof(T)) == cudaSuccess); }
-  std::vector<T> get() const {
-    std::vector<T> v(n);
-    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    REQUIRE(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    return v;
-  }
-};
 
 struct Shape {
   const char *name;
