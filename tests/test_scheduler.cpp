@@ -463,9 +463,10 @@ TEST_CASE("device-sampling path (CPU stand-in): a turn ended by a full pool leav
   const auto [hf, hfin, hs] = run(engine(false));
   auto dev = engine(true);
   const auto [df, dfin, ds] = run(dev);
-  // The token after the second page's last was run ahead with, and its step found no page: the plan took it back
-  // (Session::retract_ahead), next() appended it again, and that step failed the turn as on the host path.
-  CHECK(dev->stats().tokens_retracted == 1);
+  // The token after the second page's last was run ahead with. Either the step thread planned it first, found no
+  // page and took it back (Session::retract_ahead; next() appended it again), or next() took it before any plan
+  // did: which one depends on thread timing (a busy CI box saw both). Both end the turn as the host path does.
+  CHECK(dev->stats().tokens_retracted <= 1);
   CHECK(dev->stats().pages_used == 0);
   CHECK(hfin == dsrt::Finish::ContextFull);
   CHECK(dfin == dsrt::Finish::ContextFull);
