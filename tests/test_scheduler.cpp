@@ -893,6 +893,53 @@ TEST_CASE("run-ahead: a failed step on the token run ahead with fails nobody; th
   for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
 }
 
+// The failed step above, with the token run ahead with on a page's first position and the pool fully reserved:
+// the page that step grew came out of the turn's reservation, and the retract gives it back to the reservation,
+// not to the pool, so another session cannot take it and the turn still reaches its length (run-ahead off never
+// took that page). Found by review: the page went to the pool and the turn later ended ContextFull.
+TEST_CASE("run-ahead: a retract on a page boundary keeps the turn's reserved page") {
+  auto model = dsrt::load_model(tiny("no-qlora"), {});
+  const int32_t V = int32_t(model.model->cfg.vocab_size);
+  Rig ref = rig(model, false, 128), dev = rig(model, true, 128);  // a pool of 2 pages
+  const auto prompt = prompt_tokens(V, 60);
+  const auto other = prompt_tokens(V, 10);
+  std::vector<int32_t> toks[2];
+  dsrt::Finish fin[2];
+  for (Rig *r : {&ref, &dev}) {
+    auto s = r->e->create_session(0, false, 5);
+    s->append(prompt.data(), prompt.size());
+    s->start(sampled(68, 12));  // 60 + 68 = 128 tokens: its page and the pool's other, reserved
+    if (r->gated) r->gate->close();
+    Lockstep ls{*r, *s};
+    auto &t = toks[r->gated];
+    for (int i = 0; i < 4; i++) t.push_back(ls.next().token);  // positions 60..63
+    if (r->gated) {
+      r->gate->step_and_wait();  // the step of the 5th token (position 64: the second page's first), run ahead with
+      {
+        std::lock_guard l(r->gate->m);
+        r->gate->fail_at = r->gate->passed + 1;  // ... fails
+      }
+      const uint64_t retracted = r->e->stats().tokens_retracted;
+      r->gate->allow(1);
+      settle(*r->e, r->gate->n_arrived());
+      CHECK(r->e->stats().tokens_retracted == retracted + 1);
+      CHECK(s->stats().n_pages == 1);
+      r->gate->open();
+    }
+    auto b = r->e->create_session(0, false, 6);  // wants a page: every page is the turn's
+    b->append(other.data(), other.size());
+    CHECK_THROWS(b->eval(nullptr));
+    dsrt::Event ev;
+    for (ev = s->next(); !ev.done; ev = s->next()) t.push_back(ev.token);
+    fin[r->gated] = ev.finish;
+    CHECK(ev.status == DSRT_OK);
+  }
+  CHECK(fin[0] == dsrt::Finish::Length);
+  CHECK(fin[1] == dsrt::Finish::Length);
+  CHECK(toks[0].size() == 68);
+  CHECK(toks[1] == toks[0]);
+}
+
 // A session whose context is nearly full: the token run ahead with fills its last position, so that step copies the
 // logits to the host (no draw follows it). Those rows are not the session's: the views refuse them, a cancel drops
 // them, and the turn that goes on ends ContextFull where the reference does.

@@ -168,6 +168,12 @@ bool Engine::ensure_pages(Session &s, int64_t n_tokens) { return pool_->grow(s.k
 
 void Engine::release_pages(Session &s, int64_t keep_tokens) { pool_->shrink(s.kv_, keep_tokens); }
 
+void Engine::return_turn_pages(Session &s, int64_t keep_tokens) {
+  const int64_t before = int64_t(s.kv_.pages.size());
+  pool_->shrink(s.kv_, keep_tokens);
+  if (s.turn_active_) pool_->reserve(s.kv_, before - int64_t(s.kv_.pages.size()));
+}
+
 void Engine::wait_idle(std::unique_lock<std::mutex> &lk, const Session &s) {
   done_cv_.wait(lk, [&] { return !s.in_flight_; });
 }

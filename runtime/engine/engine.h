@@ -132,6 +132,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_lock<std::mutex> lock_idle(const Session &s);
   bool ensure_pages(Session &s, int64_t n_tokens);  // false: pool exhausted (lock held)
   void release_pages(Session &s, int64_t keep_tokens);
+  // As release_pages, for positions the session's active turn will evaluate again (a retracted token ahead, a
+  // failed step): the pages dropped go back into the turn's reservation, as they came out of it when grown, so
+  // the turn keeps the admission it had (run-ahead off never took them).
+  void return_turn_pages(Session &s, int64_t keep_tokens);
   void detach(Session *s);
   Backend &backend() { return ranks_->leader(); }
 

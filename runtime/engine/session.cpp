@@ -52,7 +52,7 @@ void Session::retract_ahead() {
   } else {  // evaluated (never published: publish_pages leaves it out), never counted as the session's
     tokens_.pop_back();
     published_ = std::min<int64_t>(published_, int64_t(tokens_.size()) / kPageTokens);
-    engine_->release_pages(*this, int64_t(tokens_.size()));
+    engine_->return_turn_pages(*this, int64_t(tokens_.size()));
     if (n_evaluated_ > 0) n_evaluated_--;
   }
   rng_.set_state(ahead_.rng_before);

@@ -397,7 +397,7 @@ int64_t StepRunner::commit() {
     if (failed_) {
       // The step's pages go back. Sessions whose thread waits for this step get the error (their pending run is
       // rolled back there); the others keep their pending tokens for a later step.
-      e_.release_pages(s, int64_t(s.tokens_.size()));
+      e_.return_turn_pages(s, int64_t(s.tokens_.size()));
       if (s.ahead_.valid) {  // a token run ahead with: the draw again; the turn's next() appends it and waits
         s.retract_ahead();
       } else if (s.demand_ > 0) {
