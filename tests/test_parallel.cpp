@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "core/status.h"
@@ -512,4 +513,113 @@ TEST_CASE("dsrt eval and generate with --tp 2 --ep 2 match one rank (the command
   const std::string g4 = sh(cli + " generate --model " + dir + " --tokens " + toks + " -n 12 --backend cpu --tp 2 --ep 2");
   CHECK(g1.size() > 12);
   CHECK(g4 == g1);
+}
+
+// A tensor-parallel rank on a GPU holds its parts of the checkpoint's tensors as tensors of their own
+// (pack_weight): the same elements in a contiguous matrix with the part's own scale blocks.
+TEST_CASE("weight parts: a packed part dequantises to the part's elements; FP8 parts must start on a scale block") {
+  auto model = dsrt::Model::load(tiny("v3-mini"), {});
+  const dsrt::Weight &gate = model->w.layers.at(0).dense.gate;  // FP8 [1024, 512]
+  REQUIRE(gate.dtype == dsrt::DType::F8_E4M3);
+  REQUIRE(gate.rows == 1024);
+  REQUIRE(gate.cols == 512);
+  auto same_elements = [](const dsrt::Weight &part) {
+    const dsrt::PackedWeight p = dsrt::pack_weight(part);
+    REQUIRE(p.data.size() == size_t(part.rows * part.cols) * dsrt::dtype_size(part.dtype));
+    dsrt::Weight packed = part;  // the packed copy read as a whole tensor
+    packed.data = p.data.data();
+    packed.scale = p.scale.empty() ? nullptr : p.scale.data();
+    packed.scale_cols = p.scale_cols;
+    packed.row0 = packed.col0 = packed.ld = 0;
+    CHECK(packed.is_whole());
+    std::vector<float> a(size_t(part.cols)), b(size_t(part.cols));
+    for (int64_t r = 0; r < part.rows; r++) {
+      part.dequant_row(r, 0, part.cols, a.data());
+      packed.dequant_row(r, 0, part.cols, b.data());
+      if (a != b) {
+        FAIL_CHECK("row " << r << " differs");
+        return;
+      }
+    }
+  };
+  const dsrt::Weight rows_part = gate.rows_part(256, 384), cols_part = gate.cols_part(128, 256);
+  CHECK(rows_part.id == gate.id);  // a part keeps its tensor's id (device copies are keyed by it and the range)
+  CHECK_FALSE(rows_part.is_whole());
+  same_elements(rows_part);
+  same_elements(cols_part);
+  same_elements(rows_part.cols_part(256, 256));
+  same_elements(gate);
+  const dsrt::PackedWeight p = dsrt::pack_weight(cols_part);
+  CHECK(p.scale_cols == 2);
+  CHECK(p.scale.size() == size_t(8 * 2));
+  // A partial last block: partial-yarn's hidden size 320 (2.5 blocks) as the columns of its dense gate.
+  auto py = dsrt::Model::load(tiny("partial-yarn"), {});
+  const dsrt::Weight &pg = py->w.layers.at(0).dense.gate;
+  REQUIRE(pg.cols == 320);
+  same_elements(pg.cols_part(128, 192).rows_part(128, pg.rows - 128));
+  // BF16 parts may start anywhere.
+  auto bf = dsrt::Model::load(tiny("bf16"), {});
+  same_elements(bf->w.head.rows_part(3, 101));
+  // An FP8 part cut inside a block: refused, naming the tensor and the cut.
+  for (const dsrt::Weight &bad : {gate.rows_part(64, 512), gate.cols_part(200, 100)}) {
+    CHECK_FALSE(dsrt::fp8_block_cut(bad).empty());
+    try {
+      dsrt::pack_weight(bad);
+      FAIL("an FP8 part cut inside a scale block must be refused");
+    } catch (const dsrt::Error &e) {
+      CHECK(e.code() == DSRT_ERR_UNSUPPORTED);
+      CHECK(std::string(e.what()).find(gate.name()) != std::string::npos);
+      CHECK(std::string(e.what()).find("FP8 scale block") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("a rank's shard lists only its weights; GPU splits that cut FP8 blocks are refused before loading") {
+  auto model = dsrt::Model::load(tiny("v3-mini"), {});
+  const dsrt::ModelConfig &c = model->cfg;
+  const int tp = 2, ep = 2;
+  int64_t expert_elems = 0, whole_expert_elems = 0;
+  for (const dsrt::LayerWeights &L : model->w.layers)
+    for (const dsrt::FfnWeights &f : L.experts)
+      for (const dsrt::Weight *w : {&f.gate, &f.up, &f.down}) whole_expert_elems += w->rows * w->cols;
+  for (int r = 0; r < tp * ep; r++) {
+    CAPTURE(r);
+    const dsrt::Mapping map{tp * ep, r, tp, ep};
+    const dsrt::ModelShard shard = dsrt::ModelShard::bind(*model, map);
+    const auto ws = shard.weights(false), with_mtp = shard.weights(true);
+    CHECK(with_mtp.size() > ws.size());  // v3-mini has an MTP layer
+    std::set<const dsrt::Weight *> mine(ws.begin(), ws.end());
+    CHECK(mine.size() == ws.size());
+    CHECK(mine.count(&shard.embed) == 1);
+    CHECK(mine.count(&shard.head) == 1);
+    for (const dsrt::Weight *w : ws) CHECK(bool(*w));
+    for (const dsrt::LayerWeights &L : shard.layers) {
+      CHECK(L.q_b.rows == c.num_attention_heads / tp * c.qk_head_dim());
+      for (size_t e = 0; e < L.experts.size(); e++) {
+        const bool owned = shard.experts.contains(int64_t(e));
+        CHECK(bool(L.experts[e].gate) == owned);
+        if (owned)
+          for (const dsrt::Weight *w : {&L.experts[e].gate, &L.experts[e].up, &L.experts[e].down}) {
+            CHECK(mine.count(w) == 1);
+            expert_elems += w->rows * w->cols;
+          }
+      }
+    }
+  }
+  CHECK(expert_elems == whole_expert_elems);  // every routed expert's elements on exactly one rank
+  // v3-mini's experts (intermediate 128) split at tp 2 fall inside a block: refused for GPUs, fine on the CPU
+  // and for expert parallelism; BF16 splits anywhere.
+  try {
+    dsrt::check_gpu_split(dsrt::BackendKind::Cuda, *model, 2, 1);
+    FAIL("tp 2 of v3-mini on GPUs must be refused");
+  } catch (const dsrt::Error &e) {
+    CHECK(e.code() == DSRT_ERR_UNSUPPORTED);
+    const std::string m = e.what();
+    CAPTURE(m);
+    CHECK(m.find("FP8 scale block") != std::string::npos);
+    CHECK(m.find("experts") != std::string::npos);
+  }
+  CHECK_NOTHROW(dsrt::check_gpu_split(dsrt::BackendKind::Cpu, *model, 2, 1));
+  CHECK_NOTHROW(dsrt::check_gpu_split(dsrt::BackendKind::Cuda, *model, 1, 4));
+  CHECK_NOTHROW(dsrt::check_gpu_split(dsrt::BackendKind::Cuda, *dsrt::Model::load(tiny("bf16"), {}), 2, 1));
 }

@@ -6,10 +6,13 @@
 #include <exception>
 #include <thread>
 
+#include "core/log.h"
 #include "core/status.h"
+#include "dist/host_staged_communicator.h"
 #include "dist/process_group.h"
 #if DSRT_WITH_CUDA
 #include "dist/nccl_communicator.h"
+#include "dist/nccl_library.h"
 #endif
 #include "engine/step_runner.h"
 
@@ -34,7 +37,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
     opt_.tp = d.tp;
     opt_.ep = d.ep;
     Mapping{d.world, 0, d.tp, d.ep}.check_divides(model_->cfg);  // before joining: the followers check the same
-    check_gpu_split(opt_.backend_kind, d.tp, d.ep);
+    check_gpu_split(opt_.backend_kind, *model_, d.tp, d.ep);
     ProcessRank me = join_as_process(*model_, d, opt_.backend_kind, opt_.backend);
     ranks_ = std::make_unique<RankGroup>(*model_, std::move(me.comm), std::move(me.backend));
     init();
@@ -44,7 +47,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
   const bool gpus = opt_.backend_kind != BackendKind::Cpu && world > 1;
   RankGroup::MakeComms comms;
   if (gpus) {
-    check_gpu_split(opt_.backend_kind, opt_.tp, opt_.ep);
+    check_gpu_split(opt_.backend_kind, *model_, opt_.tp, opt_.ep);
 #if DSRT_WITH_CUDA
     // A GPU per rank, opt.device .. opt.device + world - 1, each rank driven by its own thread; NCCL between them.
     std::string why;
@@ -53,7 +56,14 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
       failf(DSRT_ERR_INVALID_ARGUMENT, "tp ", opt_.tp, " x ep ", opt_.ep, " ranks on GPUs ", opt_.backend.device, "..",
             opt_.backend.device + world - 1, " but this machine has ", n, " GPUs", n ? "" : ": ", why);
     const int64_t timeout = dist_timeout_ms(opt_.dist.timeout_ms);
-    comms = [&, timeout](const std::vector<Backend *> &bes) { return make_nccl_local_group(opt_.tp, opt_.ep, bes, timeout); };
+    std::string no_nccl;
+    if (nccl::load(&no_nccl)) {
+      comms = [&, timeout](const std::vector<Backend *> &bes) { return make_nccl_local_group(opt_.tp, opt_.ep, bes, timeout); };
+    } else {  // correct, and slow: every collective goes through host memory
+      log(LogLevel::Warn, "dsrt: NCCL is not available (" + no_nccl + "): the " + std::to_string(world) +
+                              " GPU ranks exchange their tensors through host memory");
+      comms = [&](const std::vector<Backend *> &bes) { return make_host_staged_local_group(opt_.tp, opt_.ep, bes); };
+    }
 #else
     fail(DSRT_ERR_UNSUPPORTED, "ranks on several GPUs need a build of dsrt with CUDA (and NCCL at run time)");
 #endif
@@ -98,7 +108,16 @@ void Engine::init() {
     if (!host && pl.part.at(size_t(w->id)) == Placement::Part::RoutedExpert) cached.push_back(w);
   }
   if (!in_host.empty()) in_host.insert(in_host.end(), cached.begin(), cached.end());
-  ranks_->for_each_backend([&](Backend &be) { be.prepare_weights(model_->device_weights, used, in_host); });
+  if (world() == 1) {
+    backend().prepare_weights(model_->device_weights, used, in_host);
+  } else {  // each rank its shard only (a rank in another process prepares its own: RankGroup::kv_init)
+    if (!in_host.empty())
+      fail(DSRT_ERR_UNSUPPORTED, "expert offload (a device budget below the model) runs on one rank; with tensor or "
+           "expert parallelism each GPU holds its shard whole: load the model without a device budget");
+    ranks_->for_each_rank([&](Backend &be, const ModelShard &shard) {
+      be.prepare_weights(model_->device_weights, shard.weights(mtp_), {});
+    });
+  }
   // Under a device budget the placement kept the bytes of a default-sized KV pool (model.h, plan_placement):
   // the pool is sized within them, and larger is an error rather than memory taken from the routed experts.
   const uint64_t kv_reserved = pl.devices.empty() ? 0 : pl.devices[0].kv_pool;

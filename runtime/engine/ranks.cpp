@@ -4,11 +4,12 @@
 
 #include "core/log.h"
 #include "core/status.h"
+#include "dist/host_staged_communicator.h"
 #include "dist/process_group.h"
 #if DSRT_WITH_CUDA
 #include "dist/nccl_communicator.h"
+#include "dist/nccl_library.h"
 #endif
-#include "model/placement.h"
 
 namespace dsrt {
 namespace {
@@ -53,15 +54,6 @@ struct Reader {
   }
 };
 
-// The weights a follower computes with: everything bound except the MTP layer (MTP drafts run on rank 0 only,
-// and are refused with several ranks).
-std::vector<const Weight *> follower_weights(const Model &m) {
-  std::vector<const Weight *> used;
-  for (const Weight *w : m.w.all)
-    if (w->data && m.placement.part.at(size_t(w->id)) != Placement::Part::Mtp) used.push_back(w);
-  return used;
-}
-
 // Runs rank 0's messages until Stop, or throws.
 void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
   for (;;) {
@@ -84,7 +76,8 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         spec.max_pages = in.get<int64_t>();
         spec.dtype = DType(in.get<int32_t>());
         in.done();
-        be.prepare_weights(shard.model->device_weights, follower_weights(*shard.model), {});  // (CPU followers)
+        // Its shard only, without the MTP layer (MTP drafts are refused with several ranks).
+        be.prepare_weights(shard.model->device_weights, shard.weights(false), {});
         be.kv_init(spec);
         break;
       }
@@ -191,6 +184,10 @@ void RankGroup::for_each_backend(const std::function<void(Backend &)> &fn) {
   for (Rank &r : ranks_) fn(*r.backend);
 }
 
+void RankGroup::for_each_rank(const std::function<void(Backend &, const ModelShard &)> &fn) {
+  for (Rank &r : ranks_) fn(*r.backend, r.shard);
+}
+
 void RankGroup::kv_init(const KvCacheSpec &spec) {
   for_each_backend([&](Backend &be) { be.kv_init(spec); });
   if (!remote_) return;
@@ -244,10 +241,15 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out,
   }
 }
 
-void check_gpu_split(BackendKind kind, int tp, int ep) {
-  if (kind == BackendKind::Cuda && tp > 1)
-    failf(DSRT_ERR_UNSUPPORTED, "tp ", tp, " x ep ", ep, " on GPUs: tensor parallelism on the CUDA backend needs weight parts, "
-          "which it does not upload yet; split over GPUs by experts (tp 1, ep ", tp * ep, ")");
+void check_gpu_split(BackendKind kind, const Model &model, int tp, int ep) {
+  if (kind != BackendKind::Cuda || tp == 1) return;  // (an expert-parallel rank's experts are whole tensors)
+  for (int r = 0; r < tp * ep; r++) {
+    const std::string cut = ModelShard::bind(model, Mapping{tp * ep, r, tp, ep}).fp8_block_cut();
+    if (!cut.empty())
+      failf(DSRT_ERR_UNSUPPORTED, "tp ", tp, " on GPUs: ", cut, "; a GPU holds a rank's part of an FP8 tensor with "
+            "its own 128 x 128 scale blocks, so the split must fall on them (choose another tp, or split by experts: "
+            "tp 1, ep ", tp * ep, ")");
+  }
 }
 
 ProcessRank join_as_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt) {
@@ -266,8 +268,15 @@ ProcessRank join_as_process(const Model &model, const DistSpec &spec, BackendKin
   me.backend = make_backend(kind, o);
   log(LogLevel::Info, "dsrt: rank " + std::to_string(spec.rank) + " of " + std::to_string(spec.world) + " on cuda:" + std::to_string(o.device));
   Backend &be = *me.backend;
+  std::string no_nccl;
+  const bool nccl = nccl::load(&no_nccl) != nullptr;
+  if (!nccl)  // (ranks decide alike where the same dsrt and NCCL are installed; a world where only some have NCCL
+              // fails within the join timeout)
+    log(LogLevel::Warn, "dsrt: rank " + std::to_string(spec.rank) + ": NCCL is not available (" + no_nccl +
+                            "): GPU tensors go through host memory and Gloo");
   me.comm = join_process_group(spec, model.fingerprint, [&](RendezvousClient &store, std::unique_ptr<Communicator> host) {
-    return make_nccl_communicator(store, std::move(host), be, spec.timeout_ms);
+    return nccl ? make_nccl_communicator(store, std::move(host), be, spec.timeout_ms)
+                : make_host_staged_communicator(std::move(host), be);
   });
   return me;
 #else
@@ -279,7 +288,7 @@ void run_follower_process(const Model &model, const DistSpec &spec, BackendKind 
   if (spec.world < 2 || spec.rank < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "a follower is rank 1..world-1 of a world of >= 2, not rank ", spec.rank, " of ", spec.world);
   const Mapping m{spec.world, spec.rank, spec.tp, spec.ep};
   m.check_divides(model.cfg);  // before joining: rank 0 checks the same and the group would not start
-  check_gpu_split(kind, spec.tp, spec.ep);
+  check_gpu_split(kind, model, spec.tp, spec.ep);
   const ModelShard shard = ModelShard::bind(model, m);
   ProcessRank me = join_as_process(model, spec, kind, opt);
   try {

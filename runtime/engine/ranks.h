@@ -43,6 +43,8 @@ class RankGroup {
   // are then waiting for rank 0's next message and do not touch their backends). Ranks in other processes
   // are not reached: what they need goes through the calls below.
   void for_each_backend(const std::function<void(Backend &)> &fn);
+  // The same with each rank's shard (the weights it computes with).
+  void for_each_rank(const std::function<void(Backend &, const ModelShard &)> &fn);
   // Backend jobs for every rank, here and in other processes, between steps.
   void kv_init(const KvCacheSpec &spec);  // followers in other processes also prepare their weights
   void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
@@ -71,11 +73,11 @@ class RankGroup {
 // the rank takes the GPU local_device_index (dist/launcher_env.h) names and joins over NCCL.
 void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt);
 
-// Ranks on GPUs split the model by experts only for now: a tensor-parallel rank's weights are parts of the
-// checkpoint's tensors (model/shard.h), which the CUDA backend does not upload yet (its weights are whole
-// tensors, by id), while an expert-parallel rank's are whole experts, the others absent. Throws
-// DSRT_ERR_UNSUPPORTED for kind Cuda and tp > 1, saying so, before anything is loaded or joined.
-void check_gpu_split(BackendKind kind, int tp, int ep);
+// A tensor-parallel rank on a GPU holds its parts of the checkpoint's tensors as device tensors of their own
+// (pack_weight), which an FP8 part can be only when it starts on a 128 x 128 scale block. For kind Cuda, checks
+// every rank of a tp x ep world of `model` and throws DSRT_ERR_UNSUPPORTED naming the first weight cut inside
+// a block, before anything is uploaded or joined. (DeepSeek-V3 and Kimi-K2 split at tp 2-8 on block bounds.)
+void check_gpu_split(BackendKind kind, const Model &model, int tp, int ep);
 
 // The backend and communicator of rank spec.rank when every rank is a process (rank 0: the engine; the
 // others: run_follower_process): on the CPU, Gloo; on the CUDA backend, the GPU local_device_index picks

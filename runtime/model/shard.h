@@ -20,6 +20,12 @@ struct ModelShard {
   Range experts;                 // routed experts this rank computes
 
   const ModelConfig &cfg() const { return model->cfg; }
+  // Every weight this rank computes with (its parts, and the whole tensors it replicates), the MTP layer's
+  // only with `mtp`: what a device backend uploads for this rank, and nothing else. Pointers into this shard.
+  std::vector<const Weight *> weights(bool mtp) const;
+  // Empty when every FP8 part of this shard starts on a 128 x 128 scale block (a device copy of the part is
+  // then a tensor of its own: pack_weight); else the first part that does not, and where it is cut.
+  std::string fp8_block_cut() const;
   // Binds rank map.rank's views. Throws DSRT_ERR_INVALID_ARGUMENT when the mapping does not divide the model.
   static ModelShard bind(const Model &m, const Mapping &map);
 };

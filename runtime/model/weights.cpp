@@ -1,6 +1,7 @@
 #include "model/weights.h"
 
 #include <cmath>
+#include <cstring>
 #include <set>
 
 #include "core/status.h"
@@ -13,7 +14,6 @@ Weight Weight::rows_part(int64_t r0, int64_t n) const {
   v.ld = ld ? ld : cols;
   v.row0 = row0 + r0;
   v.rows = n;
-  v.id = -1;
   return v;
 }
 
@@ -23,7 +23,6 @@ Weight Weight::cols_part(int64_t c0, int64_t n) const {
   v.ld = ld ? ld : cols;
   v.col0 = col0 + c0;
   v.cols = n;
-  v.id = -1;
   return v;
 }
 
@@ -71,6 +70,35 @@ float Weight::at(int64_t i) const {
   float v;
   dequant_row(0, i, 1, &v);
   return v;
+}
+
+std::string fp8_block_cut(const Weight &w) {
+  if (w.dtype != DType::F8_E4M3 || (w.row0 % 128 == 0 && w.col0 % 128 == 0)) return "";
+  const bool rows = w.row0 % 128 != 0;
+  const int64_t a = rows ? w.row0 : w.col0, n = rows ? w.rows : w.cols;
+  return w.name() + ": " + (rows ? "rows [" : "columns [") + std::to_string(a) + ", " + std::to_string(a + n) +
+         ") start inside a 128-" + (rows ? "row" : "column") + " FP8 scale block";
+}
+
+PackedWeight pack_weight(const Weight &w) {
+  if (const std::string cut = fp8_block_cut(w); !cut.empty())
+    fail(DSRT_ERR_UNSUPPORTED, cut + ": a device copy of this part would need two scales per block (choose a split "
+                               "that cuts FP8 weights at multiples of 128)");
+  PackedWeight p;
+  const size_t es = dtype_size(w.dtype), row_bytes = size_t(w.cols) * es;
+  const int64_t ld = w.ld ? w.ld : w.cols;
+  p.data.resize(size_t(w.rows) * row_bytes);
+  for (int64_t r = 0; r < w.rows; r++)
+    std::memcpy(p.data.data() + size_t(r) * row_bytes, w.data + (size_t((w.row0 + r) * ld + w.col0)) * es, row_bytes);
+  if (w.dtype == DType::F8_E4M3) {
+    const int64_t brows = (w.rows + 127) / 128, b0 = w.row0 / 128, c0 = w.col0 / 128;
+    p.scale_cols = (w.cols + 127) / 128;
+    p.scale.resize(size_t(brows * p.scale_cols));
+    for (int64_t r = 0; r < brows; r++)
+      std::memcpy(p.scale.data() + r * p.scale_cols, w.scale + (b0 + r) * w.scale_cols + c0,
+                  size_t(p.scale_cols) * sizeof(float));
+  }
+  return p;
 }
 
 std::string layer_prefix(const ModelConfig &cfg, int64_t layer) {

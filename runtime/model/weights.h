@@ -21,7 +21,9 @@ struct Weight {
   const uint8_t *data = nullptr;  // element (0, 0) of the whole tensor
   const float *scale = nullptr;  // FP8: block scales [ceil(rows/128), ceil(cols/128)] of the whole tensor
   int64_t scale_cols = 0;
-  int32_t id = -1;  // index in ModelWeights::all: the key of device copies (views of a part have none)
+  // Index in ModelWeights::all of the tensor this weight is, or is a part of (a view keeps its tensor's id:
+  // is_whole() tells them apart); -1 for weights made outside a checkpoint (tests).
+  int32_t id = -1;
   int64_t row0 = 0, col0 = 0, ld = 0;  // ld 0: the tensor's own cols
 
   explicit operator bool() const { return data != nullptr; }
@@ -34,6 +36,20 @@ struct Weight {
   void dequant_row(int64_t r, int64_t c0, int64_t n, float *out) const;
   float at(int64_t i) const;  // element i of a vector
 };
+
+// A weight as one contiguous [rows, cols] matrix in its own dtype, and for FP8 its block scales
+// [ceil(rows/128), ceil(cols/128)] (row-major): what a device copy of a rank's part of a tensor holds, so that
+// the kernels index it as a whole tensor. An FP8 part must start on a 128 x 128 scale block (a part cut inside
+// one would need two scales per block): throws DSRT_ERR_UNSUPPORTED naming the tensor and where it is cut.
+struct PackedWeight {
+  std::vector<uint8_t> data;
+  std::vector<float> scale;
+  int64_t scale_cols = 0;
+};
+PackedWeight pack_weight(const Weight &w);
+// Empty when pack_weight(w) can pack w; else why not ("<tensor>: rows [a, b) of R start inside a 128-row FP8
+// scale block").
+std::string fp8_block_cut(const Weight &w);
 
 struct FfnWeights {
   Weight gate, up, down;  // SwiGLU: down(silu(gate x) * up x)

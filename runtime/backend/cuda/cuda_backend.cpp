@@ -60,6 +60,10 @@ class CudaWeights final : public DeviceWeights {
       if (!in_host_.count(id)) cudaFree(const_cast<void *>(m.data));
       cudaFree(const_cast<float *>(m.scale));
     }
+    for (auto &[key, m] : parts_) {
+      cudaFree(const_cast<void *>(m.data));
+      cudaFree(const_cast<float *>(m.scale));
+    }
     for (auto [a, b] : registered_) cudaHostUnregister(reinterpret_cast<void *>(a));
     for (void *p : copied_) cudaFreeHost(p);
   }
@@ -69,6 +73,13 @@ class CudaWeights final : public DeviceWeights {
   }
   mutable std::mutex mu_;
   std::map<int32_t, k::DevMatrix> by_id_;
+  // Parts of tensors (a tensor-parallel rank's shard, model/shard.h), each a contiguous copy of its own: keyed
+  // by the tensor's id and the part's first row, first column, rows and columns. Ranks sharing a GPU (tests)
+  // share the parts they have in common.
+  using PartKey = std::tuple<int32_t, int64_t, int64_t, int64_t, int64_t>;
+  static PartKey part_key(const Weight &w) { return {w.id, w.row0, w.col0, w.rows, w.cols}; }
+  std::map<PartKey, k::DevMatrix> parts_;
+  bool has(const Weight &w) const { return w.is_whole() ? by_id_.count(w.id) > 0 : parts_.count(part_key(w)) > 0; }
   size_t bytes_ = 0;
   // Expert offload: the ids whose bytes stay in host memory only (by_id_ holds their device-visible address;
   // their block scales are on the device); host_ the device-visible host address of every mapped expert
@@ -212,11 +223,9 @@ class CudaBackend final : public ArenaBackend {
     for (const Weight *w : weights) {
       {
         std::lock_guard lk(store_->mu_);
-        if (store_->by_id_.count(w->id)) continue;  // another engine of the model uploaded it
+        if (store_->has(*w)) continue;  // another engine of the model (or a rank on this GPU) uploaded it
       }
-      need += size_t(w->rows * w->cols) * dtype_size(w->dtype);
-      if (w->dtype == DType::F8_E4M3)  // (+ at most 3 padding floats per 128 rows on the device: see upload)
-        need += size_t(((w->rows + 127) / 128) * w->scale_cols) * sizeof(float);
+      need += weight_bytes(*w);
     }
     size_t free_b = 0, total_b = 0;
     cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
@@ -918,9 +927,17 @@ class CudaBackend final : public ArenaBackend {
   // A weight's device copy: the model's (store_, by Weight::id), or for weights made outside a checkpoint
   // (tests) this backend's own, made on first use.
   k::DevMatrix dev(const Weight &w) {
-    if (!w.is_whole())
-      failf(DSRT_ERR_UNSUPPORTED, "CUDA: ", w.name(), " is a part of a weight (a rank's shard); sharded weights on "
-                                  "GPUs come with the several-GPU communicator");
+    if (w.id >= 0 && store_ && !w.is_whole()) {  // a tensor-parallel rank's part of a tensor
+      const CudaWeights::PartKey key = CudaWeights::part_key(w);
+      if (auto mine = parts_.find(key); mine != parts_.end()) return mine->second;
+      std::lock_guard lk(store_->mu_);
+      auto it = store_->parts_.find(key);
+      if (it == store_->parts_.end()) {
+        it = store_->parts_.emplace(key, upload(w)).first;
+        store_->bytes_ += weight_bytes(w);
+      }
+      return parts_[key] = it->second;
+    }
     if (w.id >= 0 && store_) {
       if (size_t(w.id) < by_id_.size() && by_id_[size_t(w.id)].data) return by_id_[size_t(w.id)];
       std::lock_guard lk(store_->mu_);
@@ -933,14 +950,17 @@ class CudaBackend final : public ArenaBackend {
       if (by_id_.size() <= size_t(w.id)) by_id_.resize(size_t(w.id) + 1);
       return by_id_[size_t(w.id)] = m;
     }
-    const WeightKey key{w.data, w.rows, w.cols, int(w.dtype)};
+    const WeightKey key{w.data, w.rows, w.cols, int(w.dtype), w.row0, w.col0};
     auto it = weights_.find(key);
     if (it != weights_.end()) return it->second;
     return weights_[key] = upload(w);
   }
+  // Device bytes of w's copy (a part's scales are its own blocks: pack_weight). FP8 scale rows are padded to a
+  // multiple of 4 floats on the device (upload).
   static size_t weight_bytes(const Weight &w) {
     size_t b = size_t(w.rows * w.cols) * dtype_size(w.dtype);
-    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * w.scale_cols) * sizeof(float);  // (+ padding, below)
+    const int64_t scale_cols = w.is_whole() ? w.scale_cols : (w.cols + 127) / 128;
+    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * ((scale_cols + 3) / 4 * 4)) * sizeof(float);
     return b;
   }
   // Expert offload: weights left in host memory are pinned where they lie (the mapped shards: one copy in host
@@ -1037,7 +1057,14 @@ class CudaBackend final : public ArenaBackend {
     m.rows = w.rows;
     m.cols = w.cols;
     flush();  // recorded launches first: the copies below go straight to the stream
+    // A part of a tensor is gathered on the host first into a contiguous matrix with its own scale blocks (it
+    // lives until the sync below).
+    const PackedWeight packed = w.is_whole() || in_host ? PackedWeight{} : pack_weight(w);
+    const uint8_t *bytes_src = w.is_whole() ? w.data : packed.data.data();
+    const float *scale_src = w.is_whole() ? w.scale : packed.scale.data();
+    const int64_t scale_cols = w.is_whole() ? w.scale_cols : packed.scale_cols;
     if (in_host) {
+      if (!w.is_whole()) fail(DSRT_ERR_INTERNAL, "expert offload maps whole tensors only");
       m.data = in_host;
     } else {
       const size_t bytes = size_t(w.rows * w.cols) * dtype_size(w.dtype);
@@ -1046,7 +1073,7 @@ class CudaBackend final : public ArenaBackend {
       // On our stream: a legacy-stream cudaMemcpy from pageable memory may return before its DMA lands, and
       // our non-blocking stream would not wait for it (found on the H100: the first lm_head GEMV read a
       // half-uploaded matrix).
-      cuda_check(cudaMemcpyAsync(p, w.data, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
+      cuda_check(cudaMemcpyAsync(p, bytes_src, bytes, cudaMemcpyHostToDevice, stream_), "weight upload");
       m.data = p;
     }
     if (w.dtype == DType::F8_E4M3) {
@@ -1055,11 +1082,11 @@ class CudaBackend final : public ArenaBackend {
       // presets' hidden sizes) took the scales of the wrong output blocks (relative error 0.3-0.87 op by op
       // with FP8 activations) while K = 512, 1024, 2048, 7168 were exact. dsrt's own kernels read the
       // padded rows through scale_cols.
-      const int64_t brows = (w.rows + 127) / 128, ld = (w.scale_cols + 3) / 4 * 4;
+      const int64_t brows = (w.rows + 127) / 128, ld = (scale_cols + 3) / 4 * 4;
       const size_t sb = size_t(brows * ld) * sizeof(float);
       std::vector<float> padded(size_t(brows * ld), 0.0f);
       for (int64_t r = 0; r < brows; r++)
-        std::memcpy(padded.data() + r * ld, w.scale + r * w.scale_cols, size_t(w.scale_cols) * sizeof(float));
+        std::memcpy(padded.data() + r * ld, scale_src + r * scale_cols, size_t(scale_cols) * sizeof(float));
       void *sp = nullptr;
       cuda_check(cudaMalloc(&sp, sb), "weight scales");
       cuda_check(cudaMemcpyAsync(sp, padded.data(), sb, cudaMemcpyHostToDevice, stream_), "scale upload");
@@ -1335,9 +1362,10 @@ class CudaBackend final : public ArenaBackend {
   size_t flash_ws_bytes_ = 0;
   std::shared_ptr<CudaWeights> store_;  // the model's weights on this GPU
   std::vector<k::DevMatrix> by_id_;      // the handles this backend got from store_
+  std::map<CudaWeights::PartKey, k::DevMatrix> parts_;  // likewise for parts of tensors
   std::set<const void *> host_data_;     // addresses of weights read from host memory (expert offload)
   // Weights without an id (made outside a checkpoint: tests), keyed by host address and shape.
-  using WeightKey = std::tuple<const void *, int64_t, int64_t, int>;
+  using WeightKey = std::tuple<const void *, int64_t, int64_t, int, int64_t, int64_t>;
   std::map<WeightKey, k::DevMatrix> weights_;
 };
 
