@@ -21,10 +21,12 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-std::shared_ptr<dsrt::Engine> make_engine(const dsrt::LoadedModel &m, int64_t max_batch, int64_t max_tokens) {
+std::shared_ptr<dsrt::Engine> make_engine(const dsrt::LoadedModel &m, int64_t max_batch, int64_t max_tokens,
+                                          int decode_wait_ms = 5) {
   dsrt::EngineOptions eo;
   eo.max_batch_tokens = max_batch;
   eo.max_tokens = max_tokens;
+  eo.decode_wait_ms = decode_wait_ms;
   dsrt::BackendOptions bo;
   bo.n_threads = 2;
   return std::make_shared<dsrt::Engine>(m.model, m.vocab, dsrt::make_cpu_backend(bo), eo);
@@ -43,7 +45,10 @@ dsrt::GenParams greedy(int n) {
 TEST_CASE("a decoding session keeps its pace while another session prefills 2048 tokens") {
   auto model = dsrt::load_model(tiny("bf16"), {});
   const int32_t V = int32_t(model.model->cfg.vocab_size);
-  auto e = make_engine(model, 64, 4096);
+  // The step thread holds each step for A's thread to sample and append (EngineOptions::decode_wait_ms) up to
+  // 5 ms by default; a loaded test machine can starve that thread longer, so here the bound is long enough to
+  // make "A's token rides with every chunk of B" a property of the scheduler, not of thread timing.
+  auto e = make_engine(model, 64, 4096, 10000);
   auto a = e->create_session(0, false, 1), b = e->create_session(0, false, 2);
   const auto pa = prompt_tokens(V, 8), pb = prompt_tokens(V, 2048);
   a->append(pa.data(), pa.size());

@@ -240,13 +240,14 @@ void Engine::loop() {
       last_step_tokens_ = step.commit();
       stepping_ = false;
       steps_done_++;
+      step_requests_ = 0;  // every Engine::step() caller waiting now has its step (this one)
       done_cv_.notify_all();
       // Decode rows first: sessions that just got their logits in a generation turn are given the moment their
       // thread takes to sample, so the next step carries their token rather than leaving them a step behind
       // a prefill. Bounded: a thread that does not come back in time waits for the step after.
       expect_ = step.sampling_sessions();
       if (!expect_.empty() && has_work())
-        work_cv_.wait_for(lk, std::chrono::milliseconds(5), [&] {
+        work_cv_.wait_for(lk, std::chrono::milliseconds(opt_.decode_wait_ms), [&] {
           return stop_ || std::all_of(expect_.begin(), expect_.end(), [](const Session *s) {
                    return !s->pending_.empty() || !s->turn_active_ || s->failed_ != DSRT_OK;
                  });
@@ -258,6 +259,7 @@ void Engine::loop() {
     // waits for them but an Engine::step() caller, which gets "no step" now. The loop then waits a little
     // (pages come back with other sessions' progress) instead of planning the same nothing at once again.
     empty_plans_++;
+    step_requests_ = 0;  // answered: "no step" (a caller's request must not run a step once it has returned)
     done_cv_.notify_all();
     work_cv_.wait_for(lk, std::chrono::milliseconds(5), [&] { return stop_ || !jobs_.empty(); });
   }
@@ -293,7 +295,7 @@ int64_t Engine::step() {
   done_cv_.wait(lk, [&] {
     return steps_done_ > before || (!stepping_ && !has_work()) || (!stepping_ && empty_plans_ > empty_before);
   });
-  step_requests_--;
+  if (steps_done_ == before && empty_plans_ == empty_before) step_requests_--;  // (nothing to run: not answered)
   return steps_done_ > before ? last_step_tokens_ : 0;
 }
 

@@ -63,6 +63,10 @@ struct EngineOptions {
   // so the next step need not wait for the session's thread. The same tokens either way. false (or
   // DSRT_RUN_AHEAD=0): next() appends every token.
   bool run_ahead = true;
+  // How long the step thread holds the next step for sessions that sample on the host (their thread takes the
+  // logits and appends its token), so that a decode row rides with a prefill chunk instead of a step behind
+  // it. Bounded: a thread that does not come back in time waits for the step after.
+  int decode_wait_ms = 5;
 };
 
 struct EngineStats {
@@ -156,7 +160,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   uint64_t steps_done_ = 0;
   uint64_t empty_plans_ = 0;  // plans that found nothing to run although has_work() said so (Engine::loop)
   int64_t last_step_tokens_ = 0;
-  int step_requests_ = 0;
+  int step_requests_ = 0;  // Engine::step() callers not answered yet (a step or "no step" answers them all)
   bool stepping_ = false;  // a step is between plan and commit  // Engine::step() callers waiting: every pending session is runnable
   std::deque<std::function<void()>> jobs_;
   std::vector<Session *> expect_;  // sessions about to sample after the last step (Engine::loop)
