@@ -531,6 +531,7 @@ TEST_CASE("weight parts: a packed part dequantises to the part's elements; FP8 p
     packed.scale = p.scale.empty() ? nullptr : p.scale.data();
     packed.scale_cols = p.scale_cols;
     packed.row0 = packed.col0 = packed.ld = 0;
+    packed.part = false;
     CHECK(packed.is_whole());
     std::vector<float> a(size_t(part.cols)), b(size_t(part.cols));
     for (int64_t r = 0; r < part.rows; r++) {
@@ -545,6 +546,8 @@ TEST_CASE("weight parts: a packed part dequantises to the part's elements; FP8 p
   const dsrt::Weight rows_part = gate.rows_part(256, 384), cols_part = gate.cols_part(128, 256);
   CHECK(rows_part.id == gate.id);  // a part keeps its tensor's id (device copies are keyed by it and the range)
   CHECK_FALSE(rows_part.is_whole());
+  CHECK_FALSE(gate.rows_part(0, 512).is_whole());  // a prefix of the rows is a part too (its own device copy)
+  CHECK(gate.rows_part(0, gate.rows).is_whole());
   same_elements(rows_part);
   same_elements(cols_part);
   same_elements(rows_part.cols_part(256, 256));

@@ -14,6 +14,7 @@ Weight Weight::rows_part(int64_t r0, int64_t n) const {
   v.ld = ld ? ld : cols;
   v.row0 = row0 + r0;
   v.rows = n;
+  v.part = true;
   return v;
 }
 
@@ -23,6 +24,7 @@ Weight Weight::cols_part(int64_t c0, int64_t n) const {
   v.ld = ld ? ld : cols;
   v.col0 = col0 + c0;
   v.cols = n;
+  v.part = true;
   return v;
 }
 

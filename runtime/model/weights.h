@@ -28,7 +28,8 @@ struct Weight {
 
   explicit operator bool() const { return data != nullptr; }
   const std::string &name() const;  // "(unnamed)" for weights made outside a checkpoint (tests)
-  bool is_whole() const { return row0 == 0 && col0 == 0 && (ld == 0 || ld == cols); }
+  bool part = false;  // a view of part of its tensor (rows_part, cols_part); a prefix of rows is one too
+  bool is_whole() const { return !part; }
   // Views of rows [r.begin, r.end) or columns [c.begin, c.end); the whole range returns the weight itself.
   Weight rows_part(int64_t r0, int64_t n) const;
   Weight cols_part(int64_t c0, int64_t n) const;

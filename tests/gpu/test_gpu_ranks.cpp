@@ -101,10 +101,10 @@ TEST_CASE("tensor- and expert-parallel ranks sharing one GPU equal one rank (hos
       const auto par = run(*model, tp, ep, false);
       REQUIRE(par.size() == one.size());
       const size_t V = one.size() / 4;
-      for (size_t s = 0; s < 4; s++) {
-        CAPTURE(s);
-        CHECK(testing::rel_l2(par.data() + s * V, one.data() + s * V, V) <= 1e-5);
-      }
+      double worst = 0;
+      for (size_t s = 0; s < 4; s++) worst = std::max(worst, testing::rel_l2(par.data() + s * V, one.data() + s * V, V));
+      MESSAGE("tp ", tp, " x ep ", ep, " on one GPU vs one rank: worst relative L2 per step ", worst);
+      CHECK(worst <= 1e-5);
     }
   }
 }
@@ -117,10 +117,10 @@ TEST_CASE("tensor-parallel ranks sharing one GPU with FP8 activations stay withi
   const auto one = run(*model, 1, 1, true), par = run(*model, 2, 1, true);
   REQUIRE(par.size() == one.size());
   const size_t V = one.size() / 4;
-  for (size_t s = 0; s < 4; s++) {
-    CAPTURE(s);
-    CHECK(testing::rel_l2(par.data() + s * V, one.data() + s * V, V) <= 3e-2);
-  }
+  double worst = 0;
+  for (size_t s = 0; s < 4; s++) worst = std::max(worst, testing::rel_l2(par.data() + s * V, one.data() + s * V, V));
+  MESSAGE("tp 2 with FP8 activations vs one rank: worst relative L2 per step ", worst);
+  CHECK(worst <= 3e-2);
 }
 
 #endif  // DSRT_WITH_CUDA

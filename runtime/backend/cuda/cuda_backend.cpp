@@ -955,12 +955,12 @@ class CudaBackend final : public ArenaBackend {
     if (it != weights_.end()) return it->second;
     return weights_[key] = upload(w);
   }
-  // Device bytes of w's copy (a part's scales are its own blocks: pack_weight). FP8 scale rows are padded to a
-  // multiple of 4 floats on the device (upload).
+  // Bytes of w's copy as the checkpoint stores them, block scales included (a part's scales are its own
+  // blocks: pack_weight); the device pads each scale row to a multiple of 4 floats besides (upload).
   static size_t weight_bytes(const Weight &w) {
     size_t b = size_t(w.rows * w.cols) * dtype_size(w.dtype);
     const int64_t scale_cols = w.is_whole() ? w.scale_cols : (w.cols + 127) / 128;
-    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * ((scale_cols + 3) / 4 * 4)) * sizeof(float);
+    if (w.dtype == DType::F8_E4M3) b += size_t(((w.rows + 127) / 128) * scale_cols) * sizeof(float);
     return b;
   }
   // Expert offload: weights left in host memory are pinned where they lie (the mapped shards: one copy in host
