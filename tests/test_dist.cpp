@@ -360,6 +360,15 @@ TEST_CASE("ranks in 2 and 4 processes give one rank's logits and greedy tokens (
         CHECK_MESSAGE(gs[size_t(r)]->code == 0, gs[size_t(r)]->stderr_text());
         CHECK(gs[size_t(r)]->stdout_text() == (r == 0 ? ref_ids : ""));
       }
+      if (preset == std::string("v3-mini") && world == 4) {  // MTP drafts: every rank runs the module's passes too
+        auto ms = run_ranks(world, gen, [&](int) { return std::vector<std::string>{"--tp", "2", "--ep", "2", "--mtp"}; },
+                            "gen-mtp-" + split);
+        for (int r = 0; r < world; r++) {
+          CAPTURE(r);
+          CHECK_MESSAGE(ms[size_t(r)]->code == 0, ms[size_t(r)]->stderr_text());
+          CHECK(ms[size_t(r)]->stdout_text() == (r == 0 ? ref_ids : ""));
+        }
+      }
     }
   }
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <set>
 #include <thread>
@@ -16,6 +17,7 @@
 #include "dist/communicator.h"
 #include "dist/mapping.h"
 #include "engine/engine.h"
+#include "engine/load.h"
 #include "engine/ranks.h"
 #include "engine/step.h"
 #include "helpers.h"
@@ -511,8 +513,55 @@ TEST_CASE("dsrt eval and generate with --tp 2 --ep 2 match one rank (the command
   CHECK(rel_l2(par.data(), one.data(), one.size()) <= 1e-5);
   const std::string g1 = sh(cli + " generate --model " + dir + " --tokens " + toks + " -n 12 --backend cpu");
   const std::string g4 = sh(cli + " generate --model " + dir + " --tokens " + toks + " -n 12 --backend cpu --tp 2 --ep 2");
+  const std::string g4m = sh(cli + " generate --model " + dir + " --tokens " + toks + " -n 12 --backend cpu --tp 2 --ep 2 --mtp");
   CHECK(g1.size() > 12);
   CHECK(g4 == g1);
+  CHECK(g4m == g1);
+}
+
+// MTP drafts with tensor and expert parallelism: every rank runs the module's passes in lockstep with rank 0
+// (RankGroup::mtp_forward), so the drafts, and the tokens, are one rank's.
+TEST_CASE("MTP drafts on tp x ep in-process ranks: one rank's drafts and tokens") {
+  auto model = dsrt::load_model(tiny("v3-mini"), {});
+  const auto prompt = prompt_tokens(int32_t(model.model->cfg.vocab_size), 13);
+  auto run = [&](int tp, int ep, int drafts) {
+    std::vector<std::vector<int32_t>> seen;  // the module's drafts, as drafted
+    std::mutex mu;
+    dsrt::EngineOptions eo;
+    eo.tp = tp;
+    eo.ep = ep;
+    eo.mtp_drafts = drafts;
+    eo.backend.n_threads = 2;
+    eo.mtp_draft_override = [&](const std::vector<int32_t> &seq, int32_t d) {
+      std::lock_guard l(mu);
+      std::vector<int32_t> v = seq;
+      v.push_back(d);
+      seen.push_back(v);
+      return d;
+    };
+    auto e = std::make_shared<dsrt::Engine>(model.model, model.vocab, eo);
+    CHECK(e->world() == tp * ep);
+    CHECK(e->mtp_enabled() == (drafts > 0));
+    auto s = e->create_session(0, false, 1);
+    s->append(prompt.data(), prompt.size());
+    dsrt::GenParams g;
+    g.sampling.temperature = 0;
+    g.max_new_tokens = 20;
+    g.ignore_eos = true;
+    s->start(g);
+    std::vector<int32_t> out;
+    for (;;) {
+      const dsrt::Event ev = s->next();
+      if (ev.token >= 0) out.push_back(ev.token);
+      if (ev.done) break;
+    }
+    return std::make_pair(out, seen);
+  };
+  const auto plain = run(1, 1, 0), one = run(1, 1, 2), par = run(2, 2, 2);
+  CHECK(one.first == plain.first);
+  CHECK(par.first == plain.first);
+  REQUIRE(!one.second.empty());
+  CHECK(par.second == one.second);  // the same drafts, drafted at the same points
 }
 
 // A tensor-parallel rank on a GPU holds its parts of the checkpoint's tensors as tensors of their own

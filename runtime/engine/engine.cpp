@@ -32,8 +32,6 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
     if (d.rank != 0)
       failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", d.rank, " of ", d.world, " is a follower: it runs a worker "
             "(dsrt worker, dsrt_worker_run), not an engine");
-    if (opt_.mtp_drafts > 0 && !model_->w.mtp.empty())
-      fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with tensor or expert parallelism are not supported yet: set mtp_drafts 0");
     opt_.tp = d.tp;
     opt_.ep = d.ep;
     Mapping{d.world, 0, d.tp, d.ep}.check_divides(model_->cfg);  // before joining: the followers check the same
@@ -91,8 +89,6 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
 void Engine::init() {
   const ModelConfig &c = model_->cfg;
   mtp_ = opt_.mtp_drafts > 0 && !model_->w.mtp.empty();
-  if (mtp_ && world() > 1)
-    fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with tensor or expert parallelism are not supported yet: set mtp_drafts 0");
   // The weights first (the MTP layer's only when drafts are on): on a GPU they take the device memory the KV
   // pool is then sized from. They go into the model's store for the device, shared with its other engines.
   // Routed experts the placement left in host memory are read there (expert offload); then the routed experts
@@ -143,7 +139,7 @@ void Engine::init() {
           " KiB of ", pl.devices[0].device.str(), " memory, more than the ", kv_reserved >> 10, " KiB (",
           default_kv_tokens(c), " tokens) the device budget kept for it at load (dsrt_model_params.device_memory, "
           "--gpu-memory)");
-  ranks_->kv_init(spec);
+  ranks_->kv_init(spec, mtp_);
   pool_ = std::make_unique<KvPagePool>(n_pages, opt_.prefix_cache_pages);
   // Sampling on the device: one rank in this process (the several-rank path keeps the host sampler), a backend
   // with a sampling kernel.

@@ -22,6 +22,7 @@ enum class Msg : uint32_t {
                  // other processes only; in-process followers' backends are set up by rank 0 directly)
   CopyPages = 4, // (from, to) pairs
   KvWrite = 5,   // n_tokens, n_pages, pages, floats
+  Mtp = 6,       // MtpPass::encode
 };
 
 void put(std::string &o, const void *p, size_t n) { o.append(static_cast<const char *>(p), n); }
@@ -54,8 +55,39 @@ struct Reader {
   }
 };
 
+// One MTP pass on one rank: the input rebuilt from the pass's segments (host rows, rows of the last forward's
+// hidden states, rows of the previous pass's output), the module run, its head-normed output kept in `normed`
+// for a pass that chains on it.
+void run_mtp_pass(const ModelShard &shard, Backend &be, Communicator &comm, const MtpPass &p, const Tensor &step_hidden,
+                  Tensor &normed, float *logits_out) {
+  const int64_t H = shard.cfg().hidden_size;
+  if (p.begin_step) {
+    be.begin_step();
+    normed = Tensor{};
+  }
+  Tensor in = be.alloc(p.step.batch.n_tokens(), H);
+  int64_t row = 0;
+  for (const MtpPass::Segment &g : p.segments) {
+    if (g.from == MtpPass::From::Host) {
+      const int64_t n = int64_t(g.host.size()) / H;
+      be.from_host(in.rows_view(row, n), g.host.data());
+      row += n;
+      continue;
+    }
+    const Tensor &src = g.from == MtpPass::From::StepHidden ? step_hidden : normed;
+    for (int32_t r : g.rows)
+      if (r >= src.rows) failf(DSRT_ERR_FORMAT, "MTP pass: source row ", r, " of ", src.rows);
+    be.gather_rows(src, g.rows, in.rows_view(row, int64_t(g.rows.size())));
+    row += int64_t(g.rows.size());
+  }
+  Tensor out;
+  mtp_forward(shard, be, comm, p.step.batch, in, p.step.logit_rows, p.step.policy, logits_out, &out);
+  normed = out;  // (none when the pass has no logit rows: nothing chains on a catch-up pass)
+}
+
 // Runs rank 0's messages until Stop, or throws.
 void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
+  Tensor hidden, normed;  // the last forward's hidden states and MTP pass's output (MTP drafts)
   for (;;) {
     std::string bytes;
     comm.broadcast(bytes, 0);
@@ -66,7 +98,12 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         return;
       case Msg::Forward: {
         const Step step = Step::decode(std::string_view(bytes).substr(4));
-        dsrt::forward(shard, be, comm, step.batch, step.logit_rows, step.policy, nullptr);
+        dsrt::forward(shard, be, comm, step.batch, step.logit_rows, step.policy, nullptr, step.hidden ? &hidden : nullptr);
+        break;
+      }
+      case Msg::Mtp: {
+        const MtpPass pass = MtpPass::decode(std::string_view(bytes).substr(4), shard.cfg().hidden_size);
+        run_mtp_pass(shard, be, comm, pass, hidden, normed, nullptr);
         break;
       }
       case Msg::KvInit: {
@@ -75,9 +112,10 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         spec.width = in.get<int64_t>();
         spec.max_pages = in.get<int64_t>();
         spec.dtype = DType(in.get<int32_t>());
+        const bool mtp = in.get<int32_t>() != 0;
         in.done();
-        // Its shard only, without the MTP layer (MTP drafts are refused with several ranks).
-        be.prepare_weights(shard.model->device_weights, shard.weights(false), {});
+        // Its shard only (the MTP layer's part when drafts are on).
+        be.prepare_weights(shard.model->device_weights, shard.weights(mtp), {});
         be.kv_init(spec);
         break;
       }
@@ -188,7 +226,7 @@ void RankGroup::for_each_rank(const std::function<void(Backend &, const ModelSha
   for (Rank &r : ranks_) fn(*r.backend, r.shard);
 }
 
-void RankGroup::kv_init(const KvCacheSpec &spec) {
+void RankGroup::kv_init(const KvCacheSpec &spec, bool mtp) {
   for_each_backend([&](Backend &be) { be.kv_init(spec); });
   if (!remote_) return;
   std::string m = message(Msg::KvInit);
@@ -196,6 +234,7 @@ void RankGroup::kv_init(const KvCacheSpec &spec) {
   put(m, spec.width);
   put(m, spec.max_pages);
   put(m, int32_t(spec.dtype));
+  put(m, int32_t(mtp ? 1 : 0));
   send(m);
 }
 
@@ -227,14 +266,33 @@ void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, co
 void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out, Tensor *logits_tensor_out) {
   Rank &r = ranks_[0];
   if (logits_tensor_out && world() > 1) fail(DSRT_ERR_INTERNAL, "logits stay on the device with one rank only");
+  if (hidden_out && !step.hidden) fail(DSRT_ERR_INTERNAL, "hidden states asked of a step without Step::hidden");
   step.check(DSRT_ERR_INTERNAL, "rank group forward");  // (the caller's mistake: the group stays usable)
   try {
     if (world() > 1) {
       std::string bytes = message(Msg::Forward) + step.encode();
       r.comm->broadcast(bytes, 0);
     }
-    dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out, hidden_out,
-                  logits_tensor_out);
+    dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out,
+                  step.hidden ? &r.hidden : nullptr, logits_tensor_out);
+    if (hidden_out) *hidden_out = r.hidden;
+  } catch (const std::exception &e) {
+    r.comm->abort(std::string("rank 0: ") + e.what());
+    throw;
+  }
+}
+
+void RankGroup::mtp_forward(const MtpPass &pass, float *logits_out) {
+  Rank &r = ranks_[0];
+  if (pass.n_rows(r.shard.cfg().hidden_size) != pass.step.batch.n_tokens())
+    fail(DSRT_ERR_INTERNAL, "an MTP pass whose input rows do not fill its batch");
+  pass.step.check(DSRT_ERR_INTERNAL, "MTP pass");
+  try {
+    if (world() > 1) {
+      std::string bytes = message(Msg::Mtp) + pass.encode();
+      r.comm->broadcast(bytes, 0);
+    }
+    run_mtp_pass(r.shard, *r.backend, *r.comm, pass, r.hidden, r.normed, logits_out);
   } catch (const std::exception &e) {
     r.comm->abort(std::string("rank 0: ") + e.what());
     throw;

@@ -46,13 +46,18 @@ class RankGroup {
   // The same with each rank's shard (the weights it computes with).
   void for_each_rank(const std::function<void(Backend &, const ModelShard &)> &fn);
   // Backend jobs for every rank, here and in other processes, between steps.
-  void kv_init(const KvCacheSpec &spec);  // followers in other processes also prepare their weights
+  // Followers in other processes also prepare their shard's weights (the MTP layer's with `mtp`).
+  void kv_init(const KvCacheSpec &spec, bool mtp = false);
   void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
   void kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats);
   // One forward step on every rank; rank 0's logits of step.logit_rows to logits_out (host). logits_tensor_out
   // (optional, one rank only: world() == 1): the logits left where rank 0's backend computed them, valid until
-  // its next step; logits_out may then be null (forward() in deepseek_v3.h).
+  // its next step; logits_out may then be null (forward() in deepseek_v3.h). With step.hidden every rank keeps
+  // the final normed hidden states for MTP passes; hidden_out (optional) gets rank 0's.
   void forward(const Step &step, float *logits_out, Tensor *hidden_out = nullptr, Tensor *logits_tensor_out = nullptr);
+  // One MTP pass on every rank (MTP drafts: StepRunner::draft, catch_up); rank 0's logits of its logit rows to
+  // logits_out (host, may be null).
+  void mtp_forward(const MtpPass &pass, float *logits_out);
 
  private:
   struct Rank {
@@ -60,6 +65,7 @@ class RankGroup {
     std::unique_ptr<Communicator> comm;
     ModelShard shard;
     std::thread thread;
+    Tensor hidden, normed;  // the last forward's hidden states and MTP pass's output (rank 0; followers keep theirs)
   };
   void follow(Rank &r);
   void send(const std::string &message);  // to every follower; aborts the group when it fails

@@ -8,7 +8,8 @@ namespace dsrt {
 namespace {
 
 constexpr uint32_t kStepMagic = 0x50545344;  // "DSTP"
-constexpr uint32_t kStepVersion = 1;
+constexpr uint32_t kStepVersion = 2;  // 2: the hidden flag
+constexpr uint32_t kMtpMagic = 0x50544d44;  // "DMTP"
 
 void put_u32(std::string &o, uint32_t v) { o.append(reinterpret_cast<const char *>(&v), 4); }
 void put_i32s(std::string &o, const std::vector<int32_t> &v) {
@@ -26,6 +27,21 @@ struct In {
     at += 4;
     return v;
   }
+  std::vector<float> f32s() {
+    const uint32_t n = u32();
+    if ((b.size() - at) / 4 < n) fail(DSRT_ERR_FORMAT, "step message is truncated");
+    std::vector<float> v(n);
+    if (n) std::memcpy(v.data(), b.data() + at, size_t(n) * 4);
+    at += size_t(n) * 4;
+    return v;
+  }
+  std::string_view rest() {
+    const uint32_t n = u32();
+    if (b.size() - at < n) fail(DSRT_ERR_FORMAT, "step message is truncated");
+    std::string_view v = b.substr(at, n);
+    at += n;
+    return v;
+  }
   std::vector<int32_t> i32s() {
     const uint32_t n = u32();
     if ((b.size() - at) / 4 < n) fail(DSRT_ERR_FORMAT, "step message is truncated");
@@ -36,6 +52,11 @@ struct In {
   }
 };
 
+void put_f32s(std::string &o, const std::vector<float> &v) {
+  put_u32(o, uint32_t(v.size()));
+  o.append(reinterpret_cast<const char *>(v.data()), v.size() * 4);
+}
+
 }  // namespace
 
 std::string Step::encode() const {
@@ -44,6 +65,7 @@ std::string Step::encode() const {
   put_u32(o, kStepVersion);
   put_u32(o, uint32_t(kind));
   put_u32(o, uint32_t(policy));
+  put_u32(o, hidden ? 1 : 0);
   put_i32s(o, batch.tokens);
   put_i32s(o, batch.positions);
   put_i32s(o, batch.pages);
@@ -59,7 +81,9 @@ Step Step::decode(std::string_view bytes) {
   if (in.u32() != kStepMagic) fail(DSRT_ERR_FORMAT, "not a step message");
   if (uint32_t v = in.u32(); v != kStepVersion) failf(DSRT_ERR_VERSION_MISMATCH, "step message version ", v, ", expected ", kStepVersion);
   Step s;
-  const uint32_t kind = in.u32(), policy = in.u32();
+  const uint32_t kind = in.u32(), policy = in.u32(), flags = in.u32();
+  if (flags > 1) failf(DSRT_ERR_FORMAT, "step flags ", flags);
+  s.hidden = flags == 1;
   if (kind != uint32_t(Kind::Forward) && kind != uint32_t(Kind::Stop)) failf(DSRT_ERR_FORMAT, "step kind ", kind);
   if (policy > uint32_t(AttentionPolicy::Absorbed)) failf(DSRT_ERR_FORMAT, "step attention policy ", policy);
   s.kind = Kind(kind);
@@ -88,6 +112,66 @@ void Step::check(dsrt_status code, const char *what) const {
             int64_t(q.n_past) + q.n_new, ")");
   for (int32_t r : logit_rows)
     if (r < 0 || r >= T) failf(code, what, ": logit row ", r, " lies outside the batch of ", T, " rows");
+}
+
+void MtpPass::add_host(const float *rows, int64_t n, int64_t hidden) {
+  if (n <= 0) return;
+  segments.push_back({From::Host, {}, std::vector<float>(rows, rows + n * hidden)});
+}
+
+void MtpPass::add_rows(From from, std::vector<int32_t> rows) {
+  if (rows.empty()) return;
+  segments.push_back({from, std::move(rows), {}});
+}
+
+int64_t MtpPass::n_rows(int64_t hidden) const {
+  int64_t n = 0;
+  for (const Segment &g : segments) n += g.from == From::Host ? int64_t(g.host.size()) / hidden : int64_t(g.rows.size());
+  return n;
+}
+
+std::string MtpPass::encode() const {
+  std::string o;
+  put_u32(o, kMtpMagic);
+  const std::string st = step.encode();
+  put_u32(o, uint32_t(st.size()));
+  o += st;
+  put_u32(o, begin_step ? 1 : 0);
+  put_u32(o, uint32_t(segments.size()));
+  for (const Segment &g : segments) {
+    put_u32(o, uint32_t(g.from));
+    put_i32s(o, g.rows);
+    put_f32s(o, g.host);
+  }
+  return o;
+}
+
+MtpPass MtpPass::decode(std::string_view bytes, int64_t hidden) {
+  In in{bytes};
+  if (in.u32() != kMtpMagic) fail(DSRT_ERR_FORMAT, "not an MTP pass message");
+  MtpPass p;
+  p.step = Step::decode(in.rest());
+  const uint32_t begin = in.u32();
+  if (begin > 1) failf(DSRT_ERR_FORMAT, "MTP pass flag ", begin);
+  p.begin_step = begin == 1;
+  const uint32_t n = in.u32();
+  if (n > bytes.size()) fail(DSRT_ERR_FORMAT, "MTP pass message is truncated");
+  for (uint32_t i = 0; i < n; i++) {
+    Segment g;
+    const uint32_t from = in.u32();
+    if (from < uint32_t(From::Host) || from > uint32_t(From::Normed)) failf(DSRT_ERR_FORMAT, "MTP pass segment source ", from);
+    g.from = From(from);
+    g.rows = in.i32s();
+    g.host = in.f32s();
+    if ((g.from == From::Host) != g.rows.empty() || (g.from == From::Host) == g.host.empty() || g.host.size() % size_t(hidden))
+      fail(DSRT_ERR_FORMAT, "MTP pass segment does not hold together");
+    for (int32_t r : g.rows)
+      if (r < 0) fail(DSRT_ERR_FORMAT, "MTP pass segment row is negative");
+    p.segments.push_back(std::move(g));
+  }
+  if (in.at != bytes.size() || p.n_rows(hidden) != p.step.batch.n_tokens())
+    fail(DSRT_ERR_FORMAT, "MTP pass message does not hold together");
+  return p;
 }
 
 }  // namespace dsrt

@@ -110,6 +110,7 @@ bool StepRunner::plan() {
     work_.push_back(std::move(w));
   }
   step_.policy = e_.opt_.attention;
+  step_.hidden = e_.mtp_;  // (every rank keeps them for the MTP passes)
   return !work_.empty();
 }
 
@@ -200,12 +201,10 @@ void StepRunner::forward_and_sample(Tensor *hidden) {
 // drafts chain the module on its own head-normed output in place of the main model's hidden state (spec §6),
 // writing MTP cache entries that the real pairs overwrite later. Drafts fill the step's draft rows for the
 // main forward to verify; their quality affects only speed: next() keeps a draft only where the main
-// model's own sample equals it. (One rank: the engine refuses MTP with tp/ep > 1.)
+// model's own sample equals it. Each pass runs on every rank (RankGroup::mtp_forward: its inputs as MtpPass
+// segments every rank can rebuild).
 void StepRunner::draft() {
   const int64_t H = e_.model_->cfg.hidden_size, V = e_.model_->cfg.vocab_size;
-  Backend &be = e_.ranks_->leader();
-  Communicator &comm = e_.ranks_->leader_comm();
-  const ModelShard &shard = e_.ranks_->leader_shard();
   auto take = [&](Work &w, const float *logits_row) {
     int32_t d = int32_t(std::max_element(logits_row, logits_row + V) - logits_row);
     if (e_.opt_.mtp_draft_override) {
@@ -215,10 +214,12 @@ void StepRunner::draft() {
     w.drafts.push_back(d);
     step_.batch.tokens[size_t(step_.batch.seqs[size_t(w.seq)].row0 + w.n_pending) + w.drafts.size() - 1] = d;
   };
-  be.begin_step();  // one step for all passes: each pass reads the previous one's output
-  // Pass 1: the waiting pairs.
-  Batch mb;
-  std::vector<int32_t> logit_rows;
+  // Pass 1: the waiting pairs. It begins one scratch step for all passes: each pass reads the previous one's output.
+  MtpPass p1;
+  p1.begin_step = true;
+  p1.step.policy = e_.opt_.attention;
+  Batch &mb = p1.step.batch;
+  std::vector<int32_t> &logit_rows = p1.step.logit_rows;
   std::vector<Work *> drafting;
   for (Work &w : work_) {
     if (w.n_drafts == 0) continue;
@@ -230,13 +231,10 @@ void StepRunner::draft() {
     }
     logit_rows.push_back(int32_t(mb.tokens.size()) - 1);
     drafting.push_back(&w);
+    p1.add_host(w.mtp_hidden.data(), rows, H);
   }
-  Tensor hidden = be.alloc(mb.n_tokens(), H);
-  for (size_t k = 0; k < drafting.size(); k++)
-    be.from_host(hidden.rows_view(mb.seqs[k].row0, mb.seqs[k].n_new), drafting[k]->mtp_hidden.data());
   HostVec<float> logits(logit_rows.size() * size_t(V));
-  Tensor normed;
-  mtp_forward(shard, be, comm, mb, hidden, logit_rows, e_.opt_.attention, logits.data(), &normed);
+  e_.ranks_->mtp_forward(p1, logits.data());
   std::vector<int32_t> row_of(drafting.size());  // each session's row in `normed`
   for (size_t k = 0; k < drafting.size(); k++) {
     Work &w = *drafting[k];
@@ -247,7 +245,9 @@ void StepRunner::draft() {
   }
   // Passes 2, 3, ...: one row per session that wants another draft, at the position after the last one.
   for (int64_t j = 2;; j++) {
-    Batch cb;
+    MtpPass pj;
+    pj.step.policy = e_.opt_.attention;
+    Batch &cb = pj.step.batch;
     std::vector<int32_t> rows, chained;
     for (size_t k = 0; k < drafting.size(); k++) {
       Work &w = *drafting[k];
@@ -261,12 +261,10 @@ void StepRunner::draft() {
       chained.push_back(int32_t(k));
     }
     if (chained.empty()) break;
-    Tensor h = be.alloc(cb.n_tokens(), H);
-    be.gather_rows(normed, rows, h);
-    std::vector<int32_t> all(chained.size());
-    for (size_t i = 0; i < all.size(); i++) all[i] = int32_t(i);
-    logits.resize(all.size() * size_t(V));
-    mtp_forward(shard, be, comm, cb, h, all, e_.opt_.attention, logits.data(), &normed);
+    pj.add_rows(MtpPass::From::Normed, rows);
+    for (size_t i = 0; i < chained.size(); i++) pj.step.logit_rows.push_back(int32_t(i));
+    logits.resize(chained.size() * size_t(V));
+    e_.ranks_->mtp_forward(pj, logits.data());
     for (size_t i = 0; i < chained.size(); i++) take(*drafting[size_t(chained[i])], logits.data() + i * size_t(V));
   }
 }
@@ -278,7 +276,9 @@ void StepRunner::catch_up(Tensor hidden) {
   const int64_t H = e_.model_->cfg.hidden_size;
   Backend &be = e_.ranks_->leader();
   const Batch &b = step_.batch;
-  Batch mb;
+  MtpPass pass;
+  pass.step.policy = e_.opt_.attention;
+  Batch &mb = pass.step.batch;
   struct Part {
     Work *w;
     int64_t waiting, step_row0, step_rows;  // rows from mtp_hidden, then rows of this step
@@ -306,19 +306,14 @@ void StepRunner::catch_up(Tensor hidden) {
     }
   }
   if (!mb.seqs.empty()) {
-    Tensor mh = be.alloc(mb.n_tokens(), H);
-    for (size_t k = 0; k < parts.size(); k++) {
-      const Part &p = parts[k];
-      const int64_t r0 = mb.seqs[k].row0;
-      if (p.waiting > 0) be.from_host(mh.rows_view(r0, p.waiting), p.w->mtp_hidden.data());
-      if (p.step_rows > 0) {
-        std::vector<int32_t> rows(size_t(p.step_rows));
-        for (int64_t i = 0; i < p.step_rows; i++) rows[size_t(i)] = int32_t(p.step_row0 + i);
-        be.gather_rows(hidden, rows, mh.rows_view(r0 + p.waiting, p.step_rows));
-      }
+    for (const Part &p : parts) {
+      pass.add_host(p.w->mtp_hidden.data(), p.waiting, H);
+      std::vector<int32_t> rows(size_t(p.step_rows));
+      for (int64_t i = 0; i < p.step_rows; i++) rows[size_t(i)] = int32_t(p.step_row0 + i);
+      pass.add_rows(MtpPass::From::StepHidden, std::move(rows));
       p.w->mtp_pos += p.waiting + p.step_rows;
     }
-    mtp_forward(e_.ranks_->leader_shard(), be, e_.ranks_->leader_comm(), mb, mh, {}, e_.opt_.attention, nullptr);
+    e_.ranks_->mtp_forward(pass, nullptr);
   }
   // The rows that wait, to the host in one copy.
   std::vector<int32_t> rows;
