@@ -61,7 +61,9 @@ void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t l
 // ---- moe.cu: the routed experts of T tokens (K slots each: ids, weights [T, K]) on the device.
 // Expert e's matrices are gate[e], up[e] [I, H] and down[e] [H, I] (device arrays, all of expert_dtype);
 // h [T*K, I] is scratch; out [T, H] is overwritten. Reads each selected expert once per slot: decode sizes.
-// K <= 32.
+// K <= 32. An expert whose entries are default DevMatrix values (data == nullptr, 0 x 0) is absent (expert
+// parallelism: another rank's): its slots contribute nothing and none of its memory is read (their h rows are
+// left unwritten).
 void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
                       const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
                       float *out, cudaStream_t s);
@@ -173,7 +175,8 @@ void gemm_fp8_mma(const uint8_t *xq, const float *xs, int64_t ld_s, int64_t m, c
 // is quantised per 128 channels; the T * K (token, slot) pairs are sorted by expert into tiles of `tile` rows;
 // gate+up for every tile of every expert in one launch (SwiGLU and h's quantisation in its epilogue), down in
 // one launch (one fp32 row per pair), then out[t] = sum over t's pairs in ascending expert id of w * y. Expert
-// tables as moe_experts_gemv's (device arrays of E DevMatrix, all FP8: gate/up [I, H], down [H, I]).
+// tables as moe_experts_gemv's (device arrays of E DevMatrix, all FP8: gate/up [I, H], down [H, I]). A pair whose
+// id is outside [0, E) (-1: moe_drop_absent_ids) is dropped: it takes no tile row and adds nothing to its token.
 // The scratch holds, at these byte offsets (each 256-byte aligned): xq [T, H] bytes, xs [H/128][T] floats,
 // sorted [T*K] pair ids (t * K + k) in expert order, tiles [max_tiles] of {expert, first sorted position,
 // rows, 0} int32 quadruples, n_tiles (one int32), hq [T*K, I] e4m3 bytes and hs [T*K, I/128] floats by sorted
@@ -189,6 +192,11 @@ bool moe_grouped_supported(int64_t H, int64_t I, int64_t K, int64_t E);
 void moe_experts_grouped(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
                          int64_t E, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, void *scratch,
                          float *out, cudaStream_t s);
+// (moe.cu) Expert parallelism on the grouped path: out[i] = ids[i], or -1 where the expert is outside [0, E) or
+// its table entry (the gate table) has data == nullptr (absent: another rank's). Given the result,
+// moe_experts_grouped sorts no pair of an absent expert into a tile, reads none of its memory and leaves the pair
+// out of the combine (the other pairs' order and arithmetic are those of a full table).
+void moe_drop_absent_ids(const int32_t *ids, int64_t n, const DevMatrix *table, int64_t E, int32_t *out, cudaStream_t s);
 
 // ---- gemm_bf16_mma.cu: the swap-AB family's BF16 member (mma.sync m16n8k16 bf16, fp32 accumulation) for decode
 // batches on a BF16 weight, the lm_head's: out[t * ld_out + n] = sum_k xb[t, k] w[n, k] for t < m, n < w.rows;

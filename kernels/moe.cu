@@ -4,6 +4,8 @@
 // DeepSeekMoE routing (spec §4) per token: scores (sigmoid or softmax) in fp32, the correction bias for
 // selection only, group-limited selection (top-2 sum or max per group), top-k with ties to the lower
 // index, weights from the unbiased scores, normalised and scaled. One warp per token.
+#include <algorithm>
+
 #include "gemv.cuh"
 #include "mma.cuh"
 
@@ -115,6 +117,11 @@ void moe_route(const float *logits, int64_t rows, const DevMatrix &bias, const R
 // be captured in a graph. Each (token, slot) reads its expert's gate/up rows and then its down rows once
 // (gemv.cuh); the K expert outputs of a token are combined in ascending expert order, the order the CPU
 // reference adds them in, by the down kernel itself.
+// Expert parallelism: an expert another rank holds has a null table entry (a default DevMatrix: data == nullptr,
+// 0 x 0). Its slots do no work and read none of its memory: the gate/up blocks of such a slot exit at once (its h
+// row stays unwritten); in the down kernel the entry's 0 columns make an empty K range, so rows_dot reads neither
+// weights nor h (no branch added to the loop: one cost 39 registers); the combine leaves the slot out (nothing
+// added, not a product with 0).
 
 namespace dsrt::kernels {
 
@@ -134,6 +141,7 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_kernel(const float *__res
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
   const int64_t r = (int64_t(blockIdx.x) * (kWarps / G) + warp / G) * 2, s = blockIdx.y;
   const int32_t e = ids[s];
+  if (gate[e].data == nullptr) return;  // absent (another rank's expert): the whole block, before any barrier
   float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
   if (r < I) {
     const int64_t r1 = r + 1 < I ? r + 1 : r;
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *
   const int32_t *it = ids + t * K;
   for (int64_t k = 0; k < K; k++) {
     float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
-    if (n0 < H) {
+    if (n0 < H) {  // (an absent expert's entry has 0 columns: an empty K slice, nothing read, a zero partial)
       const DevMatrix &d = down[it[k]];
       const DevMatrix *ws[4] = {&d, &d, &d, &d};
       int64_t ns[4];
@@ -211,11 +219,21 @@ __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *
       if (it[i] > last && (best < 0 || it[i] < it[best])) best = i;
     if (best < 0) break;
     last = it[best];
+    if (down[last].data == nullptr) continue;  // absent: nothing added (not a product with 0)
     float v = 0.0f;
     for (int p = 0; p < G; p++) v += part[warp + p][j][best];
     sum += w[t * K + best] * v;
   }
   out[t * H + n0 + j] = sum;
+}
+
+// out[i] = ids[i], or -1 where the expert is outside [0, E) or its table entry is null (another rank's).
+__global__ void drop_absent_kernel(const int32_t *__restrict__ ids, int64_t n, const DevMatrix *__restrict__ table,
+                                   int64_t E, int32_t *__restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = ids[i];
+    out[i] = e >= 0 && e < E && table[e].data != nullptr ? e : -1;
+  }
 }
 
 // The K split of a row group: as linear.cu's gemv_split, the fewest slices that give ~12 warps per SM.
@@ -256,6 +274,12 @@ void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int
     default: down_combine_kernel<1><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
   }
   check_launch("moe down");
+}
+
+void moe_drop_absent_ids(const int32_t *ids, int64_t n, const DevMatrix *table, int64_t E, int32_t *out, cudaStream_t s) {
+  if (n == 0) return;
+  drop_absent_kernel<<<unsigned(std::min<int64_t>((n + 255) / 256, 1024)), 256, 0, s>>>(ids, n, table, E, out);
+  check_launch("moe drop absent ids");
 }
 
 }  // namespace dsrt::kernels

@@ -123,6 +123,10 @@ struct BackendCounters {
   uint64_t expert_hits = 0, expert_misses = 0, expert_bytes_copied = 0, expert_bytes_read_in_host = 0;
   // Expert offload with the CPU: routed experts computed on the CPU (per layer and step) and their weight bytes.
   uint64_t experts_on_cpu = 0, expert_bytes_cpu = 0;
+  // CUDA: moe_experts calls by the path that ran them: the device GEMV kernels, the grouped FP8 kernels (both
+  // without a host sync, also on an expert-parallel rank), and the paths that bring the routing to the host
+  // (a sync each: the reference path, the split with the CPU; the split's GPU share counts once more).
+  uint64_t moe_gemv_calls = 0, moe_grouped_calls = 0, moe_host_calls = 0;
 };
 
 struct SamplingParams;  // engine/sampler.h

@@ -561,6 +561,7 @@ class CudaBackend final : public ArenaBackend {
     const ExpertCache *cache = expert_cache(experts);
     std::vector<int32_t> slot_of(size_t(E), -1);
     std::vector<float> hx(size_t(T * H));
+    counters_.moe_host_calls++;
     const HostRouting routing = routing_to_host(ids, weights, [&] {
       to_host_async(hx.data(), x.data, hx.size() * 4, "moe activations");
       if (cache) to_host_async(slot_of.data(), cache->view().slot_of, slot_of.size() * 4, "expert cache slots");
@@ -687,36 +688,52 @@ class CudaBackend final : public ArenaBackend {
   static bool all_experts_here(const std::vector<FfnWeights> &experts) {
     return std::all_of(experts.begin(), experts.end(), [](const FfnWeights &f) { return bool(f.gate); });
   }
+  // The first expert present here (its shape and dtype stand for the layer's), or null.
+  static const FfnWeights *first_expert_here(const std::vector<FfnWeights> &experts) {
+    for (const FfnWeights &f : experts)
+      if (f.gate) return &f;
+    return nullptr;
+  }
+  // Expert parallelism: the experts other ranks hold are absent here (no weights) and have null entries in the
+  // layer's device table; the device paths (GEMV, grouped) skip their pairs on the device, so an expert-parallel
+  // rank's layer runs like a full one, without a host sync. The reference path below (shapes and dtypes the
+  // device kernels do not take) brings the routing to the host.
   void moe_on_gpu(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
-    const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts.empty() ? 0 : experts[0].gate.rows;
-    // Expert parallelism: the experts other ranks hold are absent here (no weights); the device table has no
-    // entry for them, so such a layer takes the reference path below, which skips them.
+    const int64_t T = x.rows, K = ids.cols, H = x.cols;
+    const FfnWeights *first = first_expert_here(experts);
+    if (!first) {  // (no expert on this rank: a zero contribution)
+      go([](cudaStream_t s, void *o, size_t n) { cuda_check(cudaMemsetAsync(o, 0, n, s), "moe out"); }, out.data,
+         size_t(T * H) * sizeof(float));
+      return;
+    }
+    const int64_t I = first->gate.rows;
     const bool all_here = all_experts_here(experts);
     const bool grouped = grouped_moe(experts, T, H, I, K),
-               gemv = all_here && !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
-    const k::DevMatrix *tab = all_here ? expert_table(experts).dev : nullptr;
-    if (const ExpertCache *c = tab ? expert_cache(experts) : nullptr)  // (the GEMV path reads an expert once per token using it)
+               gemv = !grouped && T * K <= kDeviceExpertSlots && H % 4 == 0 && I % 4 == 0 && K <= 32;
+    const k::DevMatrix *tab = expert_table(experts).dev;
+    if (const ExpertCache *c = all_here ? expert_cache(experts) : nullptr)  // (the GEMV path reads an expert once per token using it)
       go([](cudaStream_t s, const k::ExpertCacheView *v, const int32_t *ids, int64_t n, bool per_pair, int n_sm) {
         k::expert_cache_admit(*v, ids, n, per_pair, n_sm, s);
       }, &c->view(), static_cast<const int32_t *>(ids.i32()), T * K, !grouped, n_sm_);
-    if (grouped) return moe_grouped(x, experts, ids, weights, out);
+    if (grouped) {
+      counters_.moe_grouped_calls++;
+      return moe_grouped(x, experts, ids, weights, out);
+    }
     if (gemv) {
+      counters_.moe_gemv_calls++;
       Tensor h = alloc(T * K, I);
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
             const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, int32_t dt, float *h, float *o) {
         k::moe_experts_gemv(x, T, H, I, ids, w, K, g, u, d, dt, h, o, s);
       }, static_cast<const float *>(x.f32()), T, H, I, static_cast<const int32_t *>(ids.i32()),
          static_cast<const float *>(weights.f32()), K, tab, tab + experts.size(), tab + 2 * experts.size(),
-         dev_dtype(experts[0].gate.dtype), h.f32(), out.f32());
+         dev_dtype(first->gate.dtype), h.f32(), out.f32());
       return;
     }
-    std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it, or the weights here
-    for (size_t e = 0; e < experts.size() && !tab; e++)
-      if (experts[e].gate)
-        for (size_t p = 0; p < 3; p++)
-          now[p * experts.size() + e] = dev(experts[e].*(p == 0 ? &FfnWeights::gate : p == 1 ? &FfnWeights::up : &FfnWeights::down));
+    counters_.moe_host_calls++;
+    std::vector<k::DevMatrix> now(3 * experts.size());  // the table as the expert cache left it
     const HostRouting routing = routing_to_host(ids, weights, [&] {
-      if (tab) to_host_async(now.data(), tab, now.size() * sizeof(k::DevMatrix), "moe expert table");
+      to_host_async(now.data(), tab, now.size() * sizeof(k::DevMatrix), "moe expert table");
     });
     const std::vector<int32_t> &hid = routing.ids;
     const std::vector<float> &hw = routing.weights;
@@ -1139,25 +1156,33 @@ class CudaBackend final : public ArenaBackend {
   }
 
   // The grouped FP8 expert path (kernels/gemm_fp8_mma.cu) takes a MoE layer when FP8 activations are on, the
-  // batch has at least kFp8ActivationMinRows tokens and every expert is FP8 of one shape with H, I multiples
-  // of 128. Tokens go in chunks of kMoeChunkTokens so the per-pair output rows (T * K * H floats) stay small.
+  // batch has at least kFp8ActivationMinRows tokens and every expert present is FP8 of one shape with H, I
+  // multiples of 128 (absent experts, another rank's, are skipped on the device). Tokens go in chunks of
+  // kMoeChunkTokens so the per-pair output rows (T * K * H floats) stay small.
   bool grouped_moe(const std::vector<FfnWeights> &experts, int64_t T, int64_t H, int64_t I, int64_t K) const {
-    if (!gemm_ || T < kFp8ActivationMinRows || experts.empty() ||
+    if (!gemm_ || T < kFp8ActivationMinRows || !first_expert_here(experts) ||
         !k::moe_grouped_supported(H, I, K, int64_t(experts.size())))
       return false;
     for (const FfnWeights &f : experts)
-      if (!f.gate || !f.up || !f.down || f.gate.dtype != DType::F8_E4M3 || f.up.dtype != DType::F8_E4M3 ||
-          f.down.dtype != DType::F8_E4M3 || f.gate.rows != I || f.gate.cols != H || f.up.rows != I || f.up.cols != H ||
-          f.down.rows != H || f.down.cols != I)
+      if (f.gate && (!f.up || !f.down || f.gate.dtype != DType::F8_E4M3 || f.up.dtype != DType::F8_E4M3 ||
+                     f.down.dtype != DType::F8_E4M3 || f.gate.rows != I || f.gate.cols != H || f.up.rows != I ||
+                     f.up.cols != H || f.down.rows != H || f.down.cols != I))
         return false;
     return true;
   }
   void moe_grouped(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights, Tensor out) {
-    const int64_t T = x.rows, K = ids.cols, H = x.cols, I = experts[0].gate.rows, E = int64_t(experts.size());
+    const int64_t T = x.rows, K = ids.cols, H = x.cols, I = first_expert_here(experts)->gate.rows, E = int64_t(experts.size());
     const k::DevMatrix *tab = expert_tables_.at(&experts).dev;
     const int64_t chunk = std::min(T, kMoeChunkTokens), last = T - (T - 1) / chunk * chunk;
     const int64_t bytes = std::max(k::moe_grouped_layout(chunk, K, E, H, I).bytes, k::moe_grouped_layout(last, K, E, H, I).bytes);
     Tensor scratch = alloc(1, (bytes + 3) / 4, DType::I32);
+    if (!all_experts_here(experts)) {  // expert parallelism: the pairs of absent experts become -1, which the
+      Tensor kept = alloc(T, K, DType::I32);  // grouped kernels drop (no tile, nothing in the combine)
+      go([](cudaStream_t s, const int32_t *ids, int64_t n, const k::DevMatrix *g, int64_t E, int32_t *o) {
+        k::moe_drop_absent_ids(ids, n, g, E, o, s);
+      }, static_cast<const int32_t *>(ids.i32()), T * K, tab, E, kept.i32());
+      ids = kept;
+    }
     for (int64_t t0 = 0; t0 < T; t0 += chunk)  // (chunks run one after another in stream order: one scratch)
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w,
             int64_t K, int64_t E, const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, void *sc, float *o) {
@@ -1209,10 +1234,11 @@ class CudaBackend final : public ArenaBackend {
   }
   const float *upload_f32(const std::vector<float> &v) { return static_cast<const float *>(meta_->put(v.data(), v.size() * 4)); }
 
-  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use), and
-  // whether some of them live in host memory (expert offload). Offloaded, the table is the GPU expert cache's
-  // (expert_cache.h), whose slots are the device copies; a backend other than the cache's owner reads every
-  // expert of such a layer from host memory instead (the owner's slots change under it).
+  // The device table [gate[E], up[E], down[E]] of a layer's routed experts (all uploaded on first use; an absent
+  // expert, another rank's, has null entries), and whether some of them live in host memory (expert offload).
+  // Offloaded, the table is the GPU expert cache's (expert_cache.h), whose slots are the device copies; a backend
+  // other than the cache's owner reads every expert of such a layer from host memory instead (the owner's slots
+  // change under it). A layer with absent experts has no expert cache (it reads offloaded experts in place).
   struct ExpertTable {
     k::DevMatrix *dev = nullptr;
     bool offloaded = false;
@@ -1226,6 +1252,11 @@ class CudaBackend final : public ArenaBackend {
     bool offloaded = false, all_mapped = true;
     for (auto part : {&FfnWeights::gate, &FfnWeights::up, &FfnWeights::down})
       for (const FfnWeights &f : experts) {
+        if (!f.gate) {  // absent (expert parallelism: another rank's): a null entry the expert kernels skip, and
+          tab.emplace_back();  // no expert cache for the layer
+          all_mapped = false;
+          continue;
+        }
         tab.push_back(dev(f.*part));
         const int32_t id = (f.*part).id;
         if (!store_ || id < 0) {
