@@ -2,8 +2,12 @@
 // 0 and a thread, their collectives through host memory (dist/host_staged_communicator.h; NCCL refuses two
 // ranks on one device). What this checks is the GPU side of a split: each rank uploading only its shard, parts
 // of FP8 tensors as device tensors of their own with their own scale blocks (pack_weight), the kernels on a
-// rank's heads, FFN columns, experts and vocabulary rows. The ranks must equal one rank (fp32 activations:
-// relative L2 <= 1e-5 per step, as the CPU's in-process ranks do in tests/test_parallel.cpp).
+// rank's heads, FFN columns, experts and vocabulary rows. With fp32 activations and an F32 latent cache (the
+// fp32 attention kernels) the ranks must equal one rank within 1e-5 per step, as the CPU's in-process ranks do
+// (tests/test_parallel.cpp). With the GPU's BF16 cache the attention rounds its operands to BF16, a
+// discontinuous function: the ~1e-7 differences of a split (partial sums meeting in another order) flip last
+// bits there, so those runs are held to 1e-3. Measured on the H200: F32 cache <= 2.9e-7 for every split; BF16
+// cache 2.1e-4 at tp 2 on v3-mini-tp, 7.6e-7 on bf16, <= 6.5e-7 for expert parallelism.
 #include <doctest/doctest.h>
 
 #if defined(DSRT_WITH_CUDA)
@@ -38,7 +42,7 @@ std::string tp_friendly_v3_mini() {
 
 // Logits of the last prompt row, then of three decode steps (greedy from the previous step's logits: the
 // same tokens on both sides as long as they agree), through a rank group as the engine drives it.
-std::vector<float> run(const Model &model, int tp, int ep, bool fp8_activations) {
+std::vector<float> run(const Model &model, int tp, int ep, bool fp8_activations, DType kv = DType::BF16) {
   RankGroup g(model, tp, ep, [&](int) {
     BackendOptions o;
     o.device = 0;
@@ -52,7 +56,7 @@ std::vector<float> run(const Model &model, int tp, int ep, bool fp8_activations)
   spec.n_layers = model.cfg.num_hidden_layers + int64_t(model.w.mtp.size());
   spec.width = model.cfg.kv_cache_width();
   spec.max_pages = 4;
-  spec.dtype = DType::BF16;
+  spec.dtype = kv;
   g.kv_init(spec);
   const int32_t V = int32_t(model.cfg.vocab_size);
   const auto prompt = testing::prompt_tokens(V, 70);
@@ -92,19 +96,23 @@ TEST_CASE("tensor- and expert-parallel ranks sharing one GPU equal one rank (hos
   for (const Case &c : cases) {
     CAPTURE(c.dir);
     auto model = Model::load(c.dir, {});
-    const auto one = run(*model, 1, 1, false);
-    for (auto [tp, ep] : c.splits) {
-      if (model->cfg.n_routed_experts % ep) continue;
-      CAPTURE(tp);
-      CAPTURE(ep);
-      check_gpu_split(BackendKind::Cuda, *model, tp, ep);  // (these splits are allowed)
-      const auto par = run(*model, tp, ep, false);
-      REQUIRE(par.size() == one.size());
-      const size_t V = one.size() / 4;
-      double worst = 0;
-      for (size_t s = 0; s < 4; s++) worst = std::max(worst, testing::rel_l2(par.data() + s * V, one.data() + s * V, V));
-      MESSAGE("tp ", tp, " x ep ", ep, " on one GPU vs one rank: worst relative L2 per step ", worst);
-      CHECK(worst <= 1e-5);
+    for (DType kv : {DType::F32, DType::BF16}) {
+      const std::string kv_name = dtype_name(kv);
+      CAPTURE(kv_name);
+      const auto one = run(*model, 1, 1, false, kv);
+      for (auto [tp, ep] : c.splits) {
+        if (model->cfg.n_routed_experts % ep) continue;
+        CAPTURE(tp);
+        CAPTURE(ep);
+        check_gpu_split(BackendKind::Cuda, *model, tp, ep);  // (these splits are allowed)
+        const auto par = run(*model, tp, ep, false, kv);
+        REQUIRE(par.size() == one.size());
+        const size_t V = one.size() / 4;
+        double worst = 0;
+        for (size_t s = 0; s < 4; s++) worst = std::max(worst, testing::rel_l2(par.data() + s * V, one.data() + s * V, V));
+        MESSAGE("tp ", tp, " x ep ", ep, " on one GPU vs one rank, ", kv_name, " cache: worst relative L2 per step ", worst);
+        CHECK(worst <= (kv == DType::F32 ? 1e-5 : 1e-3));
+      }
     }
   }
 }
