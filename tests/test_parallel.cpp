@@ -241,6 +241,48 @@ TEST_CASE("a step is plain data: its encoding round-trips and corrupt bytes are 
   CHECK_THROWS_AS(dsrt::Step::decode(far.encode()), dsrt::Error);
 }
 
+// An MTP pass as plain data (MTP drafts with several ranks): the step with its hidden flag, and the input rows'
+// segments round-trip; truncations, segments that do not fill the batch, and malformed segments are errors.
+TEST_CASE("an MTP pass is plain data: its encoding round-trips and corrupt bytes are refused") {
+  const int64_t H = 4;
+  dsrt::MtpPass p;
+  p.begin_step = true;
+  p.step.hidden = true;
+  p.step.batch.add_seq(3, 10, std::vector<int32_t>{1}.data(), 1);
+  p.step.batch.tokens = {5, 6, 7};
+  p.step.batch.positions = {10, 11, 12};
+  p.step.logit_rows = {2};
+  const std::vector<float> host = {1, 2, 3, 4, 5, 6, 7, 8};
+  p.add_host(host.data(), 2, H);
+  p.add_rows(dsrt::MtpPass::From::StepHidden, {4});
+  p.add_rows(dsrt::MtpPass::From::Normed, {});  // (empty: no segment)
+  CHECK(p.segments.size() == 2);
+  CHECK(p.n_rows(H) == 3);
+  const std::string bytes = p.encode();
+  const dsrt::MtpPass d = dsrt::MtpPass::decode(bytes, H);
+  CHECK(d.begin_step);
+  CHECK(d.step.hidden);
+  CHECK(d.step.batch.tokens == p.step.batch.tokens);
+  REQUIRE(d.segments.size() == 2);
+  CHECK(d.segments[0].from == dsrt::MtpPass::From::Host);
+  CHECK(d.segments[0].host == host);
+  CHECK(d.segments[1].from == dsrt::MtpPass::From::StepHidden);
+  CHECK(d.segments[1].rows == std::vector<int32_t>{4});
+  CHECK(d.encode() == bytes);
+  for (size_t n = 0; n < bytes.size(); n++)
+    CHECK_THROWS_AS(dsrt::MtpPass::decode(std::string_view(bytes).substr(0, n), H), dsrt::Error);
+  CHECK_THROWS_AS(dsrt::MtpPass::decode(bytes, 3), dsrt::Error);  // 8 host floats are not rows of 3
+  dsrt::MtpPass short_rows = p;
+  short_rows.segments.pop_back();  // 2 input rows for a batch of 3
+  CHECK_THROWS_AS(dsrt::MtpPass::decode(short_rows.encode(), H), dsrt::Error);
+  dsrt::MtpPass negative = p;
+  negative.segments[1].rows = {-1};
+  CHECK_THROWS_AS(dsrt::MtpPass::decode(negative.encode(), H), dsrt::Error);
+  dsrt::MtpPass mixed = p;
+  mixed.segments[1].host = {1, 2, 3, 4};  // a row source with host floats
+  CHECK_THROWS_AS(dsrt::MtpPass::decode(mixed.encode(), H), dsrt::Error);
+}
+
 // The batch tests/gpu/test_gpu_nccl.cpp once built: the prompt's rows appended, then add_seq, so the sequence
 // started at row 80 of an 80-row batch. The CUDA backend's mla_cache_write then wrote cache slots 80..159 of an
 // 80-entry host vector (320 bytes past it: glibc's "munmap_chunk(): invalid pointer" on the H200); the CPU

@@ -852,6 +852,20 @@ TEST_CASE("run-ahead: a stop string ends the turn without a step for a token nob
   for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
 }
 
+// Lets the gated rig's next step (which runs ahead with the turn's token) reach the gate and fail there; waits
+// until the engine has settled and the ahead token was retracted.
+static void fail_step_run_ahead(Rig &r) {
+  r.gate->step_and_wait();
+  {
+    std::lock_guard l(r.gate->m);
+    r.gate->fail_at = r.gate->passed + 1;
+  }
+  const uint64_t retracted = r.e->stats().tokens_retracted;
+  r.gate->allow(1);
+  settle(*r.e, r.gate->n_arrived());
+  CHECK(r.e->stats().tokens_retracted == retracted + 1);
+}
+
 // A step that fails on the token a step ran ahead with (here: injected; a full pool, out of memory, another
 // session's failure) fails nobody: the token goes back to being the turn's draw, and next() appends it and waits
 // for its step as without run-ahead.
@@ -871,15 +885,7 @@ TEST_CASE("run-ahead: a failed step on the token run ahead with fails nobody; th
     auto &t = toks[r->gated];
     for (int i = 0; i < 4; i++) t.push_back(ls.next().token);
     if (r->gated) {
-      r->gate->step_and_wait();  // the step of the 5th token, run ahead with, waits
-      {
-        std::lock_guard l(r->gate->m);
-        r->gate->fail_at = r->gate->passed + 1;  // ... and fails
-      }
-      const uint64_t retracted = r->e->stats().tokens_retracted;
-      r->gate->allow(1);
-      settle(*r->e, r->gate->n_arrived());
-      CHECK(r->e->stats().tokens_retracted == retracted + 1);
+      fail_step_run_ahead(*r);  // the step of the 5th token, run ahead with
       const dsrt::SessionStats st = s->stats();
       CHECK(st.n_tokens == int64_t(prompt.size()) + 4);
       CHECK(st.n_pending == 0);  // the token is the turn's draw again
@@ -919,15 +925,7 @@ TEST_CASE("run-ahead: a retract on a page boundary keeps the turn's reserved pag
     auto &t = toks[r->gated];
     for (int i = 0; i < 4; i++) t.push_back(ls.next().token);  // positions 60..63
     if (r->gated) {
-      r->gate->step_and_wait();  // the step of the 5th token (position 64: the second page's first), run ahead with
-      {
-        std::lock_guard l(r->gate->m);
-        r->gate->fail_at = r->gate->passed + 1;  // ... fails
-      }
-      const uint64_t retracted = r->e->stats().tokens_retracted;
-      r->gate->allow(1);
-      settle(*r->e, r->gate->n_arrived());
-      CHECK(r->e->stats().tokens_retracted == retracted + 1);
+      fail_step_run_ahead(*r);  // the step of the 5th token (position 64: the second page's first), run ahead with
       CHECK(s->stats().n_pages == 1);
       r->gate->open();
     }

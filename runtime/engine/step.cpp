@@ -12,10 +12,14 @@ constexpr uint32_t kStepVersion = 2;  // 2: the hidden flag
 constexpr uint32_t kMtpMagic = 0x50544d44;  // "DMTP"
 
 void put_u32(std::string &o, uint32_t v) { o.append(reinterpret_cast<const char *>(&v), 4); }
-void put_i32s(std::string &o, const std::vector<int32_t> &v) {
+template <class T>
+void put_vec(std::string &o, const std::vector<T> &v) {
+  static_assert(sizeof(T) == 4);
   put_u32(o, uint32_t(v.size()));
   o.append(reinterpret_cast<const char *>(v.data()), v.size() * 4);
 }
+void put_i32s(std::string &o, const std::vector<int32_t> &v) { put_vec(o, v); }
+void put_f32s(std::string &o, const std::vector<float> &v) { put_vec(o, v); }
 
 struct In {
   std::string_view b;
@@ -27,35 +31,26 @@ struct In {
     at += 4;
     return v;
   }
-  std::vector<float> f32s() {
-    const uint32_t n = u32();
-    if ((b.size() - at) / 4 < n) fail(DSRT_ERR_FORMAT, "step message is truncated");
-    std::vector<float> v(n);
-    if (n) std::memcpy(v.data(), b.data() + at, size_t(n) * 4);
-    at += size_t(n) * 4;
-    return v;
-  }
-  std::string_view rest() {
+  std::string_view bytes() {
     const uint32_t n = u32();
     if (b.size() - at < n) fail(DSRT_ERR_FORMAT, "step message is truncated");
     std::string_view v = b.substr(at, n);
     at += n;
     return v;
   }
-  std::vector<int32_t> i32s() {
+  template <class T>
+  std::vector<T> vec() {
+    static_assert(sizeof(T) == 4);
     const uint32_t n = u32();
     if ((b.size() - at) / 4 < n) fail(DSRT_ERR_FORMAT, "step message is truncated");
-    std::vector<int32_t> v(n);
+    std::vector<T> v(n);
     if (n) std::memcpy(v.data(), b.data() + at, size_t(n) * 4);
     at += size_t(n) * 4;
     return v;
   }
+  std::vector<int32_t> i32s() { return vec<int32_t>(); }
+  std::vector<float> f32s() { return vec<float>(); }
 };
-
-void put_f32s(std::string &o, const std::vector<float> &v) {
-  put_u32(o, uint32_t(v.size()));
-  o.append(reinterpret_cast<const char *>(v.data()), v.size() * 4);
-}
 
 }  // namespace
 
@@ -150,7 +145,7 @@ MtpPass MtpPass::decode(std::string_view bytes, int64_t hidden) {
   In in{bytes};
   if (in.u32() != kMtpMagic) fail(DSRT_ERR_FORMAT, "not an MTP pass message");
   MtpPass p;
-  p.step = Step::decode(in.rest());
+  p.step = Step::decode(in.bytes());
   const uint32_t begin = in.u32();
   if (begin > 1) failf(DSRT_ERR_FORMAT, "MTP pass flag ", begin);
   p.begin_step = begin == 1;
