@@ -852,6 +852,14 @@ TEST_CASE("run-ahead: a stop string ends the turn without a step for a token nob
   for (Rig *r : {&ref, &dev}) CHECK(r->e->stats().pages_used == 0);  // (the sessions are gone)
 }
 
+// The turn's remaining tokens appended to t; its finish (the turn must end without an error).
+static dsrt::Finish rest_of_turn(dsrt::Session &s, std::vector<int32_t> &t) {
+  dsrt::Event ev;
+  for (ev = s.next(); !ev.done; ev = s.next()) t.push_back(ev.token);
+  CHECK(ev.status == DSRT_OK);
+  return ev.finish;
+}
+
 // Lets the gated rig's next step (which runs ahead with the turn's token) reach the gate and fail there; waits
 // until the engine has settled and the ahead token was retracted.
 static void fail_step_run_ahead(Rig &r) {
@@ -892,10 +900,7 @@ TEST_CASE("run-ahead: a failed step on the token run ahead with fails nobody; th
       CHECK(st.n_pages == 1);
       r->gate->open();
     }
-    dsrt::Event ev;
-    for (ev = s->next(); !ev.done; ev = s->next()) t.push_back(ev.token);
-    fin[r->gated] = ev.finish;
-    CHECK(ev.status == DSRT_OK);
+    fin[r->gated] = rest_of_turn(*s, t);
   }
   CHECK(fin[0] == dsrt::Finish::Length);
   CHECK(fin[1] == dsrt::Finish::Length);
@@ -932,10 +937,7 @@ TEST_CASE("run-ahead: a retract on a page boundary keeps the turn's reserved pag
     auto b = r->e->create_session(0, false, 6);  // wants a page: every page is the turn's
     b->append(other.data(), other.size());
     CHECK_THROWS(b->eval(nullptr));
-    dsrt::Event ev;
-    for (ev = s->next(); !ev.done; ev = s->next()) t.push_back(ev.token);
-    fin[r->gated] = ev.finish;
-    CHECK(ev.status == DSRT_OK);
+    fin[r->gated] = rest_of_turn(*s, t);
   }
   CHECK(fin[0] == dsrt::Finish::Length);
   CHECK(fin[1] == dsrt::Finish::Length);
