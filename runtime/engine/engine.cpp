@@ -6,13 +6,11 @@
 #include <exception>
 #include <thread>
 
-#include "core/log.h"
 #include "core/status.h"
 #include "dist/host_staged_communicator.h"
 #include "dist/process_group.h"
 #if DSRT_WITH_CUDA
 #include "dist/nccl_communicator.h"
-#include "dist/nccl_library.h"
 #endif
 #include "engine/step_runner.h"
 
@@ -54,14 +52,10 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
       failf(DSRT_ERR_INVALID_ARGUMENT, "tp ", opt_.tp, " x ep ", opt_.ep, " ranks on GPUs ", opt_.backend.device, "..",
             opt_.backend.device + world - 1, " but this machine has ", n, " GPUs", n ? "" : ": ", why);
     const int64_t timeout = dist_timeout_ms(opt_.dist.timeout_ms);
-    std::string no_nccl;
-    if (nccl::load(&no_nccl)) {
+    if (nccl_or_host_staged(std::to_string(world) + " in-process GPU ranks"))
       comms = [&, timeout](const std::vector<Backend *> &bes) { return make_nccl_local_group(opt_.tp, opt_.ep, bes, timeout); };
-    } else {  // correct, and slow: every collective goes through host memory
-      log(LogLevel::Warn, "dsrt: NCCL is not available (" + no_nccl + "): the " + std::to_string(world) +
-                              " GPU ranks exchange their tensors through host memory");
+    else  // correct, and slow: every collective goes through host memory
       comms = [&](const std::vector<Backend *> &bes) { return make_host_staged_local_group(opt_.tp, opt_.ep, bes); };
-    }
 #else
     fail(DSRT_ERR_UNSUPPORTED, "ranks on several GPUs need a build of dsrt with CUDA (and NCCL at run time)");
 #endif

@@ -58,12 +58,12 @@ struct Reader {
 // One MTP pass on one rank: the input rebuilt from the pass's segments (host rows, rows of the last forward's
 // hidden states, rows of the previous pass's output), the module run, its head-normed output kept in `normed`
 // for a pass that chains on it.
-void run_mtp_pass(const ModelShard &shard, Backend &be, Communicator &comm, const MtpPass &p, const Tensor &step_hidden,
+void run_mtp_pass(const ModelShard &shard, Backend &be, Communicator &comm, const MtpPass &p, Tensor &step_hidden,
                   Tensor &normed, float *logits_out) {
   const int64_t H = shard.cfg().hidden_size;
-  if (p.begin_step) {
+  if (p.begin_step) {  // (the last forward's hidden states and pass's output die with the scratch step)
     be.begin_step();
-    normed = Tensor{};
+    step_hidden = normed = Tensor{};
   }
   Tensor in = be.alloc(p.step.batch.n_tokens(), H);
   int64_t row = 0;
@@ -98,6 +98,7 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         return;
       case Msg::Forward: {
         const Step step = Step::decode(std::string_view(bytes).substr(4));
+        hidden = normed = Tensor{};  // (a new scratch step)
         dsrt::forward(shard, be, comm, step.batch, step.logit_rows, step.policy, nullptr, step.hidden ? &hidden : nullptr);
         break;
       }
@@ -114,6 +115,9 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         spec.dtype = DType(in.get<int32_t>());
         const bool mtp = in.get<int32_t>() != 0;
         in.done();
+        if (mtp && shard.mtp.empty())
+          failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", comm.mapping().rank, ": rank 0 runs MTP drafts, but this rank loaded "
+                "the model without its MTP layer (load it with the MTP layer, or turn drafts off on rank 0)");
         // Its shard only (the MTP layer's part when drafts are on).
         be.prepare_weights(shard.model->device_weights, shard.weights(mtp), {});
         be.kv_init(spec);
@@ -273,6 +277,7 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out,
       std::string bytes = message(Msg::Forward) + step.encode();
       r.comm->broadcast(bytes, 0);
     }
+    r.hidden = r.normed = Tensor{};  // (a new scratch step)
     dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out,
                   step.hidden ? &r.hidden : nullptr, logits_tensor_out);
     if (hidden_out) *hidden_out = r.hidden;
@@ -284,9 +289,7 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out,
 
 void RankGroup::mtp_forward(const MtpPass &pass, float *logits_out) {
   Rank &r = ranks_[0];
-  if (pass.n_rows(r.shard.cfg().hidden_size) != pass.step.batch.n_tokens())
-    fail(DSRT_ERR_INTERNAL, "an MTP pass whose input rows do not fill its batch");
-  pass.step.check(DSRT_ERR_INTERNAL, "MTP pass");
+  pass.check(r.shard.cfg().hidden_size, DSRT_ERR_INTERNAL);  // (what a follower's decode would refuse)
   try {
     if (world() > 1) {
       std::string bytes = message(Msg::Mtp) + pass.encode();
@@ -298,6 +301,15 @@ void RankGroup::mtp_forward(const MtpPass &pass, float *logits_out) {
     throw;
   }
 }
+
+#if DSRT_WITH_CUDA
+bool nccl_or_host_staged(const std::string &who) {
+  std::string why;
+  if (nccl::load(&why)) return true;
+  log(LogLevel::Warn, "dsrt: " + who + ": NCCL is not available (" + why + "): GPU tensors go through host memory");
+  return false;
+}
+#endif
 
 void check_gpu_split(BackendKind kind, const Model &model, int tp, int ep) {
   if (kind != BackendKind::Cuda || tp == 1) return;  // (an expert-parallel rank's experts are whole tensors)
@@ -326,12 +338,9 @@ ProcessRank join_as_process(const Model &model, const DistSpec &spec, BackendKin
   me.backend = make_backend(kind, o);
   log(LogLevel::Info, "dsrt: rank " + std::to_string(spec.rank) + " of " + std::to_string(spec.world) + " on cuda:" + std::to_string(o.device));
   Backend &be = *me.backend;
-  std::string no_nccl;
-  const bool nccl = nccl::load(&no_nccl) != nullptr;
-  if (!nccl)  // (ranks decide alike where the same dsrt and NCCL are installed; a world where only some have NCCL
-              // fails within the join timeout)
-    log(LogLevel::Warn, "dsrt: rank " + std::to_string(spec.rank) + ": NCCL is not available (" + no_nccl +
-                            "): GPU tensors go through host memory and Gloo");
+  // (ranks decide alike where the same dsrt and NCCL are installed; a world where only some have NCCL fails
+  // within the join timeout)
+  const bool nccl = nccl_or_host_staged("rank " + std::to_string(spec.rank));
   me.comm = join_process_group(spec, model.fingerprint, [&](RendezvousClient &store, std::unique_ptr<Communicator> host) {
     return nccl ? make_nccl_communicator(store, std::move(host), be, spec.timeout_ms)
                 : make_host_staged_communicator(std::move(host), be);

@@ -37,8 +37,6 @@ class RankGroup {
   int world() const { return ranks_[0].comm->mapping().world; }
   bool remote() const { return remote_; }
   Backend &leader() { return *ranks_[0].backend; }
-  Communicator &leader_comm() { return *ranks_[0].comm; }
-  const ModelShard &leader_shard() const { return ranks_[0].shard; }
   // Runs fn on the backend of every rank of this process, from the calling thread, between steps (followers
   // are then waiting for rank 0's next message and do not touch their backends). Ranks in other processes
   // are not reached: what they need goes through the calls below.
@@ -78,6 +76,10 @@ class RankGroup {
 // group (returns) or the group fails (throws: rank 0 died or hung, a collective failed). On the CUDA backend
 // the rank takes the GPU local_device_index (dist/launcher_env.h) names and joins over NCCL.
 void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt);
+
+// Whether GPU ranks exchange their tensors over NCCL (true) or through host memory (dist/
+// host_staged_communicator.h: NCCL not installed), saying so in a warning that names `who`. CUDA builds only.
+bool nccl_or_host_staged(const std::string &who);
 
 // A tensor-parallel rank on a GPU holds its parts of the checkpoint's tensors as device tensors of their own
 // (pack_weight), which an FP8 part can be only when it starts on a 128 x 128 scale block. For kind Cuda, checks

@@ -158,15 +158,24 @@ MtpPass MtpPass::decode(std::string_view bytes, int64_t hidden) {
     g.from = From(from);
     g.rows = in.i32s();
     g.host = in.f32s();
-    if ((g.from == From::Host) != g.rows.empty() || (g.from == From::Host) == g.host.empty() || g.host.size() % size_t(hidden))
-      fail(DSRT_ERR_FORMAT, "MTP pass segment does not hold together");
-    for (int32_t r : g.rows)
-      if (r < 0) fail(DSRT_ERR_FORMAT, "MTP pass segment row is negative");
     p.segments.push_back(std::move(g));
   }
-  if (in.at != bytes.size() || p.n_rows(hidden) != p.step.batch.n_tokens())
-    fail(DSRT_ERR_FORMAT, "MTP pass message does not hold together");
+  if (in.at != bytes.size()) fail(DSRT_ERR_FORMAT, "MTP pass message has trailing bytes");
+  p.check(hidden, DSRT_ERR_FORMAT);
   return p;
+}
+
+void MtpPass::check(int64_t hidden, dsrt_status code) const {
+  step.check(code, "MTP pass");
+  for (const Segment &g : segments) {
+    const bool host_rows = g.from == From::Host;
+    if (host_rows != g.rows.empty() || host_rows == g.host.empty() || hidden <= 0 || g.host.size() % size_t(hidden))
+      fail(code, "MTP pass: a segment does not hold together");
+    for (int32_t r : g.rows)
+      if (r < 0) fail(code, "MTP pass: a segment row is negative");
+  }
+  if (n_rows(hidden) != step.batch.n_tokens())
+    failf(code, "MTP pass: ", n_rows(hidden), " input rows for a batch of ", step.batch.n_tokens());
 }
 
 }  // namespace dsrt

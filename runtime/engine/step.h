@@ -52,6 +52,10 @@ struct MtpPass {
   void add_rows(From from, std::vector<int32_t> rows);
   // Input rows the segments hold, given the hidden size.
   int64_t n_rows(int64_t hidden) const;
+  // Throws `code` when the step does not hold together (Step::check) or the segments do not: a host segment not
+  // whole rows of `hidden` floats, a row segment with host floats or a negative row, rows that do not fill the
+  // batch. (Source rows past their tensor are refused where the tensors are: RankGroup.)
+  void check(int64_t hidden, dsrt_status code) const;
   std::string encode() const;
   // Throws DSRT_ERR_FORMAT like Step::decode, and when the segments do not fill the batch's rows.
   static MtpPass decode(std::string_view bytes, int64_t hidden);

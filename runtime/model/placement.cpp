@@ -35,19 +35,7 @@ Placement Placement::plan(const ModelWeights &w, const std::vector<Device> &devi
     }
   uint64_t non_expert = 0, experts = 0, mtp_bytes = 0;
   // MTP weights: everything bound in the MTP layers (counted apart; they are uploaded only with drafts on).
-  auto mark_layer = [&](const LayerWeights &L) {
-    for (const Weight *x : {&L.input_norm, &L.post_norm, &L.q_a, &L.q_a_norm, &L.q_b, &L.q, &L.kv_a, &L.kv_a_norm, &L.kv_b,
-                            &L.o, &L.router, &L.router_bias, &L.mtp_embed, &L.enorm, &L.hnorm, &L.eh_proj, &L.head_norm,
-                            &L.head, &L.dense.gate, &L.dense.up, &L.dense.down, &L.shared.gate, &L.shared.up,
-                            &L.shared.down})
-      mark(*x, mtp);
-    for (const FfnWeights &e : L.experts) {
-      mark(e.gate, mtp);
-      mark(e.up, mtp);
-      mark(e.down, mtp);
-    }
-  };
-  for (const LayerWeights &L : w.mtp) mark_layer(L);
+  for (const LayerWeights &L : w.mtp) for_each_weight(L, [&](const Weight &x) { mark(x, mtp); });
   p.part.assign(w.all.size(), Part::NonExpert);
   for (const Weight *x : w.all) {
     if (x->id < 0) continue;

@@ -59,20 +59,7 @@ std::vector<const Weight *> ModelShard::weights(bool with_mtp) const {
   auto add = [&](const Weight &w) {
     if (w) v.push_back(&w);
   };
-  auto add_ffn = [&](const FfnWeights &f) {
-    add(f.gate);
-    add(f.up);
-    add(f.down);
-  };
-  auto add_layer = [&](const LayerWeights &L) {
-    for (const Weight *w : {&L.input_norm, &L.post_norm, &L.q_a, &L.q_a_norm, &L.q_b, &L.q, &L.kv_a, &L.kv_a_norm,
-                            &L.kv_b, &L.o, &L.router, &L.router_bias, &L.mtp_embed, &L.enorm, &L.hnorm, &L.eh_proj,
-                            &L.head_norm, &L.head})
-      add(*w);
-    add_ffn(L.dense);
-    for (const FfnWeights &f : L.experts) add_ffn(f);
-    add_ffn(L.shared);
-  };
+  auto add_layer = [&](const LayerWeights &L) { for_each_weight(L, add); };
   add(embed);
   add(norm);
   add(head);

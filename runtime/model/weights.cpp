@@ -74,6 +74,18 @@ float Weight::at(int64_t i) const {
   return v;
 }
 
+void for_each_weight(const LayerWeights &L, const std::function<void(const Weight &)> &fn) {
+  for (const Weight *w : {&L.input_norm, &L.post_norm, &L.q_a, &L.q_a_norm, &L.q_b, &L.q, &L.kv_a, &L.kv_a_norm, &L.kv_b,
+                          &L.o, &L.router, &L.router_bias, &L.mtp_embed, &L.enorm, &L.hnorm, &L.eh_proj, &L.head_norm,
+                          &L.head, &L.dense.gate, &L.dense.up, &L.dense.down, &L.shared.gate, &L.shared.up, &L.shared.down})
+    fn(*w);
+  for (const FfnWeights &e : L.experts) {
+    fn(e.gate);
+    fn(e.up);
+    fn(e.down);
+  }
+}
+
 std::string fp8_block_cut(const Weight &w) {
   if (w.dtype != DType::F8_E4M3 || (w.row0 % 128 == 0 && w.col0 % 128 == 0)) return "";
   const bool rows = w.row0 % 128 != 0;

@@ -2,6 +2,7 @@
 // for presence, dtype and shape (and FP8 block scales) before anything runs.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,9 @@ struct LayerWeights {
   bool is_mtp = false;
   Weight mtp_embed, enorm, hnorm, eh_proj, head_norm, head;
 };
+
+// Calls fn on every weight slot of a layer (absent ones too: test with bool(w)), its experts' included.
+void for_each_weight(const LayerWeights &L, const std::function<void(const Weight &)> &fn);
 
 struct ModelWeights {
   Weight embed, norm, head;

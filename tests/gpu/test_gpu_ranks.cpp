@@ -13,12 +13,15 @@
 #if defined(DSRT_WITH_CUDA)
 
 #include <algorithm>
+#include <set>
+#include <tuple>
 
 #include "../helpers.h"
 #include "backend/backend.h"
 #include "dist/host_staged_communicator.h"
 #include "engine/ranks.h"
 #include "engine/step.h"
+#include "model/shard.h"
 #include "model/model.h"
 #include "tiny_model.h"
 
@@ -42,7 +45,26 @@ std::string tp_friendly_v3_mini() {
 
 // Logits of the last prompt row, then of three decode steps (greedy from the previous step's logits: the
 // same tokens on both sides as long as they agree), through a rank group as the engine drives it.
-std::vector<float> run(const Model &model, int tp, int ep, bool fp8_activations, DType kv = DType::BF16) {
+// The device bytes a rank group on one GPU should hold: every rank's shard once (ranks sharing a GPU share the
+// copies of the tensors they both hold whole), as the checkpoint counts them (FP8 scales included).
+uint64_t shard_bytes(const Model &model, int tp, int ep) {
+  std::set<std::tuple<int32_t, int64_t, int64_t, int64_t, int64_t>> seen;
+  uint64_t bytes = 0;
+  for (int r = 0; r < tp * ep; r++) {
+    const ModelShard shard = ModelShard::bind(model, Mapping{tp * ep, r, tp, ep});
+    for (const Weight *w : shard.weights(false)) {
+      const bool whole = w->is_whole();
+      if (!seen.insert({w->id, whole ? -1 : w->row0, whole ? -1 : w->col0, w->rows, w->cols}).second) continue;
+      bytes += uint64_t(w->rows * w->cols) * dtype_size(w->dtype);
+      if (w->dtype == DType::F8_E4M3) bytes += uint64_t((w->rows + 127) / 128 * ((w->cols + 127) / 128)) * 4;
+    }
+  }
+  return bytes;
+}
+
+std::vector<float> run(const std::string &dir, int tp, int ep, bool fp8_activations, DType kv = DType::BF16) {
+  auto loaded = Model::load(dir, {});  // (its own device store: what this group uploads, and nothing else)
+  const Model &model = *loaded;
   RankGroup g(model, tp, ep, [&](int) {
     BackendOptions o;
     o.device = 0;
@@ -52,6 +74,10 @@ std::vector<float> run(const Model &model, int tp, int ep, bool fp8_activations,
   g.for_each_rank([&](Backend &be, const ModelShard &shard) {
     be.prepare_weights(model.device_weights, shard.weights(false), {});
   });
+  const auto usage = model.device_weights.usage();  // each rank uploaded its shard only
+  REQUIRE(usage.size() == 1);
+  CHECK(usage[0].second == shard_bytes(model, tp, ep));
+  CHECK(usage[0].second == shard_bytes(model, 1, 1));  // on one GPU the ranks' shards together are the model once
   KvCacheSpec spec;
   spec.n_layers = model.cfg.num_hidden_layers + int64_t(model.w.mtp.size());
   spec.width = model.cfg.kv_cache_width();
@@ -95,17 +121,17 @@ TEST_CASE("tensor- and expert-parallel ranks sharing one GPU equal one rank (hos
     if (preset != "bf16") cases.push_back({testing::tiny(preset), {{1, 2}}});  // expert parallelism everywhere
   for (const Case &c : cases) {
     CAPTURE(c.dir);
-    auto model = Model::load(c.dir, {});
+    auto model = Model::load(c.dir, {});  // (config and split checks; each run loads its own)
     for (DType kv : {DType::F32, DType::BF16}) {
       const std::string kv_name = dtype_name(kv);
       CAPTURE(kv_name);
-      const auto one = run(*model, 1, 1, false, kv);
+      const auto one = run(c.dir, 1, 1, false, kv);
       for (auto [tp, ep] : c.splits) {
         if (model->cfg.n_routed_experts % ep) continue;
         CAPTURE(tp);
         CAPTURE(ep);
         check_gpu_split(BackendKind::Cuda, *model, tp, ep);  // (these splits are allowed)
-        const auto par = run(*model, tp, ep, false, kv);
+        const auto par = run(c.dir, tp, ep, false, kv);
         REQUIRE(par.size() == one.size());
         const size_t V = one.size() / 4;
         double worst = 0;
@@ -121,8 +147,7 @@ TEST_CASE("tensor- and expert-parallel ranks sharing one GPU equal one rank (hos
 // channel blocks), but the partial sums meet in another order and FP8 rounding is discontinuous, so the
 // ranks are held to the tolerance the GPU's FP8 path keeps against the CPU (test_gpu.cpp) rather than 1e-5.
 TEST_CASE("tensor-parallel ranks sharing one GPU with FP8 activations stay within the FP8 tolerance of one rank") {
-  auto model = Model::load(tp_friendly_v3_mini(), {});
-  const auto one = run(*model, 1, 1, true), par = run(*model, 2, 1, true);
+  const auto one = run(tp_friendly_v3_mini(), 1, 1, true), par = run(tp_friendly_v3_mini(), 2, 1, true);
   REQUIRE(par.size() == one.size());
   const size_t V = one.size() / 4;
   double worst = 0;

@@ -78,6 +78,7 @@ class CudaWeights final : public DeviceWeights {
   // share the parts they have in common.
   using PartKey = std::tuple<int32_t, int64_t, int64_t, int64_t, int64_t>;
   static PartKey part_key(const Weight &w) { return {w.id, w.row0, w.col0, w.rows, w.cols}; }
+  static PartKey key(const Weight &w) { return w.is_whole() ? PartKey{w.id, -1, -1, -1, -1} : part_key(w); }
   std::map<PartKey, k::DevMatrix> parts_;
   bool has(const Weight &w) const { return w.is_whole() ? by_id_.count(w.id) > 0 : parts_.count(part_key(w)) > 0; }
   size_t bytes_ = 0;
@@ -220,12 +221,13 @@ class CudaBackend final : public ArenaBackend {
     store_ = std::static_pointer_cast<CudaWeights>(
         registry.get_or_make(device(), [&] { return std::make_shared<CudaWeights>(device().index); }));
     size_t need = 0;
+    std::set<CudaWeights::PartKey> counted;  // (a tensor listed twice, such as tied embeddings, is one copy)
     for (const Weight *w : weights) {
       {
         std::lock_guard lk(store_->mu_);
         if (store_->has(*w)) continue;  // another engine of the model (or a rank on this GPU) uploaded it
       }
-      need += weight_bytes(*w);
+      if (counted.insert(CudaWeights::key(*w)).second) need += weight_bytes(*w);
     }
     size_t free_b = 0, total_b = 0;
     cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
@@ -944,28 +946,25 @@ class CudaBackend final : public ArenaBackend {
   // A weight's device copy: the model's (store_, by Weight::id), or for weights made outside a checkpoint
   // (tests) this backend's own, made on first use.
   k::DevMatrix dev(const Weight &w) {
-    if (w.id >= 0 && store_ && !w.is_whole()) {  // a tensor-parallel rank's part of a tensor
-      const CudaWeights::PartKey key = CudaWeights::part_key(w);
-      if (auto mine = parts_.find(key); mine != parts_.end()) return mine->second;
-      std::lock_guard lk(store_->mu_);
-      auto it = store_->parts_.find(key);
-      if (it == store_->parts_.end()) {
-        it = store_->parts_.emplace(key, upload(w)).first;
-        store_->bytes_ += weight_bytes(w);
-      }
-      return parts_[key] = it->second;
-    }
     if (w.id >= 0 && store_) {
-      if (size_t(w.id) < by_id_.size() && by_id_[size_t(w.id)].data) return by_id_[size_t(w.id)];
-      std::lock_guard lk(store_->mu_);
-      auto it = store_->by_id_.find(w.id);
-      k::DevMatrix m = it != store_->by_id_.end() ? it->second : upload(w);
-      if (it == store_->by_id_.end()) {
-        store_->by_id_[w.id] = m;
-        store_->bytes_ += weight_bytes(w);
+      // The model's copy on this device (uploaded by whichever backend needs it first), remembered here.
+      auto shared = [&](auto &store_map, const auto &key) {
+        std::lock_guard lk(store_->mu_);
+        auto it = store_map.find(key);
+        if (it == store_map.end()) {
+          it = store_map.emplace(key, upload(w)).first;
+          store_->bytes_ += weight_bytes(w);
+        }
+        return it->second;
+      };
+      if (!w.is_whole()) {  // a tensor-parallel rank's part of a tensor
+        const CudaWeights::PartKey key = CudaWeights::part_key(w);
+        if (auto mine = parts_.find(key); mine != parts_.end()) return mine->second;
+        return parts_[key] = shared(store_->parts_, key);
       }
+      if (size_t(w.id) < by_id_.size() && by_id_[size_t(w.id)].data) return by_id_[size_t(w.id)];
       if (by_id_.size() <= size_t(w.id)) by_id_.resize(size_t(w.id) + 1);
-      return by_id_[size_t(w.id)] = m;
+      return by_id_[size_t(w.id)] = shared(store_->by_id_, w.id);
     }
     const WeightKey key{w.data, w.rows, w.cols, int(w.dtype), w.row0, w.col0};
     auto it = weights_.find(key);
@@ -1259,7 +1258,7 @@ class CudaBackend final : public ArenaBackend {
         }
         tab.push_back(dev(f.*part));
         const int32_t id = (f.*part).id;
-        if (!store_ || id < 0) {
+        if (!store_ || id < 0 || !(f.*part).is_whole()) {  // (host mappings are of whole tensors: expert offload)
           all_mapped = false;
           continue;
         }
