@@ -7,39 +7,99 @@
 
 namespace dsrt {
 
-KvPagePool::KvPagePool(int64_t n_pages, int64_t cache_limit)
-    : n_pages_(n_pages), free_(size_t(n_pages)), refs_(size_t(n_pages), 0), cache_limit_(cache_limit),
-      idle_tick_(size_t(n_pages), 0) {
-  for (int64_t i = 0; i < n_pages; i++) free_[size_t(i)] = int32_t(n_pages - 1 - i);  // pop_back gives 0 first
+KvPagePool::KvPagePool(int64_t n_pages, int64_t cache_limit, int regions)
+    : n_pages_(n_pages), refs_(size_t(n_pages), 0), cache_limit_(cache_limit), idle_tick_(size_t(n_pages), 0) {
+  if (regions < 1 || n_pages % regions != 0)
+    failf(DSRT_ERR_INTERNAL, "KV page pool: ", n_pages, " pages do not make ", regions, " equal regions");
+  region_pages_ = n_pages / regions;
+  regions_.resize(size_t(regions));
+  for (int r = 0; r < regions; r++) {
+    std::vector<int32_t> &free = regions_[size_t(r)].free;
+    free.resize(size_t(region_pages_));
+    const int64_t last = (r + 1) * region_pages_ - 1;
+    for (int64_t i = 0; i < region_pages_; i++) free[size_t(i)] = int32_t(last - i);  // pop_back: lowest first
+  }
 }
 
 int64_t KvPagePool::pages_for(int64_t n_tokens) { return (n_tokens + kPageTokens - 1) / kPageTokens; }
 
+int64_t KvPagePool::used() const {
+  int64_t n = n_pages_;
+  for (const Region &g : regions_) n -= int64_t(g.free.size()) + int64_t(g.idle.size());
+  return n;
+}
+
+int64_t KvPagePool::unreserved() const {
+  int64_t n = 0;
+  for (const Region &g : regions_) n += g.unreserved();
+  return n;
+}
+
+int64_t KvPagePool::idle() const {
+  int64_t n = 0;
+  for (const Region &g : regions_) n += int64_t(g.idle.size());
+  return n;
+}
+
+int KvPagePool::region_for(const PageHolding &h) const {
+  if (h.region >= 0) return h.region;
+  int best = 0;
+  for (int r = 1; r < regions(); r++)
+    if (unreserved(r) > unreserved(best)) best = r;
+  return best;
+}
+
+bool KvPagePool::charge_one(PageHolding &h, int r) {
+  if (h.reserved > 0) {  // (h has a region then: r)
+    h.reserved--;
+    regions_[size_t(r)].reserved--;
+  } else if (unreserved(r) < 1) {
+    return false;
+  }
+  h.region = r;
+  return true;
+}
+
+void KvPagePool::settle(PageHolding &h) {
+  if (h.pages.empty() && h.reserved == 0) h.region = -1;
+}
+
 void KvPagePool::make_idle(int32_t page) {
   idle_tick_[size_t(page)] = ++clock_;
-  idle_.insert({clock_, page});
+  regions_[size_t(region_of(page))].idle.insert({clock_, page});
 }
 
 void KvPagePool::unidle(int32_t page) {
   uint64_t &t = idle_tick_[size_t(page)];
   if (t == 0) return;
-  idle_.erase({t, page});
+  regions_[size_t(region_of(page))].idle.erase({t, page});
   t = 0;
 }
 
-bool KvPagePool::evict_one() {
-  if (idle_.empty()) return false;
-  const int32_t page = idle_.begin()->second;
+bool KvPagePool::evict_one(int r) {
+  const auto &idle = regions_[size_t(r)].idle;
+  if (idle.empty()) return false;
+  const int32_t page = idle.begin()->second;
   unidle(page);
   index_.erase_page(page);
   unref(page);  // the cache's reference: the page is free now
   return true;
 }
 
-int32_t KvPagePool::take_available() {
-  if (free_.empty() && !evict_one()) fail(DSRT_ERR_INTERNAL, "KV page pool: no page available where one was counted");
-  const int32_t p = free_.back();
-  free_.pop_back();
+bool KvPagePool::evict_oldest() {
+  int oldest = -1;  // the region whose least recently let go idle page is the oldest of all
+  for (int r = 0; r < regions(); r++) {
+    const auto &idle = regions_[size_t(r)].idle;
+    if (!idle.empty() && (oldest < 0 || *idle.begin() < *regions_[size_t(oldest)].idle.begin())) oldest = r;
+  }
+  return oldest >= 0 && evict_one(oldest);
+}
+
+int32_t KvPagePool::take_available(int r) {
+  std::vector<int32_t> &free = regions_[size_t(r)].free;
+  if (free.empty() && !evict_one(r)) fail(DSRT_ERR_INTERNAL, "KV page pool: no page available where one was counted");
+  const int32_t p = free.back();
+  free.pop_back();
   refs_[size_t(p)] = 1;
   return p;
 }
@@ -47,29 +107,26 @@ int32_t KvPagePool::take_available() {
 bool KvPagePool::grow(PageHolding &h, int64_t n_tokens) {
   const int64_t need = pages_for(n_tokens) - int64_t(h.pages.size());
   if (need <= 0) return true;
+  const int r = region_for(h);
   const int64_t own = std::min(need, h.reserved);
-  if (need - own > unreserved()) return false;
+  if (need - own > unreserved(r)) return false;
+  h.region = r;
   h.reserved -= own;  // first: what it takes from its reservation is no longer counted as reserved
-  reserved_ -= own;
-  for (int64_t i = 0; i < need; i++) h.pages.push_back(take_available());
+  regions_[size_t(r)].reserved -= own;
+  for (int64_t i = 0; i < need; i++) h.pages.push_back(take_available(r));
   return true;
 }
 
 int32_t KvPagePool::take(PageHolding &h) {
-  if (h.reserved > 0) {
-    h.reserved--;
-    reserved_--;
-  } else if (unreserved() < 1) {
-    return -1;
-  }
-  return take_available();
+  const int r = region_for(h);
+  return charge_one(h, r) ? take_available(r) : -1;
 }
 
 void KvPagePool::unref(int32_t page) {
   int32_t &r = refs_[size_t(page)];
   if (r <= 0) fail(DSRT_ERR_INTERNAL, "KV page pool: a page was let go more often than taken");
   if (--r == 0) {
-    free_.push_back(page);
+    regions_[size_t(region_of(page))].free.push_back(page);
   } else if (r == 1 && index_.holds(page)) {
     make_idle(page);  // only the cache holds it now
   }
@@ -93,22 +150,31 @@ void KvPagePool::shrink(PageHolding &h, int64_t keep_tokens) {
     unref(h.pages.back());
     h.pages.pop_back();
   }
+  settle(h);
 }
 
 int64_t KvPagePool::reserve(PageHolding &h, int64_t pages) {
-  const int64_t got = std::clamp<int64_t>(pages, 0, unreserved());
+  const int r = region_for(h);
+  const int64_t got = std::clamp<int64_t>(pages, 0, unreserved(r));
+  if (got == 0) return 0;  // (a holding without a region stays without one)
+  h.region = r;
   h.reserved += got;
-  reserved_ += got;
+  regions_[size_t(r)].reserved += got;
   return got;
 }
 
 void KvPagePool::unreserve(PageHolding &h) {
-  reserved_ -= h.reserved;
+  if (h.reserved > 0) regions_[size_t(h.region)].reserved -= h.reserved;
   h.reserved = 0;
+  settle(h);
 }
 
 void KvPagePool::share(const PageHolding &from, PageHolding &to, int64_t n) {
   const size_t k = size_t(std::clamp<int64_t>(n, 0, int64_t(from.pages.size())));
+  if (k == 0) return;
+  if (to.region >= 0 && to.region != from.region)
+    fail(DSRT_ERR_INTERNAL, "KV page pool: pages shared into a holding of another region");
+  to.region = from.region;
   for (size_t i = 0; i < k; i++) {
     refs_[size_t(from.pages[i])]++;
     to.pages.push_back(from.pages[i]);
@@ -116,22 +182,25 @@ void KvPagePool::share(const PageHolding &from, PageHolding &to, int64_t n) {
 }
 
 void KvPagePool::adopt(PageHolding &h, int32_t page) {
+  const int r = region_of(page);
+  if (h.region >= 0 && h.region != r)
+    fail(DSRT_ERR_INTERNAL, "KV page pool: a cached page of another region was adopted");
   if (is_idle(page)) {  // costs an available page, as taking a free one would
-    if (h.reserved > 0) {
-      h.reserved--;
-      reserved_--;
-    } else if (unreserved() < 1) {
-      fail(DSRT_ERR_INTERNAL, "KV page pool: a cached page was taken without room for it");
-    }
+    if (!charge_one(h, r)) fail(DSRT_ERR_INTERNAL, "KV page pool: a cached page was taken without room for it");
     unidle(page);
   }
+  h.region = r;
   refs_[size_t(page)]++;
   h.pages.push_back(page);
 }
 
-PrefixIndex::Walk KvPagePool::match(const int32_t *tokens, int64_t n, int64_t max_pages) const {
+PrefixIndex::Walk KvPagePool::match(const int32_t *tokens, int64_t n, int64_t max_pages, int region) const {
   if (!cache_enabled()) return {};
-  return index_.match(tokens, n, max_pages);
+  // One sequence's pages live in one region (one rank's cache): the walk keeps to `region`, or to its first page's.
+  return index_.match(tokens, n, max_pages, [&](const PrefixIndex::Walk &w, int32_t page) {
+    const int keep_to = region >= 0 ? region : region_of(w.pages.empty() ? page : w.pages.front());
+    return region_of(page) == keep_to;
+  });
 }
 
 void KvPagePool::publish(const int32_t *tokens, int64_t n_full, const PageHolding &h) {
@@ -140,11 +209,16 @@ void KvPagePool::publish(const int32_t *tokens, int64_t n_full, const PageHoldin
   PrefixIndex::Walk w;
   for (int64_t k = 0; k < n_full; k++) {
     const int32_t *ids = tokens + k * kPageTokens;
-    if (index_.step(w, ids) >= 0) continue;  // cached already (this page, or another with the same content)
+    // Cached already (this page, or another with the same content); if in another region, h's pages continuing
+    // that chain could never be matched (a match keeps to one region): they would only take room in the cache.
     const int32_t page = h.pages[size_t(k)];
+    if (const int32_t hit = index_.step(w, ids); hit >= 0) {
+      if (region_of(hit) != region_of(page)) return;
+      continue;
+    }
     if (index_.holds(page)) return;  // cached under another chain (its parent entry was replaced): stop here
     const int64_t limit = cache_limit_ < 0 ? n_pages_ : cache_limit_;
-    if (index_.size() >= limit && !evict_one()) return;
+    if (index_.size() >= limit && !evict_oldest()) return;
     if (!index_.insert(w, ids, page)) return;  // a hash collision: the chain stops being cached here
     refs_[size_t(page)]++;  // the cache's reference (the session holds it too: not idle)
   }
@@ -156,7 +230,7 @@ void KvPagePool::set_cache_limit(int64_t limit) {
     clear_cache();
     return;
   }
-  while (cache_limit_ > 0 && index_.size() > cache_limit_ && evict_one()) {
+  while (cache_limit_ > 0 && index_.size() > cache_limit_ && evict_oldest()) {
   }
 }
 

@@ -14,23 +14,38 @@ uint64_t PrefixIndex::chain(uint64_t prev_key, const int32_t *ids) {
   return hash64(buf, sizeof buf);
 }
 
-int32_t PrefixIndex::step(Walk &w, const int32_t *ids) const {
-  const uint64_t key = chain(w.key, ids);
+const PrefixIndex::Entry *PrefixIndex::next(const Walk &w, const int32_t *ids, uint64_t &key) const {
+  key = chain(w.key, ids);
   auto it = by_key_.find(key);
-  if (it == by_key_.end()) return -1;
+  if (it == by_key_.end()) return nullptr;
   const Entry &e = it->second;
-  if (e.parent_serial != w.serial || !std::equal(e.ids.begin(), e.ids.end(), ids)) return -1;  // a collision
+  if (e.parent_serial != w.serial || !std::equal(e.ids.begin(), e.ids.end(), ids)) return nullptr;  // a collision
+  return &e;
+}
+
+void PrefixIndex::advance(Walk &w, uint64_t key, const Entry &e) {
   w.pages.push_back(e.page);
   w.key = key;
   w.serial = e.serial;
-  return e.page;
 }
 
-PrefixIndex::Walk PrefixIndex::match(const int32_t *tokens, int64_t n, int64_t max_pages) const {
+int32_t PrefixIndex::step(Walk &w, const int32_t *ids) const {
+  uint64_t key;
+  const Entry *e = next(w, ids, key);
+  if (!e) return -1;
+  advance(w, key, *e);
+  return e->page;
+}
+
+PrefixIndex::Walk PrefixIndex::match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept) const {
   Walk w;
   const int64_t full = std::min(n / kPageTokens, max_pages);
-  for (int64_t k = 0; k < full; k++)
-    if (step(w, tokens + k * kPageTokens) < 0) break;
+  for (int64_t k = 0; k < full; k++) {
+    uint64_t key;
+    const Entry *e = next(w, tokens + k * kPageTokens, key);
+    if (!e || (accept && !accept(w, e->page))) break;  // (w stays the walk up to its last accepted page)
+    advance(w, key, *e);
+  }
   return w;
 }
 
@@ -44,9 +59,7 @@ bool PrefixIndex::insert(Walk &w, const int32_t *ids, int32_t page) {
   std::copy(ids, ids + kPageTokens, e.ids.begin());
   by_key_.emplace(key, e);
   page_key_.emplace(page, key);
-  w.pages.push_back(page);
-  w.key = key;
-  w.serial = e.serial;
+  advance(w, key, e);
   return true;
 }
 

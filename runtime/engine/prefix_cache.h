@@ -10,6 +10,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <unordered_map>
 #include <vector>
 
@@ -30,8 +31,11 @@ class PrefixIndex {
 
   static uint64_t chain(uint64_t prev_key, const int32_t *ids);
 
-  // Follows the cached pages matching tokens[0 .. n) page by page (full pages only), at most max_pages.
-  Walk match(const int32_t *tokens, int64_t n, int64_t max_pages) const;
+  // Whether a walk may go on to `page` (the walk so far, the page it would add).
+  using Accept = std::function<bool(const Walk &, int32_t page)>;
+  // Follows the cached pages matching tokens[0 .. n) page by page (full pages only), at most max_pages; with
+  // accept, only as long as it accepts the next page (the walk ends before the first one it refuses).
+  Walk match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept = {}) const;
   // The entry that continues w with the page of ids (64 of them), if cached: its page, or -1; on a hit w
   // advances. Verifies ids and parentage.
   int32_t step(Walk &w, const int32_t *ids) const;
@@ -51,6 +55,9 @@ class PrefixIndex {
     int32_t page;
     std::array<int32_t, kPageTokens> ids;
   };
+  // The entry that continues w with the page of ids, verified (nullptr if none), and its key.
+  const Entry *next(const Walk &w, const int32_t *ids, uint64_t &key) const;
+  static void advance(Walk &w, uint64_t key, const Entry &e);
   std::unordered_map<uint64_t, Entry> by_key_;
   std::unordered_map<int32_t, uint64_t> page_key_;
   uint64_t next_serial_ = 1;

@@ -509,14 +509,17 @@ int64_t Session::adopt_cached_prefix() {
   if (total / kPageTokens <= n_past / kPageTokens) return 0;  // no full page beyond those it holds
   std::vector<int32_t> seq(tokens_);
   seq.insert(seq.end(), pending_.begin(), pending_.end());
-  const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens);
+  // Cached pages of the session's region only (its cache lives on one rank); a session without a region yet
+  // takes the region of the pages it matches.
+  const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens, kv_.region);
+  const int region = w.pages.empty() ? kv_.region : pool.region_of(w.pages[0]);
   // The session keeps its own full pages (same tokens, same values); cached pages replace the rest, as far as
-  // the pool has room for those that are idle.
+  // the region has room for those that are idle (what affordable() says when the session has that region).
   const int64_t keep = n_past / kPageTokens;
   int64_t m = keep, cost = 0;
   while (m < int64_t(w.pages.size())) {
     const int64_t c = pool.is_idle(w.pages[size_t(m)]) ? 1 : 0;
-    if (!pool.affordable(kv_, cost + c)) break;
+    if (cost + c > kv_.reserved + pool.unreserved(region)) break;
     cost += c;
     m++;
   }

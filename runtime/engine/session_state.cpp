@@ -217,8 +217,11 @@ void Session::load_state(const std::string &blob) {
   {
     auto lk = lock_settled();
     if (turn_active_) fail(DSRT_ERR_BAD_STATE, "cannot load state in the middle of a generation turn");
-    if (!engine_->pool_->grow(fresh, int64_t(n_tok))) {
-      if (engine_->pool_->unreserved() + engine_->pool_->releasable(kv_) < KvPagePool::pages_for(int64_t(n_tok)))
+    KvPagePool &pool = *engine_->pool_;
+    if (!pool.grow(fresh, int64_t(n_tok))) {
+      // What the session lets go of comes back to its own region only; without pages it has nothing to let go
+      // of, and the state did not fit in the region with the most room.
+      if (kv_.region < 0 || pool.unreserved(kv_.region) + pool.releasable(kv_) < KvPagePool::pages_for(int64_t(n_tok)))
         fail(DSRT_ERR_CONTEXT_FULL, "the engine's KV pool has no room for this state");
       in_place = true;
       drop_drafts();
@@ -230,8 +233,8 @@ void Session::load_state(const std::string &blob) {
       logits_.clear();
       logits_rows_ = 0;
       engine_->release_pages(*this, 0);
-      engine_->pool_->unreserve(kv_);
-      if (!engine_->pool_->grow(fresh, int64_t(n_tok)))
+      pool.unreserve(kv_);
+      if (!pool.grow(fresh, int64_t(n_tok)))
         fail(DSRT_ERR_INTERNAL, "the engine's KV pool lost the pages of a state load; the session is now empty");
     }
   }
@@ -253,7 +256,7 @@ void Session::load_state(const std::string &blob) {
   auto lk = lock_settled();
   engine_->release_pages(*this, 0);  // the old pages, if any (none when replaced in place)
   engine_->pool_->unreserve(kv_);
-  kv_.pages = std::move(fresh.pages);
+  kv_ = std::move(fresh);  // its pages and their region (it has no reservation)
   published_ = 0;
   tokens_ = std::move(t);
   pending_ = std::move(p);
