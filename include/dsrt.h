@@ -242,6 +242,11 @@ typedef struct dsrt_engine_params {
   int32_t ep;                 /* expert-parallel ranks (routed experts split); default 1. The engine runs tp * ep
                                  ranks, today as threads of this process on the CPU backend; tp must divide the
                                  attention heads and ep the routed experts (DSRT_ERR_INVALID_ARGUMENT otherwise). */
+  int32_t dp_attention;       /* 1: data-parallel attention (tp 1, ep = the ranks): each rank runs attention, the
+                                 dense layers and the head whole on its own sessions and keeps only their latent
+                                 cache (max_tokens or kv_memory_fraction is then per rank), and MoE layers send only
+                                 the routed rows between ranks. For batches of many sessions. With mtp_drafts:
+                                 DSRT_ERR_UNSUPPORTED. 0 (default): attention tensor-parallel over the tp ranks. */
 } dsrt_engine_params;
 
 /* AUTO: DSRT_PRECISION_FP8 on a GPU, DSRT_PRECISION_FP32 on the CPU. */
@@ -310,6 +315,8 @@ typedef struct dsrt_dist_params {
   int32_t timeout_ms;         /* how long a rank waits for another (joining, each collective); 0 (default):
                                  $DSRT_DIST_TIMEOUT_MS, else 120000. An idle worker waits for rank 0's next step
                                  as long as rank 0's process lives. */
+  int32_t dp_attention;       /* 1: data-parallel attention (dsrt_engine_params.dp_attention), which a worker must
+                                 be told as rank 0 is; 0 (default): rank 0's engine params say */
 } dsrt_dist_params;
 
 DSRT_API void dsrt_dist_params_init(dsrt_dist_params *p, size_t size);

@@ -155,6 +155,12 @@ std::vector<std::string> none(int) { return {}; }
 
 struct Split {
   int tp, ep;
+  bool dp = false;  // data-parallel attention
+  std::vector<std::string> args() const {
+    std::vector<std::string> a{"--tp", std::to_string(tp), "--ep", std::to_string(ep)};
+    if (dp) a.push_back("--dp-attention");
+    return a;
+  }
 };
 
 }  // namespace
@@ -323,10 +329,11 @@ TEST_CASE("ranks in 2 and 4 processes give one rank's logits and greedy tokens (
     const std::string ref_ids = one_gen->stdout_text();
     REQUIRE(ref.size() > 1000);
     REQUIRE(ref_ids.size() > 10);
-    for (Split sp : {Split{2, 1}, Split{1, 2}, Split{2, 2}}) {
+    for (Split sp : {Split{2, 1}, Split{1, 2}, Split{2, 2}, Split{1, 2, true}}) {
       const int world = sp.tp * sp.ep;
       CAPTURE(sp.tp);
       CAPTURE(sp.ep);
+      CAPTURE(sp.dp);
       if (!dsrt::gloo_available()) {
         auto ps = run_ranks(world, eval, [&](int) { return std::vector<std::string>{"--logits-out", (d / "x.bin").string()}; }, "nogloo");
         CHECK(ps[0]->code == 1);
@@ -334,14 +341,15 @@ TEST_CASE("ranks in 2 and 4 processes give one rank's logits and greedy tokens (
         CHECK(ps[0]->stderr_text().find("Gloo") != std::string::npos);
         continue;
       }
-      const std::string split = "tp" + std::to_string(sp.tp) + "ep" + std::to_string(sp.ep);
+      const std::string split = "tp" + std::to_string(sp.tp) + "ep" + std::to_string(sp.ep) + (sp.dp ? "dp" : "");
       const fs::path out = d / (split + ".bin");
       auto ps = run_ranks(
           world, eval,
           [&](int r) {
             // only rank 0 writes; the followers get another path, which must stay absent
-            return std::vector<std::string>{"--tp", std::to_string(sp.tp), "--ep", std::to_string(sp.ep), "--logits-out",
-                                            r == 0 ? out.string() : (d / (split + "-follower.bin")).string()};
+            auto a = sp.args();
+            a.insert(a.end(), {"--logits-out", r == 0 ? out.string() : (d / (split + "-follower.bin")).string()});
+            return a;
           },
           "eval-" + split);
       for (int r = 0; r < world; r++) {
@@ -353,7 +361,7 @@ TEST_CASE("ranks in 2 and 4 processes give one rank's logits and greedy tokens (
       const std::vector<float> par = floats(out);
       REQUIRE(par.size() == ref.size());
       CHECK(rel_l2(par.data(), ref.data(), ref.size()) <= 1e-5);
-      auto gs = run_ranks(world, gen, [&](int) { return std::vector<std::string>{"--tp", std::to_string(sp.tp), "--ep", std::to_string(sp.ep)}; },
+      auto gs = run_ranks(world, gen, [&](int) { return sp.args(); },
                           "gen-" + split);
       for (int r = 0; r < world; r++) {
         CAPTURE(r);
@@ -387,6 +395,17 @@ TEST_CASE("ranks that do not agree, or do not come, fail cleanly with the number
     }
     CHECK(ps[0]->stderr_text().find("DSRT_ERR_INVALID_ARGUMENT") != std::string::npos);
     CHECK(ps[0]->stderr_text().find("rank 1 was started for a world of 4 ranks, rank 0 for 2") != std::string::npos);
+  }
+  // rank 1 runs attention data-parallel, rank 0 not
+  {
+    auto ps = run_ranks(2, gen, [](int r) {
+      std::vector<std::string> a{"--ep", "2"};
+      if (r == 1) a.push_back("--dp-attention");
+      return a;
+    }, "dp-mismatch");
+    for (auto &p : ps) CHECK(p->code == 1);
+    CHECK(ps[0]->stderr_text().find("rank 1 splits the model tp 1 x ep 2 with data-parallel attention, rank 0 tp 1 x ep 2") !=
+          std::string::npos);
   }
   // rank 1 loaded another checkpoint (same shapes, other weights)
   {

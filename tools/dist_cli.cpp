@@ -14,6 +14,7 @@ dsrt_dist_params dist_params(const DistArgs &a) {
   p.coordinator = a.coordinator.empty() ? nullptr : a.coordinator.c_str();
   p.tp = a.tp;
   p.ep = a.ep;
+  p.dp_attention = a.dp_attention ? 1 : 0;
   return p;
 }
 
@@ -24,6 +25,7 @@ bool is_follower(const DistArgs &a) {
   s.coordinator = a.coordinator;
   s.tp = a.tp;
   s.ep = a.ep;
+  s.dp_attention = a.dp_attention;
   s = resolve_dist_spec(s);
   return s.world > 1 && s.rank > 0;
 }

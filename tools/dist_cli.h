@@ -13,6 +13,7 @@ namespace dsrt::tools {
 struct DistArgs {
   std::string model, coordinator;
   int world = 0, rank = -1, tp = 0, ep = 0, threads = 0;
+  bool dp_attention = false;
   int backend = DSRT_BACKEND_CPU;  // dsrt_backend the worker loads the model on (as rank 0 does)
 };
 

@@ -437,7 +437,7 @@ void dsrt_engine_params_init(dsrt_engine_params *p, size_t size) {
 namespace {
 // The dist params with what they leave open resolved from the environment (dist/launcher_env.h); the engine
 // params' tp x ep stand in for an open split.
-dsrt::DistSpec dist_spec(const dsrt_dist_params *dist, int32_t tp, int32_t ep) {
+dsrt::DistSpec dist_spec(const dsrt_dist_params *dist, int32_t tp, int32_t ep, bool dp_attention) {
   const dsrt_dist_params d = read_params(dist, dsrt_dist_params_init, "dsrt_dist_params");
   DSRT_REQUIRE(d.world >= 0 && d.world <= 1024, "world must be in [0, 1024]");
   DSRT_REQUIRE(d.rank >= -1, "rank must be >= -1");
@@ -449,8 +449,9 @@ dsrt::DistSpec dist_spec(const dsrt_dist_params *dist, int32_t tp, int32_t ep) {
   s.tp = d.tp;
   s.ep = d.ep;
   s.timeout_ms = d.timeout_ms;
+  s.dp_attention = d.dp_attention != 0 || dp_attention;
   s = dsrt::resolve_dist_spec(s);
-  if (s.world > 1 && d.tp == 0 && d.ep == 0 && int64_t(tp) * ep == s.world) s.tp = tp, s.ep = ep;
+  if (s.world > 1 && d.tp == 0 && d.ep == 0 && int64_t(tp) * ep == s.world && !s.dp_attention) s.tp = tp, s.ep = ep;
   return s;
 }
 }  // namespace
@@ -469,7 +470,7 @@ dsrt_status dsrt_worker_run(dsrt_model *m, const dsrt_dist_params *dist) {
   return guarded([&] {
     DSRT_REQUIRE(m, "model is NULL");
     if (!m->model->has_weights) dsrt::fail(DSRT_ERR_UNSUPPORTED, "the model was loaded with tokenizer_only: no worker can run it");
-    const dsrt::DistSpec s = dist_spec(dist, 1, 1);
+    const dsrt::DistSpec s = dist_spec(dist, 1, 1, false);
     if (s.world < 2) dsrt::failf(DSRT_ERR_INVALID_ARGUMENT, "a worker needs a world of >= 2 ranks, got ", s.world);
     if (s.rank == 0) dsrt::fail(DSRT_ERR_INVALID_ARGUMENT, "rank 0 creates the engine (dsrt_engine_create_dist), it is not a worker");
     dsrt::BackendOptions bo;
@@ -517,7 +518,8 @@ dsrt_status dsrt_engine_create_dist(dsrt_model *m, const dsrt_engine_params *par
     DSRT_REQUIRE(p.tp >= 1 && p.ep >= 1 && int64_t(p.tp) * p.ep <= 1024, "tp and ep must be >= 1 (and tp * ep <= 1024)");
     eo.tp = p.tp;
     eo.ep = p.ep;
-    if (dist) eo.dist = dist_spec(dist, p.tp, p.ep);
+    eo.dp_attention = p.dp_attention != 0;
+    if (dist) eo.dist = dist_spec(dist, p.tp, p.ep, eo.dp_attention);
     if (eo.dist.world < 2) eo.dist = {};
     eo.backend_kind = m->backend == DSRT_BACKEND_CUDA ? dsrt::BackendKind::Cuda : dsrt::BackendKind::Cpu;
     const dsrt::Placement &pl = m->model->placement;

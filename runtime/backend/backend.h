@@ -39,6 +39,10 @@ struct Batch {
   std::vector<int32_t> positions;  // [T]
   std::vector<SeqSlice> seqs;
   std::vector<int32_t> pages;      // every sequence's page table, back to back
+  // Data-parallel attention (dist/mapping.h): > 0 when each rank keeps the cache of its own sequences in a
+  // pool of this many pages; page g then lives on rank g / rank_pages as its page g % rank_pages, and every
+  // page of a sequence on one rank. 0: every rank's pool holds every page.
+  int32_t rank_pages = 0;
   int64_t n_tokens() const { return int64_t(tokens.size()); }
   const int32_t *pages_of(const SeqSlice &s) const { return pages.data() + s.page0; }
   // Appends a sequence with its page table; its rows are appended by the caller.
@@ -52,6 +56,7 @@ struct Batch {
     b.tokens = tokens;
     b.positions = positions;
     b.pages = pages;
+    b.rank_pages = rank_pages;
     b.seqs = keep;
     return b;
   }

@@ -76,6 +76,7 @@ DistSpec resolve_dist_spec(DistSpec s) {
   if (s.rank < 0) failf(DSRT_ERR_INVALID_ARGUMENT, "a world of ", s.world, " ranks but no rank for this process");
   if (s.world < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "a world of ", s.world, " ranks (from ", from, ")");
   if (s.rank >= s.world) failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", s.rank, " is outside a world of ", s.world, " ranks (from ", from, ")");
+  if (s.dp_attention && s.tp == 0 && s.ep == 0) s.tp = 1, s.ep = s.world;
   if (s.tp == 0 && s.ep == 0) s.tp = s.world, s.ep = 1;
   else if (s.tp == 0) s.tp = s.ep > 0 && s.world % s.ep == 0 ? s.world / s.ep : 0;
   else if (s.ep == 0) s.ep = s.world % s.tp == 0 ? s.world / s.tp : 0;

@@ -19,6 +19,7 @@ struct DistSpec {
   int tp = 0, ep = 0;       // 0: not given (tp = world / ep, ep = world / tp, or tp = world, ep = 1)
   std::string coordinator;  // HOST:PORT of rank 0's rendezvous
   int64_t timeout_ms = 0;   // 0: DSRT_DIST_TIMEOUT_MS, else kDefaultDistTimeoutMs
+  bool dp_attention = false;  // data-parallel attention (dist/mapping.h): then tp 1, ep = world
 
   bool several() const { return world > 1; }
 };

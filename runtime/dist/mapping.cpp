@@ -17,6 +17,17 @@ void Mapping::validate() const {
   if (int64_t(tp) * ep != world)
     failf(DSRT_ERR_INVALID_ARGUMENT, "tp ", tp, " x ep ", ep, " = ", int64_t(tp) * ep, " ranks, but the world has ", world);
   if (rank < 0 || rank >= world) failf(DSRT_ERR_INVALID_ARGUMENT, "rank ", rank, " is outside a world of ", world);
+  if (dp_attention && tp != 1)
+    failf(DSRT_ERR_INVALID_ARGUMENT, "data-parallel attention splits the ranks by sequences and the experts over all of "
+          "them (tp 1, ep = world), not tp ", tp);
+}
+
+int Mapping::expert_owner(int64_t e, int64_t n_experts) const {
+  // The inverse of experts(): the first n % ep groups own one expert more.
+  const int64_t base = n_experts / ep, extra = n_experts % ep;
+  const int64_t big = extra * (base + 1);
+  const int64_t group = e < big ? e / (base + 1) : extra + (e - big) / base;
+  return int(group) * tp;
 }
 
 void Mapping::check_divides(const ModelConfig &c) const {
@@ -35,7 +46,8 @@ void Mapping::check_divides(const ModelConfig &c) const {
 
 std::string Mapping::str() const {
   return "rank " + std::to_string(rank) + " of " + std::to_string(world) + " (tp " + std::to_string(tp) + " x ep " +
-         std::to_string(ep) + ": tp rank " + std::to_string(tp_rank()) + ", ep rank " + std::to_string(ep_rank()) + ")";
+         std::to_string(ep) + (dp_attention ? ", data-parallel attention" : "") + ": tp rank " + std::to_string(tp_rank()) +
+         ", ep rank " + std::to_string(ep_rank()) + ")";
 }
 
 }  // namespace dsrt

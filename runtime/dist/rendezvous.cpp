@@ -155,9 +155,12 @@ struct RendezvousServer::State {
     if (h.rank < 0 || h.rank >= leader.world)
       return "rank " + std::to_string(h.rank) + " is outside the world of " + std::to_string(leader.world) + " ranks";
     if (joined.count(h.rank)) return "two processes say they are rank " + std::to_string(h.rank) + " of " + std::to_string(leader.world);
-    if (h.tp != leader.tp || h.ep != leader.ep)
-      return "rank " + std::to_string(h.rank) + " splits the model tp " + std::to_string(h.tp) + " x ep " + std::to_string(h.ep) +
-             ", rank 0 tp " + std::to_string(leader.tp) + " x ep " + std::to_string(leader.ep);
+    if (h.tp != leader.tp || h.ep != leader.ep || h.dp_attention != leader.dp_attention) {
+      auto split = [](const RankHello &x) {
+        return "tp " + std::to_string(x.tp) + " x ep " + std::to_string(x.ep) + (x.dp_attention ? " with data-parallel attention" : "");
+      };
+      return "rank " + std::to_string(h.rank) + " splits the model " + split(h) + ", rank 0 " + split(leader);
+    }
     code = DSRT_ERR_VERSION_MISMATCH;
     if (h.version != leader.version)
       return "rank " + std::to_string(h.rank) + " runs dsrt " + h.version + ", rank 0 dsrt " + leader.version;
@@ -170,14 +173,15 @@ struct RendezvousServer::State {
   void handle(Conn &c, uint32_t op, std::vector<std::string> &f) {
     switch (op) {
       case kHello: {
-        if (f.size() != 6) return reply(c, DSRT_ERR_FORMAT, {"malformed hello"});
+        if (f.size() != 7) return reply(c, DSRT_ERR_FORMAT, {"malformed hello"});
         RankHello h;
         try {
           h.rank = std::stoi(f[0]), h.world = std::stoi(f[1]), h.tp = std::stoi(f[2]), h.ep = std::stoi(f[3]);
         } catch (const std::exception &) {
           return reply(c, DSRT_ERR_FORMAT, {"malformed hello"});
         }
-        h.version = f[4], h.checkpoint = f[5];
+        h.dp_attention = f[4] == "dp";
+        h.version = f[5], h.checkpoint = f[6];
         if (fatal_code) return reply(c, fatal_code, {fatal});
         uint32_t code;
         const std::string why = mismatch(h, code);
@@ -424,8 +428,8 @@ std::vector<std::string> RendezvousClient::call(uint32_t op, const std::vector<s
 void RendezvousClient::hello(const RankHello &me) {
   // The server answers by its own deadline (the same timeout, started earlier); a little more here.
   call(kHello,
-       {std::to_string(me.rank), std::to_string(me.world), std::to_string(me.tp), std::to_string(me.ep), me.version,
-        me.checkpoint},
+       {std::to_string(me.rank), std::to_string(me.world), std::to_string(me.tp), std::to_string(me.ep),
+        me.dp_attention ? "dp" : "tp", me.version, me.checkpoint},
        timeout_ms_ + 5000);
 }
 

@@ -20,6 +20,7 @@ struct RankHello {
   int rank = 0, world = 1, tp = 1, ep = 1;
   std::string version;     // dsrt's version string
   std::string checkpoint;  // the model's identity (Model::fingerprint)
+  bool dp_attention = false;  // data-parallel attention (dist/mapping.h)
 };
 
 // Rank 0's side. Listens at construction (DSRT_ERR_IO naming the address when it cannot) and serves on its

@@ -32,14 +32,16 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
             "(dsrt worker, dsrt_worker_run), not an engine");
     opt_.tp = d.tp;
     opt_.ep = d.ep;
-    Mapping{d.world, 0, d.tp, d.ep}.check_divides(model_->cfg);  // before joining: the followers check the same
+    opt_.dp_attention = d.dp_attention;
+    Mapping{d.world, 0, d.tp, d.ep, d.dp_attention}.check_divides(model_->cfg);  // before joining: the followers check the same
     check_gpu_split(opt_.backend_kind, *model_, d.tp, d.ep);
     ProcessRank me = join_as_process(*model_, d, opt_.backend_kind, opt_.backend);
-    ranks_ = std::make_unique<RankGroup>(*model_, std::move(me.comm), std::move(me.backend));
+    ranks_ = std::make_unique<RankGroup>(*model_, std::move(me.comm), std::move(me.backend), d.dp_attention);
     init();
     return;
   }
   const int world = std::max(1, opt_.tp) * std::max(1, opt_.ep);
+  Mapping{world, 0, std::max(1, opt_.tp), std::max(1, opt_.ep), opt_.dp_attention}.validate();
   const bool gpus = opt_.backend_kind != BackendKind::Cpu && world > 1;
   RankGroup::MakeComms comms;
   if (gpus) {
@@ -68,7 +70,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
       bo.n_threads = std::max(1, all / world);
     }
     return make_backend(opt_.backend_kind, bo);
-  }, comms);
+  }, comms, opt_.dp_attention);
   init();
 }
 
@@ -76,6 +78,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
                std::unique_ptr<Backend> backend, const EngineOptions &opt)
     : model_(std::move(model)), vocab_(or_config_only(std::move(vocab), *model_)), opt_(opt) {
   opt_.tp = opt_.ep = 1;
+  opt_.dp_attention = false;
   ranks_ = std::make_unique<RankGroup>(*model_, 1, 1, [&](int) { return std::move(backend); });
   init();
 }
@@ -83,6 +86,10 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
 void Engine::init() {
   const ModelConfig &c = model_->cfg;
   mtp_ = opt_.mtp_drafts > 0 && !model_->w.mtp.empty();
+  const bool dp = opt_.dp_attention && world() > 1;
+  if (dp && mtp_)
+    fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with data-parallel attention (a session's hidden states stay on its rank): "
+         "turn one of them off");
   // The weights first (the MTP layer's only when drafts are on): on a GPU they take the device memory the KV
   // pool is then sized from. They go into the model's store for the device, shared with its other engines.
   // Routed experts the placement left in host memory are read there (expert offload); then the routed experts
@@ -134,7 +141,10 @@ void Engine::init() {
           default_kv_tokens(c), " tokens) the device budget kept for it at load (dsrt_model_params.device_memory, "
           "--gpu-memory)");
   ranks_->kv_init(spec, mtp_);
-  pool_ = std::make_unique<KvPagePool>(n_pages, opt_.prefix_cache_pages);
+  // With data-parallel attention every rank has a pool of n_pages for its own sessions; rank 0's page pool is
+  // theirs side by side (a region per rank, Batch::rank_pages).
+  rank_pages_ = dp ? n_pages : 0;
+  pool_ = std::make_unique<KvPagePool>(dp ? n_pages * world() : n_pages, opt_.prefix_cache_pages, dp ? world() : 1);
   // Sampling on the device: one rank in this process (the several-rank path keeps the host sampler), a backend
   // with a sampling kernel.
   const char *ds = std::getenv("DSRT_DEVICE_SAMPLING");
@@ -142,7 +152,7 @@ void Engine::init() {
                      backend().samples_on_device();
   const char *ra = std::getenv("DSRT_RUN_AHEAD");
   run_ahead_ = device_sampling_ && !mtp_ && opt_.run_ahead && !(ra && std::string(ra) == "0");
-  stats_.pages_total = n_pages;
+  stats_.pages_total = pool_->total();
   loop_ = std::thread([this] { loop(); });
 }
 
@@ -156,8 +166,8 @@ Engine::~Engine() {
 }
 
 std::shared_ptr<Session> Engine::create_session(int64_t max_ctx, bool logits_all, uint64_t seed) {
-  if (max_ctx <= 0) max_ctx = capacity_tokens();
-  max_ctx = std::min<int64_t>(max_ctx, capacity_tokens());
+  if (max_ctx <= 0) max_ctx = session_capacity_tokens();
+  max_ctx = std::min<int64_t>(max_ctx, session_capacity_tokens());
   auto s = std::make_shared<Session>(shared_from_this(), max_ctx, logits_all, seed);
   std::lock_guard lk(mu_);
   sessions_.push_back(s.get());

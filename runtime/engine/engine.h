@@ -44,6 +44,12 @@ struct EngineOptions {
   // ranks are processes. On the CUDA backend each in-process rank has a GPU, backend.device + rank, and a
   // thread, with NCCL between them.
   int tp = 1, ep = 1;
+  // Data-parallel attention (dist/mapping.h; tp 1, ep = the ranks): each rank runs attention, the dense
+  // layers and the head whole on its own sessions, whose latent cache it alone keeps, and the MoE layers send
+  // only the routed rows between ranks. The KV pool is then max_tokens (or kv_memory_fraction) per rank, and
+  // a session's context at most one rank's pool. For batches of many sessions; no MTP drafts, no session
+  // state save/restore of a session held by a rank in another process.
+  bool dp_attention = false;
   // Ranks in several processes (docs/engine.md, "Ranks in several processes"): world > 1 makes this engine
   // rank 0 (resolved with resolve_dist_spec; tp x ep from here), which serves the rendezvous at
   // dist.coordinator and sends every step to the followers (run_follower_process): over Gloo on the CPU,
@@ -97,6 +103,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   const Vocabulary &vocab() const { return *vocab_; }
   const EngineOptions &options() const { return opt_; }
   int64_t capacity_tokens() const { return pool_->total() * kPageTokens; }
+  // The longest context one session can have: the pool, or one rank's pool with data-parallel attention.
+  int64_t session_capacity_tokens() const { return (rank_pages_ ? rank_pages_ : pool_->total()) * kPageTokens; }
   bool mtp_enabled() const { return mtp_; }
   bool device_sampling() const { return device_sampling_; }  // EngineOptions::device_sampling, in effect
   int world() const { return ranks_->world(); }
@@ -149,6 +157,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_ptr<RankGroup> ranks_;
   std::unique_ptr<KvPagePool> pool_;
   bool mtp_ = false;
+  int64_t rank_pages_ = 0;  // data-parallel attention: pages of each rank's pool (Batch::rank_pages), else 0
   bool device_sampling_ = false;
   bool run_ahead_ = false;  // EngineOptions::run_ahead, in effect
 

@@ -85,9 +85,29 @@ void run_mtp_pass(const ModelShard &shard, Backend &be, Communicator &comm, cons
   normed = out;  // (none when the pass has no logit rows: nothing chains on a catch-up pass)
 }
 
+// Rank 0's page `page` in the pool of rank `rank`: itself, or with data-parallel attention (rank_pages > 0) its
+// number in that rank's pool when it lies there, else -1 (another rank's).
+int32_t page_on_rank(int32_t page, int rank, int64_t rank_pages) {
+  if (rank_pages <= 0) return page;
+  return page / rank_pages == rank ? int32_t(page % rank_pages) : -1;
+}
+
+// A sequence's pages on rank `rank` (all of them or none: they lie in one rank's pool).
+bool pages_on_rank(const std::vector<int32_t> &pages, int rank, int64_t rank_pages, std::vector<int32_t> &out) {
+  out.clear();
+  for (int32_t p : pages) {
+    const int32_t q = page_on_rank(p, rank, rank_pages);
+    if (q < 0) return false;
+    out.push_back(q);
+  }
+  return true;
+}
+
 // Runs rank 0's messages until Stop, or throws.
 void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
   Tensor hidden, normed;  // the last forward's hidden states and MTP pass's output (MTP drafts)
+  const int rank = shard.map.rank;
+  int64_t rank_pages = 0;  // data-parallel attention: this rank's pool, from KvInit
   for (;;) {
     std::string bytes;
     comm.broadcast(bytes, 0);
@@ -121,14 +141,15 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         // Its shard only (the MTP layer's part when drafts are on).
         be.prepare_weights(shard.model->device_weights, shard.weights(mtp), {});
         be.kv_init(spec);
+        rank_pages = shard.map.attention_data_parallel() ? spec.max_pages : 0;
         break;
       }
       case Msg::CopyPages: {
         const auto n = in.get<uint64_t>();
         if (n > bytes.size() / 8) fail(DSRT_ERR_FORMAT, "rank 0's page copy message is malformed");
         for (uint64_t i = 0; i < n; i++) {
-          const auto from = in.get<int32_t>(), to = in.get<int32_t>();
-          be.kv_copy_page(from, to);
+          const auto from = page_on_rank(in.get<int32_t>(), rank, rank_pages), to = page_on_rank(in.get<int32_t>(), rank, rank_pages);
+          if (from >= 0 && to >= 0) be.kv_copy_page(from, to);
         }
         in.done();
         break;
@@ -143,7 +164,8 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         std::vector<float> data(floats);
         in.take(data.data(), floats * 4);
         in.done();
-        be.kv_write(pages.data(), n_tok, data.data());
+        std::vector<int32_t> mine;
+        if (pages_on_rank(pages, rank, rank_pages, mine)) be.kv_write(mine.data(), n_tok, data.data());
         break;
       }
       default:
@@ -155,8 +177,9 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
 }  // namespace
 
 RankGroup::RankGroup(const Model &model, int tp, int ep,
-                     const std::function<std::unique_ptr<Backend>(int rank)> &make_backend, const MakeComms &make_comms) {
-  Mapping shape{tp * ep, 0, tp, ep};
+                     const std::function<std::unique_ptr<Backend>(int rank)> &make_backend, const MakeComms &make_comms,
+                     bool dp_attention) {
+  Mapping shape{tp * ep, 0, tp, ep, dp_attention};
   shape.check_divides(model.cfg);
   ranks_.resize(size_t(shape.world));
   std::vector<Backend *> backends;
@@ -172,22 +195,28 @@ RankGroup::RankGroup(const Model &model, int tp, int ep,
   for (int r = 0; r < shape.world; r++) {
     Rank &k = ranks_[size_t(r)];
     k.comm = std::move(comms[size_t(r)]);
-    k.shard = ModelShard::bind(model, k.comm->mapping());
+    Mapping m = k.comm->mapping();
+    m.dp_attention = dp_attention;
+    k.shard = ModelShard::bind(model, m);
   }
   for (int r = 1; r < shape.world; r++) {
     Rank &k = ranks_[size_t(r)];
     k.thread = std::thread([this, &k] { follow(k); });
   }
   if (shape.world > 1) log(LogLevel::Info, "dsrt: " + std::to_string(shape.world) + " in-process ranks (tp " +
-                                               std::to_string(tp) + " x ep " + std::to_string(ep) + ")");
+                                               std::to_string(tp) + " x ep " + std::to_string(ep) +
+                                               (dp_attention ? ", data-parallel attention)" : ")"));
 }
 
-RankGroup::RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend)
+RankGroup::RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend,
+                     bool dp_attention)
     : remote_(true) {
   if (comm->mapping().rank != 0) fail(DSRT_ERR_INTERNAL, "a rank group is led by rank 0");
   ranks_.resize(1);
   Rank &k = ranks_[0];
-  k.shard = ModelShard::bind(model, comm->mapping());
+  Mapping m = comm->mapping();
+  m.dp_attention = dp_attention;
+  k.shard = ModelShard::bind(model, m);
   k.comm = std::move(comm);
   k.backend = std::move(backend);
 }
@@ -232,6 +261,7 @@ void RankGroup::for_each_rank(const std::function<void(Backend &, const ModelSha
 
 void RankGroup::kv_init(const KvCacheSpec &spec, bool mtp) {
   for_each_backend([&](Backend &be) { be.kv_init(spec); });
+  rank_pages_ = ranks_[0].shard.map.attention_data_parallel() ? spec.max_pages : 0;
   if (!remote_) return;
   std::string m = message(Msg::KvInit);
   put(m, spec.n_layers);
@@ -243,9 +273,11 @@ void RankGroup::kv_init(const KvCacheSpec &spec, bool mtp) {
 }
 
 void RankGroup::kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to) {
-  for_each_backend([&](Backend &be) {
-    for (auto [from, to] : from_to) be.kv_copy_page(from, to);
-  });
+  for (Rank &r : ranks_)
+    for (auto [from, to] : from_to) {
+      const int32_t a = page_on_rank(from, r.shard.map.rank, rank_pages_), b = page_on_rank(to, r.shard.map.rank, rank_pages_);
+      if (a >= 0 && b >= 0) r.backend->kv_copy_page(a, b);
+    }
   if (!remote_) return;
   std::string m = message(Msg::CopyPages);
   put(m, uint64_t(from_to.size()));
@@ -257,7 +289,9 @@ void RankGroup::kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &fr
 }
 
 void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats) {
-  for_each_backend([&](Backend &be) { be.kv_write(pages.data(), n_tokens, src); });
+  std::vector<int32_t> mine;
+  for (Rank &r : ranks_)
+    if (pages_on_rank(pages, r.shard.map.rank, rank_pages_, mine)) r.backend->kv_write(mine.data(), n_tokens, src);
   if (!remote_) return;
   std::string m = message(Msg::KvWrite);
   put(m, n_tokens);
@@ -265,6 +299,16 @@ void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, co
   put(m, pages.data(), pages.size() * 4);
   put(m, src, n_floats * sizeof(float));
   send(m);
+}
+
+void RankGroup::kv_read(const std::vector<int32_t> &pages, int64_t n_tokens, float *dst) {
+  std::vector<int32_t> mine;
+  for (Rank &r : ranks_)
+    if (pages_on_rank(pages, r.shard.map.rank, rank_pages_, mine)) {
+      r.backend->kv_read(mine.data(), n_tokens, dst);
+      return;
+    }
+  fail(DSRT_ERR_UNSUPPORTED, "reading a session's cache held by a rank in another process (data-parallel attention)");
 }
 
 void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out, Tensor *logits_tensor_out) {
@@ -353,7 +397,7 @@ ProcessRank join_as_process(const Model &model, const DistSpec &spec, BackendKin
 
 void run_follower_process(const Model &model, const DistSpec &spec, BackendKind kind, const BackendOptions &opt) {
   if (spec.world < 2 || spec.rank < 1) failf(DSRT_ERR_INVALID_ARGUMENT, "a follower is rank 1..world-1 of a world of >= 2, not rank ", spec.rank, " of ", spec.world);
-  const Mapping m{spec.world, spec.rank, spec.tp, spec.ep};
+  const Mapping m{spec.world, spec.rank, spec.tp, spec.ep, spec.dp_attention};
   m.check_divides(model.cfg);  // before joining: rank 0 checks the same and the group would not start
   check_gpu_split(kind, model, spec.tp, spec.ep);
   const ModelShard shard = ModelShard::bind(model, m);

@@ -27,11 +27,13 @@ class RankGroup {
   // tp * ep ranks of `model` in this process, each with a backend made by make_backend(rank), and communicators
   // made by make_comms (default: the single communicator for one rank, else make_local_group, whose
   // collectives exchange host memory). Throws DSRT_ERR_INVALID_ARGUMENT when the mapping does not divide the model.
+  // dp_attention: data-parallel attention (dist/mapping.h; tp must be 1).
   RankGroup(const Model &model, int tp, int ep, const std::function<std::unique_ptr<Backend>(int rank)> &make_backend,
-            const MakeComms &make_comms = {});
+            const MakeComms &make_comms = {}, bool dp_attention = false);
   // Rank 0 of ranks in several processes: `comm` is rank 0's, joined to the others (join_process_group);
   // the other ranks run run_follower_process.
-  RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend);
+  RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std::unique_ptr<Backend> backend,
+            bool dp_attention = false);
   ~RankGroup();  // stops the followers (threads joined; processes told to leave)
 
   int world() const { return ranks_[0].comm->mapping().world; }
@@ -45,9 +47,14 @@ class RankGroup {
   void for_each_rank(const std::function<void(Backend &, const ModelShard &)> &fn);
   // Backend jobs for every rank, here and in other processes, between steps.
   // Followers in other processes also prepare their shard's weights (the MTP layer's with `mtp`).
+  // Page ids are rank 0's pool's; with data-parallel attention (each rank's pool spec.max_pages pages of its
+  // own sessions) a rank does the part that falls in its pool, as its own page ids.
   void kv_init(const KvCacheSpec &spec, bool mtp = false);
   void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
   void kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats);
+  // Backend::kv_read from the rank holding the pages: rank 0, or with data-parallel attention the rank whose
+  // pool they are in (DSRT_ERR_UNSUPPORTED when that rank is another process).
+  void kv_read(const std::vector<int32_t> &pages, int64_t n_tokens, float *dst);
   // One forward step on every rank; rank 0's logits of step.logit_rows to logits_out (host). logits_tensor_out
   // (optional, one rank only: world() == 1): the logits left where rank 0's backend computed them, valid until
   // its next step; logits_out may then be null (forward() in deepseek_v3.h). With step.hidden every rank keeps
@@ -69,6 +76,7 @@ class RankGroup {
   void send(const std::string &message);  // to every follower; aborts the group when it fails
   std::vector<Rank> ranks_;
   bool remote_ = false;
+  int64_t rank_pages_ = 0;  // data-parallel attention: pages of each rank's pool (from kv_init), else 0
 };
 
 // A follower rank in its own process (`dsrt worker`, dsrt_worker_run): joins the group of `spec` (resolved,

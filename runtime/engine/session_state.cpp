@@ -113,7 +113,7 @@ std::string Session::save_state() const {
   lk.unlock();  // the cache is read on the step thread, between steps (this thread owns the session meanwhile)
   const int64_t n = int64_t(tokens.size());
   std::vector<float> kv(size_t(n) * size_t(per_token));
-  if (n > 0) engine_->run_between_steps([&] { engine_->backend().kv_read(pages.data(), n, kv.data()); });
+  if (n > 0) engine_->run_between_steps([&] { engine_->ranks_->kv_read(pages, n, kv.data()); });
 
   Writer w;
   w.out.reserve(kMinBlob + 8 * 8 + m.fingerprint.size() + (tokens.size() + pending.size()) * 4 + msgs.size() +

@@ -8,7 +8,7 @@ namespace dsrt {
 namespace {
 
 constexpr uint32_t kStepMagic = 0x50545344;  // "DSTP"
-constexpr uint32_t kStepVersion = 2;  // 2: the hidden flag
+constexpr uint32_t kStepVersion = 3;  // 2: the hidden flag; 3: Batch::rank_pages
 constexpr uint32_t kMtpMagic = 0x50544d44;  // "DMTP"
 
 void put_u32(std::string &o, uint32_t v) { o.append(reinterpret_cast<const char *>(&v), 4); }
@@ -61,6 +61,7 @@ std::string Step::encode() const {
   put_u32(o, uint32_t(kind));
   put_u32(o, uint32_t(policy));
   put_u32(o, hidden ? 1 : 0);
+  put_u32(o, uint32_t(batch.rank_pages));
   put_i32s(o, batch.tokens);
   put_i32s(o, batch.positions);
   put_i32s(o, batch.pages);
@@ -79,6 +80,9 @@ Step Step::decode(std::string_view bytes) {
   const uint32_t kind = in.u32(), policy = in.u32(), flags = in.u32();
   if (flags > 1) failf(DSRT_ERR_FORMAT, "step flags ", flags);
   s.hidden = flags == 1;
+  const uint32_t rank_pages = in.u32();
+  if (rank_pages > uint32_t(INT32_MAX)) failf(DSRT_ERR_FORMAT, "step pages per rank ", rank_pages);
+  s.batch.rank_pages = int32_t(rank_pages);
   if (kind != uint32_t(Kind::Forward) && kind != uint32_t(Kind::Stop)) failf(DSRT_ERR_FORMAT, "step kind ", kind);
   if (policy > uint32_t(AttentionPolicy::Absorbed)) failf(DSRT_ERR_FORMAT, "step attention policy ", policy);
   s.kind = Kind(kind);
@@ -107,6 +111,15 @@ void Step::check(dsrt_status code, const char *what) const {
             int64_t(q.n_past) + q.n_new, ")");
   for (int32_t r : logit_rows)
     if (r < 0 || r >= T) failf(code, what, ": logit row ", r, " lies outside the batch of ", T, " rows");
+  if (batch.rank_pages < 0) failf(code, what, ": ", batch.rank_pages, " pages per rank");
+  if (batch.rank_pages > 0)
+    for (const SeqSlice &q : batch.seqs)
+      for (int32_t k = 0; k < q.n_pages; k++) {
+        const int32_t page = batch.pages_of(q)[k];
+        if (page < 0 || page / batch.rank_pages != batch.pages_of(q)[0] / batch.rank_pages)
+          failf(code, what, ": a sequence's pages lie in the pools of two ranks (", batch.pages_of(q)[0], " and ", page,
+                ", ", batch.rank_pages, " pages per rank)");
+      }
 }
 
 void MtpPass::add_host(const float *rows, int64_t n, int64_t hidden) {

@@ -13,6 +13,7 @@ bool StepRunner::plan() {
   const ModelConfig &c = e_.model_->cfg;
   const int64_t H = c.hidden_size;
   int64_t budget = e_.opt_.max_batch_tokens;
+  step_.batch.rank_pages = int32_t(e_.rank_pages_);  // data-parallel attention: which rank holds which pages
   // Decode rows first (a turn's sampled token), then prefill chunks in arrival order: a long prompt takes
   // what the budget leaves and never delays the sessions that are generating.
   std::vector<Session *> order;

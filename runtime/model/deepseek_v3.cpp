@@ -1,7 +1,11 @@
 // The whole model math in one place. Shapes per token: H hidden, nh heads, dn/dr/dv head dims, dc latent.
 // With tensor/expert parallelism (dist/mapping.h) each rank runs this on its shard: nh and the FFN columns
-// are its share, and the lines marked "comm" join the ranks' partial results.
+// are its share, and the lines marked "comm" join the ranks' partial results. With data-parallel attention
+// each rank runs its own sequences (model/data_parallel.h) and its MoE layers exchange the routed rows.
 #include "model/deepseek_v3.h"
+
+#include "core/status.h"
+#include "model/data_parallel.h"
 
 namespace dsrt {
 namespace {
@@ -77,6 +81,23 @@ Tensor moe(const Pass &p, const LayerWeights &L, Tensor x) {
   return y;
 }
 
+// DeepSeekMoE with data-parallel attention: this rank routes its own rows, sends each to the ranks owning its
+// routed experts (which sum their experts' weighted outputs, skipping the others), and adds up the partial
+// sums that come back; the shared experts run here, whole.
+Tensor moe_dispatched(const Pass &p, const LayerWeights &L, Tensor x) {
+  Backend &be = p.be;
+  const ModelConfig &c = p.m.cfg();
+  const int64_t K = c.num_experts_per_tok;
+  Tensor ids = be.alloc(x.rows, K, DType::I32), wts = be.alloc(x.rows, K);
+  if (x.rows) be.moe_route(x, L.router, L.router_bias, p.m.model->router, ids, wts);
+  const RoutedRows in = dispatch_routed_rows(be, p.comm, p.m.map, x, ids, wts, c.n_routed_experts);  // comm: dispatch
+  Tensor partial = be.alloc(in.x.rows, x.cols);
+  if (in.x.rows) be.moe_experts(in.x, L.experts, in.ids, in.weights, partial);
+  Tensor y = combine_routed_rows(be, p.comm, in, partial, x.rows);  // comm: combine, the partial sums come back
+  if (x.rows && L.shared.gate) be.add(y, ffn(be, x, L.shared));
+  return y;
+}
+
 Tensor dense_ffn(const Pass &p, const LayerWeights &L, Tensor x) {
   Tensor y = ffn(p.be, x, L.dense);
   p.comm.all_reduce_sum(y, Group::Tensor);  // comm: down_proj is row-parallel over the intermediate columns
@@ -88,11 +109,17 @@ void decoder_layer(const Pass &p, const LayerWeights &L, Tensor h, const Batch &
   const ModelConfig &c = p.m.cfg();
   Backend &be = p.be;
   const uint64_t mark = be.scratch_mark();  // a layer's temporaries die with it
+  const bool dp = p.m.map.attention_data_parallel();
+  if (h.rows == 0) {  // data-parallel attention, no sequence on this rank this step: it still serves its experts
+    if (L.moe && dp) moe_dispatched(p, L, h);
+    be.scratch_release(mark);
+    return;
+  }
   Tensor xn = be.alloc(h.rows, h.cols);
   be.rms_norm(h, L.input_norm, c.rms_norm_eps, xn);
   be.add(h, attention(p, L, xn, b));
   be.rms_norm(h, L.post_norm, c.rms_norm_eps, xn);
-  be.add(h, L.moe ? moe(p, L, xn) : dense_ffn(p, L, xn));
+  be.add(h, !L.moe ? dense_ffn(p, L, xn) : dp ? moe_dispatched(p, L, xn) : moe(p, L, xn));
   be.scratch_release(mark);
 }
 
@@ -123,6 +150,19 @@ void forward(const ModelShard &m, Backend &be, Communicator &comm, const Batch &
   const ModelConfig &c = m.cfg();
   const Pass p{m, be, comm, policy};
   be.begin_step();
+  if (m.map.attention_data_parallel()) {
+    if (hidden_out || logits_tensor_out)
+      fail(DSRT_ERR_UNSUPPORTED, "data-parallel attention keeps no hidden states or device logits for the caller");
+    const RankBatch r = rank_batch(b, logit_rows, m.map.rank, m.map.world);  // this rank's sequences
+    Tensor h = be.alloc(r.batch.n_tokens(), c.hidden_size);
+    if (h.rows) be.embed(m.embed, r.batch, h);
+    for (const LayerWeights &L : m.layers) decoder_layer(p, L, h, r.batch);
+    Tensor mine = be.alloc(0, c.vocab_size);
+    if (!r.logit_rows.empty()) logits_of_rows(p, h, r.logit_rows, &m.norm, m.head, nullptr, &mine);
+    Tensor all = gather_logit_rows(be, comm, r, mine);  // comm: the ranks' logit rows to rank 0, in the step's order
+    if (all.rows && logits_out) be.to_host(all, logits_out);
+    return;
+  }
   Tensor h = be.alloc(b.n_tokens(), c.hidden_size);
   be.embed(m.embed, b, h);
   for (const LayerWeights &L : m.layers) decoder_layer(p, L, h, b);
@@ -142,6 +182,7 @@ void mtp_forward(const ModelShard &m, Backend &be, Communicator &comm, const Bat
                  const std::vector<int32_t> &logit_rows, AttentionPolicy policy, float *logits_out, Tensor *normed_out) {
   const ModelConfig &c = m.cfg();
   const Pass p{m, be, comm, policy};
+  if (m.map.attention_data_parallel()) fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with data-parallel attention");
   const LayerWeights &L = m.mtp.at(0);
   const int64_t T = b.n_tokens(), H = c.hidden_size;
   Tensor stacked = be.alloc(2 * T, H);

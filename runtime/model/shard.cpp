@@ -27,8 +27,9 @@ LayerWeights layer_part(const LayerWeights &L, const ModelConfig &c, const Mappi
     for (size_t e = 0; e < L.experts.size(); e++)
       s.experts[e] = mine.contains(int64_t(e)) ? ffn_part(L.experts[e], map.columns(L.experts[e].gate.rows)) : FfnWeights{};
     // The shared experts run in the first expert group only: their partial sums join the routed ones in the
-    // world all-reduce, which would count them once per group otherwise.
-    s.shared = L.shared.gate && map.ep_rank() == 0 ? ffn_part(L.shared, map.columns(L.shared.gate.rows)) : FfnWeights{};
+    // world all-reduce, which would count them once per group otherwise. With data-parallel attention every
+    // rank runs them whole on its own tokens.
+    s.shared = L.shared.gate && (map.ep_rank() == 0 || map.dp_attention) ? ffn_part(L.shared, map.columns(L.shared.gate.rows)) : FfnWeights{};
   }
   if (L.is_mtp && L.head) s.head = out_part(L.head, map.columns(L.head.rows));
   return s;

@@ -156,4 +156,75 @@ TEST_CASE("tensor-parallel ranks sharing one GPU with FP8 activations stay withi
   CHECK(worst <= 3e-2);
 }
 
+// Data-parallel attention on GPU ranks sharing one GPU: three sequences, two on rank 0's pool and one on rank
+// 1's (pages 4..7 of rank 0's pool are rank 1's 0..3), a prefill then decode steps, the last two with rank 1's
+// sequence done (rank 1 then has no rows and serves its experts only). One rank runs the same pages as one
+// pool of 8. The routed rows cross the ranks through the host-staged all-to-all; kernels as on one rank.
+std::vector<float> run_dp(const std::string &dir, int ep, DType kv) {
+  auto loaded = Model::load(dir, {});
+  const Model &model = *loaded;
+  const bool dp = ep > 1;
+  RankGroup g(model, 1, ep, [&](int) {
+    BackendOptions o;
+    o.device = 0;
+    return make_backend(BackendKind::Cuda, o);
+  }, [&](const std::vector<Backend *> &bes) { return make_host_staged_local_group(1, ep, bes); }, dp);
+  g.for_each_rank([&](Backend &be, const ModelShard &shard) {
+    be.prepare_weights(model.device_weights, shard.weights(false), {});
+  });
+  KvCacheSpec spec;
+  spec.n_layers = model.cfg.num_hidden_layers + int64_t(model.w.mtp.size());
+  spec.width = model.cfg.kv_cache_width();
+  spec.max_pages = dp ? 4 : 8;
+  spec.dtype = kv;
+  g.kv_init(spec);
+  const int32_t V = int32_t(model.cfg.vocab_size);
+  const auto prompt = testing::prompt_tokens(V, 70);
+  const std::vector<std::vector<int32_t>> pages = {{2, 0}, {5, 7}, {1, 3}};
+  const int32_t len[3] = {70, 40, 9};
+  std::vector<float> all;
+  int32_t next[3] = {0, 0, 0};
+  for (int step = 0; step < 5; step++) {
+    Step st;
+    st.batch.rank_pages = dp ? 4 : 0;
+    for (int q = 0; q < 3; q++) {
+      if (q == 1 && step >= 3) continue;  // rank 1's sequence is done
+      const int32_t n_past = step ? len[q] + step - 1 : 0, n_new = step ? 1 : len[q];
+      st.batch.add_seq(n_new, n_past, pages[size_t(q)].data(), 2);
+      for (int32_t i = 0; i < n_new; i++) {
+        st.batch.tokens.push_back(step ? next[q] : prompt[size_t(i + q)]);
+        st.batch.positions.push_back(n_past + i);
+      }
+      st.logit_rows.push_back(int32_t(st.batch.tokens.size()) - 1);
+    }
+    std::vector<float> l(st.logit_rows.size() * size_t(V));
+    g.forward(st, l.data());
+    for (size_t k = 0, q = 0; k < st.logit_rows.size(); k++, q++) {
+      if (q == 1 && step >= 3) q++;
+      next[q] = int32_t(std::max_element(l.begin() + k * V, l.begin() + (k + 1) * V) - (l.begin() + k * V));
+    }
+    all.insert(all.end(), l.begin(), l.end());
+  }
+  return all;
+}
+
+TEST_CASE("data-parallel attention on GPU ranks sharing one GPU equals one rank (host-staged all-to-all)") {
+  for (const std::string &dir : {testing::tiny("v3-mini"), testing::tiny("bf16")}) {
+    CAPTURE(dir);
+    for (DType kv : {DType::F32, DType::BF16}) {
+      const std::string kv_name = dtype_name(kv);
+      CAPTURE(kv_name);
+      const auto one = run_dp(dir, 1, kv);
+      for (int ep : {2, 4}) {
+        CAPTURE(ep);
+        const auto par = run_dp(dir, ep, kv);
+        REQUIRE(par.size() == one.size());
+        const double err = testing::rel_l2(par.data(), one.data(), one.size());
+        MESSAGE("data-parallel attention, ep ", ep, " on one GPU vs one rank, ", kv_name, " cache: relative L2 ", err);
+        CHECK(err <= (kv == DType::F32 ? 1e-5 : 1e-3));
+      }
+    }
+  }
+}
+
 #endif  // DSRT_WITH_CUDA

@@ -28,6 +28,7 @@ tools::DistArgs dist_args(const CLI::App &cmd, const ModelOptions &mo, const Eng
   a.rank = d.rank;
   a.tp = cmd.count("--tp") ? eo.tp : 0;
   a.ep = cmd.count("--ep") ? eo.ep : 0;
+  a.dp_attention = eo.dp_attention;
   a.threads = mo.threads;
   a.backend = mo.backend;
   return a;
@@ -59,6 +60,7 @@ void add_worker(CLI::App &app, int &rc) {
   add_backend_option(*cmd, o->model.backend);  // (as rank 0's)
   cmd->add_option("--tp", o->engine.tp, "tensor-parallel ranks (as rank 0)")->check(CLI::Range(1, 1 << 16));
   cmd->add_option("--ep", o->engine.ep, "expert-parallel ranks (as rank 0)")->check(CLI::Range(1, 1 << 16));
+  cmd->add_flag("--dp-attention", o->engine.dp_attention, "data-parallel attention (as rank 0)");
   add_dist_options(*cmd, o->dist);
   cmd->callback([o, cmd, &rc] {
     const tools::DistArgs a = dist_args(*cmd, o->model, o->engine, o->dist);

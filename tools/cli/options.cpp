@@ -130,6 +130,9 @@ void add_engine_options(CLI::App &app, EngineOptions &o) {
   app.add_option("--ep", o.ep, "expert-parallel ranks (in-process on the CPU backend)")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
+  app.add_flag("--dp-attention", o.dp_attention,
+               "data-parallel attention: each of the --ep ranks runs attention on its own sessions and keeps only "
+               "their cache; MoE layers exchange the routed rows (with --tp 1)");
 }
 
 void add_gen_options(CLI::App &app, GenOptions &o, const std::string &n_help) {
@@ -192,6 +195,7 @@ dsrt_engine_params engine_params(const EngineOptions &o, int max_tokens) {
   ep.mtp_drafts = o.mtp ? o.mtp_drafts : 0;
   ep.tp = o.tp;
   ep.ep = o.ep;
+  ep.dp_attention = o.dp_attention ? 1 : 0;
   return ep;
 }
 

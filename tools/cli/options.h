@@ -55,6 +55,7 @@ struct EngineOptions {
   bool mtp = false;
   int mtp_drafts = 1;
   int tp = 1, ep = 1;
+  bool dp_attention = false;
 };
 // Generation: generate --prompt and chat (and the token-id form of generate, which refuses what it cannot use).
 struct GenOptions {

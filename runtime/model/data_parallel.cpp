@@ -1,0 +1,167 @@
+#include "model/data_parallel.h"
+
+#include <algorithm>
+
+#include "core/status.h"
+
+namespace dsrt {
+
+RankBatch rank_batch(const Batch &b, const std::vector<int32_t> &logit_rows, int rank, int world) {
+  const int64_t P = b.rank_pages;
+  if (P <= 0) fail(DSRT_ERR_INTERNAL, "data-parallel attention: the step does not say which rank holds which pages");
+  // The rank of every step row (-1 outside every sequence) and its row on that rank.
+  std::vector<int32_t> owner(size_t(b.n_tokens()), -1), local(size_t(b.n_tokens()), -1);
+  std::vector<int32_t> rows_on(size_t(world), 0);
+  RankBatch r;
+  r.batch.rank_pages = b.rank_pages;
+  for (const SeqSlice &s : b.seqs) {
+    const int32_t *pages = b.pages_of(s);
+    const int64_t home = s.n_pages > 0 ? pages[0] / P : 0;
+    for (int32_t k = 0; k < s.n_pages; k++)
+      if (pages[k] < 0 || pages[k] / P != home)
+        failf(DSRT_ERR_INTERNAL, "data-parallel attention: a sequence's pages lie on ranks ", home, " and ", pages[k] / P);
+    if (home >= world)
+      failf(DSRT_ERR_INTERNAL, "data-parallel attention: page ", pages[0], " lies past the pools of ", world, " ranks");
+    for (int32_t i = 0; i < s.n_new; i++) {
+      owner[size_t(s.row0 + i)] = int32_t(home);
+      local[size_t(s.row0 + i)] = rows_on[size_t(home)]++;
+    }
+    if (home != rank) continue;
+    std::vector<int32_t> mine(pages, pages + s.n_pages);
+    for (int32_t &p : mine) p -= int32_t(home * P);
+    r.batch.add_seq(s.n_new, s.n_past, mine.data(), s.n_pages);
+    for (int32_t i = 0; i < s.n_new; i++) {
+      r.batch.tokens.push_back(b.tokens[size_t(s.row0 + i)]);
+      r.batch.positions.push_back(b.positions[size_t(s.row0 + i)]);
+    }
+  }
+  r.logit_counts.assign(size_t(world), 0);
+  for (int32_t row : logit_rows) {
+    const int32_t o = owner[size_t(row)];
+    if (o < 0) failf(DSRT_ERR_INTERNAL, "data-parallel attention: logit row ", row, " belongs to no sequence");
+    if (o == rank) r.logit_rows.push_back(local[size_t(row)]);
+    r.logit_counts[size_t(o)]++;
+  }
+  std::vector<int32_t> next(size_t(world), 0);
+  for (int k = 1; k < world; k++) next[size_t(k)] = next[size_t(k - 1)] + int32_t(r.logit_counts[size_t(k - 1)]);
+  for (int32_t row : logit_rows) r.logit_order.push_back(next[size_t(owner[size_t(row)])]++);
+  return r;
+}
+
+ExpertDispatch plan_dispatch(const int32_t *ids, int64_t T, int64_t K, int64_t n_experts, const Mapping &m) {
+  const int W = m.world;
+  ExpertDispatch d;
+  d.send_counts.assign(size_t(W), 0);
+  // dest[t]: the ranks token t goes to, ascending.
+  std::vector<std::vector<int32_t>> dest{size_t(T)};
+  for (int64_t t = 0; t < T; t++) {
+    std::vector<int32_t> &to = dest[size_t(t)];
+    for (int64_t k = 0; k < K; k++) {
+      const int32_t e = ids[t * K + k];
+      if (e < 0 || e >= n_experts) failf(DSRT_ERR_INTERNAL, "MoE dispatch: expert id ", e, " of ", n_experts);
+      to.push_back(int32_t(m.expert_owner(e, n_experts)));
+    }
+    std::sort(to.begin(), to.end());
+    to.erase(std::unique(to.begin(), to.end()), to.end());
+  }
+  size_t most = 0;
+  for (const auto &to : dest) most = std::max(most, to.size());
+  // The j-th destination of token t, in the order rows are sent (rank-major).
+  std::vector<std::vector<int32_t>> slot{size_t(T)};
+  for (int r = 0; r < W; r++)
+    for (int64_t t = 0; t < T; t++)
+      if (std::binary_search(dest[size_t(t)].begin(), dest[size_t(t)].end(), r)) {
+        slot[size_t(t)].push_back(int32_t(d.send_rows.size()));
+        d.send_rows.push_back(int32_t(t));
+        d.send_counts[size_t(r)]++;
+      }
+  const int32_t zero = int32_t(d.send_rows.size());
+  d.combine.assign(most, std::vector<int32_t>(size_t(T), zero));
+  for (int64_t t = 0; t < T; t++)
+    for (size_t j = 0; j < slot[size_t(t)].size(); j++) d.combine[j][size_t(t)] = slot[size_t(t)][j];
+  return d;
+}
+
+namespace {
+using Group = Communicator::Group;
+
+// How many rows each rank sends this one, given how many this one sends each rank.
+std::vector<int64_t> exchange_counts(Backend &be, Communicator &comm, const std::vector<int64_t> &send) {
+  const int64_t W = int64_t(send.size());
+  std::vector<int32_t> out(send.begin(), send.end()), in(send.size());
+  const std::vector<int64_t> one(send.size(), 1);
+  Tensor s = be.alloc(W, 1, DType::I32), r = be.alloc(W, 1, DType::I32);
+  be.from_host(s, out.data());
+  comm.all_to_all_v(s, one, r, one, Group::World);
+  be.to_host(r, reinterpret_cast<float *>(in.data()));
+  return {in.begin(), in.end()};
+}
+}  // namespace
+
+Tensor gather_logit_rows(Backend &be, Communicator &comm, const RankBatch &r, Tensor mine) {
+  const size_t W = r.logit_counts.size();
+  const bool root = comm.mapping().rank == 0;
+  std::vector<int64_t> to(W, 0), from(W, 0);
+  to[0] = mine.rows;
+  int64_t n = 0;
+  if (root) from = r.logit_counts;
+  for (int64_t k : from) n += k;
+  Tensor gathered = be.alloc(n, mine.cols);
+  comm.all_to_all_v(mine, to, gathered, from, Group::World);
+  if (!root || n == 0) return gathered;
+  Tensor ordered = be.alloc(n, mine.cols);
+  be.gather_rows(gathered, r.logit_order, ordered);
+  return ordered;
+}
+
+RoutedRows dispatch_routed_rows(Backend &be, Communicator &comm, const Mapping &m, Tensor x, Tensor ids, Tensor weights,
+                                int64_t n_experts) {
+  const int64_t T = x.rows, H = x.cols, K = ids.cols;
+  std::vector<int32_t> ids_h(size_t(T * K));
+  std::vector<float> wts_h(size_t(T * K));
+  if (T) {
+    be.to_host(ids, reinterpret_cast<float *>(ids_h.data()));
+    be.to_host(weights, wts_h.data());
+  }
+  RoutedRows r;
+  r.plan = plan_dispatch(ids_h.data(), T, K, n_experts, m);
+  r.from = exchange_counts(be, comm, r.plan.send_counts);
+  const int64_t n_out = int64_t(r.plan.send_rows.size());
+  int64_t n_in = 0;
+  for (int64_t n : r.from) n_in += n;
+  Tensor send = be.alloc(n_out, H), send_ids = be.alloc(n_out, K, DType::I32), send_wts = be.alloc(n_out, K);
+  if (n_out) {
+    be.gather_rows(x, r.plan.send_rows, send);
+    std::vector<int32_t> si;
+    std::vector<float> sw;
+    for (int32_t t : r.plan.send_rows) {  // each row's whole routing: its other ranks' experts are skipped there
+      si.insert(si.end(), ids_h.begin() + t * K, ids_h.begin() + (t + 1) * K);
+      sw.insert(sw.end(), wts_h.begin() + t * K, wts_h.begin() + (t + 1) * K);
+    }
+    be.from_host(send_ids, si.data());
+    be.from_host(send_wts, sw.data());
+  }
+  r.x = be.alloc(n_in, H);
+  r.ids = be.alloc(n_in, K, DType::I32);
+  r.weights = be.alloc(n_in, K);
+  comm.all_to_all_v(send, r.plan.send_counts, r.x, r.from, Group::World);
+  comm.all_to_all_v(send_ids, r.plan.send_counts, r.ids, r.from, Group::World);
+  comm.all_to_all_v(send_wts, r.plan.send_counts, r.weights, r.from, Group::World);
+  return r;
+}
+
+Tensor combine_routed_rows(Backend &be, Communicator &comm, const RoutedRows &r, Tensor partial, int64_t T) {
+  const int64_t H = partial.cols, n_out = int64_t(r.plan.send_rows.size());
+  Tensor back = be.alloc(n_out + 1, H);  // the partial sums in send order, then a zero row
+  comm.all_to_all_v(partial, r.from, back, r.plan.send_counts, Group::World);
+  be.from_host(back.rows_view(n_out, 1), std::vector<float>(size_t(H), 0.0f).data());
+  Tensor y = be.alloc(T, H);
+  for (size_t j = 0; j < r.plan.combine.size(); j++) {  // y = sum over j of the rows' j-th partial sums
+    Tensor part_j = j == 0 ? y : be.alloc(T, H);
+    be.gather_rows(back, r.plan.combine[j], part_j);
+    if (j > 0) be.add(y, part_j);
+  }
+  return y;
+}
+
+}  // namespace dsrt
