@@ -65,7 +65,7 @@ internal static class Native {
     public uint struct_size;
     public int max_tokens, max_batch_tokens, attention, precision;
     public float kv_memory_fraction;
-    public int mtp_drafts, tp, ep;
+    public int mtp_drafts, tp, ep, dp_attention;
   }
   [StructLayout(LayoutKind.Sequential)]
   public struct EngineStats {

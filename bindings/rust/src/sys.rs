@@ -95,6 +95,7 @@ pub struct dsrt_engine_params {
     pub mtp_drafts: i32,
     pub tp: i32,
     pub ep: i32,
+    pub dp_attention: i32,
 }
 
 #[repr(C)]
