@@ -1,5 +1,7 @@
 #include "dist/host_staged_communicator.h"
 
+#include <algorithm>
+
 #include "backend/backend.h"
 #include "core/status.h"
 
@@ -25,7 +27,9 @@ class HostStagedCommunicator final : public Communicator {
                     const std::vector<int64_t> &recv_counts, Group g) override {
     Staged in(be_, send, true), o(be_, recv, false);
     host_->all_to_all_v(in.host, send_counts, o.host, recv_counts, g);
-    o.back();
+    int64_t rows_in = 0;
+    for (int64_t n : recv_counts) rows_in += n;
+    o.back(rows_in);  // the received rows only: the rest of recv stays as it was, as over NCCL
   }
   void broadcast(std::string &bytes, int root) override { host_->broadcast(bytes, root); }
   void barrier() override { host_->barrier(); }
@@ -46,8 +50,11 @@ class HostStagedCommunicator final : public Communicator {
       if (read) be.to_host(t, buf.data());
       host = Tensor{buf.data(), t.dtype, t.rows, t.cols, Device::host()};
     }
-    void back() {
-      if (dev.device.kind != Device::Host) be.from_host(dev, buf.data());
+    // Writes the host copy's first `rows` rows (-1: all) to the device tensor.
+    void back(int64_t rows = -1) {
+      if (dev.device.kind == Device::Host) return;
+      const int64_t n = rows < 0 ? dev.rows : std::min(rows, dev.rows);
+      if (n > 0) be.from_host(dev.rows_view(0, n), buf.data());
     }
   };
   std::unique_ptr<Communicator> host_;

@@ -72,7 +72,19 @@ std::string Step::encode() const {
   return o;
 }
 
+namespace {
+// Step::decode without the final check (MtpPass::decode checks the step with its segments).
+Step decode_step(std::string_view bytes);
+}  // namespace
+
 Step Step::decode(std::string_view bytes) {
+  Step s = decode_step(bytes);
+  s.check(DSRT_ERR_FORMAT, "step message");
+  return s;
+}
+
+namespace {
+Step decode_step(std::string_view bytes) {
   In in{bytes};
   if (in.u32() != kStepMagic) fail(DSRT_ERR_FORMAT, "not a step message");
   if (uint32_t v = in.u32(); v != kStepVersion) failf(DSRT_ERR_VERSION_MISMATCH, "step message version ", v, ", expected ", kStepVersion);
@@ -83,9 +95,9 @@ Step Step::decode(std::string_view bytes) {
   const uint32_t rank_pages = in.u32();
   if (rank_pages > uint32_t(INT32_MAX)) failf(DSRT_ERR_FORMAT, "step pages per rank ", rank_pages);
   s.batch.rank_pages = int32_t(rank_pages);
-  if (kind != uint32_t(Kind::Forward) && kind != uint32_t(Kind::Stop)) failf(DSRT_ERR_FORMAT, "step kind ", kind);
+  if (kind != uint32_t(Step::Kind::Forward) && kind != uint32_t(Step::Kind::Stop)) failf(DSRT_ERR_FORMAT, "step kind ", kind);
   if (policy > uint32_t(AttentionPolicy::Absorbed)) failf(DSRT_ERR_FORMAT, "step attention policy ", policy);
-  s.kind = Kind(kind);
+  s.kind = Step::Kind(kind);
   s.policy = AttentionPolicy(policy);
   s.batch.tokens = in.i32s();
   s.batch.positions = in.i32s();
@@ -96,9 +108,9 @@ Step Step::decode(std::string_view bytes) {
     fail(DSRT_ERR_FORMAT, "step message does not hold together");
   for (size_t i = 0; i < seqs.size(); i += 5)
     s.batch.seqs.push_back({seqs[i], seqs[i + 1], seqs[i + 2], seqs[i + 3], seqs[i + 4]});
-  s.check(DSRT_ERR_FORMAT, "step message");
   return s;
 }
+}  // namespace
 
 void Step::check(dsrt_status code, const char *what) const {
   const int64_t T = batch.n_tokens(), P = int64_t(batch.pages.size());
@@ -158,7 +170,7 @@ MtpPass MtpPass::decode(std::string_view bytes, int64_t hidden) {
   In in{bytes};
   if (in.u32() != kMtpMagic) fail(DSRT_ERR_FORMAT, "not an MTP pass message");
   MtpPass p;
-  p.step = Step::decode(in.bytes());
+  p.step = decode_step(in.bytes());  // (checked below, with the segments)
   const uint32_t begin = in.u32();
   if (begin > 1) failf(DSRT_ERR_FORMAT, "MTP pass flag ", begin);
   p.begin_step = begin == 1;
