@@ -244,3 +244,65 @@ TEST_CASE("dsrt eval and generate with --ep 2 --dp-attention match one rank") {
   CHECK(g1.out.size() > 12);
   CHECK(g2.out == g1.out);
 }
+
+// Sessions sharing a prompt, a fork, a truncation and a saved and restored state on data-parallel ranks: the
+// tokens one rank gives, the shared prompt served from the prefix cache (on the rank holding it), and the
+// forked and restored sessions' pages on their parent's rank.
+TEST_CASE("data-parallel attention: prefix cache, fork, truncate and state save/load give one rank's tokens") {
+  const std::string dir = tiny("v3-mini");
+  Model m(dir);
+  const auto prompt = prompt_tokens(m.vocab(), 200);
+  struct Result {
+    std::vector<std::vector<int32_t>> tokens;
+    int32_t cached_b = 0, cached_c = 0;
+  };
+  auto scenario = [&](int ep, bool dp) {
+    Result r;
+    Loaded l;
+    CHECK_OK(load(l, dir, ep, dp));
+    dsrt_gen_params gp;
+    dsrt_gen_params_init(&gp, sizeof gp, l.m);
+    gp.temperature = 0;
+    gp.max_new_tokens = 5;
+    gp.ignore_eos = 1;
+    auto session = [&]() {
+      dsrt_session *s = nullptr;
+      CHECK_OK(dsrt_session_create(l.e, nullptr, &s));
+      return s;
+    };
+    dsrt_session *a = session(), *b = session(), *c = session();
+    CHECK_OK(dsrt_session_append_tokens(a, prompt.data(), prompt.size()));
+    r.tokens.push_back(pull(a, &gp).tokens);
+    CHECK_OK(dsrt_session_append_tokens(b, prompt.data(), prompt.size()));  // a still holds its pages
+    r.tokens.push_back(pull(b, &gp).tokens);
+    CHECK_OK(dsrt_session_cached_tokens(b, &r.cached_b));
+    dsrt_session *a2 = nullptr;
+    CHECK_OK(dsrt_session_fork(a, &a2));
+    r.tokens.push_back(pull(a2, &gp).tokens);
+    r.tokens.push_back(pull(a, &gp).tokens);
+    CHECK_OK(dsrt_session_truncate(b, 150));
+    r.tokens.push_back(pull(b, &gp).tokens);
+    void *buf = nullptr;
+    size_t n = 0;
+    CHECK_OK(dsrt_session_state_save(b, &buf, &n));
+    CHECK_OK(dsrt_session_state_load(c, buf, n));
+    dsrt_free(buf);
+    r.tokens.push_back(pull(c, &gp).tokens);
+    r.tokens.push_back(pull(b, &gp).tokens);
+    dsrt_session *d = session();
+    CHECK_OK(dsrt_session_append_tokens(d, prompt.data(), prompt.size()));
+    r.tokens.push_back(pull(d, &gp).tokens);
+    CHECK_OK(dsrt_session_cached_tokens(d, &r.cached_c));
+    for (dsrt_session *s : {a, a2, b, c, d}) dsrt_session_free(s);
+    return r;
+  };
+  const Result one = scenario(1, false);
+  for (int ep : {2, 4}) {
+    CAPTURE(ep);
+    const Result dp = scenario(ep, true);
+    CHECK(dp.tokens == one.tokens);
+    CHECK(dp.cached_b == one.cached_b);
+    CHECK(dp.cached_b > 0);
+    CHECK(dp.cached_c > 0);
+  }
+}

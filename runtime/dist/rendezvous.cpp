@@ -173,15 +173,16 @@ struct RendezvousServer::State {
   void handle(Conn &c, uint32_t op, std::vector<std::string> &f) {
     switch (op) {
       case kHello: {
-        if (f.size() != 7) return reply(c, DSRT_ERR_FORMAT, {"malformed hello"});
+        // (a seventh field, the attention split: an older dsrt sends six and then meets the version check)
+        if (f.size() != 6 && f.size() != 7) return reply(c, DSRT_ERR_FORMAT, {"malformed hello"});
         RankHello h;
         try {
           h.rank = std::stoi(f[0]), h.world = std::stoi(f[1]), h.tp = std::stoi(f[2]), h.ep = std::stoi(f[3]);
         } catch (const std::exception &) {
           return reply(c, DSRT_ERR_FORMAT, {"malformed hello"});
         }
-        h.dp_attention = f[4] == "dp";
-        h.version = f[5], h.checkpoint = f[6];
+        h.version = f[4], h.checkpoint = f[5];
+        h.dp_attention = f.size() == 7 && f[6] == "dp";
         if (fatal_code) return reply(c, fatal_code, {fatal});
         uint32_t code;
         const std::string why = mismatch(h, code);
@@ -428,8 +429,8 @@ std::vector<std::string> RendezvousClient::call(uint32_t op, const std::vector<s
 void RendezvousClient::hello(const RankHello &me) {
   // The server answers by its own deadline (the same timeout, started earlier); a little more here.
   call(kHello,
-       {std::to_string(me.rank), std::to_string(me.world), std::to_string(me.tp), std::to_string(me.ep),
-        me.dp_attention ? "dp" : "tp", me.version, me.checkpoint},
+       {std::to_string(me.rank), std::to_string(me.world), std::to_string(me.tp), std::to_string(me.ep), me.version,
+        me.checkpoint, me.dp_attention ? "dp" : "tp"},
        timeout_ms_ + 5000);
 }
 

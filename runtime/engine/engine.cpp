@@ -6,6 +6,7 @@
 #include <exception>
 #include <thread>
 
+#include "core/log.h"
 #include "core/status.h"
 #include "dist/host_staged_communicator.h"
 #include "dist/process_group.h"
@@ -25,6 +26,12 @@ std::shared_ptr<const Vocabulary> or_config_only(std::shared_ptr<const Vocabular
 
 Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabulary> vocab, const EngineOptions &opt)
     : model_(std::move(model)), vocab_(or_config_only(std::move(vocab), *model_)), opt_(opt) {
+  const bool dp = opt_.dist.world > 1 ? opt_.dist.dp_attention : opt_.dp_attention;
+  if (dp && opt_.mtp_drafts > 0 && !model_->w.mtp.empty())  // (before any rank joins)
+    fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with data-parallel attention (a session's hidden states stay on its rank): "
+         "turn one of them off");
+  if (dp && std::max(1, opt_.dist.world) * std::max(1, opt_.tp) * std::max(1, opt_.ep) == 1)
+    log(LogLevel::Warn, "dsrt: data-parallel attention with one rank does nothing (give the ranks with ep)");
   if (opt_.dist.world > 1) {  // rank 0 of ranks in several processes
     const DistSpec &d = opt_.dist;
     if (d.rank != 0)
@@ -86,10 +93,7 @@ Engine::Engine(std::shared_ptr<const Model> model, std::shared_ptr<const Vocabul
 void Engine::init() {
   const ModelConfig &c = model_->cfg;
   mtp_ = opt_.mtp_drafts > 0 && !model_->w.mtp.empty();
-  const bool dp = opt_.dp_attention && world() > 1;
-  if (dp && mtp_)
-    fail(DSRT_ERR_UNSUPPORTED, "MTP drafts with data-parallel attention (a session's hidden states stay on its rank): "
-         "turn one of them off");
+  const bool dp = opt_.dp_attention && world() > 1;  // (MTP drafts refused with it at construction)
   // The weights first (the MTP layer's only when drafts are on): on a GPU they take the device memory the KV
   // pool is then sized from. They go into the model's store for the device, shared with its other engines.
   // Routed experts the placement left in host memory are read there (expert offload); then the routed experts
@@ -141,9 +145,11 @@ void Engine::init() {
           default_kv_tokens(c), " tokens) the device budget kept for it at load (dsrt_model_params.device_memory, "
           "--gpu-memory)");
   ranks_->kv_init(spec, mtp_);
-  // With data-parallel attention every rank has a pool of n_pages for its own sessions; rank 0's page pool is
-  // theirs side by side (a region per rank, Batch::rank_pages).
+  // With data-parallel attention every rank has a device pool of n_pages for its own sessions; the engine's page
+  // ids cover them side by side (a region per rank, Batch::rank_pages).
   rank_pages_ = dp ? n_pages : 0;
+  if (dp && n_pages * world() > INT32_MAX)
+    failf(DSRT_ERR_INVALID_ARGUMENT, "max_tokens ", opt_.max_tokens, " per rank is too large for ", world(), " ranks");
   pool_ = std::make_unique<KvPagePool>(dp ? n_pages * world() : n_pages, opt_.prefix_cache_pages, dp ? world() : 1);
   // Sampling on the device: one rank in this process (the several-rank path keeps the host sampler), a backend
   // with a sampling kernel.

@@ -47,8 +47,8 @@ class RankGroup {
   void for_each_rank(const std::function<void(Backend &, const ModelShard &)> &fn);
   // Backend jobs for every rank, here and in other processes, between steps.
   // Followers in other processes also prepare their shard's weights (the MTP layer's with `mtp`).
-  // Page ids are rank 0's pool's; with data-parallel attention (each rank's pool spec.max_pages pages of its
-  // own sessions) a rank does the part that falls in its pool, as its own page ids.
+  // Page ids are the engine's (KvPagePool); with data-parallel attention (each rank's device pool spec.max_pages
+  // pages of its own sessions) a rank does the part that falls in its pool, as its own page ids.
   void kv_init(const KvCacheSpec &spec, bool mtp = false);
   void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
   void kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats);

@@ -160,6 +160,7 @@ void Session::start(const GenParams &p) {
     if (engine_->mtp_) first_written = std::min(first_written, mtp_pos_);
     const int64_t copies = engine_->pool_->shared_from(kv_, size_t(first_written / kPageTokens));
     engine_->pool_->unreserve(kv_);
+    prefer_cached_region(KvPagePool::pages_for(want) + copies);
     engine_->pool_->reserve(kv_, KvPagePool::pages_for(want) - int64_t(kv_.pages.size()) + copies);
     // The random stream and the bans under the lock too: a step samples this turn's tokens on the device from
     // copies it takes at plan (StepRunner).
@@ -498,6 +499,19 @@ int64_t Session::visible_pages() const {
     if (at % kPageTokens == 0 && n == KvPagePool::pages_for(at + 1)) n--;
   }
   return n;
+}
+
+void Session::prefer_cached_region(int64_t pages) {
+  KvPagePool &pool = *engine_->pool_;
+  // A session holding nothing yet, with data-parallel attention: the rank whose cache holds the longest cached
+  // prefix of its tokens when that rank has room for the turn, so that its reservation (which fixes the rank)
+  // does not land where the prefix is not.
+  if (pool.regions() == 1 || kv_.region >= 0 || !pool.cache_enabled()) return;
+  std::vector<int32_t> seq(tokens_);
+  seq.insert(seq.end(), pending_.begin(), pending_.end());
+  const int64_t total = int64_t(seq.size());
+  const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens, -1);
+  if (!w.pages.empty() && pool.unreserved(pool.region_of(w.pages[0])) >= pages) kv_.region = pool.region_of(w.pages[0]);
 }
 
 int64_t Session::adopt_cached_prefix() {

@@ -117,6 +117,9 @@ class Session {
   // At the start of a pending run: the cached full pages that continue the session's tokens with its pending
   // ones replace their prefill (at least one pending token is left to evaluate, for the logits; three under the
   // automatic attention form). Returns the tokens taken.
+  // With data-parallel attention, before a session holding nothing reserves `pages`: the region of its longest
+  // cached prefix, when it has them (engine lock held).
+  void prefer_cached_region(int64_t pages);
   int64_t adopt_cached_prefix();
   // Before a step writes positions from `from` on: every page of the table from there that another holder
   // shares is replaced by a fresh page, listed in copies (the old page stays held until the step commits).

@@ -50,9 +50,13 @@ bool StepRunner::plan() {
       }
       if (s->demand_ == 0) continue;  // nobody waits for it: it stays pending for a later step
       s->failed_ = DSRT_ERR_CONTEXT_FULL;
-      s->failed_msg_ = "the engine's KV pool is full (" + std::to_string(e_.capacity_tokens()) +
-                       " tokens over all sessions, some reserved by running turns); free or truncate sessions, "
-                       "or raise max_tokens";
+      s->failed_msg_ = e_.rank_pages_
+                           ? "this session's rank's KV pool is full (" + std::to_string(e_.session_capacity_tokens()) +
+                                 " tokens over its sessions, some reserved by running turns; data-parallel attention keeps "
+                                 "a session's cache on one rank); free or truncate sessions, or raise max_tokens"
+                           : "the engine's KV pool is full (" + std::to_string(e_.capacity_tokens()) +
+                                 " tokens over all sessions, some reserved by running turns); free or truncate sessions, "
+                                 "or raise max_tokens";
       continue;
     }
     Work w;

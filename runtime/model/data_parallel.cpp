@@ -12,8 +12,7 @@ RankBatch rank_batch(const Batch &b, const std::vector<int32_t> &logit_rows, int
   // The rank of every step row (-1 outside every sequence) and its row on that rank.
   std::vector<int32_t> owner(size_t(b.n_tokens()), -1), local(size_t(b.n_tokens()), -1);
   std::vector<int32_t> rows_on(size_t(world), 0);
-  RankBatch r;
-  r.batch.rank_pages = b.rank_pages;
+  RankBatch r;  // (its page ids are the rank's own: r.batch.rank_pages stays 0)
   for (const SeqSlice &s : b.seqs) {
     const int32_t *pages = b.pages_of(s);
     const int64_t home = s.n_pages > 0 ? pages[0] / P : 0;

@@ -49,7 +49,8 @@ struct RoutedRows {
   Tensor x, ids, weights;     // the received rows [n, H], their expert ids [n, K] (I32) and weights [n, K]
 };
 // Sends this rank's rows x [T, H] to the ranks owning their routed experts (ids, weights: the router's output).
-// Brings the ids to the host to plan (one sync per MoE layer, as DeepEP's normal kernels do).
+// Brings the routing to the host to plan and the row counts back from the exchange (host syncs per MoE layer, as
+// DeepEP's normal kernels wait for their counts), then four all-to-alls: counts, rows, ids, weights.
 RoutedRows dispatch_routed_rows(Backend &be, Communicator &comm, const Mapping &m, Tensor x, Tensor ids, Tensor weights,
                                 int64_t n_experts);
 // The partial sums [received rows, H] back to the rows' ranks, where each row's are added up: [T, H].
