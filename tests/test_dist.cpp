@@ -563,6 +563,87 @@ TEST_CASE("a follower that dies or hangs fails rank 0's turn, keeping the tokens
   }
 }
 
+// Data-parallel attention with rank 1 in another process: sessions on both ranks (a second prompt while the
+// first session holds rank 0's pages goes to rank 1), a fork and a truncation there (page copies the follower
+// makes in its own pool), a state loaded into a session (the follower writes it when the pages are its own);
+// the tokens one rank gives. Saving a session whose cache is in the follower's process is a clean
+// DSRT_ERR_UNSUPPORTED.
+TEST_CASE("data-parallel attention across 2 processes: sessions on the follower's rank, forks, state, one rank's tokens") {
+  if (!dsrt::gloo_available()) return;
+  const std::string dir = tiny("v3-mini");
+  Model m(dir);
+  const auto p1 = prompt_tokens(m.vocab(), 100), p2 = prompt_tokens(m.vocab(), 70);
+  auto scenario = [&](bool two, std::vector<dsrt_status> &saves) {
+    std::vector<std::vector<int32_t>> out;
+    const fs::path d = fresh_dir("dp2");
+    const std::string coord = "127.0.0.1:" + std::to_string(free_port());
+    std::unique_ptr<Proc> worker;
+    if (two)
+      worker = spawn({"worker", "--model", dir, "--coordinator", coord, "--rank", "1", "--world", "2", "--threads", "1",
+                      "--ep", "2", "--dp-attention"}, d, "worker");
+    dsrt_engine_params ep;
+    dsrt_engine_params_init(&ep, sizeof ep);
+    ep.max_tokens = 512;
+    ep.ep = two ? 2 : 1;
+    ep.dp_attention = two ? 1 : 0;
+    dsrt_dist_params dp;
+    dsrt_dist_params_init(&dp, sizeof dp);
+    dp.world = two ? 2 : 1;
+    dp.rank = 0;
+    dp.coordinator = coord.c_str();
+    dp.timeout_ms = 20000;
+    dsrt_engine *e = nullptr;
+    REQUIRE(dsrt_engine_create_dist(m.m, &ep, &dp, &e) == DSRT_OK);
+    const dsrt_gen_params gp = greedy_params(m, 6);
+    auto session = [&](const std::vector<int32_t> &prompt) {
+      dsrt_session *s = nullptr;
+      REQUIRE(dsrt_session_create(e, nullptr, &s) == DSRT_OK);
+      REQUIRE(dsrt_session_append_tokens(s, prompt.data(), prompt.size()) == DSRT_OK);
+      return s;
+    };
+    dsrt_session *a = session(p1), *b = session(p2);
+    REQUIRE(dsrt_session_start(a, &gp) == DSRT_OK);  // a reserves first: rank 0; b then goes to rank 1
+    REQUIRE(dsrt_session_start(b, &gp) == DSRT_OK);
+    out.push_back(pull(a, &gp).tokens);
+    out.push_back(pull(b, &gp).tokens);
+    dsrt_session *b2 = nullptr;
+    REQUIRE(dsrt_session_fork(b, &b2) == DSRT_OK);
+    REQUIRE(dsrt_session_truncate(b, 60) == DSRT_OK);  // into a page b2 shares: copied before it is written
+    out.push_back(pull(b, &gp).tokens);
+    out.push_back(pull(b2, &gp).tokens);
+    void *buf = nullptr;
+    size_t n = 0;
+    for (dsrt_session *s : {a, b}) {
+      const dsrt_status st = dsrt_session_state_save(s, &buf, &n);
+      saves.push_back(st);
+      if (st != DSRT_OK) {
+        CHECK(std::string(dsrt_last_error()).find("another process") != std::string::npos);
+        continue;
+      }
+      dsrt_session *c = nullptr;
+      REQUIRE(dsrt_session_create(e, nullptr, &c) == DSRT_OK);
+      REQUIRE(dsrt_session_state_load(c, buf, n) == DSRT_OK);
+      dsrt_free(buf);
+      out.push_back(pull(c, &gp).tokens);
+      dsrt_session_free(c);
+    }
+    for (dsrt_session *s : {a, b, b2}) dsrt_session_free(s);
+    dsrt_engine_free(e);
+    if (worker) {
+      REQUIRE(worker->wait(30000));
+      CHECK_MESSAGE(worker->code == 0, worker->stderr_text());
+    }
+    return out;
+  };
+  std::vector<dsrt_status> saves_one, saves_two;
+  const auto one = scenario(false, saves_one), two = scenario(true, saves_two);
+  CHECK(saves_one == std::vector<dsrt_status>{DSRT_OK, DSRT_OK});
+  CHECK(saves_two == std::vector<dsrt_status>{DSRT_OK, DSRT_ERR_UNSUPPORTED});  // b lives on rank 1
+  REQUIRE(two.size() == 5);
+  REQUIRE(one.size() == 6);
+  for (size_t i = 0; i < 5; i++) CHECK(two[i] == one[i]);
+}
+
 TEST_CASE("C API: dsrt_dist_params defaults and argument errors") {
   CHECK(dsrt_struct_size(DSRT_STRUCT_DIST_PARAMS) == sizeof(dsrt_dist_params));
   dsrt_dist_params p;
