@@ -44,6 +44,7 @@ struct Batch {
   // page of a sequence on one rank. 0: every rank's pool holds every page.
   int32_t rank_pages = 0;
   int64_t n_tokens() const { return int64_t(tokens.size()); }
+  int32_t rank_of(int32_t page) const { return rank_pages > 0 ? page / rank_pages : 0; }
   const int32_t *pages_of(const SeqSlice &s) const { return pages.data() + s.page0; }
   // Appends a sequence with its page table; its rows are appended by the caller.
   void add_seq(int32_t n_new, int32_t n_past, const int32_t *page_ids, int32_t n_pages) {

@@ -128,7 +128,7 @@ void Step::check(dsrt_status code, const char *what) const {
     for (const SeqSlice &q : batch.seqs)
       for (int32_t k = 0; k < q.n_pages; k++) {
         const int32_t page = batch.pages_of(q)[k];
-        if (page < 0 || page / batch.rank_pages != batch.pages_of(q)[0] / batch.rank_pages)
+        if (page < 0 || batch.rank_of(page) != batch.rank_of(batch.pages_of(q)[0]))
           failf(code, what, ": a sequence's pages lie in the pools of two ranks (", batch.pages_of(q)[0], " and ", page,
                 ", ", batch.rank_pages, " pages per rank)");
       }

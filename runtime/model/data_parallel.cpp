@@ -15,10 +15,10 @@ RankBatch rank_batch(const Batch &b, const std::vector<int32_t> &logit_rows, int
   RankBatch r;  // (its page ids are the rank's own: r.batch.rank_pages stays 0)
   for (const SeqSlice &s : b.seqs) {
     const int32_t *pages = b.pages_of(s);
-    const int64_t home = s.n_pages > 0 ? pages[0] / P : 0;
-    for (int32_t k = 0; k < s.n_pages; k++)
-      if (pages[k] < 0 || pages[k] / P != home)
-        failf(DSRT_ERR_INTERNAL, "data-parallel attention: a sequence's pages lie on ranks ", home, " and ", pages[k] / P);
+    const int32_t home = s.n_pages > 0 ? b.rank_of(pages[0]) : 0;
+    for (int32_t k = 0; k < s.n_pages; k++)  // (Step::check refuses this before any rank runs the step)
+      if (pages[k] < 0 || b.rank_of(pages[k]) != home)
+        failf(DSRT_ERR_INTERNAL, "data-parallel attention: a sequence's pages lie on ranks ", home, " and ", b.rank_of(pages[k]));
     if (home >= world)
       failf(DSRT_ERR_INTERNAL, "data-parallel attention: page ", pages[0], " lies past the pools of ", world, " ranks");
     for (int32_t i = 0; i < s.n_new; i++) {
