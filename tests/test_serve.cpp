@@ -827,11 +827,13 @@ TEST_CASE("serve: 32 concurrent streaming clients each get exactly the chunks a 
       if (res) {
         status[size_t(i)] = res->status;
         raw[size_t(i)] = res->body;
+      } else {
+        raw[size_t(i)] = "no response: " + httplib::to_string(res.error());
       }
     });
   for (auto &t : ts) t.join();
   for (int i = 0; i < N; i++) {
-    INFO("client ", i);
+    INFO("client ", i, ": ", status[size_t(i)] == 200 ? std::string() : raw[size_t(i)].substr(0, 300));
     REQUIRE(status[size_t(i)] == 200);
     together[size_t(i)] = deltas_of(raw[size_t(i)]);
     CHECK(together[size_t(i)] == alone[size_t(i)]);
