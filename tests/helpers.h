@@ -207,6 +207,41 @@ inline Turn pull(dsrt_session *s, const dsrt_gen_params *p) {
   return t;
 }
 
+// A model loaded on the CPU (2 threads) and an engine on it with params p (the split tests' setup).
+struct Loaded {
+  dsrt_model *m = nullptr;
+  dsrt_engine *e = nullptr;
+  ~Loaded() {
+    dsrt_engine_free(e);
+    dsrt_model_free(m);
+  }
+};
+inline dsrt_status load_cpu(Loaded &l, const std::string &dir, const dsrt_engine_params &p) {
+  dsrt_model_params mp;
+  dsrt_model_params_init(&mp, sizeof mp);
+  mp.backend = DSRT_BACKEND_CPU;
+  mp.n_threads = 2;
+  if (dsrt_status s = dsrt_model_load(dir.c_str(), &mp, &l.m); s != DSRT_OK) return s;
+  return dsrt_engine_create(l.m, &p, &l.e);
+}
+
+// The logits of every position of `prompt`, evaluated in a fresh session of e.
+inline std::vector<float> prompt_logits(dsrt_engine *e, const std::vector<int32_t> &prompt) {
+  dsrt_session_params sp;
+  dsrt_session_params_init(&sp, sizeof sp);
+  sp.logits_all = 1;
+  dsrt_session *s = nullptr;
+  CHECK_OK(dsrt_session_create(e, &sp, &s));
+  CHECK_OK(dsrt_session_append_tokens(s, prompt.data(), prompt.size()));
+  CHECK_OK(dsrt_session_eval(s, nullptr));
+  const float *lg;
+  size_t rows, vocab;
+  CHECK_OK(dsrt_session_logits(s, &lg, &rows, &vocab));
+  std::vector<float> out(lg, lg + rows * vocab);
+  dsrt_session_free(s);
+  return out;
+}
+
 inline dsrt_gen_params greedy_params(Model &m, int n) {
   dsrt_gen_params p;
   dsrt_gen_params_init(&p, sizeof p, m.m);

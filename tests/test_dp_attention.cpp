@@ -16,21 +16,7 @@ using namespace testing;
 
 namespace {
 
-struct Loaded {
-  dsrt_model *m = nullptr;
-  dsrt_engine *e = nullptr;
-  ~Loaded() {
-    dsrt_engine_free(e);
-    dsrt_model_free(m);
-  }
-};
-
 dsrt_status load(Loaded &l, const std::string &dir, int ep, bool dp, int tp = 1, int mtp_drafts = 0) {
-  dsrt_model_params mp;
-  dsrt_model_params_init(&mp, sizeof mp);
-  mp.backend = DSRT_BACKEND_CPU;
-  mp.n_threads = 2;
-  if (dsrt_status s = dsrt_model_load(dir.c_str(), &mp, &l.m); s != DSRT_OK) return s;
   dsrt_engine_params p;
   dsrt_engine_params_init(&p, sizeof p);
   p.tp = tp;
@@ -38,7 +24,7 @@ dsrt_status load(Loaded &l, const std::string &dir, int ep, bool dp, int tp = 1,
   p.dp_attention = dp ? 1 : 0;
   p.mtp_drafts = mtp_drafts;
   p.max_tokens = 1024;
-  return dsrt_engine_create(l.m, &p, &l.e);
+  return load_cpu(l, dir, p);
 }
 
 // Every prompt position's logits of one session, then each of several sessions' greedy tokens, generated at
@@ -52,20 +38,7 @@ Output run_model(const std::string &dir, int ep, bool dp, const std::vector<std:
   Loaded l;
   CHECK_OK(load(l, dir, ep, dp));
   Output o;
-  {
-    dsrt_session_params sp;
-    dsrt_session_params_init(&sp, sizeof sp);
-    sp.logits_all = 1;
-    dsrt_session *s = nullptr;
-    CHECK_OK(dsrt_session_create(l.e, &sp, &s));
-    CHECK_OK(dsrt_session_append_tokens(s, prompts[0].data(), prompts[0].size()));
-    CHECK_OK(dsrt_session_eval(s, nullptr));
-    const float *lg;
-    size_t rows, vocab;
-    CHECK_OK(dsrt_session_logits(s, &lg, &rows, &vocab));
-    o.logits.assign(lg, lg + rows * vocab);
-    dsrt_session_free(s);
-  }
+  o.logits = prompt_logits(l.e, prompts[0]);
   o.greedy.resize(prompts.size());
   std::vector<std::thread> threads;
   std::vector<dsrt_status> st(prompts.size(), DSRT_OK);

@@ -52,26 +52,12 @@ dsrt::Tensor host_tensor(std::vector<float> &v, int64_t rows, int64_t cols) {
   return {v.data(), dsrt::DType::F32, rows, cols, dsrt::Device::host()};
 }
 
-struct Loaded {
-  dsrt_model *m = nullptr;
-  dsrt_engine *e = nullptr;
-  ~Loaded() {
-    dsrt_engine_free(e);
-    dsrt_model_free(m);
-  }
-};
-
 dsrt_status load(Loaded &l, const std::string &dir, int tp, int ep) {
-  dsrt_model_params mp;
-  dsrt_model_params_init(&mp, sizeof mp);
-  mp.backend = DSRT_BACKEND_CPU;
-  mp.n_threads = 2;
-  if (dsrt_status s = dsrt_model_load(dir.c_str(), &mp, &l.m); s != DSRT_OK) return s;
-  dsrt_engine_params ep_;
-  dsrt_engine_params_init(&ep_, sizeof ep_);
-  ep_.tp = tp;
-  ep_.ep = ep;
-  return dsrt_engine_create(l.m, &ep_, &l.e);
+  dsrt_engine_params p;
+  dsrt_engine_params_init(&p, sizeof p);
+  p.tp = tp;
+  p.ep = ep;
+  return load_cpu(l, dir, p);
 }
 
 // Logits of every prompt position, then n greedy tokens.
@@ -84,20 +70,7 @@ Output run_model(const std::string &dir, int tp, int ep, const std::vector<int32
   Loaded l;
   CHECK_OK(load(l, dir, tp, ep));
   Output o;
-  {
-    dsrt_session_params sp;
-    dsrt_session_params_init(&sp, sizeof sp);
-    sp.logits_all = 1;
-    dsrt_session *s = nullptr;
-    CHECK_OK(dsrt_session_create(l.e, &sp, &s));
-    CHECK_OK(dsrt_session_append_tokens(s, prompt.data(), prompt.size()));
-    CHECK_OK(dsrt_session_eval(s, nullptr));
-    const float *lg;
-    size_t rows, vocab;
-    CHECK_OK(dsrt_session_logits(s, &lg, &rows, &vocab));
-    o.logits.assign(lg, lg + rows * vocab);
-    dsrt_session_free(s);
-  }
+  o.logits = prompt_logits(l.e, prompt);
   dsrt_session *s = nullptr;
   CHECK_OK(dsrt_session_create(l.e, nullptr, &s));
   CHECK_OK(dsrt_session_append_tokens(s, prompt.data(), prompt.size()));
