@@ -1,8 +1,11 @@
 // `dsrt serve`: see server.h. Written against include/dsrt.h only.
 #include "server.h"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
@@ -1016,16 +1019,38 @@ Server::Server(const Options &o) : impl_(std::make_unique<Impl>()) {
 
 Server::~Server() = default;
 
+namespace {
+// cpp-httplib 0.11 as Debian builds it listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG, fixed when the
+// library was compiled), which a burst of clients connecting at once overflows (seen: a connection of 32 at
+// once ending with no response on a loaded 2-core box). listen() again on a listening socket sets its backlog
+// (Linux), and httplib does not hand out its socket: it is found among this process's by its port.
+void widen_backlog(int port) {
+  for (int fd = 0; fd < 4096; fd++) {
+    int accepting = 0;
+    socklen_t len = sizeof accepting;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &len) != 0 || !accepting) continue;
+    sockaddr_storage a{};
+    socklen_t alen = sizeof a;
+    if (getsockname(fd, reinterpret_cast<sockaddr *>(&a), &alen) != 0) continue;
+    const int p = a.ss_family == AF_INET    ? ntohs(reinterpret_cast<const sockaddr_in *>(&a)->sin_port)
+                  : a.ss_family == AF_INET6 ? ntohs(reinterpret_cast<const sockaddr_in6 *>(&a)->sin6_port)
+                                            : -1;
+    if (p == port) ::listen(fd, SOMAXCONN);
+  }
+}
+}  // namespace
+
 int Server::bind() {
   Impl &I = *impl_;
-  if (I.opt.port == 0) {
-    const int port = I.http.bind_to_any_port(I.opt.host);
+  int port = I.opt.port;
+  if (port == 0) {
+    port = I.http.bind_to_any_port(I.opt.host);
     if (port <= 0) throw std::runtime_error("cannot bind to " + I.opt.host + " (an ephemeral port)");
-    return port;
+  } else if (!I.http.bind_to_port(I.opt.host, port)) {
+    throw std::runtime_error("cannot bind to " + I.opt.host + ":" + std::to_string(port));
   }
-  if (!I.http.bind_to_port(I.opt.host, I.opt.port))
-    throw std::runtime_error("cannot bind to " + I.opt.host + ":" + std::to_string(I.opt.port));
-  return I.opt.port;
+  widen_backlog(port);
+  return port;
 }
 
 bool Server::listen() { return impl_->http.listen_after_bind(); }
