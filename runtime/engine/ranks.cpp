@@ -103,6 +103,25 @@ bool pages_on_rank(const std::vector<int32_t> &pages, int rank, int64_t rank_pag
   return true;
 }
 
+// The page copies and cache writes rank 0 asks of every rank, done on one rank: the part in its pool.
+void copy_pages_on_rank(Backend &be, int rank, int64_t rank_pages, const std::vector<std::pair<int32_t, int32_t>> &from_to) {
+  for (auto [from, to] : from_to) {
+    const int32_t a = page_on_rank(from, rank, rank_pages), b = page_on_rank(to, rank, rank_pages);
+    if (a >= 0 && b >= 0) be.kv_copy_page(a, b);
+  }
+}
+void write_pages_on_rank(Backend &be, int rank, int64_t rank_pages, const std::vector<int32_t> &pages, int64_t n_tokens,
+                         const float *src) {
+  std::vector<int32_t> mine;
+  if (pages_on_rank(pages, rank, rank_pages, mine)) be.kv_write(mine.data(), n_tokens, src);
+}
+
+// A rank's shard: its communicator's mapping with the attention split (which the transports do not need).
+ModelShard bind_shard(const Model &model, Mapping m, bool dp_attention) {
+  m.dp_attention = dp_attention;
+  return ModelShard::bind(model, m);
+}
+
 // Runs rank 0's messages until Stop, or throws.
 void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
   Tensor hidden, normed;  // the last forward's hidden states and MTP pass's output (MTP drafts)
@@ -147,11 +166,13 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
       case Msg::CopyPages: {
         const auto n = in.get<uint64_t>();
         if (n > bytes.size() / 8) fail(DSRT_ERR_FORMAT, "rank 0's page copy message is malformed");
-        for (uint64_t i = 0; i < n; i++) {
-          const auto from = page_on_rank(in.get<int32_t>(), rank, rank_pages), to = page_on_rank(in.get<int32_t>(), rank, rank_pages);
-          if (from >= 0 && to >= 0) be.kv_copy_page(from, to);
+        std::vector<std::pair<int32_t, int32_t>> from_to(n);
+        for (auto &[from, to] : from_to) {
+          from = in.get<int32_t>();
+          to = in.get<int32_t>();
         }
         in.done();
+        copy_pages_on_rank(be, rank, rank_pages, from_to);
         break;
       }
       case Msg::KvWrite: {
@@ -164,8 +185,7 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         std::vector<float> data(floats);
         in.take(data.data(), floats * 4);
         in.done();
-        std::vector<int32_t> mine;
-        if (pages_on_rank(pages, rank, rank_pages, mine)) be.kv_write(mine.data(), n_tok, data.data());
+        write_pages_on_rank(be, rank, rank_pages, pages, n_tok, data.data());
         break;
       }
       default:
@@ -195,9 +215,7 @@ RankGroup::RankGroup(const Model &model, int tp, int ep,
   for (int r = 0; r < shape.world; r++) {
     Rank &k = ranks_[size_t(r)];
     k.comm = std::move(comms[size_t(r)]);
-    Mapping m = k.comm->mapping();
-    m.dp_attention = dp_attention;
-    k.shard = ModelShard::bind(model, m);
+    k.shard = bind_shard(model, k.comm->mapping(), dp_attention);
   }
   for (int r = 1; r < shape.world; r++) {
     Rank &k = ranks_[size_t(r)];
@@ -214,9 +232,7 @@ RankGroup::RankGroup(const Model &model, std::unique_ptr<Communicator> comm, std
   if (comm->mapping().rank != 0) fail(DSRT_ERR_INTERNAL, "a rank group is led by rank 0");
   ranks_.resize(1);
   Rank &k = ranks_[0];
-  Mapping m = comm->mapping();
-  m.dp_attention = dp_attention;
-  k.shard = ModelShard::bind(model, m);
+  k.shard = bind_shard(model, comm->mapping(), dp_attention);
   k.comm = std::move(comm);
   k.backend = std::move(backend);
 }
@@ -273,11 +289,7 @@ void RankGroup::kv_init(const KvCacheSpec &spec, bool mtp) {
 }
 
 void RankGroup::kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to) {
-  for (Rank &r : ranks_)
-    for (auto [from, to] : from_to) {
-      const int32_t a = page_on_rank(from, r.shard.map.rank, rank_pages_), b = page_on_rank(to, r.shard.map.rank, rank_pages_);
-      if (a >= 0 && b >= 0) r.backend->kv_copy_page(a, b);
-    }
+  for (Rank &r : ranks_) copy_pages_on_rank(*r.backend, r.shard.map.rank, rank_pages_, from_to);
   if (!remote_) return;
   std::string m = message(Msg::CopyPages);
   put(m, uint64_t(from_to.size()));
@@ -289,9 +301,7 @@ void RankGroup::kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &fr
 }
 
 void RankGroup::kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats) {
-  std::vector<int32_t> mine;
-  for (Rank &r : ranks_)
-    if (pages_on_rank(pages, r.shard.map.rank, rank_pages_, mine)) r.backend->kv_write(mine.data(), n_tokens, src);
+  for (Rank &r : ranks_) write_pages_on_rank(*r.backend, r.shard.map.rank, rank_pages_, pages, n_tokens, src);
   if (!remote_) return;
   std::string m = message(Msg::KvWrite);
   put(m, n_tokens);
