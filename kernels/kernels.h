@@ -63,9 +63,10 @@ void widen_rows(const void *in, bool bf16, int64_t rows, int64_t cols, int64_t l
 // h [T*K, I] is scratch; out [T, H] is overwritten. Reads each selected expert once per slot: decode sizes.
 // K <= 32. An expert whose entries are default DevMatrix values (data == nullptr, 0 x 0) is absent (expert
 // parallelism: another rank's): its slots contribute nothing and none of its memory is read (their h rows are
-// left unwritten).
+// left unwritten); so is a slot whose id lies outside [0, n_experts) (the ids a failed exchange left: garbage
+// results, which the rank group discards, but no read outside the tables).
 void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
-                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
+                      int64_t n_experts, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
                       float *out, cudaStream_t s);
 
 // ---- mla.cu: the paged latent cache holds [page][layer][64][width] values, width = latent + rope, in fp32

@@ -135,13 +135,13 @@ constexpr int kMaxTopK = 32;
 // x (four rows per x chunk); a row group of G warps splits K as linear.cu does.
 template <int G>
 __global__ void __launch_bounds__(kWarps * 32) gate_up_kernel(const float *__restrict__ x, int64_t H, int64_t I,
-                                                             const int32_t *__restrict__ ids, int64_t K,
+                                                             const int32_t *__restrict__ ids, int64_t K, int64_t E,
                                                              const DevMatrix *__restrict__ gate,
                                                              const DevMatrix *__restrict__ up, float *__restrict__ h) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % G;
   const int64_t r = (int64_t(blockIdx.x) * (kWarps / G) + warp / G) * 2, s = blockIdx.y;
   const int32_t e = ids[s];
-  if (gate[e].data == nullptr) return;  // absent (another rank's expert): the whole block, before any barrier
+  if (e < 0 || e >= E || gate[e].data == nullptr) return;  // absent (another rank's expert): the whole block, before any barrier
   float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
   if (r < I) {
     const int64_t r1 = r + 1 < I ? r + 1 : r;
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_kernel(const float *__res
 template <int G>
 __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *__restrict__ h, int64_t H, int64_t I,
                                                                   const int32_t *__restrict__ ids,
-                                                                  const float *__restrict__ w, int64_t K,
+                                                                  const float *__restrict__ w, int64_t K, int64_t E,
                                                                   const DevMatrix *__restrict__ down,
                                                                   float *__restrict__ out) {
   __shared__ float part[kWarps][4][kMaxTopK];
@@ -189,8 +189,9 @@ __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *
   const int32_t *it = ids + t * K;
   for (int64_t k = 0; k < K; k++) {
     float acc[4][1] = {{0.0f}, {0.0f}, {0.0f}, {0.0f}};
-    if (n0 < H) {  // (an absent expert's entry has 0 columns: an empty K slice, nothing read, a zero partial)
-      const DevMatrix &d = down[it[k]];
+    const int32_t e = it[k];
+    if (n0 < H && e >= 0 && e < E) {  // (an absent expert's entry has 0 columns: an empty K slice, nothing read, a zero partial)
+      const DevMatrix &d = down[e];
       const DevMatrix *ws[4] = {&d, &d, &d, &d};
       int64_t ns[4];
 #pragma unroll
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32) down_combine_kernel(const float *
       if (it[i] > last && (best < 0 || it[i] < it[best])) best = i;
     if (best < 0) break;
     last = it[best];
-    if (down[last].data == nullptr) continue;  // absent: nothing added (not a product with 0)
+    if (last >= E || down[last].data == nullptr) continue;  // absent: nothing added (not a product with 0)
     float v = 0.0f;
     for (int p = 0; p < G; p++) v += part[warp + p][j][best];
     sum += w[t * K + best] * v;
@@ -247,7 +248,7 @@ int expert_split(int64_t groups, int64_t cols) {
 }  // namespace
 
 void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
-                      const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
+                      int64_t n_experts, const DevMatrix *gate, const DevMatrix *up, const DevMatrix *down, int32_t expert_dtype, float *h,
                       float *out, cudaStream_t s) {
   if (T == 0) return;
   if (H % 4 || I % 4) throw std::runtime_error("moe_experts_gemv: hidden and intermediate sizes must be multiples of 4");
@@ -258,20 +259,20 @@ void moe_experts_gemv(const float *x, int64_t T, int64_t H, int64_t I, const int
     const int G = expert_split((I + 1) / 2 * int64_t(slots), H);
     const dim3 grid(unsigned((I + 2 * (kWarps / G) - 1) / (2 * (kWarps / G))), slots);
     switch (G) {
-      case 8: gate_up_kernel<8><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
-      case 4: gate_up_kernel<4><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
-      case 2: gate_up_kernel<2><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
-      default: gate_up_kernel<1><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, gate, up, h); break;
+      case 8: gate_up_kernel<8><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, n_experts, gate, up, h); break;
+      case 4: gate_up_kernel<4><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, n_experts, gate, up, h); break;
+      case 2: gate_up_kernel<2><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, n_experts, gate, up, h); break;
+      default: gate_up_kernel<1><<<grid, kWarps * 32, 0, s>>>(x, H, I, ids, K, n_experts, gate, up, h); break;
     }
     check_launch("moe gate_up");
   }
   const int G = expert_split((H + 3) / 4 * T, I);
   const dim3 grid(unsigned((H + 4 * (kWarps / G) - 1) / (4 * (kWarps / G))), unsigned(T));
   switch (G) {
-    case 8: down_combine_kernel<8><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
-    case 4: down_combine_kernel<4><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
-    case 2: down_combine_kernel<2><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
-    default: down_combine_kernel<1><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, down, out); break;
+    case 8: down_combine_kernel<8><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, n_experts, down, out); break;
+    case 4: down_combine_kernel<4><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, n_experts, down, out); break;
+    case 2: down_combine_kernel<2><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, n_experts, down, out); break;
+    default: down_combine_kernel<1><<<grid, kWarps * 32, 0, s>>>(h, H, I, ids, w, K, n_experts, down, out); break;
   }
   check_launch("moe down");
 }

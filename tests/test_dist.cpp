@@ -3,7 +3,8 @@
 // same logits (within 1e-5) and greedy tokens as one rank for tp 2, ep 2 and tp 2 x ep 2; clean errors for a
 // wrong world size, another checkpoint and a missing rank; a follower that dies or hangs fails rank 0's turn
 // (tokens emitted before are kept), and a follower whose rank 0 dies exits non-zero. Without Gloo in the
-// build, multi-process runs must fail with DSRT_ERR_UNSUPPORTED saying so.
+// build, multi-process runs must fail with DSRT_ERR_UNSUPPORTED saying so. Last, the watchdog that follows
+// the collectives a transport queued.
 #include <doctest/doctest.h>
 
 #include <arpa/inet.h>
@@ -15,7 +16,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <set>
 #include <cstddef>
 #include <functional>
 #include <random>
@@ -24,6 +27,7 @@
 #include <thread>
 
 #include "core/status.h"
+#include "dist/collective_watchdog.h"
 #include "dist/communicator.h"
 #include "dist/gloo_communicator.h"
 #include "dist/process_group.h"
@@ -907,5 +911,106 @@ TEST_CASE("ranks on several GPUs where they cannot run: a clean error") {
       CHECK((e.code() == DSRT_ERR_NO_DEVICE || e.code() == DSRT_ERR_UNSUPPORTED));
     }
     CHECK(Clock::now() - t0 < std::chrono::seconds(10));  // not after the rendezvous's 60 s
+  }
+}
+
+// The watchdog that follows queued collectives (dist/collective_watchdog.h, NCCL's on a GPU), with flags for
+// the transport's marks: the GPU's events are not needed to check its verdicts.
+namespace {
+struct FakeTransport {
+  std::atomic<bool> marks[4] = {};  // mark i finished
+  std::atomic<int> fails{0};
+  std::string why;  // the text `fail` got (written once, on the watchdog's thread)
+  std::function<std::string()> error = [] { return std::string(); };
+  // `fail` runs after failure() is set: wait for it (at most 5 s).
+  int fails_seen() {
+    for (auto t0 = Clock::now(); fails == 0 && Clock::now() - t0 < std::chrono::seconds(5);)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return fails;
+  }
+  dsrt::CollectiveWatchdog::Source source() {
+    return {[](void *m) { return static_cast<std::atomic<bool> *>(m)->load(); }, [this] { return error(); },
+            [this](const std::string &w) {
+              why = w;
+              fails++;
+            }};
+  }
+};
+}  // namespace
+
+TEST_CASE("collective watchdog: marks finish in order and come back; an overdue one, an error or a throwing query fail once") {
+  using namespace std::chrono_literals;
+  SUBCASE("finishing marks: settle, spare marks, no failure; one that takes a while within the timeout is fine") {
+    FakeTransport t;
+    dsrt::CollectiveWatchdog w(t.source(), 2000ms);
+    CHECK(w.spare() == nullptr);
+    for (auto &m : t.marks) w.follow(&m, "all_reduce_sum over the world");
+    CHECK(w.pending() == 4);
+    std::thread later([&] {
+      std::this_thread::sleep_for(100ms);
+      for (auto &m : t.marks) m = true;
+    });
+    CHECK(w.settle());
+    later.join();
+    CHECK(w.pending() == 0);
+    std::set<void *> back;
+    while (void *m = w.spare()) back.insert(m);
+    CHECK(back.size() == 4);
+    CHECK(back.count(&t.marks[2]) == 1);
+    CHECK(w.failure().empty());
+    CHECK(t.fails == 0);
+  }
+  SUBCASE("a mark not finished within the timeout: fail once, naming the collective; nothing followed after") {
+    FakeTransport t;
+    dsrt::CollectiveWatchdog w(t.source(), 50ms);
+    const auto t0 = Clock::now();
+    w.follow(&t.marks[0], "all_to_all_v over the world");
+    CHECK_FALSE(w.settle());
+    const auto took = Clock::now() - t0;
+    CHECK(took >= 50ms);
+    CHECK(took < 5s);
+    CHECK(t.fails_seen() == 1);
+    CHECK(w.failure() == t.why);
+    CHECK(t.why.find("all_to_all_v over the world") != std::string::npos);
+    CHECK(t.why.find("50 ms") != std::string::npos);
+    w.follow(&t.marks[1], "all_reduce_sum over the world");  // the group has failed: not followed
+    std::this_thread::sleep_for(120ms);
+    CHECK(t.fails == 1);
+    CHECK_FALSE(w.settle());
+  }
+  SUBCASE("the transport's asynchronous error fails the group at once") {
+    FakeTransport t;
+    std::atomic<bool> broken{false};
+    t.error = [&] { return broken ? std::string("remote process exited or there was a network error") : std::string(); };
+    dsrt::CollectiveWatchdog w(t.source(), 60000ms);
+    w.follow(&t.marks[0], "all_gather_cols over the tensor-parallel group");
+    std::this_thread::sleep_for(20ms);
+    CHECK(w.failure().empty());  // pending, no error yet
+    const auto t0 = Clock::now();
+    broken = true;
+    CHECK_FALSE(w.settle());
+    CHECK(Clock::now() - t0 < 5s);
+    CHECK(t.fails_seen() == 1);
+    CHECK(t.why.find("all_gather_cols over the tensor-parallel group: remote process exited") != std::string::npos);
+  }
+  SUBCASE("a query that throws is a failure with its text") {
+    FakeTransport t;
+    dsrt::CollectiveWatchdog::Source s = t.source();
+    s.finished = [](void *) -> bool { throw std::runtime_error("CUDA: an illegal memory access was encountered"); };
+    dsrt::CollectiveWatchdog w(s, 60000ms);
+    w.follow(&t.marks[0], "all_reduce_sum over the world");
+    CHECK_FALSE(w.settle());
+    CHECK(t.fails_seen() == 1);
+    CHECK(w.failure().find("illegal memory access") != std::string::npos);
+  }
+  SUBCASE("destroyed with marks pending: its thread stops without waiting for them") {
+    FakeTransport t;
+    const auto t0 = Clock::now();
+    {
+      dsrt::CollectiveWatchdog w(t.source(), 60000ms);
+      w.follow(&t.marks[0], "all_reduce_sum over the world");
+    }
+    CHECK(Clock::now() - t0 < 5s);
+    CHECK(t.fails == 0);
   }
 }

@@ -2,7 +2,8 @@
 // versioned interface with one implementation per transport: in-process threads (tests, CPU ranks; this
 // file's make_local_group), Gloo across processes, NCCL across GPUs. Every rank calls the same collectives
 // in the same order; a rank that fails aborts the group, and every other rank's pending or next collective
-// then throws instead of waiting forever.
+// then throws instead of waiting forever. A transport may return from a collective once it is queued (NCCL
+// on a GPU stream): its failure then shows in check(), which callers call where results leave the step.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -16,7 +17,7 @@ namespace dsrt {
 
 class Communicator {
  public:
-  static constexpr int kVersion = 1;
+  static constexpr int kVersion = 2;  // 2: check()
   // Which ranks a collective spans: the whole world, or this rank's tensor-parallel group.
   enum class Group { World, Tensor };
 
@@ -37,6 +38,10 @@ class Communicator {
   // Wakes every rank's pending collective with an error (DSRT_ERR_INTERNAL naming `why`); used when a rank
   // fails mid-step or the group shuts down.
   virtual void abort(const std::string &why) = 0;
+  // Throws (DSRT_ERR_IO naming it) when a collective queued earlier failed or the group was aborted. Called
+  // after the host has waited for the step's results, whose collectives have then all run; a transport whose
+  // collectives have finished when they return has nothing to add to what they threw.
+  virtual void check() {}
 };
 
 // The world of one rank: every collective is a no-op.

@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "core/status.h"
+#include "dist/collective_watchdog.h"
 #include "dist/nccl_library.h"
 #include "dist/rendezvous.h"
 
@@ -50,20 +51,27 @@ class NcclCommunicator final : public Communicator {
     if (be.device().kind != Device::Cuda) failf(DSRT_ERR_INTERNAL, "the NCCL communicator needs a CUDA backend, got ", be.name());
     device_ = be.device().index;
     be_.native_stream();  // binds this thread to the backend's device
-    check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreate");
+    watch_ = std::make_unique<CollectiveWatchdog>(
+        CollectiveWatchdog::Source{[this](void *mark) { return finished(mark); }, [this] { return async_error(); },
+                                   [this](const std::string &why) { stop_group(why); }},
+        timeout_);
   }
   ~NcclCommunicator() override {
+    // Every queued collective runs to its end first (or the group fails: the watchdog aborts a hung one), so
+    // that nothing is freed under the GPU.
+    watch_->settle();
+    watch_.reset();
     cudaSetDevice(device_);
     // Ranks of one process are torn down one after another on one thread, so none may wait for its peers:
     // they are aborted (every collective has completed, so nothing is lost). A rank alone in its process
     // takes NCCL's ordinary teardown.
     if (group_failed_) abort_nccl();
-    if (!aborted_) {  // every collective has completed (each is waited for): nothing is left to flush
+    if (!aborted_) {
       if (tensor_ && tensor_ != world_) api_.CommDestroy(tensor_);
       if (world_) api_.CommDestroy(world_);
     }
     if (staging_) cudaFree(staging_);
-    cudaEventDestroy(done_);
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
   }
 
   const Mapping &mapping() const override { return host_->mapping(); }
@@ -167,20 +175,27 @@ class NcclCommunicator final : public Communicator {
   void broadcast(std::string &bytes, int root) override { host_->broadcast(bytes, root); }
   void barrier() override { host_->barrier(); }
 
-  // From any thread. A collective in flight on another thread sees the request at its next poll and aborts
-  // the NCCL communicators itself (they must not be freed under it); otherwise they are aborted here.
+  // From any thread. A collective being queued on another thread sees the request when its call returns and
+  // aborts the NCCL communicators itself (they must not be freed under it); otherwise they are aborted here.
   void abort(const std::string &why) override {
-    {
-      std::lock_guard lk(mu_);
-      if (why_.empty()) why_ = why;
-    }
-    abort_requested_ = true;
-    if (group_failed_) *group_failed_ = true;
+    note_failure(why);
     if (op_mu_.try_lock()) {
       abort_nccl();
       op_mu_.unlock();
     }
     host_->abort(why);
+  }
+
+  // The watchdog's verdict, then NCCL's own asynchronous errors (the step's collectives have run: see
+  // Communicator::check).
+  void check() override {
+    std::lock_guard op(op_mu_);
+    if (abort_requested_ || aborted_) failf(DSRT_ERR_IO, "the rank group stopped: ", reason());
+    for (nccl::Comm c : {world_, tensor_}) {
+      nccl::Result st = nccl::kSuccess;
+      if (c && api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
+        failed(std::string("after the step: ") + api_.GetErrorString(st));
+    }
   }
 
  private:
@@ -256,39 +271,69 @@ class NcclCommunicator final : public Communicator {
     else std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 
-  // Queues one collective on the backend's stream (behind the ops that made its inputs) and waits until the
-  // GPU has run it, at most the timeout.
+  // Queues one collective on the backend's stream (behind the ops that made its inputs) and returns: the
+  // watchdog follows it to its end through an event recorded behind it.
   template <class F>
   void collective(const char *op, Group g, F &&enqueue) {
     std::lock_guard op_lock(op_mu_);
     const nccl::Comm c = comm_of(g);
-    const std::string what = std::string(op) + " over the " + (g == Group::World ? "world" : "tensor-parallel group");
-    const auto deadline = Clock::now() + timeout_;
+    std::string what = std::string(op) + " over the " + (g == Group::World ? "world" : "tensor-parallel group");
     cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
     call(what.c_str(), [&] { return enqueue(c, s); });
-    settle(c, what, deadline);
-    check_cuda(cudaEventRecord(done_, s), "cudaEventRecord");
-    for (int spins = 0;; spins++) {
-      const cudaError_t e = cudaEventQuery(done_);
-      if (e == cudaSuccess) break;
-      if (e != cudaErrorNotReady) failed(what + ": CUDA: " + cudaGetErrorString(e));
-      nccl::Result st = nccl::kSuccess;
-      if (api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
-        failed(what + ": " + api_.GetErrorString(st));
-      poll_pause(what, deadline, spins);
+    settle(c, what, Clock::now() + timeout_);  // (queued: non-blocking calls may return before they are)
+    if (abort_requested_) failed(what + ": the group was aborted (" + reason() + ")");
+    auto mark = static_cast<cudaEvent_t>(watch_->spare());
+    if (!mark) {
+      check_cuda(cudaEventCreateWithFlags(&mark, cudaEventDisableTiming), "cudaEventCreate");
+      events_.push_back(mark);
     }
+    check_cuda(cudaEventRecord(mark, s), "cudaEventRecord");
+    watch_->follow(mark, std::move(what));
   }
 
-  // Aborts everything and throws DSRT_ERR_IO naming the failure. Called with op_mu_ held by this thread (a
-  // collective or a start), never concurrently with another NCCL call on these communicators.
-  [[noreturn]] void failed(const std::string &what) {
+  // The watchdog's queries (its thread).
+  bool finished(void *mark) {
+    const cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(mark));
+    if (e == cudaSuccess) return true;
+    if (e != cudaErrorNotReady) failf(DSRT_ERR_INTERNAL, "CUDA: ", cudaGetErrorString(e));
+    return false;
+  }
+  std::string async_error() {
+    std::unique_lock op(op_mu_, std::try_to_lock);  // (not beside a call on these communicators, nor their abort)
+    if (!op.owns_lock()) return "";
+    if (abort_requested_ || (group_failed_ && *group_failed_)) return "the group was aborted (" + reason() + ")";
+    for (nccl::Comm c : {world_, tensor_}) {  // (null once aborted: abort_requested_ is set before)
+      nccl::Result st = nccl::kSuccess;
+      if (c && api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
+        return api_.GetErrorString(st);
+    }
+    return "";
+  }
+  // The watchdog found a collective failed or overdue: stop the group as failed() does, from its thread.
+  void stop_group(const std::string &what) {
     const std::string why = "rank " + std::to_string(mapping().rank) + ": NCCL " + what;
+    note_failure(why);
+    {
+      std::lock_guard op(op_mu_);
+      abort_nccl();
+    }
+    host_->abort(why);
+    log(LogLevel::Error, "dsrt: " + why);
+  }
+  void note_failure(const std::string &why) {
     {
       std::lock_guard lk(mu_);
       if (why_.empty()) why_ = why;
     }
     abort_requested_ = true;
     if (group_failed_) *group_failed_ = true;
+  }
+
+  // Aborts everything and throws DSRT_ERR_IO naming the failure. Called with op_mu_ held by this thread (a
+  // collective or a start), never concurrently with another NCCL call on these communicators.
+  [[noreturn]] void failed(const std::string &what) {
+    const std::string why = "rank " + std::to_string(mapping().rank) + ": NCCL " + what;
+    note_failure(why);
     abort_nccl();
     host_->abort(why);
     fail(DSRT_ERR_IO, why);
@@ -309,7 +354,7 @@ class NcclCommunicator final : public Communicator {
   std::shared_ptr<std::atomic<bool>> group_failed_;  // shared by the ranks of one process (null across processes)
   int device_ = 0;
   nccl::Comm world_ = nullptr, tensor_ = nullptr;
-  cudaEvent_t done_ = nullptr;
+  std::vector<cudaEvent_t> events_;  // every mark made (the watchdog hands finished ones back)
   void *staging_ = nullptr;
   size_t staging_bytes_ = 0;
   std::mutex op_mu_;  // held by the collective (or start) in flight
@@ -317,6 +362,7 @@ class NcclCommunicator final : public Communicator {
   std::string why_;
   std::atomic<bool> abort_requested_{false};
   bool aborted_ = false;  // the NCCL communicators were aborted (under op_mu_)
+  std::unique_ptr<CollectiveWatchdog> watch_;  // (last: its thread calls the members above)
 
   friend std::unique_ptr<Communicator> dsrt::make_nccl_communicator(RendezvousClient &, std::unique_ptr<Communicator>,
                                                                     Backend &, int64_t);

@@ -5,13 +5,14 @@
 // in-process group between threads. A follower then waits for rank 0's next step as long as rank 0 lives
 // (Gloo sees it die) without a GPU kernel spinning for hours, and a dead rank 0 is noticed by its followers.
 //
-// Never a hang: the communicators are non-blocking (ncclConfig blocking = 0). Every NCCL call and every
-// collective's completion on the GPU is waited for by polling, at most the group's timeout, with
-// ncclCommGetAsyncError looked at meanwhile; a timeout, an NCCL error or abort() aborts the NCCL
-// communicators (ncclCommAbort, which also stops kernels waiting for a peer) and the host communicator, and
-// the collective throws DSRT_ERR_IO naming it; later collectives throw at once. The price: the host waits for
-// each collective to finish on the GPU before queuing more work (the step's other host syncs, such as the
-// routed experts' ids, already make it wait once per MoE layer).
+// Never a hang: the communicators are non-blocking (ncclConfig blocking = 0), and the host does not wait for a
+// collective to run: it queues it (waiting at most the group's timeout for NCCL to take it) and goes on
+// queuing the step's kernels. A CollectiveWatchdog thread per rank follows each collective to its end through
+// an event recorded behind it, with ncclCommGetAsyncError looked at meanwhile; a collective not finished within
+// the timeout, an NCCL error or abort() aborts the NCCL communicators (ncclCommAbort, which also ends kernels
+// waiting for a peer, so every host wait on the stream returns) and the host communicator. Later collectives
+// then throw DSRT_ERR_IO naming the failure at once, and check() does after the step (the rank group calls it
+// once the step's results are on the host: what ran after an aborted collective is garbage).
 //
 // Only in builds with CUDA (DSRT_WITH_CUDA).
 #pragma once

@@ -139,11 +139,13 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         const Step step = Step::decode(std::string_view(bytes).substr(4));
         hidden = normed = Tensor{};  // (a new scratch step)
         dsrt::forward(shard, be, comm, step.batch, step.logit_rows, step.policy, nullptr, step.hidden ? &hidden : nullptr);
+        comm.check();
         break;
       }
       case Msg::Mtp: {
         const MtpPass pass = MtpPass::decode(std::string_view(bytes).substr(4), shard.cfg().hidden_size);
         run_mtp_pass(shard, be, comm, pass, hidden, normed, nullptr);
+        comm.check();
         break;
       }
       case Msg::KvInit: {
@@ -334,6 +336,7 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out,
     r.hidden = r.normed = Tensor{};  // (a new scratch step)
     dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out,
                   step.hidden ? &r.hidden : nullptr, logits_tensor_out);
+    r.comm->check();  // (logits on the host: every collective of the step has run)
     if (hidden_out) *hidden_out = r.hidden;
   } catch (const std::exception &e) {
     r.comm->abort(std::string("rank 0: ") + e.what());
@@ -350,6 +353,7 @@ void RankGroup::mtp_forward(const MtpPass &pass, float *logits_out) {
       r.comm->broadcast(bytes, 0);
     }
     run_mtp_pass(r.shard, *r.backend, *r.comm, pass, r.hidden, r.normed, logits_out);
+    r.comm->check();
   } catch (const std::exception &e) {
     r.comm->abort(std::string("rank 0: ") + e.what());
     throw;

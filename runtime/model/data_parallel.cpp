@@ -93,6 +93,7 @@ std::vector<int64_t> exchange_counts(Backend &be, Communicator &comm, const std:
   be.from_host(s, out.data());
   comm.all_to_all_v(s, one, r, one, Group::World);
   be.to_host(r, reinterpret_cast<float *>(in.data()));
+  comm.check();  // (counts from an aborted exchange would size the buffers below)
   return {in.begin(), in.end()};
 }
 }  // namespace

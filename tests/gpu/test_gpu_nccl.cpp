@@ -112,8 +112,14 @@ TEST_CASE("NCCL world of 1: every collective is an identity, queued after the ba
   std::tie(code, text) = error_of([&] { c.all_to_all_v(send, {7}, recv, {7}, Communicator::Group::World); });
   CHECK(code == DSRT_ERR_INTERNAL);
 
-  // abort: every later collective throws DSRT_ERR_IO with the reason, at once.
+  // check(): the queued collectives above ran without an error (each was only queued: the watchdog followed it).
+  CHECK(error_of([&] { c.check(); }).first == DSRT_OK);
+
+  // abort: every later collective, and check(), throws DSRT_ERR_IO with the reason, at once.
   c.abort("the test stops the group");
+  std::tie(code, text) = error_of([&] { c.check(); });
+  CHECK(code == DSRT_ERR_IO);
+  CHECK(text.find("the test stops the group") != std::string::npos);
   std::tie(code, text) = error_of([&] { c.all_reduce_sum(x, Communicator::Group::World); });
   CHECK(code == DSRT_ERR_IO);
   CHECK(text.find("the test stops the group") != std::string::npos);

@@ -15,6 +15,7 @@
 #include "backend/cpu/host_bandwidth.h"
 #include "core/thread_pool.h"
 #include "backend/backend.h"
+#include "bench_comm.h"
 #include "bench_ops.h"
 #include "commands.h"
 #include "core/dtype.h"
@@ -38,6 +39,8 @@ struct BenchOptions {
   bool profile = false;
   bool ops = false, sweep = false;  // --ops: the GEMV kernels alone (bench_ops.cpp)
   int rows = 1;
+  bool comm = false;  // --comm: NCCL's collectives alone (bench_comm.cpp)
+  int gpus = 0;
 };
 
 std::vector<int> int_list(const std::string &k, const std::string &given, const std::string &def) {
@@ -166,7 +169,12 @@ int run_bench(const BenchOptions &a) {
     o.threads = a.model.threads;
     return tools::bench_ops(o);
   }
-  if (a.model.model.empty()) throw Usage{"--model is required (or --ops, which needs no model)"};
+  if (a.comm) {
+    tools::BenchCommOptions o;
+    o.world = a.gpus;
+    return tools::bench_comm(o);
+  }
+  if (a.model.model.empty()) throw Usage{"--model is required (or --ops or --comm, which need no model)"};
   // Defaults: the GPU table (prefill 512 and 4096, decode at batch 1 to 128) on a GPU, a quick run on
   // the CPU reference.
   const int be = a.model.backend;
@@ -368,10 +376,12 @@ void add_bench(CLI::App &app, int &rc) {
       "on a GPU, one CPU thread's memcpy on the CPU). --profile adds a per-op time table for each batch size.\n"
       "--ops (GPU, no model): every weight-streaming kernel of a DeepSeek-V3 decode step on V3's shapes, GB/s against\n"
       "the copy rate; --sweep also times each cut of the GEMV kernel (K slices x rows per warp). --ops --backend cpu:\n"
-      "the CPU backend's FP8 kernels on the same shapes against the host's measured DRAM read rate.");
+      "the CPU backend's FP8 kernels on the same shapes against the host's measured DRAM read rate.\n"
+      "--comm (GPUs, no model): NCCL's collectives on V3's shapes between --gpus GPUs (default all; one is a world of\n"
+      "one), each queued back to back as a step queues it and with the host waiting for each, in us per call.");
   add_model_options(*cmd, o->model);
   auto *model_opt = cmd->get_option("--model");
-  model_opt->required(false);  // (but for --ops: checked in run_bench)
+  model_opt->required(false);  // (but for --ops and --comm: checked in run_bench)
   cmd->add_option("--prompt", o->prompts, "prompt lengths to prefill (default 512,4096 on a GPU, 64 on the CPU)")
       ->type_name("N,N,...");
   cmd->add_option("--batch", o->batches, "decode batch sizes (default 1,8,32,128 on a GPU, 1 on the CPU)")
@@ -387,6 +397,10 @@ void add_bench(CLI::App &app, int &rc) {
   ops->excludes(model_opt);
   cmd->add_flag("--sweep", o->sweep, "with --ops: every cut of the GEMV kernel")->needs(ops);
   cmd->add_option("--rows", o->rows, "with --ops: activation rows (the decode batch)")->check(CLI::Range(1, 8))->needs(ops)->capture_default_str();
+  auto *comm = cmd->add_flag("--comm", o->comm,
+                             "NCCL's collectives on V3's shapes between this machine's GPUs, queued and host-waited (no model)");
+  comm->excludes(model_opt)->excludes(ops);
+  cmd->add_option("--gpus", o->gpus, "with --comm: GPUs, a rank each (default: all)")->check(CLI::Range(1, 64))->needs(comm);
   add_engine_options(*cmd, o->engine);
   cmd->callback([o, &rc] { rc = run_bench(*o); });
 }

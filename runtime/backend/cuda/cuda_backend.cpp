@@ -725,10 +725,10 @@ class CudaBackend final : public ArenaBackend {
       counters_.moe_gemv_calls++;
       Tensor h = alloc(T * K, I);
       go([](cudaStream_t s, const float *x, int64_t T, int64_t H, int64_t I, const int32_t *ids, const float *w, int64_t K,
-            const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, int32_t dt, float *h, float *o) {
-        k::moe_experts_gemv(x, T, H, I, ids, w, K, g, u, d, dt, h, o, s);
+            int64_t E, const k::DevMatrix *g, const k::DevMatrix *u, const k::DevMatrix *d, int32_t dt, float *h, float *o) {
+        k::moe_experts_gemv(x, T, H, I, ids, w, K, E, g, u, d, dt, h, o, s);
       }, static_cast<const float *>(x.f32()), T, H, I, static_cast<const int32_t *>(ids.i32()),
-         static_cast<const float *>(weights.f32()), K, tab, tab + experts.size(), tab + 2 * experts.size(),
+         static_cast<const float *>(weights.f32()), K, int64_t(experts.size()), tab, tab + experts.size(), tab + 2 * experts.size(),
          dev_dtype(first->gate.dtype), h.f32(), out.f32());
       return;
     }
