@@ -10,6 +10,8 @@
 #   decode  dsrt bench (no per-op events) on v3-layers, with CUDA graphs and without (DSRT_CUDA_GRAPHS=0):
 #           step time, GPU time and host overhead; V3_BATCHES, V3_CTX, V3_GEN as for v3
 #   ops     dsrt bench --ops --sweep: every GEMV shape of a V3 decode step against the copy rate
+#   comm    dsrt bench --comm: NCCL's collectives on V3's shapes between every GPU of the machine (one: a
+#           world of one), queued and host-waited; COMM_GPUS picks fewer
 #   tests   the GPU suite alone (CUDA backend vs CPU, op by op and end to end)
 #   offload dsrt bench with expert offload on v3-layers made with uniform and Zipf-skewed routing
 #           (OFFLOAD_SKEWS, default "0 1"): per run SHARE:POLICY[:CPU] of OFFLOAD_RUNS, the routed experts'
@@ -114,6 +116,10 @@ PY
         $bin/dsrt bench --model /tmp/tiny-$p --backend cuda --prompt 64 --batch 1,8 --gen 16 2>&1 | tee -a "$OUT/bench.log"
         [ "${PIPESTATUS[0]}" = 0 ] || fail "bench $p"
       done ;;
+    comm)
+      gpu_env
+      $bin/dsrt bench --comm ${COMM_GPUS:+--gpus $COMM_GPUS} 2>&1 | tee "$OUT/comm.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || fail "bench --comm" ;;
     ops)
       gpu_env
       $bin/dsrt bench --ops --sweep 2>&1 | tee "$OUT/ops.log"
