@@ -2,8 +2,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -34,9 +36,11 @@ int reduce_type(DType t) {
 // What every communicator of the process logs once at its start: which NCCL, and the variables that steer
 // its choice of transport. NCCL does not report the transport it then picks through its API; NCCL_DEBUG=INFO
 // makes it print that itself.
-void log_start(const nccl::Api &api, const Mapping &m, int device, bool nvls_set) {
+void log_start(const nccl::Api &api, const Mapping &m, int device, bool nvls_set, bool twins) {
   std::string s = "dsrt: NCCL " + nccl::version_string(api.version) + " (" + api.path + ") for " + m.str() + " on cuda:" +
                   std::to_string(device) + "; " + nccl::env_summary();
+  s += twins ? "; collectives on blocking twins of the joined communicators"
+             : "; collectives on the non-blocking communicators (DSRT_NCCL_NONBLOCKING=1: ~40 us more a call)";
   if (nvls_set) s += "; NVLink multicast off (dsrt set NCCL_NVLS_ENABLE=0; set it to 1 to allow NVLS)";
   s += "; NCCL_DEBUG=INFO shows the transports NCCL picks";
   log(LogLevel::Info, s);
@@ -51,6 +55,8 @@ class NcclCommunicator final : public Communicator {
     if (be.device().kind != Device::Cuda) failf(DSRT_ERR_INTERNAL, "the NCCL communicator needs a CUDA backend, got ", be.name());
     device_ = be.device().index;
     be_.native_stream();  // binds this thread to the backend's device
+    const char *nb = std::getenv("DSRT_NCCL_NONBLOCKING");
+    twins_ = !(nb && std::string(nb) == "1");
     watch_ = std::make_unique<CollectiveWatchdog>(
         CollectiveWatchdog::Source{[this](void *mark) { return finished(mark); }, [this] { return async_error(); },
                                    [this](const std::string &why) { stop_group(why); }},
@@ -66,10 +72,8 @@ class NcclCommunicator final : public Communicator {
     // they are aborted (every collective has completed, so nothing is lost). A rank alone in its process
     // takes NCCL's ordinary teardown.
     if (group_failed_) abort_nccl();
-    if (!aborted_) {
-      if (tensor_ && tensor_ != world_) api_.CommDestroy(tensor_);
-      if (world_) api_.CommDestroy(world_);
-    }
+    if (!aborted_)
+      for (nccl::Comm c : comms()) api_.CommDestroy(c);
     if (staging_) cudaFree(staging_);
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
   }
@@ -87,6 +91,64 @@ class NcclCommunicator final : public Communicator {
     settle(world_, "joining the world's NCCL communicator", deadline);
     if (own_tensor_group()) settle(tensor_, "joining the tensor-parallel group's NCCL communicator", deadline);
     else if (mapping().tp > 1) tensor_ = world_;
+  }
+
+  // The communicators the collectives run on: blocking twins of the joined ones (ncclCommSplit with
+  // blocking = 1), since NCCL runs each call on a non-blocking communicator in a thread it starts for that
+  // call (group.cc; ~40 us a call on an H200, docs/perf.md); or, with DSRT_NCCL_NONBLOCKING=1, the joined ones
+  // themselves (every call then abortable, even one waiting for a peer inside NCCL). The splits run on the
+  // joined (non-blocking) communicators, so they are polled with the join's timeout like the joins.
+  void start_twin_world() {
+    if (twins_) call("ncclCommSplit", [&] { return split(world_, mapping().rank, &run_world_); });
+  }
+  void start_twin_tensor() {
+    if (twins_ && own_tensor_group()) call("ncclCommSplit", [&] { return split(tensor_, mapping().tp_rank(), &run_tensor_); });
+  }
+  void finish_twin(bool tensor) {
+    if (!twins_) {
+      (tensor ? run_tensor_ : run_world_) = tensor ? tensor_ : world_;
+      return;
+    }
+    if (tensor && !own_tensor_group()) {
+      run_tensor_ = mapping().tp > 1 ? run_world_ : nullptr;
+      return;
+    }
+    settle(tensor ? tensor_ : world_, std::string("making the ") + (tensor ? "tensor-parallel group's" : "world's") +
+           " blocking NCCL communicator", Clock::now() + timeout_);
+    if (!(tensor ? run_tensor_ : run_world_)) failed("ncclCommSplit made no communicator");
+  }
+
+  // The first collectives of the communicators collectives run on, at start. NCCL connects a communicator's
+  // peers in the call that first needs them (a blocking one waits there for its peers, where no timeout
+  // reaches); done here, while the group joins, a later collective only queues work. An all-reduce per
+  // communicator (its ring; with NCCL_RUNTIME_CONNECT=0 NCCL connects rings and trees at the split already)
+  // and a send and a receive with every other rank (all_to_all_v's peers). Inside a group when one thread
+  // starts several ranks; followed by the watchdog like any collective (wait_started()).
+  void enqueue_warmup() {
+    const int W = mapping().world, me = mapping().rank;
+    float *buf = reinterpret_cast<float *>(staging(sizeof(float) * size_t(2 * W)));
+    cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
+    check_cuda(cudaMemsetAsync(buf, 0, sizeof(float) * size_t(2 * W), s), "warm-up buffer");
+    call("ncclAllReduce (warm-up)", [&] { return api_.AllReduce(buf, buf, 1, nccl::kFloat32, nccl::kSum, run_world_, s); });
+    if (run_tensor_ && run_tensor_ != run_world_)
+      call("ncclAllReduce (warm-up)", [&] { return api_.AllReduce(buf, buf, 1, nccl::kFloat32, nccl::kSum, run_tensor_, s); });
+    if (W > 1) {
+      call("ncclGroupStart", [&] { return api_.GroupStart(); });
+      nccl::Result first = nccl::kSuccess;
+      for (int r = 0; r < W; r++) {
+        if (r == me) continue;
+        const nccl::Result a = api_.Send(buf + r, 1, nccl::kFloat32, r, run_world_, s);
+        const nccl::Result b = api_.Recv(buf + W + r, 1, nccl::kFloat32, r, run_world_, s);
+        if (first == nccl::kSuccess) first = a != nccl::kSuccess ? a : b;
+      }
+      const nccl::Result end = api_.GroupEnd();
+      call("ncclSend/ncclRecv (warm-up)", [&] { return first != nccl::kSuccess && first != nccl::kInProgress ? first : end; });
+    }
+  }
+  void wait_started() {
+    follow_on_stream("the warm-up collectives");
+    if (!watch_->settle())
+      failf(DSRT_ERR_IO, "rank ", mapping().rank, ": NCCL ", watch_->failure().empty() ? reason() : watch_->failure());
   }
 
   void all_reduce_sum(Tensor x, Group g) override {
@@ -191,9 +253,9 @@ class NcclCommunicator final : public Communicator {
   void check() override {
     std::lock_guard op(op_mu_);
     if (abort_requested_ || aborted_) failf(DSRT_ERR_IO, "the rank group stopped: ", reason());
-    for (nccl::Comm c : {world_, tensor_}) {
+    for (nccl::Comm c : comms()) {
       nccl::Result st = nccl::kSuccess;
-      if (c && api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
+      if (api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
         failed(std::string("after the step: ") + api_.GetErrorString(st));
     }
   }
@@ -204,6 +266,20 @@ class NcclCommunicator final : public Communicator {
     cfg.blocking = 0;  // every call returns at once; completion is polled with a deadline (the file comment)
     be_.native_stream();
     return api_.CommInitRankConfig(c, n, id, rank, &cfg);
+  }
+
+  nccl::Result split(nccl::Comm parent, int key, nccl::Comm *out) {
+    nccl::Config cfg;
+    cfg.blocking = 1;
+    be_.native_stream();
+    return api_.CommSplit(parent, 0, key, out, &cfg);
+  }
+  // Every distinct communicator held, twins first.
+  std::vector<nccl::Comm> comms() const {
+    std::vector<nccl::Comm> v;
+    for (nccl::Comm c : {run_tensor_, run_world_, tensor_, world_})
+      if (c && std::find(v.begin(), v.end(), c) == v.end()) v.push_back(c);
+    return v;
   }
 
   void check_cuda(cudaError_t e, const char *what) {
@@ -219,8 +295,8 @@ class NcclCommunicator final : public Communicator {
   // one rank). Throws once aborted.
   nccl::Comm comm_of(Group g) {
     if (abort_requested_ || aborted_) failf(DSRT_ERR_IO, "the rank group stopped: ", reason());
-    if (g == Group::World) return world_;
-    return mapping().tp > 1 ? tensor_ : nullptr;
+    if (g == Group::World) return run_world_;
+    return mapping().tp > 1 ? run_tensor_ : nullptr;
   }
   std::string reason() {
     std::lock_guard lk(mu_);
@@ -282,12 +358,16 @@ class NcclCommunicator final : public Communicator {
     call(what.c_str(), [&] { return enqueue(c, s); });
     settle(c, what, Clock::now() + timeout_);  // (queued: non-blocking calls may return before they are)
     if (abort_requested_) failed(what + ": the group was aborted (" + reason() + ")");
+    follow_on_stream(std::move(what));
+  }
+  // An event behind the work queued so far, for the watchdog to follow.
+  void follow_on_stream(std::string what) {
     auto mark = static_cast<cudaEvent_t>(watch_->spare());
     if (!mark) {
       check_cuda(cudaEventCreateWithFlags(&mark, cudaEventDisableTiming), "cudaEventCreate");
       events_.push_back(mark);
     }
-    check_cuda(cudaEventRecord(mark, s), "cudaEventRecord");
+    check_cuda(cudaEventRecord(mark, static_cast<cudaStream_t>(be_.native_stream())), "cudaEventRecord");
     watch_->follow(mark, std::move(what));
   }
 
@@ -302,9 +382,9 @@ class NcclCommunicator final : public Communicator {
     std::unique_lock op(op_mu_, std::try_to_lock);  // (not beside a call on these communicators, nor their abort)
     if (!op.owns_lock()) return "";
     if (abort_requested_ || (group_failed_ && *group_failed_)) return "the group was aborted (" + reason() + ")";
-    for (nccl::Comm c : {world_, tensor_}) {  // (null once aborted: abort_requested_ is set before)
+    for (nccl::Comm c : comms()) {  // (none once aborted: abort_requested_ is set before)
       nccl::Result st = nccl::kSuccess;
-      if (c && api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
+      if (api_.CommGetAsyncError(c, &st) == nccl::kSuccess && st != nccl::kSuccess && st != nccl::kInProgress)
         return api_.GetErrorString(st);
     }
     return "";
@@ -342,9 +422,8 @@ class NcclCommunicator final : public Communicator {
     if (aborted_) return;
     aborted_ = true;
     cudaSetDevice(device_);
-    if (tensor_ && tensor_ != world_) api_.CommAbort(tensor_);
-    if (world_) api_.CommAbort(world_);
-    tensor_ = world_ = nullptr;
+    for (nccl::Comm c : comms()) api_.CommAbort(c);
+    run_tensor_ = run_world_ = tensor_ = world_ = nullptr;
   }
 
   const nccl::Api &api_;
@@ -353,7 +432,9 @@ class NcclCommunicator final : public Communicator {
   std::chrono::milliseconds timeout_;
   std::shared_ptr<std::atomic<bool>> group_failed_;  // shared by the ranks of one process (null across processes)
   int device_ = 0;
-  nccl::Comm world_ = nullptr, tensor_ = nullptr;
+  nccl::Comm world_ = nullptr, tensor_ = nullptr;          // joined (non-blocking)
+  nccl::Comm run_world_ = nullptr, run_tensor_ = nullptr;  // what collectives run on (start_twin_*)
+  bool twins_ = true;                                      // blocking twins (not DSRT_NCCL_NONBLOCKING=1)
   std::vector<cudaEvent_t> events_;  // every mark made (the watchdog hands finished ones back)
   void *staging_ = nullptr;
   size_t staging_bytes_ = 0;
@@ -391,7 +472,7 @@ std::unique_ptr<Communicator> make_nccl_communicator(RendezvousClient &store, st
   const bool nvls_set = nccl::default_nvls_off();
   const Mapping m = host->mapping();
   auto c = std::make_unique<NcclCommunicator>(api, std::move(host), backend, timeout_ms, nullptr);
-  log_start(api, m, c->device_, nvls_set);
+  log_start(api, m, c->device_, nvls_set, c->twins_);
   if (m.rank == 0) store.set("nccl/world", id_bytes(new_id(api)));
   const std::string tp_key = "nccl/tp/" + std::to_string(m.ep_rank());
   if (c->own_tensor_group() && m.tp_rank() == 0) store.set(tp_key, id_bytes(new_id(api)));
@@ -403,6 +484,12 @@ std::unique_ptr<Communicator> make_nccl_communicator(RendezvousClient &store, st
     c->start_tensor(id_of(store.get(tp_key)));
   }
   c->finish_start();
+  c->start_twin_world();
+  c->finish_twin(false);
+  c->start_twin_tensor();
+  c->finish_twin(true);
+  c->enqueue_warmup();
+  c->wait_started();
   return c;
 }
 
@@ -422,7 +509,7 @@ std::vector<std::unique_ptr<Communicator>> make_nccl_local_group(int tp, int ep,
       auto c = std::make_unique<NcclCommunicator>(api, std::move(hosts[r]), *backends[r], timeout_ms, failed);
       for (size_t q = 0; q < r; q++)
         if (cs[q]->device_ == c->device_) failf(DSRT_ERR_INVALID_ARGUMENT, "ranks ", q, " and ", r, " are both on cuda:", c->device_, ": NCCL needs a GPU per rank");
-      if (r == 0) log_start(api, m, c->device_, nvls_set);
+      if (r == 0) log_start(api, m, c->device_, nvls_set, c->twins_);
       cs.push_back(c.get());
       out.push_back(std::move(c));
     }
@@ -449,6 +536,12 @@ std::vector<std::unique_ptr<Communicator>> make_nccl_local_group(int tp, int ep,
       start_all([&](NcclCommunicator &c) { c.start_tensor(ids[size_t(c.mapping().ep_rank())]); });
     }
     for (NcclCommunicator *c : cs) c->finish_start();
+    start_all([&](NcclCommunicator &c) { c.start_twin_world(); });
+    for (NcclCommunicator *c : cs) c->finish_twin(false);
+    if (cs[0]->own_tensor_group()) start_all([&](NcclCommunicator &c) { c.start_twin_tensor(); });
+    for (NcclCommunicator *c : cs) c->finish_twin(true);
+    start_all([&](NcclCommunicator &c) { c.enqueue_warmup(); });
+    for (NcclCommunicator *c : cs) c->wait_started();
   } catch (...) {
     *failed = true;
     throw;

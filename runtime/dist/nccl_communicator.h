@@ -5,14 +5,20 @@
 // in-process group between threads. A follower then waits for rank 0's next step as long as rank 0 lives
 // (Gloo sees it die) without a GPU kernel spinning for hours, and a dead rank 0 is noticed by its followers.
 //
-// Never a hang: the communicators are non-blocking (ncclConfig blocking = 0), and the host does not wait for a
-// collective to run: it queues it (waiting at most the group's timeout for NCCL to take it) and goes on
-// queuing the step's kernels. A CollectiveWatchdog thread per rank follows each collective to its end through
-// an event recorded behind it, with ncclCommGetAsyncError looked at meanwhile; a collective not finished within
-// the timeout, an NCCL error or abort() aborts the NCCL communicators (ncclCommAbort, which also ends kernels
-// waiting for a peer, so every host wait on the stream returns) and the host communicator. Later collectives
-// then throw DSRT_ERR_IO naming the failure at once, and check() does after the step (the rank group calls it
-// once the step's results are on the host: what ran after an aborted collective is garbage).
+// Never a hang: the ranks join non-blocking communicators (ncclConfig blocking = 0), every call polled with
+// the group's timeout. Collectives then run on blocking twins split from them (ncclCommSplit, also polled):
+// NCCL runs every call on a non-blocking communicator in a thread of its own started for that call, ~40 us a
+// collective (docs/perf.md), where a blocking call only queues work, once the twin's peers are connected; the
+// start connects them (a warm-up all-reduce and a send and receive with every rank) while the group joins.
+// DSRT_NCCL_NONBLOCKING=1 keeps every collective on the non-blocking communicators instead.
+//
+// The host does not wait for a collective to run: it queues it and goes on queuing the step's kernels. A
+// CollectiveWatchdog thread per rank follows each collective to its end through an event recorded behind it,
+// with ncclCommGetAsyncError looked at meanwhile; a collective not finished within the timeout, an NCCL error
+// or abort() aborts the NCCL communicators (ncclCommAbort, which also ends kernels waiting for a peer, so every
+// host wait on the stream returns) and the host communicator. Later collectives then throw DSRT_ERR_IO naming
+// the failure at once, and check() does after the step (the rank group calls it once the step's results are
+// on the host: what ran after an aborted collective is garbage).
 //
 // Only in builds with CUDA (DSRT_WITH_CUDA).
 #pragma once

@@ -29,6 +29,7 @@ std::unique_ptr<Api> load_from(const std::vector<std::string> &candidates, std::
     bind(api->GetVersion, "ncclGetVersion");
     bind(api->GetUniqueId, "ncclGetUniqueId");
     bind(api->CommInitRankConfig, "ncclCommInitRankConfig");
+    bind(api->CommSplit, "ncclCommSplit");
     bind(api->AllReduce, "ncclAllReduce");
     bind(api->AllGather, "ncclAllGather");
     bind(api->Send, "ncclSend");

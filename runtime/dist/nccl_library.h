@@ -46,6 +46,7 @@ struct Api {
   Result (*GetVersion)(int *version) = nullptr;
   Result (*GetUniqueId)(UniqueId *id) = nullptr;
   Result (*CommInitRankConfig)(Comm *comm, int nranks, UniqueId id, int rank, Config *config) = nullptr;
+  Result (*CommSplit)(Comm comm, int color, int key, Comm *newcomm, Config *config) = nullptr;
   Result (*AllReduce)(const void *send, void *recv, size_t count, int dtype, int op, Comm comm, Stream s) = nullptr;
   Result (*AllGather)(const void *send, void *recv, size_t send_count, int dtype, Comm comm, Stream s) = nullptr;
   Result (*Send)(const void *send, size_t count, int dtype, int peer, Comm comm, Stream s) = nullptr;
@@ -62,7 +63,7 @@ struct Api {
 };
 
 // NCCL 2.18 or later: non-blocking communicators with ncclCommGetAsyncError and ncclCommAbort as this code
-// uses them.
+// uses them, and ncclCommSplit.
 constexpr int kMinVersion = 21800;
 
 // Opens the first of `candidates` that loads and resolves every entry point; null with *why saying what

@@ -1,12 +1,14 @@
 // The NCCL communicator (dist/nccl_communicator.h) on the GPU. On one GPU: a world of one rank over NCCL,
 // whose collectives are identities that run through NCCL on the backend's stream, after the backend's queued
-// ops; its errors and abort; and the forward's logits through a rank group with it, bitwise the plain CUDA
+// ops (on the blocking twins and on the non-blocking communicators); its errors and abort; and the forward's logits through a rank group with it, bitwise the plain CUDA
 // backend's. With two GPUs or more: tp 2 and ep 2 in-process ranks (a GPU and a thread each) against one rank.
 #include <doctest/doctest.h>
 
 #if defined(DSRT_WITH_CUDA)  // (the NCCL communicator is built with the CUDA parts only)
 
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <tuple>
 
@@ -60,6 +62,15 @@ void require_nccl() {
 
 TEST_CASE("NCCL world of 1: every collective is an identity, queued after the backend's ops; errors and abort") {
   require_nccl();
+  struct Mode {  // collectives on the blocking twins (the default), or on the joined non-blocking communicators
+    explicit Mode(bool nonblocking) {
+      if (nonblocking) setenv("DSRT_NCCL_NONBLOCKING", "1", 1);
+    }
+    ~Mode() { unsetenv("DSRT_NCCL_NONBLOCKING"); }
+  };
+  std::unique_ptr<Mode> mode;
+  SUBCASE("blocking twins") { mode = std::make_unique<Mode>(false); }
+  SUBCASE("non-blocking communicators (DSRT_NCCL_NONBLOCKING=1)") { mode = std::make_unique<Mode>(true); }
   auto be = cuda();
   auto comms = make_nccl_local_group(1, 1, {be.get()}, 30000);
   REQUIRE(comms.size() == 1);
