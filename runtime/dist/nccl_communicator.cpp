@@ -119,26 +119,34 @@ class NcclCommunicator final : public Communicator {
   }
 
   // The first collectives of the communicators collectives run on, at start. NCCL connects a communicator's
-  // peers in the call that first needs them (a blocking one waits there for its peers, where no timeout
-  // reaches); done here, while the group joins, a later collective only queues work. An all-reduce per
-  // communicator (its ring; with NCCL_RUNTIME_CONNECT=0 NCCL connects rings and trees at the split already)
-  // and a send and a receive with every other rank (all_to_all_v's peers). Inside a group when one thread
-  // starts several ranks; followed by the watchdog like any collective (wait_started()).
+  // peers for an algorithm in the call that first runs it (a blocking one waits there for its peers, where no
+  // timeout reaches); done here, while the group joins, a later collective only queues work. All-reduces of
+  // 4 B, 256 KB and 16 MB per communicator (the sizes at which NCCL's tuner picks its algorithms: ring, tree),
+  // an all-gather, and a send and a receive with every other rank (all_to_all_v's peers). Inside a group when
+  // one thread starts several ranks; followed by the watchdog like any collective (wait_started()). Not on
+  // non-blocking communicators (each call there is polled and abortable, connection included).
   void enqueue_warmup() {
+    if (!twins_) return;
     const int W = mapping().world, me = mapping().rank;
-    float *buf = reinterpret_cast<float *>(staging(sizeof(float) * size_t(2 * W)));
+    const size_t big = size_t(4) << 20;  // floats
+    float *buf = reinterpret_cast<float *>(staging(sizeof(float) * (big + size_t(2 * W))));
+    float *peer = buf + big;
     cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
-    check_cuda(cudaMemsetAsync(buf, 0, sizeof(float) * size_t(2 * W), s), "warm-up buffer");
-    call("ncclAllReduce (warm-up)", [&] { return api_.AllReduce(buf, buf, 1, nccl::kFloat32, nccl::kSum, run_world_, s); });
-    if (run_tensor_ && run_tensor_ != run_world_)
-      call("ncclAllReduce (warm-up)", [&] { return api_.AllReduce(buf, buf, 1, nccl::kFloat32, nccl::kSum, run_tensor_, s); });
+    check_cuda(cudaMemsetAsync(buf, 0, sizeof(float) * (big + size_t(2 * W)), s), "warm-up buffer");
+    std::vector<nccl::Comm> own{run_world_};
+    if (run_tensor_ && run_tensor_ != run_world_) own.push_back(run_tensor_);
+    for (nccl::Comm c : own) {
+      for (size_t n : {size_t(1), size_t(64) << 10, big})
+        call("ncclAllReduce (warm-up)", [&] { return api_.AllReduce(buf, buf, n, nccl::kFloat32, nccl::kSum, c, s); });
+      call("ncclAllGather (warm-up)", [&] { return api_.AllGather(peer + W, peer, 1, nccl::kFloat32, c, s); });
+    }
     if (W > 1) {
       call("ncclGroupStart", [&] { return api_.GroupStart(); });
       nccl::Result first = nccl::kSuccess;
       for (int r = 0; r < W; r++) {
         if (r == me) continue;
-        const nccl::Result a = api_.Send(buf + r, 1, nccl::kFloat32, r, run_world_, s);
-        const nccl::Result b = api_.Recv(buf + W + r, 1, nccl::kFloat32, r, run_world_, s);
+        const nccl::Result a = api_.Send(peer + r, 1, nccl::kFloat32, r, run_world_, s);
+        const nccl::Result b = api_.Recv(peer + W + r, 1, nccl::kFloat32, r, run_world_, s);
         if (first == nccl::kSuccess) first = a != nccl::kSuccess ? a : b;
       }
       const nccl::Result end = api_.GroupEnd();
