@@ -53,6 +53,10 @@ void linear_swiglu(const float *x, int64_t m, const DevMatrix &wg, const DevMatr
 // FP8 activations for the block-scaled GEMM: per row, per 128 channels, s = amax / 448 and xq = e4m3(x / s);
 // xq [m, k] bytes, xs [k/128, ld_s] floats (M-major, ld_s >= m). k must be a multiple of 128.
 void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s);
+// The same rows with their scales row-major, xs [m, k/128] (rows that travel between ranks, model/data_parallel.h),
+// and back: out [m, k] = e4m3 xq x its 128-channel scale.
+void quantize_rows_fp8_row_major(const float *x, int64_t m, int64_t k, uint8_t *xq, float *xs, cudaStream_t s);
+void dequantize_rows_fp8(const uint8_t *xq, const float *xs, int64_t m, int64_t k, float *out, cudaStream_t s);
 // BF16 activations for a BF16 GEMM: out[i] = bf16(x[i]), nearest even.
 void round_to_bf16(const float *x, int64_t n, uint16_t *out, cudaStream_t s);
 // out [rows, cols] fp32 from the first rows of in (row stride ld), fp32 or bf16.

@@ -158,7 +158,7 @@ void launch(const float *x, const DevMatrix &w, float *out, GemvSplit split, cud
 
 // One warp per 128-channel group of a row: e4m3 values x / s with s = amax / 448 (DeepSeek's act_quant),
 // scales written M-major [K/128][M].
-__global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int64_t k, int64_t ld_s,
+__global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int64_t k, int64_t ld_s, int64_t row_s,
                                      uint8_t *__restrict__ xq, float *__restrict__ xs) {
   const int lane = threadIdx.x & 31;
   const int64_t groups = k / 128, g = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5), r = blockIdx.y;
@@ -170,7 +170,15 @@ __global__ void quantize_rows_kernel(const float *__restrict__ x, int64_t m, int
   const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v.x / s, v.y / s), __NV_SATFINITE, __NV_E4M3);
   const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v.z / s, v.w / s), __NV_SATFINITE, __NV_E4M3);
   reinterpret_cast<uint32_t *>(xq + r * k + g * 128)[lane] = uint32_t(lo) | uint32_t(hi) << 16;
-  if (lane == 0) xs[g * ld_s + r] = s;
+  if (lane == 0) xs[g * ld_s + r * row_s] = s;
+}
+
+// out [r, c] = e4m3 xq [r, c] x xs [r, c / 128] (row-major scales)
+__global__ void dequantize_rows_kernel(const uint8_t *__restrict__ xq, const float *__restrict__ xs, int64_t m, int64_t k,
+                                       float *__restrict__ out) {
+  const int64_t n = m * k;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = fp8_to_f32(xq[i]) * xs[(i / k) * (k / 128) + (i % k) / 128];
 }
 
 // out = x rounded to bf16, nearest even (as the CPU's f32_to_bf16)
@@ -193,8 +201,23 @@ __global__ void widen_rows_kernel(const void *in, bool bf16, int64_t rows, int64
 void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s) {
   if (m == 0) return;
   if (k % 128) throw std::runtime_error("quantize_rows_fp8: K must be a multiple of 128");
-  quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(m)), 256, 0, s>>>(x, m, k, ld_s, xq, xs);
+  quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(m)), 256, 0, s>>>(x, m, k, ld_s, 1, xq, xs);
   check_launch("quantize_rows_fp8");
+}
+
+void quantize_rows_fp8_row_major(const float *x, int64_t m, int64_t k, uint8_t *xq, float *xs, cudaStream_t s) {
+  if (m == 0) return;
+  if (k % 128) throw std::runtime_error("quantize_rows_fp8: K must be a multiple of 128");
+  quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(m)), 256, 0, s>>>(x, m, k, 1, k / 128, xq, xs);
+  check_launch("quantize_rows_fp8_row_major");
+}
+
+void dequantize_rows_fp8(const uint8_t *xq, const float *xs, int64_t m, int64_t k, float *out, cudaStream_t s) {
+  const int64_t n = m * k;
+  if (n == 0) return;
+  if (k % 128) throw std::runtime_error("dequantize_rows_fp8: K must be a multiple of 128");
+  dequantize_rows_kernel<<<std::min<unsigned>(grid_for(n, 256), 65535u), 256, 0, s>>>(xq, xs, m, k, out);
+  check_launch("dequantize_rows_fp8");
 }
 
 void round_to_bf16(const float *x, int64_t n, uint16_t *out, cudaStream_t s) {

@@ -122,6 +122,11 @@ class ForwardingBackend final : public dsrt::Backend {
                    dsrt::Tensor o) override {
     b_->moe_experts(x, e, ids, w, o);
   }
+  bool moe_takes_fp8(const std::vector<dsrt::FfnWeights> &e, int64_t rows, int64_t k) const override {
+    return b_->moe_takes_fp8(e, rows, k);
+  }
+  void quantize_fp8_rows(dsrt::Tensor x, dsrt::Tensor q, dsrt::Tensor s) override { b_->quantize_fp8_rows(x, q, s); }
+  void dequantize_fp8_rows(dsrt::Tensor q, dsrt::Tensor s, dsrt::Tensor o) override { b_->dequantize_fp8_rows(q, s, o); }
   void gather_rows(dsrt::Tensor x, const std::vector<int32_t> &rows, dsrt::Tensor o) override { b_->gather_rows(x, rows, o); }
   void to_host(dsrt::Tensor t, float *dst) override {
     counts->host_floats += t.rows * t.cols;

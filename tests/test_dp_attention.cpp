@@ -1,10 +1,16 @@
 // Data-parallel attention (dist/mapping.h, model/data_parallel.h): the plans a rank follows (its sequences,
 // where its routed rows go and how their partial sums come back), the step's pages-per-rank field, and whole
 // models on 2 and 4 in-process ranks against one rank: the same logits (1e-5) and greedy tokens, with several
-// sessions at once spread over the ranks (steps where a rank has no sequence included).
+// sessions at once spread over the ranks (steps where a rank has no sequence included); routed rows in FP8 under
+// FP8 activations.
 #include <doctest/doctest.h>
 
+#include <random>
 #include <thread>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_kernels.h"
+#include "dist/communicator.h"
 
 #include "core/status.h"
 #include "dist/mapping.h"
@@ -16,9 +22,11 @@ using namespace testing;
 
 namespace {
 
-dsrt_status load(Loaded &l, const std::string &dir, int ep, bool dp, int tp = 1, int mtp_drafts = 0) {
+dsrt_status load(Loaded &l, const std::string &dir, int ep, bool dp, int tp = 1, int mtp_drafts = 0,
+                 int precision = DSRT_PRECISION_AUTO) {
   dsrt_engine_params p;
   dsrt_engine_params_init(&p, sizeof p);
+  p.precision = precision;
   p.tp = tp;
   p.ep = ep;
   p.dp_attention = dp ? 1 : 0;
@@ -34,9 +42,10 @@ struct Output {
   std::vector<std::vector<int32_t>> greedy;
 };
 
-Output run_model(const std::string &dir, int ep, bool dp, const std::vector<std::vector<int32_t>> &prompts, int n) {
+Output run_model(const std::string &dir, int ep, bool dp, const std::vector<std::vector<int32_t>> &prompts, int n,
+                 int precision = DSRT_PRECISION_AUTO) {
   Loaded l;
-  CHECK_OK(load(l, dir, ep, dp));
+  CHECK_OK(load(l, dir, ep, dp, 1, 0, precision));
   Output o;
   o.logits = prompt_logits(l.e, prompts[0]);
   o.greedy.resize(prompts.size());
@@ -151,6 +160,110 @@ TEST_CASE("data-parallel attention: each routed row goes once to each rank ownin
   CHECK_THROWS_AS(dsrt::plan_dispatch(bad, 1, 2, 8, m), dsrt::Error);
   // Data-parallel attention keeps attention whole: tp must be 1.
   CHECK_THROWS_AS((dsrt::Mapping{4, 0, 2, 2, true}.validate()), dsrt::Error);
+}
+
+namespace {
+
+// Two in-process ranks on CPU backends dispatching rows to 4 experts (2 each), every token to expert 0 and 2
+// (both ranks): each rank receives both ranks' rows. FP8 activations on or off per rank.
+struct DispatchRun {
+  std::vector<dsrt::RoutedRows> got = std::vector<dsrt::RoutedRows>(2);
+  std::vector<std::vector<float>> x = std::vector<std::vector<float>>(2), rx = std::vector<std::vector<float>>(2);
+};
+DispatchRun dispatch_two_ranks(int64_t T, bool fp8_rank0, bool fp8_rank1) {
+  const int64_t H = 256, K = 2;
+  auto comms = dsrt::make_local_group(1, 2);
+  static const uint8_t some_byte = 0;
+  std::vector<dsrt::FfnWeights> experts(4);
+  for (auto &f : experts) {  // (only their dtype and shape are asked: moe_takes_fp8)
+    f.gate.dtype = f.up.dtype = f.down.dtype = dsrt::DType::F8_E4M3;
+    f.gate.rows = f.up.rows = 128, f.gate.cols = f.up.cols = H;
+    f.down.rows = H, f.down.cols = 128;
+    f.gate.data = f.up.data = f.down.data = &some_byte;
+  }
+  DispatchRun run;
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; r++)
+    ranks.emplace_back([&, r] {
+      dsrt::BackendOptions o;
+      o.n_threads = 1;
+      o.fp8_activations = r == 0 ? fp8_rank0 : fp8_rank1;
+      auto be = dsrt::make_backend(dsrt::BackendKind::Cpu, o);
+      be->begin_step();
+      dsrt::Mapping m = comms[size_t(r)]->mapping();
+      m.dp_attention = true;
+      std::mt19937 rng(uint32_t(7 + r));
+      std::normal_distribution<float> nd;
+      run.x[size_t(r)].resize(size_t(T * H));
+      for (float &v : run.x[size_t(r)]) v = nd(rng) * (r + 1.0f);
+      std::vector<int32_t> ids;
+      std::vector<float> w;
+      for (int64_t t = 0; t < T; t++) ids.insert(ids.end(), {0, 2}), w.insert(w.end(), {0.25f, 0.75f});
+      dsrt::Tensor x = be->alloc(T, H), ti = be->alloc(T, K, dsrt::DType::I32), tw = be->alloc(T, K);
+      be->from_host(x, run.x[size_t(r)].data());
+      be->from_host(ti, ids.data());
+      be->from_host(tw, w.data());
+      run.got[size_t(r)] = dsrt::dispatch_routed_rows(*be, *comms[size_t(r)], m, x, ti, tw, experts);
+      const dsrt::RoutedRows &g = run.got[size_t(r)];
+      run.rx[size_t(r)].resize(size_t(g.x.rows * H));
+      be->to_host(g.x, run.rx[size_t(r)].data());
+    });
+  for (auto &t : ranks) t.join();
+  return run;
+}
+
+}  // namespace
+
+TEST_CASE("data-parallel attention: routed rows travel in FP8 where every receiver's experts take FP8, else in fp32") {
+  const int64_t H = 256;
+  // The rows a rank receives: rank 0's rows, then rank 1's (all of them: every token routes to both ranks).
+  auto expected = [&](const DispatchRun &run, bool fp8) {
+    std::vector<float> all(run.x[0]);
+    all.insert(all.end(), run.x[1].begin(), run.x[1].end());
+    if (fp8) dsrt::cpu::round_rows_to_fp8(all.data(), int64_t(all.size()) / H, H, all.data());
+    return all;
+  };
+  SUBCASE("12 rows each way, FP8 activations on both ranks: FP8, the rows as the experts' GEMMs would round them") {
+    const DispatchRun run = dispatch_two_ranks(12, true, true);
+    for (int r = 0; r < 2; r++) {
+      CAPTURE(r);
+      CHECK(run.got[size_t(r)].fp8);
+      CHECK(run.got[size_t(r)].from == std::vector<int64_t>{12, 12});
+      CHECK(run.rx[size_t(r)] == expected(run, true));  // bit for bit
+      CHECK(run.rx[size_t(r)] != expected(run, false));
+    }
+  }
+  SUBCASE("3 rows each way (6 received, below kFp8ActivationMinRows): fp32, exact") {
+    const DispatchRun run = dispatch_two_ranks(3, true, true);
+    for (int r = 0; r < 2; r++) {
+      CHECK_FALSE(run.got[size_t(r)].fp8);
+      CHECK(run.rx[size_t(r)] == expected(run, false));
+    }
+  }
+  SUBCASE("rank 1 without FP8 activations: fp32 for every rank (all decide from the gathered counts alike)") {
+    const DispatchRun run = dispatch_two_ranks(12, true, false);
+    for (int r = 0; r < 2; r++) {
+      CHECK_FALSE(run.got[size_t(r)].fp8);
+      CHECK(run.rx[size_t(r)] == expected(run, false));
+    }
+  }
+}
+
+TEST_CASE("data-parallel attention with FP8 activations (routed rows in FP8) equals one rank's FP8 logits") {
+  const std::string dir = tiny("v3-mini");
+  Model m(dir);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 3; i++) prompts.push_back(prompt_tokens(m.vocab(), 13 + 9 * i));
+  const Output one = run_model(dir, 1, false, prompts, 6, DSRT_PRECISION_FP8);
+  const Output fp32 = run_model(dir, 1, false, prompts, 6);
+  const Output dp = run_model(dir, 2, true, prompts, 6, DSRT_PRECISION_FP8);
+  REQUIRE(dp.logits.size() == one.logits.size());
+  const double err = rel_l2(dp.logits.data(), one.logits.data(), one.logits.size());
+  MESSAGE("v3-mini, ep 2, FP8 activations: data-parallel vs one rank relative L2 " << err << "; one rank FP8 vs fp32 "
+          << rel_l2(fp32.logits.data(), one.logits.data(), one.logits.size()));
+  CHECK(err <= 1e-5);
+  CHECK(rel_l2(fp32.logits.data(), one.logits.data(), one.logits.size()) > 1e-4);  // (FP8 did round something)
+  CHECK(dp.greedy == one.greedy);
 }
 
 TEST_CASE("data-parallel attention on 2 and 4 in-process ranks equals one rank on every tiny preset") {

@@ -221,6 +221,17 @@ class Backend {
   // out = sum_k weights[t,k] * Expert_{ids[t,k]}(x[t])
   virtual void moe_experts(Tensor x, const std::vector<FfnWeights> &experts, Tensor ids, Tensor weights,
                            Tensor out) = 0;
+  // Routed rows that travel to the ranks owning their experts (model/data_parallel.h) in the format the expert
+  // GEMMs take under FP8 activations: whether moe_experts over `rows` tokens with these experts (top_k per token)
+  // quantises its input to FP8 per token per 128 channels (BackendOptions::fp8_activations); if so rows may
+  // arrive quantised. quantize_fp8_rows: q [n, H] (F8_E4M3) and scales [n, H / 128] (F32, row-major) as that
+  // quantisation makes them (e4m3(x / s), s = amax / 448 of each 128 channels); dequantize_fp8_rows: out = q * s.
+  virtual bool moe_takes_fp8(const std::vector<FfnWeights> &experts, int64_t rows, int64_t top_k) const {
+    (void)experts, (void)rows, (void)top_k;
+    return false;
+  }
+  virtual void quantize_fp8_rows(Tensor x, Tensor q, Tensor scales);
+  virtual void dequantize_fp8_rows(Tensor q, Tensor scales, Tensor out);
   // out[i] = x[rows[i]]
   virtual void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) = 0;
   virtual void to_host(Tensor t, float *dst) = 0;

@@ -37,6 +37,14 @@ std::vector<SampleResult> Backend::sample_rows(Tensor logits, const std::vector<
   return out;
 }
 
+// (A backend whose moe_takes_fp8 is always false is never asked.)
+void Backend::quantize_fp8_rows(Tensor, Tensor, Tensor) {
+  failf(DSRT_ERR_INTERNAL, "the ", name(), " backend does not quantise rows to FP8");
+}
+void Backend::dequantize_fp8_rows(Tensor, Tensor, Tensor) {
+  failf(DSRT_ERR_INTERNAL, "the ", name(), " backend does not dequantise FP8 rows");
+}
+
 uint64_t device_free_memory(Device d) {
   if (d.kind == Device::Cuda) return cuda_free_memory(d.index);
   const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);

@@ -84,17 +84,22 @@ ExpertDispatch plan_dispatch(const int32_t *ids, int64_t T, int64_t K, int64_t n
 namespace {
 using Group = Communicator::Group;
 
-// How many rows each rank sends this one, given how many this one sends each rank.
-std::vector<int64_t> exchange_counts(Backend &be, Communicator &comm, const std::vector<int64_t> &send) {
+// Every rank's row counts, and whether its experts take FP8 activations: counts[s][r] rows go from rank s to
+// rank r; counts[s][W] is 1 when rank s's moe_experts quantises its rows to FP8 given kFp8ActivationMinRows of
+// them. Gathered to every rank, so that all decide the rows' format alike.
+std::vector<std::vector<int64_t>> exchange_counts(Backend &be, Communicator &comm, const std::vector<int64_t> &send,
+                                                  bool takes_fp8) {
   const int64_t W = int64_t(send.size());
-  std::vector<int32_t> out(send.begin(), send.end()), in(send.size());
-  const std::vector<int64_t> one(send.size(), 1);
-  Tensor s = be.alloc(W, 1, DType::I32), r = be.alloc(W, 1, DType::I32);
-  be.from_host(s, out.data());
-  comm.all_to_all_v(s, one, r, one, Group::World);
-  be.to_host(r, reinterpret_cast<float *>(in.data()));
+  std::vector<int32_t> mine(send.begin(), send.end()), all(size_t(W * (W + 1)));
+  mine.push_back(takes_fp8 ? 1 : 0);
+  Tensor s = be.alloc(1, W + 1, DType::I32), r = be.alloc(1, W * (W + 1), DType::I32);
+  be.from_host(s, mine.data());
+  comm.all_gather_cols(s, r, Group::World);
+  be.to_host(r, reinterpret_cast<float *>(all.data()));
   comm.check();  // (counts from an aborted exchange would size the buffers below)
-  return {in.begin(), in.end()};
+  std::vector<std::vector<int64_t>> counts(static_cast<size_t>(W));
+  for (int64_t q = 0; q < W; q++) counts[size_t(q)].assign(all.begin() + q * (W + 1), all.begin() + (q + 1) * (W + 1));
+  return counts;
 }
 }  // namespace
 
@@ -115,8 +120,8 @@ Tensor gather_logit_rows(Backend &be, Communicator &comm, const RankBatch &r, Te
 }
 
 RoutedRows dispatch_routed_rows(Backend &be, Communicator &comm, const Mapping &m, Tensor x, Tensor ids, Tensor weights,
-                                int64_t n_experts) {
-  const int64_t T = x.rows, H = x.cols, K = ids.cols;
+                                const std::vector<FfnWeights> &experts) {
+  const int64_t T = x.rows, H = x.cols, K = ids.cols, W = m.world;
   std::vector<int32_t> ids_h(size_t(T * K));
   std::vector<float> wts_h(size_t(T * K));
   if (T) {
@@ -124,8 +129,18 @@ RoutedRows dispatch_routed_rows(Backend &be, Communicator &comm, const Mapping &
     be.to_host(weights, wts_h.data());
   }
   RoutedRows r;
-  r.plan = plan_dispatch(ids_h.data(), T, K, n_experts, m);
-  r.from = exchange_counts(be, comm, r.plan.send_counts);
+  r.plan = plan_dispatch(ids_h.data(), T, K, int64_t(experts.size()), m);
+  const auto counts = exchange_counts(be, comm, r.plan.send_counts, be.moe_takes_fp8(experts, kFp8ActivationMinRows, K));
+  // FP8 when every rank's experts take FP8 and every rank that gets rows gets at least kFp8ActivationMinRows
+  // (the bound at which moe_experts quantises: it then rounds the rows as they arrive, bit for bit).
+  r.fp8 = H % 128 == 0;
+  for (int64_t q = 0; q < W; q++) {
+    int64_t in = 0;
+    for (int64_t s = 0; s < W; s++) in += counts[size_t(s)][size_t(q)];
+    if (!counts[size_t(q)][size_t(W)] || (in > 0 && in < kFp8ActivationMinRows)) r.fp8 = false;
+  }
+  r.from.resize(size_t(W));
+  for (int64_t s = 0; s < W; s++) r.from[size_t(s)] = counts[size_t(s)][size_t(m.rank)];
   const int64_t n_out = int64_t(r.plan.send_rows.size());
   int64_t n_in = 0;
   for (int64_t n : r.from) n_in += n;
@@ -144,7 +159,16 @@ RoutedRows dispatch_routed_rows(Backend &be, Communicator &comm, const Mapping &
   r.x = be.alloc(n_in, H);
   r.ids = be.alloc(n_in, K, DType::I32);
   r.weights = be.alloc(n_in, K);
-  comm.all_to_all_v(send, r.plan.send_counts, r.x, r.from, Group::World);
+  if (r.fp8) {  // e4m3 rows and their scales: 1 + 4 / 128 bytes a value instead of 4
+    Tensor q = be.alloc(n_out, H, DType::F8_E4M3), qs = be.alloc(n_out, H / 128);
+    Tensor rq = be.alloc(n_in, H, DType::F8_E4M3), rs = be.alloc(n_in, H / 128);
+    if (n_out) be.quantize_fp8_rows(send, q, qs);
+    comm.all_to_all_v(q, r.plan.send_counts, rq, r.from, Group::World);
+    comm.all_to_all_v(qs, r.plan.send_counts, rs, r.from, Group::World);
+    if (n_in) be.dequantize_fp8_rows(rq, rs, r.x);
+  } else {
+    comm.all_to_all_v(send, r.plan.send_counts, r.x, r.from, Group::World);
+  }
   comm.all_to_all_v(send_ids, r.plan.send_counts, r.ids, r.from, Group::World);
   comm.all_to_all_v(send_wts, r.plan.send_counts, r.weights, r.from, Group::World);
   return r;

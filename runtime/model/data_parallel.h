@@ -47,12 +47,16 @@ struct RoutedRows {
   ExpertDispatch plan;
   std::vector<int64_t> from;  // rows each rank sent here
   Tensor x, ids, weights;     // the received rows [n, H], their expert ids [n, K] (I32) and weights [n, K]
+  bool fp8 = false;           // the rows travelled as FP8 (x holds them dequantised)
 };
-// Sends this rank's rows x [T, H] to the ranks owning their routed experts (ids, weights: the router's output).
-// Brings the routing to the host to plan and the row counts back from the exchange (host syncs per MoE layer, as
-// DeepEP's normal kernels wait for their counts), then four all-to-alls: counts, rows, ids, weights.
+// Sends this rank's rows x [T, H] to the ranks owning their routed experts (ids, weights: the router's output;
+// experts: the layer's, other ranks' null). Brings the routing to the host to plan, and every rank's row counts
+// from an all-gather (host syncs per MoE layer, as DeepEP's normal kernels wait for their counts), then the
+// all-to-alls of the rows, ids and weights. The rows travel in FP8 (e4m3 with a scale per 128 channels, as
+// Backend::quantize_fp8_rows makes them: ~3.9x fewer bytes) where every receiving rank's expert GEMMs take FP8
+// activations for the rows it gets (Backend::moe_takes_fp8), since they round them so anyway; else in fp32.
 RoutedRows dispatch_routed_rows(Backend &be, Communicator &comm, const Mapping &m, Tensor x, Tensor ids, Tensor weights,
-                                int64_t n_experts);
+                                const std::vector<FfnWeights> &experts);
 // The partial sums [received rows, H] back to the rows' ranks, where each row's are added up: [T, H].
 Tensor combine_routed_rows(Backend &be, Communicator &comm, const RoutedRows &r, Tensor partial, int64_t T);
 

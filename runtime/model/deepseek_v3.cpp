@@ -90,7 +90,7 @@ Tensor moe_dispatched(const Pass &p, const LayerWeights &L, Tensor x) {
   const int64_t K = c.num_experts_per_tok;
   Tensor ids = be.alloc(x.rows, K, DType::I32), wts = be.alloc(x.rows, K);
   if (x.rows) be.moe_route(x, L.router, L.router_bias, p.m.model->router, ids, wts);
-  const RoutedRows in = dispatch_routed_rows(be, p.comm, p.m.map, x, ids, wts, c.n_routed_experts);  // comm: dispatch
+  const RoutedRows in = dispatch_routed_rows(be, p.comm, p.m.map, x, ids, wts, L.experts);  // comm: dispatch
   Tensor partial = be.alloc(in.x.rows, x.cols);
   if (in.x.rows) be.moe_experts(in.x, L.experts, in.ids, in.weights, partial);
   Tensor y = combine_routed_rows(be, p.comm, in, partial, x.rows);  // comm: combine, the partial sums come back

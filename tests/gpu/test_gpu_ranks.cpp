@@ -160,15 +160,19 @@ TEST_CASE("tensor-parallel ranks sharing one GPU with FP8 activations stay withi
 // 1's (pages 4..7 of rank 0's pool are rank 1's 0..3), a prefill then decode steps, the last two with rank 1's
 // sequence done (rank 1 then has no rows and serves its experts only). One rank runs the same pages as one
 // pool of 8. The routed rows cross the ranks through the host-staged all-to-all; kernels as on one rank.
-std::vector<float> run_dp(const std::string &dir, int ep, DType kv) {
+// fp8: FP8 activations (the routed rows then travel in FP8 where the receivers' grouped GEMMs take them);
+// *fp8_rows_moved: calls of dequantize_fp8_rows on every rank.
+std::vector<float> run_dp(const std::string &dir, int ep, DType kv, bool fp8 = false, int64_t *fp8_rows_moved = nullptr) {
   auto loaded = Model::load(dir, {});
   const Model &model = *loaded;
   const bool dp = ep > 1;
   RankGroup g(model, 1, ep, [&](int) {
     BackendOptions o;
     o.device = 0;
+    o.fp8_activations = fp8;
     return make_backend(BackendKind::Cuda, o);
   }, [&](const std::vector<Backend *> &bes) { return make_host_staged_local_group(1, ep, bes); }, dp);
+  if (fp8_rows_moved) g.for_each_backend([](Backend &be) { be.set_profiling(true); });
   g.for_each_rank([&](Backend &be, const ModelShard &shard) {
     be.prepare_weights(model.device_weights, shard.weights(false), {});
   });
@@ -205,6 +209,13 @@ std::vector<float> run_dp(const std::string &dir, int ep, DType kv) {
     }
     all.insert(all.end(), l.begin(), l.end());
   }
+  if (fp8_rows_moved) {
+    *fp8_rows_moved = 0;
+    g.for_each_backend([&](Backend &be) {
+      for (const OpTime &t : be.op_times())
+        if (t.op == "dequantize_fp8_rows") *fp8_rows_moved += t.calls;
+    });
+  }
   return all;
 }
 
@@ -225,6 +236,21 @@ TEST_CASE("data-parallel attention on GPU ranks sharing one GPU equals one rank 
       }
     }
   }
+}
+
+// FP8 activations: the prefill's routed rows (every receiver gets >= 8) travel in FP8, the decode steps' (3
+// tokens) in fp32, as the receivers' GEMMs take them; logits as one rank's with FP8 activations.
+TEST_CASE("data-parallel attention with FP8 activations on GPU ranks: routed rows in FP8, one rank's logits") {
+  const std::string dir = testing::tiny("v3-mini");
+  const auto one = run_dp(dir, 1, DType::F32, true);
+  int64_t moved = 0;
+  const auto par = run_dp(dir, 2, DType::F32, true, &moved);
+  REQUIRE(par.size() == one.size());
+  const double err = testing::rel_l2(par.data(), one.data(), one.size());
+  MESSAGE("data-parallel attention with FP8 activations, ep 2 on one GPU vs one rank: relative L2 ", err, "; ",
+          moved, " FP8 row exchanges dequantised");
+  CHECK(moved > 0);
+  CHECK(err <= 1e-3);
 }
 
 #endif  // DSRT_WITH_CUDA

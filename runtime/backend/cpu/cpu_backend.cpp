@@ -478,6 +478,25 @@ class CpuBackend final : public ArenaBackend {
     }
   }
 
+  bool moe_takes_fp8(const std::vector<FfnWeights> &experts, int64_t rows, int64_t) const override {
+    for (const FfnWeights &f : experts)  // (moe_experts: the first present expert's gate decides)
+      if (f.gate) return cpu::takes_fp8_activations(fp8_activations_, rows, f.gate);
+    return false;
+  }
+  void quantize_fp8_rows(Tensor x, Tensor q, Tensor scales) override {
+    check_fp8_rows(x, q, scales);
+    cpu::quantize_rows_to_fp8(x.f32(), x.rows, x.cols, static_cast<uint8_t *>(q.data), scales.f32());
+  }
+  void dequantize_fp8_rows(Tensor q, Tensor scales, Tensor out) override {
+    check_fp8_rows(out, q, scales);
+    cpu::dequantize_fp8_rows(static_cast<const uint8_t *>(q.data), scales.f32(), out.rows, out.cols, out.f32());
+  }
+  static void check_fp8_rows(const Tensor &x, const Tensor &q, const Tensor &s) {
+    if (x.cols % 128 || q.dtype != DType::F8_E4M3 || q.rows != x.rows || q.cols != x.cols || s.rows != x.rows ||
+        s.cols != x.cols / 128)
+      fail(DSRT_ERR_INTERNAL, "FP8 rows: shapes or dtypes differ");
+  }
+
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
     const auto timer_ = timed("gather_rows", nullptr);
     for (size_t i = 0; i < rows.size(); i++)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cpu/fp8_matmul.h"
@@ -34,12 +35,26 @@ bool takes_fp8_activations(bool on, int64_t step_rows, const Weight &w) {
   return on && step_rows >= kFp8ActivationMinRows && w.dtype == DType::F8_E4M3 && w.cols % 128 == 0;
 }
 
-void round_rows_to_fp8(const float *x, int64_t rows, int64_t k, float *out) {
+void quantize_rows_to_fp8(const float *x, int64_t rows, int64_t k, uint8_t *q, float *scales) {
   for (int64_t i = 0; i < rows * k; i += 128) {
     float amax = 0.0f;
     for (int64_t j = i; j < i + 128; j++) amax = std::max(amax, std::fabs(x[j]));
     const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
-    for (int64_t j = i; j < i + 128; j++) out[j] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[j] / s)) * s;
+    scales[i / 128] = s;
+    for (int64_t j = i; j < i + 128; j++) q[j] = f32_to_fp8_e4m3(x[j] / s);
+  }
+}
+
+void dequantize_fp8_rows(const uint8_t *q, const float *scales, int64_t rows, int64_t k, float *out) {
+  for (int64_t j = 0; j < rows * k; j++) out[j] = fp8_e4m3_to_f32(q[j]) * scales[j / 128];
+}
+
+void round_rows_to_fp8(const float *x, int64_t rows, int64_t k, float *out) {
+  std::vector<uint8_t> q(static_cast<size_t>(k));
+  std::vector<float> s(static_cast<size_t>(k / 128));
+  for (int64_t r = 0; r < rows; r++) {
+    quantize_rows_to_fp8(x + r * k, 1, k, q.data(), s.data());
+    dequantize_fp8_rows(q.data(), s.data(), 1, k, out + r * k);
   }
 }
 

@@ -51,5 +51,8 @@ bool takes_fp8_activations(bool on, int64_t step_rows, const Weight &w);
 // all-zero group), rounded to e4m3 (nearest even, saturating) and scaled back, so an fp32 GEMM over the result is
 // the block-scaled FP8 GEMM's arithmetic up to the order of its sums. k must be a multiple of 128; out may be x.
 void round_rows_to_fp8(const float *x, int64_t rows, int64_t k, float *out);
+// The two halves of that: q [rows, k] e4m3 codes and scales [rows, k / 128] (row-major); out = q * scale.
+void quantize_rows_to_fp8(const float *x, int64_t rows, int64_t k, uint8_t *q, float *scales);
+void dequantize_fp8_rows(const uint8_t *q, const float *scales, int64_t rows, int64_t k, float *out);
 
 }  // namespace dsrt::cpu

@@ -777,6 +777,32 @@ class CudaBackend final : public ArenaBackend {
       }, static_cast<const float *>(y.f32()), H, drows, dw, n, out.f32());
     }
   }
+  // Routed rows in FP8 (model/data_parallel.h): the grouped FP8 path takes them as they are quantised here.
+  bool moe_takes_fp8(const std::vector<FfnWeights> &experts, int64_t rows, int64_t top_k) const override {
+    const FfnWeights *first = first_expert_here(experts);
+    return first && experts_compute_ == ExpertCompute::Gpu &&
+           grouped_moe(experts, rows, first->gate.cols, first->gate.rows, top_k);
+  }
+  void quantize_fp8_rows(Tensor x, Tensor q, Tensor scales) override {
+    const auto timer_ = timed("quantize_fp8_rows", nullptr);
+    check_fp8_rows(x, q, scales);
+    go([](cudaStream_t s, const float *x, int64_t m, int64_t k, uint8_t *q, float *xs) {
+      k::quantize_rows_fp8_row_major(x, m, k, q, xs, s);
+    }, static_cast<const float *>(x.f32()), x.rows, x.cols, static_cast<uint8_t *>(q.data), scales.f32());
+  }
+  void dequantize_fp8_rows(Tensor q, Tensor scales, Tensor out) override {
+    const auto timer_ = timed("dequantize_fp8_rows", nullptr);
+    check_fp8_rows(out, q, scales);
+    go([](cudaStream_t s, const uint8_t *q, const float *xs, int64_t m, int64_t k, float *o) {
+      k::dequantize_rows_fp8(q, xs, m, k, o, s);
+    }, static_cast<const uint8_t *>(q.data), static_cast<const float *>(scales.f32()), out.rows, out.cols, out.f32());
+  }
+  static void check_fp8_rows(const Tensor &x, const Tensor &q, const Tensor &s) {
+    if (x.cols % 128 || q.dtype != DType::F8_E4M3 || q.rows != x.rows || q.cols != x.cols || s.rows != x.rows ||
+        s.cols != x.cols / 128)
+      fail(DSRT_ERR_INTERNAL, "FP8 rows: shapes or dtypes differ");
+  }
+
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
     const auto timer_ = timed("gather_rows", nullptr);
     go(gather_launch, static_cast<const float *>(x.f32()), x.cols, upload_i32(rows), int64_t(rows.size()), out.f32());
