@@ -190,8 +190,9 @@ class GlooCommunicator final : public Communicator {
     auto ctx = context(Group::World);
     if (!ctx) return;
     uint64_t n = bytes.size();
-    // A follower waits for rank 0's next step as long as rank 0 lives; the bytes then follow at once.
-    const auto first = map_.rank == root ? timeout_ : kIdleWait;
+    // A follower waits for rank 0's next step as long as rank 0 lives; the bytes then follow at once. Bytes
+    // from another rank (a cache read) come at once too.
+    const auto first = map_.rank == root || root != 0 ? timeout_ : kIdleWait;
     run("broadcast", Group::World, [&] {
       gloo::BroadcastOptions o(ctx);
       o.setRoot(root);

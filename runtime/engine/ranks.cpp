@@ -23,6 +23,7 @@ enum class Msg : uint32_t {
   CopyPages = 4, // (from, to) pairs
   KvWrite = 5,   // n_tokens, n_pages, pages, floats
   Mtp = 6,       // MtpPass::encode
+  KvRead = 7,    // n_tokens, n_pages, pages: their rank (data-parallel attention) broadcasts the floats
 };
 
 void put(std::string &o, const void *p, size_t n) { o.append(static_cast<const char *>(p), n); }
@@ -127,6 +128,7 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
   Tensor hidden, normed;  // the last forward's hidden states and MTP pass's output (MTP drafts)
   const int rank = shard.map.rank;
   int64_t rank_pages = 0;  // data-parallel attention: this rank's pool, from KvInit
+  int64_t floats_per_token = 0;  // the cache's n_layers * width, from KvInit
   for (;;) {
     std::string bytes;
     comm.broadcast(bytes, 0);
@@ -163,6 +165,7 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         be.prepare_weights(shard.model->device_weights, shard.weights(mtp), {});
         be.kv_init(spec);
         rank_pages = shard.map.attention_data_parallel() ? spec.max_pages : 0;
+        floats_per_token = spec.n_layers * spec.width;
         break;
       }
       case Msg::CopyPages: {
@@ -188,6 +191,22 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
         in.take(data.data(), floats * 4);
         in.done();
         write_pages_on_rank(be, rank, rank_pages, pages, n_tok, data.data());
+        break;
+      }
+      case Msg::KvRead: {
+        const auto n_tok = in.get<int64_t>();
+        const auto n_pages = in.get<uint64_t>();
+        if (n_pages == 0 || n_pages > bytes.size() / 4 || n_tok < 0 || rank_pages <= 0)
+          fail(DSRT_ERR_FORMAT, "rank 0's cache read message is malformed");
+        std::vector<int32_t> pages(n_pages), mine;
+        in.take(pages.data(), n_pages * 4);
+        in.done();
+        std::string out;  // (filled by the pages' rank, which every rank finds alike)
+        if (pages_on_rank(pages, rank, rank_pages, mine)) {
+          out.resize(size_t(n_tok * floats_per_token) * sizeof(float));
+          be.kv_read(mine.data(), n_tok, reinterpret_cast<float *>(out.data()));
+        }
+        comm.broadcast(out, int(pages[0] / rank_pages));
         break;
       }
       default:
@@ -280,6 +299,7 @@ void RankGroup::for_each_rank(const std::function<void(Backend &, const ModelSha
 void RankGroup::kv_init(const KvCacheSpec &spec, bool mtp) {
   for_each_backend([&](Backend &be) { be.kv_init(spec); });
   rank_pages_ = ranks_[0].shard.map.attention_data_parallel() ? spec.max_pages : 0;
+  kv_floats_per_token_ = spec.n_layers * spec.width;
   if (!remote_) return;
   std::string m = message(Msg::KvInit);
   put(m, spec.n_layers);
@@ -320,7 +340,25 @@ void RankGroup::kv_read(const std::vector<int32_t> &pages, int64_t n_tokens, flo
       r.backend->kv_read(mine.data(), n_tokens, dst);
       return;
     }
-  fail(DSRT_ERR_UNSUPPORTED, "reading a session's cache held by a rank in another process (data-parallel attention)");
+  if (!remote_ || rank_pages_ <= 0 || pages.empty())
+    fail(DSRT_ERR_INTERNAL, "kv_read: the pages are on no rank of the group");
+  // Another process's pool: that rank reads the pages and broadcasts them.
+  std::string m = message(Msg::KvRead);
+  put(m, n_tokens);
+  put(m, uint64_t(pages.size()));
+  put(m, pages.data(), pages.size() * 4);
+  send(m);
+  std::string got;
+  const int owner = int(pages[0] / rank_pages_);
+  try {
+    ranks_[0].comm->broadcast(got, owner);
+  } catch (const std::exception &e) {
+    ranks_[0].comm->abort(std::string("rank 0: ") + e.what());
+    throw;
+  }
+  if (got.size() != size_t(n_tokens * kv_floats_per_token_) * sizeof(float))
+    failf(DSRT_ERR_IO, "rank ", owner, " sent ", got.size(), " bytes of cache for ", n_tokens, " tokens");
+  std::memcpy(dst, got.data(), got.size());
 }
 
 void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out, Tensor *logits_tensor_out) {

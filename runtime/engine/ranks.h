@@ -53,7 +53,7 @@ class RankGroup {
   void kv_copy_pages(const std::vector<std::pair<int32_t, int32_t>> &from_to);
   void kv_write(const std::vector<int32_t> &pages, int64_t n_tokens, const float *src, size_t n_floats);
   // Backend::kv_read from the rank holding the pages: rank 0, or with data-parallel attention the rank whose
-  // pool they are in (DSRT_ERR_UNSUPPORTED when that rank is another process).
+  // pool they are in; a rank in another process reads them there and broadcasts them (a KvRead message).
   void kv_read(const std::vector<int32_t> &pages, int64_t n_tokens, float *dst);
   // One forward step on every rank; rank 0's logits of step.logit_rows to logits_out (host). logits_tensor_out
   // (optional, one rank only: world() == 1): the logits left where rank 0's backend computed them, valid until
@@ -77,6 +77,7 @@ class RankGroup {
   std::vector<Rank> ranks_;
   bool remote_ = false;
   int64_t rank_pages_ = 0;  // data-parallel attention: pages of each rank's pool (from kv_init), else 0
+  int64_t kv_floats_per_token_ = 0;  // n_layers * width (from kv_init)
 };
 
 // A follower rank in its own process (`dsrt worker`, dsrt_worker_run): joins the group of `spec` (resolved,
