@@ -570,8 +570,8 @@ TEST_CASE("a follower that dies or hangs fails rank 0's turn, keeping the tokens
 // Data-parallel attention with rank 1 in another process: sessions on both ranks (a second prompt while the
 // first session holds rank 0's pages goes to rank 1), a fork and a truncation there (page copies the follower
 // makes in its own pool), a state loaded into a session (the follower writes it when the pages are its own);
-// the tokens one rank gives. Saving a session whose cache is in the follower's process is a clean
-// DSRT_ERR_UNSUPPORTED.
+// the tokens one rank gives; saving a session whose cache is in the follower's process (the follower reads it
+// and sends it) and loading it into a new session.
 TEST_CASE("data-parallel attention across 2 processes: sessions on the follower's rank, forks, state, one rank's tokens") {
   if (!dsrt::gloo_available()) return;
   const std::string dir = tiny("v3-mini");

@@ -47,8 +47,7 @@ struct EngineOptions {
   // Data-parallel attention (dist/mapping.h; tp 1, ep = the ranks): each rank runs attention, the dense
   // layers and the head whole on its own sessions, whose latent cache it alone keeps, and the MoE layers send
   // only the routed rows between ranks. The KV pool is then max_tokens (or kv_memory_fraction) per rank, and
-  // a session's context at most one rank's pool. For batches of many sessions; no MTP drafts, no session
-  // state save/restore of a session held by a rank in another process.
+  // a session's context at most one rank's pool. For batches of many sessions; no MTP drafts.
   bool dp_attention = false;
   // Ranks in several processes (docs/engine.md, "Ranks in several processes"): world > 1 makes this engine
   // rank 0 (resolved with resolve_dist_spec; tp x ep from here), which serves the rendezvous at
