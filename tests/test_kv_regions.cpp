@@ -1,7 +1,7 @@
 // KvPagePool regions (engine/kv_pages.h): the pool cut into equal ranges of page ids, one per data-parallel
 // attention rank. A holding keeps all its pages and its reservation in one region; free lists, idle cached pages
-// and reservations are per region; a prefix-cache match keeps to one region. With one region the pool is the
-// plain one. These cases drive the pool directly (no engine, no model).
+// and reservations are per region; each region caches its own prefix chains and a match keeps to one. With one
+// region the pool is the plain one. These cases drive the pool directly (no engine, no model).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -291,7 +291,7 @@ TEST_CASE("kv regions: share and adopt keep the region and refuse a page of anot
   CHECK(pool.idle() == 2);
 }
 
-TEST_CASE("kv regions: a prefix match never spans two regions") {
+TEST_CASE("kv regions: each region caches its own chains; a match never spans two regions") {
   KvPagePool pool(8, -1, 2);
   const auto t = tokens(4 * T, 1);
   PageHolding a, b;
@@ -300,25 +300,48 @@ TEST_CASE("kv regions: a prefix match never spans two regions") {
   REQUIRE(a.region == 0);
   REQUIRE(b.region == 1);
   pool.publish(t.data(), 2, a);  // the chain's first two pages, in region 0
-  // b holds the same tokens and two more: its pages could not continue region 0's chain usefully (no match
-  // from either region would reach them), so they are not cached.
+  // b holds the same tokens and two more: region 1 caches its own copy of the chain, all four pages.
   pool.publish(t.data(), 4, b);
-  CHECK(pool.cached() == 2);
-  for (int region : {-1, 0, 1}) {
-    const auto w = pool.match(t.data(), 4 * T, 4, region);
-    CHECK(one_region(pool, w.pages));
-    if (region == 1)
-      CHECK(w.pages.empty());
-    else
-      CHECK(w.pages == std::vector<int32_t>{0, 1});
-  }
-  // A chain of region 1's own: from region 1, or from no region (the first page's), never from region 0.
-  const auto u = tokens(4 * T, 2);
-  pool.publish(u.data(), 4, b);
   CHECK(pool.cached() == 6);
-  CHECK(pool.match(u.data(), 4 * T, 4, 1).pages == std::vector<int32_t>{4, 5, 6, 7});
-  CHECK(pool.match(u.data(), 4 * T, 4).pages == std::vector<int32_t>{4, 5, 6, 7});
-  CHECK(pool.match(u.data(), 4 * T, 4, 0).pages.empty());
+  CHECK(pool.match(t.data(), 4 * T, 4, 0).pages == std::vector<int32_t>{0, 1});
+  CHECK(pool.match(t.data(), 4 * T, 4, 1).pages == std::vector<int32_t>{4, 5, 6, 7});
+  CHECK(pool.match(t.data(), 4 * T, 4).pages == std::vector<int32_t>{4, 5, 6, 7});  // (the longest of any region)
+  CHECK(pool.match(t.data(), 2 * T, 2).pages == std::vector<int32_t>{0, 1});        // (a tie: the first region's)
+  // Publishing again adds nothing: each page's chain is cached in its region already.
+  pool.publish(t.data(), 2, a);
+  pool.publish(t.data(), 4, b);
+  CHECK(pool.cached() == 6);
+  // A chain of region 1's own: from region 1, or from no region, never from region 0.
+  const auto u = tokens(4 * T, 2);
+  PageHolding c;
+  REQUIRE(pool.grow(c, T));
+  REQUIRE(c.region == 0);
+  pool.unref(b.pages[3]);  // (b lets go of its last page, still cached: idle)
+  b.pages.pop_back();
+  PageHolding d;
+  d.region = 1;
+  REQUIRE(pool.grow(d, T));
+  REQUIRE(d.region == 1);
+  pool.publish(u.data(), 1, d);
+  CHECK(pool.match(u.data(), T, 1, 1).pages == d.pages);
+  CHECK(pool.match(u.data(), T, 1).pages == d.pages);
+  CHECK(pool.match(u.data(), T, 1, 0).pages.empty());
+  for (int region : {-1, 0, 1}) CHECK(one_region(pool, pool.match(t.data(), 4 * T, 4, region).pages));
+}
+
+TEST_CASE("prefix index: walks from different roots never meet") {
+  dsrt::PrefixIndex ix;
+  const auto t = tokens(2 * T, 4);
+  dsrt::PrefixIndex::Walk w0 = dsrt::PrefixIndex::root(0), w1 = dsrt::PrefixIndex::root(1);
+  CHECK(w0.key == dsrt::PrefixIndex::kRootKey);
+  CHECK(w1.key != w0.key);
+  REQUIRE(ix.insert(w0, t.data(), 10));
+  CHECK(ix.match(t.data(), 2 * T, 2).pages == std::vector<int32_t>{10});
+  CHECK(ix.match(t.data(), 2 * T, 2, {}, dsrt::PrefixIndex::root(1)).pages.empty());
+  REQUIRE(ix.insert(w1, t.data(), 20));  // the same tokens under root 1: an entry of its own
+  REQUIRE(ix.insert(w1, t.data() + T, 21));
+  CHECK(ix.match(t.data(), 2 * T, 2, {}, dsrt::PrefixIndex::root(1)).pages == std::vector<int32_t>{20, 21});
+  CHECK(ix.match(t.data(), 2 * T, 2).pages == std::vector<int32_t>{10});
 }
 
 TEST_CASE("kv regions: the index walk ends before the first page it is not to take") {

@@ -196,26 +196,27 @@ void KvPagePool::adopt(PageHolding &h, int32_t page) {
 
 PrefixIndex::Walk KvPagePool::match(const int32_t *tokens, int64_t n, int64_t max_pages, int region) const {
   if (!cache_enabled()) return {};
-  // One sequence's pages live in one region (one rank's cache): the walk keeps to `region`, or to its first page's.
-  return index_.match(tokens, n, max_pages, [&](const PrefixIndex::Walk &w, int32_t page) {
-    const int keep_to = region >= 0 ? region : region_of(w.pages.empty() ? page : w.pages.front());
-    return region_of(page) == keep_to;
-  });
+  if (region < 0 && regions() > 1) {  // the longest match of any region (the first such)
+    PrefixIndex::Walk best;
+    for (int r = 0; r < regions(); r++)
+      if (PrefixIndex::Walk w = match(tokens, n, max_pages, r); w.pages.size() > best.pages.size()) best = std::move(w);
+    return best;
+  }
+  // Each region caches its own chains (one rank's cache): the walk starts from its root, and its pages are its.
+  const int r = std::max(region, 0);
+  return index_.match(tokens, n, max_pages, [&](const PrefixIndex::Walk &, int32_t page) { return region_of(page) == r; },
+                      PrefixIndex::root(r));
 }
 
 void KvPagePool::publish(const int32_t *tokens, int64_t n_full, const PageHolding &h) {
   if (!cache_enabled()) return;
   n_full = std::min<int64_t>(n_full, int64_t(h.pages.size()));
-  PrefixIndex::Walk w;
+  if (n_full <= 0) return;
+  PrefixIndex::Walk w = PrefixIndex::root(region_of(h.pages[0]));  // (h's region's own chains)
   for (int64_t k = 0; k < n_full; k++) {
     const int32_t *ids = tokens + k * kPageTokens;
-    // Cached already (this page, or another with the same content); if in another region, h's pages continuing
-    // that chain could never be matched (a match keeps to one region): they would only take room in the cache.
     const int32_t page = h.pages[size_t(k)];
-    if (const int32_t hit = index_.step(w, ids); hit >= 0) {
-      if (region_of(hit) != region_of(page)) return;
-      continue;
-    }
+    if (index_.step(w, ids) >= 0) continue;  // cached already in this region (this page, or one with its content)
     if (index_.holds(page)) return;  // cached under another chain (its parent entry was replaced): stop here
     const int64_t limit = cache_limit_ < 0 ? n_pages_ : cache_limit_;
     if (index_.size() >= limit && !evict_oldest()) return;

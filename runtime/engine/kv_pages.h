@@ -21,8 +21,9 @@
 // that region, and one that gives a holding without a region its first picks one (the region with the most
 // unreserved pages, or that of the pages it shares or adopts). Free lists, idle pages and reservations are kept
 // per region, and the invariant holds in each (free_r + idle_r >= reserved_r): a region that runs short evicts
-// its own idle pages, never another's. A prefix-cache match keeps to one region. The cache's size limit is
-// global. With one region (the default) all of this is the plain pool described above.
+// its own idle pages, never another's. Each region caches its own prefix chains (PrefixIndex::root(region)):
+// a prefix used on two ranks is cached once on each, and a match keeps to one region. The cache's size limit
+// is global. With one region (the default) all of this is the plain pool described above.
 #pragma once
 #include <cstdint>
 #include <set>
@@ -100,16 +101,16 @@ class KvPagePool {
   void clear_cache();
   int64_t cached() const { return index_.size(); }
   int64_t idle() const;
-  // The cached pages matching tokens[0 .. n) from the start, full pages only, at most max_pages, all in
-  // `region` (-1: in the region of the first one): the walk ends at a page of another region.
+  // The cached pages matching tokens[0 .. n) from the start, full pages only, at most max_pages, from
+  // `region`'s chains (-1: the longest match of any region, the first such).
   PrefixIndex::Walk match(const int32_t *tokens, int64_t n, int64_t max_pages, int region = -1) const;
   // Whether taking `page` into a session costs an available page (it is idle).
   bool is_idle(int32_t page) const { return idle_tick_[size_t(page)] != 0; }
   // h becomes a holder of the cached page (appended to its table; h takes the page's region): from its
   // reservation first when the page is idle. The caller has checked that the page's region can afford it.
   void adopt(PageHolding &h, int32_t page);
-  // Publishes h's first n_full pages (full, final, holding tokens[0 .. 64 n_full)) to the cache, as far as
-  // their chain is not cached yet (nor cached in another region) and the cache has room.
+  // Publishes h's first n_full pages (full, final, holding tokens[0 .. 64 n_full)) to its region's chains, as
+  // far as they are not cached there yet and the cache has room.
   void publish(const int32_t *tokens, int64_t n_full, const PageHolding &h);
 
  private:

@@ -37,8 +37,24 @@ int32_t PrefixIndex::step(Walk &w, const int32_t *ids) const {
   return e->page;
 }
 
-PrefixIndex::Walk PrefixIndex::match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept) const {
+PrefixIndex::Walk PrefixIndex::root(int family) {
   Walk w;
+  if (family > 0) {  // (a page of ids that no tokenizer makes: the family number, then -1s)
+    std::array<int32_t, kPageTokens> ids;
+    ids.fill(-1);
+    ids[0] = family;
+    w.key = chain(kRootKey, ids.data());
+  }
+  return w;
+}
+
+PrefixIndex::Walk PrefixIndex::match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept) const {
+  return match(tokens, n, max_pages, accept, Walk{});
+}
+
+PrefixIndex::Walk PrefixIndex::match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept,
+                                     const Walk &from) const {
+  Walk w = from;
   const int64_t full = std::min(n / kPageTokens, max_pages);
   for (int64_t k = 0; k < full; k++) {
     uint64_t key;

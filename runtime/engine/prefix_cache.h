@@ -30,12 +30,17 @@ class PrefixIndex {
   static constexpr uint64_t kRootKey = 0x64737274'70726678ull;  // "dsrtprfx"
 
   static uint64_t chain(uint64_t prev_key, const int32_t *ids);
+  // The root of chain family `family` (0: kRootKey): walks from different roots never meet, so the same tokens
+  // may be cached once under each (KvPagePool: once per region, each rank its own copy).
+  static Walk root(int family);
 
   // Whether a walk may go on to `page` (the walk so far, the page it would add).
   using Accept = std::function<bool(const Walk &, int32_t page)>;
-  // Follows the cached pages matching tokens[0 .. n) page by page (full pages only), at most max_pages; with
-  // accept, only as long as it accepts the next page (the walk ends before the first one it refuses).
-  Walk match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept = {}) const;
+  // Follows the cached pages matching tokens[0 .. n) page by page (full pages only), at most max_pages, from
+  // `from` (a root); with accept, only as long as it accepts the next page (the walk ends before the first one
+  // it refuses).
+  Walk match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept, const Walk &from) const;
+  Walk match(const int32_t *tokens, int64_t n, int64_t max_pages, const Accept &accept = {}) const;  // (from the root)
   // The entry that continues w with the page of ids (64 of them), if cached: its page, or -1; on a hit w
   // advances. Verifies ids and parentage.
   int32_t step(Walk &w, const int32_t *ids) const;

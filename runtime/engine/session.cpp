@@ -503,15 +503,19 @@ int64_t Session::visible_pages() const {
 
 void Session::prefer_cached_region(int64_t pages) {
   KvPagePool &pool = *engine_->pool_;
-  // A session holding nothing yet, with data-parallel attention: the rank whose cache holds the longest cached
-  // prefix of its tokens when that rank has room for the turn, so that its reservation (which fixes the rank)
+  // A session holding nothing yet, with data-parallel attention: of the ranks with room for the turn, the one
+  // whose cache holds the longest cached prefix of its tokens, so that its reservation (which fixes the rank)
   // does not land where the prefix is not.
   if (pool.regions() == 1 || kv_.region >= 0 || !pool.cache_enabled()) return;
   std::vector<int32_t> seq(tokens_);
   seq.insert(seq.end(), pending_.begin(), pending_.end());
   const int64_t total = int64_t(seq.size());
-  const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens, -1);
-  if (!w.pages.empty() && pool.unreserved(pool.region_of(w.pages[0])) >= pages) kv_.region = pool.region_of(w.pages[0]);
+  size_t best = 0;
+  for (int r = 0; r < pool.regions(); r++) {  // (each region caches its own copy of a prefix)
+    if (pool.unreserved(r) < pages) continue;
+    const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens, r);
+    if (w.pages.size() > best) best = w.pages.size(), kv_.region = r;
+  }
 }
 
 int64_t Session::adopt_cached_prefix() {
