@@ -72,6 +72,17 @@ std::vector<float> run_experts(Backend &be, const std::vector<FfnWeights> &exper
   return y;
 }
 
+// The router's choices (ids, weights [T, K]) on hidden states x [T, H], on backend be.
+void route(Backend &be, const Model &model, const LayerWeights &L, const std::vector<float> &x, int64_t T,
+           std::vector<int32_t> &ids, std::vector<float> &w) {
+  const int64_t H = model.cfg.hidden_size, K = model.cfg.num_experts_per_tok;
+  Tensor tx = testing::put(be, x, T, H), ti = be.alloc(T, K, DType::I32), tw = be.alloc(T, K);
+  be.moe_route(tx, L.router, L.router_bias, model.router, ti, tw);
+  ids.resize(size_t(T * K));
+  be.to_host(ti, reinterpret_cast<float *>(ids.data()));
+  w = testing::get(be, tw);
+}
+
 }  // namespace
 
 // Every tiny preset's MoE layers, ep 2 and 4 (where ep divides the routed experts), T = 1, 3, 8, 64, 300 tokens,
@@ -125,14 +136,9 @@ TEST_CASE("expert parallelism: a rank's MoE layer on the device paths equals the
           cpu->begin_step();
           // The router's choices on random hidden states (the GPU's; both backends then get the same ids).
           const std::vector<float> x = randn(size_t(T * H), rng);
-          std::vector<int32_t> ids(size_t(T * K));
+          std::vector<int32_t> ids;
           std::vector<float> w;
-          {
-            Tensor tx = testing::put(*g, x, T, H), ti = g->alloc(T, K, DType::I32), tw = g->alloc(T, K);
-            g->moe_route(tx, L.router, L.router_bias, model->router, ti, tw);
-            g->to_host(ti, reinterpret_cast<float *>(ids.data()));
-            w = testing::get(*g, tw);
-          }
+          route(*g, *model, L, x, T, ids, w);
           const MoePath want = expected_path(fp8, T, K, H, L.experts[0]);
           const bool quantised = want == MoePath::Grouped;
           (want == MoePath::Gemv ? n_gemv : want == MoePath::Grouped ? n_grouped : n_host)++;
@@ -233,14 +239,9 @@ TEST_CASE("routed rows in FP8: quantised as the CPU does, and the grouped FP8 la
         CHECK(sg == sc);
         CHECK(yg == yc);
         if (path != MoePath::Grouped) continue;
-        std::vector<int32_t> ids(size_t(T * K));
+        std::vector<int32_t> ids;
         std::vector<float> w;
-        {
-          Tensor tx = testing::put(*g, x, T, H), ti = g->alloc(T, K, DType::I32), tw = g->alloc(T, K);
-          g->moe_route(tx, L.router, L.router_bias, model->router, ti, tw);
-          g->to_host(ti, reinterpret_cast<float *>(ids.data()));
-          w = testing::get(*g, tw);
-        }
+        route(*g, *model, L, x, T, ids, w);
         const std::vector<float> left = run_experts(*g, L.experts, x, ids, w, T, H, K);
         const std::vector<float> arrived = run_experts(*g, L.experts, yg, ids, w, T, H, K);
         const double e = rel(arrived, left);
