@@ -86,11 +86,14 @@ void run_mtp_pass(const ModelShard &shard, Backend &be, Communicator &comm, cons
   normed = out;  // (none when the pass has no logit rows: nothing chains on a catch-up pass)
 }
 
+// The rank whose pool holds rank 0's page `page` (data-parallel attention: rank_pages > 0), as Batch::rank_of.
+int rank_of_page(int32_t page, int64_t rank_pages) { return rank_pages > 0 ? int(page / rank_pages) : 0; }
+
 // Rank 0's page `page` in the pool of rank `rank`: itself, or with data-parallel attention (rank_pages > 0) its
 // number in that rank's pool when it lies there, else -1 (another rank's).
 int32_t page_on_rank(int32_t page, int rank, int64_t rank_pages) {
   if (rank_pages <= 0) return page;
-  return page / rank_pages == rank ? int32_t(page % rank_pages) : -1;
+  return rank_of_page(page, rank_pages) == rank ? int32_t(page % rank_pages) : -1;
 }
 
 // A sequence's pages on rank `rank` (all of them or none: they lie in one rank's pool).
@@ -206,7 +209,7 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
           out.resize(size_t(n_tok * floats_per_token) * sizeof(float));
           be.kv_read(mine.data(), n_tok, reinterpret_cast<float *>(out.data()));
         }
-        comm.broadcast(out, int(pages[0] / rank_pages));
+        comm.broadcast(out, rank_of_page(pages[0], rank_pages));
         break;
       }
       default:
@@ -349,7 +352,7 @@ void RankGroup::kv_read(const std::vector<int32_t> &pages, int64_t n_tokens, flo
   put(m, pages.data(), pages.size() * 4);
   send(m);
   std::string got;
-  const int owner = int(pages[0] / rank_pages_);
+  const int owner = rank_of_page(pages[0], rank_pages_);
   try {
     ranks_[0].comm->broadcast(got, owner);
   } catch (const std::exception &e) {

@@ -501,14 +501,19 @@ int64_t Session::visible_pages() const {
   return n;
 }
 
+std::vector<int32_t> Session::tokens_and_pending() const {
+  std::vector<int32_t> seq(tokens_);
+  seq.insert(seq.end(), pending_.begin(), pending_.end());
+  return seq;
+}
+
 void Session::prefer_cached_region(int64_t pages) {
   KvPagePool &pool = *engine_->pool_;
   // A session holding nothing yet, with data-parallel attention: of the ranks with room for the turn, the one
   // whose cache holds the longest cached prefix of its tokens, so that its reservation (which fixes the rank)
   // does not land where the prefix is not.
   if (pool.regions() == 1 || kv_.region >= 0 || !pool.cache_enabled()) return;
-  std::vector<int32_t> seq(tokens_);
-  seq.insert(seq.end(), pending_.begin(), pending_.end());
+  const std::vector<int32_t> seq = tokens_and_pending();
   const int64_t total = int64_t(seq.size());
   size_t best = 0;
   for (int r = 0; r < pool.regions(); r++) {  // (each region caches its own copy of a prefix)
@@ -525,8 +530,7 @@ int64_t Session::adopt_cached_prefix() {
   if (logits_all_ || pending_.empty() || sampled_pending_ || !drafts_.empty() || !pool.cache_enabled()) return 0;
   const int64_t n_past = int64_t(tokens_.size()), total = n_past + int64_t(pending_.size());
   if (total / kPageTokens <= n_past / kPageTokens) return 0;  // no full page beyond those it holds
-  std::vector<int32_t> seq(tokens_);
-  seq.insert(seq.end(), pending_.begin(), pending_.end());
+  const std::vector<int32_t> seq = tokens_and_pending();
   // Cached pages of the session's region only (its cache lives on one rank); a session without a region yet
   // takes the region of the pages it matches.
   const PrefixIndex::Walk w = pool.match(seq.data(), total, total / kPageTokens, kv_.region);

@@ -117,10 +117,11 @@ class Session {
   // At the start of a pending run: the cached full pages that continue the session's tokens with its pending
   // ones replace their prefill (at least one pending token is left to evaluate, for the logits; three under the
   // automatic attention form). Returns the tokens taken.
-  // With data-parallel attention, before a session holding nothing reserves `pages`: the region of its longest
-  // cached prefix, when it has them (engine lock held).
+  // With data-parallel attention, before a session holding nothing reserves `pages`: of the regions that have
+  // them, the one with its longest cached prefix (engine lock held).
   void prefer_cached_region(int64_t pages);
   int64_t adopt_cached_prefix();
+  std::vector<int32_t> tokens_and_pending() const;  // the sequence the prefix cache is matched against
   // Before a step writes positions from `from` on: every page of the table from there that another holder
   // shares is replaced by a fresh page, listed in copies (the old page stays held until the step commits).
   // false (nothing changed) when the pool has no room for the copies.
