@@ -3,6 +3,7 @@
 // ops (on the blocking twins and on the non-blocking communicators); its errors and abort; and the forward's logits through a rank group with it, bitwise the plain CUDA
 // backend's. With two GPUs or more: tp 2 and ep 2 in-process ranks (a GPU and a thread each) against one rank.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #if defined(DSRT_WITH_CUDA)  // (the NCCL communicator is built with the CUDA parts only)
 
@@ -17,7 +18,11 @@
 #include "backend_io.h"
 #include "core/status.h"
 #include "dist/communicator.h"
+#include "dist/gloo_communicator.h"
+#include "dist/launcher_env.h"
 #include "dist/nccl_communicator.h"
+#include "dist/process_group.h"
+#include "dist/rendezvous.h"
 #include "dist/nccl_library.h"
 #include "engine/ranks.h"
 #include "engine/step.h"
@@ -132,6 +137,40 @@ TEST_CASE("NCCL world of 1: every collective is an identity, queued after the ba
   CHECK(code == DSRT_ERR_IO);
   CHECK(text.find("the test stops the group") != std::string::npos);
   std::tie(code, text) = error_of([&] { c.all_reduce_sum(x, Communicator::Group::World); });
+  CHECK(code == DSRT_ERR_IO);
+  CHECK(text.find("the test stops the group") != std::string::npos);
+}
+
+// The path a rank in its own process takes (dsrt worker, --world/--rank): the rendezvous, Gloo for the host
+// bytes, then make_nccl_communicator (the joined communicator, its blocking twin, the warm-up) through the
+// rendezvous store; a world of one on this GPU.
+TEST_CASE("NCCL through the rendezvous, as a rank in its own process: a world of one") {
+  require_nccl();
+  REQUIRE_MESSAGE(gloo_available(), "Gloo is needed for this test");
+  auto be = cuda();
+  DistSpec spec;
+  spec.world = 1;
+  spec.rank = 0;
+  spec.tp = spec.ep = 1;
+  spec.coordinator = "127.0.0.1:" + std::to_string(20000 + int(getpid()) % 20000);
+  spec.timeout_ms = 30000;
+  auto comm = join_process_group(spec, "the test's checkpoint", [&](RendezvousClient &store, std::unique_ptr<Communicator> host) {
+    return make_nccl_communicator(store, std::move(host), *be, spec.timeout_ms);
+  });
+  REQUIRE(comm);
+  CHECK(comm->mapping().world == 1);
+  be->begin_step();
+  const auto a = randn(2 * 7168, 9);
+  Tensor x = testing::put(*be, a, 2, 7168);
+  comm->all_reduce_sum(x, Communicator::Group::World);
+  const auto s = randn(3 * 64, 10);
+  Tensor send = testing::put(*be, s, 3, 64), recv = be->alloc(3, 64);
+  comm->all_to_all_v(send, {3}, recv, {3}, Communicator::Group::World);
+  CHECK(testing::get(*be, x) == a);
+  CHECK(testing::get(*be, recv) == s);
+  CHECK(error_of([&] { comm->check(); }).first == DSRT_OK);
+  comm->abort("the test stops the group");
+  auto [code, text] = error_of([&] { comm->check(); });
   CHECK(code == DSRT_ERR_IO);
   CHECK(text.find("the test stops the group") != std::string::npos);
 }
