@@ -938,7 +938,7 @@ struct FakeTransport {
 };
 }  // namespace
 
-TEST_CASE("collective watchdog: marks finish in order and come back; an overdue one, an error or a throwing query fail once") {
+TEST_CASE("collective watchdog: marks finish in order and come back; an overdue one, an error, a throwing query or a stuck call fail once") {
   using namespace std::chrono_literals;
   SUBCASE("finishing marks: settle, spare marks, no failure; one that takes a while within the timeout is fine") {
     FakeTransport t;
@@ -1002,6 +1002,23 @@ TEST_CASE("collective watchdog: marks finish in order and come back; an overdue 
     CHECK_FALSE(w.settle());
     CHECK(t.fails_seen() == 1);
     CHECK(w.failure().find("illegal memory access") != std::string::npos);
+  }
+  SUBCASE("a call stuck on the host past the timeout fails the group with nothing pending; a short one does not") {
+    FakeTransport t;
+    dsrt::CollectiveWatchdog w(t.source(), 150ms);
+    w.enter_call("all_reduce_sum");
+    std::this_thread::sleep_for(60ms);
+    w.leave_call();
+    std::this_thread::sleep_for(200ms);
+    CHECK(w.failure().empty());
+    const auto t0 = Clock::now();
+    w.enter_call("all_to_all_v");
+    CHECK(t.fails_seen() == 1);
+    const auto took = Clock::now() - t0;
+    CHECK(took >= 150ms);
+    CHECK(took < 5s);
+    CHECK(t.why.find("all_to_all_v: still inside it 150 ms") != std::string::npos);
+    w.leave_call();
   }
   SUBCASE("destroyed with marks pending: its thread stops without waiting for them") {
     FakeTransport t;

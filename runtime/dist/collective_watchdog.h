@@ -5,11 +5,14 @@
 // transport's asynchronous error while any mark is pending, and at the time: a mark not finished `timeout`
 // after it was queued, an error, or a mark whose query throws makes it call the transport's `fail` once (which
 // aborts the group: on NCCL, ncclCommAbort, which also ends the kernels waiting for a dead peer, so every host
-// wait on the stream returns). It then follows nothing more.
+// wait on the stream returns). It then follows nothing more. The transport's thread also says when it is inside
+// a call that may block on the host (a blocking NCCL call connecting to a peer): a call that lasts longer than
+// the timeout fails the group the same way (the watchdog looks at least every 50 ms, pending marks or not).
 //
 // The transport's own thread reads failure() where results matter (Communicator::check); what ran on the GPU
 // after an aborted collective is garbage the step must not return.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -38,6 +41,10 @@ class CollectiveWatchdog {
 
   // A collective named `what` was queued now; `mark` finishes when it does. Marks finish in the order given.
   void follow(void *mark, std::string what);
+  // The transport's thread enters / leaves a call that may block on the host (lock-free: two atomic stores).
+  // `what` must outlive the call.
+  void enter_call(const char *what);
+  void leave_call();
   // A mark given to follow() whose work finished (for reuse), or null.
   void *spare();
   // Why the group failed ("" while it has not): set before `fail` is called.
@@ -49,7 +56,7 @@ class CollectiveWatchdog {
 
  private:
   struct Item {
-    void *mark;
+    void *mark = nullptr;
     std::string what;
     std::chrono::steady_clock::time_point queued;
   };
@@ -64,6 +71,8 @@ class CollectiveWatchdog {
   std::vector<void *> spare_;
   std::string failure_;
   bool stop_ = false;
+  std::atomic<int64_t> call_since_ns_{0};  // steady-clock time the current call began; 0: none
+  std::atomic<const char *> call_what_{nullptr};
   std::thread thread_;  // (last: it starts once the members above exist)
 };
 

@@ -38,9 +38,10 @@ class Communicator {
   // Wakes every rank's pending collective with an error (DSRT_ERR_INTERNAL naming `why`); used when a rank
   // fails mid-step or the group shuts down.
   virtual void abort(const std::string &why) = 0;
-  // Throws (DSRT_ERR_IO naming it) when a collective queued earlier failed or the group was aborted. Called
-  // after the host has waited for the step's results, whose collectives have then all run; a transport whose
-  // collectives have finished when they return has nothing to add to what they threw.
+  // Throws (DSRT_ERR_IO naming it) when a collective queued earlier has failed by now or the group was
+  // aborted. Called after each step: once the host has waited for the step's results, a failure of any
+  // collective they depend on shows here (one still running on a rank that did not wait shows at its next
+  // collective or check). A transport whose collectives have finished when they return has nothing to add.
   virtual void check() {}
 };
 

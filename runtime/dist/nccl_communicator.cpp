@@ -123,36 +123,45 @@ class NcclCommunicator final : public Communicator {
   // timeout reaches); done here, while the group joins, a later collective only queues work. All-reduces of
   // 4 B, 256 KB and 16 MB per communicator (the sizes at which NCCL's tuner picks its algorithms: ring, tree),
   // an all-gather, and a send and a receive with every other rank (all_to_all_v's peers). Inside a group when
-  // one thread starts several ranks; followed by the watchdog like any collective (wait_started()). Not on
-  // non-blocking communicators (each call there is polled and abortable, connection included).
-  void enqueue_warmup() {
+  // one thread starts several ranks; followed by the watchdog like any collective (wait_started()), and the
+  // calls themselves timed by it (they block on the host until the peers join). Not on non-blocking
+  // communicators (each call there is polled and abortable, connection included).
+  void prepare_warmup() {  // (outside the NCCL group: nothing inside it may throw)
     if (!twins_) return;
+    const size_t n = kWarmupFloats + size_t(2 * mapping().world);
+    float *buf = reinterpret_cast<float *>(staging(sizeof(float) * n));
+    check_cuda(cudaMemsetAsync(buf, 0, sizeof(float) * n, static_cast<cudaStream_t>(be_.native_stream())), "warm-up buffer");
+  }
+  // The first error of the warm-up's calls (none throws: inside a group of several ranks a throw would leave
+  // the group half queued).
+  nccl::Result enqueue_warmup() {
+    if (!twins_) return nccl::kSuccess;
     const int W = mapping().world, me = mapping().rank;
-    const size_t big = size_t(4) << 20;  // floats
-    float *buf = reinterpret_cast<float *>(staging(sizeof(float) * (big + size_t(2 * W))));
-    float *peer = buf + big;
+    float *buf = reinterpret_cast<float *>(staging_), *peer = buf + kWarmupFloats;
     cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
-    check_cuda(cudaMemsetAsync(buf, 0, sizeof(float) * (big + size_t(2 * W)), s), "warm-up buffer");
+    nccl::Result first = nccl::kSuccess;
+    auto note = [&](nccl::Result r) {
+      if (first == nccl::kSuccess && r != nccl::kSuccess && r != nccl::kInProgress) first = r;
+    };
     std::vector<nccl::Comm> own{run_world_};
     if (run_tensor_ && run_tensor_ != run_world_) own.push_back(run_tensor_);
     for (nccl::Comm c : own) {
-      for (size_t n : {size_t(1), size_t(64) << 10, big})
-        call("ncclAllReduce (warm-up)", [&] { return api_.AllReduce(buf, buf, n, nccl::kFloat32, nccl::kSum, c, s); });
-      call("ncclAllGather (warm-up)", [&] { return api_.AllGather(peer + W, peer, 1, nccl::kFloat32, c, s); });
+      for (size_t n : {size_t(1), size_t(64) << 10, kWarmupFloats})
+        note(api_.AllReduce(buf, buf, n, nccl::kFloat32, nccl::kSum, c, s));
+      note(api_.AllGather(peer + W, peer, 1, nccl::kFloat32, c, s));
     }
     if (W > 1) {
-      call("ncclGroupStart", [&] { return api_.GroupStart(); });
-      nccl::Result first = nccl::kSuccess;
+      note(api_.GroupStart());
       for (int r = 0; r < W; r++) {
         if (r == me) continue;
-        const nccl::Result a = api_.Send(peer + r, 1, nccl::kFloat32, r, run_world_, s);
-        const nccl::Result b = api_.Recv(peer + W + r, 1, nccl::kFloat32, r, run_world_, s);
-        if (first == nccl::kSuccess) first = a != nccl::kSuccess ? a : b;
+        note(api_.Send(peer + r, 1, nccl::kFloat32, r, run_world_, s));
+        note(api_.Recv(peer + W + r, 1, nccl::kFloat32, r, run_world_, s));
       }
-      const nccl::Result end = api_.GroupEnd();
-      call("ncclSend/ncclRecv (warm-up)", [&] { return first != nccl::kSuccess && first != nccl::kInProgress ? first : end; });
+      note(api_.GroupEnd());
     }
+    return first;
   }
+  static constexpr size_t kWarmupFloats = size_t(4) << 20;  // 16 MB: the largest warm-up all-reduce
   void wait_started() {
     follow_on_stream("the warm-up collectives");
     if (!watch_->settle())
@@ -363,7 +372,11 @@ class NcclCommunicator final : public Communicator {
     const nccl::Comm c = comm_of(g);
     std::string what = std::string(op) + " over the " + (g == Group::World ? "world" : "tensor-parallel group");
     cudaStream_t s = static_cast<cudaStream_t>(be_.native_stream());
-    call(what.c_str(), [&] { return enqueue(c, s); });
+    watch_->enter_call(op);  // (a blocking call may wait on the host for a peer: the watchdog times it)
+    const nccl::Result r = enqueue(c, s);
+    watch_->leave_call();
+    if (aborted_ || abort_requested_) failed(what + ": the group was aborted (" + reason() + ")");
+    if (r != nccl::kSuccess && r != nccl::kInProgress) failed(what + ": " + api_.GetErrorString(r));
     settle(c, what, Clock::now() + timeout_);  // (queued: non-blocking calls may return before they are)
     if (abort_requested_) failed(what + ": the group was aborted (" + reason() + ")");
     follow_on_stream(std::move(what));
@@ -397,16 +410,21 @@ class NcclCommunicator final : public Communicator {
     }
     return "";
   }
-  // The watchdog found a collective failed or overdue: stop the group as failed() does, from its thread.
+  // The watchdog found a collective failed or overdue, or a call stuck: stop the group as failed() does, from
+  // its thread. The other ranks hear of it first (the host communicator's abort). A call blocked inside NCCL
+  // holds op_mu_: after 2 s the communicators are aborted without it, as PyTorch's watchdog does, so that the
+  // blocked call sees NCCL's abort flag and returns (the rank's thread touches no handle after an abort).
   void stop_group(const std::string &what) {
     const std::string why = "rank " + std::to_string(mapping().rank) + ": NCCL " + what;
     note_failure(why);
-    {
-      std::lock_guard op(op_mu_);
-      abort_nccl();
-    }
     host_->abort(why);
     log(LogLevel::Error, "dsrt: " + why);
+    if (op_mu_.try_lock_for(std::chrono::seconds(2))) {
+      abort_nccl();
+      op_mu_.unlock();
+    } else {
+      abort_nccl();
+    }
   }
   void note_failure(const std::string &why) {
     {
@@ -427,11 +445,9 @@ class NcclCommunicator final : public Communicator {
     fail(DSRT_ERR_IO, why);
   }
   void abort_nccl() {
-    if (aborted_) return;
-    aborted_ = true;
+    if (aborted_.exchange(true)) return;
     cudaSetDevice(device_);
     for (nccl::Comm c : comms()) api_.CommAbort(c);
-    run_tensor_ = run_world_ = tensor_ = world_ = nullptr;
   }
 
   const nccl::Api &api_;
@@ -446,11 +462,13 @@ class NcclCommunicator final : public Communicator {
   std::vector<cudaEvent_t> events_;  // every mark made (the watchdog hands finished ones back)
   void *staging_ = nullptr;
   size_t staging_bytes_ = 0;
-  std::mutex op_mu_;  // held by the collective (or start) in flight
+  std::timed_mutex op_mu_;  // held by the collective (or start) in flight
   std::mutex mu_;     // why_
   std::string why_;
   std::atomic<bool> abort_requested_{false};
-  bool aborted_ = false;  // the NCCL communicators were aborted (under op_mu_)
+  // The NCCL communicators were aborted (under op_mu_, or by the watchdog when a call blocked in NCCL holds it).
+  // The handles are kept (never null after the start): every use looks at this first.
+  std::atomic<bool> aborted_{false};
   std::unique_ptr<CollectiveWatchdog> watch_;  // (last: its thread calls the members above)
 
   friend std::unique_ptr<Communicator> dsrt::make_nccl_communicator(RendezvousClient &, std::unique_ptr<Communicator>,
@@ -480,24 +498,33 @@ std::unique_ptr<Communicator> make_nccl_communicator(RendezvousClient &store, st
   const bool nvls_set = nccl::default_nvls_off();
   const Mapping m = host->mapping();
   auto c = std::make_unique<NcclCommunicator>(api, std::move(host), backend, timeout_ms, nullptr);
+  // Rank 0's choice of blocking twins (DSRT_NCCL_NONBLOCKING) holds for every rank: the splits are collectives.
+  if (m.rank == 0) store.set("nccl/twins", c->twins_ ? "1" : "0");
+  else c->twins_ = store.get("nccl/twins") == "1";
   log_start(api, m, c->device_, nvls_set, c->twins_);
   if (m.rank == 0) store.set("nccl/world", id_bytes(new_id(api)));
   const std::string tp_key = "nccl/tp/" + std::to_string(m.ep_rank());
   if (c->own_tensor_group() && m.tp_rank() == 0) store.set(tp_key, id_bytes(new_id(api)));
-  std::lock_guard op(c->op_mu_);
-  c->start_world(id_of(store.get("nccl/world")));
-  if (c->own_tensor_group()) {
-    // One init at a time: a failure then names the group that did not join.
-    c->settle(c->world_, "joining the world's NCCL communicator", Clock::now() + c->timeout_);
-    c->start_tensor(id_of(store.get(tp_key)));
+  {
+    std::lock_guard op(c->op_mu_);
+    c->start_world(id_of(store.get("nccl/world")));
+    if (c->own_tensor_group()) {
+      // One init at a time: a failure then names the group that did not join.
+      c->settle(c->world_, "joining the world's NCCL communicator", Clock::now() + c->timeout_);
+      c->start_tensor(id_of(store.get(tp_key)));
+    }
+    c->finish_start();
+    c->start_twin_world();
+    c->finish_twin(false);
+    c->start_twin_tensor();
+    c->finish_twin(true);
+    c->prepare_warmup();
+    c->watch_->enter_call("the warm-up collectives");
+    const nccl::Result r = c->enqueue_warmup();
+    c->watch_->leave_call();
+    if (r != nccl::kSuccess) c->failed(std::string("the warm-up collectives: ") + api.GetErrorString(r));
   }
-  c->finish_start();
-  c->start_twin_world();
-  c->finish_twin(false);
-  c->start_twin_tensor();
-  c->finish_twin(true);
-  c->enqueue_warmup();
-  c->wait_started();
+  c->wait_started();  // (op_mu_ free: the watchdog looks at NCCL's errors meanwhile)
   return c;
 }
 
@@ -532,7 +559,9 @@ std::vector<std::unique_ptr<Communicator>> make_nccl_local_group(int tp, int ep,
         api.GroupEnd();
         throw;
       }
+      for (NcclCommunicator *c : cs) c->watch_->enter_call("starting NCCL (ncclGroupEnd)");  // (blocking twins wait here)
       r = api.GroupEnd();
+      for (NcclCommunicator *c : cs) c->watch_->leave_call();
       if (r != nccl::kSuccess && r != nccl::kInProgress) failf(DSRT_ERR_IO, "starting NCCL: ncclGroupEnd: ", api.GetErrorString(r));
     };
     const nccl::UniqueId world_id = new_id(api);
@@ -548,7 +577,12 @@ std::vector<std::unique_ptr<Communicator>> make_nccl_local_group(int tp, int ep,
     for (NcclCommunicator *c : cs) c->finish_twin(false);
     if (cs[0]->own_tensor_group()) start_all([&](NcclCommunicator &c) { c.start_twin_tensor(); });
     for (NcclCommunicator *c : cs) c->finish_twin(true);
-    start_all([&](NcclCommunicator &c) { c.enqueue_warmup(); });
+    for (NcclCommunicator *c : cs) c->prepare_warmup();
+    nccl::Result warm = nccl::kSuccess;
+    start_all([&](NcclCommunicator &c) {
+      if (const nccl::Result r = c.enqueue_warmup(); warm == nccl::kSuccess) warm = r;
+    });
+    if (warm != nccl::kSuccess) failf(DSRT_ERR_IO, "NCCL: the warm-up collectives: ", api.GetErrorString(warm));
     for (NcclCommunicator *c : cs) c->wait_started();
   } catch (...) {
     *failed = true;

@@ -9,8 +9,10 @@
 // the group's timeout. Collectives then run on blocking twins split from them (ncclCommSplit, also polled):
 // NCCL runs every call on a non-blocking communicator in a thread of its own started for that call, ~40 us a
 // collective (docs/perf.md), where a blocking call only queues work, once the twin's peers are connected; the
-// start connects them (a warm-up all-reduce and a send and receive with every rank) while the group joins.
-// DSRT_NCCL_NONBLOCKING=1 keeps every collective on the non-blocking communicators instead.
+// start connects them (warm-up all-reduces at three sizes, an all-gather, a send and receive with every rank)
+// while the group joins. A blocking call that still waits on the host (a peer to connect) is timed by the
+// watchdog like a queued collective. DSRT_NCCL_NONBLOCKING=1 (rank 0's setting, for all ranks) keeps every
+// collective on the non-blocking communicators instead.
 //
 // The host does not wait for a collective to run: it queues it and goes on queuing the step's kernels. A
 // CollectiveWatchdog thread per rank follows each collective to its end through an event recorded behind it,

@@ -199,7 +199,8 @@ void follow_messages(const ModelShard &shard, Backend &be, Communicator &comm) {
       case Msg::KvRead: {
         const auto n_tok = in.get<int64_t>();
         const auto n_pages = in.get<uint64_t>();
-        if (n_pages == 0 || n_pages > bytes.size() / 4 || n_tok < 0 || rank_pages <= 0)
+        if (n_pages == 0 || n_pages > bytes.size() / 4 || n_tok < 0 || n_tok > int64_t(n_pages) * kPageTokens ||
+            rank_pages <= 0)
           fail(DSRT_ERR_FORMAT, "rank 0's cache read message is malformed");
         std::vector<int32_t> pages(n_pages), mine;
         in.take(pages.data(), n_pages * 4);
@@ -377,7 +378,7 @@ void RankGroup::forward(const Step &step, float *logits_out, Tensor *hidden_out,
     r.hidden = r.normed = Tensor{};  // (a new scratch step)
     dsrt::forward(r.shard, *r.backend, *r.comm, step.batch, step.logit_rows, step.policy, logits_out,
                   step.hidden ? &r.hidden : nullptr, logits_tensor_out);
-    r.comm->check();  // (logits on the host: every collective of the step has run)
+    r.comm->check();  // (a failure of a collective whose results reached the host shows here, at the latest)
     if (hidden_out) *hidden_out = r.hidden;
   } catch (const std::exception &e) {
     r.comm->abort(std::string("rank 0: ") + e.what());

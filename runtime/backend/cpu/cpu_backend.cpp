@@ -479,7 +479,7 @@ class CpuBackend final : public ArenaBackend {
   }
 
   bool moe_takes_fp8(const std::vector<FfnWeights> &experts, int64_t rows, int64_t) const override {
-    for (const FfnWeights &f : experts)  // (moe_experts: the first present expert's gate decides)
+    for (const FfnWeights &f : experts)  // (moe_experts asks any present expert's gate: they share dtype and shape)
       if (f.gate) return cpu::takes_fp8_activations(fp8_activations_, rows, f.gate);
     return false;
   }
