@@ -200,26 +200,27 @@ __global__ void widen_rows_kernel(const void *in, bool bf16, int64_t rows, int64
 
 constexpr int64_t kMaxGridY = 65535;
 
-void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s) {
-  if (m == 0) return;
-  if (k % 128) throw std::runtime_error("quantize_rows_fp8: K must be a multiple of 128");
-  for (int64_t r0 = 0; r0 < m; r0 += kMaxGridY) {  // (rows are grid.y: at most 65,535 a launch)
-    const int64_t n = std::min(m - r0, kMaxGridY);
-    quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(n)), 256, 0, s>>>(x + r0 * k, n, k, ld_s, 1,
-                                                                                         xq + r0 * k, xs + r0);
-  }
-  check_launch("quantize_rows_fp8");
-}
-
-void quantize_rows_fp8_row_major(const float *x, int64_t m, int64_t k, uint8_t *xq, float *xs, cudaStream_t s) {
+namespace {
+// Scale of row r, group g at xs[g * ld_s + r * row_s]; rows are grid.y, at most 65,535 a launch.
+void launch_quantize_rows(const float *x, int64_t m, int64_t k, int64_t ld_s, int64_t row_s, uint8_t *xq, float *xs,
+                          cudaStream_t s) {
   if (m == 0) return;
   if (k % 128) throw std::runtime_error("quantize_rows_fp8: K must be a multiple of 128");
   for (int64_t r0 = 0; r0 < m; r0 += kMaxGridY) {
     const int64_t n = std::min(m - r0, kMaxGridY);
-    quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(n)), 256, 0, s>>>(x + r0 * k, n, k, 1, k / 128,
-                                                                                         xq + r0 * k, xs + r0 * (k / 128));
+    quantize_rows_kernel<<<dim3(unsigned((k / 128 + 7) / 8), unsigned(n)), 256, 0, s>>>(x + r0 * k, n, k, ld_s, row_s,
+                                                                                         xq + r0 * k, xs + r0 * row_s);
   }
-  check_launch("quantize_rows_fp8_row_major");
+  check_launch("quantize_rows_fp8");
+}
+}  // namespace
+
+void quantize_rows_fp8(const float *x, int64_t m, int64_t k, int64_t ld_s, uint8_t *xq, float *xs, cudaStream_t s) {
+  launch_quantize_rows(x, m, k, ld_s, 1, xq, xs, s);
+}
+
+void quantize_rows_fp8_row_major(const float *x, int64_t m, int64_t k, uint8_t *xq, float *xs, cudaStream_t s) {
+  launch_quantize_rows(x, m, k, 1, k / 128, xq, xs, s);
 }
 
 void dequantize_rows_fp8(const uint8_t *xq, const float *xs, int64_t m, int64_t k, float *out, cudaStream_t s) {

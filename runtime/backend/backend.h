@@ -34,6 +34,10 @@ struct SeqSlice {
 
 // The batch of sequences one forward step processes (design.md §2, §5). Plain data: integers only, no
 // pointers, so a leader rank can send it to followers that run the same forward in lockstep.
+// Data-parallel attention: the rank whose pool holds engine page `page` when each rank's pool has rank_pages
+// pages (0: every rank's pool holds every page: rank 0).
+inline int32_t rank_of_page(int32_t page, int64_t rank_pages) { return rank_pages > 0 ? int32_t(page / rank_pages) : 0; }
+
 struct Batch {
   std::vector<int32_t> tokens;     // [T]
   std::vector<int32_t> positions;  // [T]
@@ -44,7 +48,7 @@ struct Batch {
   // page of a sequence on one rank. 0: every rank's pool holds every page.
   int32_t rank_pages = 0;
   int64_t n_tokens() const { return int64_t(tokens.size()); }
-  int32_t rank_of(int32_t page) const { return rank_pages > 0 ? page / rank_pages : 0; }
+  int32_t rank_of(int32_t page) const { return rank_of_page(page, rank_pages); }
   const int32_t *pages_of(const SeqSlice &s) const { return pages.data() + s.page0; }
   // Appends a sequence with its page table; its rows are appended by the caller.
   void add_seq(int32_t n_new, int32_t n_past, const int32_t *page_ids, int32_t n_pages) {
@@ -232,6 +236,8 @@ class Backend {
   }
   virtual void quantize_fp8_rows(Tensor x, Tensor q, Tensor scales);
   virtual void dequantize_fp8_rows(Tensor q, Tensor scales, Tensor out);
+  // Their arguments' shapes: x [n, H] (H % 128 == 0), q [n, H] F8_E4M3, scales [n, H / 128]; else DSRT_ERR_INTERNAL.
+  static void check_fp8_rows(const Tensor &x, const Tensor &q, const Tensor &scales);
   // out[i] = x[rows[i]]
   virtual void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) = 0;
   virtual void to_host(Tensor t, float *dst) = 0;

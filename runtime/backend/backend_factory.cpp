@@ -37,6 +37,12 @@ std::vector<SampleResult> Backend::sample_rows(Tensor logits, const std::vector<
   return out;
 }
 
+void Backend::check_fp8_rows(const Tensor &x, const Tensor &q, const Tensor &s) {
+  if (x.cols % 128 || q.dtype != DType::F8_E4M3 || q.rows != x.rows || q.cols != x.cols || s.rows != x.rows ||
+      s.cols != x.cols / 128)
+    fail(DSRT_ERR_INTERNAL, "FP8 rows: shapes or dtypes differ");
+}
+
 // (A backend whose moe_takes_fp8 is always false is never asked.)
 void Backend::quantize_fp8_rows(Tensor, Tensor, Tensor) {
   failf(DSRT_ERR_INTERNAL, "the ", name(), " backend does not quantise rows to FP8");

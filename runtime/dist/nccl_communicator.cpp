@@ -419,12 +419,9 @@ class NcclCommunicator final : public Communicator {
     note_failure(why);
     host_->abort(why);
     log(LogLevel::Error, "dsrt: " + why);
-    if (op_mu_.try_lock_for(std::chrono::seconds(2))) {
-      abort_nccl();
-      op_mu_.unlock();
-    } else {
-      abort_nccl();
-    }
+    const bool locked = op_mu_.try_lock_for(std::chrono::seconds(2));
+    abort_nccl();
+    if (locked) op_mu_.unlock();
   }
   void note_failure(const std::string &why) {
     {

@@ -86,9 +86,6 @@ void run_mtp_pass(const ModelShard &shard, Backend &be, Communicator &comm, cons
   normed = out;  // (none when the pass has no logit rows: nothing chains on a catch-up pass)
 }
 
-// The rank whose pool holds rank 0's page `page` (data-parallel attention: rank_pages > 0), as Batch::rank_of.
-int rank_of_page(int32_t page, int64_t rank_pages) { return rank_pages > 0 ? int(page / rank_pages) : 0; }
-
 // Rank 0's page `page` in the pool of rank `rank`: itself, or with data-parallel attention (rank_pages > 0) its
 // number in that rank's pool when it lies there, else -1 (another rank's).
 int32_t page_on_rank(int32_t page, int rank, int64_t rank_pages) {

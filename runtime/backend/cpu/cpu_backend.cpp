@@ -491,11 +491,6 @@ class CpuBackend final : public ArenaBackend {
     check_fp8_rows(out, q, scales);
     cpu::dequantize_fp8_rows(static_cast<const uint8_t *>(q.data), scales.f32(), out.rows, out.cols, out.f32());
   }
-  static void check_fp8_rows(const Tensor &x, const Tensor &q, const Tensor &s) {
-    if (x.cols % 128 || q.dtype != DType::F8_E4M3 || q.rows != x.rows || q.cols != x.cols || s.rows != x.rows ||
-        s.cols != x.cols / 128)
-      fail(DSRT_ERR_INTERNAL, "FP8 rows: shapes or dtypes differ");
-  }
 
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
     const auto timer_ = timed("gather_rows", nullptr);

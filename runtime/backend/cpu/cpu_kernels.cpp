@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cpu/fp8_matmul.h"
@@ -35,12 +34,18 @@ bool takes_fp8_activations(bool on, int64_t step_rows, const Weight &w) {
   return on && step_rows >= kFp8ActivationMinRows && w.dtype == DType::F8_E4M3 && w.cols % 128 == 0;
 }
 
+namespace {
+// The scale of one 128-channel group: amax / 448, 1 for an all-zero group.
+float fp8_group_scale(const float *x) {
+  float amax = 0.0f;
+  for (int j = 0; j < 128; j++) amax = std::max(amax, std::fabs(x[j]));
+  return amax > 0.0f ? amax / 448.0f : 1.0f;
+}
+}  // namespace
+
 void quantize_rows_to_fp8(const float *x, int64_t rows, int64_t k, uint8_t *q, float *scales) {
   for (int64_t i = 0; i < rows * k; i += 128) {
-    float amax = 0.0f;
-    for (int64_t j = i; j < i + 128; j++) amax = std::max(amax, std::fabs(x[j]));
-    const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
-    scales[i / 128] = s;
+    const float s = scales[i / 128] = fp8_group_scale(x + i);
     for (int64_t j = i; j < i + 128; j++) q[j] = f32_to_fp8_e4m3(x[j] / s);
   }
 }
@@ -50,11 +55,9 @@ void dequantize_fp8_rows(const uint8_t *q, const float *scales, int64_t rows, in
 }
 
 void round_rows_to_fp8(const float *x, int64_t rows, int64_t k, float *out) {
-  std::vector<uint8_t> q(static_cast<size_t>(k));
-  std::vector<float> s(static_cast<size_t>(k / 128));
-  for (int64_t r = 0; r < rows; r++) {
-    quantize_rows_to_fp8(x + r * k, 1, k, q.data(), s.data());
-    dequantize_fp8_rows(q.data(), s.data(), 1, k, out + r * k);
+  for (int64_t i = 0; i < rows * k; i += 128) {
+    const float s = fp8_group_scale(x + i);
+    for (int64_t j = i; j < i + 128; j++) out[j] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[j] / s)) * s;
   }
 }
 

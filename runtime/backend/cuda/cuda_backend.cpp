@@ -797,11 +797,6 @@ class CudaBackend final : public ArenaBackend {
       k::dequantize_rows_fp8(q, xs, m, k, o, s);
     }, static_cast<const uint8_t *>(q.data), static_cast<const float *>(scales.f32()), out.rows, out.cols, out.f32());
   }
-  static void check_fp8_rows(const Tensor &x, const Tensor &q, const Tensor &s) {
-    if (x.cols % 128 || q.dtype != DType::F8_E4M3 || q.rows != x.rows || q.cols != x.cols || s.rows != x.rows ||
-        s.cols != x.cols / 128)
-      fail(DSRT_ERR_INTERNAL, "FP8 rows: shapes or dtypes differ");
-  }
 
   void gather_rows(Tensor x, const std::vector<int32_t> &rows, Tensor out) override {
     const auto timer_ = timed("gather_rows", nullptr);
